@@ -1,0 +1,483 @@
+//! Durable pipeline state in RocksDB.
+//!
+//! The checkpoint store is the only place dbmazz keeps state across restarts. It holds,
+//! in one RocksDB database under `state.dir`, one column family per concern:
+//!
+//! | column family   | key                      | value                                  |
+//! |-----------------|--------------------------|----------------------------------------|
+//! | `positions`     | `checkpoint`, `identity` | [`Checkpoint`], [`Identity`]           |
+//! | `batch_intents` | batch id (u64 BE)        | [`BatchIntent`] first/last positions   |
+//! | `dead_letters`  | batch id, index (u64 BE, u32 BE) | [`DeadLetter`]                 |
+//! | `plugin_kv`     | plugin name, 0, key      | plugin-defined bytes                   |
+//!
+//! The ordering rule that makes a crash lose nothing (invariant 1 in
+//! `docs/architecture.md`): a batch's intent is written, synced, before the batch is handed
+//! to the plugin chain; the checkpoint after an acknowledgement is written, synced, before
+//! its LSN is confirmed to PostgreSQL. Every write that carries that rule uses
+//! `WriteOptions::set_sync(true)`.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), dbmazz::checkpoint::StoreError> {
+//! let store = dbmazz::checkpoint::Store::open(std::path::Path::new("./dbmazz-data"))?;
+//! let cp = store.checkpoint()?;
+//! println!("resume after {}", cp.confirmed_lsn);
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::lsn::Lsn;
+use crate::pipeline::change::{BatchId, BatchIntent, Position};
+
+const CF_POSITIONS: &str = "positions";
+const CF_INTENTS: &str = "batch_intents";
+const CF_DEAD: &str = "dead_letters";
+const CF_KV: &str = "plugin_kv";
+const KEY_CHECKPOINT: &[u8] = b"checkpoint";
+const KEY_IDENTITY: &[u8] = b"identity";
+const FORMAT_VERSION: u8 = 1;
+
+/// Errors of the checkpoint store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed (open, read, write, sync).
+    #[error("checkpoint store at {path}: {source}")]
+    Rocks {
+        /// The database directory.
+        path: PathBuf,
+        /// The RocksDB error.
+        source: rocksdb::Error,
+    },
+    /// A stored record does not decode (written by an incompatible version, or corrupt).
+    #[error("checkpoint store at {path}: corrupt {what} record")]
+    Corrupt {
+        /// The database directory.
+        path: PathBuf,
+        /// Which record.
+        what: &'static str,
+    },
+    /// The store belongs to another database or slot.
+    #[error("state directory {path} holds the position of slot {stored_slot:?} on system {stored_system}, but this pipeline uses slot {slot:?} on system {system}: use another state.dir or remove this one")]
+    WrongIdentity {
+        /// The database directory.
+        path: PathBuf,
+        /// Stored slot name.
+        stored_slot: String,
+        /// Stored system identifier.
+        stored_system: String,
+        /// Configured slot.
+        slot: String,
+        /// Connected system identifier.
+        system: String,
+    },
+}
+
+/// The durable position of the pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// End LSN of the last transaction whose changes are all acknowledged: confirmed to
+    /// PostgreSQL as the flush position. Always a commit boundary (or a keepalive
+    /// position with nothing in flight).
+    pub confirmed_lsn: Lsn,
+    /// The last acknowledged change, possibly inside a transaction past
+    /// `confirmed_lsn`; changes at or before it are not delivered again.
+    pub acked_through: Option<Position>,
+    /// The id of the last acknowledged batch.
+    pub last_batch_id: BatchId,
+}
+
+/// Which slot on which server a state directory belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// `IDENTIFY_SYSTEM`'s systemid.
+    pub system_id: String,
+    /// Slot name.
+    pub slot: String,
+}
+
+/// A change that could not be delivered, with the reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The batch it belonged to.
+    pub batch_id: BatchId,
+    /// Its index in the batch.
+    pub index: u32,
+    /// Why it was dead-lettered (plugin name and error).
+    pub reason: String,
+    /// The change, serialized by the caller (JSON).
+    pub payload: Vec<u8>,
+}
+
+/// The RocksDB-backed store. Cheap to share behind an `Arc`; RocksDB is thread-safe.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn get_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn get_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn put_pos(out: &mut Vec<u8>, p: Position) {
+    put_u64(out, p.commit_lsn.0);
+    out.extend_from_slice(&p.seq.to_be_bytes());
+}
+
+fn get_pos(b: &[u8], at: usize) -> Option<Position> {
+    Some(Position {
+        commit_lsn: Lsn(get_u64(b, at)?),
+        seq: get_u32(b, at + 8)?,
+    })
+}
+
+impl Checkpoint {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![FORMAT_VERSION];
+        put_u64(&mut v, self.confirmed_lsn.0);
+        put_u64(&mut v, self.last_batch_id);
+        match self.acked_through {
+            Some(p) => {
+                v.push(1);
+                put_pos(&mut v, p);
+            }
+            None => v.push(0),
+        }
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.first() != Some(&FORMAT_VERSION) {
+            return None;
+        }
+        let acked_through = match b.get(17)? {
+            0 => None,
+            1 => Some(get_pos(b, 18)?),
+            _ => return None,
+        };
+        Some(Checkpoint {
+            confirmed_lsn: Lsn(get_u64(b, 1)?),
+            last_batch_id: get_u64(b, 9)?,
+            acked_through,
+        })
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::Rocks`] when RocksDB cannot open the directory (permissions, a lock
+    /// held by another dbmazz process, corruption).
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Small, write-mostly state: keep the footprint small.
+        opts.set_max_background_jobs(2);
+        opts.set_write_buffer_size(4 << 20);
+        opts.set_keep_log_file_num(2);
+        let cfs = [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Rocks {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, what: &'static str) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Every column family is created in `open`.
+        self.db
+            .cf_handle(name)
+            .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
+    }
+
+    fn synced() -> WriteOptions {
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        w
+    }
+
+    /// Checks that this store belongs to `identity`, recording it on first use.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongIdentity`] when the store was made for another slot or server.
+    pub fn claim(&self, identity: &Identity) -> Result<(), StoreError> {
+        let cf = self.cf(CF_POSITIONS);
+        match self.db.get_cf(cf, KEY_IDENTITY).map_err(|e| self.rocks(e))? {
+            Some(v) => {
+                let s = String::from_utf8_lossy(&v);
+                let (sys, slot) = s.split_once('\0').ok_or_else(|| self.corrupt("identity"))?;
+                if sys != identity.system_id || slot != identity.slot {
+                    return Err(StoreError::WrongIdentity {
+                        path: self.path.clone(),
+                        stored_slot: slot.to_string(),
+                        stored_system: sys.to_string(),
+                        slot: identity.slot.clone(),
+                        system: identity.system_id.clone(),
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                let v = format!("{}\0{}", identity.system_id, identity.slot);
+                self.db
+                    .put_cf_opt(cf, KEY_IDENTITY, v, &Self::synced())
+                    .map_err(|e| self.rocks(e))
+            }
+        }
+    }
+
+    /// The stored checkpoint (all zero for a new store).
+    ///
+    /// # Errors
+    /// RocksDB errors; [`StoreError::Corrupt`] for an undecodable record.
+    pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_POSITIONS), KEY_CHECKPOINT)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(v) => Checkpoint::decode(&v).ok_or_else(|| self.corrupt("checkpoint")),
+            None => Ok(Checkpoint::default()),
+        }
+    }
+
+    /// Durably records a batch's intent (synced) before it is handed on.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn put_intent(&self, intent: &BatchIntent) -> Result<(), StoreError> {
+        let mut v = Vec::with_capacity(24);
+        put_pos(&mut v, intent.first);
+        put_pos(&mut v, intent.last);
+        self.db
+            .put_cf_opt(self.cf(CF_INTENTS), intent.id.to_be_bytes(), v, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Intents with ids above `after`, in id order: batches handed on but not
+    /// acknowledged.
+    ///
+    /// # Errors
+    /// RocksDB errors; [`StoreError::Corrupt`].
+    pub fn pending_intents(&self, after: BatchId) -> Result<Vec<BatchIntent>, StoreError> {
+        let start = (after + 1).to_be_bytes();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_INTENTS),
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let id = get_u64(&k, 0).ok_or_else(|| self.corrupt("batch intent key"))?;
+            let (Some(first), Some(last)) = (get_pos(&v, 0), get_pos(&v, 12)) else {
+                return Err(self.corrupt("batch intent"));
+            };
+            out.push(BatchIntent { id, first, last });
+        }
+        Ok(out)
+    }
+
+    /// Durably records `cp` (synced) and forgets the intents of batches up to
+    /// `cp.last_batch_id`, in one atomic write. Only after this returns may
+    /// `cp.confirmed_lsn` be confirmed to PostgreSQL.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn commit(&self, cp: &Checkpoint) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cf(CF_POSITIONS), KEY_CHECKPOINT, cp.encode());
+        wb.delete_range_cf(
+            self.cf(CF_INTENTS),
+            0u64.to_be_bytes(),
+            (cp.last_batch_id + 1).to_be_bytes(),
+        );
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Stores dead letters (synced).
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn put_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        for l in letters {
+            let mut k = l.batch_id.to_be_bytes().to_vec();
+            k.extend_from_slice(&l.index.to_be_bytes());
+            let mut v = (l.reason.len() as u32).to_be_bytes().to_vec();
+            v.extend_from_slice(l.reason.as_bytes());
+            v.extend_from_slice(&l.payload);
+            wb.put_cf(self.cf(CF_DEAD), k, v);
+        }
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// All dead letters, in batch and index order.
+    ///
+    /// # Errors
+    /// RocksDB errors; [`StoreError::Corrupt`].
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_DEAD), rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let (Some(batch_id), Some(index), Some(rlen)) =
+                (get_u64(&k, 0), get_u32(&k, 8), get_u32(&v, 0))
+            else {
+                return Err(self.corrupt("dead letter"));
+            };
+            let rest = v.get(4..).ok_or_else(|| self.corrupt("dead letter"))?;
+            let reason = rest
+                .get(..rlen as usize)
+                .ok_or_else(|| self.corrupt("dead letter"))?;
+            out.push(DeadLetter {
+                batch_id,
+                index,
+                reason: String::from_utf8_lossy(reason).into_owned(),
+                payload: rest[rlen as usize..].to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn kv_key(namespace: &str, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(namespace.len() + 1 + key.len());
+        k.extend_from_slice(namespace.as_bytes());
+        k.push(0);
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// A plugin's value for `key` in its own `namespace`.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_KV), Self::kv_key(namespace, key))
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Sets a plugin's `key` in its `namespace` (not synced: plugin state rides on the
+    /// next synced checkpoint write, which flushes RocksDB's WAL).
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn kv_put(&self, namespace: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .put_cf(self.cf(CF_KV), Self::kv_key(namespace, key), value)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Deletes a plugin's `key` in its `namespace`.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn kv_delete(&self, namespace: &str, key: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .delete_cf(self.cf(CF_KV), Self::kv_key(namespace, key))
+            .map_err(|e| self.rocks(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(l: u64, s: u32) -> Position {
+        Position {
+            commit_lsn: Lsn(l),
+            seq: s,
+        }
+    }
+
+    #[test]
+    fn checkpoint_and_intents_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.checkpoint().unwrap(), Checkpoint::default());
+            for id in 1..=3 {
+                s.put_intent(&BatchIntent { id, first: pos(id * 10, 0), last: pos(id * 10, 5) })
+                    .unwrap();
+            }
+            s.commit(&Checkpoint {
+                confirmed_lsn: Lsn(15),
+                acked_through: Some(pos(10, 5)),
+                last_batch_id: 1,
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let cp = s.checkpoint().unwrap();
+        assert_eq!(cp.confirmed_lsn, Lsn(15));
+        assert_eq!(cp.acked_through, Some(pos(10, 5)));
+        let pending = s.pending_intents(cp.last_batch_id).unwrap();
+        assert_eq!(pending.iter().map(|i| i.id).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(pending[1].last, pos(30, 5));
+        assert_eq!(s.pending_intents(0).unwrap().len(), 2, "intent 1 was deleted at commit");
+    }
+
+    #[test]
+    fn identity_is_claimed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let a = Identity { system_id: "1".into(), slot: "a".into() };
+        s.claim(&a).unwrap();
+        s.claim(&a).unwrap();
+        let e = s.claim(&Identity { system_id: "1".into(), slot: "b".into() }).unwrap_err();
+        assert!(e.to_string().contains("slot \"a\""), "{e}");
+    }
+
+    #[test]
+    fn dead_letters_and_plugin_kv() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let l = DeadLetter { batch_id: 4, index: 2, reason: "sink-webhook: 400".into(), payload: b"{}".to_vec() };
+        s.put_dead_letters(std::slice::from_ref(&l)).unwrap();
+        assert_eq!(s.dead_letters().unwrap(), vec![l]);
+        s.kv_put("filter", b"k", b"v").unwrap();
+        assert_eq!(s.kv_get("filter", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(s.kv_get("sink", b"k").unwrap(), None, "namespaces are separate");
+        s.kv_delete("filter", b"k").unwrap();
+        assert_eq!(s.kv_get("filter", b"k").unwrap(), None);
+    }
+}

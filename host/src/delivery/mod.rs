@@ -1,0 +1,164 @@
+//! Delivery: hands batches to a sink, and after the sink acknowledges, makes the
+//! checkpoint durable and publishes the LSN that may be confirmed to PostgreSQL.
+//!
+//! This is the tail of the pipeline (source → pipeline → **sink → checkpoint →
+//! confirm**). It consumes [`Delivery`] items in order from a bounded channel, so a
+//! slow sink fills the channel and the reader stops reading (backpressure). For every
+//! acknowledged batch it writes the checkpoint (synced) and only then sends the new
+//! confirmed LSN on a `watch` channel that the replication writer turns into a standby
+//! status update (invariant 1 in `docs/architecture.md`).
+
+pub mod jsonl;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::checkpoint::{Checkpoint, Store, StoreError};
+use crate::lsn::Lsn;
+use crate::pipeline::change::Batch;
+use crate::stats::Stats;
+
+/// An item handed from the reader to delivery, in stream order.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A batch for the sink.
+    Batch(Batch),
+    /// Everything before this LSN has been handed on (commits of transactions with no
+    /// published changes, or a keepalive with nothing open): confirmable once the
+    /// batches before it are acknowledged.
+    Watermark(Lsn),
+}
+
+/// Why a sink could not take a batch.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    /// What failed.
+    pub message: String,
+    /// Worth retrying (a transient failure) or not.
+    pub retryable: bool,
+}
+
+/// A destination for batches. `write` returns once the batch is durable at the sink
+/// (the acknowledgement); it is called with one batch at a time, in order, and may be
+/// called again with the same batch id after a restart.
+pub trait Sink: Send {
+    /// Writes a batch.
+    fn write(&mut self, batch: &Batch) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Delivery failed for good.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The checkpoint store failed: stop, nothing unsafe was confirmed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sink refused a batch with a non-retryable error.
+    #[error("sink refused batch {batch}: {error}")]
+    Fatal {
+        /// The batch id.
+        batch: u64,
+        /// The sink's error.
+        error: SinkError,
+    },
+}
+
+/// Runs delivery until the channel closes (the reader finished) or a fatal error.
+///
+/// `confirmed` receives each durable checkpoint's LSN. Retryable sink errors are retried
+/// with exponential backoff (100 ms doubling to 30 s) until they succeed or `stop` is set.
+///
+/// # Errors
+/// [`DeliveryError`].
+pub async fn run<S: Sink>(
+    mut sink: S,
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Delivery>,
+    confirmed: watch::Sender<Lsn>,
+    stats: Arc<Stats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), DeliveryError> {
+    let mut cp = store.checkpoint()?;
+    let mut lookahead: Option<Delivery> = None;
+    loop {
+        let item = match lookahead.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => return Ok(()),
+            },
+        };
+        match item {
+            Delivery::Batch(batch) => {
+                if !deliver_one(&mut sink, &store, &mut cp, &confirmed, &stats, batch, &mut stop).await? {
+                    return Ok(());
+                }
+            }
+            Delivery::Watermark(mut w) => {
+                // Coalesce a run of watermarks into one synced write.
+                while let Ok(next) = rx.try_recv() {
+                    match next {
+                        Delivery::Watermark(n) => w = w.max(n),
+                        batch => {
+                            lookahead = Some(batch);
+                            break;
+                        }
+                    }
+                }
+                if w > cp.confirmed_lsn {
+                    cp.confirmed_lsn = w;
+                    commit(&store, &cp)?;
+                    confirmed.send_replace(cp.confirmed_lsn);
+                }
+            }
+        }
+    }
+}
+
+/// Delivers one batch (retrying retryable errors), then checkpoints and publishes the
+/// confirmable LSN. Returns false when `stop` interrupted the retries.
+async fn deliver_one<S: Sink>(
+    sink: &mut S,
+    store: &Store,
+    cp: &mut Checkpoint,
+    confirmed: &watch::Sender<Lsn>,
+    stats: &Stats,
+    batch: Batch,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, DeliveryError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match sink.write(&batch).await {
+            Ok(()) => break,
+            Err(e) if e.retryable => {
+                warn!(batch = batch.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "sink write failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {
+                        info!(batch = batch.id, "stopping with an undelivered batch; it is replayed on restart");
+                        return Ok(false);
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(error) => return Err(DeliveryError::Fatal { batch: batch.id, error }),
+        }
+    }
+    stats.record_batch(&batch);
+    *cp = Checkpoint {
+        confirmed_lsn: batch.watermark.map_or(cp.confirmed_lsn, |w| w.max(cp.confirmed_lsn)),
+        acked_through: Some(batch.last),
+        last_batch_id: batch.id,
+    };
+    commit(store, cp)?;
+    confirmed.send_replace(cp.confirmed_lsn);
+    Ok(true)
+}
+
+fn commit(store: &Store, cp: &Checkpoint) -> Result<(), StoreError> {
+    // A synced RocksDB write blocks for an fsync: keep it off the async worker's back.
+    tokio::task::block_in_place(|| store.commit(cp))
+}

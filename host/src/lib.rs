@@ -1,0 +1,19 @@
+//! dbmazz: a change-data-capture host.
+//!
+//! Data flows one way: [`source`] (replication connection, pgoutput parser) →
+//! [`pipeline`] (transactions, schema cache, batches) → [`delivery`] (sink, then
+//! [`checkpoint`]) → confirmation to PostgreSQL. [`runtime`] wires the stages together.
+//! See `docs/architecture.md` for the invariants and the tests that prove them.
+
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod delivery;
+pub mod lsn;
+pub mod pipeline;
+pub mod runtime;
+pub mod source;
+pub mod stats;
+
+pub use lsn::Lsn;

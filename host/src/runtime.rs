@@ -1,0 +1,354 @@
+//! Wires the stages of one pipeline and runs it.
+//!
+//! ```text
+//! replication reader ─▶ assembler ─▶ batcher ─(intent synced)─▶ bounded channel ─▶ delivery
+//!        ▲                                                                    │ sink ack
+//!        └──── standby status update ◀── watch(confirmed LSN) ◀── checkpoint synced
+//! ```
+//!
+//! The reader task parses, assembles and batches (one task: no channel hop per message).
+//! When the channel to delivery is full it stops reading, so a slow sink slows the
+//! walsender through TCP instead of growing memory, while standby status updates keep
+//! flowing so the server does not time the connection out.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tracing::{info, warn};
+
+use crate::checkpoint::{Identity, Store, StoreError};
+use crate::config::{Config, SinkConfig};
+use crate::delivery::{self, jsonl::JsonlSink, Delivery, DeliveryError};
+use crate::lsn::Lsn;
+use crate::pipeline::assembler::{AssembleError, Assembler, Event, Step};
+use crate::pipeline::batcher::{Batcher, Resume};
+use crate::source::conn::ConnectionConfig;
+use crate::source::replication::{Frame, ReplicationClient, ReplicationReader, ReplicationWriter};
+use crate::source::setup::{self, SetupError, SetupPlan, SlotState};
+use crate::source::SourceError;
+use crate::stats::Stats;
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Connecting, setup or streaming failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The checkpoint store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stream could not be assembled (malformed or out-of-order messages).
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    /// Delivery failed for good.
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+    /// The state directory or sink output cannot be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The server ended the replication stream.
+    #[error("the server ended the replication stream")]
+    StreamEnded,
+    /// Shutdown was requested while waiting (internal; `run` returns `Ok`).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<SetupError> for RunError {
+    fn from(e: SetupError) -> Self {
+        RunError::Source(SourceError::Setup(e))
+    }
+}
+
+struct Reader {
+    reader: ReplicationReader,
+    writer: ReplicationWriter,
+    assembler: Assembler,
+    batcher: Batcher,
+    store: Arc<Store>,
+    tx: mpsc::Sender<Delivery>,
+    confirmed_rx: watch::Receiver<Lsn>,
+    status_tick: Interval,
+    received: Lsn,
+    events: Vec<Event>,
+    stats: Arc<Stats>,
+    watermark_every: Duration,
+    last_watermark: Instant,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Reader {
+    async fn send_status(&mut self) -> Result<(), SourceError> {
+        let confirmed = *self.confirmed_rx.borrow_and_update();
+        self.stats.confirmed_lsn.store(confirmed.0, Ordering::Relaxed);
+        self.writer.send_status(self.received.max(confirmed), confirmed, false).await
+    }
+
+    /// Hands an item to delivery, waiting for room (backpressure) while keeping the
+    /// replication connection alive.
+    async fn hand(&mut self, item: Delivery) -> Result<(), RunError> {
+        if let Delivery::Batch(b) = &item {
+            if !b.replayed {
+                let intent = b.intent();
+                tokio::task::block_in_place(|| self.store.put_intent(&intent))?;
+            }
+        }
+        let tx = self.tx.clone();
+        loop {
+            let wake = tokio::select! {
+                biased;
+                permit = tx.reserve() => match permit {
+                    Ok(permit) => {
+                        permit.send(item);
+                        return Ok(());
+                    }
+                    // delivery ended; `run` reports its error
+                    Err(_) => return Err(RunError::Interrupted),
+                },
+                _ = self.shutdown.changed() => return Err(RunError::Interrupted),
+                r = self.confirmed_rx.changed() => r.is_ok(),
+                _ = self.status_tick.tick() => true,
+            };
+            if !wake {
+                return Err(RunError::Interrupted);
+            }
+            self.send_status().await?;
+        }
+    }
+
+    async fn drain_events(&mut self) -> Result<(), RunError> {
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            if let Some(batch) = self.batcher.push(ev) {
+                self.hand(Delivery::Batch(batch)).await?;
+            }
+        }
+        self.events = events;
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), RunError> {
+        match frame {
+            Frame::XLogData { wal_start, data, .. } => {
+                self.stats.bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+                self.received = self.received.max(wal_start);
+                self.stats.received_lsn.store(self.received.0, Ordering::Relaxed);
+                let step = self.assembler.handle(wal_start, data, &mut self.events)?;
+                self.drain_events().await?;
+                if let Step::Replay(mut txn) = step {
+                    while self.assembler.replay(&mut txn, &mut self.events)? {
+                        self.drain_events().await?;
+                    }
+                }
+            }
+            Frame::Keepalive { wal_end, reply_requested, .. } => {
+                if self.assembler.is_idle() {
+                    self.received = self.received.max(wal_end);
+                    self.batcher.idle_position(wal_end);
+                }
+                if reply_requested {
+                    self.send_status().await?;
+                }
+            }
+            Frame::End => return Err(RunError::StreamEnded),
+        }
+        Ok(())
+    }
+
+    async fn stream(&mut self) -> Result<(), RunError> {
+        loop {
+            let batch_deadline = self.batcher.deadline();
+            let watermark_due = (!self.batcher.has_open() && self.batcher.has_pending_watermark())
+                .then(|| self.last_watermark + self.watermark_every);
+            let far = Instant::now() + Duration::from_secs(3600);
+            let wake = tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => return Ok(()),
+                r = self.confirmed_rx.changed() => match r {
+                    Ok(()) => Wake::Status,
+                    Err(_) => return Err(RunError::Interrupted),
+                },
+                _ = self.status_tick.tick() => Wake::Status,
+                _ = tokio::time::sleep_until(batch_deadline.map_or(far, Instant::from_std)), if batch_deadline.is_some() => Wake::BatchDue,
+                _ = tokio::time::sleep_until(watermark_due.unwrap_or(far)), if watermark_due.is_some() => Wake::WatermarkDue,
+                frame = self.reader.next() => Wake::Frame(frame?),
+            };
+            match wake {
+                Wake::Status => self.send_status().await?,
+                Wake::BatchDue => {
+                    if let Some(batch) = self.batcher.tick(std::time::Instant::now()) {
+                        self.hand(Delivery::Batch(batch)).await?;
+                    }
+                }
+                Wake::WatermarkDue => {
+                    if let Some(w) = self.batcher.take_watermark() {
+                        self.last_watermark = Instant::now();
+                        self.hand(Delivery::Watermark(w)).await?;
+                    }
+                }
+                Wake::Frame(frame) => self.on_frame(frame).await?,
+            }
+        }
+    }
+}
+
+enum Wake {
+    Status,
+    BatchDue,
+    WatermarkDue,
+    Frame(Frame),
+}
+
+/// Runs the pipeline described by `cfg` until `shutdown` turns true, then drains:
+/// stops reading, cuts the open batch, lets delivery finish (bounded by
+/// `pipeline.drain_timeout_ms`), and confirms the final checkpoint.
+///
+/// # Errors
+/// [`RunError`]; nothing unacknowledged is ever confirmed, whatever the error.
+pub async fn run(cfg: &Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), RunError> {
+    let conn = ConnectionConfig::parse(&cfg.source.url)?;
+    info!(source = %conn.redacted(), slot = %cfg.source.slot, publication = %cfg.source.publication, "starting");
+    let sql = conn.connect_sql().await?;
+    let plan = SetupPlan {
+        tables: cfg.source.tables.clone(),
+        replica_identity_full: cfg.source.replica_identity_full,
+        publication: cfg.source.publication.clone(),
+        slot: cfg.source.slot.clone(),
+    };
+    let outcome = setup::run(&sql, &plan, false).await?;
+    for step in &outcome.steps {
+        info!("setup {step}");
+    }
+    drop(sql);
+
+    let io = |what: String| move |source| RunError::Io { what, source };
+    std::fs::create_dir_all(&cfg.state.dir).map_err(io(format!("cannot create state.dir {}", cfg.state.dir.display())))?;
+    let store = Arc::new(Store::open(&cfg.state.dir.join("checkpoints"))?);
+
+    let mut repl = ReplicationClient::connect(&conn).await?;
+    let system = repl.identify_system().await?;
+    store.claim(&Identity { system_id: system.system_id.clone(), slot: cfg.source.slot.clone() })?;
+    if outcome.slot == SlotState::Missing {
+        match repl.create_slot(&cfg.source.slot, false).await {
+            Ok(created) => info!(slot = %created.slot_name, consistent_point = %created.consistent_point, "created replication slot"),
+            Err(e) if e.sqlstate() == Some("42710") => info!(slot = %cfg.source.slot, "replication slot appeared meanwhile; reusing it"),
+            Err(e) if e.sqlstate() == Some("53400") => {
+                return Err(SetupError::SlotsExhausted { max: -1 }.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let cp = store.checkpoint()?;
+    let pending = store.pending_intents(cp.last_batch_id)?;
+    if !pending.is_empty() {
+        info!(batches = pending.len(), first = pending[0].id, "rebuilding unacknowledged batches with their stored ids");
+    }
+    let (reader, writer) = repl
+        .start_replication(&cfg.source.slot, cp.confirmed_lsn, &cfg.source.publication)
+        .await
+        .map_err(|e| match e.sqlstate() {
+            Some("55006") => RunError::from(SetupError::SlotInUse { slot: cfg.source.slot.clone(), pid: None }),
+            _ => RunError::from(e),
+        })?;
+    info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
+
+    let sink = match &cfg.sink {
+        SinkConfig::Jsonl { path } => JsonlSink::open(path).map_err(io(format!("cannot open sink file {}", path.display())))?,
+    };
+    let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
+    let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut delivery = tokio::spawn(delivery::run(sink, store.clone(), rx, confirmed_tx, stats.clone(), stop_rx));
+
+    let assembler = Assembler::new(&cfg.state.dir.join("spill"), cfg.pipeline.spill_threshold_bytes)
+        .map_err(io("cannot prepare the spill directory".into()))?;
+    let flush_interval = Duration::from_millis(cfg.pipeline.flush_interval_ms);
+    let batcher = Batcher::new(
+        cfg.pipeline.flush_size,
+        flush_interval,
+        Resume { confirmed_lsn: cp.confirmed_lsn, acked_through: cp.acked_through, last_batch_id: cp.last_batch_id, pending },
+    );
+    let mut status_tick = tokio::time::interval(Duration::from_millis(cfg.source.status_interval_ms));
+    status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut r = Reader {
+        reader,
+        writer,
+        assembler,
+        batcher,
+        store: store.clone(),
+        tx,
+        confirmed_rx,
+        status_tick,
+        received: cp.confirmed_lsn,
+        events: Vec::with_capacity(64),
+        stats,
+        watermark_every: flush_interval,
+        last_watermark: Instant::now(),
+        shutdown: shutdown.clone(),
+    };
+
+    let streamed = r.stream().await;
+    let interrupted = matches!(streamed, Err(RunError::Interrupted));
+    if let Err(e) = streamed {
+        if !interrupted {
+            // Stop delivery, keep what it made durable, report the reader's error.
+            let _ = stop_tx.send(true);
+            drop(r);
+            let _ = delivery.await;
+            return Err(e);
+        }
+    }
+    // Delivery may have failed (that is what interrupts `hand`): report its error.
+    if delivery.is_finished() {
+        drop(r);
+        return match delivery.await {
+            Ok(Ok(())) if *shutdown.borrow() => Ok(()),
+            Ok(Ok(())) => Err(RunError::Interrupted),
+            Ok(Err(e)) => Err(e.into()),
+            Err(join) => Err(RunError::Io { what: "delivery task".into(), source: std::io::Error::other(join.to_string()) }),
+        };
+    }
+
+    // Drain: cut the open batch, let delivery finish, confirm the final checkpoint.
+    info!("draining");
+    let drain = Duration::from_millis(cfg.pipeline.drain_timeout_ms);
+    let deadline = Instant::now() + drain;
+    if !interrupted {
+        if let Some(batch) = r.batcher.flush() {
+            let intent = batch.intent();
+            if !batch.replayed {
+                tokio::task::block_in_place(|| r.store.put_intent(&intent))?;
+            }
+            if tokio::time::timeout_at(deadline, r.tx.send(Delivery::Batch(batch))).await.is_err() {
+                warn!("drain timed out handing the last batch; it is replayed on restart");
+            }
+        }
+    }
+    let Reader { writer: mut w, confirmed_rx: mut crx, tx, .. } = r;
+    drop(tx);
+    let result = match tokio::time::timeout_at(deadline, &mut delivery).await {
+        Ok(Ok(res)) => res.map_err(RunError::from),
+        Ok(Err(join)) => Err(RunError::Io { what: "delivery task".into(), source: std::io::Error::other(join.to_string()) }),
+        Err(_) => {
+            warn!(timeout_ms = drain.as_millis() as u64, "drain timed out; unacknowledged batches are replayed on restart");
+            let _ = stop_tx.send(true);
+            delivery.abort();
+            Ok(())
+        }
+    };
+    let confirmed = *crx.borrow_and_update();
+    w.send_status(confirmed, confirmed, false).await?;
+    let _ = w.finish().await;
+    info!(confirmed = %confirmed, "stopped");
+    result
+}

@@ -1,0 +1,399 @@
+//! Automatic, idempotent setup of the source database.
+//!
+//! Before streaming, dbmazz makes sure the database can feed it (PostgreSQL docs,
+//! "Logical Replication" → "Configuration Settings", "Publication", "Replication Slots"):
+//!
+//! 1. `wal_level` is `logical`;
+//! 2. the user has the REPLICATION attribute (or is a superuser);
+//! 3. every configured table exists;
+//! 4. tables are `REPLICA IDENTITY FULL` where configured (so updates and deletes carry
+//!    the whole old row);
+//! 5. the publication exists and includes every configured table;
+//! 6. the slot exists with the `pgoutput` plugin in this database and no other consumer
+//!    holds it, or there is room to create it (`max_replication_slots`).
+//!
+//! Each step is reported as a [`StepReport`]; with `dry_run` nothing is changed (this is
+//! what `dbmazz check` shows). Each blocking problem is a [`SetupError`] whose text says
+//! what to do.
+
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use super::conn::sql_error;
+use super::error::SourceError;
+use super::replication::quote_ident;
+use crate::lsn::Lsn;
+
+/// A problem that stops setup, with the remedy in its text.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `wal_level` is not `logical`.
+    #[error("wal_level is {actual:?}, logical replication needs wal_level = logical: set it in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL")]
+    WalLevel {
+        /// The server's setting.
+        actual: String,
+    },
+    /// The user may not replicate.
+    #[error("user {user:?} lacks the REPLICATION attribute: run ALTER ROLE {user} WITH REPLICATION (as a superuser)")]
+    NoReplicationPrivilege {
+        /// The user.
+        user: String,
+    },
+    /// Configured tables do not exist.
+    #[error("table{} not found: {}", if .tables.len() == 1 { "" } else { "s" }, .tables.join(", "))]
+    MissingTables {
+        /// `schema.table` names.
+        tables: Vec<String>,
+    },
+    /// A table name in the config is not `table` or `schema.table`.
+    #[error("invalid table name {0:?}: expected table or schema.table")]
+    InvalidTableName(String),
+    /// No free replication slot.
+    #[error("all {max} replication slots are in use (max_replication_slots = {max}): drop an unused slot (SELECT pg_drop_replication_slot(name)) or raise max_replication_slots and restart PostgreSQL")]
+    SlotsExhausted {
+        /// `max_replication_slots`.
+        max: i64,
+    },
+    /// Another process streams from the slot.
+    #[error("replication slot {slot:?} is in use by another consumer{}: stop it, or give this pipeline another source.slot", .pid.map(|p| format!(" (backend pid {p})")).unwrap_or_default())]
+    SlotInUse {
+        /// Slot name.
+        slot: String,
+        /// The walsender's pid.
+        pid: Option<i32>,
+    },
+    /// The slot exists for another plugin or database.
+    #[error("replication slot {slot:?} exists but is {what}: choose another source.slot or drop it")]
+    SlotIncompatible {
+        /// Slot name.
+        slot: String,
+        /// What is wrong (`a physical slot`, `for plugin wal2json`, `in database other`).
+        what: String,
+    },
+    /// A statement of a setup step failed.
+    #[error("setup step {step:?} failed: {source}")]
+    Step {
+        /// The step.
+        step: &'static str,
+        /// The error.
+        source: Box<SourceError>,
+    },
+}
+
+/// What a step found or did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepStatus {
+    /// Already as required.
+    Ok,
+    /// Changed now.
+    Changed,
+    /// Would be changed (dry run).
+    WouldChange,
+}
+
+/// One step of setup, for reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepReport {
+    /// What the step checks.
+    pub step: &'static str,
+    /// Outcome.
+    pub status: StepStatus,
+    /// Details (what was changed or found).
+    pub detail: String,
+}
+
+impl fmt::Display for StepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = match self.status {
+            StepStatus::Ok => "ok",
+            StepStatus::Changed => "changed",
+            StepStatus::WouldChange => "would change",
+        };
+        write!(f, "[{mark}] {}: {}", self.step, self.detail)
+    }
+}
+
+/// What setup needs to know.
+#[derive(Clone, Debug)]
+pub struct SetupPlan {
+    /// `schema.table` (or `table`, meaning `public.table`) names.
+    pub tables: Vec<String>,
+    /// Set REPLICA IDENTITY FULL on the tables.
+    pub replica_identity_full: bool,
+    /// Publication name.
+    pub publication: String,
+    /// Slot name.
+    pub slot: String,
+}
+
+/// The slot as setup found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// The slot exists; streaming resumes from its confirmed position.
+    Exists {
+        /// `confirmed_flush_lsn`.
+        confirmed_flush: Lsn,
+    },
+    /// The slot does not exist yet; the replication connection creates it.
+    Missing,
+}
+
+/// What setup produced.
+#[derive(Clone, Debug)]
+pub struct SetupOutcome {
+    /// One report per step, in order.
+    pub steps: Vec<StepReport>,
+    /// The slot's state.
+    pub slot: SlotState,
+}
+
+/// Splits `schema.table` (default schema `public`), honouring double quotes.
+///
+/// # Errors
+/// [`SetupError::InvalidTableName`].
+pub fn split_table(name: &str) -> Result<(String, String), SetupError> {
+    let bad = || SetupError::InvalidTableName(name.to_string());
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(bad());
+    }
+    parts.push(cur);
+    match parts.as_slice() {
+        [t] if !t.is_empty() => Ok(("public".into(), t.clone())),
+        [s, t] if !s.is_empty() && !t.is_empty() => Ok((s.clone(), t.clone())),
+        _ => Err(bad()),
+    }
+}
+
+fn step_err(step: &'static str) -> impl Fn(tokio_postgres::Error) -> SetupError {
+    move |e| SetupError::Step {
+        step,
+        source: Box::new(sql_error(e)),
+    }
+}
+
+/// Runs the setup steps (see the module docs) over an SQL connection.
+///
+/// # Errors
+/// The first blocking [`SetupError`].
+pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<SetupOutcome, SetupError> {
+    let mut steps = Vec::new();
+    let change = if dry_run { StepStatus::WouldChange } else { StepStatus::Changed };
+
+    // 1. wal_level
+    let row = client
+        .query_one("SELECT current_setting('wal_level'), current_user::text, current_database()::text", &[])
+        .await
+        .map_err(step_err("wal_level"))?;
+    let wal_level: String = row.get(0);
+    let user: String = row.get(1);
+    let database: String = row.get(2);
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel { actual: wal_level });
+    }
+    steps.push(StepReport { step: "wal_level", status: StepStatus::Ok, detail: "logical".into() });
+
+    // 2. privilege
+    let row = client
+        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(step_err("replication privilege"))?;
+    if !row.get::<_, bool>(0) {
+        return Err(SetupError::NoReplicationPrivilege { user });
+    }
+    steps.push(StepReport { step: "replication privilege", status: StepStatus::Ok, detail: format!("user {user}") });
+
+    // 3. tables
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for t in &plan.tables {
+        let (schema, table) = split_table(t)?;
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(step_err("tables"))?;
+        match row {
+            Some(r) => found.push((schema, table, r.get::<_, String>(0))),
+            None => missing.push(format!("{schema}.{table}")),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(SetupError::MissingTables { tables: missing });
+    }
+    steps.push(StepReport {
+        step: "tables",
+        status: StepStatus::Ok,
+        detail: format!("{} found", found.len()),
+    });
+
+    // 4. replica identity
+    if plan.replica_identity_full {
+        let todo: Vec<_> = found.iter().filter(|(_, _, ri)| ri != "f").collect();
+        if todo.is_empty() {
+            steps.push(StepReport { step: "replica identity", status: StepStatus::Ok, detail: "FULL on all tables".into() });
+        } else {
+            if !dry_run {
+                for (s, t, _) in &todo {
+                    client
+                        .batch_execute(&format!("ALTER TABLE {}.{} REPLICA IDENTITY FULL", quote_ident(s), quote_ident(t)))
+                        .await
+                        .map_err(step_err("replica identity"))?;
+                }
+            }
+            steps.push(StepReport {
+                step: "replica identity",
+                status: change.clone(),
+                detail: format!(
+                    "REPLICA IDENTITY FULL on {}",
+                    todo.iter().map(|(s, t, _)| format!("{s}.{t}")).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+    }
+
+    // 5. publication
+    let pub_row = client
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&plan.publication])
+        .await
+        .map_err(step_err("publication"))?;
+    let table_list = |tables: &[&(String, String, String)]| {
+        tables
+            .iter()
+            .map(|(s, t, _)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match pub_row {
+        None => {
+            if !dry_run {
+                let all: Vec<_> = found.iter().collect();
+                let sql = if all.is_empty() {
+                    format!("CREATE PUBLICATION {}", quote_ident(&plan.publication))
+                } else {
+                    format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&plan.publication), table_list(&all))
+                };
+                client.batch_execute(&sql).await.map_err(step_err("publication"))?;
+            }
+            steps.push(StepReport {
+                step: "publication",
+                status: change.clone(),
+                detail: format!("create {} for {} tables", plan.publication, found.len()),
+            });
+        }
+        Some(r) if r.get::<_, bool>(0) => {
+            steps.push(StepReport { step: "publication", status: StepStatus::Ok, detail: format!("{} is FOR ALL TABLES", plan.publication) });
+        }
+        Some(_) => {
+            let rows = client
+                .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&plan.publication])
+                .await
+                .map_err(step_err("publication"))?;
+            let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let add: Vec<_> = found.iter().filter(|(s, t, _)| !have.iter().any(|(hs, ht)| hs == s && ht == t)).collect();
+            if add.is_empty() {
+                steps.push(StepReport { step: "publication", status: StepStatus::Ok, detail: format!("{} includes all tables", plan.publication) });
+            } else {
+                if !dry_run {
+                    client
+                        .batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&plan.publication), table_list(&add)))
+                        .await
+                        .map_err(step_err("publication"))?;
+                }
+                steps.push(StepReport {
+                    step: "publication",
+                    status: change.clone(),
+                    detail: format!("add {} to {}", add.iter().map(|(s, t, _)| format!("{s}.{t}")).collect::<Vec<_>>().join(", "), plan.publication),
+                });
+            }
+        }
+    }
+
+    // 6. slot
+    let slot_row = client
+        .query_opt(
+            "SELECT slot_type::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, active_pid, \
+             coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&plan.slot],
+        )
+        .await
+        .map_err(step_err("slot"))?;
+    let slot = match slot_row {
+        Some(r) => {
+            let (kind, plugin, db): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let incompatible = |what: String| SetupError::SlotIncompatible { slot: plan.slot.clone(), what };
+            if kind != "logical" {
+                return Err(incompatible(format!("a {kind} slot")));
+            }
+            if plugin != "pgoutput" {
+                return Err(incompatible(format!("for plugin {plugin}")));
+            }
+            if db != database {
+                return Err(incompatible(format!("in database {db}")));
+            }
+            if r.get::<_, bool>(3) {
+                return Err(SetupError::SlotInUse { slot: plan.slot.clone(), pid: r.get(4) });
+            }
+            let confirmed_flush: Lsn = r.get::<_, String>(5).parse().unwrap_or_default();
+            steps.push(StepReport {
+                step: "slot",
+                status: StepStatus::Ok,
+                detail: format!("{} exists, confirmed at {confirmed_flush}", plan.slot),
+            });
+            SlotState::Exists { confirmed_flush }
+        }
+        None => {
+            let r = client
+                .query_one(
+                    "SELECT current_setting('max_replication_slots')::int8, (SELECT count(*) FROM pg_replication_slots)",
+                    &[],
+                )
+                .await
+                .map_err(step_err("slot"))?;
+            let (max, used): (i64, i64) = (r.get(0), r.get(1));
+            if used >= max {
+                return Err(SetupError::SlotsExhausted { max });
+            }
+            steps.push(StepReport {
+                step: "slot",
+                status: change,
+                detail: format!("create {} ({used} of {max} slots in use)", plan.slot),
+            });
+            SlotState::Missing
+        }
+    };
+    Ok(SetupOutcome { steps, slot })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names() {
+        assert_eq!(split_table("orders").unwrap(), ("public".into(), "orders".into()));
+        assert_eq!(split_table("shop.orders").unwrap(), ("shop".into(), "orders".into()));
+        assert_eq!(split_table("\"My.Schema\".\"T\"\"x\"").unwrap(), ("My.Schema".into(), "T\"x".into()));
+        for bad in ["", "a.b.c", ".t", "s.", "\"open"] {
+            assert!(split_table(bad).is_err(), "{bad}");
+        }
+    }
+}
