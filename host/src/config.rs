@@ -143,7 +143,9 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { dir: default_state_dir() }
+        StateConfig {
+            dir: default_state_dir(),
+        }
     }
 }
 
@@ -208,7 +210,9 @@ const ALIASES: &[(&str, &[&str])] = &[
 fn env_value(raw: &str) -> toml::Value {
     // Parse as a TOML value (number, bool, array); fall back to a plain string.
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -220,11 +224,15 @@ fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) {
     };
     let mut t = root;
     for p in parents {
-        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if !entry.is_table() {
             *entry = toml::Value::Table(toml::Table::new());
         }
-        let toml::Value::Table(next) = entry else { return };
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
         t = next;
     }
     t.insert(last.clone(), value);
@@ -235,7 +243,10 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError`] naming the file and the offending key.
-    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -250,7 +261,10 @@ impl Config {
     ///
     /// # Errors
     /// The message of the first problem (syntax, unknown key, wrong type, bad value).
-    pub fn parse(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
+    pub fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, String> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut env: Vec<(String, String)> = env.into_iter().collect();
         env.sort();
@@ -273,7 +287,9 @@ impl Config {
                 }
             }
         }
-        let cfg: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string())?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -289,7 +305,11 @@ impl Config {
             return Err("source.status_interval_ms must be at least 1".into());
         }
         if self.source.slot.is_empty()
-            || !self.source.slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || !self
+                .source
+                .slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         {
             return Err(format!(
                 "source.slot {:?}: slot names use lower-case letters, digits and underscores",
@@ -320,7 +340,10 @@ mod tests {
         assert_eq!(c.source.publication, "dbmazz_pub");
         assert_eq!(c.pipeline.flush_size, 10_000);
         assert_eq!(c.pipeline.flush_interval_ms, 100);
-        assert!(!format!("{c:?}").contains("u:p"), "the URL is redacted in Debug");
+        assert!(
+            !format!("{c:?}").contains("u:p"),
+            "the URL is redacted in Debug"
+        );
     }
 
     #[test]

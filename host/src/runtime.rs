@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Identity, Store, StoreError};
 use crate::config::{Config, SinkConfig};
@@ -88,14 +88,19 @@ struct Reader {
 impl Reader {
     async fn send_status(&mut self) -> Result<(), SourceError> {
         let confirmed = *self.confirmed_rx.borrow_and_update();
-        self.stats.confirmed_lsn.store(confirmed.0, Ordering::Relaxed);
-        self.writer.send_status(self.received.max(confirmed), confirmed, false).await
+        self.stats
+            .confirmed_lsn
+            .store(confirmed.0, Ordering::Relaxed);
+        self.writer
+            .send_status(self.received.max(confirmed), confirmed, false)
+            .await
     }
 
     /// Hands an item to delivery, waiting for room (backpressure) while keeping the
     /// replication connection alive.
     async fn hand(&mut self, item: Delivery) -> Result<(), RunError> {
         if let Delivery::Batch(b) = &item {
+            debug!(batch = b.id, first = %b.first, last = %b.last, changes = b.changes.len(), watermark = ?b.watermark, replayed = b.replayed, "handing batch");
             if !b.replayed {
                 let intent = b.intent();
                 tokio::task::block_in_place(|| self.store.put_intent(&intent))?;
@@ -137,20 +142,35 @@ impl Reader {
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), RunError> {
         match frame {
-            Frame::XLogData { wal_start, data, .. } => {
-                self.stats.bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+            Frame::XLogData {
+                wal_start, data, ..
+            } => {
+                self.stats
+                    .bytes_received
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
                 self.received = self.received.max(wal_start);
-                self.stats.received_lsn.store(self.received.0, Ordering::Relaxed);
+                self.stats
+                    .received_lsn
+                    .store(self.received.0, Ordering::Relaxed);
                 let step = self.assembler.handle(wal_start, data, &mut self.events)?;
                 self.drain_events().await?;
                 if let Step::Replay(mut txn) = step {
+                    debug!(
+                        xid = txn.xid(),
+                        spilled = txn.spilled(),
+                        "replaying streamed transaction"
+                    );
                     while self.assembler.replay(&mut txn, &mut self.events)? {
                         self.drain_events().await?;
                     }
                 }
             }
-            Frame::Keepalive { wal_end, reply_requested, .. } => {
+            Frame::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
                 if self.assembler.is_idle() {
                     self.received = self.received.max(wal_end);
                     self.batcher.idle_position(wal_end);
@@ -214,7 +234,11 @@ enum Wake {
 ///
 /// # Errors
 /// [`RunError`]; nothing unacknowledged is ever confirmed, whatever the error.
-pub async fn run(cfg: &Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), RunError> {
+pub async fn run(
+    cfg: &Config,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
     let conn = ConnectionConfig::parse(&cfg.source.url)?;
     info!(source = %conn.redacted(), slot = %cfg.source.slot, publication = %cfg.source.publication, "starting");
     let sql = conn.connect_sql().await?;
@@ -231,16 +255,26 @@ pub async fn run(cfg: &Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats
     drop(sql);
 
     let io = |what: String| move |source| RunError::Io { what, source };
-    std::fs::create_dir_all(&cfg.state.dir).map_err(io(format!("cannot create state.dir {}", cfg.state.dir.display())))?;
+    std::fs::create_dir_all(&cfg.state.dir).map_err(io(format!(
+        "cannot create state.dir {}",
+        cfg.state.dir.display()
+    )))?;
     let store = Arc::new(Store::open(&cfg.state.dir.join("checkpoints"))?);
 
     let mut repl = ReplicationClient::connect(&conn).await?;
     let system = repl.identify_system().await?;
-    store.claim(&Identity { system_id: system.system_id.clone(), slot: cfg.source.slot.clone() })?;
+    store.claim(&Identity {
+        system_id: system.system_id.clone(),
+        slot: cfg.source.slot.clone(),
+    })?;
     if outcome.slot == SlotState::Missing {
         match repl.create_slot(&cfg.source.slot, false).await {
-            Ok(created) => info!(slot = %created.slot_name, consistent_point = %created.consistent_point, "created replication slot"),
-            Err(e) if e.sqlstate() == Some("42710") => info!(slot = %cfg.source.slot, "replication slot appeared meanwhile; reusing it"),
+            Ok(created) => {
+                info!(slot = %created.slot_name, consistent_point = %created.consistent_point, "created replication slot")
+            }
+            Err(e) if e.sqlstate() == Some("42710") => {
+                info!(slot = %cfg.source.slot, "replication slot appeared meanwhile; reusing it")
+            }
             Err(e) if e.sqlstate() == Some("53400") => {
                 return Err(SetupError::SlotsExhausted { max: -1 }.into());
             }
@@ -251,34 +285,58 @@ pub async fn run(cfg: &Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats
     let cp = store.checkpoint()?;
     let pending = store.pending_intents(cp.last_batch_id)?;
     if !pending.is_empty() {
-        info!(batches = pending.len(), first = pending[0].id, "rebuilding unacknowledged batches with their stored ids");
+        info!(
+            batches = pending.len(),
+            first = pending[0].id,
+            "rebuilding unacknowledged batches with their stored ids"
+        );
     }
     let (reader, writer) = repl
         .start_replication(&cfg.source.slot, cp.confirmed_lsn, &cfg.source.publication)
         .await
         .map_err(|e| match e.sqlstate() {
-            Some("55006") => RunError::from(SetupError::SlotInUse { slot: cfg.source.slot.clone(), pid: None }),
+            Some("55006") => RunError::from(SetupError::SlotInUse {
+                slot: cfg.source.slot.clone(),
+                pid: None,
+            }),
             _ => RunError::from(e),
         })?;
     info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
 
     let sink = match &cfg.sink {
-        SinkConfig::Jsonl { path } => JsonlSink::open(path).map_err(io(format!("cannot open sink file {}", path.display())))?,
+        SinkConfig::Jsonl { path } => JsonlSink::open(path)
+            .map_err(io(format!("cannot open sink file {}", path.display())))?,
     };
     let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
     let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut delivery = tokio::spawn(delivery::run(sink, store.clone(), rx, confirmed_tx, stats.clone(), stop_rx));
+    let mut delivery = tokio::spawn(delivery::run(
+        sink,
+        store.clone(),
+        rx,
+        confirmed_tx,
+        stats.clone(),
+        stop_rx,
+    ));
 
-    let assembler = Assembler::new(&cfg.state.dir.join("spill"), cfg.pipeline.spill_threshold_bytes)
-        .map_err(io("cannot prepare the spill directory".into()))?;
+    let assembler = Assembler::new(
+        &cfg.state.dir.join("spill"),
+        cfg.pipeline.spill_threshold_bytes,
+    )
+    .map_err(io("cannot prepare the spill directory".into()))?;
     let flush_interval = Duration::from_millis(cfg.pipeline.flush_interval_ms);
     let batcher = Batcher::new(
         cfg.pipeline.flush_size,
         flush_interval,
-        Resume { confirmed_lsn: cp.confirmed_lsn, acked_through: cp.acked_through, last_batch_id: cp.last_batch_id, pending },
+        Resume {
+            confirmed_lsn: cp.confirmed_lsn,
+            acked_through: cp.acked_through,
+            last_batch_id: cp.last_batch_id,
+            pending,
+        },
     );
-    let mut status_tick = tokio::time::interval(Duration::from_millis(cfg.source.status_interval_ms));
+    let mut status_tick =
+        tokio::time::interval(Duration::from_millis(cfg.source.status_interval_ms));
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut r = Reader {
         reader,
@@ -315,7 +373,10 @@ pub async fn run(cfg: &Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats
             Ok(Ok(())) if *shutdown.borrow() => Ok(()),
             Ok(Ok(())) => Err(RunError::Interrupted),
             Ok(Err(e)) => Err(e.into()),
-            Err(join) => Err(RunError::Io { what: "delivery task".into(), source: std::io::Error::other(join.to_string()) }),
+            Err(join) => Err(RunError::Io {
+                what: "delivery task".into(),
+                source: std::io::Error::other(join.to_string()),
+            }),
         };
     }
 
@@ -329,18 +390,32 @@ pub async fn run(cfg: &Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats
             if !batch.replayed {
                 tokio::task::block_in_place(|| r.store.put_intent(&intent))?;
             }
-            if tokio::time::timeout_at(deadline, r.tx.send(Delivery::Batch(batch))).await.is_err() {
+            if tokio::time::timeout_at(deadline, r.tx.send(Delivery::Batch(batch)))
+                .await
+                .is_err()
+            {
                 warn!("drain timed out handing the last batch; it is replayed on restart");
             }
         }
     }
-    let Reader { writer: mut w, confirmed_rx: mut crx, tx, .. } = r;
+    let Reader {
+        writer: mut w,
+        confirmed_rx: mut crx,
+        tx,
+        ..
+    } = r;
     drop(tx);
     let result = match tokio::time::timeout_at(deadline, &mut delivery).await {
         Ok(Ok(res)) => res.map_err(RunError::from),
-        Ok(Err(join)) => Err(RunError::Io { what: "delivery task".into(), source: std::io::Error::other(join.to_string()) }),
+        Ok(Err(join)) => Err(RunError::Io {
+            what: "delivery task".into(),
+            source: std::io::Error::other(join.to_string()),
+        }),
         Err(_) => {
-            warn!(timeout_ms = drain.as_millis() as u64, "drain timed out; unacknowledged batches are replayed on restart");
+            warn!(
+                timeout_ms = drain.as_millis() as u64,
+                "drain timed out; unacknowledged batches are replayed on restart"
+            );
             let _ = stop_tx.send(true);
             delivery.abort();
             Ok(())

@@ -25,7 +25,8 @@ pub struct Stats {
 impl Stats {
     /// Counts an acknowledged batch.
     pub fn record_batch(&self, batch: &Batch) {
-        self.changes_delivered.fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
+        self.changes_delivered
+            .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
         self.batches_delivered.fetch_add(1, Ordering::Relaxed);
     }
 }

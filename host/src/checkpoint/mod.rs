@@ -238,7 +238,11 @@ impl Store {
     /// [`StoreError::WrongIdentity`] when the store was made for another slot or server.
     pub fn claim(&self, identity: &Identity) -> Result<(), StoreError> {
         let cf = self.cf(CF_POSITIONS);
-        match self.db.get_cf(cf, KEY_IDENTITY).map_err(|e| self.rocks(e))? {
+        match self
+            .db
+            .get_cf(cf, KEY_IDENTITY)
+            .map_err(|e| self.rocks(e))?
+        {
             Some(v) => {
                 let s = String::from_utf8_lossy(&v);
                 let (sys, slot) = s.split_once('\0').ok_or_else(|| self.corrupt("identity"))?;
@@ -286,7 +290,12 @@ impl Store {
         put_pos(&mut v, intent.first);
         put_pos(&mut v, intent.last);
         self.db
-            .put_cf_opt(self.cf(CF_INTENTS), intent.id.to_be_bytes(), v, &Self::synced())
+            .put_cf_opt(
+                self.cf(CF_INTENTS),
+                intent.id.to_be_bytes(),
+                v,
+                &Self::synced(),
+            )
             .map_err(|e| self.rocks(e))
     }
 
@@ -357,7 +366,10 @@ impl Store {
     /// RocksDB errors; [`StoreError::Corrupt`].
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_DEAD), rocksdb::IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DEAD), rocksdb::IteratorMode::Start)
+        {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             let (Some(batch_id), Some(index), Some(rlen)) =
                 (get_u64(&k, 0), get_u32(&k, 8), get_u32(&v, 0))
@@ -436,8 +448,12 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             assert_eq!(s.checkpoint().unwrap(), Checkpoint::default());
             for id in 1..=3 {
-                s.put_intent(&BatchIntent { id, first: pos(id * 10, 0), last: pos(id * 10, 5) })
-                    .unwrap();
+                s.put_intent(&BatchIntent {
+                    id,
+                    first: pos(id * 10, 0),
+                    last: pos(id * 10, 5),
+                })
+                .unwrap();
             }
             s.commit(&Checkpoint {
                 confirmed_lsn: Lsn(15),
@@ -453,17 +469,29 @@ mod tests {
         let pending = s.pending_intents(cp.last_batch_id).unwrap();
         assert_eq!(pending.iter().map(|i| i.id).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(pending[1].last, pos(30, 5));
-        assert_eq!(s.pending_intents(0).unwrap().len(), 2, "intent 1 was deleted at commit");
+        assert_eq!(
+            s.pending_intents(0).unwrap().len(),
+            2,
+            "intent 1 was deleted at commit"
+        );
     }
 
     #[test]
     fn identity_is_claimed_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let a = Identity { system_id: "1".into(), slot: "a".into() };
+        let a = Identity {
+            system_id: "1".into(),
+            slot: "a".into(),
+        };
         s.claim(&a).unwrap();
         s.claim(&a).unwrap();
-        let e = s.claim(&Identity { system_id: "1".into(), slot: "b".into() }).unwrap_err();
+        let e = s
+            .claim(&Identity {
+                system_id: "1".into(),
+                slot: "b".into(),
+            })
+            .unwrap_err();
         assert!(e.to_string().contains("slot \"a\""), "{e}");
     }
 
@@ -471,12 +499,24 @@ mod tests {
     fn dead_letters_and_plugin_kv() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let l = DeadLetter { batch_id: 4, index: 2, reason: "sink-webhook: 400".into(), payload: b"{}".to_vec() };
+        let l = DeadLetter {
+            batch_id: 4,
+            index: 2,
+            reason: "sink-webhook: 400".into(),
+            payload: b"{}".to_vec(),
+        };
         s.put_dead_letters(std::slice::from_ref(&l)).unwrap();
         assert_eq!(s.dead_letters().unwrap(), vec![l]);
         s.kv_put("filter", b"k", b"v").unwrap();
-        assert_eq!(s.kv_get("filter", b"k").unwrap().as_deref(), Some(&b"v"[..]));
-        assert_eq!(s.kv_get("sink", b"k").unwrap(), None, "namespaces are separate");
+        assert_eq!(
+            s.kv_get("filter", b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(
+            s.kv_get("sink", b"k").unwrap(),
+            None,
+            "namespaces are separate"
+        );
         s.kv_delete("filter", b"k").unwrap();
         assert_eq!(s.kv_get("filter", b"k").unwrap(), None);
     }

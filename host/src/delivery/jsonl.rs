@@ -44,7 +44,11 @@ impl JsonlSink {
     /// I/O errors opening the file.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(JsonlSink { path: path.to_path_buf(), file, buf: Vec::with_capacity(1 << 20) })
+        Ok(JsonlSink {
+            path: path.to_path_buf(),
+            file,
+            buf: Vec::with_capacity(1 << 20),
+        })
     }
 }
 
@@ -55,7 +59,13 @@ pub fn value_json(v: &Value<'_>) -> Json {
         Value::Bool(b) => Json::Bool(*b),
         Value::Int(i) => json!(i),
         Value::Float(f) if f.is_finite() => json!(f),
-        Value::Float(f) => Json::String(if f.is_nan() { "NaN".into() } else if *f > 0.0 { "Infinity".into() } else { "-Infinity".into() }),
+        Value::Float(f) => Json::String(if f.is_nan() {
+            "NaN".into()
+        } else if *f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }),
         Value::Numeric(s) | Value::Text(s) => Json::String((*s).to_string()),
         Value::Bytes(b) => {
             let mut s = String::with_capacity(2 + b.len() * 2);
@@ -67,7 +77,14 @@ pub fn value_json(v: &Value<'_>) -> Json {
         }
         Value::Uuid(u) => {
             let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-            Json::String(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+            Json::String(format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            ))
         }
         Value::Date(d) => Json::String(DateDisplay(*d).to_string()),
         Value::Time(us) => {
@@ -77,19 +94,38 @@ pub fn value_json(v: &Value<'_>) -> Json {
         Value::Timestamp(us) => Json::String(TimestampDisplay(*us).to_string()),
         Value::TimestampTz(us) => {
             let s = TimestampDisplay(*us).to_string();
-            Json::String(if matches!(*us, i64::MAX | i64::MIN) { s } else { format!("{s}+00") })
+            Json::String(if matches!(*us, i64::MAX | i64::MIN) {
+                s
+            } else {
+                format!("{s}+00")
+            })
         }
-        Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| Json::String((*s).to_string())),
+        Value::Json(s) => {
+            serde_json::from_str(s).unwrap_or_else(|_| Json::String((*s).to_string()))
+        }
         Value::Array { text, .. } | Value::Other { text, .. } => Json::String((*text).to_string()),
-        Value::Binary { bytes, .. } => Json::String(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+        Value::Binary { bytes, .. } => {
+            Json::String(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        }
     }
 }
 
-fn row_json(change: &Change, tuple: &TupleData, unchanged: Option<&mut Vec<Json>>) -> Result<Json, SinkError> {
+fn row_json(
+    change: &Change,
+    tuple: &TupleData,
+    unchanged: Option<&mut Vec<Json>>,
+) -> Result<Json, SinkError> {
     let mut m = Map::new();
     let mut unchanged = unchanged;
     for (col, v) in change.values(tuple) {
-        let v = v.map_err(|e| SinkError { message: format!("{}: column {}: {e}", change.relation.qualified_name(), col.name), retryable: false })?;
+        let v = v.map_err(|e| SinkError {
+            message: format!(
+                "{}: column {}: {e}",
+                change.relation.qualified_name(),
+                col.name
+            ),
+            retryable: false,
+        })?;
         if v == Value::UnchangedToast {
             if let Some(u) = unchanged.as_deref_mut() {
                 u.push(Json::String(col.name.clone()));
@@ -108,7 +144,10 @@ fn row_json(change: &Change, tuple: &TupleData, unchanged: Option<&mut Vec<Json>
 pub fn change_json(batch_id: u64, c: &Change) -> Result<Json, SinkError> {
     let mut o = Map::new();
     o.insert("batch".into(), json!(batch_id));
-    o.insert("commit_lsn".into(), json!(c.position.commit_lsn.to_string()));
+    o.insert(
+        "commit_lsn".into(),
+        json!(c.position.commit_lsn.to_string()),
+    );
     o.insert("seq".into(), json!(c.position.seq));
     o.insert("lsn".into(), json!(c.lsn.to_string()));
     o.insert("xid".into(), json!(c.xid));
@@ -116,7 +155,10 @@ pub fn change_json(batch_id: u64, c: &Change) -> Result<Json, SinkError> {
     o.insert("op".into(), json!(c.op.as_str()));
     o.insert("table".into(), json!(c.relation.qualified_name()));
     if let Some((kind, old)) = &c.old {
-        o.insert("old_kind".into(), json!(if *kind == OldKind::Key { "key" } else { "full" }));
+        o.insert(
+            "old_kind".into(),
+            json!(if *kind == OldKind::Key { "key" } else { "full" }),
+        );
         o.insert("old".into(), row_json(c, old, None)?);
     }
     if let Some(new) = &c.new {
@@ -149,14 +191,27 @@ impl Sink for JsonlSink {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         self.buf.clear();
         for s in &batch.schema_changes {
-            serde_json::to_writer(&mut self.buf, &schema_json(batch.id, s)).map_err(|e| SinkError { message: e.to_string(), retryable: false })?;
+            serde_json::to_writer(&mut self.buf, &schema_json(batch.id, s)).map_err(|e| {
+                SinkError {
+                    message: e.to_string(),
+                    retryable: false,
+                }
+            })?;
             self.buf.push(b'\n');
         }
         for c in &batch.changes {
-            serde_json::to_writer(&mut self.buf, &change_json(batch.id, c)?).map_err(|e| SinkError { message: e.to_string(), retryable: false })?;
+            serde_json::to_writer(&mut self.buf, &change_json(batch.id, c)?).map_err(|e| {
+                SinkError {
+                    message: e.to_string(),
+                    retryable: false,
+                }
+            })?;
             self.buf.push(b'\n');
         }
-        let io = |e: std::io::Error| SinkError { message: format!("{}: {e}", self.path.display()), retryable: true };
+        let io = |e: std::io::Error| SinkError {
+            message: format!("{}: {e}", self.path.display()),
+            retryable: true,
+        };
         tokio::task::block_in_place(|| {
             self.file.write_all(&self.buf)?;
             self.file.sync_data()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::lsn::Lsn;
@@ -47,7 +47,10 @@ pub struct SinkError {
 /// called again with the same batch id after a restart.
 pub trait Sink: Send {
     /// Writes a batch.
-    fn write(&mut self, batch: &Batch) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+    fn write(
+        &mut self,
+        batch: &Batch,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// Delivery failed for good.
@@ -93,7 +96,11 @@ pub async fn run<S: Sink>(
         };
         match item {
             Delivery::Batch(batch) => {
-                if !deliver_one(&mut sink, &store, &mut cp, &confirmed, &stats, batch, &mut stop).await? {
+                if !deliver_one(
+                    &mut sink, &store, &mut cp, &confirmed, &stats, batch, &mut stop,
+                )
+                .await?
+                {
                     return Ok(());
                 }
             }
@@ -144,16 +151,24 @@ async fn deliver_one<S: Sink>(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-            Err(error) => return Err(DeliveryError::Fatal { batch: batch.id, error }),
+            Err(error) => {
+                return Err(DeliveryError::Fatal {
+                    batch: batch.id,
+                    error,
+                })
+            }
         }
     }
     stats.record_batch(&batch);
     *cp = Checkpoint {
-        confirmed_lsn: batch.watermark.map_or(cp.confirmed_lsn, |w| w.max(cp.confirmed_lsn)),
+        confirmed_lsn: batch
+            .watermark
+            .map_or(cp.confirmed_lsn, |w| w.max(cp.confirmed_lsn)),
         acked_through: Some(batch.last),
         last_batch_id: batch.id,
     };
     commit(store, cp)?;
+    debug!(batch = batch.id, confirmed = %cp.confirmed_lsn, "batch acknowledged and checkpointed");
     confirmed.send_replace(cp.confirmed_lsn);
     Ok(true)
 }

@@ -137,6 +137,11 @@ impl StreamedTxn {
         self.ctx.xid
     }
 
+    /// True when part of the transaction was spilled to disk.
+    pub fn spilled(&self) -> bool {
+        self.spill.is_some()
+    }
+
     fn next_frame(&mut self) -> Result<Option<(Lsn, Bytes)>, AssembleError> {
         if let Some((path, reader)) = &mut self.spill {
             let mut head = [0u8; 12];
@@ -145,10 +150,12 @@ impl StreamedTxn {
                     let lsn = Lsn(u64::from_be_bytes(head[..8].try_into().unwrap_or_default()));
                     let len = u32::from_be_bytes(head[8..].try_into().unwrap_or_default());
                     let mut buf = vec![0u8; len as usize];
-                    reader.read_exact(&mut buf).map_err(|source| AssembleError::Spill {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    reader
+                        .read_exact(&mut buf)
+                        .map_err(|source| AssembleError::Spill {
+                            path: path.clone(),
+                            source,
+                        })?;
                     return Ok(Some((lsn, Bytes::from(buf))));
                 }
                 Ok(false) => {
@@ -379,13 +386,13 @@ impl Assembler {
                 self.buffered_bytes -= buf.mem_bytes;
                 let spill = match buf.spill.take() {
                     Some((path, mut w)) => {
-                        let file = w
-                            .flush()
-                            .and_then(|()| File::open(&path))
-                            .map_err(|source| AssembleError::Spill {
-                                path: path.clone(),
-                                source,
-                            })?;
+                        let file =
+                            w.flush()
+                                .and_then(|()| File::open(&path))
+                                .map_err(|source| AssembleError::Spill {
+                                    path: path.clone(),
+                                    source,
+                                })?;
                         Some((path, BufReader::with_capacity(1 << 20, file)))
                     }
                     None => None,
@@ -453,7 +460,7 @@ impl Assembler {
                 commit_time_us: txn.ctx.commit_time_us,
             });
         }
-        while out.is_empty() || out.len() < 64 {
+        while out.len() < 64 {
             let Some((lsn, data)) = txn.next_frame()? else {
                 out.push(Event::Commit {
                     commit_lsn: txn.ctx.commit_lsn,
@@ -611,7 +618,10 @@ mod tests {
         let mut out = Vec::new();
         for (i, m) in msgs.into_iter().enumerate() {
             let mut evs = Vec::new();
-            match a.handle(Lsn(100 + i as u64), Bytes::from(m), &mut evs).unwrap() {
+            match a
+                .handle(Lsn(100 + i as u64), Bytes::from(m), &mut evs)
+                .unwrap()
+            {
                 Step::Replay(mut t) => {
                     while a.replay(&mut t, &mut evs).unwrap() {
                         out.append(&mut evs);
@@ -654,7 +664,13 @@ mod tests {
         );
         assert_eq!(ids(&evs), ["B7", "a", "b", "C"]);
         let Event::Change(c) = &evs[2] else { panic!() };
-        assert_eq!(c.position, Position { commit_lsn: Lsn(500), seq: 1 });
+        assert_eq!(
+            c.position,
+            Position {
+                commit_lsn: Lsn(500),
+                seq: 1
+            }
+        );
         assert!(a.is_idle());
     }
 
@@ -690,7 +706,11 @@ mod tests {
         assert_eq!(ids(&evs), ["B20", "r1", "C", "B10", "s1", "s2", "C"]);
         assert!(a.is_idle());
         assert_eq!(a.buffered_bytes(), 0);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "spill files removed");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "spill files removed"
+        );
     }
 
     #[test]
@@ -712,10 +732,14 @@ mod tests {
             .handle(Lsn(1), Bytes::from(encode::insert(None, 1, &[])), &mut out)
             .unwrap_err();
         assert!(e.to_string().contains("outside a transaction"), "{e}");
-        a.handle(Lsn(1), Bytes::from(encode::begin(Lsn(5), 0, 1)), &mut out).unwrap();
+        a.handle(Lsn(1), Bytes::from(encode::begin(Lsn(5), 0, 1)), &mut out)
+            .unwrap();
         let e = a
             .handle(Lsn(2), Bytes::from(encode::insert(None, 99, &[])), &mut out)
             .unwrap_err();
-        assert!(matches!(e, AssembleError::UnknownRelation { relation: 99, .. }), "{e}");
+        assert!(
+            matches!(e, AssembleError::UnknownRelation { relation: 99, .. }),
+            "{e}"
+        );
     }
 }

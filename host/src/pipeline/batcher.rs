@@ -166,7 +166,10 @@ impl Batcher {
         }
         let full = match self.replay.front() {
             Some(intent) => pos >= intent.last,
-            None => self.open.as_ref().is_some_and(|o| o.changes.len() >= self.flush_size),
+            None => self
+                .open
+                .as_ref()
+                .is_some_and(|o| o.changes.len() >= self.flush_size),
         };
         if full {
             debug_assert!(early.is_none());
@@ -193,7 +196,8 @@ impl Batcher {
     /// be confirmed.
     pub fn idle_position(&mut self, wal_end: Lsn) {
         if self.open.is_none() && wal_end > self.confirmed_lsn {
-            self.pending_watermark = Some(self.pending_watermark.map_or(wal_end, |w| w.max(wal_end)));
+            self.pending_watermark =
+                Some(self.pending_watermark.map_or(wal_end, |w| w.max(wal_end)));
         }
     }
 
@@ -252,9 +256,11 @@ mod tests {
     use crate::source::pgoutput::encode::{self, Val};
     use bytes::Bytes;
 
+    type Cut = (BatchId, Vec<(u64, u32)>, Option<Lsn>);
+
     /// Runs a scripted stream of `txns` transactions of `per_txn` inserts through an
     /// assembler and a batcher; returns the batches as (id, [(commit lsn, seq)]).
-    fn run(batcher: &mut Batcher, txns: u64, per_txn: u32) -> Vec<(BatchId, Vec<(u64, u32)>, Option<Lsn>)> {
+    fn run(batcher: &mut Batcher, txns: u64, per_txn: u32) -> Vec<Cut> {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
         let mut out = Vec::new();
@@ -263,7 +269,14 @@ mod tests {
         for t in 0..txns {
             let commit = Lsn(1000 * (t + 1));
             msgs.push(encode::begin(commit, 0, t as u32));
-            msgs.push(encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]));
+            msgs.push(encode::relation(
+                None,
+                1,
+                "public",
+                "t",
+                b'd',
+                &[(true, "id", 23, -1)],
+            ));
             for _ in 0..per_txn {
                 msgs.push(encode::insert(None, 1, &[Val::Text("1")]));
             }
@@ -286,7 +299,10 @@ mod tests {
             .map(|b| {
                 (
                     b.id,
-                    b.changes.iter().map(|c| (c.position.commit_lsn.0, c.position.seq)).collect(),
+                    b.changes
+                        .iter()
+                        .map(|c| (c.position.commit_lsn.0, c.position.seq))
+                        .collect(),
                     b.watermark,
                 )
             })
@@ -314,12 +330,35 @@ mod tests {
         // batches 2 and 3 were handed on but not acknowledged. Restart with a different
         // flush size: the pending batches must come back identical.
         let pending = vec![
-            BatchIntent { id: 2, first: Position { commit_lsn: Lsn(2000), seq: 1 }, last: Position { commit_lsn: Lsn(3000), seq: 1 } },
-            BatchIntent { id: 3, first: Position { commit_lsn: Lsn(3000), seq: 2 }, last: Position { commit_lsn: Lsn(3000), seq: 2 } },
+            BatchIntent {
+                id: 2,
+                first: Position {
+                    commit_lsn: Lsn(2000),
+                    seq: 1,
+                },
+                last: Position {
+                    commit_lsn: Lsn(3000),
+                    seq: 1,
+                },
+            },
+            BatchIntent {
+                id: 3,
+                first: Position {
+                    commit_lsn: Lsn(3000),
+                    seq: 2,
+                },
+                last: Position {
+                    commit_lsn: Lsn(3000),
+                    seq: 2,
+                },
+            },
         ];
         let resume = Resume {
             confirmed_lsn: Lsn(1010),
-            acked_through: Some(Position { commit_lsn: Lsn(2000), seq: 0 }),
+            acked_through: Some(Position {
+                commit_lsn: Lsn(2000),
+                seq: 0,
+            }),
             last_batch_id: 1,
             pending,
         };
@@ -352,8 +391,16 @@ mod tests {
         }
         let batch = b.tick(Instant::now()).unwrap();
         assert_eq!(batch.changes.len(), 1);
-        assert_eq!(batch.watermark, None, "the transaction has not committed yet");
-        a.handle(Lsn(1), Bytes::from(encode::commit(Lsn(50), Lsn(60), 0)), &mut out).unwrap();
+        assert_eq!(
+            batch.watermark, None,
+            "the transaction has not committed yet"
+        );
+        a.handle(
+            Lsn(1),
+            Bytes::from(encode::commit(Lsn(50), Lsn(60), 0)),
+            &mut out,
+        )
+        .unwrap();
         for e in out.drain(..) {
             assert!(b.push(e).is_none());
         }

@@ -160,9 +160,11 @@ mod tests {
     use bytes::Bytes;
 
     fn rel(cols: &[(bool, &str, u32, i32)]) -> Relation {
-        let Message::Relation(r) =
-            parse(Bytes::from(encode::relation(None, 10, "public", "t", b'd', cols)), false).unwrap()
-        else {
+        let Message::Relation(r) = parse(
+            Bytes::from(encode::relation(None, 10, "public", "t", b'd', cols)),
+            false,
+        )
+        .unwrap() else {
             panic!()
         };
         r
@@ -180,14 +182,34 @@ mod tests {
     #[test]
     fn diff_reports_added_dropped_retyped() {
         let mut c = SchemaCache::new();
-        c.apply(&rel(&[(true, "id", 23, -1), (false, "a", 25, -1), (false, "b", 23, -1)]));
+        c.apply(&rel(&[
+            (true, "id", 23, -1),
+            (false, "a", 25, -1),
+            (false, "b", 23, -1),
+        ]));
         let sc = c
-            .apply(&rel(&[(true, "id", 23, -1), (false, "b", 20, -1), (false, "c", 1700, 655366)]))
+            .apply(&rel(&[
+                (true, "id", 23, -1),
+                (false, "b", 20, -1),
+                (false, "c", 1700, 655366),
+            ]))
             .unwrap();
-        assert_eq!(sc.added.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["c"]);
-        assert_eq!(sc.dropped.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            sc.added.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert_eq!(
+            sc.dropped
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
         assert_eq!(sc.retyped.len(), 1);
-        assert_eq!((sc.retyped[0].0.type_oid, sc.retyped[0].1.type_oid), (23, 20));
+        assert_eq!(
+            (sc.retyped[0].0.type_oid, sc.retyped[0].1.type_oid),
+            (23, 20)
+        );
         assert_eq!(c.get(10).unwrap().columns.len(), 3);
     }
 }

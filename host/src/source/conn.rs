@@ -204,15 +204,15 @@ impl ConnectionConfig {
                     let cert = cert.map_err(|e| {
                         self.tls_error(format!("sslrootcert {}: {e}", path.display()))
                     })?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| self.tls_error(format!("sslrootcert {}: {e}", path.display())))?;
+                    roots.add(cert).map_err(|e| {
+                        self.tls_error(format!("sslrootcert {}: {e}", path.display()))
+                    })?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        let verify_chain = matches!(self.tls, TlsMode::VerifyCa | TlsMode::VerifyFull)
-            || self.root_cert.is_some();
+        let verify_chain =
+            matches!(self.tls, TlsMode::VerifyCa | TlsMode::VerifyFull) || self.root_cert.is_some();
         let config = if verify_chain {
             let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),
@@ -250,7 +250,11 @@ impl ConnectionConfig {
     /// Connection, TLS and authentication errors, as [`SourceError`].
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
         let result = if self.tls == TlsMode::Disable {
-            let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await.map_err(|e| self.sql_error(e))?;
+            let (client, conn) = self
+                .pg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| self.sql_error(e))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "SQL connection closed");
@@ -276,10 +280,10 @@ impl ConnectionConfig {
             if db.code().code().starts_with("28") {
                 return SourceError::Auth {
                     user: self.user().to_string(),
-                    error: se,
+                    error: Box::new(se),
                 };
             }
-            return SourceError::Server(se);
+            return SourceError::Server(Box::new(se));
         }
         let text = e.to_string();
         if text.contains("password missing") {
@@ -287,7 +291,9 @@ impl ConnectionConfig {
                 user: self.user().to_string(),
             };
         }
-        if let Some(io) = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>()) {
+        if let Some(io) =
+            std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>())
+        {
             return SourceError::Connect {
                 addr: self.addr(),
                 source: std::io::Error::new(io.kind(), io.to_string()),
@@ -303,7 +309,12 @@ impl ConnectionConfig {
     /// [`SourceError::Connect`], [`SourceError::Tls`].
     pub async fn connect_stream(&self) -> Result<Box<dyn Stream>, SourceError> {
         let port = self.pg.get_ports().first().copied().unwrap_or(5432);
-        let host = self.pg.get_hosts().first().cloned().unwrap_or(Host::Tcp("localhost".into()));
+        let host = self
+            .pg
+            .get_hosts()
+            .first()
+            .cloned()
+            .unwrap_or(Host::Tcp("localhost".into()));
         let connect_err = |source| SourceError::Connect {
             addr: self.addr(),
             source,
@@ -363,7 +374,7 @@ impl From<ServerErrorFromDb<'_>> for super::error::ServerError {
 /// Converts a tokio-postgres error into a [`SourceError`], keeping the server's fields.
 pub fn sql_error(e: tokio_postgres::Error) -> SourceError {
     match e.as_db_error() {
-        Some(db) => SourceError::Server(ServerErrorFromDb(db).into()),
+        Some(db) => SourceError::Server(Box::new(ServerErrorFromDb(db).into())),
         None => SourceError::Sql(e),
     }
 }
@@ -391,7 +402,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -400,7 +416,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -470,10 +491,14 @@ mod tests {
         assert_eq!(c.dbname(), "app");
         assert_eq!(c.addr(), "db.example:6543");
         assert_eq!(c.tls_mode(), TlsMode::VerifyFull);
-        assert_eq!(c.root_cert.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(
+            c.root_cert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
         assert!(!c.redacted().contains("s3cret"));
         assert!(!format!("{c:?}").contains("s3cret"));
-        let c = ConnectionConfig::parse("host=/tmp port=5433 user=bob dbname=x sslmode=disable").unwrap();
+        let c = ConnectionConfig::parse("host=/tmp port=5433 user=bob dbname=x sslmode=disable")
+            .unwrap();
         assert_eq!(c.tls_mode(), TlsMode::Disable);
         assert_eq!(c.addr(), "/tmp/.s.PGSQL.5433");
         let c = ConnectionConfig::parse("postgres://bob@h").unwrap();

@@ -86,7 +86,7 @@ pub enum SourceError {
         /// The user name.
         user: String,
         /// The server's error.
-        error: ServerError,
+        error: Box<ServerError>,
     },
     /// The server asked for a password and the URL has none.
     #[error("the server asks for a password for user {user:?}, but source.url has none")]
@@ -95,11 +95,13 @@ pub enum SourceError {
         user: String,
     },
     /// The server asked for an authentication method dbmazz does not speak.
-    #[error("unsupported authentication method {0} (dbmazz speaks password, md5 and SCRAM-SHA-256)")]
+    #[error(
+        "unsupported authentication method {0} (dbmazz speaks password, md5 and SCRAM-SHA-256)"
+    )]
     UnsupportedAuth(&'static str),
     /// Any other ErrorResponse.
     #[error("PostgreSQL: {0}")]
-    Server(ServerError),
+    Server(Box<ServerError>),
     /// The server sent something the protocol does not allow here.
     #[error("replication protocol: {0}")]
     Protocol(String),

@@ -1072,7 +1072,13 @@ pub mod encode {
     }
 
     /// 'M' Message.
-    pub fn message(xid_: Option<u32>, transactional: bool, lsn: Lsn, prefix: &str, content: &[u8]) -> Vec<u8> {
+    pub fn message(
+        xid_: Option<u32>,
+        transactional: bool,
+        lsn: Lsn,
+        prefix: &str,
+        content: &[u8],
+    ) -> Vec<u8> {
         let mut o = vec![b'M'];
         xid(&mut o, xid_);
         o.push(u8::from(transactional));
@@ -1139,7 +1145,10 @@ mod tests {
         }
         match p(encode::commit(Lsn(5), Lsn(9), t), false) {
             Message::Commit(c) => {
-                assert_eq!((c.commit_lsn, c.end_lsn, c.commit_time_us), (Lsn(5), Lsn(9), t))
+                assert_eq!(
+                    (c.commit_lsn, c.end_lsn, c.commit_time_us),
+                    (Lsn(5), Lsn(9), t)
+                )
             }
             m => panic!("{m:?}"),
         }
@@ -1147,7 +1156,11 @@ mod tests {
 
     #[test]
     fn relation_in_and_out_of_stream() {
-        let cols = [(true, "id", 23, -1), (false, "name", 25, -1), (false, "n", 1700, 655366)];
+        let cols = [
+            (true, "id", 23, -1),
+            (false, "name", 25, -1),
+            (false, "n", 1700, 655366),
+        ];
         for (xid, s) in [(None, false), (Some(77), true)] {
             match p(encode::relation(xid, 16384, "public", "t", b'f', &cols), s) {
                 Message::Relation(r) => {
@@ -1203,18 +1216,20 @@ mod tests {
         };
         assert!(u.old.is_none());
         let old = [Val::Text("0"), Val::Null];
-        let Message::Update(u) =
-            p(encode::update(Some(9), 1, Some((OldKind::Key, &old)), &new), true)
-        else {
+        let Message::Update(u) = p(
+            encode::update(Some(9), 1, Some((OldKind::Key, &old)), &new),
+            true,
+        ) else {
             panic!()
         };
         assert_eq!(u.xid, Some(9));
         let (k, t) = u.old.unwrap();
         assert_eq!(k, OldKind::Key);
         assert_eq!(t.get(0), Some(RawDatum::Text("0")));
-        let Message::Update(u) =
-            p(encode::update(None, 1, Some((OldKind::Full, &old)), &new), false)
-        else {
+        let Message::Update(u) = p(
+            encode::update(None, 1, Some((OldKind::Full, &old)), &new),
+            false,
+        ) else {
             panic!()
         };
         assert_eq!(u.old.unwrap().0, OldKind::Full);
@@ -1222,29 +1237,48 @@ mod tests {
 
     #[test]
     fn delete_truncate_message_stream() {
-        let Message::Delete(d) = p(encode::delete(None, 3, OldKind::Full, &[Val::Text("x")]), false)
-        else {
+        let Message::Delete(d) = p(
+            encode::delete(None, 3, OldKind::Full, &[Val::Text("x")]),
+            false,
+        ) else {
             panic!()
         };
         assert_eq!(d.old.0, OldKind::Full);
         let Message::Truncate(t) = p(encode::truncate(Some(4), 3, &[10, 11]), true) else {
             panic!()
         };
-        assert_eq!((t.xid, t.options, t.relation_ids), (Some(4), 3, vec![10, 11]));
-        let Message::Message(m) = p(encode::message(None, true, Lsn(8), "wm", b"\xff\x00"), false)
-        else {
+        assert_eq!(
+            (t.xid, t.options, t.relation_ids),
+            (Some(4), 3, vec![10, 11])
+        );
+        let Message::Message(m) = p(
+            encode::message(None, true, Lsn(8), "wm", b"\xff\x00"),
+            false,
+        ) else {
             panic!()
         };
         assert!(m.transactional);
         assert_eq!(&*m.prefix, "wm");
         assert_eq!(&m.content[..], b"\xff\x00");
-        assert!(matches!(p(encode::stream_start(5, true), false), Message::StreamStart(StreamStart { xid: 5, first_segment: true })));
-        assert!(matches!(p(encode::stream_stop(), false), Message::StreamStop));
+        assert!(matches!(
+            p(encode::stream_start(5, true), false),
+            Message::StreamStart(StreamStart {
+                xid: 5,
+                first_segment: true
+            })
+        ));
+        assert!(matches!(
+            p(encode::stream_stop(), false),
+            Message::StreamStop
+        ));
         let Message::StreamCommit(c) = p(encode::stream_commit(5, Lsn(1), Lsn(2), 0), false) else {
             panic!()
         };
         assert_eq!((c.xid, c.commit_lsn, c.end_lsn), (5, Lsn(1), Lsn(2)));
-        assert!(matches!(p(encode::stream_abort(5, 6), false), Message::StreamAbort(StreamAbort { xid: 5, subxid: 6 })));
+        assert!(matches!(
+            p(encode::stream_abort(5, 6), false),
+            Message::StreamAbort(StreamAbort { xid: 5, subxid: 6 })
+        ));
     }
 
     #[test]
@@ -1271,21 +1305,25 @@ mod tests {
         assert_eq!(e.offset, n - 2);
         let mut v = encode::stream_stop();
         v.push(0);
-        assert_eq!(parse(Bytes::from(v), false).unwrap_err().problem, Problem::Trailing(1));
+        assert_eq!(
+            parse(Bytes::from(v), false).unwrap_err().problem,
+            Problem::Trailing(1)
+        );
         let mut v = encode::insert(None, 7, &[Val::Null]);
         v[8] = b'q';
         let e = parse(Bytes::from(v), false).unwrap_err();
-        assert_eq!(e.problem, Problem::Unexpected { what: "tuple data kind", byte: b'q' });
+        assert_eq!(
+            e.problem,
+            Problem::Unexpected {
+                what: "tuple data kind",
+                byte: b'q'
+            }
+        );
         assert_eq!(e.offset, 8);
     }
 
     fn any_message() -> impl Strategy<Value = Vec<u8>> {
-        let val = prop_oneof![
-            Just(0u8),
-            Just(1u8),
-            Just(2u8),
-            Just(3u8),
-        ];
+        let val = prop_oneof![Just(0u8), Just(1u8), Just(2u8), Just(3u8),];
         let vals = prop::collection::vec((val, "[a-zé]{0,12}"), 0..6);
         (0u8..9, vals, any::<u32>(), any::<bool>()).prop_map(|(k, vals, n, s)| {
             let vs: Vec<Val<'_>> = vals

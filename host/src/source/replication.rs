@@ -228,12 +228,15 @@ impl ReplicationClient {
     async fn authenticate(&mut self, cfg: &ConnectionConfig) -> Result<(), SourceError> {
         let user = cfg.user().to_string();
         let password = || {
-            cfg.password().ok_or_else(|| SourceError::PasswordRequired { user: user.clone() })
+            cfg.password()
+                .ok_or_else(|| SourceError::PasswordRequired { user: user.clone() })
         };
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
             let Raw::Other(msg) = self.next().await? else {
-                return Err(SourceError::Protocol("copy data during authentication".into()));
+                return Err(SourceError::Protocol(
+                    "copy data during authentication".into(),
+                ));
             };
             match msg {
                 backend::Message::AuthenticationOk => {}
@@ -255,37 +258,52 @@ impl ReplicationClient {
                     if !scram_offered {
                         return Err(SourceError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
                     }
-                    let s = sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    let s =
+                        sasl::ScramSha256::new(password()?, sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.wbuf,
+                    )?;
                     self.flush().await?;
                     scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| SourceError::Protocol("SASL continue before SASL start".into()))?;
+                    let s = scram.as_mut().ok_or_else(|| {
+                        SourceError::Protocol("SASL continue before SASL start".into())
+                    })?;
                     s.update(body.data())?;
                     frontend::sasl_response(s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| SourceError::Protocol("SASL final before SASL start".into()))?;
+                    let s = scram.as_mut().ok_or_else(|| {
+                        SourceError::Protocol("SASL final before SASL start".into())
+                    })?;
                     s.finish(body.data())?;
                 }
-                backend::Message::AuthenticationKerberosV5 => return Err(SourceError::UnsupportedAuth("Kerberos V5")),
-                backend::Message::AuthenticationScmCredential => return Err(SourceError::UnsupportedAuth("SCM credential")),
-                backend::Message::AuthenticationGss | backend::Message::AuthenticationGssContinue(_) => {
+                backend::Message::AuthenticationKerberosV5 => {
+                    return Err(SourceError::UnsupportedAuth("Kerberos V5"))
+                }
+                backend::Message::AuthenticationScmCredential => {
+                    return Err(SourceError::UnsupportedAuth("SCM credential"))
+                }
+                backend::Message::AuthenticationGss
+                | backend::Message::AuthenticationGssContinue(_) => {
                     return Err(SourceError::UnsupportedAuth("GSSAPI"))
                 }
-                backend::Message::AuthenticationSspi => return Err(SourceError::UnsupportedAuth("SSPI")),
+                backend::Message::AuthenticationSspi => {
+                    return Err(SourceError::UnsupportedAuth("SSPI"))
+                }
                 backend::Message::ErrorResponse(body) => {
                     let e = ServerError::from_body(&body);
                     if e.code.starts_with("28") {
-                        return Err(SourceError::Auth { user, error: e });
+                        return Err(SourceError::Auth {
+                            user,
+                            error: Box::new(e),
+                        });
                     }
-                    return Err(SourceError::Server(e));
+                    return Err(SourceError::Server(Box::new(e)));
                 }
                 backend::Message::ReadyForQuery(_) => return Ok(()),
                 _ => {} // ParameterStatus, BackendKeyData, NoticeResponse
@@ -305,7 +323,9 @@ impl ReplicationClient {
         loop {
             let raw = self.next().await?;
             let Raw::Other(msg) = raw else {
-                return Err(SourceError::Protocol(format!("unexpected copy mode after {sql:?}")));
+                return Err(SourceError::Protocol(format!(
+                    "unexpected copy mode after {sql:?}"
+                )));
             };
             match msg {
                 backend::Message::RowDescription(body) => {
@@ -318,14 +338,18 @@ impl ReplicationClient {
                     let mut ranges = body.ranges();
                     let mut row = Vec::new();
                     while let Some(r) = ranges.next()? {
-                        row.push(r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()));
+                        row.push(
+                            r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
+                        );
                     }
                     rows.rows.push(row);
                 }
-                backend::Message::ErrorResponse(body) => error = Some(ServerError::from_body(&body)),
+                backend::Message::ErrorResponse(body) => {
+                    error = Some(ServerError::from_body(&body))
+                }
                 backend::Message::ReadyForQuery(_) => {
                     return match error {
-                        Some(e) => Err(SourceError::Server(e)),
+                        Some(e) => Err(SourceError::Server(Box::new(e))),
                         None => Ok(rows),
                     }
                 }
@@ -343,8 +367,14 @@ impl ReplicationClient {
         let bad = || SourceError::Protocol("malformed IDENTIFY_SYSTEM answer".into());
         Ok(SystemInfo {
             system_id: rows.get(0, "systemid").ok_or_else(bad)?.to_string(),
-            timeline: rows.get(0, "timeline").and_then(|t| t.parse().ok()).ok_or_else(bad)?,
-            xlogpos: rows.get(0, "xlogpos").and_then(|t| t.parse().ok()).ok_or_else(bad)?,
+            timeline: rows
+                .get(0, "timeline")
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(bad)?,
+            xlogpos: rows
+                .get(0, "xlogpos")
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(bad)?,
             dbname: rows.get(0, "dbname").map(str::to_string),
         })
     }
@@ -355,8 +385,16 @@ impl ReplicationClient {
     /// # Errors
     /// [`SourceError::Server`]: the slot exists (42710), `max_replication_slots` is
     /// exhausted (53400), `wal_level` is not logical (55000), ...
-    pub async fn create_slot(&mut self, name: &str, export_snapshot: bool) -> Result<CreatedSlot, SourceError> {
-        let snapshot = if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
+    pub async fn create_slot(
+        &mut self,
+        name: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, SourceError> {
+        let snapshot = if export_snapshot {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        };
         let rows = self
             .simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
@@ -366,7 +404,10 @@ impl ReplicationClient {
         let bad = || SourceError::Protocol("malformed CREATE_REPLICATION_SLOT answer".into());
         Ok(CreatedSlot {
             slot_name: rows.get(0, "slot_name").ok_or_else(bad)?.to_string(),
-            consistent_point: rows.get(0, "consistent_point").and_then(|t| t.parse().ok()).ok_or_else(bad)?,
+            consistent_point: rows
+                .get(0, "consistent_point")
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(bad)?,
             snapshot_name: rows.get(0, "snapshot_name").map(str::to_string),
         })
     }
@@ -399,16 +440,26 @@ impl ReplicationClient {
                 Raw::Other(backend::Message::ErrorResponse(body)) => {
                     let e = ServerError::from_body(&body);
                     // drain to ReadyForQuery is pointless: the caller drops the connection
-                    return Err(SourceError::Server(e));
+                    return Err(SourceError::Server(Box::new(e)));
                 }
                 Raw::Other(_) => {}
-                Raw::CopyData(_) => return Err(SourceError::Protocol("copy data before CopyBothResponse".into())),
+                Raw::CopyData(_) => {
+                    return Err(SourceError::Protocol(
+                        "copy data before CopyBothResponse".into(),
+                    ))
+                }
             }
         }
         let (r, w) = tokio::io::split(self.stream);
         Ok((
-            ReplicationReader { half: r, rbuf: self.rbuf },
-            ReplicationWriter { half: w, wbuf: BytesMut::with_capacity(64) },
+            ReplicationReader {
+                half: r,
+                rbuf: self.rbuf,
+            },
+            ReplicationWriter {
+                half: w,
+                wbuf: BytesMut::with_capacity(64),
+            },
         ))
     }
 }
@@ -444,10 +495,12 @@ impl ReplicationReader {
                 Raw::CopyData(d) => return parse_frame(d),
                 Raw::Other(backend::Message::CopyDone) => return Ok(Frame::End),
                 Raw::Other(backend::Message::ErrorResponse(body)) => {
-                    return Err(SourceError::Server(ServerError::from_body(&body)))
+                    return Err(SourceError::Server(Box::new(ServerError::from_body(&body))))
                 }
                 Raw::Other(_) => {} // NoticeResponse, ParameterStatus
-                Raw::CopyBoth => return Err(SourceError::Protocol("second CopyBothResponse".into())),
+                Raw::CopyBoth => {
+                    return Err(SourceError::Protocol("second CopyBothResponse".into()))
+                }
             }
         }
     }
@@ -464,7 +517,12 @@ pub fn parse_frame(mut d: Bytes) -> Result<Frame, SourceError> {
             let wal_end = Lsn(be_u64(&d, 9));
             let send_time_us = be_u64(&d, 17) as i64 + PG_EPOCH_OFFSET_US;
             d.advance(25);
-            Ok(Frame::XLogData { wal_start, wal_end, send_time_us, data: d })
+            Ok(Frame::XLogData {
+                wal_start,
+                wal_end,
+                send_time_us,
+                data: d,
+            })
         }
         Some(b'k') if d.len() >= 18 => Ok(Frame::Keepalive {
             wal_end: Lsn(be_u64(&d, 1)),
@@ -497,7 +555,12 @@ impl ReplicationWriter {
     ///
     /// # Errors
     /// I/O errors.
-    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, reply: bool) -> Result<(), SourceError> {
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        reply: bool,
+    ) -> Result<(), SourceError> {
         let mut body = [0u8; 34];
         body[0] = b'r';
         body[1..9].copy_from_slice(&write.0.to_be_bytes());
@@ -537,8 +600,16 @@ mod tests {
         w.extend_from_slice(&0u64.to_be_bytes());
         w.extend_from_slice(b"E");
         match parse_frame(Bytes::from(w)).unwrap() {
-            Frame::XLogData { wal_start, wal_end, send_time_us, data } => {
-                assert_eq!((wal_start, wal_end, send_time_us), (Lsn(5), Lsn(9), PG_EPOCH_OFFSET_US));
+            Frame::XLogData {
+                wal_start,
+                wal_end,
+                send_time_us,
+                data,
+            } => {
+                assert_eq!(
+                    (wal_start, wal_end, send_time_us),
+                    (Lsn(5), Lsn(9), PG_EPOCH_OFFSET_US)
+                );
                 assert_eq!(&data[..], b"E");
             }
             f => panic!("{f:?}"),
@@ -547,7 +618,14 @@ mod tests {
         k.extend_from_slice(&7u64.to_be_bytes());
         k.extend_from_slice(&0u64.to_be_bytes());
         k.push(1);
-        assert!(matches!(parse_frame(Bytes::from(k)).unwrap(), Frame::Keepalive { wal_end: Lsn(7), reply_requested: true, .. }));
+        assert!(matches!(
+            parse_frame(Bytes::from(k)).unwrap(),
+            Frame::Keepalive {
+                wal_end: Lsn(7),
+                reply_requested: true,
+                ..
+            }
+        ));
         assert!(parse_frame(Bytes::from_static(b"w\0")).is_err());
         assert!(parse_frame(Bytes::new()).is_err());
     }

@@ -64,7 +64,9 @@ pub enum SetupError {
         pid: Option<i32>,
     },
     /// The slot exists for another plugin or database.
-    #[error("replication slot {slot:?} exists but is {what}: choose another source.slot or drop it")]
+    #[error(
+        "replication slot {slot:?} exists but is {what}: choose another source.slot or drop it"
+    )]
     SlotIncompatible {
         /// Slot name.
         slot: String,
@@ -191,13 +193,24 @@ fn step_err(step: &'static str) -> impl Fn(tokio_postgres::Error) -> SetupError 
 ///
 /// # Errors
 /// The first blocking [`SetupError`].
-pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<SetupOutcome, SetupError> {
+pub async fn run(
+    client: &Client,
+    plan: &SetupPlan,
+    dry_run: bool,
+) -> Result<SetupOutcome, SetupError> {
     let mut steps = Vec::new();
-    let change = if dry_run { StepStatus::WouldChange } else { StepStatus::Changed };
+    let change = if dry_run {
+        StepStatus::WouldChange
+    } else {
+        StepStatus::Changed
+    };
 
     // 1. wal_level
     let row = client
-        .query_one("SELECT current_setting('wal_level'), current_user::text, current_database()::text", &[])
+        .query_one(
+            "SELECT current_setting('wal_level'), current_user::text, current_database()::text",
+            &[],
+        )
         .await
         .map_err(step_err("wal_level"))?;
     let wal_level: String = row.get(0);
@@ -206,17 +219,28 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { actual: wal_level });
     }
-    steps.push(StepReport { step: "wal_level", status: StepStatus::Ok, detail: "logical".into() });
+    steps.push(StepReport {
+        step: "wal_level",
+        status: StepStatus::Ok,
+        detail: "logical".into(),
+    });
 
     // 2. privilege
     let row = client
-        .query_one("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await
         .map_err(step_err("replication privilege"))?;
     if !row.get::<_, bool>(0) {
         return Err(SetupError::NoReplicationPrivilege { user });
     }
-    steps.push(StepReport { step: "replication privilege", status: StepStatus::Ok, detail: format!("user {user}") });
+    steps.push(StepReport {
+        step: "replication privilege",
+        status: StepStatus::Ok,
+        detail: format!("user {user}"),
+    });
 
     // 3. tables
     let mut found = Vec::new();
@@ -249,12 +273,20 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
     if plan.replica_identity_full {
         let todo: Vec<_> = found.iter().filter(|(_, _, ri)| ri != "f").collect();
         if todo.is_empty() {
-            steps.push(StepReport { step: "replica identity", status: StepStatus::Ok, detail: "FULL on all tables".into() });
+            steps.push(StepReport {
+                step: "replica identity",
+                status: StepStatus::Ok,
+                detail: "FULL on all tables".into(),
+            });
         } else {
             if !dry_run {
                 for (s, t, _) in &todo {
                     client
-                        .batch_execute(&format!("ALTER TABLE {}.{} REPLICA IDENTITY FULL", quote_ident(s), quote_ident(t)))
+                        .batch_execute(&format!(
+                            "ALTER TABLE {}.{} REPLICA IDENTITY FULL",
+                            quote_ident(s),
+                            quote_ident(t)
+                        ))
                         .await
                         .map_err(step_err("replica identity"))?;
                 }
@@ -264,7 +296,10 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
                 status: change.clone(),
                 detail: format!(
                     "REPLICA IDENTITY FULL on {}",
-                    todo.iter().map(|(s, t, _)| format!("{s}.{t}")).collect::<Vec<_>>().join(", ")
+                    todo.iter()
+                        .map(|(s, t, _)| format!("{s}.{t}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             });
         }
@@ -272,7 +307,10 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
 
     // 5. publication
     let pub_row = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&plan.publication])
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&plan.publication],
+        )
         .await
         .map_err(step_err("publication"))?;
     let table_list = |tables: &[&(String, String, String)]| {
@@ -289,9 +327,16 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
                 let sql = if all.is_empty() {
                     format!("CREATE PUBLICATION {}", quote_ident(&plan.publication))
                 } else {
-                    format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&plan.publication), table_list(&all))
+                    format!(
+                        "CREATE PUBLICATION {} FOR TABLE {}",
+                        quote_ident(&plan.publication),
+                        table_list(&all)
+                    )
                 };
-                client.batch_execute(&sql).await.map_err(step_err("publication"))?;
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(step_err("publication"))?;
             }
             steps.push(StepReport {
                 step: "publication",
@@ -300,7 +345,11 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
             });
         }
         Some(r) if r.get::<_, bool>(0) => {
-            steps.push(StepReport { step: "publication", status: StepStatus::Ok, detail: format!("{} is FOR ALL TABLES", plan.publication) });
+            steps.push(StepReport {
+                step: "publication",
+                status: StepStatus::Ok,
+                detail: format!("{} is FOR ALL TABLES", plan.publication),
+            });
         }
         Some(_) => {
             let rows = client
@@ -308,20 +357,38 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
                 .await
                 .map_err(step_err("publication"))?;
             let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            let add: Vec<_> = found.iter().filter(|(s, t, _)| !have.iter().any(|(hs, ht)| hs == s && ht == t)).collect();
+            let add: Vec<_> = found
+                .iter()
+                .filter(|(s, t, _)| !have.iter().any(|(hs, ht)| hs == s && ht == t))
+                .collect();
             if add.is_empty() {
-                steps.push(StepReport { step: "publication", status: StepStatus::Ok, detail: format!("{} includes all tables", plan.publication) });
+                steps.push(StepReport {
+                    step: "publication",
+                    status: StepStatus::Ok,
+                    detail: format!("{} includes all tables", plan.publication),
+                });
             } else {
                 if !dry_run {
                     client
-                        .batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&plan.publication), table_list(&add)))
+                        .batch_execute(&format!(
+                            "ALTER PUBLICATION {} ADD TABLE {}",
+                            quote_ident(&plan.publication),
+                            table_list(&add)
+                        ))
                         .await
                         .map_err(step_err("publication"))?;
                 }
                 steps.push(StepReport {
                     step: "publication",
                     status: change.clone(),
-                    detail: format!("add {} to {}", add.iter().map(|(s, t, _)| format!("{s}.{t}")).collect::<Vec<_>>().join(", "), plan.publication),
+                    detail: format!(
+                        "add {} to {}",
+                        add.iter()
+                            .map(|(s, t, _)| format!("{s}.{t}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        plan.publication
+                    ),
                 });
             }
         }
@@ -339,7 +406,10 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
     let slot = match slot_row {
         Some(r) => {
             let (kind, plugin, db): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            let incompatible = |what: String| SetupError::SlotIncompatible { slot: plan.slot.clone(), what };
+            let incompatible = |what: String| SetupError::SlotIncompatible {
+                slot: plan.slot.clone(),
+                what,
+            };
             if kind != "logical" {
                 return Err(incompatible(format!("a {kind} slot")));
             }
@@ -350,7 +420,10 @@ pub async fn run(client: &Client, plan: &SetupPlan, dry_run: bool) -> Result<Set
                 return Err(incompatible(format!("in database {db}")));
             }
             if r.get::<_, bool>(3) {
-                return Err(SetupError::SlotInUse { slot: plan.slot.clone(), pid: r.get(4) });
+                return Err(SetupError::SlotInUse {
+                    slot: plan.slot.clone(),
+                    pid: r.get(4),
+                });
             }
             let confirmed_flush: Lsn = r.get::<_, String>(5).parse().unwrap_or_default();
             steps.push(StepReport {
@@ -389,9 +462,18 @@ mod tests {
 
     #[test]
     fn table_names() {
-        assert_eq!(split_table("orders").unwrap(), ("public".into(), "orders".into()));
-        assert_eq!(split_table("shop.orders").unwrap(), ("shop".into(), "orders".into()));
-        assert_eq!(split_table("\"My.Schema\".\"T\"\"x\"").unwrap(), ("My.Schema".into(), "T\"x".into()));
+        assert_eq!(
+            split_table("orders").unwrap(),
+            ("public".into(), "orders".into())
+        );
+        assert_eq!(
+            split_table("shop.orders").unwrap(),
+            ("shop".into(), "orders".into())
+        );
+        assert_eq!(
+            split_table("\"My.Schema\".\"T\"\"x\"").unwrap(),
+            ("My.Schema".into(), "T\"x".into())
+        );
         for bad in ["", "a.b.c", ".t", "s.", "\"open"] {
             assert!(split_table(bad).is_err(), "{bad}");
         }

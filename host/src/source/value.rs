@@ -117,8 +117,29 @@ pub struct ValueError {
 fn is_builtin_array(type_oid: Oid) -> bool {
     matches!(
         type_oid,
-        1000 | 1001 | 1002 | 1003 | 1005 | 1007 | 1009 | 1014 | 1015 | 1016 | 1021 | 1022
-            | 1028 | 1115 | 1182 | 1183 | 1185 | 1187 | 1231 | 1270 | 2951 | 199 | 3807 | 143
+        1000 | 1001
+            | 1002
+            | 1003
+            | 1005
+            | 1007
+            | 1009
+            | 1014
+            | 1015
+            | 1016
+            | 1021
+            | 1022
+            | 1028
+            | 1115
+            | 1182
+            | 1183
+            | 1185
+            | 1187
+            | 1231
+            | 1270
+            | 2951
+            | 199
+            | 3807
+            | 143
     )
 }
 
@@ -160,7 +181,9 @@ pub fn decode<'a>(type_oid: Oid, raw: RawDatum<'a>) -> Result<Value<'a>, ValueEr
         oid::UUID => Value::Uuid(parse_uuid(text).ok_or_else(|| bad("uuid"))?),
         oid::DATE => Value::Date(parse_date(text).ok_or_else(|| bad("date"))?),
         oid::TIME => Value::Time(parse_time(text).ok_or_else(|| bad("time"))?),
-        oid::TIMESTAMP => Value::Timestamp(parse_timestamp(text, false).ok_or_else(|| bad("timestamp"))?),
+        oid::TIMESTAMP => {
+            Value::Timestamp(parse_timestamp(text, false).ok_or_else(|| bad("timestamp"))?)
+        }
         oid::TIMESTAMPTZ => {
             Value::TimestampTz(parse_timestamp(text, true).ok_or_else(|| bad("timestamptz"))?)
         }
@@ -426,25 +449,55 @@ mod tests {
     fn scalars() {
         assert_eq!(t(oid::BOOL, "t"), Value::Bool(true));
         assert_eq!(t(oid::INT8, "-9223372036854775808"), Value::Int(i64::MIN));
-        assert_eq!(t(oid::FLOAT8, "0.30000000000000004"), Value::Float(0.30000000000000004));
+        assert_eq!(
+            t(oid::FLOAT8, "0.30000000000000004"),
+            Value::Float(0.30000000000000004)
+        );
         assert!(matches!(t(oid::FLOAT4, "NaN"), Value::Float(f) if f.is_nan()));
-        assert_eq!(t(oid::NUMERIC, "-12345678901234567890.000001"), Value::Numeric("-12345678901234567890.000001"));
+        assert_eq!(
+            t(oid::NUMERIC, "-12345678901234567890.000001"),
+            Value::Numeric("-12345678901234567890.000001")
+        );
         assert_eq!(t(oid::TEXT, ""), Value::Text(""));
-        assert_eq!(t(oid::BYTEA, "\\x00ff10"), Value::Bytes(Cow::Owned(vec![0, 255, 16])));
+        assert_eq!(
+            t(oid::BYTEA, "\\x00ff10"),
+            Value::Bytes(Cow::Owned(vec![0, 255, 16]))
+        );
         assert_eq!(
             t(oid::UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
-            Value::Uuid([0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38, 0x0a, 0x11])
+            Value::Uuid([
+                0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
+                0x0a, 0x11
+            ])
         );
         assert_eq!(t(oid::JSONB, "{\"a\": 1}"), Value::Json("{\"a\": 1}"));
-        assert_eq!(t(1007, "{1,2}"), Value::Array { type_oid: 1007, text: "{1,2}" });
-        assert_eq!(t(1186, "1 day"), Value::Other { type_oid: 1186, text: "1 day" });
+        assert_eq!(
+            t(1007, "{1,2}"),
+            Value::Array {
+                type_oid: 1007,
+                text: "{1,2}"
+            }
+        );
+        assert_eq!(
+            t(1186, "1 day"),
+            Value::Other {
+                type_oid: 1186,
+                text: "1 day"
+            }
+        );
     }
 
     #[test]
     fn null_unchanged_and_empty_are_distinct() {
         assert_eq!(decode(oid::TEXT, RawDatum::Null).unwrap(), Value::Null);
-        assert_eq!(decode(oid::TEXT, RawDatum::UnchangedToast).unwrap(), Value::UnchangedToast);
-        assert_eq!(decode(oid::TEXT, RawDatum::Text("")).unwrap(), Value::Text(""));
+        assert_eq!(
+            decode(oid::TEXT, RawDatum::UnchangedToast).unwrap(),
+            Value::UnchangedToast
+        );
+        assert_eq!(
+            decode(oid::TEXT, RawDatum::Text("")).unwrap(),
+            Value::Text("")
+        );
     }
 
     #[test]
@@ -452,12 +505,26 @@ mod tests {
         assert_eq!(t(oid::DATE, "1970-01-02"), Value::Date(1));
         assert_eq!(t(oid::DATE, "infinity"), Value::Date(i32::MAX));
         assert_eq!(t(oid::TIME, "01:02:03.5"), Value::Time(3_723_500_000));
-        assert_eq!(t(oid::TIMESTAMP, "2000-01-01 00:00:00"), Value::Timestamp(946_684_800_000_000));
-        assert_eq!(t(oid::TIMESTAMPTZ, "2000-01-01 01:00:00.25+01"), Value::TimestampTz(946_684_800_250_000));
-        assert_eq!(t(oid::TIMESTAMPTZ, "2000-01-01 00:00:00-05:30"), Value::TimestampTz(946_684_800_000_000 + 19_800_000_000));
-        assert_eq!(TimestampDisplay(946_684_800_250_000).to_string(), "2000-01-01 00:00:00.25");
+        assert_eq!(
+            t(oid::TIMESTAMP, "2000-01-01 00:00:00"),
+            Value::Timestamp(946_684_800_000_000)
+        );
+        assert_eq!(
+            t(oid::TIMESTAMPTZ, "2000-01-01 01:00:00.25+01"),
+            Value::TimestampTz(946_684_800_250_000)
+        );
+        assert_eq!(
+            t(oid::TIMESTAMPTZ, "2000-01-01 00:00:00-05:30"),
+            Value::TimestampTz(946_684_800_000_000 + 19_800_000_000)
+        );
+        assert_eq!(
+            TimestampDisplay(946_684_800_250_000).to_string(),
+            "2000-01-01 00:00:00.25"
+        );
         assert_eq!(DateDisplay(0).to_string(), "1970-01-01");
-        let Value::Date(d) = t(oid::DATE, "0044-03-15 BC") else { panic!() };
+        let Value::Date(d) = t(oid::DATE, "0044-03-15 BC") else {
+            panic!()
+        };
         assert_eq!(DateDisplay(d).to_string(), "0044-03-15 BC");
         for d in [-800_000i64, -1, 0, 59, 60, 365 * 400, 2_932_896] {
             let (y, m, dd) = civil_from_days(d);
@@ -467,7 +534,16 @@ mod tests {
 
     #[test]
     fn bad_text_is_an_error_not_a_panic() {
-        for (o, s) in [(oid::BOOL, "yes"), (oid::INT4, "1.5"), (oid::NUMERIC, "1e5x"), (oid::BYTEA, "\\x0"), (oid::UUID, "nope"), (oid::DATE, "2020-13-01"), (oid::TIME, "1:2:3"), (oid::TIMESTAMPTZ, "2020-01-01")] {
+        for (o, s) in [
+            (oid::BOOL, "yes"),
+            (oid::INT4, "1.5"),
+            (oid::NUMERIC, "1e5x"),
+            (oid::BYTEA, "\\x0"),
+            (oid::UUID, "nope"),
+            (oid::DATE, "2020-13-01"),
+            (oid::TIME, "1:2:3"),
+            (oid::TIMESTAMPTZ, "2020-01-01"),
+        ] {
             let e = decode(o, RawDatum::Text(s)).unwrap_err();
             assert_eq!(e.type_oid, o);
         }

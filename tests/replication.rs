@@ -1,0 +1,566 @@
+//! End-to-end tests of the replication core: a real PostgreSQL 15, the real `dbmazz`
+//! binary with its built-in JSONL sink, and what arrives compared with what was
+//! committed.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde_json::{json, Value as Json};
+use support::{position, Pg, Pipeline};
+
+const T: Duration = Duration::from_secs(60);
+
+fn by_table<'a>(changes: &'a [Json], table: &str) -> Vec<&'a Json> {
+    changes.iter().filter(|c| c["table"] == table).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operations_types_nulls_and_unchanged_toast() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE types (id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 float4, f8 float8,
+            n numeric(30,6), tx text, vc varchar(10), bc char(3), by bytea, u uuid, d date, tm time,
+            ts timestamp, tz timestamptz, j json, jb jsonb, ia int[], ta text[], iv interval);
+         CREATE TABLE ops (id int PRIMARY KEY, v text, big text);
+         ALTER TABLE ops ALTER COLUMN big SET STORAGE EXTERNAL;
+         CREATE TABLE full_ri (id int PRIMARY KEY, v text);
+         ALTER TABLE full_ri REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(
+        &pg.url(),
+        &["public.types", "ops", "full_ri"],
+        "flush_interval_ms = 20",
+        false,
+    );
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+
+    db.batch_execute(
+        "INSERT INTO types VALUES (1, true, -32768, 2147483647, -9223372036854775808, 1.5, 0.1,
+            '-12345678901234567890.123456', 'héllo \"q\" \\ tab\t', 'abc', 'x', '\\x00ff', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '2024-02-29', '23:59:59.999999', '1999-12-31 23:59:59.5', '2024-01-02 03:04:05.123+02',
+            '{\"a\": [1, 2]}', '{\"k\": {\"n\": 1.5}}', '{1,NULL,3}', '{\"a b\",c}', '1 day 02:00:00');
+         INSERT INTO types (id) VALUES (2);
+         INSERT INTO types (id, tx, vc, by, ia) VALUES (3, '', '', '', '{}');
+         INSERT INTO types (id, f8, d, ts) VALUES (4, 'NaN', 'infinity', '-infinity');",
+    )
+    .await
+    .unwrap();
+    let big: String = (0..300).map(|i| format!("{:x}", md5_like(i))).collect();
+    assert!(big.len() > 2500);
+    db.execute("INSERT INTO ops VALUES (1, 'a', $1)", &[&big])
+        .await
+        .unwrap();
+    db.batch_execute(
+        "UPDATE ops SET v = 'b' WHERE id = 1;      -- big untouched: unchanged TOAST
+         UPDATE ops SET id = 2 WHERE id = 1;       -- key change: old key sent
+         DELETE FROM ops WHERE id = 2;
+         INSERT INTO full_ri VALUES (1, 'x');
+         UPDATE full_ri SET v = 'y';
+         DELETE FROM full_ri;
+         INSERT INTO full_ri VALUES (5, NULL);
+         TRUNCATE full_ri;",
+    )
+    .await
+    .unwrap();
+
+    let changes = p.wait_for(&d, T, "all changes", |c| c.len() >= 13);
+    assert_eq!(
+        changes.len(),
+        13,
+        "exactly the committed changes: {changes:#?}"
+    );
+
+    let types = by_table(&changes, "public.types");
+    assert_eq!(types.len(), 4);
+    assert_eq!(
+        types[0]["new"],
+        json!({
+            "id": 1, "b": true, "i2": -32768, "i4": 2147483647, "i8": i64::MIN, "f4": 1.5, "f8": 0.1,
+            "n": "-12345678901234567890.123456", "tx": "héllo \"q\" \\ tab\t", "vc": "abc", "bc": "x  ",
+            "by": "\\x00ff", "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "d": "2024-02-29",
+            "tm": "23:59:59.999999", "ts": "1999-12-31 23:59:59.5", "tz": "2024-01-02 01:04:05.123+00",
+            "j": {"a": [1, 2]}, "jb": {"k": {"n": 1.5}}, "ia": "{1,NULL,3}", "ta": "{\"a b\",c}", "iv": "1 day 02:00:00"
+        })
+    );
+    // NULL, empty and absent are distinct
+    assert!(types[1]["new"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "id")
+        .all(|(_, v)| v.is_null()));
+    assert_eq!(types[1]["new"].as_object().unwrap().len(), 22);
+    assert_eq!(
+        (
+            &types[2]["new"]["tx"],
+            &types[2]["new"]["vc"],
+            &types[2]["new"]["by"],
+            &types[2]["new"]["ia"]
+        ),
+        (&json!(""), &json!(""), &json!("\\x"), &json!("{}"))
+    );
+    assert!(types[2]["new"]["f8"].is_null());
+    assert_eq!(
+        (
+            &types[3]["new"]["f8"],
+            &types[3]["new"]["d"],
+            &types[3]["new"]["ts"]
+        ),
+        (&json!("NaN"), &json!("infinity"), &json!("-infinity"))
+    );
+
+    let ops = by_table(&changes, "public.ops");
+    let kinds: Vec<&str> = ops.iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["insert", "update", "update", "delete"]);
+    assert_eq!(ops[0]["new"]["big"], json!(big));
+    // unchanged TOAST: not sent, not NULL, named
+    assert_eq!(ops[1]["new"], json!({"id": 1, "v": "b"}));
+    assert_eq!(ops[1]["unchanged"], json!(["big"]));
+    assert!(
+        ops[1].get("old").is_none(),
+        "default replica identity, key unchanged: no old tuple"
+    );
+    assert_eq!(ops[2]["old_kind"], "key");
+    assert_eq!(ops[2]["old"]["id"], 1);
+    assert_eq!(ops[2]["new"]["id"], 2);
+    assert_eq!(ops[3]["old_kind"], "key");
+    assert_eq!(ops[3]["old"], json!({"id": 2, "v": null, "big": null}));
+
+    let full = by_table(&changes, "public.full_ri");
+    let kinds: Vec<&str> = full.iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["insert", "update", "delete", "insert", "truncate"]);
+    assert_eq!(full[1]["old_kind"], "full");
+    assert_eq!(full[1]["old"], json!({"id": 1, "v": "x"}));
+    assert_eq!(full[1]["new"], json!({"id": 1, "v": "y"}));
+    assert_eq!(full[2]["old"], json!({"id": 1, "v": "y"}));
+    assert_eq!(full[3]["new"], json!({"id": 5, "v": null}));
+
+    // positions strictly increase: commit order, WAL order within a transaction
+    let pos: Vec<_> = changes.iter().map(position).collect();
+    assert!(pos.windows(2).all(|w| w[0] < w[1]), "{pos:?}");
+}
+
+fn md5_like(i: u64) -> u128 {
+    // deterministic, incompressible-enough filler
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) as u128;
+    x ^= x << 64 | 0xDEAD_BEEF;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D_0000_0000_0000_0001)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_streamed_transaction_spills_and_aborts_deliver_nothing() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    // 1 MiB spill threshold: the 200k-row transaction goes through a spill file
+    let p = Pipeline::new(
+        &pg.url(),
+        &["big"],
+        "flush_size = 10000\nspill_threshold_bytes = 1048576",
+        false,
+    );
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+
+    // an aborted streamed transaction: delivers nothing
+    db.batch_execute("BEGIN; INSERT INTO big SELECT g, 'aborted' FROM generate_series(1000001, 1050000) g; ROLLBACK;").await.unwrap();
+    // a streamed transaction with a rolled-back subtransaction
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
+         SAVEPOINT s;
+         INSERT INTO big SELECT g, 'rolled back' FROM generate_series(2000001, 2030000) g;
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(100001, 200000) g;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("INSERT INTO big VALUES (0, 'after')")
+        .await
+        .unwrap();
+
+    let changes = p.wait_for(&d, Duration::from_secs(180), "200,001 changes", |c| {
+        c.iter().any(|l| l["new"]["v"] == "after")
+    });
+    assert_eq!(changes.len(), 200_001);
+    for (i, c) in changes[..200_000].iter().enumerate() {
+        let id = i as i64 + 1;
+        assert_eq!(c["new"]["id"], id, "row {i} in WAL order");
+        assert_eq!(c["seq"], i as u64);
+    }
+    assert!(changes
+        .iter()
+        .all(|c| c["new"]["v"] != "aborted" && c["new"]["v"] != "rolled back"));
+    // batches of at most flush_size
+    let mut per_batch: HashMap<u64, usize> = HashMap::new();
+    for c in &changes {
+        *per_batch.entry(c["batch"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert!(per_batch.values().all(|&n| n <= 10_000), "{per_batch:?}");
+    assert!(per_batch.len() >= 20);
+    let log = d.log();
+    assert!(
+        log.contains("streamed transaction"),
+        "the transaction was streamed: {log}"
+    );
+    assert!(log.contains("spilled=true"), "and spilled to disk: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_transactions_arrive_in_commit_order() {
+    let pg = Pg::start("");
+    let a = pg.client().await;
+    let b = pg.client().await;
+    a.batch_execute("CREATE TABLE o (id serial PRIMARY KEY, who text, n int)")
+        .await
+        .unwrap();
+    let p = Pipeline::new(&pg.url(), &["o"], "flush_interval_ms = 20", false);
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    let mut expected = Vec::new();
+    for round in 0..20 {
+        a.batch_execute("BEGIN").await.unwrap();
+        b.batch_execute("BEGIN").await.unwrap();
+        a.execute("INSERT INTO o (who, n) VALUES ('a', $1)", &[&(round * 2)])
+            .await
+            .unwrap();
+        b.execute("INSERT INTO o (who, n) VALUES ('b', $1)", &[&(round * 2)])
+            .await
+            .unwrap();
+        a.execute(
+            "INSERT INTO o (who, n) VALUES ('a', $1)",
+            &[&(round * 2 + 1)],
+        )
+        .await
+        .unwrap();
+        b.execute(
+            "INSERT INTO o (who, n) VALUES ('b', $1)",
+            &[&(round * 2 + 1)],
+        )
+        .await
+        .unwrap();
+        // alternate which transaction commits first
+        let (first, second, f, s) = if round % 2 == 0 {
+            (&b, &a, "b", "a")
+        } else {
+            (&a, &b, "a", "b")
+        };
+        first.batch_execute("COMMIT").await.unwrap();
+        second.batch_execute("COMMIT").await.unwrap();
+        for who in [f, s] {
+            expected.push((who.to_string(), round * 2));
+            expected.push((who.to_string(), round * 2 + 1));
+        }
+    }
+    let changes = p.wait_for(&d, T, "80 changes", |c| c.len() >= 80);
+    let got: Vec<(String, i32)> = changes
+        .iter()
+        .map(|c| {
+            (
+                c["new"]["who"].as_str().unwrap().to_string(),
+                c["new"]["n"].as_i64().unwrap() as i32,
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_flow_in_order_with_the_data() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE s (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let p = Pipeline::new(&pg.url(), &["s"], "flush_interval_ms = 20", false);
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute(
+        "INSERT INTO s VALUES (1, 'one');
+         ALTER TABLE s ADD COLUMN c int;
+         INSERT INTO s VALUES (2, 'two', 22);
+         ALTER TABLE s DROP COLUMN v;
+         INSERT INTO s VALUES (3, 33);
+         ALTER TABLE s ALTER COLUMN c TYPE bigint;
+         INSERT INTO s VALUES (4, 44);",
+    )
+    .await
+    .unwrap();
+    p.wait_for(&d, T, "4 changes", |c| c.len() >= 4);
+    let lines = p.lines();
+    let summary: Vec<Json> = lines
+        .iter()
+        .map(|l| match l.get("schema_change") {
+            Some(sc) => json!({
+                "added": sc["added"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>(),
+                "dropped": sc["dropped"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>(),
+                "retyped": sc["retyped"].as_array().unwrap().iter().map(|c| json!([c[0]["type_oid"], c[1]["type_oid"]])).collect::<Vec<_>>(),
+            }),
+            None => l["new"].clone(),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            json!({"id": 1, "v": "one"}),
+            json!({"added": ["c"], "dropped": [], "retyped": []}),
+            json!({"id": 2, "v": "two", "c": 22}),
+            json!({"added": [], "dropped": ["v"], "retyped": []}),
+            json!({"id": 3, "c": 33}),
+            json!({"added": [], "dropped": [], "retyped": [[23, 20]]}),
+            json!({"id": 4, "c": 44}),
+        ]
+    );
+}
+
+/// Inserts `txns` transactions of `per` rows into table `k` (ids from `start`).
+async fn load(url: String, start: i64, txns: i64, per: i64) {
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for t in 0..txns {
+        let lo = start + t * per;
+        db.batch_execute(&format!(
+            "BEGIN; INSERT INTO k SELECT g, md5(g::text) FROM generate_series({lo}, {}) g; UPDATE k SET v = 'u' WHERE id = {lo}; COMMIT;",
+            lo + per - 1
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_loses_nothing_and_replayed_batches_keep_their_ids() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE k (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    // The slot exists before the load, so dbmazz starts with a backlog to catch up on:
+    // it reads ahead of the sink, and a kill lands with batches in flight.
+    db.batch_execute("CREATE PUBLICATION dbmazz_pub FOR TABLE k")
+        .await
+        .unwrap();
+    db.batch_execute("SELECT pg_create_logical_replication_slot('dbmazz_slot', 'pgoutput')")
+        .await
+        .unwrap();
+    let (txns, per) = (300i64, 100i64);
+    load(pg.url(), 1, txns, per).await;
+    let p = Pipeline::new(
+        &pg.url(),
+        &["k"],
+        "flush_size = 150\nflush_interval_ms = 30\nmax_inflight_batches = 4",
+        false,
+    );
+
+    // Two crashes at different points, then a run to the end.
+    let mut seen_batch: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    let mut rebuilt = 0;
+    for threshold in [3_000usize, 12_000] {
+        let mut d = p.spawn();
+        p.wait_for(&d, T, "some progress", |c| c.len() >= threshold);
+        d.signal("KILL");
+        d.wait(T).expect("killed");
+        rebuilt += d.log().matches("rebuilding unacknowledged batches").count();
+        for c in p.changes() {
+            let pos = position(&c);
+            let id = c["batch"].as_u64().unwrap();
+            if let Some(prev) = seen_batch.insert(pos, id) {
+                assert_eq!(
+                    prev, id,
+                    "change {pos:?} was delivered in batch {prev} and again in batch {id}"
+                );
+            }
+        }
+    }
+    let d = p.spawn();
+    // one insert per row and one update per transaction
+    let expected_changes = (txns * per + txns) as usize;
+    let changes = p.wait_for(
+        &d,
+        Duration::from_secs(120),
+        "all changes after restarts",
+        |c| {
+            let mut uniq: Vec<_> = c.iter().map(position).collect();
+            uniq.sort();
+            uniq.dedup();
+            uniq.len() >= expected_changes
+        },
+    );
+    rebuilt += d.log().matches("rebuilding unacknowledged batches").count();
+
+    // every committed change delivered at least once
+    let mut ids_inserted = std::collections::BTreeSet::new();
+    let mut per_position: BTreeMap<(u64, u64), Vec<u64>> = BTreeMap::new();
+    for c in &changes {
+        per_position
+            .entry(position(c))
+            .or_default()
+            .push(c["batch"].as_u64().unwrap());
+        match c["op"].as_str().unwrap() {
+            "insert" => {
+                ids_inserted.insert(c["new"]["id"].as_i64().unwrap());
+            }
+            "update" => {}
+            op => panic!("unexpected {op}"),
+        }
+    }
+    assert_eq!(ids_inserted.len(), (txns * per) as usize);
+    assert_eq!(
+        ids_inserted.iter().copied().collect::<Vec<_>>(),
+        (1..=txns * per).collect::<Vec<_>>()
+    );
+    assert_eq!(per_position.len(), expected_changes);
+    // a redelivered change always carries the batch id it had before the crash
+    for (pos, ids) in &per_position {
+        assert!(
+            ids.iter().all(|i| *i == ids[0]),
+            "change {pos:?} delivered in batches {ids:?}"
+        );
+        if let Some(before) = seen_batch.get(pos) {
+            assert_eq!(*before, ids[0]);
+        }
+    }
+    let redelivered = changes.len() - per_position.len();
+    eprintln!("{} changes delivered, {redelivered} redelivered, {rebuilt} restarts rebuilt pending batches", changes.len());
+    assert!(
+        rebuilt > 0,
+        "the crashes landed with batches in flight, which were rebuilt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_and_confirms() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE g (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let p = Pipeline::new(
+        &pg.url(),
+        &["g"],
+        "flush_size = 100000\nflush_interval_ms = 60000",
+        false,
+    );
+    let mut d = p.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute("INSERT INTO g SELECT generate_series(1, 500)")
+        .await
+        .unwrap();
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // the open batch only reaches the sink through the drain (its flush interval is 60 s)
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.changes().is_empty());
+    d.signal("TERM");
+    let status = d.wait(T).expect("exits after draining");
+    assert!(status.success(), "exit {status:?}: {}", d.log());
+    assert_eq!(p.changes().len(), 500);
+    let confirmed: bool = db
+        .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'", &[&lsn])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        confirmed,
+        "the drained position was confirmed to PostgreSQL: {}",
+        d.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_setups_fail_with_clear_errors() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let quick = Duration::from_secs(30);
+
+    // wrong password
+    let bad = pg.url().replace(support::PASSWORD, "wrong");
+    let (status, log) = Pipeline::new(&bad, &["t"], "", false).run_to_exit(quick);
+    assert!(!status.success());
+    assert!(
+        log.contains("authentication failed for user \"cdc\""),
+        "{log}"
+    );
+    assert!(!log.contains("wrong"), "the password is not logged: {log}");
+
+    // unknown table
+    let (status, log) =
+        Pipeline::new(&pg.url(), &["t", "public.nope"], "", false).run_to_exit(quick);
+    assert!(!status.success());
+    assert!(log.contains("table not found: public.nope"), "{log}");
+
+    // md5 authentication works (the publication exists: md5user does not own t)
+    let md5 = format!(
+        "postgres://md5user:md5pass@127.0.0.1:{}/app?sslmode=disable",
+        pg.port
+    );
+    db.batch_execute("CREATE PUBLICATION dbmazz_pub FOR TABLE t")
+        .await
+        .unwrap();
+    let p = Pipeline::new(&md5, &["t"], "", false);
+    let mut d = p.spawn();
+    d.wait_log("streaming", T);
+    // a second consumer of the same slot is refused
+    let other = Pipeline::new(&pg.url(), &["t"], "", false);
+    let (status, log) = other.run_to_exit(quick);
+    assert!(!status.success());
+    assert!(
+        log.contains("replication slot \"dbmazz_slot\" is in use by another consumer"),
+        "{log}"
+    );
+    d.kill();
+
+    // wal_level = replica
+    let replica = Pg::start("wal_level = replica");
+    replica
+        .client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let (status, log) = Pipeline::new(&replica.url(), &["t"], "", false).run_to_exit(quick);
+    assert!(!status.success());
+    assert!(log.contains("wal_level is \"replica\""), "{log}");
+
+    // no REPLICATION attribute
+    pg.psql_super("CREATE ROLE plain LOGIN PASSWORD 'p'");
+    let plain = format!(
+        "postgres://plain:p@127.0.0.1:{}/app?sslmode=disable",
+        pg.port
+    );
+    let (status, log) = Pipeline::new(&plain, &["t"], "", false).run_to_exit(quick);
+    assert!(!status.success());
+    assert!(log.contains("lacks the REPLICATION attribute"), "{log}");
+
+    // an unreachable server
+    let (status, log) = Pipeline::new(
+        "postgres://cdc:x@127.0.0.1:1/app?sslmode=disable",
+        &["t"],
+        "",
+        false,
+    )
+    .run_to_exit(quick);
+    assert!(!status.success());
+    assert!(
+        log.contains("cannot connect to PostgreSQL at 127.0.0.1:1"),
+        "{log}"
+    );
+}

@@ -1,0 +1,401 @@
+//! Test support: a throwaway PostgreSQL cluster, the real `dbmazz` binary, and readers
+//! of its JSONL output. Shared by the end-to-end tests in `tests/`.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const SUPERUSER_PASSWORD: &str = "super-secret";
+pub const USER: &str = "cdc";
+pub const PASSWORD: &str = "cdc-pass";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root (root may not run
+/// the server).
+fn pg_command(tool: &str) -> Command {
+    let path = format!("{PG_BIN}/{tool}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A PostgreSQL 15 cluster in a temporary directory, stopped on drop.
+pub struct Pg {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Pg {
+    /// Starts a cluster with `wal_level = logical` (unless overridden in `extra_conf`),
+    /// SCRAM authentication on TCP, a superuser `postgres` and a user `cdc` with
+    /// REPLICATION.
+    pub fn start(extra_conf: &str) -> Pg {
+        let dir = tempfile::Builder::new()
+            .prefix("dbmazz-pg-")
+            .tempdir()
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        let pwfile = dir.path().join("pw");
+        fs::write(&pwfile, SUPERUSER_PASSWORD).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let out = pg_command("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n\
+             logical_decoding_work_mem = 64kB\n{extra_conf}\n",
+            dir.path().display()
+        );
+        let mut existing = fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        existing.push_str(&conf);
+        fs::write(data.join("postgresql.conf"), existing).unwrap();
+        // md5 for one user, to test that method too (must come before the catch-all)
+        let hba = fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        fs::write(
+            data.join("pg_hba.conf"),
+            format!("host all md5user 127.0.0.1/32 md5\n{hba}"),
+        )
+        .unwrap();
+        let out = pg_command("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("log"))
+            .arg("start")
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        );
+        let pg = Pg { dir, port };
+        pg.psql_super(&format!(
+            "CREATE ROLE {USER} LOGIN REPLICATION PASSWORD '{PASSWORD}'; \
+             SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'md5pass';"
+        ));
+        pg.psql_super(&format!("CREATE DATABASE app OWNER {USER}"));
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
+            self.port
+        )
+    }
+
+    pub fn super_url(&self) -> String {
+        format!(
+            "postgres://postgres:{SUPERUSER_PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Runs SQL as the superuser in database `postgres` (through the Unix socket).
+    pub fn psql_super(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h"])
+            .arg(self.dir.path())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Connects to database `app` as `cdc`.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+            .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 3")
+            .await
+            .unwrap();
+        client
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = pg_command("pg_ctl")
+            .args(["-D"])
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A pipeline directory: config, state and output of one `dbmazz` instance.
+pub struct Pipeline {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub output: PathBuf,
+}
+
+impl Pipeline {
+    /// Writes a config for `url` with the given tables and extra TOML for `[pipeline]`.
+    pub fn new(
+        url: &str,
+        tables: &[&str],
+        pipeline_toml: &str,
+        replica_identity_full: bool,
+    ) -> Pipeline {
+        let dir = tempfile::Builder::new()
+            .prefix("dbmazz-run-")
+            .tempdir()
+            .unwrap();
+        let output = dir.path().join("changes.jsonl");
+        let config = dir.path().join("dbmazz.toml");
+        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        fs::write(
+            &config,
+            format!(
+                "[source]\nurl = {url:?}\ntables = [{}]\nreplica_identity_full = {replica_identity_full}\nstatus_interval_ms = 1000\n\n\
+                 [pipeline]\n{pipeline_toml}\n\n[sink]\nkind = \"jsonl\"\npath = {:?}\n\n[state]\ndir = {:?}\n",
+                tables.join(", "),
+                output.display().to_string(),
+                dir.path().join("state").display().to_string(),
+            ),
+        )
+        .unwrap();
+        Pipeline {
+            dir,
+            config,
+            output,
+        }
+    }
+
+    /// Starts `dbmazz run` on this config; its log goes to `dbmazz-<n>.log`.
+    pub fn spawn(&self) -> Dbmazz {
+        let n = fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("dbmazz-"))
+            })
+            .count();
+        let log_path = self.dir.path().join(format!("dbmazz-{n}.log"));
+        let log = fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("DBMAZZ_LOG", "info,dbmazz=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dbmazz");
+        Dbmazz { child, log_path }
+    }
+
+    /// Runs `dbmazz run` to completion (for setups expected to fail), returning its exit
+    /// status and log.
+    pub fn run_to_exit(&self, timeout: Duration) -> (ExitStatus, String) {
+        let mut d = self.spawn();
+        let status = d.wait(timeout).unwrap_or_else(|| {
+            d.kill();
+            panic!("dbmazz did not exit within {timeout:?}: {}", d.log())
+        });
+        (status, d.log())
+    }
+
+    /// Parsed output lines. A torn last line (a crash mid-write) is ignored.
+    pub fn lines(&self) -> Vec<Json> {
+        let text = fs::read_to_string(&self.output).unwrap_or_default();
+        let mut out = Vec::new();
+        let all: Vec<&str> = text.lines().collect();
+        for (i, l) in all.iter().enumerate() {
+            match serde_json::from_str(l) {
+                Ok(v) => out.push(v),
+                Err(e) if i + 1 == all.len() && !text.ends_with('\n') => {
+                    let _ = e;
+                }
+                Err(e) => panic!("bad output line {i}: {e}: {l}"),
+            }
+        }
+        out
+    }
+
+    /// Change lines only (no schema changes).
+    pub fn changes(&self) -> Vec<Json> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.get("op").is_some())
+            .collect()
+    }
+
+    /// Waits until `pred` holds for the change lines, or panics after `timeout` with the
+    /// log of `d`.
+    pub fn wait_for(
+        &self,
+        d: &Dbmazz,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Json]) -> bool,
+    ) -> Vec<Json> {
+        let start = Instant::now();
+        loop {
+            let c = self.changes();
+            if pred(&c) {
+                return c;
+            }
+            if start.elapsed() > timeout {
+                let keep =
+                    std::env::temp_dir().join(format!("dbmazz-failed-{}", std::process::id()));
+                let _ = Command::new("cp")
+                    .arg("-r")
+                    .arg(self.dir.path())
+                    .arg(&keep)
+                    .status();
+                eprintln!("pipeline dir copied to {}", keep.display());
+                panic!(
+                    "timed out waiting for {what}: {} changes so far\n--- dbmazz log ---\n{}",
+                    c.len(),
+                    d.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A running `dbmazz` process, killed on drop.
+pub struct Dbmazz {
+    pub child: Child,
+    pub log_path: PathBuf,
+}
+
+impl Dbmazz {
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {needle:?} in log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Dbmazz {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `(commit_lsn, seq)` position of a change line, comparable.
+pub fn position(l: &Json) -> (u64, u64) {
+    let lsn = l["commit_lsn"].as_str().unwrap();
+    let (hi, lo) = lsn.split_once('/').unwrap();
+    let v = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    (v, l["seq"].as_u64().unwrap())
+}
