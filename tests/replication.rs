@@ -564,3 +564,52 @@ async fn bad_setups_fail_with_clear_errors() {
         "{log}"
     );
 }
+
+/// Records a real pgoutput stream (8-column W1-shaped rows, plus updates and deletes)
+/// into `host/benches/data/w1.pgoutput` for the parser benchmark. Frames are
+/// `len u32 BE, XLogData payload`. Run with
+/// `cargo test --release --test replication -- --ignored capture_pgoutput_fixture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn capture_pgoutput_fixture() {
+    use dbmazz::source::conn::ConnectionConfig;
+    use dbmazz::source::replication::{Frame, ReplicationClient};
+    let pg = Pg::start("logical_decoding_work_mem = 64MB");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE w1 (id bigint PRIMARY KEY, n int, amount numeric(12,2), label text, at timestamptz, ok bool, meta jsonb, body text);
+         CREATE PUBLICATION dbmazz_pub FOR TABLE w1;",
+    )
+    .await
+    .unwrap();
+    let cfg = ConnectionConfig::parse(&pg.url()).unwrap();
+    let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
+    repl.create_slot("capture", false).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO w1 SELECT g, g % 1000, g * 1.25, 'label ' || md5(g::text), now(), g % 2 = 0,
+             jsonb_build_object('k', g, 'tag', 'x'), repeat(md5(g::text), 6)
+         FROM generate_series(1, 6000) g;
+         UPDATE w1 SET n = n + 1 WHERE id % 10 = 0;
+         DELETE FROM w1 WHERE id % 50 = 0;",
+    )
+    .await
+    .unwrap();
+    let (mut reader, _writer) = repl.start_replication("capture", dbmazz::Lsn::ZERO, "dbmazz_pub").await.unwrap();
+    let mut out = Vec::new();
+    let mut messages = 0;
+    let mut commits = 0;
+    while commits < 1 {
+        if let Frame::XLogData { data, .. } = reader.next().await.unwrap() {
+            if data[0] == b'C' {
+                commits += 1;
+            }
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            out.extend_from_slice(&data);
+            messages += 1;
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data/w1.pgoutput");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &out).unwrap();
+    eprintln!("captured {messages} messages, {} bytes, into {}", out.len(), path.display());
+}
