@@ -594,7 +594,10 @@ async fn capture_pgoutput_fixture() {
     )
     .await
     .unwrap();
-    let (mut reader, _writer) = repl.start_replication("capture", dbmazz::Lsn::ZERO, "dbmazz_pub").await.unwrap();
+    let (mut reader, _writer) = repl
+        .start_replication("capture", dbmazz::Lsn::ZERO, "dbmazz_pub")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let mut messages = 0;
     let mut commits = 0;
@@ -611,5 +614,157 @@ async fn capture_pgoutput_fixture() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data/w1.pgoutput");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, &out).unwrap();
-    eprintln!("captured {messages} messages, {} bytes, into {}", out.len(), path.display());
+    eprintln!(
+        "captured {messages} messages, {} bytes, into {}",
+        out.len(),
+        path.display()
+    );
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1 signed by it; returns (ca, cert, key).
+fn ca_and_server(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    std::fs::write(p("ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-keyout",
+        &s(p("ca.key")),
+        "-out",
+        &s(p("ca.crt")),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &s(p("server.key")),
+        "-out",
+        &s(p("server.csr")),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(p("server.csr")),
+        "-CA",
+        &s(p("ca.crt")),
+        "-CAkey",
+        &s(p("ca.key")),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(p("ext")),
+        "-out",
+        &s(p("server.crt")),
+    ]);
+    (p("ca.crt"), p("server.crt"), p("server.key"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_require_and_verify_full() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_and_server(certs.path(), "good");
+    let (other_ca, _, _) = ca_and_server(certs.path(), "other");
+    // the server reads its key as the postgres user, mode 0600
+    let pg_owned = tempfile::tempdir().unwrap();
+    let (pg_cert, pg_key) = (pg_owned.path().join("s.crt"), pg_owned.path().join("s.key"));
+    std::fs::copy(&cert, &pg_cert).unwrap();
+    std::fs::copy(&key, &pg_key).unwrap();
+    std::process::Command::new("chmod")
+        .arg("600")
+        .arg(&pg_key)
+        .status()
+        .unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(pg_owned.path())
+        .status()
+        .unwrap();
+    let _ = std::process::Command::new("chown")
+        .args(["-R", "postgres"])
+        .arg(pg_owned.path())
+        .status();
+    let pg = Pg::start(&format!(
+        "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'",
+        pg_cert.display(),
+        pg_key.display()
+    ));
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let base = pg.url().replace("?sslmode=disable", "");
+
+    for (n, query) in [
+        "sslmode=require".to_string(),
+        format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = Pipeline::new(
+            &format!("{base}?{query}"),
+            &["t"],
+            "flush_interval_ms = 20",
+            false,
+        );
+        let d = p.spawn();
+        d.wait_log("streaming", T);
+        pg.client()
+            .await
+            .execute("INSERT INTO t VALUES ($1)", &[&(n as i32)])
+            .await
+            .unwrap();
+        p.wait_for(&d, T, "a change over TLS", |c| c.len() == 1);
+        let ssl: bool = pg
+            .client()
+            .await
+            .query_one("SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'dbmazz'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "dbmazz's connections use TLS ({query})");
+    }
+    // a certificate from another CA is refused with a clear error
+    let p = Pipeline::new(
+        &format!(
+            "{base}?sslmode=verify-full&sslrootcert={}",
+            other_ca.display()
+        ),
+        &["t"],
+        "",
+        false,
+    );
+    let (status, log) = p.run_to_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(log.contains("certificate") || log.contains("TLS"), "{log}");
 }

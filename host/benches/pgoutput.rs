@@ -16,7 +16,8 @@ use dbmazz::Lsn;
 
 fn load() -> Vec<Bytes> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data/w1.pgoutput");
-    let all = Bytes::from(std::fs::read(&path).expect("benches/data/w1.pgoutput (see the module docs)"));
+    let all =
+        Bytes::from(std::fs::read(&path).expect("benches/data/w1.pgoutput (see the module docs)"));
     let mut out = Vec::new();
     let mut at = 0;
     while at + 4 <= all.len() {
@@ -31,7 +32,10 @@ fn bench(c: &mut Criterion) {
     let msgs = load();
     let bytes: u64 = msgs.iter().map(|m| m.len() as u64).sum();
 
-    for (name, throughput) in [("parse_bytes", Throughput::Bytes(bytes)), ("parse_messages", Throughput::Elements(msgs.len() as u64))] {
+    for (name, throughput) in [
+        ("parse_bytes", Throughput::Bytes(bytes)),
+        ("parse_messages", Throughput::Elements(msgs.len() as u64)),
+    ] {
         let mut g = c.benchmark_group(name);
         g.throughput(throughput);
         g.bench_function("w1", |b| {

@@ -132,6 +132,24 @@ pub struct StreamedTxn {
 }
 
 impl StreamedTxn {
+    fn new(
+        ctx: TxnContext,
+        end_lsn: Lsn,
+        frames: Vec<(Lsn, Bytes)>,
+        spill: Option<(PathBuf, BufReader<File>)>,
+        aborted_subxids: HashSet<Xid>,
+    ) -> Self {
+        StreamedTxn {
+            ctx,
+            end_lsn,
+            frames: frames.into_iter(),
+            spill,
+            aborted_subxids,
+            began: false,
+            done: false,
+        }
+    }
+
     /// The top-level xid.
     pub fn xid(&self) -> Xid {
         self.ctx.xid
@@ -365,23 +383,22 @@ impl Assembler {
                 Ok(Step::None)
             }
             Message::StreamCommit(c) => {
+                let ctx = TxnContext {
+                    commit_lsn: c.commit_lsn,
+                    xid: c.xid,
+                    commit_time_us: c.commit_time_us,
+                    seq: 0,
+                };
+                // No buffer: all of it was in aborted subtransactions, or none of it was
+                // published. It still commits (and moves the watermark).
                 let Some(mut buf) = self.streams.remove(&c.xid) else {
-                    // A streamed transaction with no buffered data (all of it was in
-                    // aborted subtransactions, or none of it was published).
-                    return Ok(Step::Replay(StreamedTxn {
-                        ctx: TxnContext {
-                            commit_lsn: c.commit_lsn,
-                            xid: c.xid,
-                            commit_time_us: c.commit_time_us,
-                            seq: 0,
-                        },
-                        end_lsn: c.end_lsn,
-                        frames: Vec::new().into_iter(),
-                        spill: None,
-                        aborted_subxids: HashSet::new(),
-                        began: false,
-                        done: false,
-                    }));
+                    return Ok(Step::Replay(StreamedTxn::new(
+                        ctx,
+                        c.end_lsn,
+                        Vec::new(),
+                        None,
+                        HashSet::new(),
+                    )));
                 };
                 self.buffered_bytes -= buf.mem_bytes;
                 let spill = match buf.spill.take() {
@@ -397,20 +414,11 @@ impl Assembler {
                     }
                     None => None,
                 };
-                Ok(Step::Replay(StreamedTxn {
-                    ctx: TxnContext {
-                        commit_lsn: c.commit_lsn,
-                        xid: c.xid,
-                        commit_time_us: c.commit_time_us,
-                        seq: 0,
-                    },
-                    end_lsn: c.end_lsn,
-                    frames: std::mem::take(&mut buf.frames).into_iter(),
-                    spill,
-                    aborted_subxids: std::mem::take(&mut buf.aborted_subxids),
-                    began: false,
-                    done: false,
-                }))
+                let frames = std::mem::take(&mut buf.frames);
+                let aborted = std::mem::take(&mut buf.aborted_subxids);
+                Ok(Step::Replay(StreamedTxn::new(
+                    ctx, c.end_lsn, frames, spill, aborted,
+                )))
             }
             data_msg => {
                 let Some(mut ctx) = self.txn else {

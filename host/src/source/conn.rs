@@ -61,47 +61,37 @@ impl fmt::Debug for ConnectionConfig {
 fn take_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
     let mut mode = None;
     let mut root = None;
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return (url.to_string(), None, None);
-        };
-        let kept: Vec<&str> = query
-            .split('&')
-            .filter(|kv| match kv.split_once('=') {
-                Some(("sslmode", v)) => {
-                    mode = Some(v.to_string());
-                    false
+    // keeps a `key=value` item unless it is one of ours
+    let mut keep = |kv: &&str| match kv.split_once('=') {
+        Some(("sslmode", v)) => {
+            mode = Some(v.to_string());
+            false
+        }
+        Some(("sslrootcert", v)) => {
+            root = Some(v.to_string());
+            false
+        }
+        _ => true,
+    };
+    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            None => url.to_string(),
+            Some((base, query)) => {
+                let kept: Vec<&str> = query.split('&').filter(&mut keep).collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
                 }
-                Some(("sslrootcert", v)) => {
-                    root = Some(v.to_string());
-                    false
-                }
-                _ => true,
-            })
-            .collect();
-        let s = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        (s, mode, root)
+            }
+        }
     } else {
-        let kept: Vec<&str> = url
-            .split_whitespace()
-            .filter(|kv| match kv.split_once('=') {
-                Some(("sslmode", v)) => {
-                    mode = Some(v.to_string());
-                    false
-                }
-                Some(("sslrootcert", v)) => {
-                    root = Some(v.to_string());
-                    false
-                }
-                _ => true,
-            })
-            .collect();
-        (kept.join(" "), mode, root)
-    }
+        url.split_whitespace()
+            .filter(&mut keep)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (rest, mode, root)
 }
 
 impl ConnectionConfig {
