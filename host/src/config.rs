@@ -16,9 +16,16 @@
 //! max_inflight_batches = 4          # bounded channel: backpressure beyond this
 //! spill_threshold_bytes = 16777216  # a streamed transaction above this spills to disk
 //!
-//! [sink]
-//! kind = "jsonl"                    # built-in sink: one JSON line per change
-//! path = "changes.jsonl"
+//! [[transforms]]                   # zero or more, in order
+//! plugin = "plugins/transform_filter.wasm"
+//! config = { exclude_tables = ["public.audit_*"] }
+//!
+//! [sink]                            # a plugin ...
+//! plugin = "plugins/sink_webhook.wasm"
+//! config = { url = "http://127.0.0.1:9000/events" }
+//! capabilities = { http = ["127.0.0.1:9000"], kv = false }
+//! limits = { memory_mb = 64, call_timeout_ms = 5000 }
+//! # ... or the built-in JSONL sink: kind = "jsonl", path = "changes.jsonl"
 //!
 //! [state]
 //! dir = "./dbmazz-data"             # RocksDB checkpoints and spill files
@@ -44,8 +51,14 @@ pub struct Config {
     /// Batching and buffering.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Transform plugins, applied in order.
+    #[serde(default)]
+    pub transforms: Vec<StageConfig>,
     /// Where batches go.
     pub sink: SinkConfig,
+    /// Plugin host settings.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
     /// Durable state.
     #[serde(default)]
     pub state: StateConfig,
@@ -121,15 +134,160 @@ impl Default for PipelineConfig {
     }
 }
 
-/// `[sink]`.
+/// `[sink]`: a plugin (`plugin = "file.wasm"`) or the built-in JSONL sink
+/// (`kind = "jsonl"`, `path = "..."`).
 #[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// Appends one JSON object per change to a file, fsynced before acknowledging.
-    Jsonl {
-        /// The output file.
-        path: PathBuf,
-    },
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `jsonl` for the built-in sink.
+    pub kind: Option<String>,
+    /// The JSONL sink's output file.
+    pub path: Option<PathBuf>,
+    /// The sink plugin's `.wasm` file (relative paths are relative to the config file).
+    pub plugin: Option<PathBuf>,
+    /// The plugin's configuration, passed to its `init`.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// What the plugin may do.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// The plugin's limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Where batches go, resolved from [`SinkConfig`].
+#[derive(Clone, Debug)]
+pub enum SinkTarget {
+    /// The built-in JSONL sink.
+    Jsonl(PathBuf),
+    /// A sink plugin.
+    Plugin(StageConfig),
+}
+
+impl SinkConfig {
+    /// Which sink this is.
+    ///
+    /// # Errors
+    /// Neither or both of `plugin` and `kind = "jsonl"`.
+    pub fn target(&self) -> Result<SinkTarget, String> {
+        match (&self.plugin, self.kind.as_deref(), &self.path) {
+            (Some(plugin), None, None) => Ok(SinkTarget::Plugin(StageConfig {
+                plugin: plugin.clone(),
+                config: self.config.clone(),
+                capabilities: self.capabilities.clone(),
+                limits: self.limits.clone(),
+            })),
+            (None, Some("jsonl"), Some(path)) => Ok(SinkTarget::Jsonl(path.clone())),
+            (None, Some("jsonl"), None) => Err("sink: kind = \"jsonl\" needs path = \"...\"".into()),
+            (None, Some(other), _) => Err(format!("sink.kind = {other:?}: the built-in sink is \"jsonl\"; other sinks are plugins (sink.plugin = \"file.wasm\")")),
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err("sink: set either plugin = \"file.wasm\" or kind = \"jsonl\", not both".into()),
+            (None, None, _) => Err("sink: set plugin = \"file.wasm\" (or kind = \"jsonl\" with path)".into()),
+        }
+    }
+}
+
+/// A plugin stage: `[[transforms]]`, or the plugin form of `[sink]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// The `.wasm` file (relative paths are relative to the config file).
+    pub plugin: PathBuf,
+    /// The plugin's configuration, passed to its `init`.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// What the plugin may do.
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// The plugin's limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+impl StageConfig {
+    /// The configuration as the key/value pairs a plugin receives: strings as they are,
+    /// other scalars as their TOML text, arrays and tables as JSON.
+    pub fn plugin_config(&self) -> Vec<(String, String)> {
+        self.config
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Array(_) | toml::Value::Table(_) => {
+                        serde_json::to_string(v).unwrap_or_default()
+                    }
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+}
+
+/// Capabilities granted to a plugin; everything is denied by default.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// `host:port` targets outgoing HTTP may reach (sinks only).
+    #[serde(default)]
+    pub http: Vec<String>,
+    /// `Authorization` values the host adds to requests, per `host:port`; kept out of the
+    /// plugin's own config and never logged.
+    #[serde(default)]
+    pub http_auth: std::collections::BTreeMap<String, String>,
+    /// A durable key-value namespace of the plugin's own.
+    #[serde(default)]
+    pub kv: bool,
+}
+
+/// Per-instance limits of a plugin stage.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Linear memory cap, MiB.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Wall-clock deadline per call, ms.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout_ms: u64,
+    /// Cap on what a call hands back to the host (results, logs), MiB.
+    #[serde(default = "default_max_output_mb")]
+    pub max_output_mb: u64,
+    /// Attempts per batch on fresh instances after a trap, before dead-lettering.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            memory_mb: default_memory_mb(),
+            call_timeout_ms: default_call_timeout(),
+            max_output_mb: default_max_output_mb(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_memory_mb() -> u64 {
+    64
+}
+fn default_call_timeout() -> u64 {
+    5_000
+}
+fn default_max_output_mb() -> u64 {
+    64
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// `[plugins]`: plugin host settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Where compiled plugins are cached; default `state.dir/compiled`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// `[state]`.
@@ -251,10 +409,37 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, env).map_err(|message| ConfigError::Invalid {
+        let mut cfg = Self::parse(&text, env).map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
-        })
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for t in &mut cfg.transforms {
+            resolve(&mut t.plugin);
+        }
+        if let Some(p) = &mut cfg.sink.plugin {
+            resolve(p);
+        }
+        let missing: Vec<String> = cfg
+            .transforms
+            .iter()
+            .map(|t| &t.plugin)
+            .chain(cfg.sink.plugin.iter())
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("plugin file not found: {}", missing.join(", ")),
+            });
+        }
+        Ok(cfg)
     }
 
     /// Parses TOML text and applies environment overrides.
@@ -295,6 +480,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.sink.target()?;
         if self.pipeline.flush_size == 0 {
             return Err("pipeline.flush_size must be at least 1".into());
         }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod delivery;
 pub mod lsn;
 pub mod pipeline;
+pub mod plugin;
 pub mod runtime;
 pub mod source;
 pub mod stats;

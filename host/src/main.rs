@@ -40,6 +40,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with plugin files.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Print a plugin's world, WIT version and the capabilities it imports.
+    Inspect {
+        /// The `.wasm` file.
+        file: PathBuf,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -72,6 +86,9 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run(config).await,
+            Command::Plugin {
+                command: PluginCommand::Inspect { file },
+            } => inspect(&file),
         }
     })
 }
@@ -107,5 +124,65 @@ async fn run(path: PathBuf) -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn inspect(file: &std::path::Path) -> ExitCode {
+    let host = match dbmazz::plugin::PluginHost::new(None) {
+        Ok(h) => h,
+        Err(e) => {
+            error!("plugin engine: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let info = match host.inspect(file) {
+        Ok((_, info)) => info,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (maj, min, patch) = dbmazz::plugin::WIT_VERSION;
+    println!("file:          {}", file.display());
+    match info.world {
+        Some(w) => println!("world:         dbmazz:plugin/{}", w.name()),
+        None => println!(
+            "world:         none (exports {}); not a dbmazz plugin",
+            info.exports.join(", ")
+        ),
+    }
+    println!(
+        "wit version:   {} (host implements {maj}.{min}.{patch})",
+        info.version
+            .as_deref()
+            .unwrap_or("unknown: imports no dbmazz interface")
+    );
+    println!(
+        "componentized: {}",
+        if info.componentized {
+            "yes (core module, componentized on load)"
+        } else {
+            "no (a component)"
+        }
+    );
+    println!("exports:       {}", info.exports.join(", "));
+    println!("imports:");
+    for i in &info.imports {
+        let what = match i.split('@').next().unwrap_or(i) {
+            "dbmazz:plugin/log" => "logging (always granted)",
+            "dbmazz:plugin/config" => "its configuration (always granted)",
+            "dbmazz:plugin/metrics" => "metrics (always granted)",
+            "dbmazz:plugin/kv" => "key-value store (needs capabilities.kv = true)",
+            "wasi:http/outgoing-handler" => "outgoing HTTP (needs capabilities.http allow-list)",
+            "wasi:http/types" => "HTTP types",
+            w if w.starts_with("wasi:") => "WASI (empty context: no files, sockets or environment)",
+            _ => "unknown to this host: loading will fail",
+        };
+        println!("  {i:<45} {what}");
+    }
+    if info.world.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

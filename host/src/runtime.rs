@@ -20,11 +20,15 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Identity, Store, StoreError};
-use crate::config::{Config, SinkConfig};
+use crate::config::{Config, SinkTarget, StageConfig};
 use crate::delivery::{self, jsonl::JsonlSink, Delivery, DeliveryError};
 use crate::lsn::Lsn;
 use crate::pipeline::assembler::{AssembleError, Assembler, Event, Step};
 use crate::pipeline::batcher::{Batcher, Resume};
+use crate::plugin::chain::PluginChain;
+use crate::plugin::stage::{CallError, Stage, StageSpec};
+use crate::plugin::state::{Grants, Limits};
+use crate::plugin::{LoadError, PluginHost, PluginMetrics, World};
 use crate::source::conn::ConnectionConfig;
 use crate::source::replication::{Frame, ReplicationClient, ReplicationReader, ReplicationWriter};
 use crate::source::setup::{self, SetupError, SetupPlan, SlotState};
@@ -54,6 +58,15 @@ pub enum RunError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A plugin file cannot be used.
+    #[error(transparent)]
+    Plugin(#[from] LoadError),
+    /// A plugin failed to start (refused its configuration, trapped in `init`).
+    #[error(transparent)]
+    PluginStart(#[from] CallError),
+    /// The plugin engine could not be created.
+    #[error("plugin engine: {0}")]
+    Engine(String),
     /// The server ended the replication stream.
     #[error("the server ended the replication stream")]
     StreamEnded,
@@ -221,6 +234,30 @@ impl Reader {
     }
 }
 
+fn stage_spec(
+    plugin: crate::plugin::LoadedPlugin,
+    cfg: &StageConfig,
+    identity: &[(String, String)],
+    store: &Arc<Store>,
+) -> StageSpec {
+    let mut config = cfg.plugin_config();
+    config.extend(identity.iter().cloned());
+    StageSpec {
+        plugin,
+        config,
+        grants: Grants {
+            http: cfg.capabilities.http.clone(),
+            http_auth: cfg.capabilities.http_auth.clone().into_iter().collect(),
+            kv: cfg.capabilities.kv.then(|| store.clone()),
+        },
+        limits: Limits {
+            memory_bytes: (cfg.limits.memory_mb as usize) << 20,
+            call_timeout_ms: cfg.limits.call_timeout_ms,
+            max_output_bytes: (cfg.limits.max_output_mb as usize) << 20,
+        },
+    }
+}
+
 enum Wake {
     Status,
     BatchDue,
@@ -240,6 +277,44 @@ pub async fn run(
     stats: Arc<Stats>,
 ) -> Result<(), RunError> {
     let conn = ConnectionConfig::parse(&cfg.source.url)?;
+    let io = |what: String| move |source| RunError::Io { what, source };
+    std::fs::create_dir_all(&cfg.state.dir).map_err(io(format!(
+        "cannot create state.dir {}",
+        cfg.state.dir.display()
+    )))?;
+    // Plugins load and type-check before anything connects.
+    let target = cfg.sink.target().map_err(|e| RunError::Io {
+        what: e,
+        source: std::io::Error::other("invalid sink"),
+    })?;
+    let plugin_host = match &target {
+        SinkTarget::Plugin(_) => {
+            let cache = cfg
+                .plugins
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| cfg.state.dir.join("compiled"));
+            Some(PluginHost::new(Some(cache)).map_err(|e| RunError::Engine(format!("{e:#}")))?)
+        }
+        SinkTarget::Jsonl(_) => None,
+    };
+    let mut loaded = Vec::new();
+    if let (Some(host), SinkTarget::Plugin(sink)) = (&plugin_host, &target) {
+        for t in &cfg.transforms {
+            loaded.push((host.load(&t.plugin, World::Transform)?, t.clone()));
+        }
+        loaded.push((host.load(&sink.plugin, World::Sink)?, sink.clone()));
+        for (p, _) in &loaded {
+            info!(
+                plugin = %p.name,
+                world = p.info.world.map_or("?", |w| w.name()),
+                version = p.info.version.as_deref().unwrap_or("?"),
+                componentized = p.info.componentized,
+                "plugin loaded"
+            );
+        }
+    }
+
     info!(source = %conn.redacted(), slot = %cfg.source.slot, publication = %cfg.source.publication, "starting");
     let sql = conn.connect_sql().await?;
     let plan = SetupPlan {
@@ -253,12 +328,6 @@ pub async fn run(
         info!("setup {step}");
     }
     drop(sql);
-
-    let io = |what: String| move |source| RunError::Io { what, source };
-    std::fs::create_dir_all(&cfg.state.dir).map_err(io(format!(
-        "cannot create state.dir {}",
-        cfg.state.dir.display()
-    )))?;
     let store = Arc::new(Store::open(&cfg.state.dir.join("checkpoints"))?);
 
     let mut repl = ReplicationClient::connect(&conn).await?;
@@ -303,21 +372,52 @@ pub async fn run(
         })?;
     info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
 
-    let sink = match &cfg.sink {
-        SinkConfig::Jsonl { path } => JsonlSink::open(path)
-            .map_err(io(format!("cannot open sink file {}", path.display())))?,
-    };
     let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
     let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut delivery = tokio::spawn(delivery::run(
-        sink,
-        store.clone(),
-        rx,
-        confirmed_tx,
-        stats.clone(),
-        stop_rx,
-    ));
+    let mut delivery = match &target {
+        SinkTarget::Jsonl(path) => {
+            let sink = JsonlSink::open(path)
+                .map_err(io(format!("cannot open sink file {}", path.display())))?;
+            tokio::spawn(delivery::run(
+                sink,
+                store.clone(),
+                rx,
+                confirmed_tx,
+                stats.clone(),
+                stop_rx,
+            ))
+        }
+        SinkTarget::Plugin(sink_cfg) => {
+            let identity = [
+                ("dbmazz.database".to_string(), conn.dbname().to_string()),
+                ("dbmazz.slot".to_string(), cfg.source.slot.clone()),
+            ];
+            let mut stages: Vec<Stage> = loaded
+                .into_iter()
+                .map(|(plugin, stage_cfg)| {
+                    Stage::new(
+                        stage_spec(plugin, &stage_cfg, &identity, &store),
+                        Arc::new(PluginMetrics::default()),
+                    )
+                })
+                .collect();
+            let Some(sink_stage) = stages.pop() else {
+                unreachable!("the sink stage was loaded")
+            };
+            let mut chain = PluginChain::new(stages, sink_stage, store.clone(), stats.clone());
+            chain.max_attempts = sink_cfg.limits.max_attempts.max(1);
+            chain.start().await?;
+            tokio::spawn(delivery::run(
+                chain,
+                store.clone(),
+                rx,
+                confirmed_tx,
+                stats.clone(),
+                stop_rx,
+            ))
+        }
+    };
 
     let assembler = Assembler::new(
         &cfg.state.dir.join("spill"),
@@ -425,5 +525,6 @@ pub async fn run(
     w.send_status(confirmed, confirmed, false).await?;
     let _ = w.finish().await;
     info!(confirmed = %confirmed, "stopped");
+    drop(plugin_host);
     result
 }

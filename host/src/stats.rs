@@ -20,6 +20,8 @@ pub struct Stats {
     pub received_lsn: AtomicU64,
     /// Last LSN confirmed to PostgreSQL.
     pub confirmed_lsn: AtomicU64,
+    /// Changes sent to the dead-letter store.
+    pub dead_letters: AtomicU64,
 }
 
 impl Stats {

@@ -399,3 +399,253 @@ pub fn position(l: &Json) -> (u64, u64) {
     let v = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
     (v, l["seq"].as_u64().unwrap())
 }
+
+/// Paths of the plugins built from source for the tests: built once per test binary with
+/// `cargo build --release --target wasm32-wasip2` (and `wasm32-unknown-unknown` for the
+/// core-module variant of the null sink).
+pub struct Plugins {
+    pub filter: PathBuf,
+    pub webhook: PathBuf,
+    pub misbehave: PathBuf,
+    pub null: PathBuf,
+    pub null_core_module: PathBuf,
+}
+
+pub fn plugins() -> &'static Plugins {
+    static PLUGINS: std::sync::OnceLock<Plugins> = std::sync::OnceLock::new();
+    PLUGINS.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        for (target, pkgs) in [
+            (
+                "wasm32-wasip2",
+                &[
+                    "transform-filter",
+                    "sink-webhook",
+                    "fixture-misbehave",
+                    "sink-null",
+                ][..],
+            ),
+            ("wasm32-unknown-unknown", &["sink-null"][..]),
+        ] {
+            let mut c = Command::new(&cargo);
+            c.current_dir(&root)
+                .args(["build", "--release", "--target", target]);
+            for p in pkgs {
+                c.args(["-p", p]);
+            }
+            let out = c.output().expect("cargo build of the wasm plugins");
+            assert!(
+                out.status.success(),
+                "building plugins for {target}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let t = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        let w = |name: &str| t.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
+        Plugins {
+            filter: w("transform_filter"),
+            webhook: w("sink_webhook"),
+            misbehave: w("fixture_misbehave"),
+            null: w("sink_null"),
+            null_core_module: t.join("wasm32-unknown-unknown/release/sink_null.wasm"),
+        }
+    })
+}
+
+/// A compiled-plugin cache shared by the tests (compiling a component takes a while).
+pub fn plugin_cache() -> PathBuf {
+    std::env::temp_dir().join("dbmazz-test-plugin-cache")
+}
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// The body as sent (possibly gzip).
+    pub raw: Vec<u8>,
+    /// The body, decompressed when `content-encoding: gzip`.
+    pub body: Vec<u8>,
+    /// The status the receiver answered.
+    pub status: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Json {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+/// A real HTTP server on 127.0.0.1 that records every request and answers with the
+/// next scripted status (200 once the script is used up).
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    pub script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u16>>>,
+}
+
+impl Receiver {
+    pub async fn start(script: &[u16]) -> Receiver {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = Receiver {
+            addr: listener.local_addr().unwrap(),
+            requests: Default::default(),
+            script: std::sync::Arc::new(std::sync::Mutex::new(script.iter().copied().collect())),
+        };
+        let rec = r.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let rec = rec.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let raw = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes().to_vec())
+                                    .unwrap_or_default();
+                                let headers: Vec<(String, String)> = parts
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
+                                    .collect();
+                                let gz = headers
+                                    .iter()
+                                    .any(|(k, v)| k == "content-encoding" && v == "gzip");
+                                let body = if gz {
+                                    let mut out = Vec::new();
+                                    std::io::Read::read_to_end(
+                                        &mut flate2::read::GzDecoder::new(&raw[..]),
+                                        &mut out,
+                                    )
+                                    .unwrap();
+                                    out
+                                } else {
+                                    raw.clone()
+                                };
+                                let status = rec.script.lock().unwrap().pop_front().unwrap_or(200);
+                                rec.requests.lock().unwrap().push(Received {
+                                    method: parts.method.to_string(),
+                                    path: parts.uri.path().to_string(),
+                                    headers,
+                                    raw,
+                                    body,
+                                    status,
+                                });
+                                let resp = hyper::Response::builder()
+                                    .status(status)
+                                    .header("retry-after", "0")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                                        "status {status}"
+                                    ))))
+                                    .unwrap();
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Every event of every 2xx-answered request, in order.
+    pub fn events(&self) -> Vec<Json> {
+        self.received()
+            .iter()
+            .filter(|r| r.status < 300)
+            .flat_map(|r| r.json().as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Pipeline {
+    /// A pipeline whose config is the given TOML after `[source]`, `[state]` and
+    /// `[plugins]`.
+    pub fn with_toml(url: &str, tables: &[&str], rest: &str) -> Pipeline {
+        let dir = tempfile::Builder::new()
+            .prefix("dbmazz-run-")
+            .tempdir()
+            .unwrap();
+        let output = dir.path().join("changes.jsonl");
+        let config = dir.path().join("dbmazz.toml");
+        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        fs::write(
+            &config,
+            format!(
+                "[source]\nurl = {url:?}\ntables = [{}]\nstatus_interval_ms = 1000\n\n[state]\ndir = {:?}\n\n[plugins]\ncache_dir = {:?}\n\n{rest}\n",
+                tables.join(", "),
+                dir.path().join("state").display().to_string(),
+                plugin_cache().display().to_string(),
+            ),
+        )
+        .unwrap();
+        Pipeline {
+            dir,
+            config,
+            output,
+        }
+    }
+
+    /// The dead letters in this pipeline's state (open it after dbmazz exited).
+    pub fn dead_letters(&self) -> Vec<dbmazz::checkpoint::DeadLetter> {
+        let store = dbmazz::checkpoint::Store::open(&self.dir.path().join("state/checkpoints"))
+            .expect("open the checkpoint store");
+        store.dead_letters().unwrap()
+    }
+}
+
+/// Waits until `pred` holds or panics after `timeout`, printing `log()`.
+pub fn eventually(
+    timeout: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+    pred: impl Fn() -> bool,
+) {
+    let start = Instant::now();
+    while !pred() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}\n--- log ---\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -125,6 +125,7 @@ fn row_json(
                 col.name
             ),
             retryable: false,
+            retry_after: None,
         })?;
         if v == Value::UnchangedToast {
             if let Some(u) = unchanged.as_deref_mut() {
@@ -195,6 +196,7 @@ impl Sink for JsonlSink {
                 SinkError {
                     message: e.to_string(),
                     retryable: false,
+                    retry_after: None,
                 }
             })?;
             self.buf.push(b'\n');
@@ -204,6 +206,7 @@ impl Sink for JsonlSink {
                 SinkError {
                     message: e.to_string(),
                     retryable: false,
+                    retry_after: None,
                 }
             })?;
             self.buf.push(b'\n');
@@ -211,6 +214,7 @@ impl Sink for JsonlSink {
         let io = |e: std::io::Error| SinkError {
             message: format!("{}: {e}", self.path.display()),
             retryable: true,
+            retry_after: None,
         };
         tokio::task::block_in_place(|| {
             self.file.write_all(&self.buf)?;

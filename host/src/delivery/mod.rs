@@ -40,6 +40,8 @@ pub struct SinkError {
     pub message: String,
     /// Worth retrying (a transient failure) or not.
     pub retryable: bool,
+    /// Wait at least this long before retrying (a sink's `Retry-After`).
+    pub retry_after: Option<Duration>,
 }
 
 /// A destination for batches. `write` returns once the batch is durable at the sink
@@ -141,9 +143,10 @@ async fn deliver_one<S: Sink>(
         match sink.write(&batch).await {
             Ok(()) => break,
             Err(e) if e.retryable => {
-                warn!(batch = batch.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "sink write failed; retrying");
+                let wait = e.retry_after.map_or(backoff, |r| r.max(backoff));
+                warn!(batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "sink write failed; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => {
                         info!(batch = batch.id, "stopping with an undelivered batch; it is replayed on restart");
                         return Ok(false);

@@ -1,0 +1,234 @@
+//! Per-change cost of the plugin boundary: 10,000-change batches of 10-column rows
+//! through `transform-filter` and a null sink (WASM components built from source).
+//!
+//! Run: `cargo bench -p dbmazz --bench plugin_boundary`. Prints the median over 30
+//! batches, in ns per change, for: converting the host batch to WIT values; the filter's
+//! `process` (keep-all and a predicate that keeps half); the null sink's `write`; and the
+//! whole chain (convert + filter + sink), which is what a pipeline pays per change.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use dbmazz::checkpoint::Store;
+use dbmazz::delivery::Sink;
+use dbmazz::lsn::Lsn;
+use dbmazz::pipeline::assembler::{Assembler, Event};
+use dbmazz::pipeline::change::{Batch, Position};
+use dbmazz::plugin::chain::PluginChain;
+use dbmazz::plugin::stage::{Stage, StageSpec};
+use dbmazz::plugin::state::{Grants, Limits};
+use dbmazz::plugin::{convert, PluginHost, PluginMetrics, World};
+use dbmazz::source::pgoutput::encode::{self, Val};
+use dbmazz::stats::Stats;
+
+const CHANGES: usize = 10_000;
+const ROUNDS: usize = 30;
+
+fn build_plugins() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "transform-filter",
+            "-p",
+            "sink-null",
+        ])
+        .status()
+        .expect("cargo");
+    assert!(ok.success());
+    let t = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join("wasm32-wasip2/release");
+    (t.join("transform_filter.wasm"), t.join("sink_null.wasm"))
+}
+
+fn batch(dir: &Path) -> Batch {
+    let cols: Vec<(bool, &str, u32, i32)> = vec![
+        (true, "id", 20, -1),
+        (false, "n", 23, -1),
+        (false, "amount", 1700, -1),
+        (false, "label", 25, -1),
+        (false, "at", 1184, -1),
+        (false, "ok", 16, -1),
+        (false, "meta", 3802, -1),
+        (false, "body", 25, -1),
+        (false, "ratio", 701, -1),
+        (false, "code", 1043, -1),
+    ];
+    let mut a = Assembler::new(dir, 1 << 30).unwrap();
+    let mut out = Vec::new();
+    let mut feed = |m: Vec<u8>, out: &mut Vec<Event>| {
+        a.handle(Lsn(1), Bytes::from(m), out).unwrap();
+    };
+    feed(encode::begin(Lsn(100), 0, 1), &mut out);
+    feed(
+        encode::relation(None, 1, "public", "w", b'd', &cols),
+        &mut out,
+    );
+    let body = "x".repeat(200);
+    for i in 0..CHANGES {
+        let id = i.to_string();
+        let n = (i % 1000).to_string();
+        let label = format!("label {i:032}");
+        feed(
+            encode::insert(
+                None,
+                1,
+                &[
+                    Val::Text(&id),
+                    Val::Text(&n),
+                    Val::Text("1234.56"),
+                    Val::Text(&label),
+                    Val::Text("2024-01-02 03:04:05.123456+00"),
+                    Val::Text(if i % 2 == 0 { "t" } else { "f" }),
+                    Val::Text("{\"k\": 1}"),
+                    Val::Text(&body),
+                    Val::Text("0.25"),
+                    Val::Text("ABC"),
+                ],
+            ),
+            &mut out,
+        );
+    }
+    let changes: Vec<_> = out
+        .into_iter()
+        .filter_map(|e| {
+            if let Event::Change(c) = e {
+                Some(c)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let last = changes.last().map(|c| c.position).unwrap_or_default();
+    Batch {
+        id: 1,
+        first: Position {
+            commit_lsn: Lsn(100),
+            seq: 0,
+        },
+        last,
+        schema_changes: Vec::new(),
+        changes,
+        watermark: None,
+        replayed: false,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let (filter, null) = build_plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let b = batch(dir.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let host = PluginHost::new(None).unwrap();
+    let spec = |path: &Path, world, config: &[(&str, &str)]| StageSpec {
+        plugin: host.load(path, world).unwrap(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        grants: Grants::default(),
+        limits: Limits {
+            memory_bytes: 512 << 20,
+            call_timeout_ms: 60_000,
+            max_output_bytes: 1 << 30,
+        },
+    };
+    let per = |d: std::time::Duration| d.as_nanos() as f64 / CHANGES as f64;
+
+    let convert_ns = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(convert::batch(&b).unwrap());
+                per(t.elapsed())
+            })
+            .collect(),
+    );
+    let wb = convert::batch(&b).unwrap();
+
+    let mut keep_all = Stage::new(
+        spec(&filter, World::Transform, &[]),
+        Arc::new(PluginMetrics::default()),
+    );
+    let mut half = Stage::new(
+        spec(&filter, World::Transform, &[("where", "ok = 'true'")]),
+        Arc::new(PluginMetrics::default()),
+    );
+    let mut sink = Stage::new(
+        spec(&null, World::Sink, &[]),
+        Arc::new(PluginMetrics::default()),
+    );
+    let (filter_all_ns, filter_half_ns, sink_ns) = rt.block_on(async {
+        keep_all.start().await.unwrap();
+        half.start().await.unwrap();
+        sink.start().await.unwrap();
+        let mut a = Vec::new();
+        let mut h = Vec::new();
+        let mut s = Vec::new();
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            keep_all.process(&wb).await.unwrap().unwrap();
+            a.push(per(t.elapsed()));
+            let t = Instant::now();
+            half.process(&wb).await.unwrap().unwrap();
+            h.push(per(t.elapsed()));
+            let t = Instant::now();
+            sink.write(&wb).await.unwrap().unwrap();
+            s.push(per(t.elapsed()));
+        }
+        (median(a), median(h), median(s))
+    });
+
+    let store = Arc::new(Store::open(&dir.path().join("state")).unwrap());
+    let mut chain = PluginChain::new(
+        vec![Stage::new(
+            spec(&filter, World::Transform, &[]),
+            Arc::new(PluginMetrics::default()),
+        )],
+        Stage::new(
+            spec(&null, World::Sink, &[]),
+            Arc::new(PluginMetrics::default()),
+        ),
+        store,
+        Arc::new(Stats::default()),
+    );
+    let chain_ns = rt.block_on(async {
+        chain.start().await.unwrap();
+        let mut v = Vec::new();
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            chain.write(&b).await.unwrap();
+            v.push(per(t.elapsed()));
+        }
+        median(v)
+    });
+
+    println!("plugin boundary, {CHANGES}-change batches of 10-column rows, median of {ROUNDS} (ns per change)");
+    println!("  convert host batch -> WIT values            {convert_ns:8.0}");
+    println!("  transform-filter process (keep-all)         {filter_all_ns:8.0}");
+    println!("  transform-filter process (where, keeps 1/2) {filter_half_ns:8.0}");
+    println!("  sink-null write                             {sink_ns:8.0}");
+    println!("  chain: convert + filter + sink              {chain_ns:8.0}");
+}

@@ -1,0 +1,478 @@
+//! The plugin host: WebAssembly components that transform and deliver batches.
+//!
+//! A plugin is a component of the world `dbmazz:plugin/sink@0.1.0` or
+//! `dbmazz:plugin/transform@0.1.0` (`wit/dbmazz-plugin.wit`). The host:
+//!
+//! - keeps **one [`wasmtime::Engine`]** per process, with epoch interruption driven by a
+//!   ticker thread (every [`EPOCH_TICK`]);
+//! - compiles each file once and caches the compiled artifact on disk, keyed by the file's
+//!   SHA-256 and the engine's compatibility hash; only files it wrote itself are
+//!   deserialized ([`PluginHost::load`]);
+//! - accepts components built for `wasm32-wasip2`, and core modules built for
+//!   `wasm32-unknown-unknown` with wit-bindgen's component-type section, which it
+//!   componentizes on load (`wit-component`);
+//! - checks the world and the WIT version, and refuses another world or major version
+//!   with a message naming what it expected and what it found;
+//! - runs one `Store` + instance per pipeline stage ([`stage`]), calls serialized, each
+//!   call under a memory cap and a wall-clock deadline; a trap, a deadline or running out
+//!   of memory drops the instance, and the next call gets a fresh one ([`chain`] retries
+//!   the batch, then dead-letters it);
+//! - grants capabilities per stage ([`state::Grants`]): WASI with an empty context,
+//!   outgoing HTTP only to allow-listed `host:port`, `kv` only when granted.
+//!
+//! Costs, measured by `cargo bench -p dbmazz --bench plugin_boundary`: see the README's
+//! Performance section.
+
+pub mod bindings;
+pub mod chain;
+pub mod convert;
+pub mod stage;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+use self::bindings::{sink as sink_world, transform as transform_world};
+use self::state::PluginState;
+
+/// The WIT package version this host implements.
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+
+/// How often the epoch advances; call deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Which world a plugin implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum World {
+    /// `dbmazz:plugin/sink`
+    Sink,
+    /// `dbmazz:plugin/transform`
+    Transform,
+}
+
+impl World {
+    /// `sink` or `transform`.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Sink => "sink",
+            World::Transform => "transform",
+        }
+    }
+}
+
+/// A plugin file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file cannot be read.
+    #[error("plugin {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not WebAssembly, or not a valid component or module.
+    #[error("plugin {path} is not a valid WebAssembly component: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What the validator said.
+        message: String,
+    },
+    /// A component of another world, or of the right world with the wrong shape.
+    #[error("plugin {path} is not a component of the world {expected}: {found}")]
+    WrongWorld {
+        /// The file.
+        path: PathBuf,
+        /// The world the stage needs (`dbmazz:plugin/sink@0.1.0`).
+        expected: String,
+        /// What the file is.
+        found: String,
+    },
+    /// Built against an incompatible version of the WIT package.
+    #[error("plugin {path} was built against dbmazz:plugin@{found}, but this host implements dbmazz:plugin@{expected}: rebuild it against dbmazz-sdk {expected}")]
+    WrongVersion {
+        /// The file.
+        path: PathBuf,
+        /// The host's version.
+        expected: String,
+        /// The plugin's version.
+        found: String,
+    },
+}
+
+/// What `dbmazz plugin inspect` prints: the world, the WIT version, the imports (the
+/// capabilities the plugin may use) and the exports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// The world, when recognized.
+    pub world: Option<World>,
+    /// `dbmazz:plugin` version from the imports (`0.1.0`), when the plugin imports any
+    /// dbmazz interface.
+    pub version: Option<String>,
+    /// Imported interfaces (`dbmazz:plugin/log@0.1.0`, `wasi:http/outgoing-handler@0.2.12`, ...).
+    pub imports: Vec<String>,
+    /// Exported names.
+    pub exports: Vec<String>,
+    /// True when the file was a core module componentized on load.
+    pub componentized: bool,
+}
+
+/// A compiled, checked plugin, ready to instantiate.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// Stage name used in logs, metrics and the kv namespace (the file stem).
+    pub name: Arc<str>,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// What it is.
+    pub info: PluginInfo,
+    pub(crate) pre: Pre,
+}
+
+#[derive(Clone)]
+pub(crate) enum Pre {
+    Sink(sink_world::SinkPre<PluginState>),
+    Transform(transform_world::TransformPre<PluginState>),
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+/// Counters and gauges a plugin reports through the `metrics` interface, plus the host's
+/// own per-plugin counts.
+#[derive(Debug, Default)]
+pub struct PluginMetrics {
+    counters: Mutex<BTreeMap<String, u64>>,
+    gauges: Mutex<BTreeMap<String, f64>>,
+}
+
+impl PluginMetrics {
+    /// Adds to a counter.
+    pub fn counter_add(&self, name: &str, delta: u64) {
+        if let Ok(mut c) = self.counters.lock() {
+            *c.entry(name.to_string()).or_default() += delta;
+        }
+    }
+
+    /// Sets a gauge.
+    pub fn gauge_set(&self, name: &str, value: f64) {
+        if let Ok(mut g) = self.gauges.lock() {
+            g.insert(name.to_string(), value);
+        }
+    }
+
+    /// A counter's value.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .lock()
+            .map(|c| c.get(name).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+/// The process's plugin engine and linkers.
+pub struct PluginHost {
+    engine: Engine,
+    sink_linker: Linker<PluginState>,
+    transform_linker: Linker<PluginState>,
+    cache_dir: Option<PathBuf>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x0d, 0x00, 0x01, 0x00]
+}
+
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x01, 0x00, 0x00, 0x00]
+}
+
+/// Parses `dbmazz:plugin/<iface>@<version>`.
+fn dbmazz_version(import: &str) -> Option<&str> {
+    import
+        .strip_prefix("dbmazz:plugin/")
+        .and_then(|r| r.split_once('@'))
+        .map(|(_, v)| v)
+}
+
+fn same_major(v: &str) -> bool {
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let (hm, hn, _) = WIT_VERSION;
+    // Before 1.0 the minor number is the breaking one.
+    major == hm && (hm > 0 || minor == hn)
+}
+
+impl PluginHost {
+    /// An engine (async, component model, epoch interruption) with its ticker, and the
+    /// linkers of both worlds. Compiled plugins are cached in `cache_dir` when given.
+    ///
+    /// # Errors
+    /// Engine or linker construction failed (a bug, or an unsupported CPU).
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config)?;
+
+        let mut sink_linker = Linker::<PluginState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut sink_linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut sink_linker)?;
+        add_dbmazz_imports(&mut sink_linker)?;
+
+        let mut transform_linker = Linker::<PluginState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut transform_linker)?;
+        add_dbmazz_imports(&mut transform_linker)?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (engine.clone(), stop_ticker.clone());
+        std::thread::Builder::new()
+            .name("dbmazz-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    e.increment_epoch();
+                }
+            })?;
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(PluginHost {
+            engine,
+            sink_linker,
+            transform_linker,
+            cache_dir,
+            stop_ticker,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
+        let invalid = |e: anyhow::Error| LoadError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        };
+        let Some(dir) = &self.cache_dir else {
+            return Component::from_binary(&self.engine, bytes).map_err(|e| invalid(e.into()));
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let key = format!("{:016x}-{:x}.cwasm", h.finish(), Sha256::digest(bytes));
+        let cached = dir.join(&key);
+        if cached.exists() {
+            // SAFETY: the cache directory holds only artifacts this host wrote with
+            // `precompile_component` under a name that includes the engine's
+            // compatibility hash and the source file's SHA-256.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(file = %cached.display(), error = %e, "ignoring unusable compiled plugin cache entry")
+                }
+            }
+        }
+        let compiled = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| invalid(e.into()))?;
+        let tmp = dir.join(format!("{key}.tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &compiled)
+            .and_then(|()| std::fs::rename(&tmp, &cached))
+            .is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        // SAFETY: `compiled` was produced just now by this engine's precompile.
+        unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(|e| invalid(e.into()))
+    }
+
+    /// Reads, componentizes if needed, compiles (or takes from the cache) and describes
+    /// a plugin file, without checking its world.
+    ///
+    /// # Errors
+    /// [`LoadError::Read`], [`LoadError::Invalid`].
+    pub fn inspect(&self, path: &Path) -> Result<(Component, PluginInfo), LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| LoadError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let (bytes, componentized) = if is_component(&bytes) {
+            (bytes, false)
+        } else if is_core_module(&bytes) {
+            let encoded = wit_component::ComponentEncoder::default()
+                .module(&bytes)
+                .and_then(|e| e.validate(true).encode())
+                .map_err(|e| invalid(format!("a core module that cannot be componentized (built without wit-bindgen's component type?): {e:#}")))?;
+            (encoded, true)
+        } else {
+            return Err(invalid("not a WebAssembly file (bad magic number)".into()));
+        };
+        let component = self.compile(path, &bytes)?;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let has = |n: &str| exports.iter().any(|e| e == n);
+        let world = if has("write") && has("init") {
+            Some(World::Sink)
+        } else if has("process") && has("init") {
+            Some(World::Transform)
+        } else {
+            None
+        };
+        let version = imports
+            .iter()
+            .find_map(|i| dbmazz_version(i))
+            .map(str::to_string);
+        Ok((
+            component,
+            PluginInfo {
+                world,
+                version,
+                imports,
+                exports,
+                componentized,
+            },
+        ))
+    }
+
+    /// Loads a plugin for a stage of `world`: [`PluginHost::inspect`], then the world and
+    /// version checks, then type-checks it against the world's linker.
+    ///
+    /// # Errors
+    /// [`LoadError`] naming the file, and the expected and found world or version.
+    pub fn load(&self, path: &Path, world: World) -> Result<LoadedPlugin, LoadError> {
+        let (component, info) = self.inspect(path)?;
+        let (maj, min, patch) = WIT_VERSION;
+        let expected = format!("dbmazz:plugin/{}@{maj}.{min}.{patch}", world.name());
+        if let Some(v) = &info.version {
+            if !same_major(v) {
+                return Err(LoadError::WrongVersion {
+                    path: path.to_path_buf(),
+                    expected: format!("{maj}.{min}.{patch}"),
+                    found: v.clone(),
+                });
+            }
+        }
+        if info.world != Some(world) {
+            let found = match info.world {
+                Some(w) => format!("it is a {} plugin (dbmazz:plugin/{})", w.name(), w.name()),
+                None => format!("it exports [{}]", info.exports.join(", ")),
+            };
+            return Err(LoadError::WrongWorld {
+                path: path.to_path_buf(),
+                expected,
+                found,
+            });
+        }
+        let wrong = |e: wasmtime::Error| LoadError::WrongWorld {
+            path: path.to_path_buf(),
+            expected: expected.clone(),
+            found: format!("{e:#}"),
+        };
+        let pre = match world {
+            World::Sink => Pre::Sink(
+                sink_world::SinkPre::new(
+                    self.sink_linker
+                        .instantiate_pre(&component)
+                        .map_err(wrong)?,
+                )
+                .map_err(wrong)?,
+            ),
+            World::Transform => Pre::Transform(
+                transform_world::TransformPre::new(
+                    self.transform_linker
+                        .instantiate_pre(&component)
+                        .map_err(wrong)?,
+                )
+                .map_err(wrong)?,
+            ),
+        };
+        let name: Arc<str> = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "plugin".into())
+            .into();
+        Ok(LoadedPlugin {
+            name,
+            path: path.to_path_buf(),
+            info,
+            pre,
+        })
+    }
+}
+
+fn add_dbmazz_imports(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
+    use sink_world::dbmazz::plugin::{config, kv, log, metrics, types};
+    types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    metrics::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    kv::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(dbmazz_version("dbmazz:plugin/log@0.1.0"), Some("0.1.0"));
+        assert_eq!(dbmazz_version("wasi:io/streams@0.2.12"), None);
+        assert!(same_major("0.1.0") && same_major("0.1.7"));
+        assert!(!same_major("0.2.0") && !same_major("1.0.0") && !same_major("x"));
+    }
+
+    #[test]
+    fn magic() {
+        assert!(is_component(b"\0asm\x0d\0\x01\0rest"));
+        assert!(is_core_module(b"\0asm\x01\0\0\0rest"));
+        assert!(!is_component(b"\x7fELF\x02\x01\x01\0"));
+    }
+}

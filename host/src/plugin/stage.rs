@@ -1,0 +1,326 @@
+//! One pipeline stage: a plugin, its configuration, grants and limits, and at most one
+//! live instance.
+//!
+//! Each call runs with a wall-clock deadline (epoch interruption) and under the memory
+//! cap. When a call traps — a panic in the guest, the deadline, memory exhausted — the
+//! instance is dropped; the next call instantiates and initializes a fresh one. Errors
+//! the plugin returns as values (a sink error, a transform error) keep the instance.
+
+use std::sync::Arc;
+
+use wasmtime::Store;
+
+use super::bindings::{sink as sink_world, transform as transform_world, wit};
+use super::state::{Grants, Limits, PluginState};
+use super::{LoadedPlugin, PluginMetrics, Pre, EPOCH_TICK};
+
+/// A call that did not return normally.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The guest trapped, ran out of time or memory; the instance was dropped.
+    #[error("plugin {plugin} {cause}")]
+    Trap {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// What happened (`trapped: ...`, `exceeded its 5000 ms deadline`, `ran out of memory (cap 64 MiB)`).
+        cause: String,
+    },
+    /// `init` refused the configuration.
+    #[error("plugin {plugin} refused its configuration: {message}")]
+    Init {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The result was larger than the stage's `max_output_bytes`.
+    #[error("plugin {plugin} returned {bytes} bytes, more than its limit of {limit}")]
+    OutputTooLarge {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// Approximate size of the result.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl CallError {
+    /// True when a retry on a fresh instance may succeed.
+    pub fn is_trap(&self) -> bool {
+        matches!(self, CallError::Trap { .. })
+    }
+}
+
+/// How a stage is set up.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    /// The loaded plugin.
+    pub plugin: LoadedPlugin,
+    /// Its configuration.
+    pub config: Vec<(String, String)>,
+    /// Its capabilities.
+    pub grants: Grants,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+enum Live {
+    Sink(sink_world::Sink),
+    Transform(transform_world::Transform),
+}
+
+/// A stage with at most one live instance.
+pub struct Stage {
+    spec: StageSpec,
+    metrics: Arc<PluginMetrics>,
+    live: Option<(Store<PluginState>, Live)>,
+    /// What the sink asked for in `init`, once initialized.
+    pub sink_info: Option<sink_world::SinkInfo>,
+    /// Calls made.
+    pub calls: u64,
+    /// Instances dropped after a trap.
+    pub traps: u64,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("plugin", &self.spec.plugin.name)
+            .field("live", &self.live.is_some())
+            .finish()
+    }
+}
+
+fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallError {
+    tracing::debug!(plugin = %plugin, error = ?e, "plugin call failed (full error)");
+    // One line for logs and dead letters: the trap, or the innermost cause.
+    let text = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(t) => t.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    let cause = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => {
+            format!("exceeded its {} ms deadline", limits.call_timeout_ms)
+        }
+        Some(wasmtime::Trap::AllocationTooLarge) => {
+            format!("ran out of memory (cap {} MiB)", limits.memory_bytes >> 20)
+        }
+        _ if text.contains("memory")
+            && (text.contains("grow") || text.contains("limit") || text.contains("alloc")) =>
+        {
+            format!(
+                "ran out of memory (cap {} MiB): {text}",
+                limits.memory_bytes >> 20
+            )
+        }
+        _ => format!("trapped: {text}"),
+    };
+    CallError::Trap {
+        plugin: plugin.clone(),
+        cause,
+    }
+}
+
+impl Stage {
+    /// A stage; no instance is created until the first call.
+    pub fn new(spec: StageSpec, metrics: Arc<PluginMetrics>) -> Self {
+        Stage {
+            spec,
+            metrics,
+            live: None,
+            sink_info: None,
+            calls: 0,
+            traps: 0,
+        }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.spec.plugin.name
+    }
+
+    /// The plugin's metrics.
+    pub fn metrics(&self) -> &Arc<PluginMetrics> {
+        &self.metrics
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        self.spec.limits.call_timeout_ms / EPOCH_TICK.as_millis() as u64 + 1
+    }
+
+    fn trap(&mut self, e: wasmtime::Error) -> CallError {
+        self.live = None;
+        self.traps += 1;
+        let err = describe(&self.spec.plugin.name, &self.spec.limits, &e);
+        tracing::warn!(plugin = %self.spec.plugin.name, error = %err, "plugin instance dropped");
+        err
+    }
+
+    /// Instantiates and initializes a fresh instance when none is live.
+    async fn ensure(&mut self) -> Result<(), CallError> {
+        if self.live.is_some() {
+            return Ok(());
+        }
+        let state = PluginState::new(
+            self.spec.plugin.name.clone(),
+            self.spec.config.clone(),
+            &self.spec.grants,
+            &self.spec.limits,
+            self.metrics.clone(),
+        );
+        let engine = match &self.spec.plugin.pre {
+            Pre::Sink(p) => p.engine().clone(),
+            Pre::Transform(p) => p.engine().clone(),
+        };
+        let mut store = Store::new(&engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let config = self.spec.config.clone();
+        let plugin = self.spec.plugin.name.clone();
+        let live = match self.spec.plugin.pre.clone() {
+            Pre::Sink(pre) => {
+                let inst = match pre.instantiate_async(&mut store).await {
+                    Ok(i) => i,
+                    Err(e) => return Err(self.trap(e)),
+                };
+                match inst.call_init(&mut store, &config).await {
+                    Ok(Ok(info)) => self.sink_info = Some(info),
+                    Ok(Err(message)) => return Err(CallError::Init { plugin, message }),
+                    Err(e) => return Err(self.trap(e)),
+                }
+                Live::Sink(inst)
+            }
+            Pre::Transform(pre) => {
+                let inst = match pre.instantiate_async(&mut store).await {
+                    Ok(i) => i,
+                    Err(e) => return Err(self.trap(e)),
+                };
+                match inst.call_init(&mut store, &config).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(message)) => return Err(CallError::Init { plugin, message }),
+                    Err(e) => return Err(self.trap(e)),
+                }
+                Live::Transform(inst)
+            }
+        };
+        self.live = Some((store, live));
+        Ok(())
+    }
+
+    fn arm(&mut self) -> Result<(), CallError> {
+        let ticks = self.deadline_ticks();
+        if let Some((store, _)) = &mut self.live {
+            store.set_epoch_deadline(ticks);
+            store.data_mut().output_bytes = 0;
+        }
+        self.calls += 1;
+        Ok(())
+    }
+
+    /// Initializes the stage now (so configuration errors surface at startup).
+    ///
+    /// # Errors
+    /// [`CallError::Init`] or a trap during instantiation.
+    pub async fn start(&mut self) -> Result<(), CallError> {
+        self.ensure().await
+    }
+
+    /// Calls a sink's `write`.
+    ///
+    /// # Errors
+    /// [`CallError`]; the sink's own error is the inner `Result`.
+    pub async fn write(
+        &mut self,
+        batch: &wit::Batch,
+    ) -> Result<Result<(), sink_world::SinkError>, CallError> {
+        self.ensure().await?;
+        self.arm()?;
+        let Some((store, Live::Sink(inst))) = &mut self.live else {
+            unreachable!("ensure made a sink instance")
+        };
+        match inst.call_write(&mut *store, batch).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.trap(e)),
+        }
+    }
+
+    /// Calls a sink's `apply-schema-change`.
+    ///
+    /// # Errors
+    /// As [`Stage::write`].
+    pub async fn apply_schema_change(
+        &mut self,
+        change: &wit::SchemaChange,
+    ) -> Result<Result<(), sink_world::SinkError>, CallError> {
+        self.ensure().await?;
+        self.arm()?;
+        let Some((store, Live::Sink(inst))) = &mut self.live else {
+            unreachable!("ensure made a sink instance")
+        };
+        match inst.call_apply_schema_change(&mut *store, change).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.trap(e)),
+        }
+    }
+
+    /// Calls a transform's `process`.
+    ///
+    /// # Errors
+    /// As [`Stage::write`]; also [`CallError::OutputTooLarge`].
+    pub async fn process(
+        &mut self,
+        batch: &wit::Batch,
+    ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
+        self.ensure().await?;
+        self.arm()?;
+        let limit = self.spec.limits.max_output_bytes;
+        let Some((store, Live::Transform(inst))) = &mut self.live else {
+            unreachable!("ensure made a transform instance")
+        };
+        let r = match inst.call_process(&mut *store, batch).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.trap(e)),
+        };
+        if let Ok(transform_world::TransformResult::Replace((rels, changes))) = &r {
+            let bytes = approx_size(rels, changes);
+            if bytes > limit {
+                return Err(CallError::OutputTooLarge {
+                    plugin: self.spec.plugin.name.clone(),
+                    bytes,
+                    limit,
+                });
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn datum_size(d: &wit::Datum) -> usize {
+    match d {
+        wit::Datum::Text(s) | wit::Datum::Numeric(s) | wit::Datum::Json(s) => 16 + s.len(),
+        wit::Datum::Bytes(b) => 16 + b.len(),
+        _ => 16,
+    }
+}
+
+fn approx_size(rels: &[wit::Relation], changes: &[wit::Change]) -> usize {
+    let r: usize = rels
+        .iter()
+        .map(|r| 64 + r.columns.iter().map(|c| 24 + c.name.len()).sum::<usize>())
+        .sum();
+    let c: usize = changes
+        .iter()
+        .map(|c| {
+            64 + c
+                .old
+                .iter()
+                .chain(c.new.iter())
+                .flat_map(|v| v.iter())
+                .map(datum_size)
+                .sum::<usize>()
+        })
+        .sum();
+    r + c
+}

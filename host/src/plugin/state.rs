@@ -1,0 +1,334 @@
+//! The state each plugin instance's `Store` holds, and the host side of its imports.
+//!
+//! Capabilities are denied unless granted: WASI is linked with an empty context (no
+//! files, sockets, environment or arguments; stdout and stderr become log lines), `kv`
+//! answers with an error unless `capabilities.kv = true`, and outgoing HTTP goes through
+//! [`AllowListHooks::send_request`], which refuses any `host:port` not on the plugin's
+//! allow-list and adds configured credentials to requests that are on it.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use super::bindings::sink::dbmazz::plugin::{config, kv, log, metrics, types};
+use super::PluginMetrics;
+use crate::checkpoint::Store as CheckpointStore;
+
+/// What a plugin stage is allowed to do, from the pipeline config.
+#[derive(Clone, Debug, Default)]
+pub struct Grants {
+    /// `host:port` targets outgoing HTTP may reach.
+    pub http: Vec<String>,
+    /// `Authorization` header values the host adds per `host:port` (secrets stay out of
+    /// the plugin's config).
+    pub http_auth: HashMap<String, String>,
+    /// The plugin's durable key-value namespace, when granted.
+    pub kv: Option<Arc<CheckpointStore>>,
+}
+
+/// Per-instance limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Linear memory cap, bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock deadline per call, ms.
+    pub call_timeout_ms: u64,
+    /// Cap on bytes a call may hand back to the host (results, logs), bytes.
+    pub max_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 << 20,
+            call_timeout_ms: 5_000,
+            max_output_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `Store` data of one plugin instance.
+pub struct PluginState {
+    pub(crate) name: Arc<str>,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: AllowListHooks,
+    pub(crate) limits: StoreLimits,
+    config: Vec<(String, String)>,
+    kv: Option<Arc<CheckpointStore>>,
+    metrics: Arc<PluginMetrics>,
+    /// Bytes the guest handed to the host in the current call (logs, metrics names).
+    pub(crate) output_bytes: usize,
+    pub(crate) max_output_bytes: usize,
+}
+
+impl PluginState {
+    /// Fresh state for an instance of plugin `name`.
+    pub fn new(
+        name: Arc<str>,
+        config: Vec<(String, String)>,
+        grants: &Grants,
+        limits: &Limits,
+        metrics: Arc<PluginMetrics>,
+    ) -> Self {
+        let wasi = WasiCtx::builder()
+            .stdout(LogStream {
+                plugin: name.clone(),
+                stream: "stdout",
+            })
+            .stderr(LogStream {
+                plugin: name.clone(),
+                stream: "stderr",
+            })
+            .build();
+        PluginState {
+            hooks: AllowListHooks {
+                plugin: name.clone(),
+                allow: grants.http.clone(),
+                auth: grants.http_auth.clone(),
+            },
+            name,
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .instances(16)
+                .tables(64)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            config,
+            kv: grants.kv.clone(),
+            metrics,
+            output_bytes: 0,
+            max_output_bytes: limits.max_output_bytes,
+        }
+    }
+
+    fn charge(&mut self, n: usize) -> bool {
+        self.output_bytes = self.output_bytes.saturating_add(n);
+        self.output_bytes <= self.max_output_bytes
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for PluginState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Outgoing-HTTP policy of one plugin: an allow-list of `host:port`, and credentials.
+pub struct AllowListHooks {
+    plugin: Arc<str>,
+    allow: Vec<String>,
+    auth: HashMap<String, String>,
+}
+
+fn authority_of(uri: &http::Uri) -> Option<String> {
+    let host = uri.host()?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    Some(format!("{host}:{port}"))
+}
+
+impl WasiHttpHooks for AllowListHooks {
+    fn send_request(
+        &mut self,
+        mut request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        let target = authority_of(request.uri());
+        let allowed = target
+            .as_ref()
+            .is_some_and(|t| self.allow.iter().any(|a| a == t));
+        if !allowed {
+            tracing::warn!(plugin = %self.plugin, target = target.as_deref().unwrap_or("?"), "outgoing HTTP refused: not on this plugin's allow-list");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        if let Some(value) = target.as_ref().and_then(|t| self.auth.get(t)) {
+            if let Ok(v) = http::HeaderValue::from_str(value) {
+                request.headers_mut().insert(http::header::AUTHORIZATION, v);
+            }
+        }
+        _ = fut;
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                res.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// A plugin's stdout or stderr: each line becomes a log event.
+#[derive(Clone)]
+struct LogStream {
+    plugin: Arc<str>,
+    stream: &'static str,
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineLogger {
+            plugin: self.plugin.clone(),
+            stream: self.stream,
+            buf: Vec::new(),
+        })
+    }
+}
+
+struct LineLogger {
+    plugin: Arc<str>,
+    stream: &'static str,
+    buf: Vec<u8>,
+}
+
+impl LineLogger {
+    fn emit(&mut self, all: bool) {
+        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            tracing::info!(plugin = %self.plugin, stream = self.stream, "{}", String::from_utf8_lossy(&line[..line.len() - 1]));
+        }
+        if all && !self.buf.is_empty() || self.buf.len() > 16 * 1024 {
+            tracing::info!(plugin = %self.plugin, stream = self.stream, "{}", String::from_utf8_lossy(&self.buf));
+            self.buf.clear();
+        }
+    }
+}
+
+impl AsyncWrite for LineLogger {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.buf.extend_from_slice(data);
+        self.emit(false);
+        Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.emit(true);
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl log::Host for PluginState {
+    fn write(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
+        let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if !self.charge(size) {
+            return;
+        }
+        let fields: String = fields.iter().map(|(k, v)| format!(" {k}={v}")).collect();
+        let plugin = &*self.name;
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, "{message}{fields}"),
+            log::Level::Debug => tracing::debug!(plugin, "{message}{fields}"),
+            log::Level::Info => tracing::info!(plugin, "{message}{fields}"),
+            log::Level::Warn => tracing::warn!(plugin, "{message}{fields}"),
+            log::Level::Error => tracing::error!(plugin, "{message}{fields}"),
+        }
+    }
+}
+
+impl config::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.config
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }
+    fn all(&mut self) -> Vec<(String, String)> {
+        self.config.clone()
+    }
+}
+
+impl metrics::Host for PluginState {
+    fn counter_add(&mut self, name: String, delta: u64) {
+        self.metrics.counter_add(&name, delta);
+    }
+    fn gauge_set(&mut self, name: String, value: f64) {
+        self.metrics.gauge_set(&name, value);
+    }
+}
+
+impl kv::Host for PluginState {
+    fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+        let Some(store) = &self.kv else {
+            return Err(denied_kv());
+        };
+        store.kv_get(&self.name, &key).map_err(|e| e.to_string())
+    }
+    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
+        let Some(store) = &self.kv else {
+            return Err(denied_kv());
+        };
+        store
+            .kv_put(&self.name, &key, &value)
+            .map_err(|e| e.to_string())
+    }
+    fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
+        let Some(store) = &self.kv else {
+            return Err(denied_kv());
+        };
+        store.kv_delete(&self.name, &key).map_err(|e| e.to_string())
+    }
+}
+
+fn denied_kv() -> String {
+    "capability kv is not granted to this plugin (capabilities = { kv = true })".into()
+}

@@ -1,0 +1,450 @@
+//! `sink-webhook`: POSTs each batch to a URL as CloudEvents 1.0 in batched mode.
+//!
+//! Request: `POST <url>`, `Content-Type: application/cloudevents-batch+json`, body a JSON
+//! array with one event per change (CloudEvents spec, "JSON Event Format", batched mode):
+//!
+//! ```json
+//! [{"specversion":"1.0","id":"42:0","source":"/dbmazz/shop/dbmazz_slot",
+//!   "type":"io.dbmazz.change.insert","time":"2024-01-02T03:04:05.123456Z",
+//!   "subject":"public.orders","datacontenttype":"application/json",
+//!   "data":{"before":null,"after":{"id":1,"status":"new"},"op":"c",
+//!           "source":{"lsn":23456,"txId":741,"schema":"public","table":"orders","ts_ms":1704164645123}}}]
+//! ```
+//!
+//! `id` is `<batch id>:<index in batch>`: stable across replays, so receivers can
+//! deduplicate. `data` is the Debezium envelope (`op` c/u/d/t); an unchanged TOAST column
+//! appears as `"__debezium_unavailable_value"` in `after`, as Debezium writes it.
+//! Values: integers, floats and booleans as JSON scalars; numeric and text as strings;
+//! json/jsonb nested; bytea base64.
+//!
+//! Headers: `Idempotency-Key: <batch id>`; with `secret`, `X-Dbmazz-Signature:
+//! sha256=<hex HMAC-SHA256 of the body bytes as sent>`; with `gzip = true`,
+//! `Content-Encoding: gzip`.
+//!
+//! Outcome: 2xx acknowledges the batch; 408, 429, 5xx, timeouts and connection errors are
+//! retried by the host with backoff (honouring `Retry-After` in seconds); any other 4xx
+//! sends the batch's changes to the dead-letter store with the status and response body
+//! as the reason; a URL not on the plugin's HTTP allow-list stops the pipeline.
+//!
+//! Config: `url` (required), `secret`, `gzip` (bool, default false), `timeout_ms`
+//! (default 10000), `source` (default `/dbmazz/<database>/<slot>`).
+
+use std::io::Write;
+
+use dbmazz_sdk::http::{self, HttpError, Request};
+use dbmazz_sdk::{export_sink, Batch, Config, Datum, Op, Relation, Sink, SinkError, SinkInfo};
+use hmac::{Hmac, Mac};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use sha2::Sha256;
+
+/// Debezium's placeholder for a value that was not sent.
+pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+
+struct DatumJson<'a>(&'a Datum);
+
+impl Serialize for DatumJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Datum::Null => s.serialize_unit(),
+            Datum::UnchangedToast => s.serialize_str(UNAVAILABLE),
+            Datum::Boolean(b) => s.serialize_bool(*b),
+            Datum::Int(i) => s.serialize_i64(*i),
+            Datum::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Datum::Float(f) => s.serialize_str(if f.is_nan() {
+                "NaN"
+            } else if *f > 0.0 {
+                "Infinity"
+            } else {
+                "-Infinity"
+            }),
+            Datum::Numeric(t) | Datum::Text(t) => s.serialize_str(t),
+            Datum::Json(t) => match sonic_rs::from_str::<sonic_rs::LazyValue<'_>>(t) {
+                Ok(raw) => raw.serialize(s),
+                Err(_) => s.serialize_str(t),
+            },
+            Datum::Bytes(b) => s.serialize_str(&base64(b)),
+        }
+    }
+}
+
+struct RowJson<'a> {
+    relation: &'a Relation,
+    values: &'a [Datum],
+}
+
+impl Serialize for RowJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.values.len()))?;
+        for (c, v) in self.relation.columns.iter().zip(self.values) {
+            m.serialize_entry(&c.name, &DatumJson(v))?;
+        }
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+struct SourceInfo<'a> {
+    lsn: u64,
+    #[serde(rename = "txId")]
+    tx_id: u32,
+    schema: &'a str,
+    table: &'a str,
+    ts_ms: i64,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    before: Option<RowJson<'a>>,
+    after: Option<RowJson<'a>>,
+    op: &'static str,
+    source: SourceInfo<'a>,
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    specversion: &'static str,
+    id: String,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: String,
+    time: String,
+    subject: String,
+    datacontenttype: &'static str,
+    data: Envelope<'a>,
+}
+
+/// RFC 3339 UTC time of microseconds since the Unix epoch.
+pub fn rfc3339(us: i64) -> String {
+    let days = us.div_euclid(86_400_000_000);
+    let rem = us.rem_euclid(86_400_000_000);
+    // civil from days (H. Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let secs = rem / 1_000_000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        rem % 1_000_000
+    )
+}
+
+/// Standard base64 with padding.
+pub fn base64(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn op_letter(op: Op) -> &'static str {
+    match op {
+        Op::Insert => "c",
+        Op::Update => "u",
+        Op::Delete => "d",
+        Op::Truncate => "t",
+    }
+}
+
+/// The webhook sink.
+#[derive(Debug)]
+pub struct Webhook {
+    url: String,
+    secret: Option<String>,
+    gzip: bool,
+    timeout_ms: u64,
+    source: String,
+}
+
+impl Webhook {
+    /// The request body: the CloudEvents batch (uncompressed).
+    pub fn body(&self, batch: &Batch) -> Result<Vec<u8>, SinkError> {
+        let mut events = Vec::with_capacity(batch.changes.len());
+        for (i, c) in batch.changes.iter().enumerate() {
+            let rel = batch.relation_of(c).ok_or_else(|| {
+                SinkError::Fatal(format!(
+                    "change {i} refers to unknown relation {}",
+                    c.relation
+                ))
+            })?;
+            events.push(Event {
+                specversion: "1.0",
+                id: format!("{}:{i}", batch.id),
+                source: &self.source,
+                kind: format!("io.dbmazz.change.{}", c.op.as_str()),
+                time: rfc3339(c.commit_time_us),
+                subject: rel.qualified_name(),
+                datacontenttype: "application/json",
+                data: Envelope {
+                    before: c.old.as_deref().map(|values| RowJson {
+                        relation: rel,
+                        values,
+                    }),
+                    after: c.new.as_deref().map(|values| RowJson {
+                        relation: rel,
+                        values,
+                    }),
+                    op: op_letter(c.op),
+                    source: SourceInfo {
+                        lsn: c.lsn,
+                        tx_id: c.xid,
+                        schema: &rel.schema,
+                        table: &rel.table,
+                        ts_ms: c.commit_time_us.div_euclid(1000),
+                    },
+                },
+            });
+        }
+        sonic_rs::to_vec(&events).map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))
+    }
+
+    /// The full request for a batch (body compressed and signed as configured).
+    pub fn request(&self, batch: &Batch) -> Result<Request, SinkError> {
+        let mut body = self.body(batch)?;
+        let mut req = Request::post(&self.url, Vec::new())
+            .header("content-type", "application/cloudevents-batch+json")
+            .header("idempotency-key", batch.id.to_string())
+            .timeout_ms(self.timeout_ms);
+        if self.gzip {
+            let mut enc = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 4),
+                flate2::Compression::fast(),
+            );
+            enc.write_all(&body)
+                .and_then(|()| enc.finish())
+                .map(|b| body = b)
+                .map_err(|e| SinkError::Fatal(format!("gzip: {e}")))?;
+            req = req.header("content-encoding", "gzip");
+        }
+        if let Some(secret) = &self.secret {
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+                .map_err(|e| SinkError::Fatal(e.to_string()))?;
+            mac.update(&body);
+            let sig: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            req = req.header("x-dbmazz-signature", format!("sha256={sig}"));
+        }
+        req.body = body;
+        Ok(req)
+    }
+}
+
+impl Sink for Webhook {
+    fn init(config: &Config) -> Result<(Self, SinkInfo), String> {
+        let url = config.required("url")?.to_string();
+        http::split_url(&url).map_err(|e| format!("config key \"url\": {e}"))?;
+        let source = match config.get("source") {
+            Some(s) => s.to_string(),
+            None => format!(
+                "/dbmazz/{}/{}",
+                config.get("dbmazz.database").unwrap_or("db"),
+                config.get("dbmazz.slot").unwrap_or("slot")
+            ),
+        };
+        let w = Webhook {
+            url,
+            secret: config.get("secret").map(str::to_string),
+            gzip: config.parse_or("gzip", false)?,
+            timeout_ms: config.parse_or("timeout_ms", 10_000)?,
+            source,
+        };
+        Ok((
+            w,
+            SinkInfo {
+                preferred_batch_size: None,
+                needs_full_rows: false,
+            },
+        ))
+    }
+
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.changes.is_empty() {
+            return Ok(());
+        }
+        let req = self.request(batch)?;
+        let resp = match http::send(&req) {
+            Ok(r) => r,
+            Err(HttpError::Denied(m)) => return Err(SinkError::Fatal(m)),
+            Err(HttpError::InvalidUrl(m)) => return Err(SinkError::Fatal(m)),
+            Err(e) => return Err(SinkError::retryable(e.to_string())),
+        };
+        dbmazz_sdk::metrics::counter_add("requests", 1);
+        match resp.status {
+            200..=299 => {
+                dbmazz_sdk::metrics::counter_add("events", batch.changes.len() as u64);
+                Ok(())
+            }
+            408 | 429 | 500..=599 => Err(SinkError::Retryable {
+                message: format!("HTTP {} from {}", resp.status, self.url),
+                retry_after_ms: resp
+                    .header("retry-after")
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    .map(|s| s.saturating_mul(1000)),
+            }),
+            status => {
+                let text =
+                    String::from_utf8_lossy(&resp.body[..resp.body.len().min(500)]).into_owned();
+                let reason = format!("HTTP {status} from {}: {text}", self.url);
+                dbmazz_sdk::warn!(
+                    "webhook refused the batch",
+                    batch = batch.id,
+                    status = status
+                );
+                Err(SinkError::DeadLetter(
+                    (0..batch.changes.len() as u32)
+                        .map(|i| (i, reason.clone()))
+                        .collect(),
+                ))
+            }
+        }
+    }
+}
+
+export_sink!(Webhook);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dbmazz_sdk::http::Response;
+    use dbmazz_sdk::testing::{self, BatchBuilder};
+
+    fn sink(extra: &[(&str, &str)]) -> Webhook {
+        let mut kv = vec![("url".to_string(), "http://127.0.0.1:9/hook".to_string())];
+        kv.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Webhook::init(&Config::new(kv)).unwrap().0
+    }
+
+    fn batch() -> Batch {
+        BatchBuilder::new(42)
+            .table(
+                7,
+                "public",
+                "orders",
+                &[
+                    ("id", 23, true),
+                    ("note", 25, false),
+                    ("doc", 3802, false),
+                    ("raw", 17, false),
+                ],
+            )
+            .change(
+                Op::Insert,
+                7,
+                None,
+                Some(vec![
+                    Datum::Int(1),
+                    Datum::Text("hi \"there\"".into()),
+                    Datum::Json("{\"a\": [1]}".into()),
+                    Datum::Bytes(vec![0, 255]),
+                ]),
+            )
+            .change(
+                Op::Update,
+                7,
+                None,
+                Some(vec![
+                    Datum::Int(1),
+                    Datum::UnchangedToast,
+                    Datum::Null,
+                    Datum::Null,
+                ]),
+            )
+            .build()
+    }
+
+    #[test]
+    fn cloudevents_body() {
+        let body = String::from_utf8(sink(&[]).body(&batch()).unwrap()).unwrap();
+        let v: sonic_rs::Value = sonic_rs::from_str(&body).unwrap();
+        let expected: sonic_rs::Value = sonic_rs::from_str(r#"[
+          {"specversion":"1.0","id":"42:0","source":"/dbmazz/db/slot","type":"io.dbmazz.change.insert",
+           "time":"2023-11-14T22:13:20.000000Z","subject":"public.orders","datacontenttype":"application/json",
+           "data":{"before":null,"after":{"id":1,"note":"hi \"there\"","doc":{"a":[1]},"raw":"AP8="},"op":"c",
+                   "source":{"lsn":1,"txId":1,"schema":"public","table":"orders","ts_ms":1700000000000}}},
+          {"specversion":"1.0","id":"42:1","source":"/dbmazz/db/slot","type":"io.dbmazz.change.update",
+           "time":"2023-11-14T22:13:20.000000Z","subject":"public.orders","datacontenttype":"application/json",
+           "data":{"before":null,"after":{"id":1,"note":"__debezium_unavailable_value","doc":null,"raw":null},"op":"u",
+                   "source":{"lsn":2,"txId":1,"schema":"public","table":"orders","ts_ms":1700000000000}}}]"#).unwrap();
+        assert_eq!(v, expected);
+    }
+
+    #[test]
+    fn signature_and_outcomes() {
+        testing::reset();
+        let mut s = sink(&[("secret", "k")]);
+        let statuses = std::rc::Rc::new(std::cell::RefCell::new(vec![200u16, 400, 503]));
+        let st = statuses.clone();
+        testing::on_http(move |_req| {
+            Ok(Response {
+                status: st.borrow_mut().pop().unwrap(),
+                headers: vec![("retry-after".into(), b"2".to_vec())],
+                body: b"nope".to_vec(),
+            })
+        });
+        assert_eq!(
+            s.write(&batch()),
+            Err(SinkError::Retryable {
+                message: "HTTP 503 from http://127.0.0.1:9/hook".into(),
+                retry_after_ms: Some(2000)
+            })
+        );
+        match s.write(&batch()) {
+            Err(SinkError::DeadLetter(l)) => {
+                assert_eq!(l.len(), 2);
+                assert!(l[0].1.contains("HTTP 400") && l[0].1.contains("nope"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.write(&batch()), Ok(()));
+        let req = &testing::requests()[0];
+        let sig = req
+            .headers
+            .iter()
+            .find(|(k, _)| k == "x-dbmazz-signature")
+            .unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"k").unwrap();
+        mac.update(&req.body);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&sig.1), format!("sha256={hex}"));
+        assert!(req
+            .headers
+            .contains(&("idempotency-key".into(), b"42".to_vec())));
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400_000_001), "2000-02-29T00:00:00.000001Z");
+    }
+}

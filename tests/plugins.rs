@@ -1,0 +1,388 @@
+//! End-to-end tests of the plugin runtime: real WASM components built from source
+//! (`plugins/`, `tests/fixtures/`), the real `dbmazz` binary, a real PostgreSQL, and a
+//! real HTTP receiver.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use support::{eventually, plugins, Pg, Pipeline, Receiver};
+
+const T: Duration = Duration::from_secs(90);
+
+fn webhook_sink(url: &str, allow: &str, extra: &str) -> String {
+    format!(
+        "[sink]\nplugin = {:?}\nconfig = {{ url = {url:?}{extra} }}\ncapabilities = {{ http = [{allow:?}] }}\n",
+        plugins().webhook.display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filter_then_webhook_delivers_exact_cloudevents() {
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric(10,2), email text, meta jsonb);
+         CREATE TABLE audit_log (id int PRIMARY KEY, what text);",
+    )
+    .await
+    .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 50\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.audit_*\"], mask_columns = [\"email\"], mask = \"sha256\" }}\n\n{}",
+        p.filter.display().to_string(),
+        webhook_sink(&rx.url(), &rx.addr.to_string(), ", secret = \"s3cret\", gzip = true")
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["orders", "audit_log"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute(
+        "INSERT INTO orders VALUES (1, 'new', 9.50, 'a@example.com', '{\"k\": [1, 2]}');
+         INSERT INTO audit_log VALUES (1, 'ignored');",
+    )
+    .await
+    .unwrap();
+    db.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+        .await
+        .unwrap();
+    db.batch_execute("DELETE FROM orders WHERE id = 1")
+        .await
+        .unwrap();
+    eventually(T, "3 events", || d.log(), || rx.events().len() >= 3);
+    let events = rx.events();
+    assert_eq!(
+        events.len(),
+        3,
+        "the audit_log change was filtered out: {events:#?}"
+    );
+
+    let email_hash: String = {
+        use sha2::Digest;
+        Sha256::digest(b"a@example.com")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let row = |status: &str| json!({"id": 1, "status": status, "amount": "9.50", "email": email_hash, "meta": {"k": [1, 2]}});
+    let expect = [
+        ("insert", "c", serde_json::Value::Null, row("new")),
+        ("update", "u", serde_json::Value::Null, row("paid")),
+        (
+            "delete",
+            "d",
+            json!({"id": 1, "status": null, "amount": null, "email": null, "meta": null}),
+            serde_json::Value::Null,
+        ),
+    ];
+    let db_name = "app";
+    for (e, (kind, op, before, after)) in events.iter().zip(expect) {
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["type"], format!("io.dbmazz.change.{kind}"));
+        assert_eq!(e["source"], format!("/dbmazz/{db_name}/dbmazz_slot"));
+        assert_eq!(e["subject"], "public.orders");
+        assert_eq!(e["datacontenttype"], "application/json");
+        assert!(e["time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(e["data"]["op"], op);
+        assert_eq!(e["data"]["before"], before, "{e}");
+        assert_eq!(e["data"]["after"], after, "{e}");
+        assert_eq!(e["data"]["source"]["schema"], "public");
+        assert_eq!(e["data"]["source"]["table"], "orders");
+        assert!(e["data"]["source"]["lsn"].as_u64().unwrap() > 0);
+        assert!(e["data"]["source"]["txId"].as_u64().unwrap() > 0);
+    }
+    // ids are <batch id>:<index>, the Idempotency-Key is the batch id, the signature is
+    // the HMAC of the body as sent (gzip)
+    for r in rx.received() {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.path, "/events");
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/cloudevents-batch+json")
+        );
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        let batch_id = r.header("idempotency-key").unwrap().to_string();
+        for (i, e) in r.json().as_array().unwrap().iter().enumerate() {
+            assert_eq!(e["id"], format!("{batch_id}:{i}"));
+        }
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(&r.raw);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            r.header("x-dbmazz-signature"),
+            Some(format!("sha256={hex}").as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_retries_503_then_succeeds_and_400_goes_to_dead_letters() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    // first batch: 503, 503, then 200; second batch: 400 (dead letters); third: 200
+    let rx = Receiver::start(&[503, 503, 200, 400]).await;
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!(
+            "[pipeline]\nflush_interval_ms = 20\n\n{}",
+            webhook_sink(&rx.url(), &rx.addr.to_string(), "")
+        ),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute("INSERT INTO t VALUES (1, 'retried')")
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "the retried batch",
+        || d.log(),
+        || rx.events().len() == 1,
+    );
+    db.batch_execute("INSERT INTO t VALUES (2, 'refused')")
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "the refused batch",
+        || d.log(),
+        || rx.received().len() >= 4,
+    );
+    db.batch_execute("INSERT INTO t VALUES (3, 'after')")
+        .await
+        .unwrap();
+    eventually(T, "the batch after", || d.log(), || rx.events().len() == 2);
+    let reqs = rx.received();
+    let statuses: Vec<u16> = reqs.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 503, 200, 400, 200]);
+    // the retries carried the same batch and key
+    assert_eq!(reqs[0].body, reqs[2].body);
+    assert_eq!(
+        reqs[0].header("idempotency-key"),
+        reqs[2].header("idempotency-key")
+    );
+    let events = rx.events();
+    assert_eq!(events[0]["data"]["after"]["v"], "retried");
+    assert_eq!(events[1]["data"]["after"]["v"], "after");
+    assert!(d.log().contains("retrying"), "{}", d.log());
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    let dead = pipe.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("HTTP 400"), "{}", dead[0].reason);
+    let payload: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(payload["new"]["v"], "refused");
+    assert_eq!(payload["table"], "public.t");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_not_on_the_allow_list_is_refused() {
+    let pg = Pg::start("");
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    // the sink may only reach 127.0.0.1:1, but its URL points at the receiver
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!(
+            "[pipeline]\nflush_interval_ms = 20\n\n{}",
+            webhook_sink(&rx.url(), "127.0.0.1:1", "")
+        ),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    pg.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let status = d
+        .wait(T)
+        .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
+    assert!(!status.success());
+    let log = d.log();
+    assert!(
+        log.contains("not on this plugin's http allow-list"),
+        "{log}"
+    );
+    assert!(rx.received().is_empty(), "nothing reached the receiver");
+    // nothing was confirmed: the change is still in the slot
+    let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
+    assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misbehaving_plugins_are_contained() {
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nlimits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2 }}\n\n{}",
+        p.misbehave.display().to_string(),
+        webhook_sink(&rx.url(), &rx.addr.to_string(), "")
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let mut id = 0;
+    for (n, bad) in ["trap", "loop", "oom"].into_iter().enumerate() {
+        id += 1;
+        db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &bad])
+            .await
+            .unwrap();
+        // the bad change gets a batch of its own: wait until it is dead-lettered
+        eventually(
+            T,
+            &format!("{bad} dead-lettered"),
+            || d.log(),
+            || {
+                d.log()
+                    .matches("changes sent to the dead-letter store")
+                    .count()
+                    > n
+            },
+        );
+        id += 1;
+        db.execute("INSERT INTO t VALUES ($1, 'fine')", &[&id])
+            .await
+            .unwrap();
+        let want = id as usize / 2;
+        eventually(
+            T,
+            &format!("the batch after {bad}"),
+            || d.log(),
+            || rx.events().len() == want,
+        );
+        assert!(
+            d.child.try_wait().unwrap().is_none(),
+            "the host keeps running after {bad}"
+        );
+    }
+    let delivered: Vec<i64> = rx
+        .events()
+        .iter()
+        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(delivered, [2, 4, 6]);
+    let log = d.log();
+    assert!(log.contains("trapped"), "{log}");
+    assert!(log.contains("exceeded its 300 ms deadline"), "{log}");
+    assert!(log.contains("ran out of memory"), "{log}");
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    let dead = pipe.dead_letters();
+    let reasons: Vec<&str> = dead.iter().map(|l| l.reason.as_str()).collect();
+    assert_eq!(dead.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("trapped"), "{reasons:?}");
+    assert!(reasons[1].contains("deadline"), "{reasons:?}");
+    assert!(reasons[2].contains("memory"), "{reasons:?}");
+    for (l, v) in dead.iter().zip(["trap", "loop", "oom"]) {
+        let payload: serde_json::Value = serde_json::from_slice(&l.payload).unwrap();
+        assert_eq!(payload["new"]["v"], v);
+    }
+}
+
+fn inspect(file: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .args(["plugin", "inspect"])
+        .arg(file)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
+    let p = plugins();
+    let (ok, out) = inspect(&p.webhook);
+    assert!(ok, "{out}");
+    assert!(out.contains("world:         dbmazz:plugin/sink"), "{out}");
+    assert!(out.contains("wit version:   0.1.0"), "{out}");
+    assert!(out.contains("wasi:http/outgoing-handler@0.2.12"), "{out}");
+    assert!(out.contains("componentized: no"), "{out}");
+    let (ok, out) = inspect(&p.filter);
+    assert!(ok && out.contains("dbmazz:plugin/transform"), "{out}");
+    assert!(
+        !out.contains("wasi:http/outgoing-handler"),
+        "a transform cannot import HTTP: {out}"
+    );
+    // a core module built for wasm32-unknown-unknown is componentized on load
+    let (ok, out) = inspect(&p.null_core_module);
+    assert!(ok, "{out}");
+    assert!(out.contains("componentized: yes"), "{out}");
+    assert!(out.contains("dbmazz:plugin/sink"), "{out}");
+    // not WebAssembly
+    let junk = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(junk.path(), b"not wasm").unwrap();
+    let (ok, out) = inspect(junk.path());
+    assert!(!ok && out.contains("not a WebAssembly file"), "{out}");
+
+    // the core-module build runs as a sink, and a transform in the sink's place is refused
+    let pg = Pg::start("");
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!(
+            "[sink]\nplugin = {:?}\n",
+            p.null_core_module.display().to_string()
+        ),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    assert!(d.log().contains("componentized=true"), "{}", d.log());
+    d.kill();
+    let wrong = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!("[sink]\nplugin = {:?}\n", p.filter.display().to_string()),
+    );
+    let (status, log) = wrong.run_to_exit(T);
+    assert!(!status.success());
+    assert!(
+        log.contains(
+            "is not a component of the world dbmazz:plugin/sink@0.1.0: it is a transform plugin"
+        ),
+        "{log}"
+    );
+    // a missing plugin file is named
+    let missing = Pipeline::with_toml(&pg.url(), &["t"], "[sink]\nplugin = \"nope/sink.wasm\"\n");
+    let (status, log) = missing.run_to_exit(T);
+    assert!(!status.success());
+    assert!(
+        log.contains("plugin file not found") && log.contains("nope/sink.wasm"),
+        "{log}"
+    );
+}
