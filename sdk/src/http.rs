@@ -149,7 +149,19 @@ fn wasi_send(req: &Request) -> Result<Response, HttpError> {
 
     let (scheme, authority, path) = split_url(&req.url)?;
     let failed = |what: &str, e: &dyn fmt::Debug| HttpError::Failed(format!("{what}: {e:?}"));
-    let entries: Vec<(String, Vec<u8>)> = req.headers.clone();
+    let mut entries: Vec<(String, Vec<u8>)> = req.headers.clone();
+    // The body's size is known: say so, rather than sending it chunked.
+    if !entries
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        && req.method != "GET"
+        && req.method != "HEAD"
+    {
+        entries.push((
+            "content-length".into(),
+            req.body.len().to_string().into_bytes(),
+        ));
+    }
     let headers = Fields::from_list(&entries).map_err(|e| failed("headers", &e))?;
     let request = OutgoingRequest::new(headers);
     let method = match req.method.as_str() {
