@@ -2,9 +2,10 @@
 //! through `transform-filter` and a null sink (WASM components built from source).
 //!
 //! Run: `cargo bench -p dbmazz --bench plugin_boundary`. Prints the median over 30
-//! batches, in ns per change, for: converting the host batch to WIT values; the filter's
-//! `process` (keep-all and a predicate that keeps half); the null sink's `write`; and the
-//! whole chain (convert + filter + sink), which is what a pipeline pays per change.
+//! batches, in ns per change, for both boundary encodings — typed WIT records and the
+//! compact `encoded-batch` — : preparing the batch on the host; the filter's call
+//! (keep-all, and a predicate that keeps half); the null sink's call; and the whole chain
+//! (filter + sink as a pipeline runs them).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,16 +158,25 @@ fn main() {
     };
     let per = |d: std::time::Duration| d.as_nanos() as f64 / CHANGES as f64;
 
-    let convert_ns = median(
-        (0..ROUNDS)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(convert::batch(&b).unwrap());
-                per(t.elapsed())
-            })
-            .collect(),
-    );
+    let time = |f: &mut dyn FnMut()| {
+        median(
+            (0..ROUNDS)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    per(t.elapsed())
+                })
+                .collect(),
+        )
+    };
+    let convert_ns = time(&mut || {
+        std::hint::black_box(convert::batch(&b).unwrap());
+    });
+    let encode_ns = time(&mut || {
+        std::hint::black_box(convert::encode(&b, None));
+    });
     let wb = convert::batch(&b).unwrap();
+    let eb = convert::encode(&b, None);
 
     let mut keep_all = Stage::new(
         spec(&filter, World::Transform, &[]),
@@ -180,55 +190,81 @@ fn main() {
         spec(&null, World::Sink, &[]),
         Arc::new(PluginMetrics::default()),
     );
-    let (filter_all_ns, filter_half_ns, sink_ns) = rt.block_on(async {
+    let figures = rt.block_on(async {
         keep_all.start().await.unwrap();
         half.start().await.unwrap();
         sink.start().await.unwrap();
-        let mut a = Vec::new();
-        let mut h = Vec::new();
-        let mut s = Vec::new();
+        let mut v: Vec<Vec<f64>> = vec![Vec::new(); 6];
         for _ in 0..ROUNDS {
             let t = Instant::now();
             keep_all.process(&wb).await.unwrap().unwrap();
-            a.push(per(t.elapsed()));
+            v[0].push(per(t.elapsed()));
+            let t = Instant::now();
+            keep_all.process_encoded(&eb).await.unwrap().unwrap();
+            v[1].push(per(t.elapsed()));
             let t = Instant::now();
             half.process(&wb).await.unwrap().unwrap();
-            h.push(per(t.elapsed()));
+            v[2].push(per(t.elapsed()));
+            let t = Instant::now();
+            half.process_encoded(&eb).await.unwrap().unwrap();
+            v[3].push(per(t.elapsed()));
             let t = Instant::now();
             sink.write(&wb).await.unwrap().unwrap();
-            s.push(per(t.elapsed()));
+            v[4].push(per(t.elapsed()));
+            let t = Instant::now();
+            sink.write_encoded(&eb).await.unwrap().unwrap();
+            v[5].push(per(t.elapsed()));
         }
-        (median(a), median(h), median(s))
+        v.into_iter().map(median).collect::<Vec<_>>()
     });
 
-    let store = Arc::new(Store::open(&dir.path().join("state")).unwrap());
-    let mut chain = PluginChain::new(
-        vec![Stage::new(
-            spec(&filter, World::Transform, &[]),
-            Arc::new(PluginMetrics::default()),
-        )],
-        Stage::new(
-            spec(&null, World::Sink, &[]),
-            Arc::new(PluginMetrics::default()),
-        ),
-        store,
-        Arc::new(Stats::default()),
-    );
-    let chain_ns = rt.block_on(async {
-        chain.start().await.unwrap();
-        let mut v = Vec::new();
-        for _ in 0..ROUNDS {
-            let t = Instant::now();
-            chain.write(&b).await.unwrap();
-            v.push(per(t.elapsed()));
-        }
-        median(v)
-    });
+    let chain = |typed_sink: bool| {
+        let store = Arc::new(Store::open(&dir.path().join(format!("state-{typed_sink}"))).unwrap());
+        let sink_cfg: &[(&str, &str)] = if typed_sink {
+            &[("typed", "true")]
+        } else {
+            &[]
+        };
+        let mut chain = PluginChain::new(
+            vec![Stage::new(
+                spec(&filter, World::Transform, &[]),
+                Arc::new(PluginMetrics::default()),
+            )],
+            Stage::new(
+                spec(&null, World::Sink, sink_cfg),
+                Arc::new(PluginMetrics::default()),
+            ),
+            store,
+            Arc::new(Stats::default()),
+        );
+        rt.block_on(async {
+            chain.start().await.unwrap();
+            let mut v = Vec::new();
+            for _ in 0..ROUNDS {
+                let t = Instant::now();
+                chain.write(&b).await.unwrap();
+                v.push(per(t.elapsed()));
+            }
+            median(v)
+        })
+    };
+    let chain_encoded_ns = chain(false);
+    let chain_typed_ns = chain(true);
 
     println!("plugin boundary, {CHANGES}-change batches of 10-column rows, median of {ROUNDS} (ns per change)");
-    println!("  convert host batch -> WIT values            {convert_ns:8.0}");
-    println!("  transform-filter process (keep-all)         {filter_all_ns:8.0}");
-    println!("  transform-filter process (where, keeps 1/2) {filter_half_ns:8.0}");
-    println!("  sink-null write                             {sink_ns:8.0}");
-    println!("  chain: convert + filter + sink              {chain_ns:8.0}");
+    println!("                                               typed   encoded");
+    println!("  host: prepare the batch                     {convert_ns:6.0}  {encode_ns:8.0}");
+    println!(
+        "  transform-filter, keep-all                  {:6.0}  {:8.0}",
+        figures[0], figures[1]
+    );
+    println!(
+        "  transform-filter, where (keeps half)        {:6.0}  {:8.0}",
+        figures[2], figures[3]
+    );
+    println!(
+        "  sink-null (reads every value)               {:6.0}  {:8.0}",
+        figures[4], figures[5]
+    );
+    println!("  chain: filter (encoded) + sink, end to end  {chain_typed_ns:6.0}  {chain_encoded_ns:8.0}");
 }

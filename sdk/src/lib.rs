@@ -66,6 +66,7 @@
 #![warn(missing_docs)]
 
 pub mod bindings;
+pub mod encoded;
 pub mod http;
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub mod testing;
@@ -90,6 +91,8 @@ pub type Datum = wit::types::Datum;
 pub type Op = wit::types::Op;
 /// A relation's shape changed.
 pub type SchemaChange = wit::types::SchemaChange;
+/// A batch in the compact encoding (see [`encoded`]).
+pub type EncodedBatch = wit::types::EncodedBatch;
 /// What a sink wants from the host.
 pub type SinkInfo = bindings::sink::SinkInfo;
 /// A change a sink refuses for good.
@@ -104,6 +107,7 @@ impl Default for SinkInfo {
         SinkInfo {
             preferred_batch_size: None,
             needs_full_rows: false,
+            prefers_encoded: false,
         }
     }
 }
@@ -258,6 +262,14 @@ pub trait Sink: Sized + 'static {
     fn init(config: &Config) -> Result<(Self, SinkInfo), String>;
     /// Writes a batch; `Ok` acknowledges it.
     fn write(&mut self, batch: &Batch) -> Result<(), SinkError>;
+    /// Writes a batch in the compact encoding (called instead of `write` when `init`
+    /// returned `prefers_encoded: true`). Default: decode and call `write`.
+    fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
+        let b = batch
+            .decode()
+            .map_err(|e| SinkError::Fatal(e.to_string()))?;
+        self.write(&b)
+    }
     /// Applies a schema change (before the next batch). Default: nothing to do.
     fn apply_schema_change(&mut self, change: &SchemaChange) -> Result<(), SinkError> {
         let _ = change;
@@ -271,6 +283,15 @@ pub trait Transform: Sized + 'static {
     fn init(config: &Config) -> Result<Self, String>;
     /// Decides what goes on from a batch.
     fn process(&mut self, batch: &Batch) -> Result<TransformResult, String>;
+    /// True: the host calls [`Transform::process_encoded`] instead of `process`.
+    fn prefers_encoded(&self) -> bool {
+        false
+    }
+    /// `process` for the compact encoding. Default: decode and call `process`.
+    fn process_encoded(&mut self, batch: &EncodedBatch) -> Result<TransformResult, String> {
+        let b = batch.decode()?;
+        self.process(&b)
+    }
 }
 
 /// Exports a [`Sink`] implementation as the component's `sink` world.
@@ -294,6 +315,12 @@ macro_rules! export_sink {
                 fn write(batch: $crate::Batch) -> ::core::result::Result<(), $crate::bindings::sink::SinkError> {
                     STATE.with(|s| match s.borrow_mut().as_mut() {
                         ::core::option::Option::Some(sink) => $crate::Sink::write(sink, &batch).map_err(::core::convert::Into::into),
+                        ::core::option::Option::None => ::core::result::Result::Err($crate::SinkError::Fatal("write before init".into()).into()),
+                    })
+                }
+                fn write_encoded(batch: $crate::EncodedBatch) -> ::core::result::Result<(), $crate::bindings::sink::SinkError> {
+                    STATE.with(|s| match s.borrow_mut().as_mut() {
+                        ::core::option::Option::Some(sink) => $crate::Sink::write_encoded(sink, &batch).map_err(::core::convert::Into::into),
                         ::core::option::Option::None => ::core::result::Result::Err($crate::SinkError::Fatal("write before init".into()).into()),
                     })
                 }
@@ -325,10 +352,17 @@ macro_rules! export_transform {
             }
             impl $crate::bindings::transform::Guest for __DbmazzTransform {
                 fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::core::result::Result<(), ::std::string::String> {
+                    -> ::core::result::Result<$crate::bindings::transform::TransformInfo, ::std::string::String> {
                     let t = <$t as $crate::Transform>::init(&$crate::Config::new(config))?;
+                    let info = $crate::bindings::transform::TransformInfo { prefers_encoded: $crate::Transform::prefers_encoded(&t) };
                     STATE.with(|s| *s.borrow_mut() = ::core::option::Option::Some(t));
-                    ::core::result::Result::Ok(())
+                    ::core::result::Result::Ok(info)
+                }
+                fn process_encoded(batch: $crate::EncodedBatch) -> ::core::result::Result<$crate::TransformResult, ::std::string::String> {
+                    STATE.with(|s| match s.borrow_mut().as_mut() {
+                        ::core::option::Option::Some(t) => $crate::Transform::process_encoded(t, &batch),
+                        ::core::option::Option::None => ::core::result::Result::Err("process before init".into()),
+                    })
                 }
                 fn process(batch: $crate::Batch) -> ::core::result::Result<$crate::TransformResult, ::std::string::String> {
                     STATE.with(|s| match s.borrow_mut().as_mut() {

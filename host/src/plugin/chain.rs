@@ -91,10 +91,109 @@ pub fn change_json(batch: &wit::Batch, c: &wit::Change) -> Json {
 }
 
 enum Failure {
-    /// Give up on the batch: dead-letter it with this reason.
+    /// Give up on the batch: dead-letter all of it with this reason.
     DeadLetter(String),
+    /// Some changes were dead-lettered (already stored); the rest was written.
+    Partial,
     /// Return to delivery.
     Sink(SinkError),
+}
+
+/// The batch as it moves through the chain: the host's own batch with the indices still
+/// selected (cheap; encoded on demand for plugins that prefer the compact encoding), or
+/// typed records (after a plugin replaced the changes, or for plugins that want them).
+enum Repr {
+    Host(Option<Vec<u32>>),
+    Typed(wit::Batch),
+}
+
+impl Repr {
+    fn len(&self, batch: &Batch) -> usize {
+        match self {
+            Repr::Host(None) => batch.changes.len(),
+            Repr::Host(Some(sel)) => sel.len(),
+            Repr::Typed(wb) => wb.changes.len(),
+        }
+    }
+
+    /// Materializes typed records.
+    fn typed(&mut self, batch: &Batch) -> Result<&wit::Batch, String> {
+        if let Repr::Host(sel) = self {
+            let wb = convert::batch_selected(batch, sel.as_deref())
+                .map_err(|e| format!("undecodable value: {e}"))?;
+            *self = Repr::Typed(wb);
+        }
+        match self {
+            Repr::Typed(wb) => Ok(wb),
+            Repr::Host(_) => unreachable!("just converted"),
+        }
+    }
+
+    /// Keeps the changes at `indices` (of the current view).
+    fn keep(&mut self, batch: &Batch, indices: &[u32]) -> Result<(), String> {
+        let n = self.len(batch);
+        if let Some(bad) = indices.iter().find(|&&i| i as usize >= n) {
+            return Err(format!("kept index {bad} of a batch of {n}"));
+        }
+        if !indices.windows(2).all(|w| w[0] < w[1]) {
+            return Err("kept indices are not strictly ascending".into());
+        }
+        match self {
+            Repr::Host(sel) => {
+                let picked = match sel {
+                    None => indices.to_vec(),
+                    Some(s) => indices.iter().map(|&i| s[i as usize]).collect(),
+                };
+                *sel = Some(picked);
+            }
+            Repr::Typed(wb) => {
+                let mut keep = vec![false; wb.changes.len()];
+                for &i in indices {
+                    keep[i as usize] = true;
+                }
+                let mut it = keep.iter();
+                wb.changes.retain(|_| *it.next().unwrap_or(&false));
+            }
+        }
+        Ok(())
+    }
+
+    /// Dead letters for changes at `indices` of the current view.
+    fn letters(
+        &self,
+        batch: &Batch,
+        indices: impl Iterator<Item = (u32, String)>,
+    ) -> Vec<DeadLetter> {
+        indices
+            .filter_map(|(i, reason)| {
+                let payload = match self {
+                    Repr::Host(sel) => {
+                        let h = sel
+                            .as_ref()
+                            .map_or(Some(i), |s| s.get(i as usize).copied())?;
+                        host_change_json(batch, h as usize)?
+                    }
+                    Repr::Typed(wb) => change_json(wb, wb.changes.get(i as usize)?),
+                };
+                Some(DeadLetter {
+                    batch_id: batch.id,
+                    index: i,
+                    reason,
+                    payload: serde_json::to_vec(&payload).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The original change as JSON (the JSONL sink's shape), or its position when a value
+/// does not decode.
+fn host_change_json(batch: &Batch, i: usize) -> Option<Json> {
+    let c = batch.changes.get(i)?;
+    Some(crate::delivery::jsonl::change_json(batch.id, c).unwrap_or_else(|e| {
+        json!({"table": c.relation.qualified_name(), "op": c.op.as_str(), "commit_lsn": c.position.commit_lsn.to_string(),
+               "seq": c.position.seq, "lsn": c.lsn.to_string(), "undecodable": e.message})
+    }))
 }
 
 impl PluginChain {
@@ -127,22 +226,7 @@ impl PluginChain {
         &self.sink
     }
 
-    fn dead_letter(
-        &self,
-        wb: &wit::Batch,
-        indices: impl Iterator<Item = (u32, String)>,
-    ) -> Result<(), SinkError> {
-        let letters: Vec<DeadLetter> = indices
-            .filter_map(|(i, reason)| {
-                let c = wb.changes.get(i as usize)?;
-                Some(DeadLetter {
-                    batch_id: wb.id,
-                    index: i,
-                    reason,
-                    payload: serde_json::to_vec(&change_json(wb, c)).unwrap_or_default(),
-                })
-            })
-            .collect();
+    fn store_letters(&self, letters: Vec<DeadLetter>) -> Result<(), SinkError> {
         let n = letters.len() as u64;
         tokio::task::block_in_place(|| self.store.put_dead_letters(&letters)).map_err(|e| {
             SinkError {
@@ -152,42 +236,43 @@ impl PluginChain {
             }
         })?;
         self.stats.dead_letters.fetch_add(n, Ordering::Relaxed);
-        tracing::warn!(
-            batch = wb.id,
-            changes = n,
-            "changes sent to the dead-letter store"
-        );
+        if n > 0 {
+            tracing::warn!(batch = letters[0].batch_id, changes = n, reason = %letters[0].reason, "changes sent to the dead-letter store");
+        }
         Ok(())
     }
 
-    async fn run_once(
-        &mut self,
-        batch: &Batch,
-        wb: &mut wit::Batch,
-    ) -> Result<Result<(), Failure>, CallError> {
+    async fn run_once(&mut self, batch: &Batch) -> Result<Result<(), Failure>, CallError> {
+        let mut repr = Repr::Host(None);
         for t in &mut self.transforms {
-            match t.process(wb).await? {
+            let result = match &repr {
+                Repr::Host(sel) if t.prefers_encoded() => {
+                    t.process_encoded(&convert::encode(batch, sel.as_deref()))
+                        .await?
+                }
+                _ => match repr.typed(batch) {
+                    Ok(wb) => t.process(wb).await?,
+                    Err(e) => return Ok(Err(Failure::DeadLetter(e))),
+                },
+            };
+            match result {
                 Ok(transform_world::TransformResult::KeepAll) => {}
                 Ok(transform_world::TransformResult::Keep(indices)) => {
-                    let mut keep = vec![false; wb.changes.len()];
-                    for i in indices {
-                        match keep.get_mut(i as usize) {
-                            Some(k) => *k = true,
-                            None => {
-                                return Ok(Err(Failure::DeadLetter(format!(
-                                    "transform {} kept index {i} of a batch of {}",
-                                    t.name(),
-                                    wb.changes.len()
-                                ))))
-                            }
-                        }
+                    if let Err(e) = repr.keep(batch, &indices) {
+                        return Ok(Err(Failure::DeadLetter(format!(
+                            "transform {}: {e}",
+                            t.name()
+                        ))));
                     }
-                    let mut it = keep.iter();
-                    wb.changes.retain(|_| *it.next().unwrap_or(&false));
                 }
                 Ok(transform_world::TransformResult::Replace((relations, changes))) => {
-                    wb.relations = relations;
-                    wb.changes = changes;
+                    repr = Repr::Typed(wit::Batch {
+                        id: batch.id,
+                        first_lsn: batch.first.commit_lsn.0,
+                        last_lsn: batch.last.commit_lsn.0,
+                        relations,
+                        changes,
+                    });
                 }
                 Err(message) => {
                     return Ok(Err(Failure::DeadLetter(format!(
@@ -203,19 +288,30 @@ impl PluginChain {
                 .apply_schema_change(&convert::schema_change(sc))
                 .await?
             {
-                return Ok(Err(self.sink_failure(wb, e)));
+                return Ok(Err(self.sink_failure(batch, &repr, e)));
             }
         }
-        if wb.changes.is_empty() {
+        if repr.len(batch) == 0 {
             return Ok(Ok(()));
         }
-        match self.sink.write(wb).await? {
+        let written = match &repr {
+            Repr::Host(sel) if self.sink.prefers_encoded() => {
+                self.sink
+                    .write_encoded(&convert::encode(batch, sel.as_deref()))
+                    .await?
+            }
+            _ => match repr.typed(batch) {
+                Ok(wb) => self.sink.write(wb).await?,
+                Err(e) => return Ok(Err(Failure::DeadLetter(e))),
+            },
+        };
+        match written {
             Ok(()) => Ok(Ok(())),
-            Err(e) => Ok(Err(self.sink_failure(wb, e))),
+            Err(e) => Ok(Err(self.sink_failure(batch, &repr, e))),
         }
     }
 
-    fn sink_failure(&self, wb: &wit::Batch, e: sink_world::SinkError) -> Failure {
+    fn sink_failure(&self, batch: &Batch, repr: &Repr, e: sink_world::SinkError) -> Failure {
         match e {
             sink_world::SinkError::Retryable((message, after)) => Failure::Sink(SinkError {
                 message: format!("sink {}: {message}", self.sink.name()),
@@ -231,8 +327,8 @@ impl PluginChain {
                 let reasons = list
                     .into_iter()
                     .map(|r| (r.index, format!("sink {}: {}", self.sink.name(), r.reason)));
-                match self.dead_letter(wb, reasons) {
-                    Ok(()) => Failure::DeadLetter(String::new()),
+                match self.store_letters(repr.letters(batch, reasons)) {
+                    Ok(()) => Failure::Partial,
                     Err(e) => Failure::Sink(e),
                 }
             }
@@ -242,49 +338,19 @@ impl PluginChain {
 
 impl Sink for PluginChain {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let original = match convert::batch(batch) {
-            Ok(b) => b,
-            Err(e) => {
-                // A value that does not parse as its type: nothing a retry can fix.
-                tracing::error!(batch = batch.id, error = %e, "undecodable value; dead-lettering the batch");
-                let letters: Vec<DeadLetter> = batch
-                    .changes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| DeadLetter {
-                        batch_id: batch.id,
-                        index: i as u32,
-                        reason: format!("undecodable value: {e}"),
-                        payload: serde_json::to_vec(&json!({
-                            "table": c.relation.qualified_name(), "op": c.op.as_str(),
-                            "commit_lsn": c.position.commit_lsn.to_string(), "seq": c.position.seq, "lsn": c.lsn.to_string(),
-                        }))
-                        .unwrap_or_default(),
-                    })
-                    .collect();
-                tokio::task::block_in_place(|| self.store.put_dead_letters(&letters)).map_err(
-                    |e| SinkError {
-                        message: e.to_string(),
-                        retryable: true,
-                        retry_after: None,
-                    },
-                )?;
-                self.stats
-                    .dead_letters
-                    .fetch_add(letters.len() as u64, Ordering::Relaxed);
-                return Ok(());
-            }
+        let everything = |reason: &str| {
+            Repr::Host(None).letters(
+                batch,
+                (0..batch.changes.len() as u32).map(|i| (i, reason.to_string())),
+            )
         };
         let mut backoff = self.retry_backoff;
         for attempt in 1..=self.max_attempts {
-            let mut wb = original.clone();
-            match self.run_once(batch, &mut wb).await {
-                Ok(Ok(())) => return Ok(()),
+            match self.run_once(batch).await {
+                Ok(Ok(())) | Ok(Err(Failure::Partial)) => return Ok(()),
                 Ok(Err(Failure::Sink(e))) => return Err(e),
-                Ok(Err(Failure::DeadLetter(reason))) if reason.is_empty() => return Ok(()), // partial dead letters, stored
                 Ok(Err(Failure::DeadLetter(reason))) => {
-                    let all = (0..original.changes.len() as u32).map(|i| (i, reason.clone()));
-                    return self.dead_letter(&original, all);
+                    return self.store_letters(everything(&reason))
                 }
                 Err(CallError::Init { plugin, message }) => {
                     return Err(SinkError {
@@ -296,11 +362,7 @@ impl Sink for PluginChain {
                 Err(e) => {
                     tracing::warn!(batch = batch.id, attempt, max_attempts = self.max_attempts, error = %e, "plugin call failed");
                     if attempt == self.max_attempts {
-                        let reason = e.to_string();
-                        return self.dead_letter(
-                            &original,
-                            (0..original.changes.len() as u32).map(|i| (i, reason.clone())),
-                        );
+                        return self.store_letters(everything(&e.to_string()));
                     }
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;

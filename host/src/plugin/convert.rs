@@ -67,15 +67,95 @@ fn row(rel: &RelationInfo, t: &TupleData) -> Result<Vec<wit::Datum>, ValueError>
         .collect()
 }
 
+fn op_byte(op: Op) -> u8 {
+    match op {
+        Op::Insert => b'I',
+        Op::Update => b'U',
+        Op::Delete => b'D',
+        Op::Truncate => b'T',
+    }
+}
+
+/// Encodes a batch (or the changes at `selection`, ascending indices) in the compact
+/// encoding of `wit/dbmazz-plugin.wit` (`encoded-batch`). Tuples are copied verbatim from
+/// the replication messages.
+pub fn encode(b: &Batch, selection: Option<&[u32]>) -> wit::EncodedBatch {
+    let mut relations: Vec<wit::Relation> = Vec::new();
+    let mut seen: HashMap<u32, ()> = HashMap::new();
+    let size: usize = b
+        .changes
+        .iter()
+        .map(|c| 40 + c.value_bytes() + 8 * c.relation.columns.len())
+        .sum();
+    let mut data = Vec::with_capacity(size);
+    let mut count = 0u32;
+    let mut push = |c: &crate::pipeline::change::Change| {
+        if seen.insert(c.relation.id, ()).is_none() {
+            relations.push(relation(&c.relation));
+        }
+        data.push(op_byte(c.op));
+        data.extend_from_slice(&c.relation.id.to_be_bytes());
+        data.extend_from_slice(&c.lsn.0.to_be_bytes());
+        data.extend_from_slice(&c.position.commit_lsn.0.to_be_bytes());
+        data.extend_from_slice(&c.xid.to_be_bytes());
+        data.extend_from_slice(&c.commit_time_us.to_be_bytes());
+        let mut flags = 0u8;
+        if let Some((kind, _)) = &c.old {
+            flags |= 1;
+            if *kind == OldKind::Key {
+                flags |= 2;
+            }
+        }
+        if c.new.is_some() {
+            flags |= 4;
+        }
+        data.push(flags);
+        if let Some((_, t)) = &c.old {
+            data.extend_from_slice(t.wire_bytes());
+        }
+        if let Some(t) = &c.new {
+            data.extend_from_slice(t.wire_bytes());
+        }
+        count += 1;
+    };
+    match selection {
+        None => b.changes.iter().for_each(&mut push),
+        Some(sel) => sel
+            .iter()
+            .filter_map(|&i| b.changes.get(i as usize))
+            .for_each(&mut push),
+    }
+    wit::EncodedBatch {
+        id: b.id,
+        first_lsn: b.first.commit_lsn.0,
+        last_lsn: b.last.commit_lsn.0,
+        relations,
+        count,
+        data,
+    }
+}
+
 /// Converts a batch. Relations are listed once each.
 ///
 /// # Errors
 /// A value that does not parse as its column's type.
 pub fn batch(b: &Batch) -> Result<wit::Batch, ValueError> {
+    batch_selected(b, None)
+}
+
+/// Converts the changes at `selection` (ascending indices), or all of them.
+///
+/// # Errors
+/// A value that does not parse as its column's type.
+pub fn batch_selected(b: &Batch, selection: Option<&[u32]>) -> Result<wit::Batch, ValueError> {
     let mut relations: Vec<wit::Relation> = Vec::new();
     let mut seen: HashMap<u32, ()> = HashMap::new();
     let mut changes = Vec::with_capacity(b.changes.len());
-    for c in &b.changes {
+    let picked: Box<dyn Iterator<Item = &crate::pipeline::change::Change>> = match selection {
+        None => Box::new(b.changes.iter()),
+        Some(sel) => Box::new(sel.iter().filter_map(|&i| b.changes.get(i as usize))),
+    };
+    for c in picked {
         if seen.insert(c.relation.id, ()).is_none() {
             relations.push(relation(&c.relation));
         }

@@ -77,6 +77,8 @@ pub struct Stage {
     live: Option<(Store<PluginState>, Live)>,
     /// What the sink asked for in `init`, once initialized.
     pub sink_info: Option<sink_world::SinkInfo>,
+    /// What the transform asked for in `init`, once initialized.
+    pub transform_info: Option<transform_world::TransformInfo>,
     /// Calls made.
     pub calls: u64,
     /// Instances dropped after a trap.
@@ -130,6 +132,7 @@ impl Stage {
             metrics,
             live: None,
             sink_info: None,
+            transform_info: None,
             calls: 0,
             traps: 0,
         }
@@ -198,7 +201,7 @@ impl Stage {
                     Err(e) => return Err(self.trap(e)),
                 };
                 match inst.call_init(&mut store, &config).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(info)) => self.transform_info = Some(info),
                     Ok(Err(message)) => return Err(CallError::Init { plugin, message }),
                     Err(e) => return Err(self.trap(e)),
                 }
@@ -244,6 +247,65 @@ impl Stage {
             Ok(r) => Ok(r),
             Err(e) => Err(self.trap(e)),
         }
+    }
+
+    /// True when the plugin asked for the compact encoding in `init`.
+    pub fn prefers_encoded(&self) -> bool {
+        self.sink_info.as_ref().is_some_and(|i| i.prefers_encoded)
+            || self
+                .transform_info
+                .as_ref()
+                .is_some_and(|i| i.prefers_encoded)
+    }
+
+    /// Calls a sink's `write-encoded`.
+    ///
+    /// # Errors
+    /// As [`Stage::write`].
+    pub async fn write_encoded(
+        &mut self,
+        batch: &wit::EncodedBatch,
+    ) -> Result<Result<(), sink_world::SinkError>, CallError> {
+        self.ensure().await?;
+        self.arm()?;
+        let Some((store, Live::Sink(inst))) = &mut self.live else {
+            unreachable!("ensure made a sink instance")
+        };
+        match inst.call_write_encoded(&mut *store, batch).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.trap(e)),
+        }
+    }
+
+    /// Calls a transform's `process-encoded`.
+    ///
+    /// # Errors
+    /// As [`Stage::process`].
+    pub async fn process_encoded(
+        &mut self,
+        batch: &wit::EncodedBatch,
+    ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
+        self.ensure().await?;
+        self.arm()?;
+        let limit = self.spec.limits.max_output_bytes;
+        let Some((store, Live::Transform(inst))) = &mut self.live else {
+            unreachable!("ensure made a transform instance")
+        };
+        let r = match inst.call_process_encoded(&mut *store, batch).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.trap(e)),
+        };
+        if let Ok(transform_world::TransformResult::Replace((rels, changes))) = &r {
+            let bytes = approx_size(rels, changes);
+            if bytes > limit {
+                return Err(CallError::OutputTooLarge {
+                    plugin: self.spec.plugin.name.clone(),
+                    bytes,
+                    limit,
+                });
+            }
+        }
+        Ok(r)
     }
 
     /// Calls a sink's `apply-schema-change`.

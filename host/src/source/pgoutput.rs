@@ -283,6 +283,8 @@ pub enum RawDatum<'a> {
 pub struct TupleData {
     buf: Bytes,
     cols: Vec<ColumnRef>,
+    /// The tuple's bytes on the wire (from `ncols` to the end of the last value).
+    span: (u32, u32),
 }
 
 impl TupleData {
@@ -327,6 +329,13 @@ impl TupleData {
         self.cols
             .iter()
             .any(|c| c.kind == DatumKind::UnchangedToast)
+    }
+
+    /// The tuple exactly as pgoutput sent it (TupleData: `ncols u16`, then per column a
+    /// kind byte and, for `'t'`/`'b'`, `len u32` and the bytes). The plugin boundary's
+    /// compact encoding copies this verbatim.
+    pub fn wire_bytes(&self) -> &[u8] {
+        &self.buf[self.span.0 as usize..self.span.1 as usize]
     }
 
     /// Bytes of value data this tuple references (not counting the message header).
@@ -622,6 +631,7 @@ impl<'a> Reader<'a> {
     }
 
     fn tuple(&mut self) -> Result<TupleData, ParseError> {
+        let span_start = self.pos as u32;
         let ncols = self.u16()? as usize;
         // Each column takes at least one byte; refuse counts the input cannot hold
         // before allocating for them.
@@ -683,6 +693,7 @@ impl<'a> Reader<'a> {
         Ok(TupleData {
             buf: self.buf.clone(),
             cols,
+            span: (span_start, self.pos as u32),
         })
     }
 
@@ -1206,6 +1217,14 @@ mod tests {
             ]
         );
         assert!(i.new.has_unchanged_toast());
+        let mut expected = Vec::new();
+        let full = encode::insert(None, 7, &vals);
+        expected.extend_from_slice(&full[6..]);
+        assert_eq!(
+            i.new.wire_bytes(),
+            &expected[..],
+            "the tuple's wire bytes, verbatim"
+        );
     }
 
     #[test]

@@ -31,8 +31,11 @@
 
 use std::io::Write;
 
+use dbmazz_sdk::encoded::{RawValue, TupleView};
 use dbmazz_sdk::http::{self, HttpError, Request};
-use dbmazz_sdk::{export_sink, Batch, Config, Datum, Op, Relation, Sink, SinkError, SinkInfo};
+use dbmazz_sdk::{
+    export_sink, Batch, Config, Datum, EncodedBatch, Op, Relation, Sink, SinkError, SinkInfo,
+};
 use hmac::{Hmac, Mac};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -68,6 +71,63 @@ impl Serialize for DatumJson<'_> {
     }
 }
 
+/// A raw value of a column of type `oid`, as JSON, without allocating (except bytea).
+struct RawJson<'a>(u32, RawValue<'a>);
+
+impl Serialize for RawJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let t = match self.1 {
+            RawValue::Null => return s.serialize_unit(),
+            RawValue::UnchangedToast => return s.serialize_str(UNAVAILABLE),
+            RawValue::Binary(b) => return s.serialize_str(&base64(b)),
+            RawValue::Text(t) => t,
+        };
+        match self.0 {
+            16 => s.serialize_bool(t == "t"),
+            20 | 21 | 23 | 26 => match t.parse::<i64>() {
+                Ok(i) => s.serialize_i64(i),
+                Err(_) => s.serialize_str(t),
+            },
+            700 | 701 => match t.parse::<f64>() {
+                Ok(f) if f.is_finite() => s.serialize_f64(f),
+                _ => s.serialize_str(t),
+            },
+            17 => match dbmazz_sdk::encoded::bytea(t) {
+                Some(b) => s.serialize_str(&base64(&b)),
+                None => s.serialize_str(t),
+            },
+            114 | 3802 => match sonic_rs::from_str::<sonic_rs::LazyValue<'_>>(t) {
+                Ok(raw) => raw.serialize(s),
+                Err(_) => s.serialize_str(t),
+            },
+            _ => s.serialize_str(t),
+        }
+    }
+}
+
+struct RawRowJson<'a> {
+    relation: &'a Relation,
+    values: TupleView<'a>,
+}
+
+impl Serialize for RawRowJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.values.len()))?;
+        for (c, v) in self.relation.columns.iter().zip(self.values.iter()) {
+            let v = v.map_err(serde::ser::Error::custom)?;
+            m.serialize_entry(&c.name, &RawJson(c.type_oid, v))?;
+        }
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum AnyRow<'a> {
+    Typed(RowJson<'a>),
+    Raw(RawRowJson<'a>),
+}
+
 struct RowJson<'a> {
     relation: &'a Relation,
     values: &'a [Datum],
@@ -95,8 +155,8 @@ struct SourceInfo<'a> {
 
 #[derive(Serialize)]
 struct Envelope<'a> {
-    before: Option<RowJson<'a>>,
-    after: Option<RowJson<'a>>,
+    before: Option<AnyRow<'a>>,
+    after: Option<AnyRow<'a>>,
     op: &'static str,
     source: SourceInfo<'a>,
 }
@@ -196,13 +256,64 @@ impl Webhook {
                 subject: rel.qualified_name(),
                 datacontenttype: "application/json",
                 data: Envelope {
-                    before: c.old.as_deref().map(|values| RowJson {
-                        relation: rel,
-                        values,
+                    before: c.old.as_deref().map(|values| {
+                        AnyRow::Typed(RowJson {
+                            relation: rel,
+                            values,
+                        })
                     }),
-                    after: c.new.as_deref().map(|values| RowJson {
-                        relation: rel,
-                        values,
+                    after: c.new.as_deref().map(|values| {
+                        AnyRow::Typed(RowJson {
+                            relation: rel,
+                            values,
+                        })
+                    }),
+                    op: op_letter(c.op),
+                    source: SourceInfo {
+                        lsn: c.lsn,
+                        tx_id: c.xid,
+                        schema: &rel.schema,
+                        table: &rel.table,
+                        ts_ms: c.commit_time_us.div_euclid(1000),
+                    },
+                },
+            });
+        }
+        sonic_rs::to_vec(&events).map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))
+    }
+
+    /// The request body of an encoded batch: the same events as [`Webhook::body`].
+    pub fn body_encoded(&self, batch: &EncodedBatch) -> Result<Vec<u8>, SinkError> {
+        let fatal = |e: dbmazz_sdk::encoded::DecodeError| SinkError::Fatal(e.to_string());
+        let mut events = Vec::with_capacity(batch.count as usize);
+        for (i, c) in batch.changes().enumerate() {
+            let c = c.map_err(fatal)?;
+            let rel = batch.relation(c.relation).ok_or_else(|| {
+                SinkError::Fatal(format!(
+                    "change {i} refers to unknown relation {}",
+                    c.relation
+                ))
+            })?;
+            events.push(Event {
+                specversion: "1.0",
+                id: format!("{}:{i}", batch.id),
+                source: &self.source,
+                kind: format!("io.dbmazz.change.{}", c.op.as_str()),
+                time: rfc3339(c.commit_time_us),
+                subject: rel.qualified_name(),
+                datacontenttype: "application/json",
+                data: Envelope {
+                    before: c.old.map(|values| {
+                        AnyRow::Raw(RawRowJson {
+                            relation: rel,
+                            values,
+                        })
+                    }),
+                    after: c.new.map(|values| {
+                        AnyRow::Raw(RawRowJson {
+                            relation: rel,
+                            values,
+                        })
                     }),
                     op: op_letter(c.op),
                     source: SourceInfo {
@@ -220,7 +331,12 @@ impl Webhook {
 
     /// The full request for a batch (body compressed and signed as configured).
     pub fn request(&self, batch: &Batch) -> Result<Request, SinkError> {
-        let mut body = self.body(batch)?;
+        let body = self.body(batch)?;
+        self.request_for(batch.id, body)
+    }
+
+    fn request_for(&self, batch_id: u64, mut body: Vec<u8>) -> Result<Request, SinkError> {
+        let batch = IdOnly { id: batch_id };
         let mut req = Request::post(&self.url, Vec::new())
             .header("content-type", "application/cloudevents-batch+json")
             .header("idempotency-key", batch.id.to_string())
@@ -272,13 +388,7 @@ impl Sink for Webhook {
             timeout_ms: config.parse_or("timeout_ms", 10_000)?,
             source,
         };
-        Ok((
-            w,
-            SinkInfo {
-                preferred_batch_size: None,
-                needs_full_rows: false,
-            },
-        ))
+        Ok((w, SinkInfo::default()))
     }
 
     fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -286,6 +396,21 @@ impl Sink for Webhook {
             return Ok(());
         }
         let req = self.request(batch)?;
+        self.send(req, batch.id, batch.changes.len())
+    }
+
+    fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
+        if batch.count == 0 {
+            return Ok(());
+        }
+        let req = self.request_for(batch.id, self.body_encoded(batch)?)?;
+        self.send(req, batch.id, batch.count as usize)
+    }
+}
+
+impl Webhook {
+    fn send(&self, req: Request, batch_id: u64, changes: usize) -> Result<(), SinkError> {
+        let batch = IdOnly { id: batch_id };
         let resp = match http::send(&req) {
             Ok(r) => r,
             Err(HttpError::Denied(m)) => return Err(SinkError::Fatal(m)),
@@ -295,7 +420,7 @@ impl Sink for Webhook {
         dbmazz_sdk::metrics::counter_add("requests", 1);
         match resp.status {
             200..=299 => {
-                dbmazz_sdk::metrics::counter_add("events", batch.changes.len() as u64);
+                dbmazz_sdk::metrics::counter_add("events", changes as u64);
                 Ok(())
             }
             408 | 429 | 500..=599 => Err(SinkError::Retryable {
@@ -315,13 +440,15 @@ impl Sink for Webhook {
                     status = status
                 );
                 Err(SinkError::DeadLetter(
-                    (0..batch.changes.len() as u32)
-                        .map(|i| (i, reason.clone()))
-                        .collect(),
+                    (0..changes as u32).map(|i| (i, reason.clone())).collect(),
                 ))
             }
         }
     }
+}
+
+struct IdOnly {
+    id: u64,
 }
 
 export_sink!(Webhook);
@@ -390,6 +517,15 @@ mod tests {
            "data":{"before":null,"after":{"id":1,"note":"__debezium_unavailable_value","doc":null,"raw":null},"op":"u",
                    "source":{"lsn":2,"txId":1,"schema":"public","table":"orders","ts_ms":1700000000000}}}]"#).unwrap();
         assert_eq!(v, expected);
+    }
+
+    #[test]
+    fn encoded_body_equals_typed_body() {
+        let s = sink(&[]);
+        let enc = dbmazz_sdk::encoded::encode_for_tests(&batch());
+        let a: sonic_rs::Value = sonic_rs::from_slice(&s.body(&batch()).unwrap()).unwrap();
+        let b: sonic_rs::Value = sonic_rs::from_slice(&s.body_encoded(&enc).unwrap()).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

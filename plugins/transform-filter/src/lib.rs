@@ -14,6 +14,8 @@
 //! Result: keep-all when nothing is filtered, the kept indices when only rows are
 //! filtered, replacement changes (and relations) when columns are dropped or masked.
 
+use dbmazz_sdk::encoded::{self, ChangeView};
+use dbmazz_sdk::EncodedBatch;
 use dbmazz_sdk::{
     export_transform, Batch, Change, Config, Datum, Relation, Row, Transform, TransformResult,
 };
@@ -236,6 +238,48 @@ impl Filter {
         }
     }
 
+    /// `row_passes` on an encoded change: decodes only the predicates' columns.
+    pub fn encoded_row_passes(
+        &self,
+        rel: &Relation,
+        change: &ChangeView<'_>,
+    ) -> Result<bool, String> {
+        let Some(values) = change.new.or(change.old) else {
+            return Ok(true);
+        };
+        for p in &self.predicates {
+            let Some(i) = rel.columns.iter().position(|c| c.name == p.column()) else {
+                continue;
+            };
+            let Some(raw) = values.get(i) else { continue };
+            let d = encoded::datum(rel.columns[i].type_oid, raw?);
+            if !matches!(d, Datum::UnchangedToast) && !matches(p, &d) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// [`Filter::apply`] on the compact encoding (only used when no column is dropped or
+    /// masked).
+    pub fn apply_encoded(&self, batch: &EncodedBatch) -> Result<TransformResult, String> {
+        let mut keep = Vec::new();
+        for (i, c) in batch.changes().enumerate() {
+            let c = c?;
+            let Some(rel) = batch.relation(c.relation) else {
+                continue;
+            };
+            if self.table_passes(rel) && self.encoded_row_passes(rel, &c)? {
+                keep.push(i as u32);
+            }
+        }
+        Ok(if keep.len() == batch.count as usize {
+            TransformResult::KeepAll
+        } else {
+            TransformResult::Keep(keep)
+        })
+    }
+
     fn reshapes(&self) -> bool {
         !self.drop.is_empty() || !self.mask_columns.is_empty()
     }
@@ -358,6 +402,19 @@ impl Transform for Filter {
     fn process(&mut self, batch: &Batch) -> Result<TransformResult, String> {
         Ok(self.apply(batch))
     }
+
+    /// Selecting rows needs no typed values; dropping or masking columns builds
+    /// replacement changes, which the typed path does.
+    fn prefers_encoded(&self) -> bool {
+        !self.reshapes()
+    }
+
+    fn process_encoded(&mut self, batch: &EncodedBatch) -> Result<TransformResult, String> {
+        if self.reshapes() {
+            return Ok(self.apply(&batch.decode()?));
+        }
+        self.apply_encoded(batch)
+    }
 }
 
 export_transform!(Filter);
@@ -466,6 +523,23 @@ mod tests {
         assert!(Filter::init(&cfg(&[("wher", "x")]))
             .unwrap_err()
             .contains("unknown config key"));
+    }
+
+    #[test]
+    fn encoded_path_agrees_with_typed() {
+        let enc = dbmazz_sdk::encoded::encode_for_tests(&batch());
+        for w in [
+            "status = 'paid'",
+            "amount > 10 and status = 'paid'",
+            "id in (1, 2)",
+            "email is null",
+            "amount < 10",
+        ] {
+            let f =
+                Filter::init(&cfg(&[("where", w), ("exclude_tables", "public.audit_*")])).unwrap();
+            assert!(f.prefers_encoded());
+            assert_eq!(f.apply_encoded(&enc).unwrap(), f.apply(&batch()), "{w}");
+        }
     }
 
     #[test]
