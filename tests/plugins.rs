@@ -133,13 +133,18 @@ async fn webhook_retries_503_then_succeeds_and_400_goes_to_dead_letters() {
         .unwrap();
     // first batch: 503, 503, then 200; second batch: 400 (dead letters); third: 200
     let rx = Receiver::start(&[503, 503, 200, 400]).await;
+    // the host adds the credentials; the plugin's config never sees them
+    let sink = webhook_sink(&rx.url(), &rx.addr.to_string(), "").replace(
+        "capabilities = {",
+        &format!(
+            "capabilities = {{ http_auth = {{ \"{}\" = \"Bearer host-secret\" }},",
+            rx.addr
+        ),
+    );
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["t"],
-        &format!(
-            "[pipeline]\nflush_interval_ms = 20\n\n{}",
-            webhook_sink(&rx.url(), &rx.addr.to_string(), "")
-        ),
+        &format!("[pipeline]\nflush_interval_ms = 20\n\n{sink}"),
     );
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
@@ -166,6 +171,14 @@ async fn webhook_retries_503_then_succeeds_and_400_goes_to_dead_letters() {
         .unwrap();
     eventually(T, "the batch after", || d.log(), || rx.events().len() == 2);
     let reqs = rx.received();
+    assert!(
+        reqs.iter()
+            .all(|r| r.header("authorization") == Some("Bearer host-secret")),
+        "credentials injected by the host: {:?}\n{}",
+        reqs[0].headers,
+        std::fs::read_to_string(&pipe.config).unwrap()
+    );
+    assert!(!d.log().contains("host-secret"), "and never logged");
     let statuses: Vec<u16> = reqs.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [503, 503, 200, 400, 200]);
     // the retries carried the same batch and key

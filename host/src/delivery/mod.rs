@@ -143,7 +143,7 @@ async fn deliver_one<S: Sink>(
         match sink.write(&batch).await {
             Ok(()) => break,
             Err(e) if e.retryable => {
-                let wait = e.retry_after.map_or(backoff, |r| r.max(backoff));
+                let wait = e.retry_after.map_or(jitter(backoff), |r| r.max(backoff));
                 warn!(batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "sink write failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -174,6 +174,14 @@ async fn deliver_one<S: Sink>(
     debug!(batch = batch.id, confirmed = %cp.confirmed_lsn, "batch acknowledged and checkpointed");
     confirmed.send_replace(cp.confirmed_lsn);
     Ok(true)
+}
+
+/// `d` scaled by a factor in [0.8, 1.2), so many pipelines retrying one sink spread out.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d.mul_f64(0.8 + f64::from(nanos % 1000) / 2500.0)
 }
 
 fn commit(store: &Store, cp: &Checkpoint) -> Result<(), StoreError> {

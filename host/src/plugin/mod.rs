@@ -476,3 +476,72 @@ mod tests {
         assert!(!is_component(b"\x7fELF\x02\x01\x01\0"));
     }
 }
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    /// Builds a real component of the sink world of `dbmazz:plugin@<version>` (a dummy
+    /// module from the WIT, componentized), from a copy of `wit/` with the version
+    /// replaced.
+    fn component_of_version(dir: &Path, version: &str) -> PathBuf {
+        let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        // Without the wasi:http import (and so without wit/deps, whose `@unstable` items
+        // this wit-parser version cannot resolve): the test is about dbmazz's version.
+        let copy = dir.join(format!("wit-{version}"));
+        std::fs::create_dir_all(&copy).unwrap();
+        let text = std::fs::read_to_string(wit.join("dbmazz-plugin.wit"))
+            .unwrap()
+            .replace("dbmazz:plugin@0.1.0", &format!("dbmazz:plugin@{version}"))
+            .replace("import wasi:http/outgoing-handler@0.2.12;", "");
+        std::fs::write(copy.join("dbmazz-plugin.wit"), text).unwrap();
+        let mut resolve = wit_parser::Resolve::default();
+        let (pkg, _) = resolve.push_dir(&copy).unwrap();
+        let world = resolve.select_world(&[pkg], Some("sink")).unwrap();
+        let mut module =
+            wit_component::dummy_module(&resolve, world, wit_parser::ManglingAndAbi::Standard32);
+        wit_component::embed_component_metadata(
+            &mut module,
+            &resolve,
+            world,
+            wit_component::StringEncoding::UTF8,
+        )
+        .unwrap();
+        let bytes = wit_component::ComponentEncoder::default()
+            .module(&module)
+            .unwrap()
+            .validate(true)
+            .encode()
+            .unwrap();
+        let path = dir.join(format!("sink-{version}.wasm"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn another_major_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = PluginHost::new(None).unwrap();
+        let ok = component_of_version(dir.path(), "0.1.3");
+        let loaded = host.load(&ok, World::Sink).unwrap();
+        assert_eq!(
+            loaded.info.version.as_deref(),
+            Some("0.1.3"),
+            "a newer patch of the same minor loads"
+        );
+        let newer = component_of_version(dir.path(), "0.2.0");
+        let e = host.load(&newer, World::Sink).unwrap_err().to_string();
+        assert!(
+            e.contains("built against dbmazz:plugin@0.2.0")
+                && e.contains("implements dbmazz:plugin@0.1.0"),
+            "{e}"
+        );
+        let e = host.load(&ok, World::Transform).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "not a component of the world dbmazz:plugin/transform@0.1.0: it is a sink plugin"
+            ),
+            "{e}"
+        );
+    }
+}
