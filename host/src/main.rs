@@ -40,6 +40,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check a pipeline without changing anything: config, plugins, connection, setup
+    /// (dry run), replication, sink reachability. Exits non-zero on the first problem.
+    Check {
+        /// The pipeline's TOML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Work with plugin files.
     Plugin {
         #[command(subcommand)]
@@ -86,6 +93,14 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run(config).await,
+            Command::Check { config } => {
+                let mut out = std::io::stdout();
+                if dbmazz::check::check(&config, std::env::vars(), &mut out).await {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
             Command::Plugin {
                 command: PluginCommand::Inspect { file },
             } => inspect(&file),
