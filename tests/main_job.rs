@@ -303,3 +303,46 @@ async fn mixed_workload_survives_sigkill_and_drains_on_sigterm() {
         .get(0);
     assert_eq!(left, 0, "every change was confirmed after the drain");
 }
+
+#[test]
+fn quickstart_shows_events_and_cleans_up() {
+    let p = plugins();
+    let leftovers = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("dbmazz-quickstart-")
+            })
+            .count()
+    };
+    let before = leftovers();
+    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .args(["quickstart", "--seconds", "3", "--rate", "10", "--plugins"])
+        .arg(p.filter.parent().unwrap())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("insert  shop.customers") && text.contains("update  shop.orders"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("insert  shop.audit_log"),
+        "the filter drops the audit table: {text}"
+    );
+    assert!(text.contains("config: "), "{text}");
+    assert_eq!(
+        leftovers(),
+        before,
+        "the temporary cluster and files are removed"
+    );
+}

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod lsn;
 pub mod pipeline;
 pub mod plugin;
+pub mod quickstart;
 pub mod runtime;
 pub mod source;
 pub mod stats;

@@ -47,6 +47,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// A throwaway PostgreSQL, a pipeline through the filter and webhook plugins, a local
+    /// receiver printing what it gets, and a stream of changes. Ctrl-C cleans up.
+    Quickstart {
+        /// Seconds of generated changes (0: until Ctrl-C).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Transactions per second.
+        #[arg(long, default_value_t = 5)]
+        rate: u32,
+        /// Directory with transform_filter.wasm and sink_webhook.wasm (default: the
+        /// wasm32-wasip2 build next to this binary, or target/wasm32-wasip2/release).
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
     /// Work with plugin files.
     Plugin {
         #[command(subcommand)]
@@ -63,9 +77,9 @@ enum PluginCommand {
     },
 }
 
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DBMAZZ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -79,7 +93,13 @@ fn init_logs(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // The quickstart shows its own output; its logs only say what went wrong.
+    let default_level = if matches!(cli.command, Command::Quickstart { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logs(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -93,6 +113,26 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config } => run(config).await,
+            Command::Quickstart {
+                seconds,
+                rate,
+                plugins,
+            } => {
+                let plugins = plugins.unwrap_or_else(default_plugin_dir);
+                match dbmazz::quickstart::run(dbmazz::quickstart::Options {
+                    seconds,
+                    rate,
+                    plugins,
+                })
+                .await
+                {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        error!("quickstart: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
             Command::Check { config } => {
                 let mut out = std::io::stdout();
                 if dbmazz::check::check(&config, std::env::vars(), &mut out).await {
@@ -200,4 +240,18 @@ fn inspect(file: &std::path::Path) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `target/wasm32-wasip2/release` next to `target/release/dbmazz`, else relative to the
+/// current directory.
+fn default_plugin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.parent()?
+                .parent()
+                .map(|t| t.join("wasm32-wasip2/release"))
+        })
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("target/wasm32-wasip2/release"))
 }

@@ -1,0 +1,337 @@
+//! `dbmazz quickstart`: see changes flow, with nothing set up beforehand.
+//!
+//! Starts a throwaway PostgreSQL 15 in a temporary directory (from the installed server
+//! binaries, on a free port, as the `postgres` user when run as root), creates a small
+//! `shop` schema, starts a local webhook receiver that prints every CloudEvent it gets,
+//! runs a pipeline through `transform-filter` (drops `shop.audit_log`, masks e-mail
+//! addresses) and `sink-webhook`, and commits inserts, updates and deletes for a while,
+//! with a live line of counts. Ctrl-C (or the end of `--seconds`) drains the pipeline and
+//! removes everything.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::stats::Stats;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Options of `dbmazz quickstart`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long to generate changes (seconds); 0 = until Ctrl-C.
+    pub seconds: u64,
+    /// Transactions per second of the generated workload.
+    pub rate: u32,
+    /// Directory holding `transform_filter.wasm` and `sink_webhook.wasm`.
+    pub plugins: PathBuf,
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// Root may not run the PostgreSQL server: then its tools run as `postgres`.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+fn pg(tool: &str) -> Command {
+    let path = format!("{PG_BIN}/{tool}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = pg("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "stop"])
+            .output();
+    }
+}
+
+fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
+    if !Path::new(PG_BIN).join("initdb").exists() {
+        bail!("PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install postgresql-15");
+    }
+    if is_root() {
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir)
+            .status()
+            .context("chown the temporary directory to postgres")?;
+    }
+    let out = pg("initdb")
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-D",
+        ])
+        .arg(dir.join("data"))
+        .output()
+        .context("initdb")?;
+    if !out.status.success() {
+        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = format!(
+        "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\nfsync = off\n",
+        dir.display()
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("data/postgresql.conf"))?;
+    std::io::Write::write_all(&mut f, conf.as_bytes())?;
+    let out = pg("pg_ctl")
+        .args(["-w", "-D"])
+        .arg(dir.join("data"))
+        .arg("-l")
+        .arg(dir.join("postgres.log"))
+        .arg("start")
+        .output()
+        .context("pg_ctl")?;
+    if !out.status.success() {
+        bail!(
+            "PostgreSQL did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Cluster {
+        dir: dir.to_path_buf(),
+        port,
+    })
+}
+
+async fn receiver(bar: ProgressBar, events: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (bar, events) = (bar.clone(), events.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (bar, events) = (bar.clone(), events.clone());
+                        async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if let Ok(serde_json::Value::Array(list)) =
+                                serde_json::from_slice::<serde_json::Value>(&body)
+                            {
+                                for e in list {
+                                    events.fetch_add(1, Ordering::Relaxed);
+                                    let d = &e["data"];
+                                    let mut row = if d["after"].is_null() {
+                                        d["before"].clone()
+                                    } else {
+                                        d["after"].clone()
+                                    };
+                                    if let Some(o) = row.as_object_mut() {
+                                        o.remove("notes");
+                                    }
+                                    let kind = e["type"]
+                                        .as_str()
+                                        .unwrap_or("")
+                                        .rsplit('.')
+                                        .next()
+                                        .unwrap_or("");
+                                    bar.suspend(|| {
+                                        println!(
+                                            "{:>9}  {kind:<6}  {:<15} {row}",
+                                            e["id"].as_str().unwrap_or(""),
+                                            e["subject"].as_str().unwrap_or("")
+                                        )
+                                    });
+                                }
+                            }
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::new()),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Runs the quickstart (see the module docs).
+///
+/// # Errors
+/// PostgreSQL cannot start, the plugins are missing, or the pipeline fails.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let plugins = std::fs::canonicalize(&opts.plugins).unwrap_or(opts.plugins.clone());
+    let filter = plugins.join("transform_filter.wasm");
+    let webhook = plugins.join("sink_webhook.wasm");
+    for p in [&filter, &webhook] {
+        if !p.is_file() {
+            bail!("{} not found: build the plugins first: cargo build --release --target wasm32-wasip2 -p transform-filter -p sink-webhook", p.display());
+        }
+    }
+    let work = tempfile::Builder::new()
+        .prefix("dbmazz-quickstart-")
+        .tempdir()?;
+    let cluster = start_cluster(work.path())?;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        cluster.port
+    );
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    db.batch_execute(
+        "CREATE SCHEMA shop;
+         CREATE TABLE shop.customers (id serial PRIMARY KEY, name text NOT NULL, email text);
+         CREATE TABLE shop.orders (id serial PRIMARY KEY, customer_id int REFERENCES shop.customers,
+             amount numeric(10,2), status text, notes text, created_at timestamptz DEFAULT now());
+         ALTER TABLE shop.orders ALTER COLUMN notes SET STORAGE EXTERNAL;
+         CREATE TABLE shop.audit_log (id serial PRIMARY KEY, what text);",
+    )
+    .await?;
+
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let events = Arc::new(AtomicU64::new(0));
+    let hook = receiver(bar.clone(), events.clone()).await?;
+
+    let config_path = work.path().join("dbmazz.toml");
+    let toml = format!(
+        "[source]\nurl = {url:?}\ntables = [\"shop.customers\", \"shop.orders\", \"shop.audit_log\"]\nreplica_identity_full = true\n\n\
+         [pipeline]\nflush_interval_ms = 50\n\n\
+         [[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"shop.audit_*\"], mask_columns = [\"email\"], mask = \"sha256\" }}\n\n\
+         [sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [\"{hook}\"] }}\n\n\
+         [state]\ndir = {:?}\n",
+        filter.display().to_string(),
+        webhook.display().to_string(),
+        work.path().join("state").display().to_string(),
+    );
+    std::fs::write(&config_path, &toml)?;
+    let cfg = Config::load(&config_path, std::iter::empty())?;
+    bar.suspend(|| {
+        println!(
+            "PostgreSQL 15 on 127.0.0.1:{} (throwaway); webhook receiver on {hook}",
+            cluster.port
+        )
+    });
+    bar.suspend(|| {
+        println!(
+            "config: {} (copy it to start your own)",
+            config_path.display()
+        )
+    });
+    bar.suspend(|| println!("events as the receiver gets them (id = batch:index; shop.audit_log is filtered out, e-mails masked):"));
+
+    let stats = Arc::new(Stats::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pipeline = {
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move { crate::runtime::run(&cfg, stop_rx, stats).await })
+    };
+    // wait for the slot to be streaming
+    for _ in 0..300 {
+        let active: bool = db
+            .query_one(
+                "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots",
+                &[],
+            )
+            .await?
+            .get(0);
+        if active || pipeline.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let started = std::time::Instant::now();
+    let tick = Duration::from_secs_f64(1.0 / f64::from(opts.rate.max(1)));
+    let mut n: u64 = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        if pipeline.is_finished()
+            || (opts.seconds > 0 && started.elapsed() >= Duration::from_secs(opts.seconds))
+        {
+            break;
+        }
+        n += 1;
+        let notes = format!("{:x}", n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).repeat(200);
+        db.execute(
+            "WITH c AS (INSERT INTO shop.customers (name, email) VALUES ('customer ' || $1::int8, 'c' || $1::int8 || '@example.com') RETURNING id)
+             INSERT INTO shop.orders (customer_id, amount, status, notes) SELECT id, $1::int8 * 1.5, 'new', $2 FROM c",
+            &[&(n as i64), &notes],
+        )
+        .await?;
+        db.batch_execute(&format!(
+            "UPDATE shop.orders SET status = 'paid' WHERE id = {n};
+             DELETE FROM shop.orders WHERE id = {};
+             INSERT INTO shop.audit_log (what) VALUES ('dropped by transform-filter');",
+            n.saturating_sub(3)
+        ))
+        .await?;
+        let read = stats.messages_received.load(Ordering::Relaxed);
+        let delivered = stats.changes_delivered.load(Ordering::Relaxed);
+        let lag = stats
+            .received_lsn
+            .load(Ordering::Relaxed)
+            .saturating_sub(stats.confirmed_lsn.load(Ordering::Relaxed));
+        bar.set_message(format!(
+            "{n} transactions committed · {read} messages read · {delivered} changes delivered · {} events received · lag {lag} bytes",
+            events.load(Ordering::Relaxed)
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = &mut ctrl_c => break,
+        }
+    }
+    bar.suspend(|| {
+        println!(
+            "stopping: draining the pipeline, then removing PostgreSQL and the temporary files"
+        )
+    });
+    let _ = stop_tx.send(true);
+    let result = pipeline.await;
+    bar.finish_and_clear();
+    drop(db);
+    drop(cluster);
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
