@@ -28,8 +28,16 @@
 //! # ... or the built-in JSONL sink: kind = "jsonl", path = "changes.jsonl"
 //!
 //! [state]
-//! dir = "./dbmazz-data"             # RocksDB checkpoints and spill files
+//! dir = "./dbmazz-data"             # RocksDB checkpoints, spill files, compiled plugins
+//!
+//! [plugins]
+//! cache_dir = "/var/cache/dbmazz"   # optional; default state.dir/compiled
 //! ```
+//!
+//! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
+//! (`{ "host:port" = "Bearer ..." }`, added by the host, never shown to the plugin or
+//! logged), `kv` (bool). Per-stage `limits`: `memory_mb` (64), `call_timeout_ms` (5000),
+//! `max_output_mb` (64), `max_attempts` (3).
 //!
 //! Environment overrides, applied after the file: `DBMAZZ_<SECTION>__<KEY>` (for
 //! example `DBMAZZ_PIPELINE__FLUSH_SIZE=5000`; values parse as TOML, else as a string),
