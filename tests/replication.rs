@@ -768,3 +768,31 @@ async fn tls_require_and_verify_full() {
     assert!(!status.success());
     assert!(log.contains("certificate") || log.contains("TLS"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_with_a_stored_checkpoint_refuses_to_start() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let p = Pipeline::new(&pg.url(), &["t"], "flush_interval_ms = 20", false);
+    let mut d = p.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    p.wait_for(&d, T, "one change", |c| c.len() == 1);
+    d.signal("TERM");
+    assert!(d.wait(T).unwrap().success());
+    db.batch_execute("SELECT pg_drop_replication_slot('dbmazz_slot')")
+        .await
+        .unwrap();
+    let (status, log) = p.run_to_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(log.contains("replication slot \"dbmazz_slot\" does not exist, but the state directory holds a checkpoint"), "{log}");
+    let slots: i64 = db
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "no slot was created silently");
+}

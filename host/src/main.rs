@@ -162,7 +162,10 @@ async fn run(path: PathBuf) -> ExitCode {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         ) else {
-            error!("cannot install signal handlers");
+            error!("cannot install signal handlers; stop the process with SIGKILL");
+            // Keep the sender alive: a dropped sender would read as "shut down now".
+            let _keep = shutdown_tx;
+            std::future::pending::<()>().await;
             return;
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

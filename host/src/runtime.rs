@@ -148,6 +148,9 @@ impl Reader {
             if let Some(batch) = self.batcher.push(ev) {
                 self.hand(Delivery::Batch(batch)).await?;
             }
+            while let Some(batch) = self.batcher.next_ready() {
+                self.hand(Delivery::Batch(batch)).await?;
+            }
         }
         self.events = events;
         Ok(())
@@ -336,6 +339,17 @@ pub async fn run(
         system_id: system.system_id.clone(),
         slot: cfg.source.slot.clone(),
     })?;
+    let cp = store.checkpoint()?;
+    let pending = store.pending_intents(cp.last_batch_id)?;
+    if outcome.slot == SlotState::Missing
+        && (cp.last_batch_id != 0 || !cp.confirmed_lsn.is_zero() || !pending.is_empty())
+    {
+        return Err(SetupError::SlotLost {
+            slot: cfg.source.slot.clone(),
+            confirmed: cp.confirmed_lsn.to_string(),
+        }
+        .into());
+    }
     if outcome.slot == SlotState::Missing {
         match repl.create_slot(&cfg.source.slot, false).await {
             Ok(created) => {
@@ -351,8 +365,6 @@ pub async fn run(
         }
     }
 
-    let cp = store.checkpoint()?;
-    let pending = store.pending_intents(cp.last_batch_id)?;
     if !pending.is_empty() {
         info!(
             batches = pending.len(),

@@ -217,8 +217,16 @@ impl Sink for JsonlSink {
             retry_after: None,
         };
         tokio::task::block_in_place(|| {
-            self.file.write_all(&self.buf)?;
-            self.file.sync_data()
+            // A failed write (ENOSPC) must not leave half a line for the retry to append to.
+            let len = self.file.metadata()?.len();
+            let written = self
+                .file
+                .write_all(&self.buf)
+                .and_then(|()| self.file.sync_data());
+            if written.is_err() {
+                let _ = self.file.set_len(len);
+            }
+            written
         })
         .map_err(io)
     }

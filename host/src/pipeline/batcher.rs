@@ -59,6 +59,8 @@ pub struct Batcher {
     pending_schema: Vec<SchemaChange>,
     open: Option<Open>,
     pending_watermark: Option<Lsn>,
+    /// Batches cut but not yet returned (one push can cut two).
+    ready: VecDeque<Batch>,
 }
 
 impl Batcher {
@@ -76,6 +78,7 @@ impl Batcher {
             pending_schema: Vec::new(),
             open: None,
             pending_watermark: None,
+            ready: VecDeque::new(),
         }
     }
 
@@ -146,6 +149,18 @@ impl Batcher {
             }
         }
         let pos = c.position;
+        // Stored batches whose range lies wholly before this change, with nothing open:
+        // the stream no longer has their changes. Drop them; their ids are not reused.
+        while self.open.is_none() {
+            match self.replay.front() {
+                Some(intent) if pos > intent.last => {
+                    warn!(batch = intent.id, last = %intent.last, "a stored batch no longer appears in the stream; its id is retired");
+                    self.next_ready_id_after(intent.id);
+                    self.replay.pop_front();
+                }
+                _ => break,
+            }
+        }
         match &mut self.open {
             Some(o) => {
                 o.last = pos;
@@ -172,10 +187,28 @@ impl Batcher {
                 .is_some_and(|o| o.changes.len() >= self.flush_size),
         };
         if full {
-            debug_assert!(early.is_none());
-            return self.cut(false);
+            if let Some(b) = self.cut(false) {
+                if early.is_some() {
+                    // Both the early batch and this one: return the first, queue this.
+                    self.ready.push_back(b);
+                } else {
+                    return Some(b);
+                }
+            }
         }
         early
+    }
+
+    fn next_ready_id_after(&mut self, id: BatchId) {
+        if id >= self.next_id {
+            self.next_id = id + 1;
+        }
+    }
+
+    /// A batch cut by the last `push` beyond the one it returned. Call until `None`
+    /// after every `push`.
+    pub fn next_ready(&mut self) -> Option<Batch> {
+        self.ready.pop_front()
     }
 
     /// Cuts the open batch if its time is up (`now` ≥ [`Batcher::deadline`]).
@@ -186,8 +219,17 @@ impl Batcher {
         }
     }
 
-    /// Cuts the open batch now, whatever its size (used when draining).
+    /// Cuts the open batch now, whatever its size (used when draining). While stored
+    /// batches are being rebuilt, the open batch is dropped instead: cutting it would give
+    /// its stored id to part of its changes, and it was not acknowledged, so the next start
+    /// rebuilds it whole.
     pub fn flush(&mut self) -> Option<Batch> {
+        if self.replaying() {
+            if let Some(o) = self.open.take() {
+                tracing::info!(first = %o.first, changes = o.changes.len(), "dropping a partly rebuilt batch at shutdown; it is rebuilt at the next start");
+            }
+            return None;
+        }
         self.cut(true)
     }
 
@@ -289,6 +331,9 @@ mod tests {
                 if let Some(b) = batcher.push(e) {
                     batches.push(b);
                 }
+                while let Some(b) = batcher.next_ready() {
+                    batches.push(b);
+                }
             }
         }
         if let Some(b) = batcher.flush() {
@@ -371,6 +416,106 @@ mod tests {
         assert_eq!(again[1].0, 3);
         assert_eq!(again[1].1, first[2].1);
         assert_eq!(again.len(), 2);
+    }
+
+    #[test]
+    fn a_diverged_replay_loses_no_change() {
+        // Stored: batch 2 = 1000#0..1000#5, batch 3 = 1000#6..1000#7. The stream now has
+        // only 3 changes in the transaction at 1000, then a transaction at 2000.
+        let pending = vec![
+            BatchIntent {
+                id: 2,
+                first: Position {
+                    commit_lsn: Lsn(1000),
+                    seq: 0,
+                },
+                last: Position {
+                    commit_lsn: Lsn(1000),
+                    seq: 5,
+                },
+            },
+            BatchIntent {
+                id: 3,
+                first: Position {
+                    commit_lsn: Lsn(1000),
+                    seq: 6,
+                },
+                last: Position {
+                    commit_lsn: Lsn(1000),
+                    seq: 7,
+                },
+            },
+        ];
+        let mut b = Batcher::new(
+            100,
+            Duration::from_secs(60),
+            Resume {
+                last_batch_id: 1,
+                pending,
+                ..Resume::default()
+            },
+        );
+        let got = run(&mut b, 2, 3);
+        let all: Vec<(u64, u32)> = got.iter().flat_map(|(_, c, _)| c.clone()).collect();
+        assert_eq!(
+            all,
+            vec![
+                (1000, 0),
+                (1000, 1),
+                (1000, 2),
+                (2000, 0),
+                (2000, 1),
+                (2000, 2)
+            ],
+            "every change delivered once: {got:?}"
+        );
+        let ids: Vec<u64> = got.iter().map(|(id, _, _)| *id).collect();
+        assert_eq!(
+            ids,
+            vec![2, 4],
+            "batch 2 keeps its id for its surviving start; batch 3's id is retired, not reused"
+        );
+    }
+
+    #[test]
+    fn a_drain_during_replay_does_not_reuse_the_id_for_part_of_the_batch() {
+        let pending = vec![BatchIntent {
+            id: 5,
+            first: Position {
+                commit_lsn: Lsn(1000),
+                seq: 0,
+            },
+            last: Position {
+                commit_lsn: Lsn(1000),
+                seq: 9,
+            },
+        }];
+        let mut b = Batcher::new(
+            100,
+            Duration::from_secs(60),
+            Resume {
+                last_batch_id: 4,
+                pending,
+                ..Resume::default()
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        let mut out = Vec::new();
+        for m in [
+            encode::begin(Lsn(1000), 0, 1),
+            encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]),
+            encode::insert(None, 1, &[Val::Text("1")]),
+        ] {
+            a.handle(Lsn(1), Bytes::from(m), &mut out).unwrap();
+        }
+        for e in out.drain(..) {
+            assert!(b.push(e).is_none());
+        }
+        assert!(
+            b.flush().is_none(),
+            "batch 5 is not cut with 1 of its 10 changes"
+        );
     }
 
     #[test]

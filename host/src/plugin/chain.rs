@@ -93,6 +93,8 @@ pub fn change_json(batch: &wit::Batch, c: &wit::Change) -> Json {
 enum Failure {
     /// Give up on the batch: dead-letter all of it with this reason.
     DeadLetter(String),
+    /// Worth another attempt (a transform returned an error).
+    Retry(String),
     /// Some changes were dead-lettered (already stored); the rest was written.
     Partial,
     /// Return to delivery.
@@ -158,26 +160,27 @@ impl Repr {
         Ok(())
     }
 
-    /// Dead letters for changes at `indices` of the current view.
+    /// Dead letters for changes at `indices` of the current view, keyed by their index in
+    /// the original batch when known. `None` when an index is out of range.
     fn letters(
         &self,
         batch: &Batch,
         indices: impl Iterator<Item = (u32, String)>,
-    ) -> Vec<DeadLetter> {
+    ) -> Option<Vec<DeadLetter>> {
         indices
-            .filter_map(|(i, reason)| {
-                let payload = match self {
+            .map(|(i, reason)| {
+                let (index, payload) = match self {
                     Repr::Host(sel) => {
                         let h = sel
                             .as_ref()
                             .map_or(Some(i), |s| s.get(i as usize).copied())?;
-                        host_change_json(batch, h as usize)?
+                        (h, host_change_json(batch, h as usize)?)
                     }
-                    Repr::Typed(wb) => change_json(wb, wb.changes.get(i as usize)?),
+                    Repr::Typed(wb) => (i, change_json(wb, wb.changes.get(i as usize)?)),
                 };
                 Some(DeadLetter {
                     batch_id: batch.id,
-                    index: i,
+                    index,
                     reason,
                     payload: serde_json::to_vec(&payload).unwrap_or_default(),
                 })
@@ -243,6 +246,26 @@ impl PluginChain {
     }
 
     async fn run_once(&mut self, batch: &Batch) -> Result<Result<(), Failure>, CallError> {
+        // Schema changes first: they describe the stream, whatever the transforms keep,
+        // and must reach the sink even if this batch ends in the dead-letter store.
+        // (`apply-schema-change` may see the same change again after a retry or restart.)
+        for sc in &batch.schema_changes {
+            match self
+                .sink
+                .apply_schema_change(&convert::schema_change(sc))
+                .await?
+            {
+                Ok(()) => {}
+                Err(sink_world::SinkError::DeadLetter(_)) => {
+                    return Ok(Err(Failure::DeadLetter(format!(
+                        "sink {} refused the schema change of {}",
+                        self.sink.name(),
+                        sc.after.qualified_name()
+                    ))))
+                }
+                Err(e) => return Ok(Err(self.sink_failure(batch, &Repr::Host(None), e))),
+            }
+        }
         let mut repr = Repr::Host(None);
         for t in &mut self.transforms {
             let result = match &repr {
@@ -275,20 +298,11 @@ impl PluginChain {
                     });
                 }
                 Err(message) => {
-                    return Ok(Err(Failure::DeadLetter(format!(
+                    return Ok(Err(Failure::Retry(format!(
                         "transform {} failed: {message}",
                         t.name()
                     ))))
                 }
-            }
-        }
-        for sc in &batch.schema_changes {
-            if let Err(e) = self
-                .sink
-                .apply_schema_change(&convert::schema_change(sc))
-                .await?
-            {
-                return Ok(Err(self.sink_failure(batch, &repr, e)));
             }
         }
         if repr.len(batch) == 0 {
@@ -324,12 +338,20 @@ impl PluginChain {
                 retry_after: None,
             }),
             sink_world::SinkError::DeadLetter(list) => {
+                let n = list.len();
                 let reasons = list
                     .into_iter()
                     .map(|r| (r.index, format!("sink {}: {}", self.sink.name(), r.reason)));
-                match self.store_letters(repr.letters(batch, reasons)) {
-                    Ok(()) => Failure::Partial,
-                    Err(e) => Failure::Sink(e),
+                match repr.letters(batch, reasons) {
+                    // An index outside the batch: do not guess, dead-letter the batch.
+                    None => Failure::DeadLetter(format!(
+                        "sink {} dead-lettered {n} changes by invalid index",
+                        self.sink.name()
+                    )),
+                    Some(letters) => match self.store_letters(letters) {
+                        Ok(()) => Failure::Partial,
+                        Err(e) => Failure::Sink(e),
+                    },
                 }
             }
         }
@@ -339,14 +361,16 @@ impl PluginChain {
 impl Sink for PluginChain {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let everything = |reason: &str| {
-            Repr::Host(None).letters(
-                batch,
-                (0..batch.changes.len() as u32).map(|i| (i, reason.to_string())),
-            )
+            Repr::Host(None)
+                .letters(
+                    batch,
+                    (0..batch.changes.len() as u32).map(|i| (i, reason.to_string())),
+                )
+                .unwrap_or_default()
         };
         let mut backoff = self.retry_backoff;
         for attempt in 1..=self.max_attempts {
-            match self.run_once(batch).await {
+            let reason = match self.run_once(batch).await {
                 Ok(Ok(())) | Ok(Err(Failure::Partial)) => return Ok(()),
                 Ok(Err(Failure::Sink(e))) => return Err(e),
                 Ok(Err(Failure::DeadLetter(reason))) => {
@@ -359,15 +383,15 @@ impl Sink for PluginChain {
                         retry_after: None,
                     })
                 }
-                Err(e) => {
-                    tracing::warn!(batch = batch.id, attempt, max_attempts = self.max_attempts, error = %e, "plugin call failed");
-                    if attempt == self.max_attempts {
-                        return self.store_letters(everything(&e.to_string()));
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
+                Ok(Err(Failure::Retry(reason))) => reason,
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(batch = batch.id, attempt, max_attempts = self.max_attempts, error = %reason, "plugin call failed");
+            if attempt == self.max_attempts {
+                return self.store_letters(everything(&reason));
             }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
         }
         Ok(())
     }

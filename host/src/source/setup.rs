@@ -73,6 +73,14 @@ pub enum SetupError {
         /// What is wrong (`a physical slot`, `for plugin wal2json`, `in database other`).
         what: String,
     },
+    /// The slot is gone but the state directory holds a position in it.
+    #[error("replication slot {slot:?} does not exist, but the state directory holds a checkpoint at {confirmed}: the changes after it are no longer kept by PostgreSQL. Recreate nothing silently: to start over from now (earlier changes are not replayed), remove state.dir and run again")]
+    SlotLost {
+        /// Slot name.
+        slot: String,
+        /// The stored confirmed LSN.
+        confirmed: String,
+    },
     /// A statement of a setup step failed.
     #[error("setup step {step:?} failed: {source}")]
     Step {
