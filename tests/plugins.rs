@@ -259,7 +259,7 @@ async fn misbehaving_plugins_are_contained() {
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
     let mut id = 0;
-    for (n, bad) in ["trap", "loop", "oom"].into_iter().enumerate() {
+    for (n, bad) in ["trap", "loop", "oom", "error"].into_iter().enumerate() {
         id += 1;
         db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &bad])
             .await
@@ -297,7 +297,7 @@ async fn misbehaving_plugins_are_contained() {
         .iter()
         .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
         .collect();
-    assert_eq!(delivered, [2, 4, 6]);
+    assert_eq!(delivered, [2, 4, 6, 8]);
     let log = d.log();
     assert!(log.contains("trapped"), "{log}");
     assert!(log.contains("exceeded its 300 ms deadline"), "{log}");
@@ -306,11 +306,15 @@ async fn misbehaving_plugins_are_contained() {
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
     let dead = pipe.dead_letters();
     let reasons: Vec<&str> = dead.iter().map(|l| l.reason.as_str()).collect();
-    assert_eq!(dead.len(), 3, "{reasons:?}");
+    assert_eq!(dead.len(), 4, "{reasons:?}");
     assert!(reasons[0].contains("trapped"), "{reasons:?}");
     assert!(reasons[1].contains("deadline"), "{reasons:?}");
     assert!(reasons[2].contains("memory"), "{reasons:?}");
-    for (l, v) in dead.iter().zip(["trap", "loop", "oom"]) {
+    assert!(
+        reasons[3].contains("transform fixture_misbehave failed: fixture asked to fail"),
+        "{reasons:?}"
+    );
+    for (l, v) in dead.iter().zip(["trap", "loop", "oom", "error"]) {
         let payload: serde_json::Value = serde_json::from_slice(&l.payload).unwrap();
         assert_eq!(payload["new"]["v"], v);
     }
