@@ -58,6 +58,16 @@
 //! call that exceeds its deadline or its memory cap is contained by the host: the
 //! instance is dropped and the batch retried on a fresh one, then dead-lettered.
 //!
+//! ## Speed: the compact encoding
+//!
+//! Typed records cost the host and the plugin about 0.8 µs per 10-column change each way.
+//! A plugin that returns `prefers_encoded: true` from `init` ([`SinkInfo`]) or
+//! [`Transform::prefers_encoded`] receives [`EncodedBatch`]es instead: the values as
+//! PostgreSQL's own bytes, read without copying through [`encoded`] (`batch.changes()`,
+//! `TupleView::iter`, [`encoded::datum`] when a typed value is needed). Implement
+//! [`Sink::write_encoded`] / [`Transform::process_encoded`]; the defaults decode and call the
+//! typed methods, so a plugin can start typed and move its hot path later.
+//!
 //! ## Testing without wasm or a database
 //!
 //! Natively (`cargo test`), the capability modules talk to an in-memory double instead of
