@@ -287,7 +287,6 @@ impl Stage {
     ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
         self.ensure().await?;
         self.arm()?;
-        let limit = self.spec.limits.max_output_bytes;
         let Some((store, Live::Transform(inst))) = &mut self.live else {
             unreachable!("ensure made a transform instance")
         };
@@ -295,16 +294,7 @@ impl Stage {
             Ok(r) => r,
             Err(e) => return Err(self.trap(e)),
         };
-        if let Ok(transform_world::TransformResult::Replace((rels, changes))) = &r {
-            let bytes = approx_size(rels, changes);
-            if bytes > limit {
-                return Err(CallError::OutputTooLarge {
-                    plugin: self.spec.plugin.name.clone(),
-                    bytes,
-                    limit,
-                });
-            }
-        }
+        self.check_output(&r)?;
         Ok(r)
     }
 
@@ -337,7 +327,6 @@ impl Stage {
     ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
         self.ensure().await?;
         self.arm()?;
-        let limit = self.spec.limits.max_output_bytes;
         let Some((store, Live::Transform(inst))) = &mut self.live else {
             unreachable!("ensure made a transform instance")
         };
@@ -345,8 +334,22 @@ impl Stage {
             Ok(r) => r,
             Err(e) => return Err(self.trap(e)),
         };
-        if let Ok(transform_world::TransformResult::Replace((rels, changes))) = &r {
-            let bytes = approx_size(rels, changes);
+        self.check_output(&r)?;
+        Ok(r)
+    }
+}
+
+impl Stage {
+    /// Refuses a `replace` result larger than the stage's `max_output_bytes`.
+    fn check_output(
+        &self,
+        r: &Result<transform_world::TransformResult, String>,
+    ) -> Result<(), CallError> {
+        if let Ok(transform_world::TransformResult::Replace((rels, changes))) = r {
+            let (bytes, limit) = (
+                approx_size(rels, changes),
+                self.spec.limits.max_output_bytes,
+            );
             if bytes > limit {
                 return Err(CallError::OutputTooLarge {
                     plugin: self.spec.plugin.name.clone(),
@@ -355,7 +358,7 @@ impl Stage {
                 });
             }
         }
-        Ok(r)
+        Ok(())
     }
 }
 

@@ -217,6 +217,10 @@ pub fn base64(b: &[u8]) -> String {
     out
 }
 
+fn unknown_relation(i: usize, relation: u32) -> SinkError {
+    SinkError::Fatal(format!("change {i} refers to unknown relation {relation}"))
+}
+
 fn op_letter(op: Op) -> &'static str {
     match op {
         Op::Insert => "c",
@@ -237,94 +241,108 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// One event: change `i` of batch `batch_id`, with its rows already wrapped.
+    #[allow(clippy::too_many_arguments)]
+    fn event<'a>(
+        &'a self,
+        batch_id: u64,
+        i: usize,
+        op: Op,
+        rel: &'a Relation,
+        lsn: u64,
+        xid: u32,
+        commit_time_us: i64,
+        before: Option<AnyRow<'a>>,
+        after: Option<AnyRow<'a>>,
+    ) -> Event<'a> {
+        Event {
+            specversion: "1.0",
+            id: format!("{batch_id}:{i}"),
+            source: &self.source,
+            kind: format!("io.dbmazz.change.{}", op.as_str()),
+            time: rfc3339(commit_time_us),
+            subject: rel.qualified_name(),
+            datacontenttype: "application/json",
+            data: Envelope {
+                before,
+                after,
+                op: op_letter(op),
+                source: SourceInfo {
+                    lsn,
+                    tx_id: xid,
+                    schema: &rel.schema,
+                    table: &rel.table,
+                    ts_ms: commit_time_us.div_euclid(1000),
+                },
+            },
+        }
+    }
+
     /// The request body: the CloudEvents batch (uncompressed).
     pub fn body(&self, batch: &Batch) -> Result<Vec<u8>, SinkError> {
         let mut events = Vec::with_capacity(batch.changes.len());
         for (i, c) in batch.changes.iter().enumerate() {
-            let rel = batch.relation_of(c).ok_or_else(|| {
-                SinkError::Fatal(format!(
-                    "change {i} refers to unknown relation {}",
-                    c.relation
-                ))
-            })?;
-            events.push(Event {
-                specversion: "1.0",
-                id: format!("{}:{i}", batch.id),
-                source: &self.source,
-                kind: format!("io.dbmazz.change.{}", c.op.as_str()),
-                time: rfc3339(c.commit_time_us),
-                subject: rel.qualified_name(),
-                datacontenttype: "application/json",
-                data: Envelope {
-                    before: c.old.as_deref().map(|values| {
-                        AnyRow::Typed(RowJson {
-                            relation: rel,
-                            values,
-                        })
-                    }),
-                    after: c.new.as_deref().map(|values| {
-                        AnyRow::Typed(RowJson {
-                            relation: rel,
-                            values,
-                        })
-                    }),
-                    op: op_letter(c.op),
-                    source: SourceInfo {
-                        lsn: c.lsn,
-                        tx_id: c.xid,
-                        schema: &rel.schema,
-                        table: &rel.table,
-                        ts_ms: c.commit_time_us.div_euclid(1000),
-                    },
-                },
+            let rel = batch
+                .relation_of(c)
+                .ok_or_else(|| unknown_relation(i, c.relation))?;
+            let before = c.old.as_deref().map(|values| {
+                AnyRow::Typed(RowJson {
+                    relation: rel,
+                    values,
+                })
             });
+            let after = c.new.as_deref().map(|values| {
+                AnyRow::Typed(RowJson {
+                    relation: rel,
+                    values,
+                })
+            });
+            events.push(self.event(
+                batch.id,
+                i,
+                c.op,
+                rel,
+                c.lsn,
+                c.xid,
+                c.commit_time_us,
+                before,
+                after,
+            ));
         }
         sonic_rs::to_vec(&events).map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))
     }
 
     /// The request body of an encoded batch: the same events as [`Webhook::body`].
     pub fn body_encoded(&self, batch: &EncodedBatch) -> Result<Vec<u8>, SinkError> {
-        let fatal = |e: dbmazz_sdk::encoded::DecodeError| SinkError::Fatal(e.to_string());
         let mut events = Vec::with_capacity(batch.count as usize);
         for (i, c) in batch.changes().enumerate() {
-            let c = c.map_err(fatal)?;
-            let rel = batch.relation(c.relation).ok_or_else(|| {
-                SinkError::Fatal(format!(
-                    "change {i} refers to unknown relation {}",
-                    c.relation
-                ))
-            })?;
-            events.push(Event {
-                specversion: "1.0",
-                id: format!("{}:{i}", batch.id),
-                source: &self.source,
-                kind: format!("io.dbmazz.change.{}", c.op.as_str()),
-                time: rfc3339(c.commit_time_us),
-                subject: rel.qualified_name(),
-                datacontenttype: "application/json",
-                data: Envelope {
-                    before: c.old.map(|values| {
-                        AnyRow::Raw(RawRowJson {
-                            relation: rel,
-                            values,
-                        })
-                    }),
-                    after: c.new.map(|values| {
-                        AnyRow::Raw(RawRowJson {
-                            relation: rel,
-                            values,
-                        })
-                    }),
-                    op: op_letter(c.op),
-                    source: SourceInfo {
-                        lsn: c.lsn,
-                        tx_id: c.xid,
-                        schema: &rel.schema,
-                        table: &rel.table,
-                        ts_ms: c.commit_time_us.div_euclid(1000),
-                    },
-                },
+            let c = c.map_err(|e| SinkError::Fatal(e.to_string()))?;
+            let rel = batch
+                .relation(c.relation)
+                .ok_or_else(|| unknown_relation(i, c.relation))?;
+            let before = c.old.map(|values| {
+                AnyRow::Raw(RawRowJson {
+                    relation: rel,
+                    values,
+                })
             });
+            let after = c.new.map(|values| {
+                AnyRow::Raw(RawRowJson {
+                    relation: rel,
+                    values,
+                })
+            });
+            events.push(self.event(
+                batch.id,
+                i,
+                c.op,
+                rel,
+                c.lsn,
+                c.xid,
+                c.commit_time_us,
+                before,
+                after,
+            ));
         }
         sonic_rs::to_vec(&events).map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))
     }
