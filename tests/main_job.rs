@@ -24,19 +24,11 @@ fn stack(rx: &Receiver) -> String {
 }
 
 fn check(pipe: &Pipeline) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args(["check", "--config"])
-        .arg(&pipe.config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    support::dbmazz(&[
+        "check".as_ref(),
+        "--config".as_ref(),
+        pipe.config.as_os_str(),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread")]

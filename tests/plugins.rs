@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -321,19 +320,7 @@ async fn misbehaving_plugins_are_contained() {
 }
 
 fn inspect(file: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args(["plugin", "inspect"])
-        .arg(file)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()])
 }
 
 #[tokio::test(flavor = "multi_thread")]

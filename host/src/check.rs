@@ -20,43 +20,57 @@ use crate::source::conn::ConnectionConfig;
 use crate::source::replication::ReplicationClient;
 use crate::source::setup::{self, SetupPlan, StepStatus};
 
+/// The checklist being written; [`Checklist::fail`] ends it.
+struct Checklist<'a, W: Write> {
+    out: &'a mut W,
+}
+
+/// A blocking problem was reported.
+struct Blocked;
+
+impl<W: Write> Checklist<'_, W> {
+    fn line(&mut self, mark: &str, step: &str, detail: &str) {
+        let _ = writeln!(self.out, "{mark}{step}: {detail}");
+    }
+    fn ok(&mut self, step: &str, detail: &str) {
+        self.line("[ok]   ", step, detail);
+    }
+    fn todo(&mut self, step: &str, detail: &str) {
+        self.line("[todo] ", step, detail);
+    }
+    fn fail<T>(&mut self, step: &str, detail: impl std::fmt::Display) -> Result<T, Blocked> {
+        self.line("[FAIL] ", step, &detail.to_string());
+        Err(Blocked)
+    }
+}
+
 /// Writes the checklist to `out`; returns true when nothing blocks `run`.
 pub async fn check(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
     out: &mut impl Write,
 ) -> bool {
-    let mut line = |ok: Option<bool>, what: &str, detail: &str| {
-        let mark = match ok {
-            Some(true) => "[ok]   ",
-            Some(false) => "[FAIL] ",
-            None => "[todo] ",
-        };
-        let _ = writeln!(out, "{mark}{what}: {detail}");
-    };
+    steps(path, env, &mut Checklist { out }).await.is_ok()
+}
+
+async fn steps<W: Write>(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+    list: &mut Checklist<'_, W>,
+) -> Result<(), Blocked> {
     let cfg = match Config::load(path, env) {
         Ok(c) => c,
-        Err(e) => {
-            line(Some(false), "config", &e.to_string());
-            return false;
-        }
+        Err(e) => return list.fail("config", e),
     };
-    line(Some(true), "config", &path.display().to_string());
-
+    list.ok("config", &path.display().to_string());
     let target = match cfg.sink.target() {
         Ok(t) => t,
-        Err(e) => {
-            line(Some(false), "sink", &e);
-            return false;
-        }
+        Err(e) => return list.fail("sink", e),
     };
     if let SinkTarget::Plugin(sink) = &target {
         let host = match PluginHost::new(None) {
             Ok(h) => h,
-            Err(e) => {
-                line(Some(false), "plugin engine", &format!("{e:#}"));
-                return false;
-            }
+            Err(e) => return list.fail("plugin engine", format!("{e:#}")),
         };
         let stages = cfg
             .transforms
@@ -65,8 +79,7 @@ pub async fn check(
             .chain(std::iter::once((&sink.plugin, World::Sink)));
         for (file, world) in stages {
             match host.load(file, world) {
-                Ok(p) => line(
-                    Some(true),
+                Ok(p) => list.ok(
                     "plugin",
                     &format!(
                         "{} ({} {})",
@@ -75,31 +88,20 @@ pub async fn check(
                         p.info.version.as_deref().unwrap_or("?")
                     ),
                 ),
-                Err(e) => {
-                    line(Some(false), "plugin", &e.to_string());
-                    return false;
-                }
+                Err(e) => return list.fail("plugin", e),
             }
         }
     }
 
     let conn = match ConnectionConfig::parse(&cfg.source.url) {
         Ok(c) => c,
-        Err(e) => {
-            line(Some(false), "source.url", &e.to_string());
-            return false;
-        }
+        Err(e) => return list.fail("source.url", e),
     };
     let sql = match conn.connect_sql().await {
-        Ok(c) => {
-            line(Some(true), "connect", &conn.redacted());
-            c
-        }
-        Err(e) => {
-            line(Some(false), "connect", &e.to_string());
-            return false;
-        }
+        Ok(c) => c,
+        Err(e) => return list.fail("connect", e),
     };
+    list.ok("connect", &conn.redacted());
     let plan = SetupPlan {
         tables: cfg.source.tables.clone(),
         replica_identity_full: cfg.source.replica_identity_full,
@@ -109,59 +111,41 @@ pub async fn check(
     match setup::run(&sql, &plan, true).await {
         Ok(outcome) => {
             for s in outcome.steps {
-                let ok = match s.status {
-                    StepStatus::Ok => Some(true),
-                    _ => None,
-                };
-                line(ok, s.step, &s.detail);
+                match s.status {
+                    StepStatus::Ok => list.ok(s.step, &s.detail),
+                    _ => list.todo(s.step, &s.detail),
+                }
             }
         }
-        Err(e) => {
-            line(Some(false), "setup", &e.to_string());
-            return false;
-        }
+        Err(e) => return list.fail("setup", e),
     }
-    match ReplicationClient::connect(&conn).await {
-        Ok(mut r) => match r.identify_system().await {
-            Ok(sys) => line(
-                Some(true),
-                "replication connection",
-                &format!(
-                    "system {}, timeline {}, WAL at {}",
-                    sys.system_id, sys.timeline, sys.xlogpos
-                ),
+    let system = match ReplicationClient::connect(&conn).await {
+        Ok(mut r) => r.identify_system().await,
+        Err(e) => Err(e),
+    };
+    match system {
+        Ok(sys) => list.ok(
+            "replication connection",
+            &format!(
+                "system {}, timeline {}, WAL at {}",
+                sys.system_id, sys.timeline, sys.xlogpos
             ),
-            Err(e) => {
-                line(Some(false), "replication connection", &e.to_string());
-                return false;
-            }
-        },
-        Err(e) => {
-            line(Some(false), "replication connection", &e.to_string());
-            return false;
-        }
+        ),
+        Err(e) => return list.fail("replication connection", e),
     }
     match &target {
         SinkTarget::Plugin(sink) => {
             for t in &sink.capabilities.http {
-                let reachable = tokio::time::timeout(
+                match tokio::time::timeout(
                     Duration::from_secs(3),
                     tokio::net::TcpStream::connect(t.as_str()),
                 )
-                .await;
-                match reachable {
-                    Ok(Ok(_)) => line(Some(true), "sink reachable", t),
-                    Ok(Err(e)) => {
-                        line(Some(false), "sink reachable", &format!("{t}: {e}"));
-                        return false;
-                    }
+                .await
+                {
+                    Ok(Ok(_)) => list.ok("sink reachable", t),
+                    Ok(Err(e)) => return list.fail("sink reachable", format!("{t}: {e}")),
                     Err(_) => {
-                        line(
-                            Some(false),
-                            "sink reachable",
-                            &format!("{t}: no answer within 3 s"),
-                        );
-                        return false;
+                        return list.fail("sink reachable", format!("{t}: no answer within 3 s"))
                     }
                 }
             }
@@ -172,21 +156,17 @@ pub async fn check(
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             match std::fs::metadata(dir) {
-                Ok(m) if m.is_dir() && !m.permissions().readonly() => line(
-                    Some(true),
-                    "sink",
-                    &format!("{} is writable", dir.display()),
-                ),
+                Ok(m) if m.is_dir() && !m.permissions().readonly() => {
+                    list.ok("sink", &format!("{} is writable", dir.display()))
+                }
                 _ => {
-                    line(
-                        Some(false),
+                    return list.fail(
                         "sink",
-                        &format!("directory {} does not exist or is read-only", dir.display()),
-                    );
-                    return false;
+                        format!("directory {} does not exist or is read-only", dir.display()),
+                    )
                 }
             }
         }
     }
-    true
+    Ok(())
 }

@@ -217,6 +217,27 @@ impl Pipeline {
         pipeline_toml: &str,
         replica_identity_full: bool,
     ) -> Pipeline {
+        Self::write(
+            url,
+            tables,
+            &format!("replica_identity_full = {replica_identity_full}\n"),
+            |output| {
+                format!(
+                    "[pipeline]\n{pipeline_toml}\n\n[sink]\nkind = \"jsonl\"\npath = {:?}\n",
+                    output.display().to_string()
+                )
+            },
+        )
+    }
+
+    /// Writes `dbmazz.toml` in a new directory: `[source]` (plus `source_extra`),
+    /// `[state]`, `[plugins]`, then `rest(output path)`.
+    fn write(
+        url: &str,
+        tables: &[&str],
+        source_extra: &str,
+        rest: impl FnOnce(&std::path::Path) -> String,
+    ) -> Pipeline {
         let dir = tempfile::Builder::new()
             .prefix("dbmazz-run-")
             .tempdir()
@@ -227,11 +248,11 @@ impl Pipeline {
         fs::write(
             &config,
             format!(
-                "[source]\nurl = {url:?}\ntables = [{}]\nreplica_identity_full = {replica_identity_full}\nstatus_interval_ms = 1000\n\n\
-                 [pipeline]\n{pipeline_toml}\n\n[sink]\nkind = \"jsonl\"\npath = {:?}\n\n[state]\ndir = {:?}\n",
+                "[source]\nurl = {url:?}\ntables = [{}]\nstatus_interval_ms = 1000\n{source_extra}\n[state]\ndir = {:?}\n\n[plugins]\ncache_dir = {:?}\n\n{}\n",
                 tables.join(", "),
-                output.display().to_string(),
                 dir.path().join("state").display().to_string(),
+                plugin_cache().display().to_string(),
+                rest(&output),
             ),
         )
         .unwrap();
@@ -600,28 +621,7 @@ impl Pipeline {
     /// A pipeline whose config is the given TOML after `[source]`, `[state]` and
     /// `[plugins]`.
     pub fn with_toml(url: &str, tables: &[&str], rest: &str) -> Pipeline {
-        let dir = tempfile::Builder::new()
-            .prefix("dbmazz-run-")
-            .tempdir()
-            .unwrap();
-        let output = dir.path().join("changes.jsonl");
-        let config = dir.path().join("dbmazz.toml");
-        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
-        fs::write(
-            &config,
-            format!(
-                "[source]\nurl = {url:?}\ntables = [{}]\nstatus_interval_ms = 1000\n\n[state]\ndir = {:?}\n\n[plugins]\ncache_dir = {:?}\n\n{rest}\n",
-                tables.join(", "),
-                dir.path().join("state").display().to_string(),
-                plugin_cache().display().to_string(),
-            ),
-        )
-        .unwrap();
-        Pipeline {
-            dir,
-            config,
-            output,
-        }
+        Self::write(url, tables, "", |_| rest.to_string())
     }
 
     /// The dead letters in this pipeline's state (open it after dbmazz exited).
@@ -648,4 +648,20 @@ pub fn eventually(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs the `dbmazz` binary to completion: (success, stdout + stderr).
+pub fn dbmazz(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .args(args)
+        .output()
+        .expect("run dbmazz");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }

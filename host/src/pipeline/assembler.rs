@@ -114,7 +114,6 @@ struct StreamBuffer {
     frames: Vec<(Lsn, Bytes)>,
     mem_bytes: usize,
     spill: Option<(PathBuf, BufWriter<File>)>,
-    spilled_frames: u64,
     aborted_subxids: HashSet<Xid>,
 }
 
@@ -361,7 +360,6 @@ impl Assembler {
                     frames: Vec::new(),
                     mem_bytes: 0,
                     spill: None,
-                    spilled_frames: 0,
                     aborted_subxids: HashSet::new(),
                 });
                 Ok(Step::None)
@@ -523,7 +521,6 @@ impl Assembler {
                         w.write_all(&lsn.0.to_be_bytes())?;
                         w.write_all(&(data.len() as u32).to_be_bytes())?;
                         w.write_all(&data)?;
-                        buf.spilled_frames += 1;
                     }
                     Ok(())
                 };

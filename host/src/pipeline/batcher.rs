@@ -121,7 +121,7 @@ impl Batcher {
                 if self.skipping_txn {
                     return None;
                 }
-                let cut = self.cut(false);
+                let cut = self.cut();
                 self.pending_schema.push(sc);
                 cut
             }
@@ -145,7 +145,7 @@ impl Batcher {
                     actual_last = %o.last,
                     "replayed stream diverged from the stored batch intent; closing the batch early"
                 );
-                early = self.cut(false);
+                early = self.cut();
             }
         }
         let pos = c.position;
@@ -187,7 +187,7 @@ impl Batcher {
                 .is_some_and(|o| o.changes.len() >= self.flush_size),
         };
         if full {
-            if let Some(b) = self.cut(false) {
+            if let Some(b) = self.cut() {
                 if early.is_some() {
                     // Both the early batch and this one: return the first, queue this.
                     self.ready.push_back(b);
@@ -214,7 +214,7 @@ impl Batcher {
     /// Cuts the open batch if its time is up (`now` ≥ [`Batcher::deadline`]).
     pub fn tick(&mut self, now: Instant) -> Option<Batch> {
         match self.deadline() {
-            Some(d) if now >= d => self.cut(false),
+            Some(d) if now >= d => self.cut(),
             _ => None,
         }
     }
@@ -230,7 +230,7 @@ impl Batcher {
             }
             return None;
         }
-        self.cut(true)
+        self.cut()
     }
 
     /// The server reported (keepalive) that everything before `wal_end` was sent, and
@@ -256,7 +256,7 @@ impl Batcher {
         self.pending_watermark.take()
     }
 
-    fn cut(&mut self, _forced: bool) -> Option<Batch> {
+    fn cut(&mut self) -> Option<Batch> {
         let o = self.open.take()?;
         let (id, replayed) = match self.replay.pop_front() {
             Some(intent) => {

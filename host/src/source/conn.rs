@@ -239,41 +239,37 @@ impl ConnectionConfig {
     /// # Errors
     /// Connection, TLS and authentication errors, as [`SourceError`].
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
-        let result = if self.tls == TlsMode::Disable {
+        if self.tls == TlsMode::Disable {
             let (client, conn) = self
                 .pg
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| self.sql_error(e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "SQL connection closed");
-                }
-            });
-            client
+                .map_err(|e| self.connect_error(e))?;
+            drive(conn);
+            Ok(client)
         } else {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*self.tls_config()?).clone());
-            let (client, conn) = self.pg.connect(tls).await.map_err(|e| self.sql_error(e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "SQL connection closed");
-                }
-            });
-            client
-        };
-        Ok(result)
+            let (client, conn) = self
+                .pg
+                .connect(tls)
+                .await
+                .map_err(|e| self.connect_error(e))?;
+            drive(conn);
+            Ok(client)
+        }
     }
 
-    fn sql_error(&self, e: tokio_postgres::Error) -> SourceError {
+    /// [`sql_error`], plus what only connecting can fail with: the credentials
+    /// (SQLSTATE class 28), a missing password, the socket.
+    fn connect_error(&self, e: tokio_postgres::Error) -> SourceError {
         if let Some(db) = e.as_db_error() {
-            let se = ServerErrorFromDb(db).into();
             if db.code().code().starts_with("28") {
                 return SourceError::Auth {
                     user: self.user().to_string(),
-                    error: Box::new(se),
+                    error: Box::new(ServerErrorFromDb(db).into()),
                 };
             }
-            return SourceError::Server(Box::new(se));
+            return sql_error(e);
         }
         let text = e.to_string();
         if text.contains("password missing") {
@@ -345,6 +341,17 @@ impl ConnectionConfig {
             .map_err(|e| self.tls_error(e.to_string()))?;
         Ok(Box::new(tls))
     }
+}
+
+/// Drives a SQL connection on a background task until the client is dropped.
+fn drive(
+    conn: impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "SQL connection closed");
+        }
+    });
 }
 
 struct ServerErrorFromDb<'a>(&'a tokio_postgres::error::DbError);

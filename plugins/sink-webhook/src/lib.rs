@@ -354,10 +354,9 @@ impl Webhook {
     }
 
     fn request_for(&self, batch_id: u64, mut body: Vec<u8>) -> Result<Request, SinkError> {
-        let batch = IdOnly { id: batch_id };
         let mut req = Request::post(&self.url, Vec::new())
             .header("content-type", "application/cloudevents-batch+json")
-            .header("idempotency-key", batch.id.to_string())
+            .header("idempotency-key", batch_id.to_string())
             .timeout_ms(self.timeout_ms);
         if self.gzip {
             let mut enc = flate2::write::GzEncoder::new(
@@ -427,8 +426,8 @@ impl Sink for Webhook {
 }
 
 impl Webhook {
+    /// Sends a batch's request and turns the response into an acknowledgement or an error.
     fn send(&self, req: Request, batch_id: u64, changes: usize) -> Result<(), SinkError> {
-        let batch = IdOnly { id: batch_id };
         let resp = match http::send(&req) {
             Ok(r) => r,
             Err(HttpError::Denied(m)) => return Err(SinkError::Fatal(m)),
@@ -454,7 +453,7 @@ impl Webhook {
                 let reason = format!("HTTP {status} from {}: {text}", self.url);
                 dbmazz_sdk::warn!(
                     "webhook refused the batch",
-                    batch = batch.id,
+                    batch = batch_id,
                     status = status
                 );
                 Err(SinkError::DeadLetter(
@@ -463,10 +462,6 @@ impl Webhook {
             }
         }
     }
-}
-
-struct IdOnly {
-    id: u64,
 }
 
 export_sink!(Webhook);
