@@ -1,0 +1,836 @@
+//! A **test double** of StarRocks' HTTP interfaces, for tests and the quickstart. It is
+//! not a StarRocks: it keeps Primary Key tables in memory and implements the documented
+//! protocol that `sink-starrocks` relies on, nothing else.
+//!
+//! Sources (StarRocks docs): "STREAM LOAD", "Load data into Primary Key tables / Change
+//! data through loading" (`__op`, partial updates, conditional updates), "Stream Load
+//! transaction interface" (labels, `ExistingJobStatus`), "HTTP SQL API".
+//!
+//! What it does:
+//! - **FE** (`fe_url()`): `PUT /api/{db}/{table}/_stream_load` checks basic auth (401
+//!   otherwise) and answers `307 Temporary Redirect` to the BE without reading the body,
+//!   as an FE does for a client that sent `Expect: 100-continue`;
+//!   `POST /api/v1/catalogs/default_catalog/databases/{db}/sql` runs `SELECT * FROM t`,
+//!   `SELECT COUNT(*) FROM t`, `SHOW COLUMNS FROM t` / `DESC t` and
+//!   `ALTER TABLE t ADD COLUMN c TYPE ...`, answering in the API's NDJSON shape
+//!   (`{"connectionId":..}`, `{"meta":[..]}`, one `{"data":[..]}` per row,
+//!   `{"statistics":{..}}`); errors are `{"status":"FAILED","msg":".."}` with HTTP 400.
+//! - **BE**: `PUT /api/{db}/{table}/_stream_load` with `format: json`,
+//!   `strip_outer_array`, `columns` (may name `__op`: 0 upsert, 1 delete),
+//!   `partial_update`, `merge_condition` (an upsert of an existing key applies only when
+//!   the new value of that column is `>=` the stored one; deletes are unconditional), and
+//!   `label`: a label that was used before answers `Label Already Exists` with the
+//!   earlier job's `ExistingJobStatus`. A load applies whole or not at all; a row whose
+//!   values do not fit the column types (integers as JSON integers, BOOLEAN as true/false,
+//!   DATE `YYYY-MM-DD`, DATETIME `YYYY-MM-DD HH:MM:SS[.ffffff]`, DECIMAL as a decimal
+//!   string or number, ARRAY as an array, strings as strings) is filtered, and with the
+//!   default `max_filter_ratio` of 0 the load fails with `too many filtered rows` and an
+//!   `ErrorURL`. The response JSON has `TxnId`, `Label`, `Status`, `Message`,
+//!   `NumberTotalRows`, `NumberLoadedRows`, `NumberFilteredRows`, `NumberUnselectedRows`,
+//!   `LoadBytes`, `LoadTimeMs` and, on filtered rows, `ErrorURL`.
+//! - **Faults** ([`Fault`]), one per load in the order injected: HTTP 503 from the FE,
+//!   `Status: Fail`, commit-then-drop-the-connection, `Publish Timeout`, and a job that
+//!   stays RUNNING for a while after the client lost its connection; plus a delay before
+//!   each BE answer.
+//!
+//! Not modelled: NOT NULL and default values (every column is nullable), sort keys,
+//! partitions, other formats than JSON, `max_filter_ratio`, the label time-to-live.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Map, Value};
+
+/// One injected failure; each applies to one load (in the order injected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The FE answers `503 Service Unavailable` (nothing is loaded).
+    Http503,
+    /// The BE answers `{"Status": "Fail"}` (nothing is loaded).
+    StatusFail,
+    /// The BE reads the body, commits the load, then drops the connection without an
+    /// answer: the client cannot know the load happened.
+    DropAfterBody,
+    /// The BE commits the load and answers `Publish Timeout` (committed, not yet visible).
+    PublishTimeout,
+    /// The BE starts the load and drops the connection; the label's job then reports
+    /// `RUNNING` to the next two loads with that label before it is `FINISHED`.
+    Running,
+}
+
+/// A column of a double table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// Name (compared case-insensitively, as StarRocks does).
+    pub name: String,
+    /// Type as written in DDL, upper case: `BIGINT`, `VARCHAR(64)`, `DATETIME`, ...
+    pub type_name: String,
+}
+
+/// One Stream Load request the BE answered (or dropped).
+#[derive(Clone, Debug)]
+pub struct LoadRecord {
+    /// Database.
+    pub db: String,
+    /// Table.
+    pub table: String,
+    /// The `label` header.
+    pub label: String,
+    /// The answer's `Status` (`Success`, `Fail`, `Label Already Exists`, ...), or
+    /// `dropped`.
+    pub status: String,
+    /// True when the load changed the table.
+    pub applied: bool,
+    /// Rows in the body.
+    pub rows: u64,
+    /// Request headers, names lower case.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct Table {
+    columns: Vec<Column>,
+    key: Vec<String>,
+    rows: BTreeMap<String, Map<String, Value>>,
+}
+
+struct Job {
+    status: &'static str,
+    running_polls: u32,
+}
+
+struct State {
+    auth: String,
+    tables: BTreeMap<(String, String), Table>,
+    labels: HashMap<(String, String), Job>,
+    loads: Vec<LoadRecord>,
+    redirects: u64,
+    expect_continue: u64,
+    faults: VecDeque<Fault>,
+    delay: Duration,
+    next_txn: u64,
+    be: SocketAddr,
+}
+
+/// A running double: an FE and a BE listener on 127.0.0.1, sharing in-memory tables.
+#[derive(Clone)]
+pub struct StarRocksDouble {
+    fe: SocketAddr,
+    be: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Fe,
+    Be,
+}
+
+impl StarRocksDouble {
+    /// Starts the FE and BE listeners on free ports; `user`/`password` are the only
+    /// accepted basic-auth credentials.
+    ///
+    /// # Errors
+    /// Binding a port failed.
+    pub async fn start(user: &str, password: &str) -> std::io::Result<StarRocksDouble> {
+        let fe = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let be = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let auth = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let d = StarRocksDouble {
+            fe: fe.local_addr()?,
+            be: be.local_addr()?,
+            state: Arc::new(Mutex::new(State {
+                auth,
+                tables: BTreeMap::new(),
+                labels: HashMap::new(),
+                loads: Vec::new(),
+                redirects: 0,
+                expect_continue: 0,
+                faults: VecDeque::new(),
+                delay: Duration::ZERO,
+                next_txn: 1000,
+                be: be.local_addr()?,
+            })),
+        };
+        d.serve(fe, Role::Fe);
+        d.serve(be, Role::Be);
+        Ok(d)
+    }
+
+    /// `http://127.0.0.1:<fe port>`.
+    pub fn fe_url(&self) -> String {
+        format!("http://{}", self.fe)
+    }
+
+    /// The FE's address.
+    pub fn fe_addr(&self) -> SocketAddr {
+        self.fe
+    }
+
+    /// The BE's address (where the FE redirects loads).
+    pub fn be_addr(&self) -> SocketAddr {
+        self.be
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a Primary Key table; `columns` are (name, DDL type), `key` names the
+    /// primary key columns.
+    pub fn create_table(&self, db: &str, table: &str, columns: &[(&str, &str)], key: &[&str]) {
+        self.state().tables.insert(
+            (db.into(), table.into()),
+            Table {
+                columns: columns
+                    .iter()
+                    .map(|(n, t)| Column {
+                        name: n.to_string(),
+                        type_name: t.to_ascii_uppercase(),
+                    })
+                    .collect(),
+                key: key.iter().map(|k| k.to_string()).collect(),
+                rows: BTreeMap::new(),
+            },
+        );
+    }
+
+    /// The table's columns, or `None` when it does not exist.
+    pub fn columns(&self, db: &str, table: &str) -> Option<Vec<Column>> {
+        self.state()
+            .tables
+            .get(&(db.into(), table.into()))
+            .map(|t| t.columns.clone())
+    }
+
+    /// The table's rows, ordered by primary key; every column is present (NULL as
+    /// `Value::Null`).
+    pub fn rows(&self, db: &str, table: &str) -> Vec<Map<String, Value>> {
+        let s = self.state();
+        let Some(t) = s.tables.get(&(db.into(), table.into())) else {
+            return Vec::new();
+        };
+        t.rows.values().map(|r| full_row(t, r)).collect()
+    }
+
+    /// Every load the BE answered or dropped, in order.
+    pub fn loads(&self) -> Vec<LoadRecord> {
+        self.state().loads.clone()
+    }
+
+    /// How many times each label's load changed a table (1 when exactly once).
+    pub fn applied_per_label(&self) -> HashMap<String, u32> {
+        let mut out = HashMap::new();
+        for l in self.state().loads.iter().filter(|l| l.applied) {
+            *out.entry(l.label.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Redirects the FE answered, and how many of those requests carried
+    /// `Expect: 100-continue`.
+    pub fn redirects(&self) -> (u64, u64) {
+        let s = self.state();
+        (s.redirects, s.expect_continue)
+    }
+
+    /// Queues a fault for the next load that reaches the stage it affects.
+    pub fn inject(&self, fault: Fault) {
+        self.state().faults.push_back(fault);
+    }
+
+    /// Faults injected and not yet used.
+    pub fn pending_faults(&self) -> usize {
+        self.state().faults.len()
+    }
+
+    /// Delays every BE answer by `d`.
+    pub fn set_delay(&self, d: Duration) {
+        self.state().delay = d;
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener, role: Role) {
+        let d = self.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let d = d.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let d = d.clone();
+                        async move { d.handle(role, req).await }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+    }
+
+    async fn handle(
+        &self,
+        role: Role,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Dropped> {
+        let authorized = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == self.state().auth.as_bytes());
+        let path = req.uri().path().to_string();
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if !authorized {
+            return Ok(reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"Status": "Fail", "Message": "Access denied; check your user name and password"}),
+            ));
+        }
+        match (role, req.method().as_str(), parts.as_slice()) {
+            (Role::Fe, "PUT", ["api", _db, _table, "_stream_load"]) => {
+                let mut s = self.state();
+                if s.faults.front() == Some(&Fault::Http503) {
+                    s.faults.pop_front();
+                    return Ok(reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"Status": "Fail", "Message": "injected: FE unavailable"}),
+                    ));
+                }
+                s.redirects += 1;
+                if req
+                    .headers()
+                    .get(hyper::header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+                {
+                    s.expect_continue += 1;
+                }
+                let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+                let location = format!("http://{}{path}{query}", s.be);
+                Ok(Response::builder()
+                    .status(StatusCode::TEMPORARY_REDIRECT)
+                    .header(hyper::header::LOCATION, location)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap_or_default())
+            }
+            (Role::Fe, "POST", ["api", "v1", "catalogs", "default_catalog", "databases", db, "sql"]) => {
+                let db = db.to_string();
+                let body = read_body(req).await?;
+                let query = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["query"].as_str().map(str::to_string));
+                match query {
+                    Some(q) => Ok(self.sql(&db, &q)),
+                    None => Ok(sql_error("the body must be {\"query\": \"...\"}")),
+                }
+            }
+            (Role::Be, "PUT", ["api", db, table, "_stream_load"]) => {
+                let (db, table) = (db.to_string(), table.to_string());
+                let headers: Vec<(String, String)> = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_ascii_lowercase(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect();
+                let body = read_body(req).await?;
+                let delay = self.state().delay;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                self.stream_load(db, table, headers, &body)
+            }
+            _ => Ok(reply(
+                StatusCode::NOT_FOUND,
+                json!({"Status": "Fail", "Message": format!("no such endpoint: {path}")}),
+            )),
+        }
+    }
+
+    fn stream_load(
+        &self,
+        db: String,
+        table: String,
+        headers: Vec<(String, String)>,
+        body: &[u8],
+    ) -> Result<Response<Full<Bytes>>, Dropped> {
+        let started = Instant::now();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let mut s = self.state();
+        s.next_txn += 1;
+        let txn = s.next_txn;
+        let label = header("label").unwrap_or_else(|| format!("double_{txn}"));
+        let mut record = LoadRecord {
+            db: db.clone(),
+            table: table.clone(),
+            label: label.clone(),
+            status: String::new(),
+            applied: false,
+            rows: 0,
+            headers: headers.clone(),
+        };
+        let answer = |s: &mut State, record: &mut LoadRecord, v: Value| {
+            record.status = v["Status"].as_str().unwrap_or("").to_string();
+            s.loads.push(record.clone());
+            Ok(reply(StatusCode::OK, v))
+        };
+        if let Some(job) = s.labels.get_mut(&(db.clone(), label.clone())) {
+            let status = job.status;
+            if job.running_polls > 0 {
+                job.running_polls -= 1;
+                if job.running_polls == 0 {
+                    job.status = "FINISHED";
+                }
+            }
+            let v = json!({
+                "TxnId": txn, "Label": label, "Status": "Label Already Exists",
+                "ExistingJobStatus": status,
+                "Message": format!("Label [{label}] has already been used."),
+            });
+            return answer(&mut s, &mut record, v);
+        }
+        let outcome = (|| -> Result<Prepared, String> {
+            let t = s
+                .tables
+                .get(&(db.clone(), table.clone()))
+                .ok_or_else(|| format!("unknown table, tableName={table}"))?;
+            if header("format").is_some_and(|f| !f.eq_ignore_ascii_case("json")) {
+                return Err("this double loads only format=json".into());
+            }
+            let strip = header("strip_outer_array").is_some_and(|v| v == "true");
+            let doc: Value = serde_json::from_slice(body)
+                .map_err(|e| format!("The data is not valid JSON: {e}"))?;
+            let rows = match (strip, doc) {
+                (true, Value::Array(a)) => a,
+                (true, _) => return Err("strip_outer_array is true but the body is not an array".into()),
+                (false, v) => vec![v],
+            };
+            prepare(t, &header("columns"), header("partial_update").is_some_and(|v| v == "true"), header("merge_condition"), rows)
+        })();
+        record.rows = match &outcome {
+            Ok(p) => p.rows.len() as u64,
+            Err(_) => 0,
+        };
+        let prepared = match outcome {
+            Ok(p) if p.filtered.is_empty() => p,
+            Ok(p) => {
+                let v = json!({
+                    "TxnId": txn, "Label": label, "Status": "Fail",
+                    "Message": "too many filtered rows",
+                    "NumberTotalRows": p.rows.len() + p.filtered.len(),
+                    "NumberLoadedRows": p.rows.len(),
+                    "NumberFilteredRows": p.filtered.len(),
+                    "NumberUnselectedRows": 0, "LoadBytes": body.len(),
+                    "LoadTimeMs": started.elapsed().as_millis() as u64,
+                    "ErrorURL": format!("http://{}/api/_load_error_log?file=error_log_{txn}", s.be),
+                    "FilteredRowReasons": p.filtered,
+                });
+                return answer(&mut s, &mut record, v);
+            }
+            Err(message) => {
+                let v = json!({"TxnId": txn, "Label": label, "Status": "Fail", "Message": message});
+                return answer(&mut s, &mut record, v);
+            }
+        };
+        let fault = s.faults.pop_front();
+        if let Some(f @ (Fault::StatusFail | Fault::Http503)) = fault {
+            if f == Fault::Http503 {
+                // only the FE answers 503; keep it for the next request there
+                s.faults.push_front(f);
+            } else {
+                let v = json!({"TxnId": txn, "Label": label, "Status": "Fail", "Message": "injected: internal error, please retry"});
+                return answer(&mut s, &mut record, v);
+            }
+        }
+        let n = prepared.rows.len();
+        if let Some(t) = s.tables.get_mut(&(db.clone(), table.clone())) {
+            apply(t, prepared);
+        }
+        record.applied = true;
+        let running = fault == Some(Fault::Running);
+        s.labels.insert(
+            (db, label.clone()),
+            Job {
+                status: if running { "RUNNING" } else { "FINISHED" },
+                running_polls: if running { 2 } else { 0 },
+            },
+        );
+        if matches!(fault, Some(Fault::DropAfterBody | Fault::Running)) {
+            record.status = "dropped".into();
+            s.loads.push(record);
+            return Err(Dropped);
+        }
+        let status = if fault == Some(Fault::PublishTimeout) {
+            "Publish Timeout"
+        } else {
+            "Success"
+        };
+        let v = json!({
+            "TxnId": txn, "Label": label, "Status": status,
+            "Message": if status == "Success" { "OK" } else { "transaction commit successfully, BUT data will be visible later" },
+            "NumberTotalRows": n, "NumberLoadedRows": n, "NumberFilteredRows": 0,
+            "NumberUnselectedRows": 0, "LoadBytes": body.len(),
+            "LoadTimeMs": started.elapsed().as_millis() as u64,
+        });
+        answer(&mut s, &mut record, v)
+    }
+
+    fn sql(&self, db: &str, query: &str) -> Response<Full<Bytes>> {
+        let q = query.trim().trim_end_matches(';').trim();
+        let words: Vec<&str> = q.split_whitespace().collect();
+        let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+        let table_name = |w: &str| -> String {
+            let w = w.trim_matches('`');
+            let w = w.rsplit('.').next().unwrap_or(w);
+            w.trim_matches('`').to_string()
+        };
+        let up: Vec<&str> = upper.iter().map(String::as_str).collect();
+        let mut s = self.state();
+        let key = |t: &str| (db.to_string(), t.to_string());
+        match up.as_slice() {
+            ["SHOW", "COLUMNS", "FROM", ..] | ["DESC", ..] | ["DESCRIBE", ..] => {
+                let name = table_name(words[if up[0] == "SHOW" { 3 } else { 1 }]);
+                let Some(t) = s.tables.get(&key(&name)) else {
+                    return sql_error(&format!("Unknown table '{db}.{name}'"));
+                };
+                let meta = ["Field", "Type", "Null", "Key", "Default", "Extra"];
+                let rows = t
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        let is_key = t.key.iter().any(|k| k.eq_ignore_ascii_case(&c.name));
+                        json!([c.name, c.type_name, if is_key { "NO" } else { "YES" }, if is_key { "true" } else { "false" }, null, ""])
+                    })
+                    .collect();
+                ndjson(&meta.map(|m| (m.to_string(), "varchar".to_string())), rows)
+            }
+            ["SELECT", "COUNT(*)", "FROM", ..] => {
+                let name = table_name(words[3]);
+                let Some(t) = s.tables.get(&key(&name)) else {
+                    return sql_error(&format!("Unknown table '{db}.{name}'"));
+                };
+                ndjson(
+                    &[("count(*)".to_string(), "bigint(20)".to_string())],
+                    vec![json!([t.rows.len()])],
+                )
+            }
+            ["SELECT", "*", "FROM", ..] => {
+                let name = table_name(words[3]);
+                let Some(t) = s.tables.get(&key(&name)) else {
+                    return sql_error(&format!("Unknown table '{db}.{name}'"));
+                };
+                let meta: Vec<(String, String)> = t
+                    .columns
+                    .iter()
+                    .map(|c| (c.name.clone(), c.type_name.to_ascii_lowercase()))
+                    .collect();
+                let rows = t
+                    .rows
+                    .values()
+                    .map(|r| {
+                        let full = full_row(t, r);
+                        Value::Array(t.columns.iter().map(|c| full[&c.name].clone()).collect())
+                    })
+                    .collect();
+                ndjson(&meta, rows)
+            }
+            ["ALTER", "TABLE", _, "ADD", "COLUMN", ..] => {
+                let name = table_name(words[2]);
+                let (Some(col), Some(ty)) = (words.get(5), words.get(6)) else {
+                    return sql_error("ALTER TABLE t ADD COLUMN needs a name and a type");
+                };
+                let col = col.trim_matches('`').to_string();
+                let Some(t) = s.tables.get_mut(&key(&name)) else {
+                    return sql_error(&format!("Unknown table '{db}.{name}'"));
+                };
+                if t.columns.iter().any(|c| c.name.eq_ignore_ascii_case(&col)) {
+                    return sql_error(&format!("Duplicate column name '{col}'"));
+                }
+                t.columns.push(Column {
+                    name: col,
+                    type_name: ty.to_ascii_uppercase(),
+                });
+                ndjson(&[], Vec::new())
+            }
+            _ => sql_error(&format!("this double does not run: {q}")),
+        }
+    }
+}
+
+/// The service error that makes hyper drop the connection without an answer.
+#[derive(Debug)]
+struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by the test double")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Dropped> {
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|_| Dropped)
+}
+
+fn reply(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(v.to_string())))
+        .unwrap_or_default()
+}
+
+fn sql_error(msg: &str) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({"status": "FAILED", "msg": msg}),
+    )
+}
+
+fn ndjson(meta: &[(String, String)], rows: Vec<Value>) -> Response<Full<Bytes>> {
+    let mut out = String::new();
+    out.push_str(&json!({"connectionId": 1}).to_string());
+    out.push('\n');
+    if !meta.is_empty() {
+        let m: Vec<Value> = meta
+            .iter()
+            .map(|(n, t)| json!({"name": n, "type": t}))
+            .collect();
+        out.push_str(&json!({ "meta": m }).to_string());
+        out.push('\n');
+    }
+    let n = rows.len();
+    for r in rows {
+        out.push_str(&json!({ "data": r }).to_string());
+        out.push('\n');
+    }
+    out.push_str(&json!({"statistics": {"scanRows": n, "scanBytes": 0, "returnRows": n}}).to_string());
+    out.push('\n');
+    Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Full::new(Bytes::from(out)))
+        .unwrap_or_default()
+}
+
+fn full_row(t: &Table, r: &Map<String, Value>) -> Map<String, Value> {
+    t.columns
+        .iter()
+        .map(|c| (c.name.clone(), r.get(&c.name).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
+struct Prepared {
+    /// (key, delete?, values by canonical column name)
+    rows: Vec<(String, bool, Map<String, Value>)>,
+    filtered: Vec<String>,
+    partial: bool,
+    merge: Option<String>,
+}
+
+fn prepare(
+    t: &Table,
+    columns: &Option<String>,
+    partial: bool,
+    merge: Option<String>,
+    rows: Vec<Value>,
+) -> Result<Prepared, String> {
+    let canon = |name: &str| {
+        t.columns
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+            .map(|c| c.name.clone())
+    };
+    let listed: Vec<String> = match columns {
+        Some(c) => c.split(',').map(|s| s.trim().trim_matches('`').to_string()).collect(),
+        None => t.columns.iter().map(|c| c.name.clone()).collect(),
+    };
+    let mut targets = Vec::new();
+    let mut has_op = false;
+    for c in &listed {
+        if c == "__op" {
+            has_op = true;
+            continue;
+        }
+        targets.push(canon(c).ok_or_else(|| format!("Unknown column '{c}' in '{}'", "table"))?);
+    }
+    for k in &t.key {
+        if !targets.contains(k) {
+            return Err(format!("the columns header must name primary key column '{k}'"));
+        }
+    }
+    let merge = match merge {
+        Some(m) => Some(canon(&m).ok_or_else(|| format!("merge_condition column '{m}' does not exist"))?),
+        None => None,
+    };
+    let types: HashMap<&str, &str> = t
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.type_name.as_str()))
+        .collect();
+    let mut out = Prepared {
+        rows: Vec::with_capacity(rows.len()),
+        filtered: Vec::new(),
+        partial,
+        merge,
+    };
+    for (i, row) in rows.into_iter().enumerate() {
+        let Value::Object(obj) = row else {
+            out.filtered.push(format!("row {i}: not a JSON object"));
+            continue;
+        };
+        let get = |name: &str| {
+            obj.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+                .unwrap_or(Value::Null)
+        };
+        let delete = has_op
+            && match get("__op") {
+                Value::Number(n) => n.as_i64() == Some(1),
+                Value::String(s) => s == "1",
+                _ => false,
+            };
+        let mut values = Map::new();
+        let mut bad = None;
+        for c in &targets {
+            let v = get(c);
+            if !delete && !fits(types[c.as_str()], &v) {
+                bad = Some(format!("row {i}: value {v} does not fit column {c} {}", types[c.as_str()]));
+            }
+            values.insert(c.clone(), v);
+        }
+        let key: Vec<Value> = t.key.iter().map(|k| values[k].clone()).collect();
+        if key.iter().any(Value::is_null) {
+            bad = Some(format!("row {i}: NULL in the primary key"));
+        }
+        match bad {
+            Some(reason) => out.filtered.push(reason),
+            None => out.rows.push((Value::Array(key).to_string(), delete, values)),
+        }
+    }
+    Ok(out)
+}
+
+fn apply(t: &mut Table, p: Prepared) {
+    for (key, delete, values) in p.rows {
+        if delete {
+            t.rows.remove(&key);
+            continue;
+        }
+        match t.rows.get_mut(&key) {
+            Some(existing) => {
+                if let Some(m) = &p.merge {
+                    if let (Some(new), Some(old)) = (values.get(m), existing.get(m)) {
+                        if compare(new, old) == Some(std::cmp::Ordering::Less) {
+                            continue;
+                        }
+                    }
+                }
+                if p.partial {
+                    existing.extend(values);
+                } else {
+                    *existing = values;
+                }
+            }
+            None => {
+                t.rows.insert(key, values);
+            }
+        }
+    }
+}
+
+fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
+        _ => None,
+    }
+}
+
+fn digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// True when JSON value `v` loads into a column of DDL type `ty`.
+fn fits(ty: &str, v: &Value) -> bool {
+    if v.is_null() {
+        return true;
+    }
+    let base = ty.split(['(', '<']).next().unwrap_or(ty).trim();
+    match base {
+        "TINYINT" | "SMALLINT" | "INT" | "INTEGER" | "BIGINT" | "LARGEINT" => {
+            v.as_i64().is_some() || v.as_u64().is_some()
+        }
+        "BOOLEAN" => v.is_boolean(),
+        "FLOAT" | "DOUBLE" => v.is_number(),
+        "DECIMAL" | "DECIMALV2" | "DECIMAL32" | "DECIMAL64" | "DECIMAL128" => match v {
+            Value::Number(_) => true,
+            Value::String(s) => {
+                let s = s.strip_prefix('-').unwrap_or(s);
+                let (i, f) = s.split_once('.').unwrap_or((s, "0"));
+                digits(i) && digits(f)
+            }
+            _ => false,
+        },
+        "DATE" => v.as_str().is_some_and(is_date),
+        "DATETIME" => v.as_str().is_some_and(|s| {
+            let (d, t) = s.split_once(' ').unwrap_or((s, ""));
+            let (hms, frac) = t.split_once('.').unwrap_or((t, "0"));
+            let p: Vec<&str> = hms.split(':').collect();
+            is_date(d)
+                && p.len() == 3
+                && p.iter().all(|x| x.len() == 2 && digits(x))
+                && frac.len() <= 6
+                && digits(frac)
+        }),
+        "JSON" => true,
+        "ARRAY" => v.is_array(),
+        _ => v.is_string(),
+    }
+}
+
+fn is_date(s: &str) -> bool {
+    let p: Vec<&str> = s.split('-').collect();
+    p.len() == 3 && p[0].len() == 4 && p[1].len() == 2 && p[2].len() == 2 && p.iter().all(|x| digits(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_checks() {
+        assert!(fits("BIGINT", &json!(5)));
+        assert!(!fits("BIGINT", &json!("5")));
+        assert!(fits("DECIMAL(10,2)", &json!("-12.34")));
+        assert!(!fits("DECIMAL(10,2)", &json!("NaN")));
+        assert!(fits("DATETIME", &json!("2024-01-02 03:04:05.123456")));
+        assert!(fits("DATETIME", &json!("2024-01-02 03:04:05")));
+        assert!(!fits("DATETIME", &json!("2024-01-02 03:04:05+00")));
+        assert!(fits("DATE", &json!("2024-01-02")));
+        assert!(fits("ARRAY<INT>", &json!([1, 2])));
+        assert!(fits("BOOLEAN", &json!(true)));
+        assert!(!fits("BOOLEAN", &json!("t")));
+        assert!(fits("VARCHAR(10)", &json!("x")));
+        assert!(!fits("VARCHAR(10)", &json!(1)));
+    }
+}
