@@ -222,11 +222,14 @@ fn wasi_send(req: &Request) -> Result<Response, HttpError> {
         Some(Ok(Err(code))) => return Err(map_code(code, &req.url)),
         Some(Err(())) | None => return Err(HttpError::Failed("response already taken".into())),
     };
-    if let Some(e) = body_error {
-        return Err(e);
-    }
-    finished.map_err(|e| map_code(e, &req.url))?;
     let status = response.status();
+    // A server may answer before it has read the body (a redirect, a refusal): that
+    // answer stands. A success without the whole body does not.
+    match body_error {
+        Some(e) if (200..300).contains(&status) => return Err(e),
+        Some(_) => {}
+        None => finished.map_err(|e| map_code(e, &req.url))?,
+    }
     let headers = response.headers().entries();
     let incoming = response
         .consume()

@@ -80,6 +80,7 @@ pub mod encoded;
 pub mod http;
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub mod testing;
+pub mod time;
 
 mod row;
 

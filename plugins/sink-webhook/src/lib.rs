@@ -174,29 +174,7 @@ struct Event<'a> {
     data: Envelope<'a>,
 }
 
-/// RFC 3339 UTC time of microseconds since the Unix epoch.
-pub fn rfc3339(us: i64) -> String {
-    let days = us.div_euclid(86_400_000_000);
-    let rem = us.rem_euclid(86_400_000_000);
-    // civil from days (H. Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let secs = rem / 1_000_000;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60,
-        rem % 1_000_000
-    )
-}
+pub use dbmazz_sdk::time::rfc3339;
 
 /// Standard base64 with padding.
 pub fn base64(b: &[u8]) -> String {

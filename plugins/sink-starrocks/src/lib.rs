@@ -1,0 +1,452 @@
+//! `sink-starrocks`: loads each batch into StarRocks Primary Key tables with Stream Load,
+//! exactly once per batch through labels. See README.md for configuration, modes, the
+//! type mapping and failure behaviour.
+//!
+//! Per batch: the changes are grouped per target table into runs with one column set
+//! ([`load`]), each run is one Stream Load labelled
+//! `dbmazz_<slot>_<batch id>_<table>_<run>` ([`client`]), loads run in batch order. A
+//! replayed batch has the same id, so its loads carry the same labels and StarRocks
+//! answers `Label Already Exists` for those already done.
+//!
+//! Setup, the first time a table is written: `SHOW COLUMNS` through the HTTP SQL API
+//! (a missing table stops the pipeline with a clear message), then `ALTER TABLE ... ADD
+//! COLUMN` for missing audit columns. Columns the target lacks are not loaded (reported
+//! once per table and column).
+
+pub mod client;
+pub mod load;
+pub mod value;
+
+use std::collections::{HashMap, HashSet};
+
+use dbmazz_sdk::encoded::TupleView;
+use dbmazz_sdk::{
+    export_sink, Batch, Config, EncodedBatch, Op, Relation, SchemaChange, Sink, SinkError,
+    SinkInfo,
+};
+
+use client::{Client, LoadError, Loaded, SqlError};
+use load::{DeleteMode, Planner, Route, RowIn, Shape, AUDIT_COLUMNS};
+use value::{BinaryAs, Cell};
+
+/// What the sink knows of a target table.
+#[derive(Clone, Debug, Default)]
+struct Target {
+    /// Column names, lower case (StarRocks column names are case-insensitive); `None`
+    /// with `setup = false` (every source column is loaded).
+    columns: Option<HashSet<String>>,
+}
+
+/// The StarRocks sink.
+#[derive(Debug)]
+pub struct StarRocks {
+    client: Client,
+    shape: Shape,
+    merge_condition: bool,
+    setup: bool,
+    schema_evolution: bool,
+    /// `schema.table` (or `table`) → target table.
+    tables: HashMap<String, String>,
+    /// Target for every source table, when set (`table`).
+    table: Option<String>,
+    targets: HashMap<String, Target>,
+    reported: HashSet<(String, String)>,
+}
+
+fn sql_to_sink(e: SqlError) -> SinkError {
+    match e {
+        SqlError::Transient(m) => SinkError::retryable(m),
+        SqlError::Fatal(m) | SqlError::Refused(m) => SinkError::Fatal(m),
+    }
+}
+
+fn quote(ident: &str) -> String {
+    format!("`{}`", ident.replace('`', "``"))
+}
+
+impl StarRocks {
+    /// The target table of a source relation.
+    fn target_name(&self, rel: &Relation) -> String {
+        if let Some(t) = self
+            .tables
+            .get(&rel.qualified_name())
+            .or_else(|| self.tables.get(&rel.table))
+        {
+            return t.clone();
+        }
+        self.table.clone().unwrap_or_else(|| rel.table.clone())
+    }
+
+    /// Reads a table's columns; `Ok(None)` when the table does not exist.
+    fn read_columns(&self, table: &str) -> Result<Option<HashSet<String>>, SinkError> {
+        match self.client.sql(&format!("SHOW COLUMNS FROM {}", quote(table))) {
+            Ok(r) => Ok(Some(
+                r.rows
+                    .iter()
+                    .filter_map(|row| {
+                        use sonic_rs::JsonValueTrait;
+                        row.first().and_then(|v| v.as_str()).map(str::to_ascii_lowercase)
+                    })
+                    .collect(),
+            )),
+            Err(SqlError::Refused(m)) => {
+                let lower = m.to_ascii_lowercase();
+                if lower.contains("unknown table") || lower.contains("not exist") || lower.contains("not found") {
+                    Ok(None)
+                } else {
+                    Err(SinkError::Fatal(format!("SHOW COLUMNS FROM {table}: {m}")))
+                }
+            }
+            Err(e) => Err(sql_to_sink(e)),
+        }
+    }
+
+    /// Adds a column; `Ok(false)` when StarRocks refused the statement (reported).
+    fn add_column(&self, table: &str, name: &str, ty: &str) -> Result<bool, SinkError> {
+        let stmt = format!(
+            "ALTER TABLE {} ADD COLUMN {} {ty} NULL COMMENT 'added by dbmazz'",
+            quote(table),
+            quote(name)
+        );
+        match self.client.sql(&stmt) {
+            Ok(_) => {
+                dbmazz_sdk::info!("added a column to StarRocks", table = table, column = name, r#type = ty);
+                Ok(true)
+            }
+            Err(SqlError::Refused(m)) if m.to_ascii_lowercase().contains("duplicate column") => Ok(true),
+            Err(SqlError::Refused(m)) => {
+                dbmazz_sdk::error!(
+                    "StarRocks refused to add a column; its values are not loaded until the column exists",
+                    table = table,
+                    column = name,
+                    statement = stmt,
+                    error = m
+                );
+                dbmazz_sdk::metrics::counter_add("schema_changes_failed", 1);
+                Ok(false)
+            }
+            Err(e) => Err(sql_to_sink(e)),
+        }
+    }
+
+    /// Checks a target table once: it exists, it has the audit columns.
+    fn ensure(&mut self, table: &str) -> Result<(), SinkError> {
+        if self.targets.contains_key(table) {
+            return Ok(());
+        }
+        if !self.setup {
+            self.targets.insert(table.to_string(), Target::default());
+            return Ok(());
+        }
+        let Some(mut cols) = self.read_columns(table)? else {
+            return Err(SinkError::Fatal(format!(
+                "table {}.{table} does not exist in StarRocks: create it as a Primary Key table with the source's columns{}",
+                self.client.database,
+                if self.shape.audit { " (the audit columns are added by dbmazz)" } else { "" }
+            )));
+        };
+        if self.shape.audit {
+            let missing: Vec<_> = AUDIT_COLUMNS
+                .iter()
+                .filter(|(n, _)| !cols.contains(*n))
+                .collect();
+            for (name, ty) in &missing {
+                self.add_column(table, name, ty)?;
+            }
+            if !missing.is_empty() {
+                cols = self.read_columns(table)?.unwrap_or(cols);
+            }
+        }
+        self.targets.insert(table.to_string(), Target { columns: Some(cols) });
+        Ok(())
+    }
+
+    /// Where a relation's rows go (checking the target table the first time).
+    fn route(&mut self, rel: &Relation) -> Result<Route, SinkError> {
+        let table = self.target_name(rel);
+        self.ensure(&table)?;
+        let target = self.targets.get(&table).cloned().unwrap_or_default();
+        let included = rel
+            .columns
+            .iter()
+            .map(|c| {
+                let present = target
+                    .columns
+                    .as_ref()
+                    .is_none_or(|t| t.contains(&c.name.to_ascii_lowercase()));
+                if !present && self.reported.insert((table.clone(), c.name.clone())) {
+                    dbmazz_sdk::warn!(
+                        "StarRocks table has no such column; its values are not loaded",
+                        table = table,
+                        column = c.name
+                    );
+                    dbmazz_sdk::metrics::counter_add("columns_not_loaded", 1);
+                }
+                present
+            })
+            .collect();
+        Ok(Route {
+            target_columns: target.columns.as_ref().map(HashSet::len),
+            table,
+            included,
+        })
+    }
+
+    /// Runs the loads of a planned batch; truncates and refused rows are dead-lettered.
+    fn run(&mut self, loads: Vec<load::Load>, mut dead: Vec<(u32, String)>) -> Result<(), SinkError> {
+        let merge = self.merge_condition.then_some("dbmazz_cdc_version");
+        for l in loads {
+            let bytes = l.body.len() as u64;
+            match self
+                .client
+                .stream_load(&l.table, &l.label, &l.columns, l.partial, merge, l.body)
+            {
+                Ok(Loaded::Now(rows)) => {
+                    dbmazz_sdk::metrics::counter_add("loads", 1);
+                    dbmazz_sdk::metrics::counter_add("rows_loaded", rows);
+                    dbmazz_sdk::metrics::counter_add("bytes_loaded", bytes);
+                }
+                Ok(Loaded::Before) => {
+                    dbmazz_sdk::metrics::counter_add("labels_already_loaded", 1);
+                    dbmazz_sdk::debug!("label already loaded (replay)", label = l.label);
+                }
+                Err(LoadError::Rows(reason)) => {
+                    dbmazz_sdk::warn!("StarRocks refused rows", label = l.label, reason = reason);
+                    dead.extend(l.changes.iter().map(|&i| (i, reason.clone())));
+                }
+                Err(LoadError::Sink(e)) => return Err(e),
+            }
+        }
+        if dead.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::DeadLetter(dead))
+        }
+    }
+}
+
+/// One change, as either representation hands it over.
+struct ChangeIn<'a> {
+    index: u32,
+    op: Op,
+    lsn: u64,
+    relation: &'a Relation,
+    new: Option<Vec<Option<Cell<'a>>>>,
+    old: Option<Vec<Option<Cell<'a>>>>,
+    old_is_key: bool,
+}
+
+fn unknown(i: usize, relation: u32) -> SinkError {
+    SinkError::Fatal(format!("change {i} refers to unknown relation {relation}"))
+}
+
+fn datum_cells(v: &[dbmazz_sdk::Datum]) -> Vec<Option<Cell<'_>>> {
+    v.iter().map(Cell::from_datum).collect()
+}
+
+fn raw_cells(t: TupleView<'_>) -> Result<Vec<Option<Cell<'_>>>, SinkError> {
+    t.iter()
+        .map(|v| v.map(Cell::from_raw).map_err(|e| SinkError::Fatal(e.to_string())))
+        .collect()
+}
+
+impl StarRocks {
+    /// Plans and runs the loads of a batch's changes.
+    fn write_changes<'a>(
+        &mut self,
+        batch: u64,
+        changes: impl Iterator<Item = Result<ChangeIn<'a>, SinkError>>,
+    ) -> Result<(), SinkError> {
+        let shape = self.shape.clone();
+        let now = dbmazz_sdk::time::sql_datetime(dbmazz_sdk::time::now_us());
+        let mut planner = Planner::new(&shape, batch, now);
+        let mut routes: HashMap<u32, Route> = HashMap::new();
+        let mut dead = Vec::new();
+        for c in changes {
+            let c = c?;
+            if c.op == Op::Truncate {
+                dead.push((c.index, TRUNCATE.to_string()));
+                continue;
+            }
+            if !routes.contains_key(&c.relation.id) {
+                let r = self.route(c.relation)?;
+                routes.insert(c.relation.id, r);
+            }
+            let route = &routes[&c.relation.id];
+            let row = |values, key_only| RowIn {
+                index: c.index,
+                op: c.op,
+                lsn: c.lsn,
+                relation: c.relation,
+                values,
+                key_only,
+            };
+            match (c.op, c.new, c.old) {
+                (Op::Delete, _, Some(old)) => planner.add(&row(old, c.old_is_key), None, route),
+                (_, Some(new), old) => {
+                    let old = old.map(|o| row(o, c.old_is_key));
+                    planner.add(&row(new, false), old.as_ref(), route)
+                }
+                _ => Err(format!("change {} ({}) carries no row", c.index, c.op.as_str())),
+            }
+            .map_err(SinkError::Fatal)?;
+        }
+        self.run(planner.finish(), dead)
+    }
+}
+
+const TRUNCATE: &str = "TRUNCATE is not applied to StarRocks: truncate the target table yourself";
+
+fn invalid(key: &str, value: &str, expected: &str) -> String {
+    format!("config key {key:?}: {value:?} is not one of {expected}")
+}
+
+impl Sink for StarRocks {
+    fn init(config: &Config) -> Result<(Self, SinkInfo), String> {
+        let fe = config.required("url")?.trim_end_matches('/').to_string();
+        dbmazz_sdk::http::split_url(&fe).map_err(|e| format!("config key \"url\": {e}"))?;
+        let database = config.required("database")?.to_string();
+        let authorization = match config.get("user") {
+            Some(user) => Some(Client::basic(user, config.get("password").unwrap_or(""))),
+            None => None,
+        };
+        let deletes = match config.get("mode").unwrap_or("soft_delete") {
+            "soft_delete" => DeleteMode::Soft,
+            "hard_delete" => DeleteMode::Hard,
+            other => return Err(invalid("mode", other, "soft_delete, hard_delete")),
+        };
+        let binary = match config.get("bytea").unwrap_or("base64") {
+            "base64" => BinaryAs::Base64,
+            "hex" => BinaryAs::Hex,
+            other => return Err(invalid("bytea", other, "base64, hex")),
+        };
+        let tables: HashMap<String, String> = match config.get("tables") {
+            Some(t) => sonic_rs::from_str(t)
+                .map_err(|e| format!("config key \"tables\": a table of \"schema.table\" = \"target\" ({e})"))?,
+            None => HashMap::new(),
+        };
+        let audit = config.parse_or("audit_columns", true)?;
+        let merge_condition = config.parse_or("merge_condition", false)?;
+        if merge_condition && !audit {
+            return Err("merge_condition needs audit_columns (it compares dbmazz_cdc_version)".into());
+        }
+        let slot = config.get("dbmazz.slot").unwrap_or("dbmazz");
+        let sink = StarRocks {
+            client: Client {
+                fe,
+                database,
+                authorization,
+                timeout_ms: config.parse_or("timeout_ms", 30_000)?,
+                rewrite_loopback: config.parse_or("rewrite_loopback_be", false)?,
+            },
+            shape: Shape {
+                deletes,
+                audit,
+                binary,
+                label_prefix: config
+                    .get("label_prefix")
+                    .map_or_else(|| format!("dbmazz_{slot}"), str::to_string),
+            },
+            merge_condition,
+            setup: config.parse_or("setup", true)?,
+            schema_evolution: config.parse_or("schema_evolution", true)?,
+            tables,
+            table: config.get("table").map(str::to_string),
+            targets: HashMap::new(),
+            reported: HashSet::new(),
+        };
+        Ok((
+            sink,
+            SinkInfo {
+                preferred_batch_size: None,
+                needs_full_rows: false,
+                prefers_encoded: true,
+            },
+        ))
+    }
+
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let changes = batch.changes.iter().enumerate().map(|(i, c)| {
+            let relation = batch.relation_of(c).ok_or_else(|| unknown(i, c.relation))?;
+            Ok(ChangeIn {
+                index: i as u32,
+                op: c.op,
+                lsn: c.lsn,
+                relation,
+                new: c.new.as_deref().map(datum_cells),
+                old: c.old.as_deref().map(datum_cells),
+                old_is_key: c.old_is_key,
+            })
+        });
+        self.write_changes(batch.id, changes)
+    }
+
+    fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
+        let changes = batch.changes().enumerate().map(|(i, c)| {
+            let c = c.map_err(|e| SinkError::Fatal(e.to_string()))?;
+            let relation = batch.relation(c.relation).ok_or_else(|| unknown(i, c.relation))?;
+            Ok(ChangeIn {
+                index: i as u32,
+                op: c.op,
+                lsn: c.lsn,
+                relation,
+                new: c.new.map(raw_cells).transpose()?,
+                old: c.old.map(raw_cells).transpose()?,
+                old_is_key: c.old_is_key,
+            })
+        });
+        self.write_changes(batch.id, changes)
+    }
+
+    fn apply_schema_change(&mut self, change: &SchemaChange) -> Result<(), SinkError> {
+        let rel = &change.relation;
+        let table = self.target_name(rel);
+        for (before, after) in &change.retyped {
+            dbmazz_sdk::warn!(
+                "a column changed type in PostgreSQL; the StarRocks column is left as it is",
+                table = table,
+                column = after.name,
+                before_oid = before.type_oid,
+                after_oid = after.type_oid
+            );
+        }
+        for c in &change.dropped {
+            dbmazz_sdk::info!(
+                "a column was dropped in PostgreSQL; the StarRocks column keeps its values",
+                table = table,
+                column = c.name
+            );
+        }
+        if change.added.is_empty() || !self.setup {
+            return Ok(());
+        }
+        self.ensure(&table)?;
+        let known = self
+            .targets
+            .get(&table)
+            .and_then(|t| t.columns.clone())
+            .unwrap_or_default();
+        for c in &change.added {
+            if known.contains(&c.name.to_ascii_lowercase()) {
+                continue;
+            }
+            if self.schema_evolution {
+                let ty = value::starrocks_type(c.type_oid, c.type_modifier);
+                self.add_column(&table, &c.name, &ty)?;
+            } else {
+                dbmazz_sdk::warn!(
+                    "a column was added in PostgreSQL; schema_evolution is off, so its values are not loaded",
+                    table = table,
+                    column = c.name
+                );
+                dbmazz_sdk::metrics::counter_add("columns_not_loaded", 1);
+            }
+        }
+        // Read the columns again on the next write.
+        self.targets.remove(&table);
+        self.reported.retain(|(t, _)| *t != table);
+        Ok(())
+    }
+}
+
+export_sink!(StarRocks);
