@@ -430,6 +430,7 @@ pub struct Plugins {
     pub misbehave: PathBuf,
     pub null: PathBuf,
     pub null_core_module: PathBuf,
+    pub starrocks: PathBuf,
 }
 
 pub fn plugins() -> &'static Plugins {
@@ -448,6 +449,7 @@ pub fn plugins() -> &'static Plugins {
                     "sink-webhook",
                     "fixture-misbehave",
                     "sink-null",
+                    "sink-starrocks",
                 ][..],
             ),
             ("wasm32-unknown-unknown", &["sink-null"][..]),
@@ -475,6 +477,7 @@ pub fn plugins() -> &'static Plugins {
             misbehave: w("fixture_misbehave"),
             null: w("sink_null"),
             null_core_module: t.join("wasm32-unknown-unknown/release/sink_null.wasm"),
+            starrocks: w("sink_starrocks"),
         }
     })
 }
@@ -622,6 +625,11 @@ impl Pipeline {
     /// `[plugins]`.
     pub fn with_toml(url: &str, tables: &[&str], rest: &str) -> Pipeline {
         Self::write(url, tables, "", |_| rest.to_string())
+    }
+
+    /// As [`Pipeline::with_toml`], with extra `[source]` keys.
+    pub fn with_source_toml(url: &str, tables: &[&str], source: &str, rest: &str) -> Pipeline {
+        Self::write(url, tables, source, |_| rest.to_string())
     }
 
     /// The dead letters in this pipeline's state (open it after dbmazz exited).

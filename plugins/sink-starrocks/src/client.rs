@@ -24,6 +24,8 @@ pub struct Client {
     /// Replace a redirect target of `127.0.0.1`/`localhost` with the FE's host (BEs in
     /// containers advertise a loopback address).
     pub rewrite_loopback: bool,
+    /// Where the FE sent each table's loads last time (`table` → BE URL).
+    pub located: std::collections::HashMap<String, String>,
 }
 
 /// How a load ended, when it did not fail.
@@ -119,16 +121,65 @@ impl Client {
         }
     }
 
-    /// One Stream Load: `PUT {fe}/api/{db}/{table}/_stream_load` with `Expect:
-    /// 100-continue`, following the FE's redirect to a BE (body and credentials sent
-    /// again).
+    fn http_failure(&self, url: &str, resp: &Response) -> SinkError {
+        match resp.status {
+            401 | 403 => SinkError::Fatal(format!(
+                "StarRocks refused the credentials (HTTP {}) for {url}: {}; check user and password",
+                resp.status,
+                snippet(&resp.body)
+            )),
+            408 | 429 | 500..=599 => SinkError::Retryable {
+                message: format!("HTTP {} from {url}: {}", resp.status, snippet(&resp.body)),
+                retry_after_ms: resp
+                    .header("retry-after")
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    .map(|s| s.saturating_mul(1000)),
+            },
+            status => SinkError::Fatal(format!(
+                "HTTP {status} from {url}: {}; is {} a StarRocks FE HTTP port (8030)?",
+                snippet(&resp.body),
+                self.fe
+            )),
+        }
+    }
+
+    /// Asks the FE where `table`'s loads go: `PUT {fe}/api/{db}/{table}/_stream_load`
+    /// with `Expect: 100-continue` and no body, which the FE answers with a 307 to a BE
+    /// before any data is sent. (The WASI HTTP client cannot wait for `100 Continue`, so
+    /// the body goes only to the BE; a body sent to an FE that answers early is cut off.)
+    /// Without a label or data, nothing is loaded even if the FE ran it itself.
+    fn locate(&self, table: &str) -> Result<String, SinkError> {
+        let url = format!("{}/api/{}/{table}/_stream_load", self.fe, self.database);
+        let probe = self
+            .request("PUT", &url, Vec::new())
+            .header("expect", "100-continue")
+            .header("format", "json");
+        let resp = http::send(&probe).map_err(|e| self.transport(e))?;
+        match resp.status {
+            301 | 302 | 307 | 308 => match resp.header("location") {
+                Some(location) => Ok(self.follow(location)),
+                None => Err(retry(format!(
+                    "{url} answered {} without a Location",
+                    resp.status
+                ))),
+            },
+            // An FE that loads by itself: send the data there.
+            200..=299 => Ok(url),
+            _ => Err(self.http_failure(&url, &resp)),
+        }
+    }
+
+    /// One Stream Load of `body` (a JSON array) into `table`: the FE redirects to a BE
+    /// ([`Client::locate`], remembered per table), the BE gets the body with the
+    /// credentials and the headers `label`, `format: json`, `strip_outer_array: true`,
+    /// `columns`, `partial_update`, `merge_condition`.
     ///
     /// # Errors
     /// [`LoadError`]: auth failures, a missing table and a URL off the allow-list stop the
     /// pipeline; 5xx, timeouts, dropped connections, `Fail` and a job still running are
     /// retried; filtered rows are dead-lettered.
     pub fn stream_load(
-        &self,
+        &mut self,
         table: &str,
         label: &str,
         columns: &str,
@@ -136,9 +187,16 @@ impl Client {
         merge_condition: Option<&str>,
         body: Vec<u8>,
     ) -> Result<Loaded, LoadError> {
-        let url = format!("{}/api/{}/{table}/_stream_load", self.fe, self.database);
+        let be = match self.located.get(table) {
+            Some(u) => u.clone(),
+            None => {
+                let u = self.locate(table).map_err(LoadError::Sink)?;
+                self.located.insert(table.to_string(), u.clone());
+                u
+            }
+        };
         let mut req = self
-            .request("PUT", &url, body)
+            .request("PUT", &be, body)
             .header("expect", "100-continue")
             .header("content-type", "application/json")
             .header("label", label)
@@ -151,8 +209,17 @@ impl Client {
         if let Some(m) = merge_condition {
             req = req.header("merge_condition", m);
         }
+        let result = self.send_load(table, label, &mut req);
+        if matches!(&result, Err(LoadError::Sink(SinkError::Retryable { .. }))) {
+            // The BE may be gone: ask the FE again next time.
+            self.located.remove(table);
+        }
+        result
+    }
+
+    fn send_load(&self, table: &str, label: &str, req: &mut Request) -> Result<Loaded, LoadError> {
         for _hop in 0..4 {
-            let resp = http::send(&req).map_err(|e| LoadError::Sink(self.transport(e)))?;
+            let resp = http::send(req).map_err(|e| LoadError::Sink(self.transport(e)))?;
             match resp.status {
                 301 | 302 | 307 | 308 => {
                     let Some(location) = resp.header("location") else {
@@ -164,31 +231,7 @@ impl Client {
                     req.url = self.follow(location);
                 }
                 200..=299 => return outcome(&self.database, table, label, &resp),
-                401 | 403 => {
-                    return Err(LoadError::Sink(SinkError::Fatal(format!(
-                        "StarRocks refused the credentials (HTTP {}) for {}: {}; check user and password",
-                        resp.status,
-                        req.url,
-                        snippet(&resp.body)
-                    ))))
-                }
-                408 | 429 | 500..=599 => {
-                    return Err(LoadError::Sink(SinkError::Retryable {
-                        message: format!("HTTP {} from {}: {}", resp.status, req.url, snippet(&resp.body)),
-                        retry_after_ms: resp
-                            .header("retry-after")
-                            .and_then(|v| v.trim().parse::<u32>().ok())
-                            .map(|s| s.saturating_mul(1000)),
-                    }))
-                }
-                status => {
-                    return Err(LoadError::Sink(SinkError::Fatal(format!(
-                        "HTTP {status} from {}: {}; is {} a StarRocks FE HTTP port (8030)?",
-                        req.url,
-                        snippet(&resp.body),
-                        self.fe
-                    ))))
-                }
+                _ => return Err(LoadError::Sink(self.http_failure(&req.url, &resp))),
             }
         }
         Err(LoadError::Sink(retry(format!(
@@ -243,7 +286,10 @@ impl Client {
         let mut out = SqlResult::default();
         for line in resp.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let v: sonic_rs::Value = sonic_rs::from_slice(line).map_err(|e| {
-                SqlError::Refused(format!("unreadable SQL API answer ({e}): {}", snippet(line)))
+                SqlError::Refused(format!(
+                    "unreadable SQL API answer ({e}): {}",
+                    snippet(line)
+                ))
             })?;
             use sonic_rs::{JsonContainerTrait, JsonValueTrait};
             if v.get("status").and_then(|s| s.as_str()) == Some("FAILED") || resp.status >= 400 {
@@ -257,7 +303,12 @@ impl Client {
             if let Some(meta) = v.get("meta").and_then(|m| m.as_array()) {
                 out.columns = meta
                     .iter()
-                    .map(|c| c.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string())
+                    .map(|c| {
+                        c.get("name")
+                            .and_then(|n| n.as_str())
+                            .unwrap_or("")
+                            .to_string()
+                    })
                     .collect();
             }
             if let Some(row) = v.get("data").and_then(|d| d.as_array()) {
@@ -287,7 +338,9 @@ fn outcome(db: &str, table: &str, label: &str, resp: &Response) -> Result<Loaded
     let message = text("Message");
     match status.as_str() {
         "Success" | "Publish Timeout" => Ok(Loaded::Now(
-            v.get("NumberLoadedRows").and_then(|n| n.as_u64()).unwrap_or(0),
+            v.get("NumberLoadedRows")
+                .and_then(|n| n.as_u64())
+                .unwrap_or(0),
         )),
         "Label Already Exists" => match text("ExistingJobStatus").as_str() {
             "FINISHED" | "VISIBLE" | "COMMITTED" => Ok(Loaded::Before),
@@ -343,15 +396,24 @@ mod tests {
     #[test]
     fn outcomes() {
         let o = |b: &str| outcome("db", "t", "l", &resp(b));
-        assert_eq!(o(r#"{"Status":"Success","NumberLoadedRows":3}"#), Ok(Loaded::Now(3)));
-        assert_eq!(o(r#"{"Status":"Publish Timeout","NumberLoadedRows":3}"#), Ok(Loaded::Now(3)));
+        assert_eq!(
+            o(r#"{"Status":"Success","NumberLoadedRows":3}"#),
+            Ok(Loaded::Now(3))
+        );
+        assert_eq!(
+            o(r#"{"Status":"Publish Timeout","NumberLoadedRows":3}"#),
+            Ok(Loaded::Now(3))
+        );
         assert_eq!(
             o(r#"{"Status":"Label Already Exists","ExistingJobStatus":"FINISHED"}"#),
             Ok(Loaded::Before)
         );
         assert!(matches!(
             o(r#"{"Status":"Label Already Exists","ExistingJobStatus":"RUNNING"}"#),
-            Err(LoadError::Sink(SinkError::Retryable { retry_after_ms: Some(1000), .. }))
+            Err(LoadError::Sink(SinkError::Retryable {
+                retry_after_ms: Some(1000),
+                ..
+            }))
         ));
         assert!(matches!(
             o(r#"{"Status":"Fail","Message":"unknown table, tableName=t"}"#),
@@ -369,7 +431,10 @@ mod tests {
             o(r#"{"Status":"Fail","Message":"internal error"}"#),
             Err(LoadError::Sink(SinkError::Retryable { .. }))
         ));
-        assert!(matches!(o("not json"), Err(LoadError::Sink(SinkError::Retryable { .. }))));
+        assert!(matches!(
+            o("not json"),
+            Err(LoadError::Sink(SinkError::Retryable { .. }))
+        ));
     }
 
     #[test]
@@ -380,10 +445,20 @@ mod tests {
             authorization: None,
             timeout_ms: 1,
             rewrite_loopback: true,
+            located: Default::default(),
         };
-        assert_eq!(c.follow("http://127.0.0.1:8040/api/d/t/_stream_load"), "http://fe.example:8040/api/d/t/_stream_load");
+        assert_eq!(
+            c.follow("http://127.0.0.1:8040/api/d/t/_stream_load"),
+            "http://fe.example:8040/api/d/t/_stream_load"
+        );
         assert_eq!(c.follow("http://10.0.0.5:8040/x"), "http://10.0.0.5:8040/x");
-        let off = Client { rewrite_loopback: false, ..c };
-        assert_eq!(off.follow("http://127.0.0.1:8040/x"), "http://127.0.0.1:8040/x");
+        let off = Client {
+            rewrite_loopback: false,
+            ..c
+        };
+        assert_eq!(
+            off.follow("http://127.0.0.1:8040/x"),
+            "http://127.0.0.1:8040/x"
+        );
     }
 }

@@ -21,8 +21,7 @@ use std::collections::{HashMap, HashSet};
 
 use dbmazz_sdk::encoded::TupleView;
 use dbmazz_sdk::{
-    export_sink, Batch, Config, EncodedBatch, Op, Relation, SchemaChange, Sink, SinkError,
-    SinkInfo,
+    export_sink, Batch, Config, EncodedBatch, Op, Relation, SchemaChange, Sink, SinkError, SinkInfo,
 };
 
 use client::{Client, LoadError, Loaded, SqlError};
@@ -79,19 +78,27 @@ impl StarRocks {
 
     /// Reads a table's columns; `Ok(None)` when the table does not exist.
     fn read_columns(&self, table: &str) -> Result<Option<HashSet<String>>, SinkError> {
-        match self.client.sql(&format!("SHOW COLUMNS FROM {}", quote(table))) {
+        match self
+            .client
+            .sql(&format!("SHOW COLUMNS FROM {}", quote(table)))
+        {
             Ok(r) => Ok(Some(
                 r.rows
                     .iter()
                     .filter_map(|row| {
                         use sonic_rs::JsonValueTrait;
-                        row.first().and_then(|v| v.as_str()).map(str::to_ascii_lowercase)
+                        row.first()
+                            .and_then(|v| v.as_str())
+                            .map(str::to_ascii_lowercase)
                     })
                     .collect(),
             )),
             Err(SqlError::Refused(m)) => {
                 let lower = m.to_ascii_lowercase();
-                if lower.contains("unknown table") || lower.contains("not exist") || lower.contains("not found") {
+                if lower.contains("unknown table")
+                    || lower.contains("not exist")
+                    || lower.contains("not found")
+                {
                     Ok(None)
                 } else {
                     Err(SinkError::Fatal(format!("SHOW COLUMNS FROM {table}: {m}")))
@@ -110,10 +117,17 @@ impl StarRocks {
         );
         match self.client.sql(&stmt) {
             Ok(_) => {
-                dbmazz_sdk::info!("added a column to StarRocks", table = table, column = name, r#type = ty);
+                dbmazz_sdk::info!(
+                    "added a column to StarRocks",
+                    table = table,
+                    column = name,
+                    r#type = ty
+                );
                 Ok(true)
             }
-            Err(SqlError::Refused(m)) if m.to_ascii_lowercase().contains("duplicate column") => Ok(true),
+            Err(SqlError::Refused(m)) if m.to_ascii_lowercase().contains("duplicate column") => {
+                Ok(true)
+            }
             Err(SqlError::Refused(m)) => {
                 dbmazz_sdk::error!(
                     "StarRocks refused to add a column; its values are not loaded until the column exists",
@@ -157,7 +171,12 @@ impl StarRocks {
                 cols = self.read_columns(table)?.unwrap_or(cols);
             }
         }
-        self.targets.insert(table.to_string(), Target { columns: Some(cols) });
+        self.targets.insert(
+            table.to_string(),
+            Target {
+                columns: Some(cols),
+            },
+        );
         Ok(())
     }
 
@@ -193,7 +212,11 @@ impl StarRocks {
     }
 
     /// Runs the loads of a planned batch; truncates and refused rows are dead-lettered.
-    fn run(&mut self, loads: Vec<load::Load>, mut dead: Vec<(u32, String)>) -> Result<(), SinkError> {
+    fn run(
+        &mut self,
+        loads: Vec<load::Load>,
+        mut dead: Vec<(u32, String)>,
+    ) -> Result<(), SinkError> {
         let merge = self.merge_condition.then_some("dbmazz_cdc_version");
         for l in loads {
             let bytes = l.body.len() as u64;
@@ -246,7 +269,10 @@ fn datum_cells(v: &[dbmazz_sdk::Datum]) -> Vec<Option<Cell<'_>>> {
 
 fn raw_cells(t: TupleView<'_>) -> Result<Vec<Option<Cell<'_>>>, SinkError> {
     t.iter()
-        .map(|v| v.map(Cell::from_raw).map_err(|e| SinkError::Fatal(e.to_string())))
+        .map(|v| {
+            v.map(Cell::from_raw)
+                .map_err(|e| SinkError::Fatal(e.to_string()))
+        })
         .collect()
 }
 
@@ -283,15 +309,41 @@ impl StarRocks {
             };
             match (c.op, c.new, c.old) {
                 (Op::Delete, _, Some(old)) => planner.add(&row(old, c.old_is_key), None, route),
-                (_, Some(new), old) => {
+                (_, Some(mut new), old) => {
+                    // A whole old row (REPLICA IDENTITY FULL) has the values PostgreSQL
+                    // left out of the new one.
+                    if let Some(o) = old.as_ref().filter(|_| !c.old_is_key) {
+                        for (n, o) in new.iter_mut().zip(o) {
+                            if n.is_none() {
+                                *n = *o;
+                            }
+                        }
+                    }
                     let old = old.map(|o| row(o, c.old_is_key));
                     planner.add(&row(new, false), old.as_ref(), route)
                 }
-                _ => Err(format!("change {} ({}) carries no row", c.index, c.op.as_str())),
+                _ => Err(format!(
+                    "change {} ({}) carries no row",
+                    c.index,
+                    c.op.as_str()
+                )),
             }
             .map_err(SinkError::Fatal)?;
         }
-        self.run(planner.finish(), dead)
+        if let Some(first) = planner.toast_under_new_key.first() {
+            dbmazz_sdk::warn!(
+                "rows moved to a new primary key without their unchanged TOAST values; those columns stay empty in StarRocks (set REPLICA IDENTITY FULL on such tables)",
+                batch = batch,
+                changes = planner.toast_under_new_key.len(),
+                first_change = first
+            );
+            dbmazz_sdk::metrics::counter_add(
+                "toast_values_not_carried",
+                planner.toast_under_new_key.len() as u64,
+            );
+        }
+        let loads = planner.finish();
+        self.run(loads, dead)
     }
 }
 
@@ -321,14 +373,17 @@ impl Sink for StarRocks {
             other => return Err(invalid("bytea", other, "base64, hex")),
         };
         let tables: HashMap<String, String> = match config.get("tables") {
-            Some(t) => sonic_rs::from_str(t)
-                .map_err(|e| format!("config key \"tables\": a table of \"schema.table\" = \"target\" ({e})"))?,
+            Some(t) => sonic_rs::from_str(t).map_err(|e| {
+                format!("config key \"tables\": a table of \"schema.table\" = \"target\" ({e})")
+            })?,
             None => HashMap::new(),
         };
         let audit = config.parse_or("audit_columns", true)?;
         let merge_condition = config.parse_or("merge_condition", false)?;
         if merge_condition && !audit {
-            return Err("merge_condition needs audit_columns (it compares dbmazz_cdc_version)".into());
+            return Err(
+                "merge_condition needs audit_columns (it compares dbmazz_cdc_version)".into(),
+            );
         }
         let slot = config.get("dbmazz.slot").unwrap_or("dbmazz");
         let sink = StarRocks {
@@ -338,6 +393,7 @@ impl Sink for StarRocks {
                 authorization,
                 timeout_ms: config.parse_or("timeout_ms", 30_000)?,
                 rewrite_loopback: config.parse_or("rewrite_loopback_be", false)?,
+                located: HashMap::new(),
             },
             shape: Shape {
                 deletes,
@@ -384,7 +440,9 @@ impl Sink for StarRocks {
     fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
         let changes = batch.changes().enumerate().map(|(i, c)| {
             let c = c.map_err(|e| SinkError::Fatal(e.to_string()))?;
-            let relation = batch.relation(c.relation).ok_or_else(|| unknown(i, c.relation))?;
+            let relation = batch
+                .relation(c.relation)
+                .ok_or_else(|| unknown(i, c.relation))?;
             Ok(ChangeIn {
                 index: i as u32,
                 op: c.op,

@@ -165,6 +165,9 @@ pub struct Planner<'s> {
     loads: Vec<Load>,
     last_of: HashMap<String, usize>,
     segments: HashMap<String, usize>,
+    /// Changes that moved a row to a new key while a TOASTed column was not sent: the
+    /// new row lacks that value (REPLICA IDENTITY FULL avoids it).
+    pub toast_under_new_key: Vec<u32>,
 }
 
 impl<'s> Planner<'s> {
@@ -177,6 +180,7 @@ impl<'s> Planner<'s> {
             loads: Vec::new(),
             last_of: HashMap::new(),
             segments: HashMap::new(),
+            toast_under_new_key: Vec::new(),
         }
     }
 
@@ -184,7 +188,12 @@ impl<'s> Planner<'s> {
     ///
     /// # Errors
     /// Serializing the row failed (a value that is not valid JSON text).
-    pub fn add(&mut self, row: &RowIn<'_>, old_key: Option<&RowIn<'_>>, route: &Route) -> Result<(), String> {
+    pub fn add(
+        &mut self,
+        row: &RowIn<'_>,
+        old_key: Option<&RowIn<'_>>,
+        route: &Route,
+    ) -> Result<(), String> {
         if let Some(old) = old_key {
             let key_changed = row
                 .relation
@@ -194,6 +203,9 @@ impl<'s> Planner<'s> {
                 .any(|(c, (n, o))| c.key && n.map(|v| v.key_text()) != o.map(|v| v.key_text()));
             if key_changed {
                 self.push(old, true, route)?;
+                if row.values.iter().any(Option::is_none) {
+                    self.toast_under_new_key.push(row.index);
+                }
             }
         }
         self.push(row, row.op == Op::Delete, route)
@@ -245,7 +257,8 @@ impl<'s> Planner<'s> {
                     mask,
                     rows: 0,
                 });
-                self.last_of.insert(route.table.clone(), self.loads.len() - 1);
+                self.last_of
+                    .insert(route.table.clone(), self.loads.len() - 1);
                 self.loads.len() - 1
             }
         };
@@ -270,11 +283,12 @@ impl<'s> Planner<'s> {
     }
 
     /// The loads, in the order they must run.
-    pub fn finish(mut self) -> Vec<Load> {
-        for l in &mut self.loads {
+    pub fn finish(&mut self) -> Vec<Load> {
+        let mut loads = std::mem::take(&mut self.loads);
+        for l in &mut loads {
             l.body.push(b']');
         }
-        self.loads
+        loads
     }
 }
 
@@ -294,7 +308,11 @@ mod tests {
             id: 1,
             schema: "public".into(),
             table: "t".into(),
-            columns: vec![col("id", 20, true), col("name", 25, false), col("doc", 25, false)],
+            columns: vec![
+                col("id", 20, true),
+                col("name", 25, false),
+                col("doc", 25, false),
+            ],
         }
     }
 
@@ -315,7 +333,13 @@ mod tests {
         }
     }
 
-    fn row<'a>(r: &'a Relation, index: u32, op: Op, values: Vec<Option<Cell<'a>>>, key_only: bool) -> RowIn<'a> {
+    fn row<'a>(
+        r: &'a Relation,
+        index: u32,
+        op: Op,
+        values: Vec<Option<Cell<'a>>>,
+        key_only: bool,
+    ) -> RowIn<'a> {
         RowIn {
             index,
             op,
@@ -331,20 +355,60 @@ mod tests {
         let r = rel();
         let s = shape(DeleteMode::Soft);
         let mut p = Planner::new(&s, 42, "2024-01-01 00:00:00.000000".into());
-        let full = |i, op| row(&r, i, op, vec![Some(Cell::Text("1")), Some(Cell::Text("a")), Some(Cell::Text("x"))], false);
+        let full = |i, op| {
+            row(
+                &r,
+                i,
+                op,
+                vec![
+                    Some(Cell::Text("1")),
+                    Some(Cell::Text("a")),
+                    Some(Cell::Text("x")),
+                ],
+                false,
+            )
+        };
         p.add(&full(0, Op::Insert), None, &route()).unwrap();
         p.add(&full(1, Op::Update), None, &route()).unwrap();
         // unchanged TOAST: doc left out
-        p.add(&row(&r, 2, Op::Update, vec![Some(Cell::Text("1")), Some(Cell::Text("b")), None], false), None, &route()).unwrap();
+        p.add(
+            &row(
+                &r,
+                2,
+                Op::Update,
+                vec![Some(Cell::Text("1")), Some(Cell::Text("b")), None],
+                false,
+            ),
+            None,
+            &route(),
+        )
+        .unwrap();
         // key-only delete
-        p.add(&row(&r, 3, Op::Delete, vec![Some(Cell::Text("1")), Some(Cell::Null), Some(Cell::Null)], true), None, &route()).unwrap();
+        p.add(
+            &row(
+                &r,
+                3,
+                Op::Delete,
+                vec![Some(Cell::Text("1")), Some(Cell::Null), Some(Cell::Null)],
+                true,
+            ),
+            None,
+            &route(),
+        )
+        .unwrap();
         let loads = p.finish();
         assert_eq!(loads.len(), 3);
         assert_eq!(loads[0].label, "dbmazz_slot_42_t_0");
-        assert_eq!(loads[0].columns, "id,name,doc,dbmazz_op_type,dbmazz_is_deleted,dbmazz_synced_at,dbmazz_cdc_version");
+        assert_eq!(
+            loads[0].columns,
+            "id,name,doc,dbmazz_op_type,dbmazz_is_deleted,dbmazz_synced_at,dbmazz_cdc_version"
+        );
         assert!(!loads[0].partial);
         assert_eq!(loads[0].changes, vec![0, 1]);
-        assert_eq!(loads[1].columns, "id,name,dbmazz_op_type,dbmazz_is_deleted,dbmazz_synced_at,dbmazz_cdc_version");
+        assert_eq!(
+            loads[1].columns,
+            "id,name,dbmazz_op_type,dbmazz_is_deleted,dbmazz_synced_at,dbmazz_cdc_version"
+        );
         assert!(loads[1].partial);
         assert_eq!(loads[2].label, "dbmazz_slot_42_t_2");
         let body: sonic_rs::Value = sonic_rs::from_slice(&loads[2].body).unwrap();
@@ -367,20 +431,45 @@ mod tests {
             ..shape(DeleteMode::Hard)
         };
         let mut p = Planner::new(&s, 7, String::new());
-        let new = row(&r, 0, Op::Update, vec![Some(Cell::Text("2")), Some(Cell::Text("a")), Some(Cell::Text("x"))], false);
-        let old = row(&r, 0, Op::Update, vec![Some(Cell::Text("1")), Some(Cell::Null), Some(Cell::Null)], true);
+        let new = row(
+            &r,
+            0,
+            Op::Update,
+            vec![
+                Some(Cell::Text("2")),
+                Some(Cell::Text("a")),
+                Some(Cell::Text("x")),
+            ],
+            false,
+        );
+        let old = row(
+            &r,
+            0,
+            Op::Update,
+            vec![Some(Cell::Text("1")), Some(Cell::Null), Some(Cell::Null)],
+            true,
+        );
         p.add(&new, Some(&old), &route()).unwrap();
         let loads = p.finish();
         assert_eq!(loads.len(), 2);
         assert_eq!(loads[0].columns, "id,__op");
-        assert_eq!(std::str::from_utf8(&loads[0].body).unwrap(), r#"[{"id":1,"__op":1}]"#);
+        assert_eq!(
+            std::str::from_utf8(&loads[0].body).unwrap(),
+            r#"[{"id":1,"__op":1}]"#
+        );
         assert_eq!(loads[1].columns, "id,name,doc,__op");
-        assert_eq!(std::str::from_utf8(&loads[1].body).unwrap(), r#"[{"id":2,"name":"a","doc":"x","__op":0}]"#);
+        assert_eq!(
+            std::str::from_utf8(&loads[1].body).unwrap(),
+            r#"[{"id":2,"name":"a","doc":"x","__op":0}]"#
+        );
     }
 
     #[test]
     fn labels_follow_the_rules() {
-        assert_eq!(label("dbmazz_my-slot", 9, "Orders.x", 0), "dbmazz_my_slot_9_Orders_x_0");
+        assert_eq!(
+            label("dbmazz_my-slot", 9, "Orders.x", 0),
+            "dbmazz_my_slot_9_Orders_x_0"
+        );
         let long = label("p", 1, &"t".repeat(300), 0);
         assert_eq!(long.len(), 128);
         assert_eq!(long, label("p", 1, &"t".repeat(300), 0));

@@ -377,7 +377,10 @@ mod tests {
         assert_eq!(j(3802, "{\"a\": [1, 2]}"), "{\"a\": [1, 2]}");
         assert_eq!(j(17, "\\xdeadbeef"), "\"3q2+7w==\"");
         assert_eq!(j(25, "say \"hi\"\n"), "\"say \\\"hi\\\"\\n\"");
-        assert_eq!(j(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), "\"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\"");
+        assert_eq!(
+            j(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            "\"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\""
+        );
         let hex = sonic_rs::to_string(&Json {
             oid: 17,
             cell: Cell::Text("\\x00ff"),
@@ -390,7 +393,10 @@ mod tests {
     #[test]
     fn arrays() {
         assert_eq!(j(1007, "{1,2,NULL}"), "[1,2,null]");
-        assert_eq!(j(1009, "{\"a b\",\"c\\\"d\",NULL,plain}"), "[\"a b\",\"c\\\"d\",null,\"plain\"]");
+        assert_eq!(
+            j(1009, "{\"a b\",\"c\\\"d\",NULL,plain}"),
+            "[\"a b\",\"c\\\"d\",null,\"plain\"]"
+        );
         assert_eq!(j(1007, "{{1,2},{3,4}}"), "[[1,2],[3,4]]");
         assert_eq!(j(1007, "{}"), "[]");
         assert_eq!(j(1007, "[0:1]={5,6}"), "[5,6]");

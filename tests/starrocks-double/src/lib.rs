@@ -8,8 +8,8 @@
 //!
 //! What it does:
 //! - **FE** (`fe_url()`): `PUT /api/{db}/{table}/_stream_load` checks basic auth (401
-//!   otherwise) and answers `307 Temporary Redirect` to the BE without reading the body,
-//!   as an FE does for a client that sent `Expect: 100-continue`;
+//!   otherwise), refuses a request without `Expect: 100-continue`, and answers
+//!   `307 Temporary Redirect` to the BE without reading the body;
 //!   `POST /api/v1/catalogs/default_catalog/databases/{db}/sql` runs `SELECT * FROM t`,
 //!   `SELECT COUNT(*) FROM t`, `SHOW COLUMNS FROM t` / `DESC t` and
 //!   `ALTER TABLE t ADD COLUMN c TYPE ...`, answering in the API's NDJSON shape
@@ -50,7 +50,8 @@ use serde_json::{json, Map, Value};
 /// One injected failure; each applies to one load (in the order injected).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The FE answers `503 Service Unavailable` (nothing is loaded).
+    /// The next Stream Load request, at the FE or the BE, is answered `503 Service
+    /// Unavailable` (nothing is loaded).
     Http503,
     /// The BE answers `{"Status": "Fail"}` (nothing is loaded).
     StatusFail,
@@ -111,7 +112,6 @@ struct State {
     labels: HashMap<(String, String), Job>,
     loads: Vec<LoadRecord>,
     redirects: u64,
-    expect_continue: u64,
     faults: VecDeque<Fault>,
     delay: Duration,
     next_txn: u64,
@@ -154,7 +154,6 @@ impl StarRocksDouble {
                 labels: HashMap::new(),
                 loads: Vec::new(),
                 redirects: 0,
-                expect_continue: 0,
                 faults: VecDeque::new(),
                 delay: Duration::ZERO,
                 next_txn: 1000,
@@ -236,11 +235,9 @@ impl StarRocksDouble {
         out
     }
 
-    /// Redirects the FE answered, and how many of those requests carried
-    /// `Expect: 100-continue`.
-    pub fn redirects(&self) -> (u64, u64) {
-        let s = self.state();
-        (s.redirects, s.expect_continue)
+    /// Redirects the FE answered (only to requests with `Expect: 100-continue`).
+    pub fn redirects(&self) -> u64 {
+        self.state().redirects
     }
 
     /// Queues a fault for the next load that reaches the stage it affects.
@@ -303,15 +300,24 @@ impl StarRocksDouble {
                         json!({"Status": "Fail", "Message": "injected: FE unavailable"}),
                     ));
                 }
-                s.redirects += 1;
-                if req
+                // An FE refuses a load without `Expect: 100-continue`, so that it can
+                // redirect before the data is sent.
+                if !req
                     .headers()
                     .get(hyper::header::EXPECT)
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
                 {
-                    s.expect_continue += 1;
+                    return Ok(reply(
+                        StatusCode::OK,
+                        json!({"Status": "FAILED", "Msg": "There is no 100-continue header"}),
+                    ));
                 }
-                let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+                s.redirects += 1;
+                let query = req
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
                 let location = format!("http://{}{path}{query}", s.be);
                 Ok(Response::builder()
                     .status(StatusCode::TEMPORARY_REDIRECT)
@@ -319,7 +325,11 @@ impl StarRocksDouble {
                     .body(Full::new(Bytes::new()))
                     .unwrap_or_default())
             }
-            (Role::Fe, "POST", ["api", "v1", "catalogs", "default_catalog", "databases", db, "sql"]) => {
+            (
+                Role::Fe,
+                "POST",
+                ["api", "v1", "catalogs", "default_catalog", "databases", db, "sql"],
+            ) => {
                 let db = db.to_string();
                 let body = read_body(req).await?;
                 let query = serde_json::from_slice::<Value>(&body)
@@ -343,6 +353,16 @@ impl StarRocksDouble {
                     })
                     .collect();
                 let body = read_body(req).await?;
+                {
+                    let mut s = self.state();
+                    if s.faults.front() == Some(&Fault::Http503) {
+                        s.faults.pop_front();
+                        return Ok(reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            json!({"Status": "Fail", "Message": "injected: BE unavailable"}),
+                        ));
+                    }
+                }
                 let delay = self.state().delay;
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
@@ -416,10 +436,18 @@ impl StarRocksDouble {
                 .map_err(|e| format!("The data is not valid JSON: {e}"))?;
             let rows = match (strip, doc) {
                 (true, Value::Array(a)) => a,
-                (true, _) => return Err("strip_outer_array is true but the body is not an array".into()),
+                (true, _) => {
+                    return Err("strip_outer_array is true but the body is not an array".into())
+                }
                 (false, v) => vec![v],
             };
-            prepare(t, &header("columns"), header("partial_update").is_some_and(|v| v == "true"), header("merge_condition"), rows)
+            prepare(
+                t,
+                &header("columns"),
+                header("partial_update").is_some_and(|v| v == "true"),
+                header("merge_condition"),
+                rows,
+            )
         })();
         record.rows = match &outcome {
             Ok(p) => p.rows.len() as u64,
@@ -447,14 +475,9 @@ impl StarRocksDouble {
             }
         };
         let fault = s.faults.pop_front();
-        if let Some(f @ (Fault::StatusFail | Fault::Http503)) = fault {
-            if f == Fault::Http503 {
-                // only the FE answers 503; keep it for the next request there
-                s.faults.push_front(f);
-            } else {
-                let v = json!({"TxnId": txn, "Label": label, "Status": "Fail", "Message": "injected: internal error, please retry"});
-                return answer(&mut s, &mut record, v);
-            }
+        if fault == Some(Fault::StatusFail) {
+            let v = json!({"TxnId": txn, "Label": label, "Status": "Fail", "Message": "injected: internal error, please retry"});
+            return answer(&mut s, &mut record, v);
         }
         let n = prepared.rows.len();
         if let Some(t) = s.tables.get_mut(&(db.clone(), table.clone())) {
@@ -513,7 +536,14 @@ impl StarRocksDouble {
                     .iter()
                     .map(|c| {
                         let is_key = t.key.iter().any(|k| k.eq_ignore_ascii_case(&c.name));
-                        json!([c.name, c.type_name, if is_key { "NO" } else { "YES" }, if is_key { "true" } else { "false" }, null, ""])
+                        json!([
+                            c.name,
+                            c.type_name,
+                            if is_key { "NO" } else { "YES" },
+                            if is_key { "true" } else { "false" },
+                            null,
+                            ""
+                        ])
                     })
                     .collect();
                 ndjson(&meta.map(|m| (m.to_string(), "varchar".to_string())), rows)
@@ -623,7 +653,9 @@ fn ndjson(meta: &[(String, String)], rows: Vec<Value>) -> Response<Full<Bytes>> 
         out.push_str(&json!({ "data": r }).to_string());
         out.push('\n');
     }
-    out.push_str(&json!({"statistics": {"scanRows": n, "scanBytes": 0, "returnRows": n}}).to_string());
+    out.push_str(
+        &json!({"statistics": {"scanRows": n, "scanBytes": 0, "returnRows": n}}).to_string(),
+    );
     out.push('\n');
     Response::builder()
         .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
@@ -634,7 +666,12 @@ fn ndjson(meta: &[(String, String)], rows: Vec<Value>) -> Response<Full<Bytes>> 
 fn full_row(t: &Table, r: &Map<String, Value>) -> Map<String, Value> {
     t.columns
         .iter()
-        .map(|c| (c.name.clone(), r.get(&c.name).cloned().unwrap_or(Value::Null)))
+        .map(|c| {
+            (
+                c.name.clone(),
+                r.get(&c.name).cloned().unwrap_or(Value::Null),
+            )
+        })
         .collect()
 }
 
@@ -660,7 +697,10 @@ fn prepare(
             .map(|c| c.name.clone())
     };
     let listed: Vec<String> = match columns {
-        Some(c) => c.split(',').map(|s| s.trim().trim_matches('`').to_string()).collect(),
+        Some(c) => c
+            .split(',')
+            .map(|s| s.trim().trim_matches('`').to_string())
+            .collect(),
         None => t.columns.iter().map(|c| c.name.clone()).collect(),
     };
     let mut targets = Vec::new();
@@ -674,11 +714,15 @@ fn prepare(
     }
     for k in &t.key {
         if !targets.contains(k) {
-            return Err(format!("the columns header must name primary key column '{k}'"));
+            return Err(format!(
+                "the columns header must name primary key column '{k}'"
+            ));
         }
     }
     let merge = match merge {
-        Some(m) => Some(canon(&m).ok_or_else(|| format!("merge_condition column '{m}' does not exist"))?),
+        Some(m) => {
+            Some(canon(&m).ok_or_else(|| format!("merge_condition column '{m}' does not exist"))?)
+        }
         None => None,
     };
     let types: HashMap<&str, &str> = t
@@ -714,7 +758,10 @@ fn prepare(
         for c in &targets {
             let v = get(c);
             if !delete && !fits(types[c.as_str()], &v) {
-                bad = Some(format!("row {i}: value {v} does not fit column {c} {}", types[c.as_str()]));
+                bad = Some(format!(
+                    "row {i}: value {v} does not fit column {c} {}",
+                    types[c.as_str()]
+                ));
             }
             values.insert(c.clone(), v);
         }
@@ -724,7 +771,9 @@ fn prepare(
         }
         match bad {
             Some(reason) => out.filtered.push(reason),
-            None => out.rows.push((Value::Array(key).to_string(), delete, values)),
+            None => out
+                .rows
+                .push((Value::Array(key).to_string(), delete, values)),
         }
     }
     Ok(out)
@@ -810,7 +859,11 @@ fn fits(ty: &str, v: &Value) -> bool {
 
 fn is_date(s: &str) -> bool {
     let p: Vec<&str> = s.split('-').collect();
-    p.len() == 3 && p[0].len() == 4 && p[1].len() == 2 && p[2].len() == 2 && p.iter().all(|x| digits(x))
+    p.len() == 3
+        && p[0].len() == 4
+        && p[1].len() == 2
+        && p[2].len() == 2
+        && p.iter().all(|x| digits(x))
 }
 
 #[cfg(test)]
