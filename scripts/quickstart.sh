@@ -2,7 +2,8 @@
 # Quickstart: installs what is missing, builds dbmazz and its plugins, then runs
 # `dbmazz quickstart`: a throwaway PostgreSQL, a pipeline through the transform-filter and
 # sink-webhook plugins, a local receiver printing each CloudEvent, and a stream of
-# changes. Arguments go to `dbmazz quickstart` (--seconds N, 0 = until Ctrl-C; --rate N).
+# changes. Arguments go to `dbmazz quickstart` (--seconds N, 0 = until Ctrl-C; --rate N;
+# --sink starrocks to load the in-memory StarRocks test double through sink-starrocks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,6 @@ rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add was
 
 echo "==> building dbmazz and its plugins (the first build compiles RocksDB and wasmtime: ~15 minutes on 2 cores)"
 cargo build --release -p dbmazz
-cargo build --release --target wasm32-wasip2 -p transform-filter -p sink-webhook
+cargo build --release --target wasm32-wasip2 -p transform-filter -p sink-webhook -p sink-starrocks
 
 exec target/release/dbmazz quickstart --plugins target/wasm32-wasip2/release "$@"

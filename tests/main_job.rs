@@ -338,3 +338,48 @@ fn quickstart_shows_events_and_cleans_up() {
         "the temporary cluster and files are removed"
     );
 }
+
+#[test]
+fn quickstart_with_the_starrocks_sink_loads_the_test_double() {
+    let p = plugins();
+    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .args([
+            "quickstart",
+            "--sink",
+            "starrocks",
+            "--seconds",
+            "3",
+            "--rate",
+            "10",
+            "--plugins",
+        ])
+        .arg(p.starrocks.parent().unwrap())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("StarRocks test double"), "{text}");
+    // every committed transaction reached the double's tables (the pipeline drains
+    // before the tables are printed): customers n rows, orders n rows, n-3 soft-deleted
+    let count = |table: &str| -> (u64, u64) {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("shop.{table}: ")))
+            .unwrap_or_else(|| panic!("no line for {table}: {text}"));
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    };
+    let (customers, _) = count("customers");
+    let (orders, deleted) = count("orders");
+    assert!(customers >= 10, "{text}");
+    assert_eq!(orders, customers, "{text}");
+    assert_eq!(deleted, customers - 3, "{text}");
+    assert!(text.contains("\"dbmazz_is_deleted\":true"), "{text}");
+}

@@ -42,7 +42,9 @@
 //! Environment overrides, applied after the file: `DBMAZZ_<SECTION>__<KEY>` (for
 //! example `DBMAZZ_PIPELINE__FLUSH_SIZE=5000`; values parse as TOML, else as a string),
 //! and the seed's variables `DATABASE_URL`, `SLOT_NAME`, `PUBLICATION_NAME`,
-//! `FLUSH_SIZE`, `FLUSH_INTERVAL_MS`.
+//! `FLUSH_SIZE`, `FLUSH_INTERVAL_MS`, and `STARROCKS_URL`, `STARROCKS_DB`,
+//! `STARROCKS_TABLE`, `STARROCKS_USER`, `STARROCKS_PASS` (keys of the sink's `config`,
+//! for sink-starrocks; always text).
 //!
 //! Unknown keys and wrong types are errors that name the key.
 
@@ -371,6 +373,12 @@ const ALIASES: &[(&str, &[&str])] = &[
     ("PUBLICATION_NAME", &["source", "publication"]),
     ("FLUSH_SIZE", &["pipeline", "flush_size"]),
     ("FLUSH_INTERVAL_MS", &["pipeline", "flush_interval_ms"]),
+    // sink-starrocks' config keys (the `[sink]` section still names the plugin)
+    ("STARROCKS_URL", &["sink", "config", "url"]),
+    ("STARROCKS_DB", &["sink", "config", "database"]),
+    ("STARROCKS_TABLE", &["sink", "config", "table"]),
+    ("STARROCKS_USER", &["sink", "config", "user"]),
+    ("STARROCKS_PASS", &["sink", "config", "password"]),
 ];
 
 fn env_value(raw: &str) -> toml::Value {
@@ -464,7 +472,13 @@ impl Config {
         for (k, v) in &env {
             if let Some((_, path)) = ALIASES.iter().find(|(name, _)| name == k) {
                 let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
-                set_path(&mut table, &path, env_value(v));
+                // StarRocks settings are text, whatever they look like ("123", "[x]").
+                let value = if k.starts_with("STARROCKS_") {
+                    toml::Value::String(v.clone())
+                } else {
+                    env_value(v)
+                };
+                set_path(&mut table, &path, value);
             }
         }
         for (k, v) in &env {
@@ -554,6 +568,34 @@ mod tests {
         assert_eq!(c.pipeline.flush_size, 50);
         assert_eq!(c.pipeline.flush_interval_ms, 7);
         assert_eq!(c.source.slot, "other");
+    }
+
+    #[test]
+    fn starrocks_variables_fill_the_sink_config_as_text() {
+        let toml = MIN.replace(
+            "kind = \"jsonl\"\n        path = \"out.jsonl\"",
+            "plugin = \"sink_starrocks.wasm\"\n        config = { mode = \"hard_delete\" }",
+        );
+        let env = [
+            ("STARROCKS_URL".to_string(), "http://fe:8030".to_string()),
+            ("STARROCKS_DB".into(), "analytics".into()),
+            ("STARROCKS_PASS".into(), "123".into()),
+        ];
+        let c = Config::parse(&toml, env).unwrap();
+        let SinkTarget::Plugin(stage) = c.sink.target().unwrap() else {
+            panic!("a plugin sink")
+        };
+        let mut got = stage.plugin_config();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("database".to_string(), "analytics".to_string()),
+                ("mode".into(), "hard_delete".into()),
+                ("password".into(), "123".into()),
+                ("url".into(), "http://fe:8030".into()),
+            ]
+        );
     }
 
     #[test]

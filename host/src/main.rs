@@ -50,13 +50,17 @@ enum Command {
     /// A throwaway PostgreSQL, a pipeline through the filter and webhook plugins, a local
     /// receiver printing what it gets, and a stream of changes. Ctrl-C cleans up.
     Quickstart {
+        /// Where changes go: a local webhook receiver, or the StarRocks test double (in
+        /// memory, not a StarRocks) through sink-starrocks.
+        #[arg(long, value_enum, default_value_t = dbmazz::quickstart::QuickstartSink::Webhook)]
+        sink: dbmazz::quickstart::QuickstartSink,
         /// Seconds of generated changes (0: until Ctrl-C).
         #[arg(long, default_value_t = 60)]
         seconds: u64,
         /// Transactions per second.
         #[arg(long, default_value_t = 5)]
         rate: u32,
-        /// Directory with transform_filter.wasm and sink_webhook.wasm (default: the
+        /// Directory with transform_filter.wasm and the sink's .wasm (default: the
         /// wasm32-wasip2 build next to this binary, or target/wasm32-wasip2/release).
         #[arg(long)]
         plugins: Option<PathBuf>,
@@ -114,12 +118,14 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Quickstart {
+                sink,
                 seconds,
                 rate,
                 plugins,
             } => {
                 let plugins = plugins.unwrap_or_else(default_plugin_dir);
                 match dbmazz::quickstart::run(dbmazz::quickstart::Options {
+                    sink,
                     seconds,
                     rate,
                     plugins,

@@ -2,11 +2,15 @@
 //!
 //! Starts a throwaway PostgreSQL 15 in a temporary directory (from the installed server
 //! binaries, on a free port, as the `postgres` user when run as root), creates a small
-//! `shop` schema, starts a local webhook receiver that prints every CloudEvent it gets,
-//! runs a pipeline through `transform-filter` (drops `shop.audit_log`, masks e-mail
-//! addresses) and `sink-webhook`, and commits inserts, updates and deletes for a while,
-//! with a live line of counts. Ctrl-C (or the end of `--seconds`) drains the pipeline and
-//! removes everything.
+//! `shop` schema, runs a pipeline through `transform-filter` (drops `shop.audit_log`,
+//! masks e-mail addresses) into a sink, and commits inserts, updates and deletes for a
+//! while, with a live line of counts. Ctrl-C (or the end of `--seconds`) drains the
+//! pipeline and removes everything.
+//!
+//! Sinks (`--sink`): `webhook` (default) — `sink-webhook` to a local receiver that prints
+//! every CloudEvent it gets; `starrocks` — `sink-starrocks` to the StarRocks **test
+//! double** (`tests/starrocks-double`, in memory; not a StarRocks), whose tables are
+//! printed at the end.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,14 +28,25 @@ use crate::stats::Stats;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// Where the quickstart's pipeline delivers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuickstartSink {
+    /// `sink-webhook` to a local receiver printing each CloudEvent.
+    Webhook,
+    /// `sink-starrocks` to the in-memory StarRocks test double.
+    Starrocks,
+}
+
 /// Options of `dbmazz quickstart`.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// The sink.
+    pub sink: QuickstartSink,
     /// How long to generate changes (seconds); 0 = until Ctrl-C.
     pub seconds: u64,
     /// Transactions per second of the generated workload.
     pub rate: u32,
-    /// Directory holding `transform_filter.wasm` and `sink_webhook.wasm`.
+    /// Directory holding `transform_filter.wasm` and the sink's `.wasm`.
     pub plugins: PathBuf,
 }
 
@@ -191,6 +206,34 @@ async fn receiver(bar: ProgressBar, events: Arc<AtomicU64>) -> anyhow::Result<So
     Ok(addr)
 }
 
+enum Target {
+    Webhook(SocketAddr),
+    StarRocks(starrocks_double::StarRocksDouble),
+}
+
+/// Prints the last rows of the double's tables (long `notes` shortened).
+fn print_tables(sr: &starrocks_double::StarRocksDouble) {
+    for table in ["customers", "orders"] {
+        let rows = sr.rows("shop", table);
+        let deleted = rows
+            .iter()
+            .filter(|r| r.get("dbmazz_is_deleted") == Some(&serde_json::Value::Bool(true)))
+            .count();
+        println!(
+            "StarRocks test double, shop.{table}: {} rows ({deleted} soft-deleted); five of them:",
+            rows.len()
+        );
+        for mut r in rows.into_iter().rev().take(5) {
+            if let Some(serde_json::Value::String(n)) = r.get_mut("notes") {
+                if n.len() > 16 {
+                    *n = format!("{}… ({} bytes)", &n[..16], n.len());
+                }
+            }
+            println!("  {}", serde_json::Value::Object(r));
+        }
+    }
+}
+
 /// Runs the quickstart (see the module docs).
 ///
 /// # Errors
@@ -198,10 +241,14 @@ async fn receiver(bar: ProgressBar, events: Arc<AtomicU64>) -> anyhow::Result<So
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let plugins = std::fs::canonicalize(&opts.plugins).unwrap_or(opts.plugins.clone());
     let filter = plugins.join("transform_filter.wasm");
-    let webhook = plugins.join("sink_webhook.wasm");
-    for p in [&filter, &webhook] {
+    let (sink_file, sink_package) = match opts.sink {
+        QuickstartSink::Webhook => ("sink_webhook.wasm", "sink-webhook"),
+        QuickstartSink::Starrocks => ("sink_starrocks.wasm", "sink-starrocks"),
+    };
+    let sink_wasm = plugins.join(sink_file);
+    for p in [&filter, &sink_wasm] {
         if !p.is_file() {
-            bail!("{} not found: build the plugins first: cargo build --release --target wasm32-wasip2 -p transform-filter -p sink-webhook", p.display());
+            bail!("{} not found: build the plugins first: cargo build --release --target wasm32-wasip2 -p transform-filter -p {sink_package}", p.display());
         }
     }
     let work = tempfile::Builder::new()
@@ -228,24 +275,74 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     bar.enable_steady_tick(Duration::from_millis(200));
     let events = Arc::new(AtomicU64::new(0));
-    let hook = receiver(bar.clone(), events.clone()).await?;
+    let (sink_toml, target) = match opts.sink {
+        QuickstartSink::Webhook => {
+            let hook = receiver(bar.clone(), events.clone()).await?;
+            (
+                format!(
+                    "[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [\"{hook}\"] }}\n",
+                    sink_wasm.display().to_string()
+                ),
+                Target::Webhook(hook),
+            )
+        }
+        QuickstartSink::Starrocks => {
+            let sr = starrocks_double::StarRocksDouble::start("root", "quickstart").await?;
+            sr.create_table(
+                "shop",
+                "customers",
+                &[("id", "INT"), ("name", "STRING"), ("email", "STRING")],
+                &["id"],
+            );
+            sr.create_table(
+                "shop",
+                "orders",
+                &[
+                    ("id", "INT"),
+                    ("customer_id", "INT"),
+                    ("amount", "DECIMAL(10,2)"),
+                    ("status", "STRING"),
+                    ("notes", "STRING"),
+                    ("created_at", "DATETIME"),
+                ],
+                &["id"],
+            );
+            (
+                format!(
+                    "[sink]\nplugin = {:?}\nconfig = {{ url = {:?}, database = \"shop\", user = \"root\", password = \"quickstart\", merge_condition = true }}\ncapabilities = {{ http = [\"{}\", \"{}\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n",
+                    sink_wasm.display().to_string(),
+                    sr.fe_url(),
+                    sr.fe_addr(),
+                    sr.be_addr()
+                ),
+                Target::StarRocks(sr),
+            )
+        }
+    };
 
     let config_path = work.path().join("dbmazz.toml");
     let toml = format!(
         "[source]\nurl = {url:?}\ntables = [\"shop.customers\", \"shop.orders\", \"shop.audit_log\"]\nreplica_identity_full = true\n\n\
          [pipeline]\nflush_interval_ms = 50\n\n\
          [[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"shop.audit_*\"], mask_columns = [\"email\"], mask = \"sha256\" }}\n\n\
-         [sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [\"{hook}\"] }}\n\n\
+         {sink_toml}\n\
          [state]\ndir = {:?}\n",
         filter.display().to_string(),
-        webhook.display().to_string(),
         work.path().join("state").display().to_string(),
     );
     std::fs::write(&config_path, &toml)?;
     let cfg = Config::load(&config_path, std::iter::empty())?;
+    let where_to = match &target {
+        Target::Webhook(hook) => format!("webhook receiver on {hook}"),
+        Target::StarRocks(sr) => format!(
+            "StarRocks test double (in memory, not a StarRocks): FE {}, BE {}",
+            sr.fe_addr(),
+            sr.be_addr()
+        ),
+    };
     bar.suspend(|| {
         println!(
-            "PostgreSQL 15 on 127.0.0.1:{} (throwaway); webhook receiver on {hook}",
+            "PostgreSQL 15 on 127.0.0.1:{} (throwaway); {where_to}",
             cluster.port
         )
     });
@@ -255,7 +352,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             config_path.display()
         )
     });
-    bar.suspend(|| println!("events as the receiver gets them (id = batch:index; shop.audit_log is filtered out, e-mails masked):"));
+    bar.suspend(|| match &target {
+        Target::Webhook(_) => println!("events as the receiver gets them (id = batch:index; shop.audit_log is filtered out, e-mails masked):"),
+        Target::StarRocks(_) => println!("loading shop.customers and shop.orders with Stream Load (shop.audit_log is filtered out, e-mails masked; deletes are soft: dbmazz_is_deleted)"),
+    });
 
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -310,9 +410,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .received_lsn
             .load(Ordering::Relaxed)
             .saturating_sub(stats.confirmed_lsn.load(Ordering::Relaxed));
+        let arrived = match &target {
+            Target::Webhook(_) => format!("{} events received", events.load(Ordering::Relaxed)),
+            Target::StarRocks(sr) => format!(
+                "{} loads, {} rows in shop.orders",
+                sr.loads().len(),
+                sr.rows("shop", "orders").len()
+            ),
+        };
         bar.set_message(format!(
-            "{n} transactions committed · {read} messages read · {delivered} changes delivered · {} events received · lag {lag} bytes",
-            events.load(Ordering::Relaxed)
+            "{n} transactions committed · {read} messages read · {delivered} changes delivered · {arrived} · lag {lag} bytes"
         ));
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
@@ -327,6 +434,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let result = pipeline.await;
     bar.finish_and_clear();
+    if let Target::StarRocks(sr) = &target {
+        print_tables(sr);
+    }
     drop(db);
     drop(cluster);
     match result {
