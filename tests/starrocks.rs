@@ -107,11 +107,11 @@ fn key_of(table: &str, row: &Map<String, Value>) -> String {
     }
 }
 
+/// A row's values and, split off, its audit columns.
+type RowAndAudit = (Map<String, Value>, Map<String, Value>);
+
 /// The double's rows by key, audit columns split off.
-fn target(
-    sr: &StarRocksDouble,
-    table: &str,
-) -> BTreeMap<String, (Map<String, Value>, Map<String, Value>)> {
+fn target(sr: &StarRocksDouble, table: &str) -> BTreeMap<String, RowAndAudit> {
     sr.rows(DB, table)
         .into_iter()
         .map(|mut r| {

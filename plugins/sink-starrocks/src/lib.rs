@@ -294,11 +294,11 @@ impl StarRocks {
                 dead.push((c.index, TRUNCATE.to_string()));
                 continue;
             }
-            if !routes.contains_key(&c.relation.id) {
-                let r = self.route(c.relation)?;
-                routes.insert(c.relation.id, r);
-            }
-            let route = &routes[&c.relation.id];
+            let route = match routes.entry(c.relation.id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.route(c.relation)?),
+            };
+            let route = &*route;
             let row = |values, key_only| RowIn {
                 index: c.index,
                 op: c.op,
@@ -358,10 +358,9 @@ impl Sink for StarRocks {
         let fe = config.required("url")?.trim_end_matches('/').to_string();
         dbmazz_sdk::http::split_url(&fe).map_err(|e| format!("config key \"url\": {e}"))?;
         let database = config.required("database")?.to_string();
-        let authorization = match config.get("user") {
-            Some(user) => Some(Client::basic(user, config.get("password").unwrap_or(""))),
-            None => None,
-        };
+        let authorization = config
+            .get("user")
+            .map(|user| Client::basic(user, config.get("password").unwrap_or("")));
         let deletes = match config.get("mode").unwrap_or("soft_delete") {
             "soft_delete" => DeleteMode::Soft,
             "hard_delete" => DeleteMode::Hard,
