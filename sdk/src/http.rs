@@ -29,6 +29,11 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Timeout for connecting and for the first response byte, ms.
     pub timeout_ms: Option<u64>,
+    /// Accept a success the server sent before it had read the whole body (off by
+    /// default: then a 2xx without the whole body sent is an error). For protocols whose
+    /// answer does not depend on the body, such as StarRocks answering `Label Already
+    /// Exists` from the headers.
+    pub early_response: bool,
 }
 
 impl Request {
@@ -40,6 +45,7 @@ impl Request {
             headers: Vec::new(),
             body,
             timeout_ms: None,
+            early_response: false,
         }
     }
 
@@ -51,6 +57,13 @@ impl Request {
     /// Adds a header.
     pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
         self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+
+    /// Accepts an answer sent before the whole body was read (see
+    /// [`Request::early_response`]).
+    pub fn accept_early_response(mut self) -> Self {
+        self.early_response = true;
         self
     }
 
@@ -226,7 +239,7 @@ fn wasi_send(req: &Request) -> Result<Response, HttpError> {
     // A server may answer before it has read the body (a redirect, a refusal): that
     // answer stands. A success without the whole body does not.
     match body_error {
-        Some(e) if (200..300).contains(&status) => return Err(e),
+        Some(e) if (200..300).contains(&status) && !req.early_response => return Err(e),
         Some(_) => {}
         None => finished.map_err(|e| map_code(e, &req.url))?,
     }

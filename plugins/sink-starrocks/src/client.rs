@@ -163,8 +163,32 @@ impl Client {
                     resp.status
                 ))),
             },
-            // An FE that loads by itself: send the data there.
-            200..=299 => Ok(url),
+            200..=299 => {
+                // An FE refuses some requests with 200 and a FAILED status (no
+                // `Expect` header, an unknown database); otherwise it loads by itself:
+                // send the data there.
+                use sonic_rs::JsonValueTrait;
+                let v: Option<sonic_rs::Value> = sonic_rs::from_slice(&resp.body).ok();
+                let field = |a: &str, b: &str| {
+                    v.as_ref()
+                        .and_then(|v| v.get(a).or_else(|| v.get(b)))
+                        .and_then(|x| x.as_str().map(str::to_string))
+                };
+                match field("Status", "status") {
+                    Some(st)
+                        if st.eq_ignore_ascii_case("failed") || st.eq_ignore_ascii_case("fail") =>
+                    {
+                        Err(SinkError::Fatal(format!(
+                            "StarRocks FE refused loads into {}.{table}: {}",
+                            self.database,
+                            field("Msg", "msg")
+                                .or_else(|| field("Message", "message"))
+                                .unwrap_or_default()
+                        )))
+                    }
+                    _ => Ok(url),
+                }
+            }
             _ => Err(self.http_failure(&url, &resp)),
         }
     }
@@ -197,6 +221,7 @@ impl Client {
         };
         let mut req = self
             .request("PUT", &be, body)
+            .accept_early_response()
             .header("expect", "100-continue")
             .header("content-type", "application/json")
             .header("label", label)
@@ -334,8 +359,16 @@ fn outcome(db: &str, table: &str, label: &str, resp: &Response) -> Result<Loaded
         )))
     })?;
     let text = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let status = text("Status");
-    let message = text("Message");
+    let either = |a: &str, b: &str| {
+        let t = text(a);
+        if t.is_empty() {
+            text(b)
+        } else {
+            t
+        }
+    };
+    let status = either("Status", "status");
+    let message = either("Message", "msg");
     match status.as_str() {
         "Success" | "Publish Timeout" => Ok(Loaded::Now(
             v.get("NumberLoadedRows")
@@ -349,7 +382,7 @@ fn outcome(db: &str, table: &str, label: &str, resp: &Response) -> Result<Loaded
                 retry_after_ms: Some(1000),
             })),
         },
-        "Fail" => {
+        "Fail" | "FAILED" => {
             let lower = message.to_ascii_lowercase();
             if lower.contains("access denied") {
                 Err(LoadError::Sink(SinkError::Fatal(format!(

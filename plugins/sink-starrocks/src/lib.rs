@@ -28,12 +28,15 @@ use client::{Client, LoadError, Loaded, SqlError};
 use load::{DeleteMode, Planner, Route, RowIn, Shape, AUDIT_COLUMNS};
 use value::{BinaryAs, Cell};
 
-/// What the sink knows of a target table.
+/// What the sink knows of a target table (lower-case names: StarRocks column names are
+/// case-insensitive). `None` with `setup = false`: every source column is loaded and the
+/// relation's key columns are taken as the primary key.
 #[derive(Clone, Debug, Default)]
 struct Target {
-    /// Column names, lower case (StarRocks column names are case-insensitive); `None`
-    /// with `setup = false` (every source column is loaded).
+    /// Column names.
     columns: Option<HashSet<String>>,
+    /// Primary key column names.
+    key: Option<HashSet<String>>,
 }
 
 /// The StarRocks sink.
@@ -42,6 +45,7 @@ pub struct StarRocks {
     client: Client,
     shape: Shape,
     merge_condition: bool,
+    max_load_bytes: usize,
     setup: bool,
     schema_evolution: bool,
     /// `schema.table` (or `table`) → target table.
@@ -76,23 +80,40 @@ impl StarRocks {
         self.table.clone().unwrap_or_else(|| rel.table.clone())
     }
 
-    /// Reads a table's columns; `Ok(None)` when the table does not exist.
-    fn read_columns(&self, table: &str) -> Result<Option<HashSet<String>>, SinkError> {
+    /// Reads a table's columns (`SHOW COLUMNS`: Field, Type, Null, Key, ...);
+    /// `Ok(None)` when the table does not exist.
+    fn read_columns(&self, table: &str) -> Result<Option<Target>, SinkError> {
         match self
             .client
             .sql(&format!("SHOW COLUMNS FROM {}", quote(table)))
         {
-            Ok(r) => Ok(Some(
-                r.rows
-                    .iter()
-                    .filter_map(|row| {
-                        use sonic_rs::JsonValueTrait;
-                        row.first()
-                            .and_then(|v| v.as_str())
-                            .map(str::to_ascii_lowercase)
-                    })
-                    .collect(),
-            )),
+            Ok(r) => {
+                use sonic_rs::JsonValueTrait;
+                let text = |row: &[sonic_rs::Value], i: usize| {
+                    row.get(i)
+                        .and_then(|v| v.as_str())
+                        .map(str::to_ascii_lowercase)
+                };
+                let key_at = r.columns.iter().position(|c| c.eq_ignore_ascii_case("Key"));
+                let mut t = Target {
+                    columns: Some(HashSet::new()),
+                    key: Some(HashSet::new()),
+                };
+                for row in &r.rows {
+                    let Some(name) = text(row, 0) else { continue };
+                    let is_key = key_at
+                        .and_then(|k| text(row, k))
+                        .is_some_and(|k| k == "true" || k == "pri" || k == "yes");
+                    if is_key {
+                        t.key.get_or_insert_with(HashSet::new).insert(name.clone());
+                    }
+                    t.columns.get_or_insert_with(HashSet::new).insert(name);
+                }
+                if t.key.as_ref().is_some_and(HashSet::is_empty) {
+                    t.key = None;
+                }
+                Ok(Some(t))
+            }
             Err(SqlError::Refused(m)) => {
                 let lower = m.to_ascii_lowercase();
                 if lower.contains("unknown table")
@@ -152,7 +173,7 @@ impl StarRocks {
             self.targets.insert(table.to_string(), Target::default());
             return Ok(());
         }
-        let Some(mut cols) = self.read_columns(table)? else {
+        let Some(mut target) = self.read_columns(table)? else {
             return Err(SinkError::Fatal(format!(
                 "table {}.{table} does not exist in StarRocks: create it as a Primary Key table with the source's columns{}",
                 self.client.database,
@@ -160,23 +181,35 @@ impl StarRocks {
             )));
         };
         if self.shape.audit {
-            let missing: Vec<_> = AUDIT_COLUMNS
+            let has = |t: &Target, n: &str| t.columns.as_ref().is_some_and(|c| c.contains(n));
+            let missing: Vec<(&str, &str)> = AUDIT_COLUMNS
                 .iter()
-                .filter(|(n, _)| !cols.contains(*n))
+                .filter(|(n, _)| !has(&target, n))
+                .copied()
                 .collect();
             for (name, ty) in &missing {
                 self.add_column(table, name, ty)?;
             }
             if !missing.is_empty() {
-                cols = self.read_columns(table)?.unwrap_or(cols);
+                target = self.read_columns(table)?.unwrap_or(target);
+                let still: Vec<String> = missing
+                    .iter()
+                    .filter(|(n, _)| !has(&target, n))
+                    .map(|(n, ty)| format!("ADD COLUMN {n} {ty} NULL"))
+                    .collect();
+                // StarRocks drops `columns` it does not know: loading without them would
+                // lose soft deletes silently.
+                if !still.is_empty() {
+                    return Err(SinkError::Fatal(format!(
+                        "StarRocks table {}.{table} lacks the audit columns and refused to add them; run: ALTER TABLE {} {}; (or set audit_columns = false with mode = \"hard_delete\")",
+                        self.client.database,
+                        quote(table),
+                        still.join(", ")
+                    )));
+                }
             }
         }
-        self.targets.insert(
-            table.to_string(),
-            Target {
-                columns: Some(cols),
-            },
-        );
+        self.targets.insert(table.to_string(), target);
         Ok(())
     }
 
@@ -204,10 +237,19 @@ impl StarRocks {
                 present
             })
             .collect();
+        let key = rel
+            .columns
+            .iter()
+            .map(|c| match &target.key {
+                Some(k) => k.contains(&c.name.to_ascii_lowercase()),
+                None => c.key,
+            })
+            .collect();
         Ok(Route {
             target_columns: target.columns.as_ref().map(HashSet::len),
             table,
             included,
+            key,
         })
     }
 
@@ -217,33 +259,62 @@ impl StarRocks {
         loads: Vec<load::Load>,
         mut dead: Vec<(u32, String)>,
     ) -> Result<(), SinkError> {
-        let merge = self.merge_condition.then_some("dbmazz_cdc_version");
-        for l in loads {
-            let bytes = l.body.len() as u64;
-            match self
-                .client
-                .stream_load(&l.table, &l.label, &l.columns, l.partial, merge, l.body)
-            {
-                Ok(Loaded::Now(rows)) => {
-                    dbmazz_sdk::metrics::counter_add("loads", 1);
-                    dbmazz_sdk::metrics::counter_add("rows_loaded", rows);
-                    dbmazz_sdk::metrics::counter_add("bytes_loaded", bytes);
-                }
-                Ok(Loaded::Before) => {
-                    dbmazz_sdk::metrics::counter_add("labels_already_loaded", 1);
-                    dbmazz_sdk::debug!("label already loaded (replay)", label = l.label);
-                }
-                Err(LoadError::Rows(reason)) => {
-                    dbmazz_sdk::warn!("StarRocks refused rows", label = l.label, reason = reason);
-                    dead.extend(l.changes.iter().map(|&i| (i, reason.clone())));
-                }
-                Err(LoadError::Sink(e)) => return Err(e),
-            }
+        for l in &loads {
+            self.load_rows(l, 0..l.len(), l.label.clone(), &mut dead)?;
         }
         if dead.is_empty() {
             Ok(())
         } else {
             Err(SinkError::DeadLetter(dead))
+        }
+    }
+
+    /// Loads rows `range` of `l` under `label`. When StarRocks filters rows, the range is
+    /// split in halves (labels `<label>_0`, `<label>_1`, the same on every replay) until
+    /// the refused rows are found; their changes go to `dead`.
+    fn load_rows(
+        &mut self,
+        l: &load::Load,
+        range: std::ops::Range<usize>,
+        label: String,
+        dead: &mut Vec<(u32, String)>,
+    ) -> Result<(), SinkError> {
+        let merge = self.merge_condition.then_some("dbmazz_cdc_version");
+        let body = l.body(range.clone());
+        let bytes = body.len() as u64;
+        match self
+            .client
+            .stream_load(&l.table, &label, &l.columns, l.partial, merge, body)
+        {
+            Ok(Loaded::Now(rows)) => {
+                dbmazz_sdk::metrics::counter_add("loads", 1);
+                dbmazz_sdk::metrics::counter_add("rows_loaded", rows);
+                dbmazz_sdk::metrics::counter_add("bytes_loaded", bytes);
+                Ok(())
+            }
+            Ok(Loaded::Before) => {
+                dbmazz_sdk::metrics::counter_add("labels_already_loaded", 1);
+                dbmazz_sdk::debug!("label already loaded (replay)", label = label);
+                Ok(())
+            }
+            Err(LoadError::Rows(reason)) if range.len() == 1 => {
+                dbmazz_sdk::warn!("StarRocks refused a row", label = label, reason = reason);
+                dbmazz_sdk::metrics::counter_add("rows_refused", 1);
+                dead.extend(l.changes(range).into_iter().map(|i| (i, reason.clone())));
+                Ok(())
+            }
+            Err(LoadError::Rows(reason)) => {
+                dbmazz_sdk::info!(
+                    "StarRocks filtered rows; splitting the load to find them",
+                    label = label,
+                    rows = range.len(),
+                    reason = reason
+                );
+                let mid = range.start + range.len() / 2;
+                self.load_rows(l, range.start..mid, format!("{label}_0"), dead)?;
+                self.load_rows(l, mid..range.end, format!("{label}_1"), dead)
+            }
+            Err(LoadError::Sink(e)) => Err(e),
         }
     }
 }
@@ -281,11 +352,12 @@ impl StarRocks {
     fn write_changes<'a>(
         &mut self,
         batch: u64,
+        first_lsn: u64,
         changes: impl Iterator<Item = Result<ChangeIn<'a>, SinkError>>,
     ) -> Result<(), SinkError> {
         let shape = self.shape.clone();
         let now = dbmazz_sdk::time::sql_datetime(dbmazz_sdk::time::now_us());
-        let mut planner = Planner::new(&shape, batch, now);
+        let mut planner = Planner::new(&shape, batch, first_lsn, now, self.max_load_bytes);
         let mut routes: HashMap<u32, Route> = HashMap::new();
         let mut dead = Vec::new();
         for c in changes {
@@ -384,7 +456,12 @@ impl Sink for StarRocks {
                 "merge_condition needs audit_columns (it compares dbmazz_cdc_version)".into(),
             );
         }
-        let slot = config.get("dbmazz.slot").unwrap_or("dbmazz");
+        let slot = config.get("dbmazz.slot").unwrap_or("slot");
+        let source_db = config.get("dbmazz.database").unwrap_or("db");
+        let max_load_mb: usize = config.parse_or("max_load_mb", 64)?;
+        if !(1..=4096).contains(&max_load_mb) {
+            return Err(format!("config key \"max_load_mb\": {max_load_mb} is not within 1..=4096 (StarRocks takes JSON bodies up to 100 MB by default)"));
+        }
         let sink = StarRocks {
             client: Client {
                 fe,
@@ -400,9 +477,10 @@ impl Sink for StarRocks {
                 binary,
                 label_prefix: config
                     .get("label_prefix")
-                    .map_or_else(|| format!("dbmazz_{slot}"), str::to_string),
+                    .map_or_else(|| format!("dbmazz_{source_db}_{slot}"), str::to_string),
             },
             merge_condition,
+            max_load_bytes: max_load_mb << 20,
             setup: config.parse_or("setup", true)?,
             schema_evolution: config.parse_or("schema_evolution", true)?,
             tables,
@@ -433,7 +511,7 @@ impl Sink for StarRocks {
                 old_is_key: c.old_is_key,
             })
         });
-        self.write_changes(batch.id, changes)
+        self.write_changes(batch.id, batch.first_lsn, changes)
     }
 
     fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
@@ -452,7 +530,7 @@ impl Sink for StarRocks {
                 old_is_key: c.old_is_key,
             })
         });
-        self.write_changes(batch.id, changes)
+        self.write_changes(batch.id, batch.first_lsn, changes)
     }
 
     fn apply_schema_change(&mut self, change: &SchemaChange) -> Result<(), SinkError> {

@@ -69,27 +69,66 @@ pub struct Route {
     pub table: String,
     /// Per source column: does the target table have it?
     pub included: Vec<bool>,
+    /// Per source column: is it part of the target's primary key? (From the target when
+    /// known: with REPLICA IDENTITY FULL every column is flagged `key` in the relation.)
+    pub key: Vec<bool>,
     /// Number of columns of the target table, when known.
     pub target_columns: Option<usize>,
 }
 
-/// One Stream Load.
+/// One Stream Load: rows of one source relation into one table, naming the same columns.
 #[derive(Debug)]
 pub struct Load {
     /// Target table.
     pub table: String,
-    /// `label` header.
+    /// `label` header (set by [`Planner::finish`]).
     pub label: String,
-    /// `columns` header.
+    /// `columns` header (backquoted names).
     pub columns: String,
     /// `partial_update: true`.
     pub partial: bool,
-    /// The JSON array of rows.
-    pub body: Vec<u8>,
-    /// Batch indices of the changes in this load.
-    pub changes: Vec<u32>,
+    relation: u32,
     mask: Vec<bool>,
-    rows: usize,
+    /// The rows' JSON objects, back to back.
+    json: Vec<u8>,
+    /// Per row: the change's index in the batch and the row's bytes in `json`.
+    rows: Vec<(u32, std::ops::Range<usize>)>,
+}
+
+impl Load {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The JSON array of rows `range` (all rows: `0..len()`).
+    pub fn body(&self, range: std::ops::Range<usize>) -> Vec<u8> {
+        let rows = &self.rows[range];
+        let size: usize = rows.iter().map(|(_, r)| r.len() + 1).sum();
+        let mut out = Vec::with_capacity(size + 2);
+        out.push(b'[');
+        for (i, (_, r)) in rows.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&self.json[r.clone()]);
+        }
+        out.push(b']');
+        out
+    }
+
+    /// Batch indices of the changes among rows `range`, ascending, once each.
+    pub fn changes(&self, range: std::ops::Range<usize>) -> Vec<u32> {
+        let mut out: Vec<u32> = self.rows[range].iter().map(|(i, _)| *i).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 struct RowJson<'a, 'b> {
@@ -141,10 +180,9 @@ impl Serialize for RowJson<'_, '_> {
 }
 
 /// A StarRocks label (letters, digits, `_`; at most 128 characters — StarRocks docs,
-/// "System limits"): `<prefix>_<batch>_<table>_<segment>`, with anything else replaced by
-/// `_`, and a hash suffix when too long.
-pub fn label(prefix: &str, batch: u64, table: &str, segment: usize) -> String {
-    let raw = format!("{prefix}_{batch}_{table}_{segment}");
+/// "System limits"): `label` with anything else replaced by `_`, ending in a hash of the
+/// whole when longer.
+pub fn clean_label(raw: &str) -> String {
     let clean: String = raw
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
@@ -157,29 +195,72 @@ pub fn label(prefix: &str, batch: u64, table: &str, segment: usize) -> String {
     format!("{}_{hash}", &clean[..128 - 17])
 }
 
+/// The label of the `n`th load of `table` in batch `batch`:
+/// `<prefix>_<batch>_<table>_<n>_<h>`, where `h` (8 hex digits) hashes the batch's first
+/// commit LSN, the `columns` header and the changes in the load. The same batch replayed
+/// gives the same labels; another pipeline or a reinstalled one (batch ids start again,
+/// LSNs do not), or a load that holds other rows, gives other labels.
+pub fn label(
+    prefix: &str,
+    batch: u64,
+    first_lsn: u64,
+    table: &str,
+    n: usize,
+    columns: &str,
+    changes: &[u32],
+) -> String {
+    let mut h = Sha256::new();
+    h.update(first_lsn.to_be_bytes());
+    h.update(columns.as_bytes());
+    for c in changes {
+        h.update(c.to_be_bytes());
+    }
+    let digest = h.finalize();
+    let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    clean_label(&format!("{prefix}_{batch}_{table}_{n}_{hash}"))
+}
+
 /// Builds the loads of a batch from its rows (in batch order).
+///
+/// A row joins the latest load of its table with the same relation and column set,
+/// unless a later load already holds a row of the same key (then order would break) or
+/// that load reached `max_bytes`; otherwise it starts a new load. Loads run in the order
+/// they were started, so every key's changes apply in batch order, and an interleaved
+/// mix of inserts, TOAST partial updates and key-only deletes makes a few loads per
+/// table, not one per change.
 pub struct Planner<'s> {
     shape: &'s Shape,
     batch: u64,
+    first_lsn: u64,
     synced_at: String,
+    max_bytes: usize,
     loads: Vec<Load>,
-    last_of: HashMap<String, usize>,
-    segments: HashMap<String, usize>,
+    by_shape: HashMap<(String, u32, Vec<bool>), usize>,
+    key_last: HashMap<(String, String), usize>,
     /// Changes that moved a row to a new key while a TOASTed column was not sent: the
     /// new row lacks that value (REPLICA IDENTITY FULL avoids it).
     pub toast_under_new_key: Vec<u32>,
 }
 
 impl<'s> Planner<'s> {
-    /// A planner for batch `batch`; `synced_at` is the `dbmazz_synced_at` value.
-    pub fn new(shape: &'s Shape, batch: u64, synced_at: String) -> Self {
+    /// A planner for batch `batch` (whose first commit LSN is `first_lsn`);
+    /// `synced_at` is the `dbmazz_synced_at` value; loads stop growing at `max_bytes`.
+    pub fn new(
+        shape: &'s Shape,
+        batch: u64,
+        first_lsn: u64,
+        synced_at: String,
+        max_bytes: usize,
+    ) -> Self {
         Planner {
             shape,
             batch,
+            first_lsn,
             synced_at,
+            max_bytes,
             loads: Vec::new(),
-            last_of: HashMap::new(),
-            segments: HashMap::new(),
+            by_shape: HashMap::new(),
+            key_last: HashMap::new(),
             toast_under_new_key: Vec::new(),
         }
     }
@@ -195,13 +276,7 @@ impl<'s> Planner<'s> {
         route: &Route,
     ) -> Result<(), String> {
         if let Some(old) = old_key {
-            let key_changed = row
-                .relation
-                .columns
-                .iter()
-                .zip(row.values.iter().zip(&old.values))
-                .any(|(c, (n, o))| c.key && n.map(|v| v.key_text()) != o.map(|v| v.key_text()));
-            if key_changed {
+            if key_text(old, route) != key_text(row, route) {
                 self.push(old, true, route)?;
                 if row.values.iter().any(Option::is_none) {
                     self.toast_under_new_key.push(row.index);
@@ -219,29 +294,29 @@ impl<'s> Planner<'s> {
             .zip(&route.included)
             .map(|((c, v), inc)| *inc && v.is_some() && (!row.key_only || c.key))
             .collect();
-        let current = self
-            .last_of
-            .get(&route.table)
-            .copied()
-            .filter(|&i| self.loads[i].mask == mask);
-        let i = match current {
+        let key = (route.table.clone(), key_text(row, route));
+        let floor = self.key_last.get(&key).copied();
+        let shape_key = (route.table.clone(), row.relation.id, mask);
+        let joinable =
+            self.by_shape.get(&shape_key).copied().filter(|&i| {
+                floor.is_none_or(|f| i >= f) && self.loads[i].json.len() < self.max_bytes
+            });
+        let i = match joinable {
             Some(i) => i,
             None => {
-                let n = self.segments.entry(route.table.clone()).or_insert(0);
-                let segment = *n;
-                *n += 1;
-                let mut names: Vec<&str> = cols
+                let mask = &shape_key.2;
+                let mut names: Vec<String> = cols
                     .iter()
-                    .zip(&mask)
+                    .zip(mask)
                     .filter(|(_, on)| **on)
-                    .map(|(c, _)| c.name.as_str())
+                    .map(|(c, _)| format!("`{}`", c.name.replace('`', "``")))
                     .collect();
                 if self.shape.audit {
-                    names.extend(AUDIT_COLUMNS.iter().map(|(n, _)| *n));
+                    names.extend(AUDIT_COLUMNS.iter().map(|(n, _)| format!("`{n}`")));
                 }
                 let written = names.len();
                 if self.shape.deletes == DeleteMode::Hard {
-                    names.push("__op");
+                    names.push("__op".into());
                 }
                 let partial = match route.target_columns {
                     Some(n) => written < n,
@@ -249,23 +324,20 @@ impl<'s> Planner<'s> {
                 };
                 self.loads.push(Load {
                     table: route.table.clone(),
-                    label: label(&self.shape.label_prefix, self.batch, &route.table, segment),
+                    label: String::new(),
                     columns: names.join(","),
                     partial,
-                    body: b"[".to_vec(),
-                    changes: Vec::new(),
-                    mask,
-                    rows: 0,
+                    relation: row.relation.id,
+                    mask: mask.clone(),
+                    json: Vec::new(),
+                    rows: Vec::new(),
                 });
-                self.last_of
-                    .insert(route.table.clone(), self.loads.len() - 1);
                 self.loads.len() - 1
             }
         };
+        self.by_shape.insert(shape_key, i);
+        self.key_last.insert(key, i);
         let load = &mut self.loads[i];
-        if load.rows > 0 {
-            load.body.push(b',');
-        }
         let json = RowJson {
             row,
             mask: &load.mask,
@@ -273,23 +345,48 @@ impl<'s> Planner<'s> {
             delete,
             synced_at: &self.synced_at,
         };
-        let bytes = sonic_rs::to_vec(&json).map_err(|e| format!("change {}: {e}", row.index))?;
-        load.body.extend_from_slice(&bytes);
-        load.rows += 1;
-        if load.changes.last() != Some(&row.index) {
-            load.changes.push(row.index);
-        }
+        let start = load.json.len();
+        sonic_rs::to_writer(&mut load.json, &json)
+            .map_err(|e| format!("change {}: {e}", row.index))?;
+        let end = load.json.len();
+        load.rows.push((row.index, start..end));
+        debug_assert_eq!(load.relation, row.relation.id);
         Ok(())
     }
 
-    /// The loads, in the order they must run.
+    /// The loads, labelled, in the order they must run.
     pub fn finish(&mut self) -> Vec<Load> {
         let mut loads = std::mem::take(&mut self.loads);
+        let mut ordinal: HashMap<String, usize> = HashMap::new();
         for l in &mut loads {
-            l.body.push(b']');
+            let n = ordinal.entry(l.table.clone()).or_insert(0);
+            l.label = label(
+                &self.shape.label_prefix,
+                self.batch,
+                self.first_lsn,
+                &l.table,
+                *n,
+                &l.columns,
+                &l.changes(0..l.len()),
+            );
+            *n += 1;
         }
         loads
     }
+}
+
+/// A row's target primary key as text (for ordering; NULL and missing as empty).
+fn key_text(row: &RowIn<'_>, route: &Route) -> String {
+    let mut out = String::new();
+    for (v, k) in row.values.iter().zip(&route.key) {
+        if *k {
+            if let Some(c) = v {
+                out.push_str(&c.key_text());
+            }
+            out.push('\u{1f}');
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -321,7 +418,7 @@ mod tests {
             deletes,
             audit: true,
             binary: BinaryAs::Base64,
-            label_prefix: "dbmazz_slot".into(),
+            label_prefix: "dbmazz_app_slot".into(),
         }
     }
 
@@ -329,6 +426,7 @@ mod tests {
         Route {
             table: "t".into(),
             included: vec![true; 3],
+            key: vec![true, false, false],
             target_columns: Some(7),
         }
     }
@@ -350,26 +448,33 @@ mod tests {
         }
     }
 
+    fn full<'a>(r: &'a Relation, i: u32, id: &'a str, op: Op) -> RowIn<'a> {
+        row(
+            r,
+            i,
+            op,
+            vec![
+                Some(Cell::Text(id)),
+                Some(Cell::Text("a")),
+                Some(Cell::Text("x")),
+            ],
+            false,
+        )
+    }
+
+    fn body(l: &Load) -> String {
+        String::from_utf8(l.body(0..l.len())).unwrap()
+    }
+
     #[test]
-    fn segments_follow_column_sets_in_order() {
+    fn runs_follow_column_sets_and_keys() {
         let r = rel();
         let s = shape(DeleteMode::Soft);
-        let mut p = Planner::new(&s, 42, "2024-01-01 00:00:00.000000".into());
-        let full = |i, op| {
-            row(
-                &r,
-                i,
-                op,
-                vec![
-                    Some(Cell::Text("1")),
-                    Some(Cell::Text("a")),
-                    Some(Cell::Text("x")),
-                ],
-                false,
-            )
-        };
-        p.add(&full(0, Op::Insert), None, &route()).unwrap();
-        p.add(&full(1, Op::Update), None, &route()).unwrap();
+        let mut p = Planner::new(&s, 42, 7, "2024-01-01 00:00:00.000000".into(), 1 << 20);
+        p.add(&full(&r, 0, "1", Op::Insert), None, &route())
+            .unwrap();
+        p.add(&full(&r, 1, "1", Op::Update), None, &route())
+            .unwrap();
         // unchanged TOAST: doc left out
         p.add(
             &row(
@@ -383,13 +488,19 @@ mod tests {
             &route(),
         )
         .unwrap();
+        // another key with the full column set joins the first load
+        p.add(&full(&r, 3, "2", Op::Insert), None, &route())
+            .unwrap();
+        // key 1 again, full: must come after the partial update, so a new load
+        p.add(&full(&r, 4, "1", Op::Update), None, &route())
+            .unwrap();
         // key-only delete
         p.add(
             &row(
                 &r,
-                3,
+                5,
                 Op::Delete,
-                vec![Some(Cell::Text("1")), Some(Cell::Null), Some(Cell::Null)],
+                vec![Some(Cell::Text("2")), Some(Cell::Null), Some(Cell::Null)],
                 true,
             ),
             None,
@@ -397,51 +508,42 @@ mod tests {
         )
         .unwrap();
         let loads = p.finish();
-        assert_eq!(loads.len(), 3);
-        assert_eq!(loads[0].label, "dbmazz_slot_42_t_0");
+        assert_eq!(loads.len(), 4);
+        assert_eq!(loads[0].changes(0..loads[0].len()), vec![0, 1, 3]);
         assert_eq!(
             loads[0].columns,
-            "id,name,doc,dbmazz_op_type,dbmazz_is_deleted,dbmazz_synced_at,dbmazz_cdc_version"
+            "`id`,`name`,`doc`,`dbmazz_op_type`,`dbmazz_is_deleted`,`dbmazz_synced_at`,`dbmazz_cdc_version`"
         );
         assert!(!loads[0].partial);
-        assert_eq!(loads[0].changes, vec![0, 1]);
-        assert_eq!(
-            loads[1].columns,
-            "id,name,dbmazz_op_type,dbmazz_is_deleted,dbmazz_synced_at,dbmazz_cdc_version"
+        assert!(
+            loads[0].label.starts_with("dbmazz_app_slot_42_t_0_"),
+            "{}",
+            loads[0].label
         );
+        assert_eq!(loads[1].changes(0..1), vec![2]);
+        assert_eq!(loads[1].columns, "`id`,`name`,`dbmazz_op_type`,`dbmazz_is_deleted`,`dbmazz_synced_at`,`dbmazz_cdc_version`");
         assert!(loads[1].partial);
-        assert_eq!(loads[2].label, "dbmazz_slot_42_t_2");
-        let body: sonic_rs::Value = sonic_rs::from_slice(&loads[2].body).unwrap();
+        assert_eq!(loads[2].changes(0..1), vec![4]);
+        assert!(loads[3].label.starts_with("dbmazz_app_slot_42_t_3_"));
         assert_eq!(
-            sonic_rs::to_string(&body).unwrap(),
-            r#"[{"id":1,"dbmazz_op_type":2,"dbmazz_is_deleted":true,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":103}]"#
+            body(&loads[3]),
+            r#"[{"id":2,"dbmazz_op_type":2,"dbmazz_is_deleted":true,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":105}]"#
         );
-        let first: sonic_rs::Value = sonic_rs::from_slice(&loads[0].body).unwrap();
         assert_eq!(
-            sonic_rs::to_string(&first).unwrap(),
-            r#"[{"id":1,"name":"a","doc":"x","dbmazz_op_type":0,"dbmazz_is_deleted":false,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":100},{"id":1,"name":"a","doc":"x","dbmazz_op_type":1,"dbmazz_is_deleted":false,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":101}]"#
+            String::from_utf8(loads[0].body(1..3)).unwrap(),
+            r#"[{"id":1,"name":"a","doc":"x","dbmazz_op_type":1,"dbmazz_is_deleted":false,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":101},{"id":2,"name":"a","doc":"x","dbmazz_op_type":0,"dbmazz_is_deleted":false,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":103}]"#
         );
     }
 
     #[test]
-    fn hard_deletes_and_key_changes() {
+    fn hard_deletes_key_changes_and_identity_full() {
         let r = rel();
         let s = Shape {
             audit: false,
             ..shape(DeleteMode::Hard)
         };
-        let mut p = Planner::new(&s, 7, String::new());
-        let new = row(
-            &r,
-            0,
-            Op::Update,
-            vec![
-                Some(Cell::Text("2")),
-                Some(Cell::Text("a")),
-                Some(Cell::Text("x")),
-            ],
-            false,
-        );
+        let mut p = Planner::new(&s, 7, 1, String::new(), 1 << 20);
+        let new = full(&r, 0, "2", Op::Update);
         let old = row(
             &r,
             0,
@@ -450,29 +552,73 @@ mod tests {
             true,
         );
         p.add(&new, Some(&old), &route()).unwrap();
-        let loads = p.finish();
-        assert_eq!(loads.len(), 2);
-        assert_eq!(loads[0].columns, "id,__op");
-        assert_eq!(
-            std::str::from_utf8(&loads[0].body).unwrap(),
-            r#"[{"id":1,"__op":1}]"#
+        // REPLICA IDENTITY FULL flags every column as key, but only the target's primary
+        // key decides whether the key changed
+        let mut all_key = rel();
+        all_key.columns.iter_mut().for_each(|c| c.key = true);
+        let new = full(&all_key, 1, "3", Op::Update);
+        let old = row(
+            &all_key,
+            1,
+            Op::Update,
+            vec![
+                Some(Cell::Text("3")),
+                Some(Cell::Text("old")),
+                Some(Cell::Text("x")),
+            ],
+            false,
         );
-        assert_eq!(loads[1].columns, "id,name,doc,__op");
+        p.add(&new, Some(&old), &route()).unwrap();
+        let loads = p.finish();
+        assert_eq!(loads.len(), 2, "{loads:#?}");
+        assert_eq!(loads[0].columns, "`id`,__op");
+        assert_eq!(body(&loads[0]), r#"[{"id":1,"__op":1}]"#);
+        assert_eq!(loads[1].columns, "`id`,`name`,`doc`,__op");
         assert_eq!(
-            std::str::from_utf8(&loads[1].body).unwrap(),
-            r#"[{"id":2,"name":"a","doc":"x","__op":0}]"#
+            body(&loads[1]),
+            r#"[{"id":2,"name":"a","doc":"x","__op":0},{"id":3,"name":"a","doc":"x","__op":0}]"#
         );
     }
 
     #[test]
-    fn labels_follow_the_rules() {
-        assert_eq!(
-            label("dbmazz_my-slot", 9, "Orders.x", 0),
-            "dbmazz_my_slot_9_Orders_x_0"
+    fn loads_stop_growing_at_max_bytes() {
+        let r = rel();
+        let s = shape(DeleteMode::Soft);
+        let mut p = Planner::new(&s, 1, 1, String::new(), 300);
+        let ids: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            p.add(&full(&r, i as u32, id, Op::Insert), None, &route())
+                .unwrap();
+        }
+        let loads = p.finish();
+        assert!(loads.len() > 1 && loads.iter().all(|l| l.body(0..l.len()).len() < 600));
+        assert_eq!(loads.iter().map(Load::len).sum::<usize>(), 10);
+    }
+
+    #[test]
+    fn labels_follow_the_rules_and_the_content() {
+        let l = |batch, lsn, table: &str, n, cols: &str, ch: &[u32]| {
+            label("dbmazz_app_my-slot", batch, lsn, table, n, cols, ch)
+        };
+        let a = l(9, 1, "Orders.x", 0, "`id`", &[0, 1]);
+        assert!(
+            a.starts_with("dbmazz_app_my_slot_9_Orders_x_0_") && a.len() == 40,
+            "{a}"
         );
-        let long = label("p", 1, &"t".repeat(300), 0);
+        assert_eq!(a, l(9, 1, "Orders.x", 0, "`id`", &[0, 1]));
+        assert_ne!(
+            a,
+            l(9, 2, "Orders.x", 0, "`id`", &[0, 1]),
+            "another first LSN"
+        );
+        assert_ne!(
+            a,
+            l(9, 1, "Orders.x", 0, "`id`,`v`", &[0, 1]),
+            "other columns"
+        );
+        assert_ne!(a, l(9, 1, "Orders.x", 0, "`id`", &[0]), "other rows");
+        let long = clean_label(&"t".repeat(300));
         assert_eq!(long.len(), 128);
-        assert_eq!(long, label("p", 1, &"t".repeat(300), 0));
-        assert_ne!(long, label("p", 1, &"t".repeat(300), 1));
+        assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
     }
 }

@@ -12,18 +12,21 @@
 //!   `307 Temporary Redirect` to the BE without reading the body;
 //!   `POST /api/v1/catalogs/default_catalog/databases/{db}/sql` runs `SELECT * FROM t`,
 //!   `SELECT COUNT(*) FROM t`, `SHOW COLUMNS FROM t` / `DESC t` and
-//!   `ALTER TABLE t ADD COLUMN c TYPE ...`, answering in the API's NDJSON shape
+//!   `ALTER TABLE t ADD COLUMN c TYPE ...` (refused, as the documentation's list of
+//!   statements implies, after `set_sql_ddl(false)`), answering in the API's NDJSON shape
 //!   (`{"connectionId":..}`, `{"meta":[..]}`, one `{"data":[..]}` per row,
 //!   `{"statistics":{..}}`); errors are `{"status":"FAILED","msg":".."}` with HTTP 400.
 //! - **BE**: `PUT /api/{db}/{table}/_stream_load` with `format: json`,
-//!   `strip_outer_array`, `columns` (may name `__op`: 0 upsert, 1 delete),
+//!   `strip_outer_array`, `columns` (may name `__op`: 0 upsert, 1 delete; a name the table
+//!   lacks is a temporary column whose values are dropped, as in StarRocks),
 //!   `partial_update`, `merge_condition` (an upsert of an existing key applies only when
 //!   the new value of that column is `>=` the stored one; deletes are unconditional), and
 //!   `label`: a label that was used before answers `Label Already Exists` with the
 //!   earlier job's `ExistingJobStatus`. A load applies whole or not at all; a row whose
-//!   values do not fit the column types (integers as JSON integers, BOOLEAN as true/false,
-//!   DATE `YYYY-MM-DD`, DATETIME `YYYY-MM-DD HH:MM:SS[.ffffff]`, DECIMAL as a decimal
-//!   string or number, ARRAY as an array, strings as strings) is filtered, and with the
+//!   values do not fit the column types (integers as JSON integers or strings that parse
+//!   as one, BOOLEAN as true/false, DATE `YYYY-MM-DD`, DATETIME
+//!   `YYYY-MM-DD HH:MM:SS[.ffffff]`, DECIMAL as a decimal string or number, ARRAY as an
+//!   array, strings as strings) is filtered, and with the
 //!   default `max_filter_ratio` of 0 the load fails with `too many filtered rows` and an
 //!   `ErrorURL`. The response JSON has `TxnId`, `Label`, `Status`, `Message`,
 //!   `NumberTotalRows`, `NumberLoadedRows`, `NumberFilteredRows`, `NumberUnselectedRows`,
@@ -34,7 +37,9 @@
 //!   each BE answer.
 //!
 //! Not modelled: NOT NULL and default values (every column is nullable), sort keys,
-//! partitions, other formats than JSON, `max_filter_ratio`, the label time-to-live.
+//! partitions, other formats than JSON, `max_filter_ratio`, the label time-to-live, value
+//! ranges (VARCHAR lengths, DECIMAL precision, integer widths), and a BE answering
+//! `Label Already Exists` before it has read the body (the double always reads it).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -114,6 +119,7 @@ struct State {
     redirects: u64,
     faults: VecDeque<Fault>,
     delay: Duration,
+    ddl: bool,
     next_txn: u64,
     be: SocketAddr,
 }
@@ -156,6 +162,7 @@ impl StarRocksDouble {
                 redirects: 0,
                 faults: VecDeque::new(),
                 delay: Duration::ZERO,
+                ddl: true,
                 next_txn: 1000,
                 be: be.local_addr()?,
             })),
@@ -248,6 +255,12 @@ impl StarRocksDouble {
     /// Faults injected and not yet used.
     pub fn pending_faults(&self) -> usize {
         self.state().faults.len()
+    }
+
+    /// Whether the SQL API runs `ALTER TABLE` (default true). StarRocks' documentation
+    /// lists only SELECT, SHOW, EXPLAIN and KILL for it; `false` answers DDL that way.
+    pub fn set_sql_ddl(&self, allowed: bool) {
+        self.state().ddl = allowed;
     }
 
     /// Delays every BE answer by `d`.
@@ -363,11 +376,16 @@ impl StarRocksDouble {
                         ));
                     }
                 }
-                let delay = self.state().delay;
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                self.stream_load(db, table, headers, &body)
+                // Like a BE, finish the load even if the client goes away meanwhile.
+                let d = self.clone();
+                let job = tokio::spawn(async move {
+                    let delay = d.state().delay;
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    d.stream_load(db, table, headers, &body)
+                });
+                job.await.map_err(|_| Dropped)?
             }
             _ => Ok(reply(
                 StatusCode::NOT_FOUND,
@@ -578,6 +596,9 @@ impl StarRocksDouble {
                     .collect();
                 ndjson(&meta, rows)
             }
+            ["ALTER", ..] if !s.ddl => sql_error(
+                "the HTTP SQL API supports only SELECT, SHOW, EXPLAIN and KILL statements",
+            ),
             ["ALTER", "TABLE", _, "ADD", "COLUMN", ..] => {
                 let name = table_name(words[2]);
                 let (Some(col), Some(ty)) = (words.get(5), words.get(6)) else {
@@ -710,7 +731,11 @@ fn prepare(
             has_op = true;
             continue;
         }
-        targets.push(canon(c).ok_or_else(|| format!("Unknown column '{c}' in '{}'", "table"))?);
+        // A name the table does not have is a temporary column in StarRocks (usable in
+        // expressions, then dropped): its values are not stored.
+        if let Some(name) = canon(c) {
+            targets.push(name);
+        }
     }
     for k in &t.key {
         if !targets.contains(k) {
@@ -826,11 +851,17 @@ fn fits(ty: &str, v: &Value) -> bool {
     }
     let base = ty.split(['(', '<']).next().unwrap_or(ty).trim();
     match base {
-        "TINYINT" | "SMALLINT" | "INT" | "INTEGER" | "BIGINT" | "LARGEINT" => {
-            v.as_i64().is_some() || v.as_u64().is_some()
-        }
+        // StarRocks casts JSON strings to the column type; a string that does not parse
+        // is filtered.
+        "TINYINT" | "SMALLINT" | "INT" | "INTEGER" | "BIGINT" | "LARGEINT" => match v {
+            Value::String(s) => s.parse::<i128>().is_ok(),
+            _ => v.as_i64().is_some() || v.as_u64().is_some(),
+        },
         "BOOLEAN" => v.is_boolean(),
-        "FLOAT" | "DOUBLE" => v.is_number(),
+        "FLOAT" | "DOUBLE" => match v {
+            Value::String(s) => s.parse::<f64>().is_ok(),
+            _ => v.is_number(),
+        },
         "DECIMAL" | "DECIMALV2" | "DECIMAL32" | "DECIMAL64" | "DECIMAL128" => match v {
             Value::Number(_) => true,
             Value::String(s) => {
@@ -873,7 +904,9 @@ mod tests {
     #[test]
     fn type_checks() {
         assert!(fits("BIGINT", &json!(5)));
-        assert!(!fits("BIGINT", &json!("5")));
+        assert!(fits("BIGINT", &json!("5")));
+        assert!(!fits("BIGINT", &json!("five")));
+        assert!(!fits("BIGINT", &json!(1.5)));
         assert!(fits("DECIMAL(10,2)", &json!("-12.34")));
         assert!(!fits("DECIMAL(10,2)", &json!("NaN")));
         assert!(fits("DATETIME", &json!("2024-01-02 03:04:05.123456")));
