@@ -298,18 +298,7 @@ async fn mixed_workload_survives_sigkill_and_drains_on_sigterm() {
 
 #[test]
 fn quickstart_shows_events_and_cleans_up() {
-    let p = plugins();
-    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args(["quickstart", "--seconds", "3", "--rate", "10", "--plugins"])
-        .arg(p.filter.parent().unwrap())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let text = quickstart(&[]);
     assert!(
         text.contains("insert  shop.customers") && text.contains("update  shop.orders"),
         "{text}"
@@ -319,6 +308,25 @@ fn quickstart_shows_events_and_cleans_up() {
         "the filter drops the audit table: {text}"
     );
     assert_cleaned_up(&text);
+}
+
+/// Runs `dbmazz quickstart` for 3 s at 10 transactions/s with `args`; asserts success
+/// and returns stdout and stderr.
+fn quickstart(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .arg("quickstart")
+        .args(args)
+        .args(["--seconds", "3", "--rate", "10", "--plugins"])
+        .arg(plugins().filter.parent().unwrap())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
 }
 
 /// The quickstart printed `config: <tmp dir>/dbmazz.toml`; that directory (cluster, state,
@@ -339,27 +347,7 @@ fn assert_cleaned_up(text: &str) {
 
 #[test]
 fn quickstart_with_the_starrocks_sink_loads_the_test_double() {
-    let p = plugins();
-    let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args([
-            "quickstart",
-            "--sink",
-            "starrocks",
-            "--seconds",
-            "3",
-            "--rate",
-            "10",
-            "--plugins",
-        ])
-        .arg(p.starrocks.parent().unwrap())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let text = quickstart(&["--sink", "starrocks"]);
     assert!(text.contains("StarRocks test double"), "{text}");
     // every committed transaction reached the double's tables (the pipeline drains
     // before the tables are printed): customers n rows, orders n rows, n-3 soft-deleted

@@ -55,6 +55,19 @@ fn create_targets(sr: &StarRocksDouble) {
     );
 }
 
+/// A PostgreSQL with the test tables, and a double (user `root`, password `pw`) with
+/// their twins when `targets`.
+async fn start(targets: bool) -> (Pg, tokio_postgres::Client, StarRocksDouble) {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(CUSTOMERS_PG).await.unwrap();
+    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
+    if targets {
+        create_targets(&sr);
+    }
+    (pg, db, sr)
+}
+
 /// The sink's `[sink]` section for the double; `extra` is appended to its config.
 fn sink(sr: &StarRocksDouble, password: &str, extra: &str) -> String {
     format!(
@@ -258,11 +271,7 @@ async fn mixed_workload(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn soft_delete_mode_matches_the_source_with_audit_columns() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(CUSTOMERS_PG).await.unwrap();
-    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
-    create_targets(&sr);
+    let (pg, db, sr) = start(true).await;
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["customers", "lines"],
@@ -344,11 +353,7 @@ async fn soft_delete_mode_matches_the_source_with_audit_columns() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hard_delete_mode_removes_rows_and_identity_full_carries_toast_to_a_new_key() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(CUSTOMERS_PG).await.unwrap();
-    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
-    create_targets(&sr);
+    let (pg, db, sr) = start(true).await;
     let pipe = Pipeline::with_source_toml(
         &pg.url(),
         &["customers", "lines"],
@@ -386,11 +391,7 @@ impl Lcg {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_five_times_while_loading_loads_every_label_once() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(CUSTOMERS_PG).await.unwrap();
-    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
-    create_targets(&sr);
+    let (pg, db, sr) = start(true).await;
     // slow loads widen the window between a load and its checkpoint
     sr.set_delay(Duration::from_millis(30));
     let toml = sink(&sr, "pw", "").replace("flush_size = 2000", "flush_size = 300");
@@ -456,11 +457,7 @@ async fn sigkill_five_times_while_loading_loads_every_label_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_are_retried_to_success_without_double_loads() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(CUSTOMERS_PG).await.unwrap();
-    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
-    create_targets(&sr);
+    let (pg, db, sr) = start(true).await;
     let pipe = Pipeline::with_toml(&pg.url(), &["lines"], &sink(&sr, "pw", ""));
     let d = pipe.spawn();
     d.wait_log("streaming", T);
@@ -502,10 +499,7 @@ async fn faults_are_retried_to_success_without_double_loads() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_table_and_wrong_credentials_stop_with_a_clear_error_and_lose_nothing() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(CUSTOMERS_PG).await.unwrap();
-    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
+    let (pg, db, sr) = start(false).await;
     let pipe = Pipeline::with_toml(&pg.url(), &["lines"], &sink(&sr, "Wr0ngPassw0rd", ""));
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
@@ -564,11 +558,7 @@ async fn missing_table_and_wrong_credentials_stop_with_a_clear_error_and_lose_no
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_added_column_reaches_the_target() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(CUSTOMERS_PG).await.unwrap();
-    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
-    create_targets(&sr);
+    let (pg, db, sr) = start(true).await;
     let pipe = Pipeline::with_toml(&pg.url(), &["lines"], &sink(&sr, "pw", ""));
     let d = pipe.spawn();
     d.wait_log("streaming", T);
