@@ -32,6 +32,9 @@
 //!
 //! [plugins]
 //! cache_dir = "/var/cache/dbmazz"   # optional; default state.dir/compiled
+//!
+//! [control]
+//! metrics = "0.0.0.0:9187"          # optional: /metrics, /healthz, /readyz over HTTP
 //! ```
 //!
 //! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
@@ -72,6 +75,18 @@ pub struct Config {
     /// Durable state.
     #[serde(default)]
     pub state: StateConfig,
+    /// Operator endpoints.
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// `[control]`: endpoints for operators.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// `host:port` of the HTTP endpoint serving `/metrics` (Prometheus text format),
+    /// `/healthz` and `/readyz`; off when unset. Port 0 picks a free port (logged).
+    pub metrics: Option<String>,
 }
 
 /// `[source]`.

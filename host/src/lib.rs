@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod delivery;
 pub mod lsn;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod quickstart;

@@ -159,8 +159,14 @@ impl Reader {
     async fn on_frame(&mut self, frame: Frame) -> Result<(), RunError> {
         match frame {
             Frame::XLogData {
-                wal_start, data, ..
+                wal_start,
+                wal_end,
+                data,
+                ..
             } => {
+                self.stats
+                    .server_wal_end
+                    .fetch_max(wal_end.0, Ordering::Relaxed);
                 self.stats
                     .bytes_received
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -187,6 +193,9 @@ impl Reader {
                 reply_requested,
                 ..
             } => {
+                self.stats
+                    .server_wal_end
+                    .fetch_max(wal_end.0, Ordering::Relaxed);
                 if self.assembler.is_idle() {
                     self.received = self.received.max(wal_end);
                     self.batcher.idle_position(wal_end);
@@ -281,6 +290,14 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let conn = ConnectionConfig::parse(&cfg.source.url)?;
     let io = |what: String| move |source| RunError::Io { what, source };
+    if let Some(addr) = &cfg.control.metrics {
+        let bound = crate::metrics::serve(addr, stats.clone())
+            .await
+            .map_err(io(format!(
+                "cannot serve metrics on control.metrics = {addr:?}"
+            )))?;
+        info!(addr = %bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+    }
     std::fs::create_dir_all(&cfg.state.dir).map_err(io(format!(
         "cannot create state.dir {}",
         cfg.state.dir.display()
@@ -383,6 +400,7 @@ pub async fn run(
             _ => RunError::from(e),
         })?;
     info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
+    stats.streaming.store(true, Ordering::Relaxed);
 
     let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
     let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
@@ -408,10 +426,11 @@ pub async fn run(
             let mut stages: Vec<Stage> = loaded
                 .into_iter()
                 .map(|(plugin, stage_cfg)| {
-                    Stage::new(
-                        stage_spec(plugin, &stage_cfg, &identity, &store),
-                        Arc::new(PluginMetrics::default()),
-                    )
+                    let metrics = Arc::new(PluginMetrics::new(&plugin.name));
+                    if let Ok(mut all) = stats.plugins.lock() {
+                        all.push(metrics.clone());
+                    }
+                    Stage::new(stage_spec(plugin, &stage_cfg, &identity, &store), metrics)
                 })
                 .collect();
             let Some(sink_stage) = stages.pop() else {

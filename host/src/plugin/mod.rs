@@ -154,15 +154,80 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
+/// A plugin's own counters and gauges: (name, value) pairs.
+pub type PluginReported = (Vec<(String, u64)>, Vec<(String, f64)>);
+
+/// Labels of `dbmazz_plugin_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ErrorKind {
+    /// `trap`, `timeout`, `memory`, `output_too_large`, `init` (the host contained the
+    /// plugin), or `retryable`, `fatal`, `dead_letter`, `error` (the plugin said so).
+    pub kind: &'static str,
+}
+
 /// Counters and gauges a plugin reports through the `metrics` interface, plus the host's
-/// own per-plugin counts.
-#[derive(Debug, Default)]
+/// own per-plugin measurements (call durations, errors by kind).
+#[derive(Debug)]
 pub struct PluginMetrics {
+    /// The plugin's name (its file name without `.wasm`).
+    pub name: Arc<str>,
     counters: Mutex<BTreeMap<String, u64>>,
     gauges: Mutex<BTreeMap<String, f64>>,
+    /// Duration of each call into the plugin, seconds.
+    pub calls: prometheus_client::metrics::histogram::Histogram,
+    /// Failed calls by kind.
+    pub errors: prometheus_client::metrics::family::Family<
+        ErrorKind,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Default for PluginMetrics {
+    fn default() -> Self {
+        Self::new("plugin")
+    }
 }
 
 impl PluginMetrics {
+    /// Empty metrics of plugin `name`.
+    pub fn new(name: &str) -> Self {
+        PluginMetrics {
+            name: name.into(),
+            counters: Mutex::default(),
+            gauges: Mutex::default(),
+            // 50 µs ... ~13 s
+            calls: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 4.0, 10),
+            ),
+            errors: Default::default(),
+        }
+    }
+
+    /// Records one call's duration.
+    pub fn observe_call(&self, d: std::time::Duration) {
+        self.calls.observe(d.as_secs_f64());
+    }
+
+    /// Counts a failed call.
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&ErrorKind { kind }).inc();
+    }
+
+    /// The plugin's own counters and gauges, by name.
+    pub fn snapshot(&self) -> PluginReported {
+        let c = self
+            .counters
+            .lock()
+            .map(|c| c.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        let g = self
+            .gauges
+            .lock()
+            .map(|g| g.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        (c, g)
+    }
+
     /// Adds to a counter.
     pub fn counter_add(&self, name: &str, delta: u64) {
         if let Ok(mut c) = self.counters.lock() {

@@ -7,6 +7,7 @@
 //! the plugin returns as values (a sink error, a transform error) keep the instance.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::Store;
 
@@ -156,6 +157,11 @@ impl Stage {
         self.live = None;
         self.traps += 1;
         let err = describe(&self.spec.plugin.name, &self.spec.limits, &e);
+        self.metrics.error(match &err {
+            CallError::Trap { cause, .. } if cause.starts_with("exceeded") => "timeout",
+            CallError::Trap { cause, .. } if cause.starts_with("ran out of memory") => "memory",
+            _ => "trap",
+        });
         tracing::warn!(plugin = %self.spec.plugin.name, error = %err, "plugin instance dropped");
         err
     }
@@ -190,7 +196,10 @@ impl Stage {
                 };
                 match inst.call_init(&mut store, &config).await {
                     Ok(Ok(info)) => self.sink_info = Some(info),
-                    Ok(Err(message)) => return Err(CallError::Init { plugin, message }),
+                    Ok(Err(message)) => {
+                        self.metrics.error("init");
+                        return Err(CallError::Init { plugin, message });
+                    }
                     Err(e) => return Err(self.trap(e)),
                 }
                 Live::Sink(inst)
@@ -202,7 +211,10 @@ impl Stage {
                 };
                 match inst.call_init(&mut store, &config).await {
                     Ok(Ok(info)) => self.transform_info = Some(info),
-                    Ok(Err(message)) => return Err(CallError::Init { plugin, message }),
+                    Ok(Err(message)) => {
+                        self.metrics.error("init");
+                        return Err(CallError::Init { plugin, message });
+                    }
                     Err(e) => return Err(self.trap(e)),
                 }
                 Live::Transform(inst)
@@ -243,8 +255,14 @@ impl Stage {
         let Some((store, Live::Sink(inst))) = &mut self.live else {
             unreachable!("ensure made a sink instance")
         };
-        match inst.call_write(&mut *store, batch).await {
-            Ok(r) => Ok(r),
+        let started = Instant::now();
+        let r = inst.call_write(&mut *store, batch).await;
+        self.metrics.observe_call(started.elapsed());
+        match r {
+            Ok(r) => {
+                self.count_sink_error(&r);
+                Ok(r)
+            }
             Err(e) => Err(self.trap(e)),
         }
     }
@@ -271,8 +289,14 @@ impl Stage {
         let Some((store, Live::Sink(inst))) = &mut self.live else {
             unreachable!("ensure made a sink instance")
         };
-        match inst.call_write_encoded(&mut *store, batch).await {
-            Ok(r) => Ok(r),
+        let started = Instant::now();
+        let r = inst.call_write_encoded(&mut *store, batch).await;
+        self.metrics.observe_call(started.elapsed());
+        match r {
+            Ok(r) => {
+                self.count_sink_error(&r);
+                Ok(r)
+            }
             Err(e) => Err(self.trap(e)),
         }
     }
@@ -290,10 +314,16 @@ impl Stage {
         let Some((store, Live::Transform(inst))) = &mut self.live else {
             unreachable!("ensure made a transform instance")
         };
-        let r = match inst.call_process_encoded(&mut *store, batch).await {
+        let started = Instant::now();
+        let r = inst.call_process_encoded(&mut *store, batch).await;
+        self.metrics.observe_call(started.elapsed());
+        let r = match r {
             Ok(r) => r,
             Err(e) => return Err(self.trap(e)),
         };
+        if r.is_err() {
+            self.metrics.error("error");
+        }
         self.check_output(&r)?;
         Ok(r)
     }
@@ -311,8 +341,14 @@ impl Stage {
         let Some((store, Live::Sink(inst))) = &mut self.live else {
             unreachable!("ensure made a sink instance")
         };
-        match inst.call_apply_schema_change(&mut *store, change).await {
-            Ok(r) => Ok(r),
+        let started = Instant::now();
+        let r = inst.call_apply_schema_change(&mut *store, change).await;
+        self.metrics.observe_call(started.elapsed());
+        match r {
+            Ok(r) => {
+                self.count_sink_error(&r);
+                Ok(r)
+            }
             Err(e) => Err(self.trap(e)),
         }
     }
@@ -330,16 +366,32 @@ impl Stage {
         let Some((store, Live::Transform(inst))) = &mut self.live else {
             unreachable!("ensure made a transform instance")
         };
-        let r = match inst.call_process(&mut *store, batch).await {
+        let started = Instant::now();
+        let r = inst.call_process(&mut *store, batch).await;
+        self.metrics.observe_call(started.elapsed());
+        let r = match r {
             Ok(r) => r,
             Err(e) => return Err(self.trap(e)),
         };
+        if r.is_err() {
+            self.metrics.error("error");
+        }
         self.check_output(&r)?;
         Ok(r)
     }
 }
 
 impl Stage {
+    /// Counts a sink's own error by kind.
+    fn count_sink_error(&self, r: &Result<(), sink_world::SinkError>) {
+        match r {
+            Ok(()) => {}
+            Err(sink_world::SinkError::Retryable(_)) => self.metrics.error("retryable"),
+            Err(sink_world::SinkError::Fatal(_)) => self.metrics.error("fatal"),
+            Err(sink_world::SinkError::DeadLetter(_)) => self.metrics.error("dead_letter"),
+        }
+    }
+
     /// Refuses a `replace` result larger than the stage's `max_output_bytes`.
     fn check_output(
         &self,
@@ -351,6 +403,7 @@ impl Stage {
                 self.spec.limits.max_output_bytes,
             );
             if bytes > limit {
+                self.metrics.error("output_too_large");
                 return Err(CallError::OutputTooLarge {
                     plugin: self.spec.plugin.name.clone(),
                     bytes,

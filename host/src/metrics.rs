@@ -1,0 +1,294 @@
+//! The operators' HTTP endpoint (`[control] metrics = "host:port"`):
+//!
+//! - `GET /metrics`: Prometheus text exposition (OpenMetrics 1.0, `prometheus-client`);
+//! - `GET /healthz`: 200 while the process runs (liveness);
+//! - `GET /readyz`: 200 once the replication stream runs, 503 before (readiness).
+//!
+//! Metrics (units in the names, as Prometheus' naming guide asks):
+//!
+//! | name | type | meaning |
+//! |------|------|---------|
+//! | `dbmazz_changes_total{table,op}` | counter | changes acknowledged by the sink |
+//! | `dbmazz_batches_total{result}` | counter | batches `acked`, or `retried` after a retryable sink error |
+//! | `dbmazz_batch_size` | histogram | changes per acknowledged batch |
+//! | `dbmazz_bytes_received_total` | counter | pgoutput bytes received |
+//! | `dbmazz_messages_received_total` | counter | pgoutput messages received |
+//! | `dbmazz_replication_lag_bytes` | gauge | server WAL end minus the confirmed LSN |
+//! | `dbmazz_replication_lag_seconds` | gauge | now minus the commit time of the last acknowledged change; 0 when caught up |
+//! | `dbmazz_checkpoint_lsn` | gauge | the durable, confirmed LSN |
+//! | `dbmazz_dead_letters_total` | counter | changes sent to the dead-letter store |
+//! | `dbmazz_plugin_call_duration_seconds{plugin}` | histogram | each call into a plugin |
+//! | `dbmazz_plugin_errors_total{plugin,kind}` | counter | failed calls (see [`crate::plugin::ErrorKind`]) |
+//! | `dbmazz_plugin_counter_total{plugin,name}` | counter | a plugin's own counters (`metrics.counter-add`) |
+//! | `dbmazz_plugin_gauge{plugin,name}` | gauge | a plugin's own gauges (`metrics.gauge-set`) |
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::stats::Stats;
+
+/// Reads the pipeline's atomics and the plugins' metrics at scrape time.
+#[derive(Debug)]
+struct PipelineCollector(Arc<Stats>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabel {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginErrorLabels {
+    plugin: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginMetricLabels {
+    plugin: String,
+    name: String,
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for PipelineCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut e,
+            "dbmazz_bytes_received",
+            "pgoutput bytes received",
+            load(&s.bytes_received),
+        )?;
+        counter(
+            &mut e,
+            "dbmazz_messages_received",
+            "pgoutput messages received",
+            load(&s.messages_received),
+        )?;
+        counter(
+            &mut e,
+            "dbmazz_dead_letters",
+            "changes sent to the dead-letter store",
+            load(&s.dead_letters),
+        )?;
+        let confirmed = load(&s.confirmed_lsn);
+        let wal_end = load(&s.server_wal_end).max(load(&s.received_lsn));
+        gauge(
+            &mut e,
+            "dbmazz_checkpoint_lsn",
+            "the durable LSN confirmed to PostgreSQL",
+            confirmed as f64,
+        )?;
+        let lag_bytes = wal_end.saturating_sub(confirmed);
+        gauge(
+            &mut e,
+            "dbmazz_replication_lag_bytes",
+            "server WAL end minus the confirmed LSN",
+            lag_bytes as f64,
+        )?;
+        let acked = s.acked_commit_time_us.load(Ordering::Relaxed);
+        let lag_seconds = if lag_bytes == 0 || acked == 0 {
+            0.0
+        } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64);
+            (now - acked).max(0) as f64 / 1e6
+        };
+        gauge(
+            &mut e,
+            "dbmazz_replication_lag_seconds",
+            "now minus the commit time of the last acknowledged change (0 when caught up)",
+            lag_seconds,
+        )?;
+        let plugins = s.plugins.lock().map(|p| p.clone()).unwrap_or_default();
+        {
+            let mut m = e.encode_descriptor(
+                "dbmazz_plugin_call_duration_seconds",
+                "duration of each call into a plugin",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            for p in &plugins {
+                let label = PluginLabel {
+                    plugin: p.name.to_string(),
+                };
+                p.calls.encode(m.encode_family(&label)?)?;
+            }
+        }
+        {
+            let mut m = e.encode_descriptor(
+                "dbmazz_plugin_errors",
+                "failed plugin calls by kind",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for p in &plugins {
+                for kind in [
+                    "trap",
+                    "timeout",
+                    "memory",
+                    "output_too_large",
+                    "init",
+                    "retryable",
+                    "fatal",
+                    "dead_letter",
+                    "error",
+                ] {
+                    let n = p
+                        .errors
+                        .get(&crate::plugin::ErrorKind { kind })
+                        .map_or(0, |c| c.get());
+                    if n > 0 {
+                        let labels = PluginErrorLabels {
+                            plugin: p.name.to_string(),
+                            kind,
+                        };
+                        ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        let snapshots: Vec<_> = plugins
+            .iter()
+            .map(|p| (p.name.to_string(), p.snapshot()))
+            .collect();
+        {
+            let mut m = e.encode_descriptor(
+                "dbmazz_plugin_counter",
+                "a plugin's own counters",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (plugin, (counters, _)) in &snapshots {
+                for (name, v) in counters {
+                    let labels = PluginMetricLabels {
+                        plugin: plugin.clone(),
+                        name: name.clone(),
+                    };
+                    ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "dbmazz_plugin_gauge",
+            "a plugin's own gauges",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (plugin, (_, gauges)) in &snapshots {
+            for (name, v) in gauges {
+                let labels = PluginMetricLabels {
+                    plugin: plugin.clone(),
+                    name: name.clone(),
+                };
+                ConstGauge::new(*v).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The registry of a pipeline's metrics.
+pub fn registry(stats: &Arc<Stats>) -> Registry {
+    let mut r = Registry::default();
+    r.register(
+        "dbmazz_changes",
+        "changes acknowledged by the sink",
+        stats.changes.clone(),
+    );
+    r.register(
+        "dbmazz_batches",
+        "batches by outcome (acked, retried)",
+        stats.batches.clone(),
+    );
+    r.register(
+        "dbmazz_batch_size",
+        "changes per acknowledged batch",
+        stats.batch_size.clone(),
+    );
+    r.register_collector(Box::new(PipelineCollector(stats.clone())));
+    r
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends; returns
+/// the bound address (useful with port 0).
+///
+/// # Errors
+/// The address does not parse or cannot be bound.
+pub async fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let registry = Arc::new(registry(&stats));
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let (registry, stats) = (registry.clone(), stats.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (registry, stats) = (registry.clone(), stats.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(respond(
+                                req.uri().path(),
+                                &registry,
+                                &stats,
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+fn respond(path: &str, registry: &Registry, stats: &Stats) -> hyper::Response<Full<bytes::Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(e) => (500, "text/plain", format!("encoding metrics: {e}\n")),
+            }
+        }
+        "/healthz" => (200, "text/plain", "ok\n".to_string()),
+        "/readyz" if stats.streaming.load(Ordering::Relaxed) => {
+            (200, "text/plain", "streaming\n".to_string())
+        }
+        "/readyz" => (503, "text/plain", "not streaming yet\n".to_string()),
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /metrics, /healthz, /readyz\n".to_string(),
+        ),
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap_or_default()
+}
