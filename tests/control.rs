@@ -160,3 +160,254 @@ async fn metrics_count_the_committed_changes_and_health_answers() {
     );
     assert_eq!(get(&addr, "/nope").0, 404);
 }
+
+fn client_with(
+    channel: tonic::transport::Channel,
+    token: &'static str,
+) -> dbmazz::control::proto::dbmazz_client::DbmazzClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl tonic::service::Interceptor,
+    >,
+> {
+    dbmazz::control::proto::dbmazz_client::DbmazzClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            Ok(req)
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_pause_resume_status_health_token_and_reflection() {
+    use dbmazz::control::proto::{self, Stage};
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let pipe = Pipeline::new(
+        &pg.url(),
+        &["t"],
+        "flush_interval_ms = 20\n\n[control]\ngrpc = \"127.0.0.1:0\"\ntoken = \"s3cret\"",
+        false,
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("control API listening", T);
+    let addr = d
+        .log()
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let url = format!("http://{addr}");
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // no token, wrong token: refused
+    let mut anonymous = proto::dbmazz_client::DbmazzClient::new(channel.clone());
+    let e = anonymous.status(proto::StatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = client_with(channel.clone(), "guess")
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(!d.log().contains("s3cret"), "the token is not logged");
+
+    let mut c = client_with(channel.clone(), "s3cret");
+    d.wait_log("streaming", T);
+    let stage = |s: &proto::StatusResponse| Stage::try_from(s.stage).unwrap();
+    let st = c
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stage(&st), Stage::Streaming, "{st:?}");
+    assert_eq!(
+        (st.slot.as_str(), st.publication.as_str()),
+        ("dbmazz_slot", "dbmazz_pub")
+    );
+    assert!(
+        c.health(proto::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .serving
+    );
+
+    for i in 1..=10 {
+        db.execute("INSERT INTO t VALUES ($1, 'before')", &[&i])
+            .await
+            .unwrap();
+    }
+    pipe.wait_for(&d, T, "10 changes", |c| c.len() == 10);
+    let before = c
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        before.confirmed_lsn_value > 0 && before.received_lsn_value > 0,
+        "{before:?}"
+    );
+
+    // paused: PostgreSQL keeps committing, nothing is delivered, lag grows
+    assert!(c
+        .pause(proto::PauseRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .starts_with("paused"));
+    for i in 11..=20 {
+        db.execute("INSERT INTO t VALUES ($1, 'paused')", &[&i])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = c
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stage(&a), Stage::Paused);
+    for i in 21..=30 {
+        db.execute("INSERT INTO t VALUES ($1, 'paused')", &[&i])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = c
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        a.lag_bytes > 0 && b.lag_bytes > a.lag_bytes,
+        "lag grows while paused: {a:?} {b:?}"
+    );
+    assert_eq!(pipe.changes().len(), 10, "nothing delivered while paused");
+    assert!(
+        c.health(proto::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .serving,
+        "paused is healthy"
+    );
+
+    // resumed: everything, in order; lag falls
+    c.resume(proto::ResumeRequest {}).await.unwrap();
+    let all = pipe.wait_for(&d, T, "30 changes", |c| c.len() == 30);
+    let ids: Vec<i64> = all
+        .iter()
+        .map(|l| l["new"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=30).collect::<Vec<_>>());
+    let start = std::time::Instant::now();
+    loop {
+        let st = c
+            .status(proto::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.lag_bytes < b.lag_bytes && st.confirmed_lsn_value > before.confirmed_lsn_value {
+            break;
+        }
+        assert!(start.elapsed() < T, "lag never fell: {st:?}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // the standard health service (grpc_health_probe, Kubernetes probes)
+    let mut health = tonic_health::pb::health_client::HealthClient::with_interceptor(
+        channel.clone(),
+        |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", "Bearer s3cret".parse().unwrap());
+            Ok(req)
+        },
+    );
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    // reflection lists the services (what `grpcurl list` shows)
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut reflection =
+        ServerReflectionClient::with_interceptor(channel.clone(), |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", "Bearer s3cret".parse().unwrap());
+            Ok(req)
+        });
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(futures_util::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "dbmazz.v1.Dbmazz",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+
+    // the same binary is the client
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+            .arg("ctl")
+            .args(args)
+            .args(["--addr", &url])
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["status"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{out:?}"
+    );
+    let out = ctl(&["status", "--token", "s3cret"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Streaming") && text.contains("dbmazz_slot"),
+        "{out:?}"
+    );
+    let out = ctl(&["reload", "--token", "s3cret"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Unimplemented"),
+        "{out:?}"
+    );
+    let out = ctl(&["stop", "--token", "s3cret"]);
+    assert!(out.status.success(), "{out:?}");
+    let status = d.wait(T).expect("Stop drains and exits");
+    assert!(status.success(), "{}", d.log());
+}

@@ -35,6 +35,8 @@
 //!
 //! [control]
 //! metrics = "0.0.0.0:9187"          # optional: /metrics, /healthz, /readyz over HTTP
+//! grpc = "127.0.0.1:7070"           # optional: the control API (`dbmazz ctl`)
+//! token = "..."                     # optional: required as `authorization: Bearer ...`
 //! ```
 //!
 //! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
@@ -81,12 +83,26 @@ pub struct Config {
 }
 
 /// `[control]`: endpoints for operators.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
     /// `host:port` of the HTTP endpoint serving `/metrics` (Prometheus text format),
     /// `/healthz` and `/readyz`; off when unset. Port 0 picks a free port (logged).
     pub metrics: Option<String>,
+    /// `host:port` of the gRPC control API (`proto/dbmazz.proto`); off when unset.
+    pub grpc: Option<String>,
+    /// When set, every gRPC call must carry `authorization: Bearer <token>`. Never logged.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlConfig")
+            .field("metrics", &self.metrics)
+            .field("grpc", &self.grpc)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `[source]`.

@@ -10,6 +10,7 @@
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod lsn;
 pub mod metrics;

@@ -34,6 +34,23 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Talk to a running dbmazz over its control API (`[control] grpc`).
+    Ctl {
+        /// What to do.
+        #[command(subcommand)]
+        command: dbmazz::control::CtlCommand,
+        /// The control API's address.
+        #[arg(
+            long,
+            global = true,
+            env = "DBMAZZ_CTL_ADDR",
+            default_value = "http://127.0.0.1:7070"
+        )]
+        addr: String,
+        /// The `[control] token`, when set.
+        #[arg(long, global = true, env = "DBMAZZ_CTL_TOKEN")]
+        token: Option<String>,
+    },
     /// Run a pipeline until SIGINT or SIGTERM, then drain and exit.
     Run {
         /// The pipeline's TOML file.
@@ -139,6 +156,20 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::Ctl {
+                command,
+                addr,
+                token,
+            } => match dbmazz::control::ctl(&addr, token.as_deref(), command).await {
+                Ok(text) => {
+                    println!("{}", text.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dbmazz ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Check { config } => {
                 let mut out = std::io::stdout();
                 if dbmazz::check::check(&config, std::env::vars(), &mut out).await {

@@ -107,10 +107,7 @@ impl Collector for PipelineCollector {
         let lag_seconds = if lag_bytes == 0 || acked == 0 {
             0.0
         } else {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as i64);
-            (now - acked).max(0) as f64 / 1e6
+            (now_us() - acked).max(0) as f64 / 1e6
         };
         gauge(
             &mut e,
@@ -204,6 +201,13 @@ impl Collector for PipelineCollector {
         }
         Ok(())
     }
+}
+
+/// Wall-clock time, µs since the Unix epoch.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// The registry of a pipeline's metrics.

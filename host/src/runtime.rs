@@ -96,6 +96,8 @@ struct Reader {
     watermark_every: Duration,
     last_watermark: Instant,
     shutdown: watch::Receiver<bool>,
+    /// True: no frames are read (the control API's Pause); status updates go on.
+    paused: watch::Receiver<bool>,
 }
 
 impl Reader {
@@ -215,9 +217,14 @@ impl Reader {
             let watermark_due = (!self.batcher.has_open() && self.batcher.has_pending_watermark())
                 .then(|| self.last_watermark + self.watermark_every);
             let far = Instant::now() + Duration::from_secs(3600);
+            let paused = *self.paused.borrow_and_update();
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => return Ok(()),
+                r = self.paused.changed() => match r {
+                    Ok(()) => Wake::Status,
+                    Err(_) => return Err(RunError::Interrupted),
+                },
                 r = self.confirmed_rx.changed() => match r {
                     Ok(()) => Wake::Status,
                     Err(_) => return Err(RunError::Interrupted),
@@ -225,7 +232,7 @@ impl Reader {
                 _ = self.status_tick.tick() => Wake::Status,
                 _ = tokio::time::sleep_until(batch_deadline.map_or(far, Instant::from_std)), if batch_deadline.is_some() => Wake::BatchDue,
                 _ = tokio::time::sleep_until(watermark_due.unwrap_or(far)), if watermark_due.is_some() => Wake::WatermarkDue,
-                frame = self.reader.next() => Wake::Frame(frame?),
+                frame = self.reader.next(), if !paused => Wake::Frame(frame?),
             };
             match wake {
                 Wake::Status => self.send_status().await?,
@@ -290,6 +297,38 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let conn = ConnectionConfig::parse(&cfg.source.url)?;
     let io = |what: String| move |source| RunError::Io { what, source };
+    // The caller's shutdown, or the control API's Stop.
+    let (halt_tx, shutdown) = {
+        let (tx, rx) = watch::channel(*shutdown.borrow());
+        let (mut outer, forward) = (shutdown, tx.clone());
+        tokio::spawn(async move {
+            while outer.changed().await.is_ok() {
+                if *outer.borrow() {
+                    forward.send_replace(true);
+                }
+            }
+        });
+        (tx, rx)
+    };
+    let (pause_tx, pause_rx) = watch::channel(false);
+    let control = Arc::new(crate::control::Control {
+        stats: stats.clone(),
+        pause: pause_tx,
+        stop: halt_tx,
+        slot: cfg.source.slot.clone(),
+        publication: cfg.source.publication.clone(),
+        plugins: Default::default(),
+        sql: Default::default(),
+        registry: crate::metrics::registry(&stats),
+    });
+    if let Some(addr) = &cfg.control.grpc {
+        let bound = crate::control::serve(addr, control.clone(), cfg.control.token.clone())
+            .await
+            .map_err(io(format!(
+                "cannot serve the control API on control.grpc = {addr:?}"
+            )))?;
+        info!(addr = %bound, token = cfg.control.token.is_some(), "control API listening (gRPC)");
+    }
     if let Some(addr) = &cfg.control.metrics {
         let bound = crate::metrics::serve(addr, stats.clone())
             .await
@@ -332,6 +371,15 @@ pub async fn run(
                 componentized = p.info.componentized,
                 "plugin loaded"
             );
+            if let Ok(mut all) = control.plugins.lock() {
+                all.push(crate::control::PluginInfo {
+                    name: p.name.to_string(),
+                    file: p.path.display().to_string(),
+                    world: p.info.world.map_or("?", |w| w.name()).to_string(),
+                    version: p.info.version.clone().unwrap_or_default(),
+                    loaded_at_ms: crate::metrics::now_us() / 1000,
+                });
+            }
         }
     }
 
@@ -347,7 +395,12 @@ pub async fn run(
     for step in &outcome.steps {
         info!("setup {step}");
     }
-    drop(sql);
+    if cfg.control.grpc.is_some() {
+        // kept for Status: the server's WAL position while reading is paused
+        *control.sql.lock().await = Some(sql);
+    } else {
+        drop(sql);
+    }
     let store = Arc::new(Store::open(&cfg.state.dir.join("checkpoints"))?);
 
     let mut repl = ReplicationClient::connect(&conn).await?;
@@ -484,6 +537,7 @@ pub async fn run(
         watermark_every: flush_interval,
         last_watermark: Instant::now(),
         shutdown: shutdown.clone(),
+        paused: pause_rx,
     };
 
     let streamed = r.stream().await;

@@ -49,6 +49,8 @@ pub struct Stats {
     pub acked_commit_time_us: AtomicI64,
     /// Changes sent to the dead-letter store.
     pub dead_letters: AtomicU64,
+    /// Id of the last acknowledged batch.
+    pub last_batch_id: AtomicU64,
     /// True once the replication stream is running (readiness).
     pub streaming: AtomicBool,
     /// Acknowledged changes per table and operation.
@@ -73,6 +75,7 @@ impl Default for Stats {
             confirmed_lsn: AtomicU64::new(0),
             acked_commit_time_us: AtomicI64::new(0),
             dead_letters: AtomicU64::new(0),
+            last_batch_id: AtomicU64::new(0),
             streaming: AtomicBool::new(false),
             changes: Family::default(),
             batches: Family::default(),
@@ -89,6 +92,7 @@ impl Stats {
         self.changes_delivered
             .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
         self.batches_delivered.fetch_add(1, Ordering::Relaxed);
+        self.last_batch_id.store(batch.id, Ordering::Relaxed);
         self.batches
             .get_or_create(&ResultLabels { result: "acked" })
             .inc();

@@ -180,6 +180,9 @@ pub struct PluginMetrics {
         ErrorKind,
         prometheus_client::metrics::counter::Counter,
     >,
+    error_total: std::sync::atomic::AtomicU64,
+    call_total: std::sync::atomic::AtomicU64,
+    last_error: Mutex<Option<String>>,
 }
 
 impl Default for PluginMetrics {
@@ -200,17 +203,45 @@ impl PluginMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 4.0, 10),
             ),
             errors: Default::default(),
+            error_total: Default::default(),
+            call_total: Default::default(),
+            last_error: Mutex::default(),
+        }
+    }
+
+    /// Calls so far.
+    pub fn call_count(&self) -> u64 {
+        self.call_total.load(Ordering::Relaxed)
+    }
+
+    /// Failed calls so far.
+    pub fn error_count(&self) -> u64 {
+        self.error_total.load(Ordering::Relaxed)
+    }
+
+    /// The last failure's description.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Counts a failed call and remembers why.
+    pub fn fail(&self, kind: &'static str, message: String) {
+        self.error(kind);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(message);
         }
     }
 
     /// Records one call's duration.
     pub fn observe_call(&self, d: std::time::Duration) {
         self.calls.observe(d.as_secs_f64());
+        self.call_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed call.
     pub fn error(&self, kind: &'static str) {
         self.errors.get_or_create(&ErrorKind { kind }).inc();
+        self.error_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The plugin's own counters and gauges, by name.

@@ -157,11 +157,14 @@ impl Stage {
         self.live = None;
         self.traps += 1;
         let err = describe(&self.spec.plugin.name, &self.spec.limits, &e);
-        self.metrics.error(match &err {
-            CallError::Trap { cause, .. } if cause.starts_with("exceeded") => "timeout",
-            CallError::Trap { cause, .. } if cause.starts_with("ran out of memory") => "memory",
-            _ => "trap",
-        });
+        self.metrics.fail(
+            match &err {
+                CallError::Trap { cause, .. } if cause.starts_with("exceeded") => "timeout",
+                CallError::Trap { cause, .. } if cause.starts_with("ran out of memory") => "memory",
+                _ => "trap",
+            },
+            err.to_string(),
+        );
         tracing::warn!(plugin = %self.spec.plugin.name, error = %err, "plugin instance dropped");
         err
     }
@@ -386,9 +389,13 @@ impl Stage {
     fn count_sink_error(&self, r: &Result<(), sink_world::SinkError>) {
         match r {
             Ok(()) => {}
-            Err(sink_world::SinkError::Retryable(_)) => self.metrics.error("retryable"),
-            Err(sink_world::SinkError::Fatal(_)) => self.metrics.error("fatal"),
-            Err(sink_world::SinkError::DeadLetter(_)) => self.metrics.error("dead_letter"),
+            Err(sink_world::SinkError::Retryable((m, _))) => {
+                self.metrics.fail("retryable", m.clone())
+            }
+            Err(sink_world::SinkError::Fatal(m)) => self.metrics.fail("fatal", m.clone()),
+            Err(sink_world::SinkError::DeadLetter(list)) => self
+                .metrics
+                .fail("dead_letter", format!("{} changes refused", list.len())),
         }
     }
 

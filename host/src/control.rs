@@ -1,0 +1,487 @@
+//! The control API over gRPC (`proto/dbmazz.proto`, package `dbmazz.v1`), served on
+//! `[control] grpc = "host:port"` with the standard `grpc.health.v1.Health` service
+//! (`tonic-health`, for `grpc_health_probe` and Kubernetes gRPC probes) and server
+//! reflection (`grpcurl list`). With `[control] token`, every call must carry
+//! `authorization: Bearer <token>` (compared in constant time) or is refused with
+//! UNAUTHENTICATED.
+//!
+//! [`Control`] is what the API reads and commands: the pipeline's [`Stats`], a pause
+//! switch the reader obeys, a stop switch, and an SQL connection for the server's WAL
+//! position (so lag keeps growing while reading is paused).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::stats::Stats;
+use crate::Lsn;
+
+/// Generated types and services of `dbmazz.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("dbmazz.v1");
+    /// The encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dbmazz_descriptor");
+}
+
+use proto::dbmazz_server::{Dbmazz, DbmazzServer};
+
+/// A plugin stage as Status shows it.
+#[derive(Clone, Debug)]
+pub struct PluginInfo {
+    /// Name (file name without `.wasm`).
+    pub name: String,
+    /// The file.
+    pub file: String,
+    /// `sink` or `transform`.
+    pub world: String,
+    /// WIT package version.
+    pub version: String,
+    /// Unix time, ms.
+    pub loaded_at_ms: i64,
+}
+
+/// What the API reads and commands.
+pub struct Control {
+    /// The pipeline's counters.
+    pub stats: Arc<Stats>,
+    /// True: stop reading after the current batch.
+    pub pause: watch::Sender<bool>,
+    /// True: drain and exit.
+    pub stop: watch::Sender<bool>,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// The plugin stages.
+    pub plugins: Mutex<Vec<PluginInfo>>,
+    /// An SQL connection for `pg_current_wal_lsn()`.
+    pub sql: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The Prometheus registry (for the Metrics call).
+    pub registry: prometheus_client::registry::Registry,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// The pipeline's stage.
+    pub fn stage(&self) -> proto::Stage {
+        if *self.stop.borrow() {
+            proto::Stage::Draining
+        } else if !self.stats.streaming.load(Ordering::Relaxed) {
+            proto::Stage::Setup
+        } else if *self.pause.borrow() {
+            proto::Stage::Paused
+        } else {
+            proto::Stage::Streaming
+        }
+    }
+
+    async fn server_wal_lsn(&self) -> Option<Lsn> {
+        let guard = self.sql.lock().await;
+        let client = guard.as_ref()?;
+        let row = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .ok()?;
+        row.get::<_, String>(0).parse().ok()
+    }
+}
+
+/// Splits a text-format sample line `name{k="v",...} value`.
+fn parse_sample(line: &str) -> Option<proto::Counter> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let (name, labels) = match head.split_once('{') {
+        Some((n, rest)) => (n, rest.strip_suffix('}')?),
+        None => (head, ""),
+    };
+    let mut map = std::collections::HashMap::new();
+    let mut rest = labels;
+    while let Some((k, after)) = rest.split_once("=\"") {
+        let mut v = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        v.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => v.push(c),
+            }
+        }
+        map.insert(k.trim_start_matches(',').to_string(), v);
+        rest = &after[end..];
+    }
+    Some(proto::Counter {
+        name: name.to_string(),
+        labels: map,
+        value,
+    })
+}
+
+#[tonic::async_trait]
+impl Dbmazz for Arc<Control> {
+    async fn health(
+        &self,
+        _: Request<proto::HealthRequest>,
+    ) -> Result<Response<proto::HealthResponse>, Status> {
+        let stage = self.stage();
+        let (serving, detail) = match stage {
+            proto::Stage::Streaming | proto::Stage::Paused => (true, String::new()),
+            proto::Stage::Setup => (
+                false,
+                "setting up: the replication stream is not running yet".into(),
+            ),
+            proto::Stage::Draining => (false, "stopping: draining in-flight batches".into()),
+            other => (false, format!("{other:?}")),
+        };
+        Ok(Response::new(proto::HealthResponse {
+            serving,
+            error_detail: detail,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        let s = &self.stats;
+        let received = Lsn(s.received_lsn.load(Ordering::Relaxed));
+        let confirmed = Lsn(s.confirmed_lsn.load(Ordering::Relaxed));
+        let server = self
+            .server_wal_lsn()
+            .await
+            .unwrap_or(Lsn(s.server_wal_end.load(Ordering::Relaxed)));
+        let lag_bytes = server.0.saturating_sub(confirmed.0);
+        let acked = s.acked_commit_time_us.load(Ordering::Relaxed);
+        let lag_seconds = if lag_bytes == 0 || acked == 0 {
+            0.0
+        } else {
+            (crate::metrics::now_us() - acked).max(0) as f64 / 1e6
+        };
+        let metrics = s.plugins.lock().map(|p| p.clone()).unwrap_or_default();
+        let plugins = self
+            .plugins
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let m = metrics.iter().find(|m| *m.name == *p.name);
+                proto::PluginStatus {
+                    calls: m.map_or(0, |m| m.call_count()),
+                    errors: m.map_or(0, |m| m.error_count()),
+                    last_error: m.and_then(|m| m.last_error()).unwrap_or_default(),
+                    name: p.name,
+                    file: p.file,
+                    world: p.world,
+                    version: p.version,
+                    loaded_at_ms: p.loaded_at_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::StatusResponse {
+            stage: self.stage() as i32,
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            received_lsn: received.to_string(),
+            flushed_lsn: confirmed.to_string(),
+            confirmed_lsn: confirmed.to_string(),
+            received_lsn_value: received.0,
+            confirmed_lsn_value: confirmed.0,
+            lag_bytes,
+            lag_seconds,
+            last_batch_id: s.last_batch_id.load(Ordering::Relaxed),
+            plugins,
+            dead_letters: s.dead_letters.load(Ordering::Relaxed),
+            error: String::new(),
+        }))
+    }
+
+    async fn metrics(
+        &self,
+        _: Request<proto::MetricsRequest>,
+    ) -> Result<Response<proto::MetricsResponse>, Status> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .map_err(|e| Status::internal(format!("encoding metrics: {e}")))?;
+        let metrics = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(parse_sample)
+            .collect();
+        Ok(Response::new(proto::MetricsResponse { metrics }))
+    }
+
+    async fn pause(
+        &self,
+        _: Request<proto::PauseRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        let was = self.pause.send_replace(true);
+        tracing::info!("paused by the control API");
+        Ok(Response::new(proto::ControlResponse {
+            message: if was {
+                "already paused"
+            } else {
+                "paused: reading stops after the current batch"
+            }
+            .into(),
+        }))
+    }
+
+    async fn resume(
+        &self,
+        _: Request<proto::ResumeRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        let was = self.pause.send_replace(false);
+        tracing::info!("resumed by the control API");
+        Ok(Response::new(proto::ControlResponse {
+            message: if was { "resumed" } else { "not paused" }.into(),
+        }))
+    }
+
+    async fn stop(
+        &self,
+        _: Request<proto::StopRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        self.stop.send_replace(true);
+        tracing::info!("stop requested by the control API: draining");
+        Ok(Response::new(proto::ControlResponse {
+            message: "stopping: draining in-flight batches, then exiting".into(),
+        }))
+    }
+
+    async fn reload_plugins(
+        &self,
+        _: Request<proto::ReloadPluginsRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        Err(Status::unimplemented(
+            "plugin hot reload is not built yet: restart dbmazz to load new plugin files",
+        ))
+    }
+}
+
+/// Refuses calls without `authorization: Bearer <token>` (constant-time comparison).
+#[derive(Clone)]
+struct BearerToken(Option<Arc<str>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.0 else {
+            return Ok(req);
+        };
+        let expected = format!("Bearer {token}");
+        let given = req
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if given.len() == expected.len() && bool::from(given.ct_eq(expected.as_bytes())) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong token: send authorization: Bearer <control.token>",
+            ))
+        }
+    }
+}
+
+/// Serves the API on `addr` until the process ends; returns the bound address.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(
+    addr: &str,
+    control: Arc<Control>,
+    token: Option<String>,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<DbmazzServer<Arc<Control>>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(std::io::Error::other)?;
+    // The standard health service follows the pipeline: NOT_SERVING until streaming.
+    {
+        let (health, control) = (health.clone(), control.clone());
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let serving = matches!(
+                    control.stage(),
+                    proto::Stage::Streaming | proto::Stage::Paused
+                );
+                if last != Some(serving) {
+                    let status = if serving {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health.set_service_status("", status).await;
+                    health.set_service_status("dbmazz.v1.Dbmazz", status).await;
+                    last = Some(serving);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        });
+    }
+    let auth = tonic::service::InterceptorLayer::new(BearerToken(token.map(Arc::from)));
+    let incoming = tokio_stream_listener(listener);
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .layer(auth)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(DbmazzServer::new(control))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+    Ok(bound)
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+/// A `dbmazz ctl` command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Stage, positions, lag, plugins.
+    Status,
+    /// Stop reading after the current batch (the slot and connection stay).
+    Pause,
+    /// Read again.
+    Resume,
+    /// Drain and exit.
+    Stop,
+    /// Re-read the plugin directory.
+    Reload,
+}
+
+/// Runs a `dbmazz ctl` command against `addr` (`http://host:port`); returns what to print.
+///
+/// # Errors
+/// The API cannot be reached, or refused the call (the gRPC status, e.g. UNAUTHENTICATED).
+pub async fn ctl(addr: &str, token: Option<&str>, cmd: CtlCommand) -> Result<String, String> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the control API at {addr}: {e}"))?;
+    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| "the token must be printable ASCII".to_string())?,
+        ),
+        None => None,
+    };
+    let mut client = proto::dbmazz_client::DbmazzClient::with_interceptor(
+        channel,
+        move |mut req: Request<()>| {
+            if let Some(h) = &header {
+                req.metadata_mut().insert("authorization", h.clone());
+            }
+            Ok(req)
+        },
+    );
+    let refused = |s: Status| format!("{:?}: {}", s.code(), s.message());
+    let text = match cmd {
+        CtlCommand::Status => {
+            let s = client
+                .status(proto::StatusRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let mut out = format!(
+                "stage         {:?}\nslot          {}\npublication   {}\nreceived      {}\nconfirmed     {}\nlag           {} bytes, {:.3} s\nlast batch    {}\ndead letters  {}\n",
+                proto::Stage::try_from(s.stage).unwrap_or(proto::Stage::Unspecified),
+                s.slot,
+                s.publication,
+                s.received_lsn,
+                s.confirmed_lsn,
+                s.lag_bytes,
+                s.lag_seconds,
+                s.last_batch_id,
+                s.dead_letters
+            );
+            for p in s.plugins {
+                out.push_str(&format!(
+                    "plugin        {} ({} {}, {}): {} calls, {} errors{}\n",
+                    p.name,
+                    p.world,
+                    p.version,
+                    p.file,
+                    p.calls,
+                    p.errors,
+                    if p.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", last: {}", p.last_error)
+                    }
+                ));
+            }
+            out
+        }
+        CtlCommand::Pause => {
+            client
+                .pause(proto::PauseRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .message
+        }
+        CtlCommand::Resume => {
+            client
+                .resume(proto::ResumeRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .message
+        }
+        CtlCommand::Stop => {
+            client
+                .stop(proto::StopRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .message
+        }
+        CtlCommand::Reload => {
+            client
+                .reload_plugins(proto::ReloadPluginsRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .message
+        }
+    };
+    Ok(text)
+}
