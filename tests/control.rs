@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use prometheus_parse::{Sample, Scrape, Value};
-use support::{eventually, plugins, Pg, Pipeline};
+use support::{eventually, plugins, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -403,11 +403,128 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
     );
     let out = ctl(&["reload", "--token", "s3cret"]);
     assert!(
-        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Unimplemented"),
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"),
         "{out:?}"
     );
     let out = ctl(&["stop", "--token", "s3cret"]);
     assert!(out.status.success(), "{out:?}");
     let status = d.wait(T).expect("Stop drains and exits");
     assert!(status.success(), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_is_refused() {
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE t1 (id int PRIMARY KEY, v text);
+         CREATE TABLE t2 (id int PRIMARY KEY, v text);",
+    )
+    .await
+    .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("filter.wasm");
+    std::fs::copy(&p.filter, &file).unwrap();
+    // replace the way operators should: write beside, then rename over
+    let replace_with = |bytes: &[u8]| {
+        let tmp = dir.path().join("filter.wasm.tmp");
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.t2\"] }}\n\n\
+         [sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+        file.display().to_string(),
+        p.webhook.display().to_string(),
+        rx.url(),
+        rx.addr.to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t1", "t2"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let subjects = || -> Vec<(String, i64)> {
+        rx.events()
+            .iter()
+            .map(|e| {
+                (
+                    e["subject"].as_str().unwrap().to_string(),
+                    e["data"]["after"]["id"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // changes flow while the file is replaced
+    let writer = {
+        let db = pg.client().await;
+        tokio::spawn(async move {
+            for i in 1..=60 {
+                db.batch_execute(&format!(
+                    "INSERT INTO t1 VALUES ({i}, 'a'); INSERT INTO t2 VALUES ({i}, 'b');"
+                ))
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    eventually(
+        T,
+        "some filtered batches",
+        || d.log(),
+        || subjects().len() >= 10,
+    );
+    // the misbehave fixture keeps every change (no markers in this data)
+    replace_with(&std::fs::read(&p.misbehave).unwrap());
+    d.wait_log("plugin swapped at a batch boundary", T);
+    writer.await.unwrap();
+    eventually(
+        T,
+        "every t1 change",
+        || d.log(),
+        || subjects().iter().filter(|(s, _)| s == "public.t1").count() == 60,
+    );
+    let got = subjects();
+    // nothing lost or duplicated, in order
+    let t1: Vec<i64> = got
+        .iter()
+        .filter(|(s, _)| s == "public.t1")
+        .map(|(_, i)| *i)
+        .collect();
+    assert_eq!(t1, (1..=60).collect::<Vec<_>>());
+    // t2 was filtered before the swap and delivered after it, from one point on
+    let t2: Vec<i64> = got
+        .iter()
+        .filter(|(s, _)| s == "public.t2")
+        .map(|(_, i)| *i)
+        .collect();
+    assert!(!t2.is_empty() && t2.len() < 60, "{t2:?}");
+    let first = t2[0];
+    assert_eq!(
+        t2,
+        (first..=60).collect::<Vec<_>>(),
+        "from the swap on, every t2 change"
+    );
+    assert!(first > 1);
+
+    // a corrupt file is refused; the running version stays
+    replace_with(b"\0asm this is not a plugin");
+    d.wait_log("plugin file refused; the running version stays", T);
+    db.batch_execute("INSERT INTO t2 VALUES (1000, 'still kept')")
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "t2 still delivered",
+        || d.log(),
+        || subjects().iter().any(|(_, i)| *i == 1000),
+    );
+    // removing it is refused too
+    std::fs::remove_file(&file).unwrap();
+    d.wait_log(
+        "a plugin file in use was removed; the running version stays",
+        T,
+    );
 }

@@ -61,6 +61,8 @@ pub struct Control {
     pub sql: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     /// The Prometheus registry (for the Metrics call).
     pub registry: prometheus_client::registry::Registry,
+    /// The plugin file watcher, when the pipeline has plugins.
+    pub reloader: Mutex<Option<crate::plugin::reload::Reloader>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -270,9 +272,22 @@ impl Dbmazz for Arc<Control> {
         &self,
         _: Request<proto::ReloadPluginsRequest>,
     ) -> Result<Response<proto::ControlResponse>, Status> {
-        Err(Status::unimplemented(
-            "plugin hot reload is not built yet: restart dbmazz to load new plugin files",
-        ))
+        let n = self
+            .reloader
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|r| r.check_all()))
+            .unwrap_or(0);
+        if n == 0 {
+            return Err(Status::failed_precondition(
+                "this pipeline has no plugin files to reload",
+            ));
+        }
+        Ok(Response::new(proto::ControlResponse {
+            message: format!(
+                "checking {n} plugin files; changed ones are validated and swapped in at the next batch (see Status and the log)"
+            ),
+        }))
     }
 }
 

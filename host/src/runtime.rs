@@ -253,6 +253,11 @@ impl Reader {
     }
 }
 
+/// The canonical form of a plugin path (what file-system events name), or the path.
+fn canonical(p: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 fn stage_spec(
     plugin: crate::plugin::LoadedPlugin,
     cfg: &StageConfig,
@@ -320,6 +325,7 @@ pub async fn run(
         plugins: Default::default(),
         sql: Default::default(),
         registry: crate::metrics::registry(&stats),
+        reloader: Default::default(),
     });
     if let Some(addr) = &cfg.control.grpc {
         let bound = crate::control::serve(addr, control.clone(), cfg.control.token.clone())
@@ -353,16 +359,25 @@ pub async fn run(
                 .cache_dir
                 .clone()
                 .unwrap_or_else(|| cfg.state.dir.join("compiled"));
-            Some(PluginHost::new(Some(cache)).map_err(|e| RunError::Engine(format!("{e:#}")))?)
+            Some(Arc::new(
+                PluginHost::new(Some(cache)).map_err(|e| RunError::Engine(format!("{e:#}")))?,
+            ))
         }
         SinkTarget::Jsonl(_) => None,
     };
     let mut loaded = Vec::new();
+    let mut loaded_files = Vec::new();
     if let (Some(host), SinkTarget::Plugin(sink)) = (&plugin_host, &target) {
         for t in &cfg.transforms {
-            loaded.push((host.load(&t.plugin, World::Transform)?, t.clone()));
+            loaded.push((
+                host.load(&canonical(&t.plugin), World::Transform)?,
+                t.clone(),
+            ));
         }
-        loaded.push((host.load(&sink.plugin, World::Sink)?, sink.clone()));
+        loaded.push((
+            host.load(&canonical(&sink.plugin), World::Sink)?,
+            sink.clone(),
+        ));
         for (p, _) in &loaded {
             info!(
                 plugin = %p.name,
@@ -371,6 +386,9 @@ pub async fn run(
                 componentized = p.info.componentized,
                 "plugin loaded"
             );
+            if let Some(world) = p.info.world {
+                loaded_files.push((p.path.clone(), world));
+            }
             if let Ok(mut all) = control.plugins.lock() {
                 all.push(crate::control::PluginInfo {
                     name: p.name.to_string(),
@@ -492,6 +510,36 @@ pub async fn run(
             let mut chain = PluginChain::new(stages, sink_stage, store.clone(), stats.clone());
             chain.max_attempts = sink_cfg.limits.max_attempts.max(1);
             chain.start().await?;
+            if let Some(host) = &plugin_host {
+                let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+                chain.watch_reloads(reload_rx);
+                let files = loaded_files.clone();
+                let ctl = control.clone();
+                match crate::plugin::reload::spawn(
+                    host.clone(),
+                    files,
+                    reload_tx,
+                    stats.clone(),
+                    move |p| {
+                        if let Ok(mut all) = ctl.plugins.lock() {
+                            for info in all
+                                .iter_mut()
+                                .filter(|i| std::path::Path::new(&i.file) == p.path)
+                            {
+                                info.version = p.info.version.clone().unwrap_or_default();
+                                info.loaded_at_ms = crate::metrics::now_us() / 1000;
+                            }
+                        }
+                    },
+                ) {
+                    Ok(r) => {
+                        if let Ok(mut slot) = control.reloader.lock() {
+                            *slot = Some(r);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot watch the plugin files; hot reload is off"),
+                }
+            }
             tokio::spawn(delivery::run(
                 chain,
                 store.clone(),

@@ -40,6 +40,7 @@ pub struct PluginChain {
     pub max_attempts: u32,
     /// First retry delay after a trap (doubles).
     pub retry_backoff: Duration,
+    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<super::reload::Reload>>,
 }
 
 impl std::fmt::Debug for PluginChain {
@@ -209,6 +210,7 @@ impl PluginChain {
             stats,
             max_attempts: 3,
             retry_backoff: Duration::from_millis(100),
+            reloads: None,
         }
     }
 
@@ -358,8 +360,53 @@ impl PluginChain {
     }
 }
 
+impl PluginChain {
+    /// Takes new builds of the chain's plugins from `rx` (see [`super::reload`]); they
+    /// are swapped in before the next batch.
+    pub fn watch_reloads(
+        &mut self,
+        rx: tokio::sync::mpsc::UnboundedReceiver<super::reload::Reload>,
+    ) {
+        self.reloads = Some(rx);
+    }
+
+    /// Swaps in every reloaded plugin whose new instance starts; one that does not start
+    /// leaves the running version in place (reported in the log and the plugin's
+    /// metrics). Runs between batches, so a batch sees one version of each plugin.
+    async fn apply_reloads(&mut self) {
+        let Some(rx) = self.reloads.as_mut() else {
+            return;
+        };
+        let mut pending = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            pending.push(r);
+        }
+        for r in pending {
+            let stages = self
+                .transforms
+                .iter_mut()
+                .chain(std::iter::once(&mut self.sink))
+                .filter(|s| s.path() == r.plugin.path);
+            for stage in stages {
+                let mut fresh = stage.with_plugin(r.plugin.clone());
+                match fresh.start().await {
+                    Ok(()) => {
+                        tracing::info!(plugin = %stage.name(), file = %r.plugin.path.display(), "plugin swapped at a batch boundary");
+                        *stage = fresh;
+                    }
+                    Err(e) => {
+                        tracing::error!(plugin = %stage.name(), error = %e, "the new plugin build did not start; the running version stays");
+                        stage.metrics().fail("reload", e.to_string());
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Sink for PluginChain {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.apply_reloads().await;
         let everything = |reason: &str| {
             Repr::Host(None)
                 .letters(

@@ -26,6 +26,7 @@
 pub mod bindings;
 pub mod chain;
 pub mod convert;
+pub mod reload;
 pub mod stage;
 pub mod state;
 

@@ -126,6 +126,19 @@ fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallErro
 }
 
 impl Stage {
+    /// The same stage (configuration, grants, limits, metrics) running another build of
+    /// its plugin; no instance until [`Stage::start`] or the first call.
+    pub fn with_plugin(&self, plugin: LoadedPlugin) -> Stage {
+        let mut spec = self.spec.clone();
+        spec.plugin = plugin;
+        Stage::new(spec, self.metrics.clone())
+    }
+
+    /// The file the stage's plugin came from.
+    pub fn path(&self) -> &std::path::Path {
+        &self.spec.plugin.path
+    }
+
     /// A stage; no instance is created until the first call.
     pub fn new(spec: StageSpec, metrics: Arc<PluginMetrics>) -> Self {
         Stage {
