@@ -528,3 +528,107 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
         T,
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_api_speaks_tls_when_given_a_certificate() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = support::ca_and_server(certs.path(), "control");
+    let pipe = Pipeline::new(
+        &pg.url(),
+        &["t"],
+        &format!(
+            "flush_interval_ms = 20\n\n[control]\ngrpc = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        false,
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let port = d
+        .log()
+        .split("addr=127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let ctl = |url: String, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+            .args(["ctl", "status", "--addr", &url])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ca = ca.display().to_string();
+    let out = ctl(format!("https://127.0.0.1:{port}"), &["--ca", &ca]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Streaming"),
+        "{out:?}"
+    );
+    // plain text and an untrusted certificate are refused
+    assert!(!ctl(format!("http://127.0.0.1:{port}"), &[])
+        .status
+        .success());
+    assert!(!ctl(format!("https://127.0.0.1:{port}"), &[])
+        .status
+        .success());
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_a_failing_sink_until_it_recovers() {
+    use dbmazz::control::proto;
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    // the receiver answers 503 four times, then 200
+    let rx = Receiver::start(&[503; 4]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = \"127.0.0.1:0\"\n\n\
+         [sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+        p.webhook.display().to_string(),
+        rx.url(),
+        rx.addr.to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let addr = d
+        .log()
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let mut c = proto::dbmazz_client::DbmazzClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    let start = std::time::Instant::now();
+    let mut saw_failing = false;
+    loop {
+        let h = c
+            .health(proto::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if !h.serving {
+            assert!(h.error_detail.contains("HTTP 503"), "{h:?}");
+            saw_failing = true;
+        } else if saw_failing {
+            break;
+        }
+        assert!(start.elapsed() < T, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rx.events().len(), 1, "delivered after the sink recovered");
+}

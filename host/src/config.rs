@@ -37,6 +37,7 @@
 //! metrics = "0.0.0.0:9187"          # optional: /metrics, /healthz, /readyz over HTTP
 //! grpc = "127.0.0.1:7070"           # optional: the control API (`dbmazz ctl`)
 //! token = "..."                     # optional: required as `authorization: Bearer ...`
+//! tls_cert = "server.crt"           # optional, with tls_key: the API speaks TLS
 //! ```
 //!
 //! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
@@ -93,6 +94,10 @@ pub struct ControlConfig {
     pub grpc: Option<String>,
     /// When set, every gRPC call must carry `authorization: Bearer <token>`. Never logged.
     pub token: Option<String>,
+    /// PEM certificate (chain) of the gRPC server; with `tls_key`, the API speaks TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -101,6 +106,8 @@ impl std::fmt::Debug for ControlConfig {
             .field("metrics", &self.metrics)
             .field("grpc", &self.grpc)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }
@@ -470,6 +477,12 @@ impl Config {
             resolve(&mut t.plugin);
         }
         if let Some(p) = &mut cfg.sink.plugin {
+            resolve(p);
+        }
+        for p in [&mut cfg.control.tls_cert, &mut cfg.control.tls_key]
+            .into_iter()
+            .flatten()
+        {
             resolve(p);
         }
         let missing: Vec<String> = cfg

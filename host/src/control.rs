@@ -87,6 +87,27 @@ impl Control {
         }
     }
 
+    /// Serving, or why not.
+    pub fn serving(&self) -> (bool, String) {
+        match self.stage() {
+            proto::Stage::Streaming | proto::Stage::Paused => {
+                match self.stats.sink_error.lock().ok().and_then(|e| e.clone()) {
+                    Some(e) => (
+                        false,
+                        format!("the sink is failing; retrying the batch: {e}"),
+                    ),
+                    None => (true, String::new()),
+                }
+            }
+            proto::Stage::Setup => (
+                false,
+                "setting up: the replication stream is not running yet".into(),
+            ),
+            proto::Stage::Draining => (false, "stopping: draining in-flight batches".into()),
+            other => (false, format!("{other:?}")),
+        }
+    }
+
     async fn server_wal_lsn(&self) -> Option<Lsn> {
         let guard = self.sql.lock().await;
         let client = guard.as_ref()?;
@@ -142,16 +163,7 @@ impl Dbmazz for Arc<Control> {
         &self,
         _: Request<proto::HealthRequest>,
     ) -> Result<Response<proto::HealthResponse>, Status> {
-        let stage = self.stage();
-        let (serving, detail) = match stage {
-            proto::Stage::Streaming | proto::Stage::Paused => (true, String::new()),
-            proto::Stage::Setup => (
-                false,
-                "setting up: the replication stream is not running yet".into(),
-            ),
-            proto::Stage::Draining => (false, "stopping: draining in-flight batches".into()),
-            other => (false, format!("{other:?}")),
-        };
+        let (serving, detail) = Control::serving(self);
         Ok(Response::new(proto::HealthResponse {
             serving,
             error_detail: detail,
@@ -317,14 +329,16 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-/// Serves the API on `addr` until the process ends; returns the bound address.
+/// Serves the API on `addr` until the process ends, over TLS when `tls` holds a PEM
+/// certificate and key; returns the bound address.
 ///
 /// # Errors
-/// The address cannot be bound.
+/// The address cannot be bound, or the certificate or key is not usable.
 pub async fn serve(
     addr: &str,
     control: Arc<Control>,
     token: Option<String>,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
 ) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -341,10 +355,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let serving = matches!(
-                    control.stage(),
-                    proto::Stage::Streaming | proto::Stage::Paused
-                );
+                let serving = control.serving().0;
                 if last != Some(serving) {
                     let status = if serving {
                         tonic_health::ServingStatus::Serving
@@ -361,8 +372,17 @@ pub async fn serve(
     }
     let auth = tonic::service::InterceptorLayer::new(BearerToken(token.map(Arc::from)));
     let incoming = tokio_stream_listener(listener);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = tls {
+        builder = builder
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .map_err(std::io::Error::other)?;
+    }
     tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .layer(auth)
             .add_service(health_service)
             .add_service(reflection)
@@ -400,13 +420,29 @@ pub enum CtlCommand {
     Reload,
 }
 
-/// Runs a `dbmazz ctl` command against `addr` (`http://host:port`); returns what to print.
+/// Runs a `dbmazz ctl` command against `addr` (`http://host:port`, or `https://` for a
+/// TLS API, trusting `ca` when given); returns what to print.
 ///
 /// # Errors
 /// The API cannot be reached, or refused the call (the gRPC status, e.g. UNAUTHENTICATED).
-pub async fn ctl(addr: &str, token: Option<&str>, cmd: CtlCommand) -> Result<String, String> {
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-        .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+pub async fn ctl(
+    addr: &str,
+    token: Option<&str>,
+    ca: Option<&std::path::Path>,
+    cmd: CtlCommand,
+) -> Result<String, String> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .map_err(|e| format!("invalid address {addr:?}: {e}"))?;
+    if addr.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = ca {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("cannot reach the control API at {addr}: {e}"))?;

@@ -50,6 +50,9 @@ enum Command {
         /// The `[control] token`, when set.
         #[arg(long, global = true, env = "DBMAZZ_CTL_TOKEN")]
         token: Option<String>,
+        /// PEM CA certificate to trust for an `https://` address.
+        #[arg(long, global = true, env = "DBMAZZ_CTL_CA")]
+        ca: Option<PathBuf>,
     },
     /// Run a pipeline until SIGINT or SIGTERM, then drain and exit.
     Run {
@@ -160,16 +163,19 @@ fn main() -> ExitCode {
                 command,
                 addr,
                 token,
-            } => match dbmazz::control::ctl(&addr, token.as_deref(), command).await {
-                Ok(text) => {
-                    println!("{}", text.trim_end());
-                    ExitCode::SUCCESS
+                ca,
+            } => {
+                match dbmazz::control::ctl(&addr, token.as_deref(), ca.as_deref(), command).await {
+                    Ok(text) => {
+                        println!("{}", text.trim_end());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("dbmazz ctl: {e}");
+                        ExitCode::FAILURE
+                    }
                 }
-                Err(e) => {
-                    eprintln!("dbmazz ctl: {e}");
-                    ExitCode::FAILURE
-                }
-            },
+            }
             Command::Check { config } => {
                 let mut out = std::io::stdout();
                 if dbmazz::check::check(&config, std::env::vars(), &mut out).await {

@@ -328,12 +328,27 @@ pub async fn run(
         reloader: Default::default(),
     });
     if let Some(addr) = &cfg.control.grpc {
-        let bound = crate::control::serve(addr, control.clone(), cfg.control.token.clone())
+        let tls = match (&cfg.control.tls_cert, &cfg.control.tls_key) {
+            (Some(c), Some(k)) => Some((
+                std::fs::read(c)
+                    .map_err(io(format!("cannot read control.tls_cert {}", c.display())))?,
+                std::fs::read(k)
+                    .map_err(io(format!("cannot read control.tls_key {}", k.display())))?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(RunError::Io {
+                    what: "control.tls_cert and control.tls_key go together".into(),
+                    source: std::io::Error::other("only one of them is set"),
+                })
+            }
+        };
+        let bound = crate::control::serve(addr, control.clone(), cfg.control.token.clone(), tls)
             .await
             .map_err(io(format!(
                 "cannot serve the control API on control.grpc = {addr:?}"
             )))?;
-        info!(addr = %bound, token = cfg.control.token.is_some(), "control API listening (gRPC)");
+        info!(addr = %bound, token = cfg.control.token.is_some(), tls = cfg.control.tls_cert.is_some(), "control API listening (gRPC)");
     }
     if let Some(addr) = &cfg.control.metrics {
         let bound = crate::metrics::serve(addr, stats.clone())

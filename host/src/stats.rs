@@ -61,6 +61,8 @@ pub struct Stats {
     pub batch_size: Histogram,
     /// The pipeline's plugin stages, for their metrics.
     pub plugins: Mutex<Vec<Arc<PluginMetrics>>>,
+    /// The sink's error while delivery retries a batch; cleared by the next ack.
+    pub sink_error: Mutex<Option<String>>,
 }
 
 impl Default for Stats {
@@ -82,6 +84,7 @@ impl Default for Stats {
             // 1, 4, 16, ... 262144 changes
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             plugins: Mutex::new(Vec::new()),
+            sink_error: Mutex::new(None),
         }
     }
 }
@@ -92,6 +95,9 @@ impl Stats {
         self.changes_delivered
             .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
         self.batches_delivered.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.sink_error.lock() {
+            *e = None;
+        }
         self.last_batch_id.store(batch.id, Ordering::Relaxed);
         self.batches
             .get_or_create(&ResultLabels { result: "acked" })
@@ -127,8 +133,11 @@ impl Stats {
         }
     }
 
-    /// Counts a batch the sink asked to retry.
-    pub fn record_retry(&self) {
+    /// Counts a batch the sink asked to retry, and remembers why (health).
+    pub fn record_retry(&self, error: &str) {
+        if let Ok(mut e) = self.sink_error.lock() {
+            *e = Some(error.to_string());
+        }
         self.batches
             .get_or_create(&ResultLabels { result: "retried" })
             .inc();

@@ -143,7 +143,7 @@ async fn deliver_one<S: Sink>(
         match sink.write(&batch).await {
             Ok(()) => break,
             Err(e) if e.retryable => {
-                stats.record_retry();
+                stats.record_retry(&e.to_string());
                 let wait = e.retry_after.map_or(jitter(backoff), |r| r.max(backoff));
                 warn!(batch = batch.id, error = %e, retry_in_ms = wait.as_millis() as u64, "sink write failed; retrying");
                 tokio::select! {
