@@ -325,6 +325,23 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // the Metrics call carries the Prometheus counters
+    let m = c
+        .metrics(proto::MetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let inserts = m
+        .metrics
+        .iter()
+        .find(|x| {
+            x.name == "dbmazz_changes_total"
+                && x.labels.get("table").map(String::as_str) == Some("public.t")
+                && x.labels.get("op").map(String::as_str) == Some("insert")
+        })
+        .unwrap_or_else(|| panic!("{m:?}"));
+    assert_eq!(inserts.value, 30.0);
+
     // the standard health service (grpc_health_probe, Kubernetes probes)
     let mut health = tonic_health::pb::health_client::HealthClient::with_interceptor(
         channel.clone(),
@@ -435,7 +452,7 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
         std::fs::rename(&tmp, &file).unwrap();
     };
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.t2\"] }}\n\n\
+        "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = \"127.0.0.1:0\"\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.t2\"] }}\n\n\
          [sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
         file.display().to_string(),
         p.webhook.display().to_string(),
@@ -509,9 +526,32 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
     );
     assert!(first > 1);
 
-    // a corrupt file is refused; the running version stays
+    // a corrupt file is refused; the running version stays, and Status says why
     replace_with(b"\0asm this is not a plugin");
     d.wait_log("plugin file refused; the running version stays", T);
+    let addr = d
+        .log()
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let mut c =
+        dbmazz::control::proto::dbmazz_client::DbmazzClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+    let st = c
+        .status(dbmazz::control::proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let filter = st.plugins.iter().find(|p| p.name == "filter").unwrap();
+    assert_eq!(
+        (filter.world.as_str(), filter.version.as_str()),
+        ("transform", "0.1.0")
+    );
+    assert!(filter.calls > 0 && filter.loaded_at_ms > 0, "{filter:?}");
+    assert!(!filter.last_error.is_empty(), "{filter:?}");
     db.batch_execute("INSERT INTO t2 VALUES (1000, 'still kept')")
         .await
         .unwrap();
