@@ -38,18 +38,47 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
-    /// Opens (creating) `path` for appending.
+    /// Opens (creating) `path` for appending. A torn last line (the process died while
+    /// writing a batch, which was therefore never acknowledged and is replayed) is cut
+    /// off first, so the replay does not append to half a line.
     ///
     /// # Errors
-    /// I/O errors opening the file.
+    /// I/O errors opening or repairing the file.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let keep = complete_len(&file, len)?;
+        if keep < len {
+            file.set_len(keep)?;
+            file.sync_data()?;
+        }
         Ok(JsonlSink {
             path: path.to_path_buf(),
             file,
             buf: Vec::with_capacity(1 << 20),
         })
     }
+}
+
+/// The length of `file` up to and including its last newline (0 when it has none).
+fn complete_len(file: &File, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = memchr::memrchr(b'\n', chunk) {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// Renders a decoded value as JSON (see the module docs for the mapping).
@@ -229,5 +258,25 @@ impl Sink for JsonlSink {
             written
         })
         .map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod torn_tail_tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.jsonl");
+        std::fs::write(&p, b"{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
+        drop(JsonlSink::open(&p).unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
+        std::fs::write(&p, b"no newline at all").unwrap();
+        drop(JsonlSink::open(&p).unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"");
+        std::fs::write(&p, b"{}\n").unwrap();
+        drop(JsonlSink::open(&p).unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}\n");
     }
 }
