@@ -30,6 +30,29 @@ fn get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The address a `dbmazz` configured with port 0 logged (`addr=host:port`).
+fn logged_addr(d: &support::Dbmazz) -> String {
+    d.log()
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the bound address is logged")
+        .to_string()
+}
+
+/// A PostgreSQL with tables `t1` and `t2` (id int primary key, v text).
+async fn two_tables() -> (Pg, tokio_postgres::Client) {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE t1 (id int PRIMARY KEY, v text);
+         CREATE TABLE t2 (id int PRIMARY KEY, v text);",
+    )
+    .await
+    .unwrap();
+    (pg, db)
+}
+
 fn scrape(addr: &str) -> Scrape {
     let (status, body) = get(addr, "/metrics");
     assert_eq!(status, 200, "{body}");
@@ -55,14 +78,7 @@ fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_the_committed_changes_and_health_answers() {
     let p = plugins();
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(
-        "CREATE TABLE t1 (id int PRIMARY KEY, v text);
-         CREATE TABLE t2 (id int PRIMARY KEY, v text);",
-    )
-    .await
-    .unwrap();
+    let (pg, db) = two_tables().await;
     let toml = format!(
         "[pipeline]\nflush_interval_ms = 20\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
          [[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.t2\"] }}\n\n\
@@ -73,13 +89,7 @@ async fn metrics_count_the_committed_changes_and_health_answers() {
     let pipe = Pipeline::with_toml(&pg.url(), &["t1", "t2"], &toml);
     let d = pipe.spawn();
     d.wait_log("metrics endpoint listening", T);
-    let log = d.log();
-    let addr = log
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("the bound address is logged")
-        .to_string();
+    let addr = logged_addr(&d);
     assert_eq!(get(&addr, "/healthz").0, 200);
     d.wait_log("streaming", T);
     eventually(T, "ready", || d.log(), || get(&addr, "/readyz").0 == 200);
@@ -196,13 +206,7 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
     );
     let mut d = pipe.spawn();
     d.wait_log("control API listening", T);
-    let addr = d
-        .log()
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let addr = logged_addr(&d);
     let url = format!("http://{addr}");
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .unwrap()
@@ -433,14 +437,7 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_is_refused() {
     let p = plugins();
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute(
-        "CREATE TABLE t1 (id int PRIMARY KEY, v text);
-         CREATE TABLE t2 (id int PRIMARY KEY, v text);",
-    )
-    .await
-    .unwrap();
+    let (pg, db) = two_tables().await;
     let rx = Receiver::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("filter.wasm");
@@ -529,13 +526,7 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
     // a corrupt file is refused; the running version stays, and Status says why
     replace_with(b"\0asm this is not a plugin");
     d.wait_log("plugin file refused; the running version stays", T);
-    let addr = d
-        .log()
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let addr = logged_addr(&d);
     let mut c =
         dbmazz::control::proto::dbmazz_client::DbmazzClient::connect(format!("http://{addr}"))
             .await
@@ -642,13 +633,7 @@ async fn health_reports_a_failing_sink_until_it_recovers() {
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
     let d = pipe.spawn();
     d.wait_log("streaming", T);
-    let addr = d
-        .log()
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let addr = logged_addr(&d);
     let mut c = proto::dbmazz_client::DbmazzClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
