@@ -347,25 +347,22 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
     assert_eq!(inserts.value, 30.0);
 
     // the standard health service (grpc_health_probe, Kubernetes probes)
-    let mut health = tonic_health::pb::health_client::HealthClient::with_interceptor(
-        channel.clone(),
-        |mut req: tonic::Request<()>| {
-            req.metadata_mut()
-                .insert("authorization", "Bearer s3cret".parse().unwrap());
-            Ok(req)
-        },
-    );
-    let h = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        h.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    // (probes send no headers: no token needed; "" is liveness, the service readiness)
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "dbmazz.v1.Dbmazz"] {
+        let h = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            h.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
 
     // reflection lists the services (what `grpcurl list` shows)
     use tonic_reflection::pb::v1::{

@@ -1,9 +1,10 @@
 //! The control API over gRPC (`proto/dbmazz.proto`, package `dbmazz.v1`), served on
 //! `[control] grpc = "host:port"` with the standard `grpc.health.v1.Health` service
-//! (`tonic-health`, for `grpc_health_probe` and Kubernetes gRPC probes) and server
-//! reflection (`grpcurl list`). With `[control] token`, every call must carry
+//! (`tonic-health`, for `grpc_health_probe` and Kubernetes gRPC probes: service `""` is
+//! liveness, `"dbmazz.v1.Dbmazz"` readiness) and server reflection (`grpcurl list`). With
+//! `[control] token`, every call to `dbmazz.v1` and reflection must carry
 //! `authorization: Bearer <token>` (compared in constant time) or is refused with
-//! UNAUTHENTICATED.
+//! UNAUTHENTICATED; the standard health service stays open, as probes send no headers.
 //!
 //! [`Control`] is what the API reads and commands: the pipeline's [`Stats`], a pause
 //! switch the reader obeys, a stop switch, and an SQL connection for the server's WAL
@@ -349,7 +350,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
-    // The standard health service follows the pipeline: NOT_SERVING until streaming.
+    // The standard health service: "" is liveness (SERVING while the process answers);
+    // "dbmazz.v1.Dbmazz" is readiness and follows the pipeline (NOT_SERVING while setting
+    // up, draining, or while the sink fails). Probes cannot send headers, so this service
+    // needs no token.
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     {
         let (health, control) = (health.clone(), control.clone());
         tokio::spawn(async move {
@@ -362,7 +369,6 @@ pub async fn serve(
                     } else {
                         tonic_health::ServingStatus::NotServing
                     };
-                    health.set_service_status("", status).await;
                     health.set_service_status("dbmazz.v1.Dbmazz", status).await;
                     last = Some(serving);
                 }
@@ -370,7 +376,7 @@ pub async fn serve(
             }
         });
     }
-    let auth = tonic::service::InterceptorLayer::new(BearerToken(token.map(Arc::from)));
+    let auth = BearerToken(token.filter(|t| !t.is_empty()).map(Arc::from));
     let incoming = tokio_stream_listener(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = tls {
@@ -383,10 +389,12 @@ pub async fn serve(
     }
     tokio::spawn(async move {
         let result = builder
-            .layer(auth)
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(DbmazzServer::new(control))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection,
+                auth.clone(),
+            ))
+            .add_service(DbmazzServer::with_interceptor(control, auth))
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = result {

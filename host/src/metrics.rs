@@ -144,6 +144,7 @@ impl Collector for PipelineCollector {
                     "memory",
                     "output_too_large",
                     "init",
+                    "reload",
                     "retryable",
                     "fatal",
                     "dead_letter",

@@ -41,6 +41,8 @@ pub struct PluginChain {
     /// First retry delay after a trap (doubles).
     pub retry_backoff: Duration,
     reloads: Option<tokio::sync::mpsc::UnboundedReceiver<super::reload::Reload>>,
+    /// The batch last written: its retries must see the same plugin versions.
+    current: Option<u64>,
 }
 
 impl std::fmt::Debug for PluginChain {
@@ -211,6 +213,7 @@ impl PluginChain {
             max_attempts: 3,
             retry_backoff: Duration::from_millis(100),
             reloads: None,
+            current: None,
         }
     }
 
@@ -406,7 +409,12 @@ impl PluginChain {
 
 impl Sink for PluginChain {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        self.apply_reloads().await;
+        // Swap only before a new batch: a retried batch (same id) sees the versions its
+        // first attempt saw, so a sink's idempotency keys stay the same.
+        if self.current != Some(batch.id) {
+            self.apply_reloads().await;
+            self.current = Some(batch.id);
+        }
         let everything = |reason: &str| {
             Repr::Host(None)
                 .letters(

@@ -162,7 +162,8 @@ pub type PluginReported = (Vec<(String, u64)>, Vec<(String, f64)>);
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ErrorKind {
     /// `trap`, `timeout`, `memory`, `output_too_large`, `init` (the host contained the
-    /// plugin), or `retryable`, `fatal`, `dead_letter`, `error` (the plugin said so).
+    /// plugin), `reload` (a new build was refused), or `retryable`, `fatal`,
+    /// `dead_letter`, `error` (the plugin said so).
     pub kind: &'static str,
 }
 

@@ -112,11 +112,13 @@ pub fn spawn(
                 if seen.get(&path) == Some(&now) {
                     continue;
                 }
-                seen.insert(path.clone(), now);
                 let (h, p) = (host.clone(), path.clone());
                 let loaded = tokio::task::spawn_blocking(move || h.load(&p, world)).await;
                 match loaded {
                     Ok(Ok(plugin)) => {
+                        // Remembered only once loaded: a failure is tried again on the
+                        // next change or ReloadPlugins.
+                        seen.insert(path.clone(), now);
                         tracing::info!(plugin = %plugin.name, file = %path.display(), "new plugin build validated; swapping at the next batch");
                         on_loaded(&plugin);
                         if tx.send(Reload { plugin }).is_err() {
