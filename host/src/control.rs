@@ -183,12 +183,7 @@ impl Dbmazz for Arc<Control> {
             .await
             .unwrap_or(Lsn(s.server_wal_end.load(Ordering::Relaxed)));
         let lag_bytes = server.0.saturating_sub(confirmed.0);
-        let acked = s.acked_commit_time_us.load(Ordering::Relaxed);
-        let lag_seconds = if lag_bytes == 0 || acked == 0 {
-            0.0
-        } else {
-            (crate::metrics::now_us() - acked).max(0) as f64 / 1e6
-        };
+        let lag_seconds = s.lag_seconds(lag_bytes, crate::metrics::now_us());
         let metrics = s.plugins.lock().map(|p| p.clone()).unwrap_or_default();
         let plugins = self
             .plugins

@@ -103,12 +103,7 @@ impl Collector for PipelineCollector {
             "server WAL end minus the confirmed LSN",
             lag_bytes as f64,
         )?;
-        let acked = s.acked_commit_time_us.load(Ordering::Relaxed);
-        let lag_seconds = if lag_bytes == 0 || acked == 0 {
-            0.0
-        } else {
-            (now_us() - acked).max(0) as f64 / 1e6
-        };
+        let lag_seconds = s.lag_seconds(lag_bytes, now_us());
         gauge(
             &mut e,
             "dbmazz_replication_lag_seconds",

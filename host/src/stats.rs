@@ -133,6 +133,17 @@ impl Stats {
         }
     }
 
+    /// Seconds from the commit of the last acknowledged change to `now_us` (µs since the
+    /// Unix epoch); 0 when nothing is behind (`lag_bytes` 0) or nothing was acknowledged.
+    pub fn lag_seconds(&self, lag_bytes: u64, now_us: i64) -> f64 {
+        let acked = self.acked_commit_time_us.load(Ordering::Relaxed);
+        if lag_bytes == 0 || acked == 0 {
+            0.0
+        } else {
+            (now_us - acked).max(0) as f64 / 1e6
+        }
+    }
+
     /// Counts a batch the sink asked to retry, and remembers why (health).
     pub fn record_retry(&self, error: &str) {
         if let Ok(mut e) = self.sink_error.lock() {

@@ -87,7 +87,6 @@ pub struct Load {
     pub columns: String,
     /// `partial_update: true`.
     pub partial: bool,
-    relation: u32,
     mask: Vec<bool>,
     /// The rows' JSON objects, back to back.
     json: Vec<u8>,
@@ -327,16 +326,19 @@ impl<'s> Planner<'s> {
                     label: String::new(),
                     columns: names.join(","),
                     partial,
-                    relation: row.relation.id,
                     mask: mask.clone(),
                     json: Vec::new(),
                     rows: Vec::new(),
                 });
-                self.loads.len() - 1
+                let i = self.loads.len() - 1;
+                // a joined load is already the latest of its shape
+                self.by_shape.insert(shape_key, i);
+                i
             }
         };
-        self.by_shape.insert(shape_key, i);
-        self.key_last.insert(key, i);
+        if floor != Some(i) {
+            self.key_last.insert(key, i);
+        }
         let load = &mut self.loads[i];
         let json = RowJson {
             row,
@@ -350,7 +352,6 @@ impl<'s> Planner<'s> {
             .map_err(|e| format!("change {}: {e}", row.index))?;
         let end = load.json.len();
         load.rows.push((row.index, start..end));
-        debug_assert_eq!(load.relation, row.relation.id);
         Ok(())
     }
 
