@@ -220,6 +220,16 @@ impl Dbmazz for Arc<Control> {
             plugins,
             dead_letters: s.dead_letters.load(Ordering::Relaxed),
             error: String::new(),
+            commit_to_ack: s.commit_to_ack.lock().ok().map(|l| {
+                let ms = |us: u64| us as f64 / 1e3;
+                proto::Latency {
+                    count: l.count(),
+                    p50_ms: ms(l.quantile_us(0.5)),
+                    p99_ms: ms(l.quantile_us(0.99)),
+                    p999_ms: ms(l.quantile_us(0.999)),
+                    max_ms: ms(l.max_us()),
+                }
+            }),
         }))
     }
 
@@ -486,6 +496,12 @@ pub async fn ctl(
                 s.last_batch_id,
                 s.dead_letters
             );
+            if let Some(l) = s.commit_to_ack.filter(|l| l.count > 0) {
+                out.push_str(&format!(
+                    "commit→ack    p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} transactions)\n",
+                    l.p50_ms, l.p99_ms, l.max_ms, l.count
+                ));
+            }
             for p in s.plugins {
                 out.push_str(&format!(
                     "plugin        {} ({} {}, {}): {} calls, {} errors{}\n",

@@ -15,6 +15,7 @@
 //! | `dbmazz_messages_received_total` | counter | pgoutput messages received |
 //! | `dbmazz_replication_lag_bytes` | gauge | server WAL end minus the confirmed LSN |
 //! | `dbmazz_replication_lag_seconds` | gauge | now minus the commit time of the last acknowledged change; 0 when caught up |
+//! | `dbmazz_commit_to_ack_seconds` | histogram | from each transaction's commit (the Commit message's timestamp) to the sink's ack |
 //! | `dbmazz_checkpoint_lsn` | gauge | the durable, confirmed LSN |
 //! | `dbmazz_dead_letters_total` | counter | changes sent to the dead-letter store |
 //! | `dbmazz_plugin_call_duration_seconds{plugin}` | histogram | each call into a plugin |
@@ -34,6 +35,11 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::stats::Stats;
+
+/// Upper bounds of `dbmazz_commit_to_ack_seconds`' buckets, seconds.
+const COMMIT_TO_ACK_BUCKETS_S: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
 
 /// Reads the pipeline's atomics and the plugins' metrics at scrape time.
 #[derive(Debug)]
@@ -110,6 +116,28 @@ impl Collector for PipelineCollector {
             "now minus the commit time of the last acknowledged change (0 when caught up)",
             lag_seconds,
         )?;
+        if let Ok(latency) = s.commit_to_ack.lock() {
+            let mut buckets = Vec::with_capacity(COMMIT_TO_ACK_BUCKETS_S.len() + 1);
+            let mut below = 0;
+            for le in COMMIT_TO_ACK_BUCKETS_S {
+                let n = latency.count_le((le * 1e6) as u64);
+                buckets.push((le, n - below));
+                below = n;
+            }
+            buckets.push((f64::INFINITY, latency.count() - below));
+            let mut m = e.encode_descriptor(
+                "dbmazz_commit_to_ack_seconds",
+                "commit time of each acknowledged transaction to the sink's ack",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                latency.sum_us() as f64 / 1e6,
+                latency.count(),
+                &buckets,
+                None,
+            )?;
+        }
         let plugins = s.plugins.lock().map(|p| p.clone()).unwrap_or_default();
         {
             let mut m = e.encode_descriptor(

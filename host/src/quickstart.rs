@@ -13,20 +13,18 @@
 //! printed at the end.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::localpg::LocalPostgres;
 use crate::stats::Stats;
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Where the quickstart's pipeline delivers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -48,100 +46,6 @@ pub struct Options {
     pub rate: u32,
     /// Directory holding `transform_filter.wasm` and the sink's `.wasm`.
     pub plugins: PathBuf,
-}
-
-extern "C" {
-    fn geteuid() -> u32;
-}
-
-/// Root may not run the PostgreSQL server: then its tools run as `postgres`.
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { geteuid() == 0 }
-}
-
-fn pg(tool: &str) -> Command {
-    let path = format!("{PG_BIN}/{tool}");
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", &path]);
-        c
-    } else {
-        Command::new(path)
-    }
-}
-
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = pg("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "fast", "stop"])
-            .output();
-    }
-}
-
-fn start_cluster(dir: &Path) -> anyhow::Result<Cluster> {
-    if !Path::new(PG_BIN).join("initdb").exists() {
-        bail!("PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install postgresql-15");
-    }
-    if is_root() {
-        Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(dir)
-            .status()
-            .context("chown the temporary directory to postgres")?;
-    }
-    let out = pg("initdb")
-        .args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "-D",
-        ])
-        .arg(dir.join("data"))
-        .output()
-        .context("initdb")?;
-    if !out.status.success() {
-        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let conf = format!(
-        "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\nfsync = off\n",
-        dir.display()
-    );
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(dir.join("data/postgresql.conf"))?;
-    std::io::Write::write_all(&mut f, conf.as_bytes())?;
-    let out = pg("pg_ctl")
-        .args(["-w", "-D"])
-        .arg(dir.join("data"))
-        .arg("-l")
-        .arg(dir.join("postgres.log"))
-        .arg("start")
-        .output()
-        .context("pg_ctl")?;
-    if !out.status.success() {
-        bail!(
-            "PostgreSQL did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(Cluster {
-        dir: dir.to_path_buf(),
-        port,
-    })
 }
 
 async fn receiver(bar: ProgressBar, events: Arc<AtomicU64>) -> anyhow::Result<SocketAddr> {
@@ -254,11 +158,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("dbmazz-quickstart-")
         .tempdir()?;
-    let cluster = start_cluster(work.path())?;
-    let url = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        cluster.port
-    );
+    let cluster = LocalPostgres::start(work.path(), "")?;
+    let url = cluster.url("postgres");
     let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     db.batch_execute(
@@ -343,7 +244,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bar.suspend(|| {
         println!(
             "PostgreSQL 15 on 127.0.0.1:{} (throwaway); {where_to}",
-            cluster.port
+            cluster.port()
         )
     });
     bar.suspend(|| {

@@ -218,6 +218,11 @@ impl Reader {
                 .then(|| self.last_watermark + self.watermark_every);
             let far = Instant::now() + Duration::from_secs(3600);
             let paused = *self.paused.borrow_and_update();
+            // Nothing more to read right now (the frame branch below was not ready),
+            // delivery has taken everything handed to it, and the open batch ends at a
+            // commit: hand it on now (see `Batcher::cut_at_commit`).
+            let cut_now =
+                self.batcher.can_cut_at_commit() && self.tx.capacity() == self.tx.max_capacity();
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => return Ok(()),
@@ -233,6 +238,7 @@ impl Reader {
                 _ = tokio::time::sleep_until(batch_deadline.map_or(far, Instant::from_std)), if batch_deadline.is_some() => Wake::BatchDue,
                 _ = tokio::time::sleep_until(watermark_due.unwrap_or(far)), if watermark_due.is_some() => Wake::WatermarkDue,
                 frame = self.reader.next(), if !paused => Wake::Frame(frame?),
+                () = std::future::ready(()), if cut_now => Wake::CaughtUp,
             };
             match wake {
                 Wake::Status => self.send_status().await?,
@@ -248,6 +254,11 @@ impl Reader {
                     }
                 }
                 Wake::Frame(frame) => self.on_frame(frame).await?,
+                Wake::CaughtUp => {
+                    if let Some(batch) = self.batcher.cut_at_commit() {
+                        self.hand(Delivery::Batch(batch)).await?;
+                    }
+                }
             }
         }
     }
@@ -287,6 +298,8 @@ enum Wake {
     BatchDue,
     WatermarkDue,
     Frame(Frame),
+    /// Caught up with the server while delivery is idle.
+    CaughtUp,
 }
 
 /// Runs the pipeline described by `cfg` until `shutdown` turns true, then drains:

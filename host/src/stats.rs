@@ -63,6 +63,65 @@ pub struct Stats {
     pub plugins: Mutex<Vec<Arc<PluginMetrics>>>,
     /// The sink's error while delivery retries a batch; cleared by the next ack.
     pub sink_error: Mutex<Option<String>>,
+    /// Commit-to-ack latency of every acknowledged transaction since start.
+    pub commit_to_ack: Mutex<Latency>,
+}
+
+/// Latencies in µs: an HDR histogram (2 significant digits, 1 µs to 1 hour; longer
+/// values are clamped to an hour) and their exact sum.
+#[derive(Debug)]
+pub struct Latency {
+    hist: hdrhistogram::Histogram<u64>,
+    sum_us: u64,
+}
+
+/// The upper bound of [`Latency`]: one hour, µs.
+const LATENCY_MAX_US: u64 = 3_600_000_000;
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            // Bounds are valid constants: 1 ≤ low, high ≥ 2 × low, sigfig ≤ 5.
+            hist: hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MAX_US, 2)
+                .expect("valid histogram bounds"),
+            sum_us: 0,
+        }
+    }
+}
+
+impl Latency {
+    /// Records one latency, µs (clamped to 1 µs ..= 1 hour).
+    pub fn record(&mut self, us: u64) {
+        let us = us.clamp(1, LATENCY_MAX_US);
+        self.sum_us += us;
+        // Cannot fail: the value is within the histogram's bounds.
+        let _ = self.hist.record(us);
+    }
+
+    /// Number of recorded latencies.
+    pub fn count(&self) -> u64 {
+        self.hist.len()
+    }
+
+    /// Sum of the recorded latencies, µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us
+    }
+
+    /// The latency at quantile `q` (0.0..=1.0), µs; 0 when empty.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        self.hist.value_at_quantile(q)
+    }
+
+    /// The largest recorded latency, µs (within the histogram's 1% precision).
+    pub fn max_us(&self) -> u64 {
+        self.hist.max()
+    }
+
+    /// How many latencies were ≤ `us`, for cumulative (Prometheus) buckets.
+    pub fn count_le(&self, us: u64) -> u64 {
+        self.hist.count_between(0, us.min(LATENCY_MAX_US))
+    }
 }
 
 impl Default for Stats {
@@ -85,13 +144,17 @@ impl Default for Stats {
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             plugins: Mutex::new(Vec::new()),
             sink_error: Mutex::new(None),
+            commit_to_ack: Mutex::new(Latency::default()),
         }
     }
 }
 
 impl Stats {
-    /// Counts an acknowledged batch.
+    /// Counts an acknowledged batch, and the commit-to-ack latency of each of its
+    /// transactions (now minus the Commit message's timestamp; PostgreSQL's clock and
+    /// ours are the same machine's, or NTP-close).
     pub fn record_batch(&self, batch: &Batch) {
+        let now = crate::metrics::now_us();
         self.changes_delivered
             .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
         self.batches_delivered.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +193,16 @@ impl Stats {
         if let Some(last) = batch.changes.last() {
             self.acked_commit_time_us
                 .store(last.commit_time_us, Ordering::Relaxed);
+        }
+        if let Ok(mut latency) = self.commit_to_ack.lock() {
+            // One transaction = a run of changes with one commit time.
+            let mut previous = None;
+            for c in &batch.changes {
+                if previous != Some(c.commit_time_us) {
+                    previous = Some(c.commit_time_us);
+                    latency.record(now.saturating_sub(c.commit_time_us).max(0) as u64);
+                }
+            }
         }
     }
 

@@ -56,6 +56,8 @@ pub struct Batcher {
     confirmed_lsn: Lsn,
     acked_through: Option<Position>,
     skipping_txn: bool,
+    /// Between a Begin and its Commit.
+    in_txn: bool,
     pending_schema: Vec<SchemaChange>,
     open: Option<Open>,
     pending_watermark: Option<Lsn>,
@@ -75,6 +77,7 @@ impl Batcher {
             confirmed_lsn: resume.confirmed_lsn,
             acked_through: resume.acked_through,
             skipping_txn: false,
+            in_txn: false,
             pending_schema: Vec::new(),
             open: None,
             pending_watermark: None,
@@ -105,9 +108,11 @@ impl Batcher {
         match event {
             Event::Begin { commit_lsn, .. } => {
                 self.skipping_txn = commit_lsn < self.confirmed_lsn;
+                self.in_txn = true;
                 None
             }
             Event::Commit { end_lsn, .. } => {
+                self.in_txn = false;
                 if std::mem::take(&mut self.skipping_txn) || end_lsn <= self.confirmed_lsn {
                     return None;
                 }
@@ -217,6 +222,25 @@ impl Batcher {
             Some(d) if now >= d => self.cut(),
             _ => None,
         }
+    }
+
+    /// Cuts the open batch early if it ends at a commit (no transaction is half in it),
+    /// and no stored batch is being rebuilt (their cuts are fixed).
+    ///
+    /// The reader calls this when it has read everything the server sent so far and
+    /// delivery waits for work: a quiet stream's changes then go out at once instead of
+    /// after `flush_interval`, while a busy one still fills batches (delivery is not idle,
+    /// or more data is already there). Group commit, in effect.
+    pub fn cut_at_commit(&mut self) -> Option<Batch> {
+        if self.in_txn || self.replaying() {
+            return None;
+        }
+        self.cut()
+    }
+
+    /// True when [`Batcher::cut_at_commit`] would cut.
+    pub fn can_cut_at_commit(&self) -> bool {
+        !self.in_txn && !self.replaying() && self.open.is_some()
     }
 
     /// Cuts the open batch now, whatever its size (used when draining). While stored
@@ -553,5 +577,40 @@ mod tests {
         b.idle_position(Lsn(90));
         assert_eq!(b.take_watermark(), Some(Lsn(90)));
         assert_eq!(b.take_watermark(), None);
+    }
+
+    #[test]
+    fn cut_at_commit_waits_for_the_commit_and_not_for_the_interval() {
+        let mut b = Batcher::new(100, Duration::from_secs(3600), Resume::default());
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        let mut out = Vec::new();
+        for m in [
+            encode::begin(Lsn(50), 0, 1),
+            encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]),
+            encode::insert(None, 1, &[Val::Text("1")]),
+            encode::insert(None, 1, &[Val::Text("2")]),
+        ] {
+            a.handle(Lsn(1), Bytes::from(m), &mut out).unwrap();
+        }
+        for e in out.drain(..) {
+            assert!(b.push(e).is_none());
+        }
+        assert!(!b.can_cut_at_commit(), "inside a transaction");
+        assert!(b.cut_at_commit().is_none());
+        a.handle(
+            Lsn(1),
+            Bytes::from(encode::commit(Lsn(50), Lsn(60), 0)),
+            &mut out,
+        )
+        .unwrap();
+        for e in out.drain(..) {
+            assert!(b.push(e).is_none());
+        }
+        assert!(b.can_cut_at_commit());
+        let batch = b.cut_at_commit().unwrap();
+        assert_eq!(batch.changes.len(), 2);
+        assert_eq!(batch.watermark, Some(Lsn(60)));
+        assert!(!b.can_cut_at_commit(), "nothing open");
     }
 }

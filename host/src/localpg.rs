@@ -1,0 +1,142 @@
+//! A throwaway PostgreSQL 15 cluster for `dbmazz quickstart` and the benchmark.
+//!
+//! `initdb` into a directory the caller owns (usually a temporary one), a free port on
+//! 127.0.0.1, `wal_level = logical`, trust authentication for the superuser `postgres`,
+//! then `pg_ctl start`. Root may not run the server: as root, the tools run as the
+//! `postgres` user (`runuser`) and the directory is handed to it. The server stops when
+//! the [`LocalPostgres`] is dropped.
+//!
+//! Not for production: no password, fsync off (see [`LocalPostgres::start`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// Where Debian's `postgresql-15` package installs the server binaries.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// Root may not run the PostgreSQL server: then its tools run as `postgres`.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+/// A command running PostgreSQL tool `tool` from [`PG_BIN`] (as `postgres` when root).
+pub fn pg_tool(tool: &str) -> Command {
+    let path = format!("{PG_BIN}/{tool}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+/// A running throwaway cluster; stopped (`pg_ctl stop -m fast`) on drop.
+#[derive(Debug)]
+pub struct LocalPostgres {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl LocalPostgres {
+    /// Creates and starts a cluster in `dir/data` (log in `dir/postgres.log`).
+    ///
+    /// Settings: `wal_level = logical`, `fsync = off` (a throwaway cluster), then
+    /// `extra_conf` (lines of `postgresql.conf`; later lines win).
+    ///
+    /// Errors: the server binaries are missing (names the package to install), `initdb`
+    /// or `pg_ctl start` fails (with their output).
+    pub fn start(dir: &Path, extra_conf: &str) -> anyhow::Result<LocalPostgres> {
+        if !Path::new(PG_BIN).join("initdb").exists() {
+            bail!("PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install postgresql-15");
+        }
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(dir)
+                .status()
+                .context("chown the cluster directory to postgres")?;
+        }
+        let out = pg_tool("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-D",
+            ])
+            .arg(dir.join("data"))
+            .output()
+            .context("initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let conf = format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\nfsync = off\n{extra_conf}\n",
+            dir.display()
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("data/postgresql.conf"))?;
+        std::io::Write::write_all(&mut f, conf.as_bytes())?;
+        let out = pg_tool("pg_ctl")
+            .args(["-w", "-D"])
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("postgres.log"))
+            .arg("start")
+            .output()
+            .context("pg_ctl")?;
+        if !out.status.success() {
+            bail!(
+                "PostgreSQL did not start: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
+            );
+        }
+        Ok(LocalPostgres {
+            dir: dir.to_path_buf(),
+            port,
+        })
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A libpq URL for the superuser `postgres` (trust, no TLS) and `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// The server log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        let _ = pg_tool("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "stop"])
+            .output();
+    }
+}
