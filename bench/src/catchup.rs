@@ -1,0 +1,328 @@
+//! Catch-up: the WAL of a workload is generated into one slot per consumer, then each
+//! consumer drains its slot in turn, timed to its last acknowledged change.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dbmazz::localpg::PG_BIN;
+
+use crate::process::{write_config, Dbmazz, RunConfig};
+use crate::report::{CatchUp, Consumer};
+use crate::workload::Workload;
+use crate::{proc, receiver, Env, MB};
+
+/// Generates `w`'s WAL into one slot per consumer, then lets each consumer catch up.
+pub async fn run(env: &Env, w: &Workload, consumers: &[Consumer]) -> anyhow::Result<Vec<CatchUp>> {
+    let db = &env.db;
+    for sql in &w.setup {
+        db.batch_execute(sql)
+            .await
+            .with_context(|| format!("{}: {sql}", w.name))?;
+    }
+    let publication = format!("bench_{}", w.table);
+    db.batch_execute(&format!(
+        "CREATE PUBLICATION {publication} FOR TABLE public.{}",
+        w.table
+    ))
+    .await?;
+    let slot = |c: Consumer| format!("{}_{}", w.table, c.slot_suffix());
+    for &c in consumers {
+        db.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot(c)],
+        )
+        .await?;
+    }
+    eprintln!("bench: {}: generating ({})", w.name, w.description);
+    let started = Instant::now();
+    for sql in &w.generate {
+        db.batch_execute(sql)
+            .await
+            .with_context(|| format!("{}: {sql}", w.name))?;
+    }
+    let end_lsn: String = db
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    // Every consumer starts from the same state: WAL flushed (what a walsender may
+    // send), dirty buffers written, the kernel's writeback of the generated data done.
+    db.batch_execute("SELECT pg_switch_wal(); CHECKPOINT")
+        .await?;
+    Command::new("sync").status().ok();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!(
+        "bench: {}: generated {} changes in {:.1} s",
+        w.name,
+        w.changes,
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut rows: Vec<CatchUp> = Vec::new();
+    let mut pgoutput_bytes = None;
+    for &c in consumers {
+        let m = match c {
+            Consumer::Ceiling | Consumer::CeilingLast => {
+                ceiling(env, &slot(c), &publication, &end_lsn).await?
+            }
+            _ => {
+                let m = dbmazz_catch_up(env, w, c, &slot(c), &publication).await?;
+                pgoutput_bytes.get_or_insert(m.bytes);
+                m
+            }
+        };
+        eprintln!(
+            "bench: {}: {}: {:.2} s, {:.0} changes/s",
+            w.name,
+            c.label(),
+            m.seconds,
+            w.changes as f64 / m.seconds
+        );
+        rows.push(CatchUp {
+            workload: w.name,
+            consumer: c,
+            changes: w.changes,
+            seconds: m.seconds,
+            changes_per_s: w.changes as f64 / m.seconds,
+            mb_per_s: 0.0,
+            ratio_to_ceiling: None,
+            cpu_s_per_million: m.cpu_s * 1e6 / w.changes as f64,
+            walsender_cpu_s_per_million: m.walsender_cpu_s.map(|s| s * 1e6 / w.changes as f64),
+            peak_rss_mb: m.peak_rss_bytes as f64 / MB,
+        });
+        db.execute("SELECT pg_drop_replication_slot($1)", &[&slot(c)])
+            .await
+            .ok();
+    }
+    // The faster of the two pg_recvlogical runs.
+    let ceiling = rows
+        .iter()
+        .filter(|r| matches!(r.consumer, Consumer::Ceiling | Consumer::CeilingLast))
+        .map(|r| r.changes_per_s)
+        .reduce(f64::max);
+    for r in &mut rows {
+        r.mb_per_s = pgoutput_bytes.unwrap_or(0) as f64 / 1e6 / r.seconds;
+        r.ratio_to_ceiling = ceiling.map(|c| r.changes_per_s / c);
+    }
+    db.batch_execute(&format!(
+        "DROP PUBLICATION {publication}; DROP TABLE {} CASCADE; CHECKPOINT",
+        w.table
+    ))
+    .await?;
+    Ok(rows)
+}
+
+/// What one consumer run measured.
+pub struct Measured {
+    pub seconds: f64,
+    pub cpu_s: f64,
+    pub walsender_cpu_s: Option<f64>,
+    pub peak_rss_bytes: u64,
+    /// pgoutput bytes received (dbmazz only).
+    pub bytes: u64,
+}
+
+/// The walsender serving `slot`, once it is active.
+pub async fn walsender_pid(db: &tokio_postgres::Client, slot: &str) -> Option<u32> {
+    db.query_opt(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+        &[&slot],
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(|r| r.get::<_, Option<i32>>(0))
+    .map(|p| p as u32)
+}
+
+/// CPU used by a process between two samples (it may have exited: keep the last one).
+#[derive(Default)]
+pub struct CpuWatch {
+    pub pid: Option<u32>,
+    pub first: Option<Duration>,
+    pub last: Option<proc::Usage>,
+}
+
+impl CpuWatch {
+    pub fn sample(&mut self) {
+        if let Some(mut u) = self.pid.and_then(|p| proc::usage(p).ok()) {
+            self.first.get_or_insert(u.cpu);
+            // A zombie has no memory lines: keep the peak seen while it ran.
+            u.peak_rss_bytes = u
+                .peak_rss_bytes
+                .max(self.last.map_or(0, |l| l.peak_rss_bytes));
+            self.last = Some(u);
+        }
+    }
+
+    pub fn cpu_s(&self) -> Option<f64> {
+        Some((self.last?.cpu.saturating_sub(self.first?)).as_secs_f64())
+    }
+}
+
+/// `pg_recvlogical` drains `slot` to /dev/null with dbmazz's options until `end_lsn`.
+pub async fn ceiling(
+    env: &Env,
+    slot: &str,
+    publication: &str,
+    end_lsn: &str,
+) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let mut child = Command::new(Path::new(PG_BIN).join("pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.pg.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args([
+            "-d",
+            "postgres",
+            "--slot",
+            slot,
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args(["-E", end_lsn])
+        .args([
+            "-o",
+            "proto_version=2",
+            "-o",
+            &format!("publication_names={publication}"),
+        ])
+        .args(["-o", "streaming=on", "-o", "messages=true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting pg_recvlogical")?;
+    let mut me = CpuWatch {
+        pid: Some(child.id()),
+        ..CpuWatch::default()
+    };
+    let mut ws = CpuWatch::default();
+    let status = loop {
+        me.sample();
+        if ws.pid.is_none() {
+            ws.pid = walsender_pid(&env.db, slot).await;
+        }
+        ws.sample();
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err).ok();
+        }
+        bail!("pg_recvlogical failed ({status}): {err}");
+    }
+    Ok(Measured {
+        seconds,
+        cpu_s: me.cpu_s().unwrap_or(0.0),
+        walsender_cpu_s: ws.cpu_s(),
+        peak_rss_bytes: me.last.map_or(0, |u| u.peak_rss_bytes),
+        bytes: 0,
+    })
+}
+
+pub async fn dbmazz_catch_up(
+    env: &Env,
+    w: &Workload,
+    c: Consumer,
+    slot: &str,
+    publication: &str,
+) -> anyhow::Result<Measured> {
+    let receiver = match c {
+        Consumer::FilterWebhook => Some(receiver::start(Duration::ZERO).await?),
+        _ => None,
+    };
+    let table = format!("public.{}", w.table);
+    let config = write_config(
+        env,
+        &RunConfig {
+            slot,
+            publication,
+            tables: &[&table],
+            filter: c != Consumer::Null,
+            webhook: receiver.as_ref().map(|r| r.addr),
+            null_delay_ms: if c == Consumer::Buffered { 100 } else { 0 },
+            // Buffered: 9 batches of 10,000 in the channel + 1 in delivery = 100,000
+            // changes held (plus the open batch).
+            pipeline: if c == Consumer::Buffered {
+                "flush_size = 10000\nmax_inflight_batches = 9"
+            } else {
+                ""
+            },
+        },
+    )?;
+    let mut d = Dbmazz::spawn(&env.dbmazz, &config)?;
+    let started = d.wait_streaming().await?;
+    let mut me = CpuWatch {
+        pid: Some(d.child.id()),
+        ..CpuWatch::default()
+    };
+    me.sample();
+    let mut ws = CpuWatch::default();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let (ended, bytes) = loop {
+        d.pump().await?;
+        let (acked, bytes) = d.progress().await?;
+        let received = receiver
+            .as_ref()
+            .map_or(acked, |r| r.events.load(Ordering::Relaxed));
+        let now = Instant::now();
+        me.sample();
+        if ws.pid.is_none() {
+            ws.pid = walsender_pid(&env.db, slot).await;
+        }
+        ws.sample();
+        if acked >= w.changes && received >= w.changes {
+            break (now, bytes);
+        }
+        if now > deadline {
+            bail!(
+                "{}: {} of {} changes acknowledged after an hour",
+                w.name,
+                acked,
+                w.changes
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (acked, _) = d.progress().await?;
+    if acked != w.changes {
+        bail!(
+            "{}: dbmazz acknowledged {acked} changes, expected {}",
+            w.name,
+            w.changes
+        );
+    }
+    if let Some(r) = &receiver {
+        let n = r.events.load(Ordering::Relaxed);
+        if n != w.changes {
+            bail!(
+                "{}: the receiver counted {n} changes, expected {}",
+                w.name,
+                w.changes
+            );
+        }
+    }
+    let peak = proc::usage(d.child.id()).map_or(0, |u| u.peak_rss_bytes);
+    d.stop()?;
+    Ok(Measured {
+        seconds: ended.duration_since(started).as_secs_f64(),
+        cpu_s: me.cpu_s().unwrap_or(0.0),
+        walsender_cpu_s: ws.cpu_s(),
+        peak_rss_bytes: peak,
+        bytes,
+    })
+}

@@ -1,0 +1,154 @@
+//! The results: one row per measurement, printed as Markdown tables and serialised as
+//! JSON (`--json`).
+
+use serde::Serialize;
+
+/// The consumers of one workload, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum Consumer {
+    /// pg_recvlogical to /dev/null (first, and again last: the faster is the ceiling).
+    Ceiling,
+    CeilingLast,
+    /// dbmazz, no transform, null sink.
+    Null,
+    /// dbmazz, transform-filter, null sink.
+    FilterNull,
+    /// dbmazz, transform-filter, sink-webhook to a counting receiver.
+    FilterWebhook,
+    /// dbmazz, transform-filter, a null sink taking 100 ms per batch; ~100k changes buffered.
+    Buffered,
+}
+
+impl Consumer {
+    pub fn slot_suffix(self) -> &'static str {
+        match self {
+            Consumer::Ceiling => "ceiling",
+            Consumer::CeilingLast => "ceiling_last",
+            Consumer::Null => "null",
+            Consumer::FilterNull => "filter_null",
+            Consumer::FilterWebhook => "filter_webhook",
+            Consumer::Buffered => "buffered",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Consumer::Ceiling => "pg_recvlogical, first",
+            Consumer::CeilingLast => "pg_recvlogical, last",
+            Consumer::Null => "dbmazz: null sink",
+            Consumer::FilterNull => "dbmazz: filter + null sink",
+            Consumer::FilterWebhook => "dbmazz: filter + webhook",
+            Consumer::Buffered => "dbmazz: filter + slow null sink, 100k buffered",
+        }
+    }
+}
+
+/// One catch-up measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct CatchUp {
+    pub workload: &'static str,
+    pub consumer: Consumer,
+    pub changes: u64,
+    pub seconds: f64,
+    pub changes_per_s: f64,
+    /// pgoutput MB/s (10^6 bytes; the volume dbmazz counted for this workload).
+    pub mb_per_s: f64,
+    /// changes/s divided by the ceiling's.
+    pub ratio_to_ceiling: Option<f64>,
+    /// CPU seconds of the consumer process per million changes.
+    pub cpu_s_per_million: f64,
+    /// CPU seconds of the walsender serving it, per million changes.
+    pub walsender_cpu_s_per_million: Option<f64>,
+    /// Peak RSS of the consumer process, MB (2^20 bytes).
+    pub peak_rss_mb: f64,
+}
+
+/// One steady-state measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct Steady {
+    pub target_changes_per_s: u64,
+    pub achieved_changes_per_s: f64,
+    pub seconds: u64,
+    pub transactions: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// dbmazz's CPU while under this load, % of one core.
+    pub cpu_percent: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Idle footprint.
+#[derive(Clone, Debug, Serialize)]
+pub struct Idle {
+    pub rss_mb: f64,
+    pub cpu_percent: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub postgres: String,
+    pub quick: bool,
+    pub workloads: Vec<(String, String)>,
+    pub catch_up: Vec<CatchUp>,
+    pub steady: Vec<Steady>,
+    pub idle: Option<Idle>,
+}
+
+pub fn print(r: &Report) {
+    println!(
+        "\ndbmazz-bench on {}; {}{}",
+        r.machine,
+        r.postgres,
+        if r.quick { " (--quick sizes)" } else { "" }
+    );
+    for (name, desc) in &r.workloads {
+        println!("  {name}: {desc}");
+    }
+    if !r.catch_up.is_empty() {
+        println!(
+            "\n| workload | consumer | changes/s | MB/s | × ceiling | CPU s / M changes | walsender CPU s / M | peak RSS MB |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|");
+        for c in &r.catch_up {
+            println!(
+                "| {} | {} | {:.0} | {:.1} | {} | {:.2} | {} | {:.1} |",
+                c.workload,
+                c.consumer.label(),
+                c.changes_per_s,
+                c.mb_per_s,
+                c.ratio_to_ceiling.map_or("-".into(), |x| format!("{x:.2}")),
+                c.cpu_s_per_million,
+                c.walsender_cpu_s_per_million
+                    .map_or("-".into(), |x| format!("{x:.2}")),
+                c.peak_rss_mb
+            );
+        }
+    }
+    if !r.steady.is_empty() {
+        println!("\n| steady state (null sink) | achieved changes/s | p50 ms | p99 ms | p99.9 ms | max ms | CPU % of a core | peak RSS MB |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for s in &r.steady {
+            println!(
+                "| {} changes/s for {} s | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                s.target_changes_per_s,
+                s.seconds,
+                s.achieved_changes_per_s,
+                s.p50_ms,
+                s.p99_ms,
+                s.p999_ms,
+                s.max_ms,
+                s.cpu_percent,
+                s.peak_rss_mb
+            );
+        }
+    }
+    if let Some(i) = &r.idle {
+        println!(
+            "\nidle (streaming, no changes): RSS {:.1} MB, CPU {:.2} % of a core",
+            i.rss_mb, i.cpu_percent
+        );
+    }
+}
