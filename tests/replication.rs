@@ -450,7 +450,7 @@ async fn sigterm_drains_and_confirms() {
     let p = Pipeline::new(
         &pg.url(),
         &["g"],
-        "flush_size = 100000\nflush_interval_ms = 60000",
+        "flush_size = 100000\nflush_interval_ms = 60000\nflush_when_caught_up = false",
         false,
     );
     let mut d = p.spawn();

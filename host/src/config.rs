@@ -13,6 +13,7 @@
 //! [pipeline]
 //! flush_size = 10000                # changes per batch
 //! flush_interval_ms = 100           # max wait of a change in an open batch
+//! flush_when_caught_up = true       # cut at the last commit when caught up and delivery is idle
 //! max_inflight_batches = 4          # bounded channel: backpressure beyond this
 //! spill_threshold_bytes = 16777216  # a streamed transaction above this spills to disk
 //!
@@ -159,6 +160,13 @@ pub struct PipelineConfig {
     /// Cut a batch when its first change has waited this long (ms).
     #[serde(default = "default_flush_interval")]
     pub flush_interval_ms: u64,
+    /// When everything the server sent has been read and delivery is idle, cut the open
+    /// batch at its last commit instead of waiting for `flush_interval_ms`: the lowest
+    /// commit-to-ack latency, with batches that grow by themselves under load (group
+    /// commit). `false`: batches are cut only by `flush_size` and `flush_interval_ms`
+    /// (fewer, larger batches, for sinks that pay per load).
+    #[serde(default = "default_true")]
+    pub flush_when_caught_up: bool,
     /// Batches handed on but not acknowledged before reading pauses.
     #[serde(default = "default_inflight")]
     pub max_inflight_batches: usize,
@@ -175,6 +183,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             flush_size: default_flush_size(),
             flush_interval_ms: default_flush_interval(),
+            flush_when_caught_up: true,
             max_inflight_batches: default_inflight(),
             spill_threshold_bytes: default_spill(),
             drain_timeout_ms: default_drain(),
@@ -364,6 +373,10 @@ fn default_publication() -> String {
 fn default_status_interval() -> u64 {
     10_000
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_flush_size() -> usize {
     10_000
 }

@@ -1,7 +1,7 @@
 //! Wires the stages of one pipeline and runs it.
 //!
 //! ```text
-//! replication reader ─▶ assembler ─▶ batcher ─(intent synced)─▶ bounded channel ─▶ delivery
+//! replication reader ─▶ assembler ─▶ batcher ─▶ bounded channel ─(intent synced)─▶ delivery
 //!        ▲                                                                    │ sink ack
 //!        └──── standby status update ◀── watch(confirmed LSN) ◀── checkpoint synced
 //! ```
@@ -86,7 +86,8 @@ struct Reader {
     writer: ReplicationWriter,
     assembler: Assembler,
     batcher: Batcher,
-    store: Arc<Store>,
+    /// `pipeline.flush_when_caught_up`.
+    flush_when_caught_up: bool,
     tx: mpsc::Sender<Delivery>,
     confirmed_rx: watch::Receiver<Lsn>,
     status_tick: Interval,
@@ -116,10 +117,6 @@ impl Reader {
     async fn hand(&mut self, item: Delivery) -> Result<(), RunError> {
         if let Delivery::Batch(b) = &item {
             debug!(batch = b.id, first = %b.first, last = %b.last, changes = b.changes.len(), watermark = ?b.watermark, replayed = b.replayed, "handing batch");
-            if !b.replayed {
-                let intent = b.intent();
-                tokio::task::block_in_place(|| self.store.put_intent(&intent))?;
-            }
         }
         let tx = self.tx.clone();
         loop {
@@ -221,8 +218,9 @@ impl Reader {
             // Nothing more to read right now (the frame branch below was not ready),
             // delivery has taken everything handed to it, and the open batch ends at a
             // commit: hand it on now (see `Batcher::cut_at_commit`).
-            let cut_now =
-                self.batcher.can_cut_at_commit() && self.tx.capacity() == self.tx.max_capacity();
+            let cut_now = self.flush_when_caught_up
+                && self.batcher.can_cut_at_commit()
+                && self.tx.capacity() == self.tx.max_capacity();
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => return Ok(()),
@@ -603,7 +601,7 @@ pub async fn run(
         writer,
         assembler,
         batcher,
-        store: store.clone(),
+        flush_when_caught_up: cfg.pipeline.flush_when_caught_up,
         tx,
         confirmed_rx,
         status_tick,
@@ -647,10 +645,6 @@ pub async fn run(
     let deadline = Instant::now() + drain;
     if !interrupted {
         if let Some(batch) = r.batcher.flush() {
-            let intent = batch.intent();
-            if !batch.replayed {
-                tokio::task::block_in_place(|| r.store.put_intent(&intent))?;
-            }
             if tokio::time::timeout_at(deadline, r.tx.send(Delivery::Batch(batch)))
                 .await
                 .is_err()

@@ -195,11 +195,18 @@ impl Stats {
                 .store(last.commit_time_us, Ordering::Relaxed);
         }
         if let Ok(mut latency) = self.commit_to_ack.lock() {
-            // One transaction = a run of changes with one commit time.
-            let mut previous = None;
-            for c in &batch.changes {
-                if previous != Some(c.commit_time_us) {
-                    previous = Some(c.commit_time_us);
+            // One latency per transaction, in the batch holding its last change: a run of
+            // changes with one commit LSN, except a last run whose Commit came after the
+            // cut (the batch's watermark does not cover it; a later batch ends it).
+            let mut runs = batch
+                .changes
+                .chunk_by(|a, b| a.position.commit_lsn == b.position.commit_lsn)
+                .peekable();
+            while let Some(run) = runs.next() {
+                let c = &run[0];
+                let committed = runs.peek().is_some()
+                    || batch.watermark.is_some_and(|w| w > c.position.commit_lsn);
+                if committed {
                     latency.record(now.saturating_sub(c.commit_time_us).max(0) as u64);
                 }
             }

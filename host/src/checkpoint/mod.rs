@@ -281,22 +281,26 @@ impl Store {
         }
     }
 
-    /// Durably records a batch's intent (synced) before it is handed on.
+    /// Durably records a batch's intent (synced) before the sink sees it.
     ///
     /// # Errors
     /// RocksDB errors.
     pub fn put_intent(&self, intent: &BatchIntent) -> Result<(), StoreError> {
-        let mut v = Vec::with_capacity(24);
-        put_pos(&mut v, intent.first);
-        put_pos(&mut v, intent.last);
         self.db
             .put_cf_opt(
                 self.cf(CF_INTENTS),
                 intent.id.to_be_bytes(),
-                v,
+                Self::intent_value(intent),
                 &Self::synced(),
             )
             .map_err(|e| self.rocks(e))
+    }
+
+    fn intent_value(intent: &BatchIntent) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        put_pos(&mut v, intent.first);
+        put_pos(&mut v, intent.last);
+        v
     }
 
     /// Intents with ids above `after`, in id order: batches handed on but not
@@ -322,20 +326,30 @@ impl Store {
         Ok(out)
     }
 
-    /// Durably records `cp` (synced) and forgets the intents of batches up to
-    /// `cp.last_batch_id`, in one atomic write. Only after this returns may
-    /// `cp.confirmed_lsn` be confirmed to PostgreSQL.
+    /// Durably records `cp` (synced), forgets the intent of batch `cp.last_batch_id`, and
+    /// records `next`'s intent, in one atomic write (one fsync). Only after this returns
+    /// may `cp.confirmed_lsn` be confirmed to PostgreSQL.
+    ///
+    /// Intents of older batches are never read again ([`Store::pending_intents`] reads
+    /// ids above the checkpoint's); each is deleted by its own batch's commit (a point
+    /// delete: a range tombstone per commit would pile up in RocksDB at thousands of
+    /// batches per second).
     ///
     /// # Errors
     /// RocksDB errors.
-    pub fn commit(&self, cp: &Checkpoint) -> Result<(), StoreError> {
+    pub fn commit(&self, cp: &Checkpoint, next: Option<&BatchIntent>) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
         wb.put_cf(self.cf(CF_POSITIONS), KEY_CHECKPOINT, cp.encode());
-        wb.delete_range_cf(
-            self.cf(CF_INTENTS),
-            0u64.to_be_bytes(),
-            (cp.last_batch_id + 1).to_be_bytes(),
-        );
+        if cp.last_batch_id > 0 {
+            wb.delete_cf(self.cf(CF_INTENTS), cp.last_batch_id.to_be_bytes());
+        }
+        if let Some(intent) = next {
+            wb.put_cf(
+                self.cf(CF_INTENTS),
+                intent.id.to_be_bytes(),
+                Self::intent_value(intent),
+            );
+        }
         self.db
             .write_opt(wb, &Self::synced())
             .map_err(|e| self.rocks(e))
@@ -447,19 +461,23 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             assert_eq!(s.checkpoint().unwrap(), Checkpoint::default());
-            for id in 1..=3 {
-                s.put_intent(&BatchIntent {
-                    id,
-                    first: pos(id * 10, 0),
-                    last: pos(id * 10, 5),
-                })
-                .unwrap();
+            let intent = |id: u64| BatchIntent {
+                id,
+                first: pos(id * 10, 0),
+                last: pos(id * 10, 5),
+            };
+            for id in 1..=2 {
+                s.put_intent(&intent(id)).unwrap();
             }
-            s.commit(&Checkpoint {
-                confirmed_lsn: Lsn(15),
-                acked_through: Some(pos(10, 5)),
-                last_batch_id: 1,
-            })
+            // Batch 1 acknowledged; batch 3's intent rides on its checkpoint.
+            s.commit(
+                &Checkpoint {
+                    confirmed_lsn: Lsn(15),
+                    acked_through: Some(pos(10, 5)),
+                    last_batch_id: 1,
+                },
+                Some(&intent(3)),
+            )
             .unwrap();
         }
         let s = Store::open(dir.path()).unwrap();

@@ -3,10 +3,13 @@
 //!
 //! This is the tail of the pipeline (source → pipeline → **sink → checkpoint →
 //! confirm**). It consumes [`Delivery`] items in order from a bounded channel, so a
-//! slow sink fills the channel and the reader stops reading (backpressure). For every
+//! slow sink fills the channel and the reader stops reading (backpressure). Before the
+//! sink sees a new batch, the batch's intent (id, first and last position) is durable
+//! (invariant 3: a restart rebuilds it with the same id and bounds). For every
 //! acknowledged batch it writes the checkpoint (synced) and only then sends the new
 //! confirmed LSN on a `watch` channel that the replication writer turns into a standby
-//! status update (invariant 1 in `docs/architecture.md`).
+//! status update (invariant 1 in `docs/architecture.md`). When the next batch is already
+//! waiting, its intent goes into the same synced write as the checkpoint.
 
 pub mod jsonl;
 
@@ -18,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::lsn::Lsn;
-use crate::pipeline::change::Batch;
+use crate::pipeline::change::{Batch, BatchId};
 use crate::stats::Stats;
 
 /// An item handed from the reader to delivery, in stream order.
@@ -88,6 +91,8 @@ pub async fn run<S: Sink>(
 ) -> Result<(), DeliveryError> {
     let mut cp = store.checkpoint()?;
     let mut lookahead: Option<Delivery> = None;
+    // The id of a batch whose intent was stored with the previous checkpoint.
+    let mut stored_intent: Option<BatchId> = None;
     loop {
         let item = match lookahead.take() {
             Some(item) => item,
@@ -98,13 +103,35 @@ pub async fn run<S: Sink>(
         };
         match item {
             Delivery::Batch(batch) => {
-                if !deliver_one(
-                    &mut sink, &store, &mut cp, &confirmed, &stats, batch, &mut stop,
-                )
-                .await?
-                {
+                // Invariant 3: the intent is durable before the sink sees the batch.
+                if !batch.replayed && stored_intent != Some(batch.id) {
+                    let intent = batch.intent();
+                    tokio::task::block_in_place(|| store.put_intent(&intent))?;
+                }
+                if !write_with_retries(&mut sink, &stats, &batch, &mut stop).await? {
                     return Ok(());
                 }
+                stats.record_batch(&batch);
+                cp = Checkpoint {
+                    confirmed_lsn: batch
+                        .watermark
+                        .map_or(cp.confirmed_lsn, |w| w.max(cp.confirmed_lsn)),
+                    acked_through: Some(batch.last),
+                    last_batch_id: batch.id,
+                };
+                // When the next batch already waits, its intent rides on this
+                // checkpoint's synced write: one fsync per batch under load.
+                if let Ok(next) = rx.try_recv() {
+                    lookahead = Some(next);
+                }
+                let next_intent = match &lookahead {
+                    Some(Delivery::Batch(b)) if !b.replayed => Some(b.intent()),
+                    _ => None,
+                };
+                tokio::task::block_in_place(|| store.commit(&cp, next_intent.as_ref()))?;
+                stored_intent = next_intent.map(|i| i.id);
+                debug!(batch = batch.id, confirmed = %cp.confirmed_lsn, "batch acknowledged and checkpointed");
+                confirmed.send_replace(cp.confirmed_lsn);
             }
             Delivery::Watermark(mut w) => {
                 // Coalesce a run of watermarks into one synced write.
@@ -119,7 +146,7 @@ pub async fn run<S: Sink>(
                 }
                 if w > cp.confirmed_lsn {
                     cp.confirmed_lsn = w;
-                    commit(&store, &cp)?;
+                    tokio::task::block_in_place(|| store.commit(&cp, None))?;
                     confirmed.send_replace(cp.confirmed_lsn);
                 }
             }
@@ -127,21 +154,18 @@ pub async fn run<S: Sink>(
     }
 }
 
-/// Delivers one batch (retrying retryable errors), then checkpoints and publishes the
-/// confirmable LSN. Returns false when `stop` interrupted the retries.
-async fn deliver_one<S: Sink>(
+/// Writes one batch, retrying retryable errors with backoff. Returns false when `stop`
+/// interrupted the retries (the batch is replayed on restart).
+async fn write_with_retries<S: Sink>(
     sink: &mut S,
-    store: &Store,
-    cp: &mut Checkpoint,
-    confirmed: &watch::Sender<Lsn>,
     stats: &Stats,
-    batch: Batch,
+    batch: &Batch,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, DeliveryError> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match sink.write(&batch).await {
-            Ok(()) => break,
+        match sink.write(batch).await {
+            Ok(()) => return Ok(true),
             Err(e) if e.retryable => {
                 stats.record_retry(&e.to_string());
                 let wait = e.retry_after.map_or(jitter(backoff), |r| r.max(backoff));
@@ -163,18 +187,6 @@ async fn deliver_one<S: Sink>(
             }
         }
     }
-    stats.record_batch(&batch);
-    *cp = Checkpoint {
-        confirmed_lsn: batch
-            .watermark
-            .map_or(cp.confirmed_lsn, |w| w.max(cp.confirmed_lsn)),
-        acked_through: Some(batch.last),
-        last_batch_id: batch.id,
-    };
-    commit(store, cp)?;
-    debug!(batch = batch.id, confirmed = %cp.confirmed_lsn, "batch acknowledged and checkpointed");
-    confirmed.send_replace(cp.confirmed_lsn);
-    Ok(true)
 }
 
 /// `d` scaled by a factor in [0.8, 1.2), so many pipelines retrying one sink spread out.
@@ -183,9 +195,4 @@ fn jitter(d: Duration) -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |t| t.subsec_nanos());
     d.mul_f64(0.8 + f64::from(nanos % 1000) / 2500.0)
-}
-
-fn commit(store: &Store, cp: &Checkpoint) -> Result<(), StoreError> {
-    // A synced RocksDB write blocks for an fsync: keep it off the async worker's back.
-    tokio::task::block_in_place(|| store.commit(cp))
 }
