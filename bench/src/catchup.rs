@@ -255,10 +255,10 @@ pub async fn dbmazz_catch_up(
             filter: c != Consumer::Null,
             webhook: receiver.as_ref().map(|r| r.addr),
             null_delay_ms: if c == Consumer::Buffered { 100 } else { 0 },
-            // Buffered: 9 batches of 10,000 in the channel + 1 in delivery = 100,000
-            // changes held (plus the open batch).
+            // Buffered: 8 batches of 10,000 in the channel, 1 in delivery and the open
+            // one filling: up to 100,000 changes held.
             pipeline: if c == Consumer::Buffered {
-                "flush_size = 10000\nmax_inflight_batches = 9"
+                "flush_size = 10000\nmax_inflight_batches = 8"
             } else {
                 ""
             },

@@ -1,5 +1,5 @@
 //! CPU time and memory of a process, read from Linux's `/proc` (proc(5): `/proc/<pid>/stat`
-//! fields 14–15 `utime`/`stime` in clock ticks; `/proc/<pid>/status` `VmRSS`/`VmHWM` in kB).
+//! fields 14–15 `utime`/`stime` in clock ticks; `/proc/<pid>/status` `VmRSS`/`VmHWM`/`RssAnon` in kB).
 
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ pub struct Usage {
     pub rss_bytes: u64,
     /// Peak resident set size (high-water mark), bytes.
     pub peak_rss_bytes: u64,
+    /// Resident anonymous memory (heap, stacks; not the binary's mapped pages), bytes.
+    pub rss_anon_bytes: u64,
 }
 
 /// Samples process `pid`.
@@ -53,6 +55,7 @@ pub fn usage(pid: u32) -> std::io::Result<Usage> {
         cpu,
         rss_bytes: kb("VmRSS:"),
         peak_rss_bytes: kb("VmHWM:"),
+        rss_anon_bytes: kb("RssAnon:"),
     })
 }
 

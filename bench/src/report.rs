@@ -83,6 +83,8 @@ pub struct Steady {
 #[derive(Clone, Debug, Serialize)]
 pub struct Idle {
     pub rss_mb: f64,
+    /// Of which anonymous memory (the rest is mapped files, mostly the binary's code).
+    pub rss_anon_mb: f64,
     pub cpu_percent: f64,
 }
 
@@ -147,8 +149,8 @@ pub fn print(r: &Report) {
     }
     if let Some(i) = &r.idle {
         println!(
-            "\nidle (streaming, no changes): RSS {:.1} MB, CPU {:.2} % of a core",
-            i.rss_mb, i.cpu_percent
+            "\nidle (streaming, no changes): RSS {:.1} MB (anonymous {:.1} MB), CPU {:.2} % of a core",
+            i.rss_mb, i.rss_anon_mb, i.cpu_percent
         );
     }
 }

@@ -279,8 +279,14 @@ impl Dbmazz for Arc<Control> {
         &self,
         _: Request<proto::StopRequest>,
     ) -> Result<Response<proto::ControlResponse>, Status> {
-        self.stop.send_replace(true);
         tracing::info!("stop requested by the control API: draining");
+        // Let this answer reach the caller before the drain can end the process (a
+        // pipeline with nothing in flight exits within milliseconds).
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            stop.send_replace(true);
+        });
         Ok(Response::new(proto::ControlResponse {
             message: "stopping: draining in-flight batches, then exiting".into(),
         }))

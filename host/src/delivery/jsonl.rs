@@ -184,7 +184,7 @@ pub fn change_json(batch_id: u64, c: &Change) -> Result<Json, SinkError> {
     o.insert("commit_time_us".into(), json!(c.commit_time_us));
     o.insert("op".into(), json!(c.op.as_str()));
     o.insert("table".into(), json!(c.relation.qualified_name()));
-    if let Some((kind, old)) = &c.old {
+    if let Some((kind, old)) = c.old.as_deref() {
         o.insert(
             "old_kind".into(),
             json!(if *kind == OldKind::Key { "key" } else { "full" }),

@@ -549,7 +549,15 @@ impl Assembler {
         msg: Message,
         out: &mut Vec<Event>,
     ) -> Result<(), AssembleError> {
-        let mut change = |relation: Arc<RelationInfo>, xid: Option<Xid>, op, old, new, opts| {
+        let mut change = |relation: Arc<RelationInfo>,
+                          xid: Option<Xid>,
+                          op,
+                          old: Option<(
+            crate::source::pgoutput::OldKind,
+            crate::source::pgoutput::TupleData,
+        )>,
+                          new,
+                          opts| {
             let c = Change {
                 position: Position {
                     commit_lsn: ctx.commit_lsn,
@@ -560,7 +568,7 @@ impl Assembler {
                 commit_time_us: ctx.commit_time_us,
                 relation,
                 op,
-                old,
+                old: old.map(Box::new),
                 new,
                 truncate_options: opts,
             };

@@ -70,7 +70,8 @@ pub struct Change {
     /// What happened.
     pub op: Op,
     /// Old key or row (Update with a changed key or REPLICA IDENTITY FULL, Delete).
-    pub old: Option<(OldKind, TupleData)>,
+    /// Boxed: most changes are inserts, and a buffered change should stay small.
+    pub old: Option<Box<(OldKind, TupleData)>>,
     /// New row (Insert, Update).
     pub new: Option<TupleData>,
     /// Truncate option bits (1 = CASCADE, 2 = RESTART IDENTITY); 0 otherwise.
@@ -96,7 +97,7 @@ impl Change {
     /// Approximate bytes this change holds (values only), for memory accounting.
     pub fn value_bytes(&self) -> usize {
         self.new.as_ref().map_or(0, TupleData::value_bytes)
-            + self.old.as_ref().map_or(0, |(_, t)| t.value_bytes())
+            + self.old.as_deref().map_or(0, |(_, t)| t.value_bytes())
     }
 }
 

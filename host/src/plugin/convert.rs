@@ -100,7 +100,7 @@ pub fn encode(b: &Batch, selection: Option<&[u32]>) -> wit::EncodedBatch {
         data.extend_from_slice(&c.xid.to_be_bytes());
         data.extend_from_slice(&c.commit_time_us.to_be_bytes());
         let mut flags = 0u8;
-        if let Some((kind, _)) = &c.old {
+        if let Some((kind, _)) = c.old.as_deref() {
             flags |= 1;
             if *kind == OldKind::Key {
                 flags |= 2;
@@ -110,7 +110,7 @@ pub fn encode(b: &Batch, selection: Option<&[u32]>) -> wit::EncodedBatch {
             flags |= 4;
         }
         data.push(flags);
-        if let Some((_, t)) = &c.old {
+        if let Some((_, t)) = c.old.as_deref() {
             data.extend_from_slice(t.wire_bytes());
         }
         if let Some(t) = &c.new {
@@ -159,7 +159,7 @@ pub fn batch_selected(b: &Batch, selection: Option<&[u32]>) -> Result<wit::Batch
         if seen.insert(c.relation.id, ()).is_none() {
             relations.push(relation(&c.relation));
         }
-        let (old, old_is_key) = match &c.old {
+        let (old, old_is_key) = match c.old.as_deref() {
             Some((kind, t)) => (Some(row(&c.relation, t)?), *kind == OldKind::Key),
             None => (None, false),
         };

@@ -245,26 +245,6 @@ pub struct TypeMessage {
     pub name: ByteStr,
 }
 
-/// How a column's value arrived in a TupleData.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DatumKind {
-    /// 'n': SQL NULL.
-    Null,
-    /// 'u': an unchanged TOASTed value, not sent. Never a NULL: the stored value stays.
-    UnchangedToast,
-    /// 't': text format.
-    Text,
-    /// 'b': binary format (only when the subscriber asked for `binary 'true'`).
-    Binary,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ColumnRef {
-    kind: DatumKind,
-    start: u32,
-    len: u32,
-}
-
 /// A column's raw value, borrowed from the message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RawDatum<'a> {
@@ -278,57 +258,53 @@ pub enum RawDatum<'a> {
     Binary(&'a [u8]),
 }
 
-/// A row's values ('TupleData'): the message buffer plus one offset/length per column.
+/// A row's values ('TupleData'): a view of the message buffer, validated when parsed.
+///
+/// No per-column index is kept (it cost an allocation and ~100 bytes per row, which a
+/// pipeline holding 100,000 changes pays 100,000 times): columns are read in order from
+/// the wire bytes, which [`Reader::tuple`] checked (kinds, lengths within the message,
+/// UTF-8 of text values). [`TupleData::get`] walks to column `i`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TupleData {
     buf: Bytes,
-    cols: Vec<ColumnRef>,
     /// The tuple's bytes on the wire (from `ncols` to the end of the last value).
     span: (u32, u32),
+    ncols: u16,
+    has_unchanged_toast: bool,
+    /// Sum of the value lengths, bytes.
+    value_bytes: u32,
 }
 
 impl TupleData {
     /// Number of columns.
     pub fn len(&self) -> usize {
-        self.cols.len()
+        usize::from(self.ncols)
     }
 
     /// True when the tuple has no columns.
     pub fn is_empty(&self) -> bool {
-        self.cols.is_empty()
+        self.ncols == 0
     }
 
     /// The value of column `i` (attribute order of the relation), or `None` past the end.
+    /// Walks the columns before `i`: iterate with [`TupleData::iter`] to read them all.
     pub fn get(&self, i: usize) -> Option<RawDatum<'_>> {
-        let c = self.cols.get(i)?;
-        Some(self.datum(c))
-    }
-
-    fn datum(&self, c: &ColumnRef) -> RawDatum<'_> {
-        match c.kind {
-            DatumKind::Null => RawDatum::Null,
-            DatumKind::UnchangedToast => RawDatum::UnchangedToast,
-            DatumKind::Text => {
-                let b = &self.buf[c.start as usize..(c.start + c.len) as usize];
-                // SAFETY: validated by simdutf8 in `Reader::tuple`.
-                RawDatum::Text(unsafe { std::str::from_utf8_unchecked(b) })
-            }
-            DatumKind::Binary => {
-                RawDatum::Binary(&self.buf[c.start as usize..(c.start + c.len) as usize])
-            }
-        }
+        self.iter().nth(i)
     }
 
     /// Iterates over the values in column order.
-    pub fn iter(&self) -> impl Iterator<Item = RawDatum<'_>> + '_ {
-        self.cols.iter().map(|c| self.datum(c))
+    pub fn iter(&self) -> Columns<'_> {
+        let wire = self.wire_bytes();
+        Columns {
+            wire,
+            pos: 2.min(wire.len()),
+            left: self.ncols,
+        }
     }
 
     /// True when any column is an unchanged TOAST value.
     pub fn has_unchanged_toast(&self) -> bool {
-        self.cols
-            .iter()
-            .any(|c| c.kind == DatumKind::UnchangedToast)
+        self.has_unchanged_toast
     }
 
     /// The tuple exactly as pgoutput sent it (TupleData: `ncols u16`, then per column a
@@ -340,7 +316,51 @@ impl TupleData {
 
     /// Bytes of value data this tuple references (not counting the message header).
     pub fn value_bytes(&self) -> usize {
-        self.cols.iter().map(|c| c.len as usize).sum()
+        self.value_bytes as usize
+    }
+}
+
+/// The values of a [`TupleData`] in column order (from its validated wire bytes).
+#[derive(Clone, Debug)]
+pub struct Columns<'a> {
+    wire: &'a [u8],
+    pos: usize,
+    left: u16,
+}
+
+impl<'a> Iterator for Columns<'a> {
+    type Item = RawDatum<'a>;
+
+    fn next(&mut self) -> Option<RawDatum<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let kind = *self.wire.get(self.pos)?;
+        self.pos += 1;
+        match kind {
+            b'n' => Some(RawDatum::Null),
+            b'u' => Some(RawDatum::UnchangedToast),
+            _ => {
+                let len =
+                    u32::from_be_bytes(self.wire.get(self.pos..self.pos + 4)?.try_into().ok()?)
+                        as usize;
+                let start = self.pos + 4;
+                let bytes = self.wire.get(start..start + len)?;
+                self.pos = start + len;
+                Some(if kind == b't' {
+                    // SAFETY: `Reader::tuple` validated every text value with simdutf8,
+                    // and the buffer is immutable.
+                    RawDatum::Text(unsafe { std::str::from_utf8_unchecked(bytes) })
+                } else {
+                    RawDatum::Binary(bytes)
+                })
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (usize::from(self.left), Some(usize::from(self.left)))
     }
 }
 
@@ -641,20 +661,13 @@ impl<'a> Reader<'a> {
                 needed: ncols - rest,
             }));
         }
-        let mut cols = Vec::with_capacity(ncols);
+        let mut has_unchanged_toast = false;
+        let mut value_bytes = 0u32;
         for _ in 0..ncols {
             let kind = self.u8()?;
-            let c = match kind {
-                b'n' => ColumnRef {
-                    kind: DatumKind::Null,
-                    start: 0,
-                    len: 0,
-                },
-                b'u' => ColumnRef {
-                    kind: DatumKind::UnchangedToast,
-                    start: 0,
-                    len: 0,
-                },
+            match kind {
+                b'n' => {}
+                b'u' => has_unchanged_toast = true,
                 b't' | b'b' => {
                     let len = self.i32()?;
                     if len < 0 {
@@ -670,15 +683,7 @@ impl<'a> Reader<'a> {
                         self.pos = start;
                         return Err(self.err(Problem::InvalidUtf8));
                     }
-                    ColumnRef {
-                        kind: if kind == b't' {
-                            DatumKind::Text
-                        } else {
-                            DatumKind::Binary
-                        },
-                        start: start as u32,
-                        len: len as u32,
-                    }
+                    value_bytes = value_bytes.saturating_add(len as u32);
                 }
                 other => {
                     self.pos -= 1;
@@ -687,13 +692,15 @@ impl<'a> Reader<'a> {
                         byte: other,
                     }));
                 }
-            };
-            cols.push(c);
+            }
         }
         Ok(TupleData {
             buf: self.buf.clone(),
-            cols,
             span: (span_start, self.pos as u32),
+            // `ncols` ≤ the bytes left, checked above; a u16 on the wire.
+            ncols: ncols as u16,
+            has_unchanged_toast,
+            value_bytes,
         })
     }
 
