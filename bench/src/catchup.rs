@@ -91,6 +91,7 @@ pub async fn run(env: &Env, w: &Workload, consumers: &[Consumer]) -> anyhow::Res
             cpu_s_per_million: m.cpu_s * 1e6 / w.changes as f64,
             walsender_cpu_s_per_million: m.walsender_cpu_s.map(|s| s * 1e6 / w.changes as f64),
             peak_rss_mb: m.peak_rss_bytes as f64 / MB,
+            batches: m.batches,
         });
         db.execute("SELECT pg_drop_replication_slot($1)", &[&slot(c)])
             .await
@@ -122,7 +123,12 @@ pub struct Measured {
     pub peak_rss_bytes: u64,
     /// pgoutput bytes received (dbmazz only).
     pub bytes: u64,
+    /// Batches delivered (dbmazz only).
+    pub batches: Option<u64>,
 }
+
+/// How often a run's end is polled (both consumers).
+const POLL: Duration = Duration::from_millis(10);
 
 /// The walsender serving `slot`, once it is active.
 pub async fn walsender_pid(db: &tokio_postgres::Client, slot: &str) -> Option<u32> {
@@ -169,7 +175,6 @@ pub async fn ceiling(
     publication: &str,
     end_lsn: &str,
 ) -> anyhow::Result<Measured> {
-    let started = Instant::now();
     let mut child = Command::new(Path::new(PG_BIN).join("pg_recvlogical"))
         .args([
             "-h",
@@ -206,16 +211,21 @@ pub async fn ceiling(
         ..CpuWatch::default()
     };
     let mut ws = CpuWatch::default();
+    // Timed from START_REPLICATION (the slot turns active), as dbmazz is.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ws.pid.is_none() && child.try_wait()?.is_none() && Instant::now() < deadline {
+        ws.pid = walsender_pid(&env.db, slot).await;
+    }
+    let started = Instant::now();
+    me.sample();
+    ws.sample();
     let status = loop {
-        me.sample();
-        if ws.pid.is_none() {
-            ws.pid = walsender_pid(&env.db, slot).await;
-        }
-        ws.sample();
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        me.sample();
+        ws.sample();
+        tokio::time::sleep(POLL).await;
     };
     let seconds = started.elapsed().as_secs_f64();
     if !status.success() {
@@ -231,6 +241,7 @@ pub async fn ceiling(
         walsender_cpu_s: ws.cpu_s(),
         peak_rss_bytes: me.last.map_or(0, |u| u.peak_rss_bytes),
         bytes: 0,
+        batches: None,
     })
 }
 
@@ -255,10 +266,11 @@ pub async fn dbmazz_catch_up(
             filter: c != Consumer::Null,
             webhook: receiver.as_ref().map(|r| r.addr),
             null_delay_ms: if c == Consumer::Buffered { 100 } else { 0 },
-            // Buffered: 8 batches of 10,000 in the channel, 1 in delivery and the open
-            // one filling: up to 100,000 changes held.
+            // Buffered: batches of 10,000; 7 in the channel, 2 in delivery (the one
+            // being written and the next, taken to store its intent with the
+            // checkpoint), 1 held by the reader waiting for room: up to 100,000 changes.
             pipeline: if c == Consumer::Buffered {
-                "flush_size = 10000\nmax_inflight_batches = 8"
+                "flush_size = 10000\nmax_inflight_batches = 7"
             } else {
                 ""
             },
@@ -273,9 +285,10 @@ pub async fn dbmazz_catch_up(
     me.sample();
     let mut ws = CpuWatch::default();
     let deadline = Instant::now() + Duration::from_secs(3600);
-    let (ended, bytes) = loop {
+    let (ended, bytes, batches) = loop {
         d.pump().await?;
-        let (acked, bytes) = d.progress().await?;
+        let progress = d.progress().await?;
+        let (acked, bytes) = (progress.acked, progress.bytes);
         let received = receiver
             .as_ref()
             .map_or(acked, |r| r.events.load(Ordering::Relaxed));
@@ -286,7 +299,7 @@ pub async fn dbmazz_catch_up(
         }
         ws.sample();
         if acked >= w.changes && received >= w.changes {
-            break (now, bytes);
+            break (now, bytes, progress.batches);
         }
         if now > deadline {
             bail!(
@@ -296,9 +309,9 @@ pub async fn dbmazz_catch_up(
                 w.changes
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     };
-    let (acked, _) = d.progress().await?;
+    let acked = d.progress().await?.acked;
     if acked != w.changes {
         bail!(
             "{}: dbmazz acknowledged {acked} changes, expected {}",
@@ -324,5 +337,6 @@ pub async fn dbmazz_catch_up(
         walsender_cpu_s: ws.cpu_s(),
         peak_rss_bytes: peak,
         bytes,
+        batches: Some(batches),
     })
 }

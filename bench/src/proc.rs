@@ -59,6 +59,15 @@ pub fn usage(pid: u32) -> std::io::Result<Usage> {
     })
 }
 
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS (proc(5),
+/// `/proc/<pid>/clear_refs`, value 5).
+///
+/// # Errors
+/// The process is gone, or not ours.
+pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+}
+
 /// The machine, for the report: CPU model, logical CPUs, memory (GiB).
 pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

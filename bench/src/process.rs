@@ -86,6 +86,8 @@ impl Dbmazz {
         loop {
             self.pump().await?;
             if let (Some(at), Some(_)) = (self.streaming_at, &self.client) {
+                // Peak RSS from here: loading (and compiling) plugins is not the pipeline.
+                crate::proc::reset_peak_rss(self.child.id())?;
                 return Ok(at);
             }
             if Instant::now() > deadline {
@@ -104,11 +106,11 @@ impl Dbmazz {
         self.client.as_mut().context("no control API")
     }
 
-    /// (changes acknowledged by the sink, pgoutput bytes received).
+    /// Changes acknowledged by the sink, pgoutput bytes received, batches.
     ///
     /// # Errors
     /// The call failed, or a change went to the dead-letter store.
-    pub async fn progress(&mut self) -> anyhow::Result<(u64, u64)> {
+    pub async fn progress(&mut self) -> anyhow::Result<Progress> {
         let m = self
             .client()?
             .metrics(proto::MetricsRequest {})
@@ -128,7 +130,11 @@ impl Dbmazz {
                 self.log.join("\n")
             );
         }
-        Ok((sum("dbmazz_changes"), sum("dbmazz_bytes_received")))
+        Ok(Progress {
+            acked: sum("dbmazz_changes"),
+            bytes: sum("dbmazz_bytes_received"),
+            batches: sum("dbmazz_batches"),
+        })
     }
 
     pub async fn status(&mut self) -> anyhow::Result<proto::StatusResponse> {
@@ -156,6 +162,17 @@ impl Dbmazz {
         self.child.kill().ok();
         bail!("dbmazz did not stop within 60 s of SIGTERM")
     }
+}
+
+/// What a running dbmazz reports (its Metrics call).
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Changes acknowledged by the sink.
+    pub acked: u64,
+    /// pgoutput bytes received.
+    pub bytes: u64,
+    /// Batches acknowledged (or retried).
+    pub batches: u64,
 }
 
 /// The config of one dbmazz run.

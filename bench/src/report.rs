@@ -15,7 +15,7 @@ pub enum Consumer {
     FilterNull,
     /// dbmazz, transform-filter, sink-webhook to a counting receiver.
     FilterWebhook,
-    /// dbmazz, transform-filter, a null sink taking 100 ms per batch; ~100k changes buffered.
+    /// dbmazz, transform-filter, a null sink taking 100 ms per batch; up to 100k changes held.
     Buffered,
 }
 
@@ -59,8 +59,10 @@ pub struct CatchUp {
     pub cpu_s_per_million: f64,
     /// CPU seconds of the walsender serving it, per million changes.
     pub walsender_cpu_s_per_million: Option<f64>,
-    /// Peak RSS of the consumer process, MB (2^20 bytes).
+    /// Peak RSS of the consumer process while it streamed, MB (2^20 bytes).
     pub peak_rss_mb: f64,
+    /// Batches dbmazz delivered.
+    pub batches: Option<u64>,
 }
 
 /// One steady-state measurement.
@@ -111,12 +113,12 @@ pub fn print(r: &Report) {
     }
     if !r.catch_up.is_empty() {
         println!(
-            "\n| workload | consumer | changes/s | MB/s | × ceiling | CPU s / M changes | walsender CPU s / M | peak RSS MB |"
+            "\n| workload | consumer | changes/s | MB/s | × ceiling | CPU s / M changes | walsender CPU s / M | peak RSS MB | batches |"
         );
-        println!("|---|---|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for c in &r.catch_up {
             println!(
-                "| {} | {} | {:.0} | {:.1} | {} | {:.2} | {} | {:.1} |",
+                "| {} | {} | {:.0} | {:.1} | {} | {:.2} | {} | {:.1} | {} |",
                 c.workload,
                 c.consumer.label(),
                 c.changes_per_s,
@@ -125,7 +127,8 @@ pub fn print(r: &Report) {
                 c.cpu_s_per_million,
                 c.walsender_cpu_s_per_million
                     .map_or("-".into(), |x| format!("{x:.2}")),
-                c.peak_rss_mb
+                c.peak_rss_mb,
+                c.batches.map_or("-".into(), |b| b.to_string())
             );
         }
     }

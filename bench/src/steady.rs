@@ -76,6 +76,9 @@ pub async fn run(
             );
             idle = Some(i);
             d.stop()?;
+            db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .ok();
             continue;
         };
         eprintln!("bench: steady state at {rate} changes/s for {seconds} s");
@@ -126,7 +129,7 @@ pub async fn run(
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             d.pump().await?;
-            let (acked, _) = d.progress().await?;
+            let acked = d.progress().await?.acked;
             if acked >= expected {
                 break;
             }

@@ -220,7 +220,8 @@ impl Dbmazz for Arc<Control> {
             plugins,
             dead_letters: s.dead_letters.load(Ordering::Relaxed),
             error: String::new(),
-            commit_to_ack: s.commit_to_ack.lock().ok().map(|l| {
+            commit_to_ack: s.commit_to_ack.lock().ok().map(|c| {
+                let l = &c.latency;
                 let ms = |us: u64| us as f64 / 1e3;
                 proto::Latency {
                     count: l.count(),

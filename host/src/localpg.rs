@@ -20,8 +20,9 @@ extern "C" {
     fn geteuid() -> u32;
 }
 
-/// Root may not run the PostgreSQL server: then its tools run as `postgres`.
-fn is_root() -> bool {
+/// True when this process runs as root, which may not run the PostgreSQL server: then
+/// [`pg_tool`] runs the tools as `postgres`.
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { geteuid() == 0 }
 }

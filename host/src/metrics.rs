@@ -116,7 +116,8 @@ impl Collector for PipelineCollector {
             "now minus the commit time of the last acknowledged change (0 when caught up)",
             lag_seconds,
         )?;
-        if let Ok(latency) = s.commit_to_ack.lock() {
+        if let Ok(c) = s.commit_to_ack.lock() {
+            let latency = &c.latency;
             let mut buckets = Vec::with_capacity(COMMIT_TO_ACK_BUCKETS_S.len() + 1);
             let mut below = 0;
             for le in COMMIT_TO_ACK_BUCKETS_S {

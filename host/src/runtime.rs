@@ -296,7 +296,7 @@ enum Wake {
     BatchDue,
     WatermarkDue,
     Frame(Frame),
-    /// Caught up with the server while delivery is idle.
+    /// Caught up with the server while delivery's queue is empty.
     CaughtUp,
 }
 
@@ -455,6 +455,7 @@ pub async fn run(
     })?;
     let cp = store.checkpoint()?;
     let pending = store.pending_intents(cp.last_batch_id)?;
+    store.forget_intents_through(cp.last_batch_id)?;
     if outcome.slot == SlotState::Missing
         && (cp.last_batch_id != 0 || !cp.confirmed_lsn.is_zero() || !pending.is_empty())
     {

@@ -64,7 +64,65 @@ pub struct Stats {
     /// The sink's error while delivery retries a batch; cleared by the next ack.
     pub sink_error: Mutex<Option<String>>,
     /// Commit-to-ack latency of every acknowledged transaction since start.
-    pub commit_to_ack: Mutex<Latency>,
+    pub commit_to_ack: Mutex<CommitToAck>,
+}
+
+/// Commit-to-ack latencies, one per transaction: its commit time (the Commit message's
+/// timestamp) to the ack of the batch holding its last change.
+///
+/// A batch may end on a transaction's last change before its Commit was read (a size
+/// cut): whether that change was the last is known only from what follows — the next
+/// batch starting with another transaction, or a watermark past its commit LSN — so that
+/// transaction is kept aside with its ack time until then.
+#[derive(Debug, Default)]
+pub struct CommitToAck {
+    /// The recorded latencies.
+    pub latency: Latency,
+    /// (commit LSN, commit time µs, ack time µs) of a transaction that ended a batch.
+    trailing: Option<(crate::lsn::Lsn, i64, i64)>,
+}
+
+impl CommitToAck {
+    fn record(&mut self, commit_time_us: i64, acked_us: i64) {
+        self.latency
+            .record(acked_us.saturating_sub(commit_time_us).max(0) as u64);
+    }
+
+    /// Records the transactions `batch` completes; `now_us` is its ack time.
+    pub fn on_batch(&mut self, batch: &Batch, now_us: i64) {
+        if let Some((lsn, commit, acked)) = self.trailing.take() {
+            let continues = batch
+                .changes
+                .first()
+                .is_some_and(|c| c.position.commit_lsn == lsn);
+            if !continues {
+                self.record(commit, acked);
+            }
+        }
+        let mut runs = batch
+            .changes
+            .chunk_by(|a, b| a.position.commit_lsn == b.position.commit_lsn)
+            .peekable();
+        while let Some(run) = runs.next() {
+            let c = &run[0];
+            if runs.peek().is_some() || batch.watermark.is_some_and(|w| w > c.position.commit_lsn) {
+                self.record(c.commit_time_us, now_us);
+            } else {
+                self.trailing = Some((c.position.commit_lsn, c.commit_time_us, now_us));
+            }
+        }
+    }
+
+    /// Everything before `watermark` (an end LSN) was handed on: a transaction that ended
+    /// the last batch is complete if its commit LSN is below it.
+    pub fn on_watermark(&mut self, watermark: crate::lsn::Lsn) {
+        if let Some((lsn, commit, acked)) = self.trailing {
+            if lsn < watermark {
+                self.trailing = None;
+                self.record(commit, acked);
+            }
+        }
+    }
 }
 
 /// Latencies in µs: an HDR histogram (2 significant digits, 1 µs to 1 hour; longer
@@ -144,15 +202,15 @@ impl Default for Stats {
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             plugins: Mutex::new(Vec::new()),
             sink_error: Mutex::new(None),
-            commit_to_ack: Mutex::new(Latency::default()),
+            commit_to_ack: Mutex::new(CommitToAck::default()),
         }
     }
 }
 
 impl Stats {
-    /// Counts an acknowledged batch, and the commit-to-ack latency of each of its
-    /// transactions (now minus the Commit message's timestamp; PostgreSQL's clock and
-    /// ours are the same machine's, or NTP-close).
+    /// Counts an acknowledged batch, and the commit-to-ack latency of the transactions
+    /// it completes (now minus the Commit message's timestamp; PostgreSQL's clock and
+    /// ours are the same machine's, or NTP-close). See [`CommitToAck`].
     pub fn record_batch(&self, batch: &Batch) {
         let now = crate::metrics::now_us();
         self.changes_delivered
@@ -194,22 +252,16 @@ impl Stats {
             self.acked_commit_time_us
                 .store(last.commit_time_us, Ordering::Relaxed);
         }
-        if let Ok(mut latency) = self.commit_to_ack.lock() {
-            // One latency per transaction, in the batch holding its last change: a run of
-            // changes with one commit LSN, except a last run whose Commit came after the
-            // cut (the batch's watermark does not cover it; a later batch ends it).
-            let mut runs = batch
-                .changes
-                .chunk_by(|a, b| a.position.commit_lsn == b.position.commit_lsn)
-                .peekable();
-            while let Some(run) = runs.next() {
-                let c = &run[0];
-                let committed = runs.peek().is_some()
-                    || batch.watermark.is_some_and(|w| w > c.position.commit_lsn);
-                if committed {
-                    latency.record(now.saturating_sub(c.commit_time_us).max(0) as u64);
-                }
-            }
+        if let Ok(mut c) = self.commit_to_ack.lock() {
+            c.on_batch(batch, now);
+        }
+    }
+
+    /// A watermark (end LSN) was checkpointed: it may complete a transaction whose last
+    /// change ended the previous batch (see [`CommitToAck`]).
+    pub fn record_watermark(&self, watermark: crate::lsn::Lsn) {
+        if let Ok(mut c) = self.commit_to_ack.lock() {
+            c.on_watermark(watermark);
         }
     }
 
@@ -232,5 +284,112 @@ impl Stats {
         self.batches
             .get_or_create(&ResultLabels { result: "retried" })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::pipeline::assembler::Assembler;
+    use crate::pipeline::batcher::{Batcher, Resume};
+    use crate::source::pgoutput::encode::{self, Val};
+
+    #[test]
+    fn commit_to_ack_counts_each_transaction_once_in_the_batch_holding_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        // Batches of 4: transaction A (2 rows, commit LSN 50) and the first 2 of B's 3 rows
+        // (commit LSN 70), then B's last row.
+        let mut b = Batcher::new(4, Duration::from_secs(3600), Resume::default());
+        let committed = crate::metrics::now_us() - 2_000; // 2 ms ago
+        let mut messages = vec![
+            encode::begin(Lsn(50), committed, 1),
+            encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]),
+        ];
+        for id in ["1", "2"] {
+            messages.push(encode::insert(None, 1, &[Val::Text(id)]));
+        }
+        messages.push(encode::commit(Lsn(50), Lsn(60), committed));
+        messages.push(encode::begin(Lsn(70), committed, 2));
+        for id in ["3", "4", "5"] {
+            messages.push(encode::insert(None, 1, &[Val::Text(id)]));
+        }
+        messages.push(encode::commit(Lsn(70), Lsn(80), committed));
+        let (mut events, mut batches) = (Vec::new(), Vec::new());
+        for m in messages {
+            a.handle(Lsn(1), Bytes::from(m), &mut events).unwrap();
+        }
+        for e in events {
+            batches.extend(b.push(e));
+        }
+        batches.extend(b.flush());
+        assert_eq!(
+            batches.iter().map(|b| b.changes.len()).collect::<Vec<_>>(),
+            [4, 1]
+        );
+
+        let stats = Stats::default();
+        stats.record_batch(&batches[0]);
+        let count = |s: &Stats| s.commit_to_ack.lock().unwrap().latency.count();
+        assert_eq!(count(&stats), 1, "A; B's Commit is not in this batch");
+        stats.record_batch(&batches[1]);
+        assert_eq!(count(&stats), 2, "B, once");
+        let c = stats.commit_to_ack.lock().unwrap();
+        let l = &c.latency;
+        assert!(
+            (1_000..1_000_000).contains(&l.max_us()),
+            "about 2 ms: {} µs",
+            l.max_us()
+        );
+    }
+
+    #[test]
+    fn a_transaction_ending_a_batch_is_recorded_by_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        // Batches of 2: T1 (commit 50) fills one batch exactly before its Commit is read;
+        // T2 (commit 70) fills the next; T3 (commit 90) has no change in any batch.
+        let mut b = Batcher::new(2, Duration::from_secs(3600), Resume::default());
+        let t = crate::metrics::now_us();
+        let relation = encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]);
+        let mut messages = Vec::new();
+        for (commit, end, xid) in [(50, 60, 1), (70, 80, 2)] {
+            messages.push(encode::begin(Lsn(commit), t, xid));
+            messages.push(relation.clone());
+            for id in ["1", "2"] {
+                messages.push(encode::insert(None, 1, &[Val::Text(id)]));
+            }
+            messages.push(encode::commit(Lsn(commit), Lsn(end), t));
+        }
+        let (mut events, mut batches) = (Vec::new(), Vec::new());
+        for m in messages {
+            a.handle(Lsn(1), Bytes::from(m), &mut events).unwrap();
+        }
+        for e in events {
+            batches.extend(b.push(e));
+        }
+        assert_eq!(batches.len(), 2);
+        assert!(batches.iter().all(|b| b.changes.len() == 2));
+        let stats = Stats::default();
+        let count = |s: &Stats| s.commit_to_ack.lock().unwrap().latency.count();
+        stats.record_batch(&batches[0]);
+        assert_eq!(count(&stats), 0, "T1's Commit came after the cut");
+        stats.record_batch(&batches[1]);
+        assert_eq!(
+            count(&stats),
+            1,
+            "the next batch starts another transaction"
+        );
+        stats.record_watermark(Lsn(70));
+        assert_eq!(count(&stats), 1, "70 is not past T2's commit LSN");
+        stats.record_watermark(Lsn(80));
+        assert_eq!(count(&stats), 2, "T2 completed by the watermark");
+        stats.record_watermark(Lsn(100));
+        assert_eq!(count(&stats), 2, "nothing left over");
     }
 }

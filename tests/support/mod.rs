@@ -11,33 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+use dbmazz::localpg::{is_root, pg_tool as pg_command};
 pub const SUPERUSER_PASSWORD: &str = "super-secret";
 pub const USER: &str = "cdc";
 pub const PASSWORD: &str = "cdc-pass";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-/// Runs a PostgreSQL tool, as the `postgres` user when we are root (root may not run
-/// the server).
-fn pg_command(tool: &str) -> Command {
-    let path = format!("{PG_BIN}/{tool}");
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", &path]);
-        c
-    } else {
-        Command::new(path)
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

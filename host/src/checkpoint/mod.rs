@@ -303,7 +303,7 @@ impl Store {
         v
     }
 
-    /// Intents with ids above `after`, in id order: batches handed on but not
+    /// Intents with ids above `after`, in id order: batches a sink may have seen but not
     /// acknowledged.
     ///
     /// # Errors
@@ -330,10 +330,11 @@ impl Store {
     /// records `next`'s intent, in one atomic write (one fsync). Only after this returns
     /// may `cp.confirmed_lsn` be confirmed to PostgreSQL.
     ///
-    /// Intents of older batches are never read again ([`Store::pending_intents`] reads
-    /// ids above the checkpoint's); each is deleted by its own batch's commit (a point
-    /// delete: a range tombstone per commit would pile up in RocksDB at thousands of
-    /// batches per second).
+    /// The acknowledged batch's intent goes with a point delete (a range tombstone per
+    /// commit would pile up in RocksDB at thousands of batches per second). Intents at or
+    /// below the checkpoint are never read again ([`Store::pending_intents`] reads ids
+    /// above it); the few a restart retires (stored batches the stream no longer holds)
+    /// are removed by [`Store::forget_intents_through`] at the next start.
     ///
     /// # Errors
     /// RocksDB errors.
@@ -352,6 +353,21 @@ impl Store {
         }
         self.db
             .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Deletes the intents of batches `id` and below (one range delete; called once at
+    /// start with the checkpoint's last batch id).
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn forget_intents_through(&self, id: BatchId) -> Result<(), StoreError> {
+        self.db
+            .delete_range_cf(
+                self.cf(CF_INTENTS),
+                0u64.to_be_bytes(),
+                id.saturating_add(1).to_be_bytes(),
+            )
             .map_err(|e| self.rocks(e))
     }
 
@@ -491,6 +507,16 @@ mod tests {
             s.pending_intents(0).unwrap().len(),
             2,
             "intent 1 was deleted at commit"
+        );
+        s.forget_intents_through(2).unwrap();
+        assert_eq!(
+            s.pending_intents(0)
+                .unwrap()
+                .iter()
+                .map(|i| i.id)
+                .collect::<Vec<_>>(),
+            [3],
+            "intents through 2 forgotten"
         );
     }
 

@@ -5,7 +5,7 @@
 //! confirm**). It consumes [`Delivery`] items in order from a bounded channel, so a
 //! slow sink fills the channel and the reader stops reading (backpressure). Before the
 //! sink sees a new batch, the batch's intent (id, first and last position) is durable
-//! (invariant 3: a restart rebuilds it with the same id and bounds). For every
+//! (invariant 4: a restart rebuilds it with the same id and bounds). For every
 //! acknowledged batch it writes the checkpoint (synced) and only then sends the new
 //! confirmed LSN on a `watch` channel that the replication writer turns into a standby
 //! status update (invariant 1 in `docs/architecture.md`). When the next batch is already
@@ -103,7 +103,7 @@ pub async fn run<S: Sink>(
         };
         match item {
             Delivery::Batch(batch) => {
-                // Invariant 3: the intent is durable before the sink sees the batch.
+                // Invariant 4: the intent is durable before the sink sees the batch.
                 if !batch.replayed && stored_intent != Some(batch.id) {
                     let intent = batch.intent();
                     tokio::task::block_in_place(|| store.put_intent(&intent))?;
@@ -144,6 +144,7 @@ pub async fn run<S: Sink>(
                         }
                     }
                 }
+                stats.record_watermark(w);
                 if w > cp.confirmed_lsn {
                     cp.confirmed_lsn = w;
                     tokio::task::block_in_place(|| store.commit(&cp, None))?;
@@ -195,4 +196,100 @@ fn jitter(d: Duration) -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |t| t.subsec_nanos());
     d.mul_f64(0.8 + f64::from(nanos % 1000) / 2500.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::pipeline::assembler::Assembler;
+    use crate::pipeline::batcher::{Batcher, Resume};
+    use crate::source::pgoutput::encode::{self, Val};
+
+    /// A sink that checks, at every write, that the batch's intent is durable with the
+    /// batch's exact bounds (what a restart would rebuild it from).
+    struct IntentChecking {
+        store: Arc<Store>,
+        seen: Arc<std::sync::Mutex<Vec<BatchId>>>,
+    }
+
+    impl Sink for IntentChecking {
+        async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            let cp = self.store.checkpoint().unwrap();
+            let pending = self.store.pending_intents(cp.last_batch_id).unwrap();
+            assert_eq!(
+                pending,
+                [batch.intent()],
+                "batch {}: its intent, and only it, is stored",
+                batch.id
+            );
+            self.seen.lock().unwrap().push(batch.id);
+            Ok(())
+        }
+    }
+
+    /// Three transactions of 2 inserts, cut into batches of 2.
+    fn batches() -> Vec<Batch> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        let mut b = Batcher::new(2, Duration::from_secs(3600), Resume::default());
+        let relation = encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]);
+        let mut messages = Vec::new();
+        for txn in 1..=3u64 {
+            messages.push(encode::begin(Lsn(txn * 100), 0, txn as u32));
+            messages.push(relation.clone());
+            for id in ["1", "2"] {
+                messages.push(encode::insert(None, 1, &[Val::Text(id)]));
+            }
+            messages.push(encode::commit(Lsn(txn * 100), Lsn(txn * 100 + 10), 0));
+        }
+        let (mut events, mut out) = (Vec::new(), Vec::new());
+        for m in messages {
+            a.handle(Lsn(1), Bytes::from(m), &mut events).unwrap();
+        }
+        for e in events {
+            out.extend(b.push(e));
+        }
+        out.extend(b.flush());
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_sink_sees_a_batch_only_after_its_intent_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let batches = batches();
+        assert_eq!(batches.len(), 3);
+        let (tx, rx) = mpsc::channel(8);
+        let (confirmed, confirmed_rx) = watch::channel(Lsn(0));
+        let (_stop_tx, stop) = watch::channel(false);
+        // The first batch alone (its intent written by itself), then two queued together
+        // (the next one's intent rides on the previous checkpoint).
+        let mut batches = batches.into_iter();
+        tx.send(Delivery::Batch(batches.next().unwrap()))
+            .await
+            .unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = IntentChecking {
+            store: store.clone(),
+            seen: seen.clone(),
+        };
+        let stats = Arc::new(Stats::default());
+        let task = tokio::spawn(run(sink, store.clone(), rx, confirmed, stats, stop));
+        let mut crx = confirmed_rx;
+        crx.changed().await.unwrap();
+        for b in batches {
+            tx.send(Delivery::Batch(b)).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap().unwrap();
+        assert_eq!(*seen.lock().unwrap(), [1, 2, 3]);
+        let cp = store.checkpoint().unwrap();
+        assert_eq!(cp.last_batch_id, 3);
+        // The last batch ended at transaction 3's last row, before its Commit was read:
+        // confirmable through transaction 2's end (3's comes as a later watermark).
+        assert_eq!(cp.confirmed_lsn, Lsn(210));
+        assert!(store.pending_intents(0).unwrap().is_empty());
+    }
 }

@@ -6,8 +6,8 @@
 //! boundaries, through each batch's `watermark` (the end LSN of the last transaction whose
 //! Commit preceded the cut).
 //!
-//! Stable ids after a restart: the pipeline stores each batch's intent (id, first and
-//! last position) before handing the batch on. On restart, the batcher is given the
+//! Stable ids after a restart: delivery stores each batch's intent (id, first and last
+//! position) before the sink sees the batch. On restart, the batcher is given the
 //! intents not yet acknowledged and rebuilds exactly those batches, cutting at their
 //! stored last positions and reusing their ids; only then does it go back to cutting by
 //! size and time, with fresh ids. Changes at or before the acknowledged position, and
@@ -32,7 +32,8 @@ pub struct Resume {
     pub acked_through: Option<Position>,
     /// The id of the last acknowledged batch; new batches count up from it.
     pub last_batch_id: BatchId,
-    /// Intents of batches handed on but not acknowledged, in id order: rebuilt first.
+    /// Intents of batches a sink may have seen but did not acknowledge, in id order:
+    /// rebuilt first.
     pub pending: Vec<BatchIntent>,
 }
 
@@ -228,9 +229,10 @@ impl Batcher {
     /// and no stored batch is being rebuilt (their cuts are fixed).
     ///
     /// The reader calls this when it has read everything the server sent so far and
-    /// delivery waits for work: a quiet stream's changes then go out at once instead of
-    /// after `flush_interval`, while a busy one still fills batches (delivery is not idle,
-    /// or more data is already there). Group commit, in effect.
+    /// delivery has taken every batch handed to it: a quiet stream's changes then go out
+    /// at once instead of after `flush_interval`, while a busy one still fills batches
+    /// (delivery's queue is not empty, or more data is already there). Group commit, in
+    /// effect.
     pub fn cut_at_commit(&mut self) -> Option<Batch> {
         if self.in_txn || self.replaying() {
             return None;
@@ -542,37 +544,43 @@ mod tests {
         );
     }
 
-    #[test]
-    fn time_cut_and_idle_watermark() {
-        let mut b = Batcher::new(100, Duration::from_millis(0), Resume::default());
-        let dir = tempfile::tempdir().unwrap();
-        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+    /// Feeds `messages` through an assembler into `b`, expecting no cut.
+    fn feed_uncut(a: &mut Assembler, b: &mut Batcher, messages: Vec<Vec<u8>>) {
         let mut out = Vec::new();
-        for m in [
-            encode::begin(Lsn(50), 0, 1),
-            encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]),
-            encode::insert(None, 1, &[Val::Text("1")]),
-        ] {
+        for m in messages {
             a.handle(Lsn(1), Bytes::from(m), &mut out).unwrap();
         }
         for e in out.drain(..) {
             assert!(b.push(e).is_none());
         }
+    }
+
+    /// A transaction with commit LSN 50 opening on table `public.t`, with `ids` inserted.
+    fn open_txn(ids: &[&str]) -> Vec<Vec<u8>> {
+        let mut m = vec![
+            encode::begin(Lsn(50), 0, 1),
+            encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]),
+        ];
+        m.extend(
+            ids.iter()
+                .map(|id| encode::insert(None, 1, &[Val::Text(id)])),
+        );
+        m
+    }
+
+    #[test]
+    fn time_cut_and_idle_watermark() {
+        let mut b = Batcher::new(100, Duration::from_millis(0), Resume::default());
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        feed_uncut(&mut a, &mut b, open_txn(&["1"]));
         let batch = b.tick(Instant::now()).unwrap();
         assert_eq!(batch.changes.len(), 1);
         assert_eq!(
             batch.watermark, None,
             "the transaction has not committed yet"
         );
-        a.handle(
-            Lsn(1),
-            Bytes::from(encode::commit(Lsn(50), Lsn(60), 0)),
-            &mut out,
-        )
-        .unwrap();
-        for e in out.drain(..) {
-            assert!(b.push(e).is_none());
-        }
+        feed_uncut(&mut a, &mut b, vec![encode::commit(Lsn(50), Lsn(60), 0)]);
         assert_eq!(b.take_watermark(), Some(Lsn(60)));
         b.idle_position(Lsn(90));
         assert_eq!(b.take_watermark(), Some(Lsn(90)));
@@ -584,29 +592,10 @@ mod tests {
         let mut b = Batcher::new(100, Duration::from_secs(3600), Resume::default());
         let dir = tempfile::tempdir().unwrap();
         let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
-        let mut out = Vec::new();
-        for m in [
-            encode::begin(Lsn(50), 0, 1),
-            encode::relation(None, 1, "public", "t", b'd', &[(true, "id", 23, -1)]),
-            encode::insert(None, 1, &[Val::Text("1")]),
-            encode::insert(None, 1, &[Val::Text("2")]),
-        ] {
-            a.handle(Lsn(1), Bytes::from(m), &mut out).unwrap();
-        }
-        for e in out.drain(..) {
-            assert!(b.push(e).is_none());
-        }
+        feed_uncut(&mut a, &mut b, open_txn(&["1", "2"]));
         assert!(!b.can_cut_at_commit(), "inside a transaction");
         assert!(b.cut_at_commit().is_none());
-        a.handle(
-            Lsn(1),
-            Bytes::from(encode::commit(Lsn(50), Lsn(60), 0)),
-            &mut out,
-        )
-        .unwrap();
-        for e in out.drain(..) {
-            assert!(b.push(e).is_none());
-        }
+        feed_uncut(&mut a, &mut b, vec![encode::commit(Lsn(50), Lsn(60), 0)]);
         assert!(b.can_cut_at_commit());
         let batch = b.cut_at_commit().unwrap();
         assert_eq!(batch.changes.len(), 2);

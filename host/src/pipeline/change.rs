@@ -121,7 +121,7 @@ pub struct SchemaChange {
 pub type BatchId = u64;
 
 /// The durable record of a batch handed to a consumer: its id and the positions of its
-/// first and last change. Written (synced) before the batch is handed on.
+/// first and last change. Written (synced) before the sink sees the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchIntent {
     /// Batch id.
