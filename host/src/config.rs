@@ -13,7 +13,7 @@
 //! [pipeline]
 //! flush_size = 10000                # changes per batch
 //! flush_interval_ms = 100           # max wait of a change in an open batch
-//! flush_when_caught_up = true       # caught up, delivery's queue empty: cut at the last commit
+//! flush_when_caught_up = true       # caught up and the sink idle: cut at the last commit
 //! max_inflight_batches = 4          # bounded channel: backpressure beyond this
 //! spill_threshold_bytes = 16777216  # a streamed transaction above this spills to disk
 //!
@@ -160,9 +160,10 @@ pub struct PipelineConfig {
     /// Cut a batch when its first change has waited this long (ms).
     #[serde(default = "default_flush_interval")]
     pub flush_interval_ms: u64,
-    /// When everything the server sent has been read and delivery has taken every batch
-    /// handed to it, cut the open batch at its last commit instead of waiting for
-    /// `flush_interval_ms`: the lowest
+    /// When everything the server sent has been read and the sink has acknowledged every
+    /// batch handed on, cut the open batch at its last commit instead of waiting for
+    /// `flush_interval_ms` — if that commit is younger than `flush_interval_ms` (older ones
+    /// are a backlog, cut by size for throughput): the lowest
     /// commit-to-ack latency, with batches that grow by themselves under load (group
     /// commit). `false`: batches are cut only by `flush_size` and `flush_interval_ms`
     /// (fewer, larger batches, for sinks that pay per load).

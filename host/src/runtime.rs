@@ -88,6 +88,9 @@ struct Reader {
     batcher: Batcher,
     /// `pipeline.flush_when_caught_up`.
     flush_when_caught_up: bool,
+    /// Batches handed to delivery (compared with `stats.batches_delivered`, the batches
+    /// the sink acknowledged, to tell when delivery is idle).
+    handed_batches: u64,
     tx: mpsc::Sender<Delivery>,
     confirmed_rx: watch::Receiver<Lsn>,
     status_tick: Interval,
@@ -117,6 +120,7 @@ impl Reader {
     async fn hand(&mut self, item: Delivery) -> Result<(), RunError> {
         if let Delivery::Batch(b) = &item {
             debug!(batch = b.id, first = %b.first, last = %b.last, changes = b.changes.len(), watermark = ?b.watermark, replayed = b.replayed, "handing batch");
+            self.handed_batches += 1;
         }
         let tx = self.tx.clone();
         loop {
@@ -215,12 +219,14 @@ impl Reader {
                 .then(|| self.last_watermark + self.watermark_every);
             let far = Instant::now() + Duration::from_secs(3600);
             let paused = *self.paused.borrow_and_update();
-            // Nothing more to read right now (the frame branch below was not ready),
-            // delivery has taken everything handed to it, and the open batch ends at a
-            // commit: hand it on now (see `Batcher::cut_at_commit`).
+            // Nothing more to read right now (the frame branch below was not ready), the
+            // sink has acknowledged every batch handed on, and the open batch ends at a
+            // commit: hand it on now (see `Batcher::cut_at_commit`). While the sink works,
+            // the open batch keeps filling (group commit: with a fast sink and a backlog,
+            // cutting whenever the queue was empty made batches of ~30 changes).
             let cut_now = self.flush_when_caught_up
-                && self.batcher.can_cut_at_commit()
-                && self.tx.capacity() == self.tx.max_capacity();
+                && self.batcher.can_cut_at_commit(crate::metrics::now_us())
+                && self.stats.batches_delivered.load(Ordering::Relaxed) >= self.handed_batches;
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => return Ok(()),
@@ -253,7 +259,7 @@ impl Reader {
                 }
                 Wake::Frame(frame) => self.on_frame(frame).await?,
                 Wake::CaughtUp => {
-                    if let Some(batch) = self.batcher.cut_at_commit() {
+                    if let Some(batch) = self.batcher.cut_at_commit(crate::metrics::now_us()) {
                         self.hand(Delivery::Batch(batch)).await?;
                     }
                 }
@@ -296,7 +302,7 @@ enum Wake {
     BatchDue,
     WatermarkDue,
     Frame(Frame),
-    /// Caught up with the server while delivery's queue is empty.
+    /// Caught up with the server while delivery is idle.
     CaughtUp,
 }
 
@@ -603,6 +609,7 @@ pub async fn run(
         assembler,
         batcher,
         flush_when_caught_up: cfg.pipeline.flush_when_caught_up,
+        handed_batches: 0,
         tx,
         confirmed_rx,
         status_tick,
