@@ -281,13 +281,8 @@ impl Dbmazz for Arc<Control> {
         _: Request<proto::StopRequest>,
     ) -> Result<Response<proto::ControlResponse>, Status> {
         tracing::info!("stop requested by the control API: draining");
-        // Let this answer reach the caller before the drain can end the process (a
-        // pipeline with nothing in flight exits within milliseconds).
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            stop.send_replace(true);
-        });
+        // The answer still goes out: the pipeline shuts this server down gracefully.
+        self.stop.send_replace(true);
         Ok(Response::new(proto::ControlResponse {
             message: "stopping: draining in-flight batches, then exiting".into(),
         }))
@@ -342,8 +337,26 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-/// Serves the API on `addr` until the process ends, over TLS when `tls` holds a PEM
-/// certificate and key; returns the bound address.
+/// A running control API server.
+#[derive(Debug)]
+pub struct Server {
+    /// The bound address.
+    pub addr: std::net::SocketAddr,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Stops accepting calls and waits (at most 2 s) for the calls in flight to be
+    /// answered — the `Stop` that ended the pipeline among them.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// Serves the API on `addr` until [`Server::shutdown`], over TLS when `tls` holds a PEM
+/// certificate and key.
 ///
 /// # Errors
 /// The address cannot be bound, or the certificate or key is not usable.
@@ -352,7 +365,7 @@ pub async fn serve(
     control: Arc<Control>,
     token: Option<String>,
     tls: Option<(Vec<u8>, Vec<u8>)>,
-) -> std::io::Result<std::net::SocketAddr> {
+) -> std::io::Result<Server> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -399,7 +412,8 @@ pub async fn serve(
             )
             .map_err(std::io::Error::other)?;
     }
-    tokio::spawn(async move {
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let result = builder
             .add_service(health_service)
             .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -407,13 +421,19 @@ pub async fn serve(
                 auth.clone(),
             ))
             .add_service(DbmazzServer::with_interceptor(control, auth))
-            .serve_with_incoming(incoming)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "control API stopped");
         }
     });
-    Ok(bound)
+    Ok(Server {
+        addr: bound,
+        shutdown,
+        task,
+    })
 }
 
 fn tokio_stream_listener(
@@ -483,7 +503,6 @@ pub async fn ctl(
             Ok(req)
         },
     );
-    let refused = |s: Status| format!("{:?}: {}", s.code(), s.message());
     let text = match cmd {
         CtlCommand::Status => {
             let s = client
@@ -527,38 +546,24 @@ pub async fn ctl(
             }
             out
         }
-        CtlCommand::Pause => {
-            client
-                .pause(proto::PauseRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .message
-        }
-        CtlCommand::Resume => {
-            client
-                .resume(proto::ResumeRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .message
-        }
-        CtlCommand::Stop => {
-            client
-                .stop(proto::StopRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .message
-        }
+        CtlCommand::Pause => control_message(client.pause(proto::PauseRequest {}).await)?,
+        CtlCommand::Resume => control_message(client.resume(proto::ResumeRequest {}).await)?,
+        CtlCommand::Stop => control_message(client.stop(proto::StopRequest {}).await)?,
         CtlCommand::Reload => {
-            client
-                .reload_plugins(proto::ReloadPluginsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .message
+            control_message(client.reload_plugins(proto::ReloadPluginsRequest {}).await)?
         }
     };
     Ok(text)
+}
+
+/// A refused call as `ctl` prints it: the gRPC code and message.
+fn refused(s: Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// The message of a command's answer, or the refusal as the error.
+fn control_message(
+    answer: Result<Response<proto::ControlResponse>, Status>,
+) -> Result<String, String> {
+    answer.map(|r| r.into_inner().message).map_err(refused)
 }

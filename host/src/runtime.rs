@@ -224,9 +224,11 @@ impl Reader {
             // commit: hand it on now (see `Batcher::cut_at_commit`). While the sink works,
             // the open batch keeps filling (group commit: with a fast sink and a backlog,
             // cutting whenever the queue was empty made batches of ~30 changes).
+            // (The clock is read last: this runs once per frame.)
             let cut_now = self.flush_when_caught_up
-                && self.batcher.can_cut_at_commit(crate::metrics::now_us())
-                && self.stats.batches_delivered.load(Ordering::Relaxed) >= self.handed_batches;
+                && self.batcher.has_open()
+                && self.stats.batches_delivered.load(Ordering::Relaxed) >= self.handed_batches
+                && self.batcher.can_cut_at_commit(crate::metrics::now_us());
             let wake = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => return Ok(()),
@@ -344,6 +346,7 @@ pub async fn run(
         registry: crate::metrics::registry(&stats),
         reloader: Default::default(),
     });
+    let mut control_server = None;
     if let Some(addr) = &cfg.control.grpc {
         let tls = match (&cfg.control.tls_cert, &cfg.control.tls_key) {
             (Some(c), Some(k)) => Some((
@@ -360,11 +363,13 @@ pub async fn run(
                 })
             }
         };
-        let bound = crate::control::serve(addr, control.clone(), cfg.control.token.clone(), tls)
+        let server = crate::control::serve(addr, control.clone(), cfg.control.token.clone(), tls)
             .await
             .map_err(io(format!(
                 "cannot serve the control API on control.grpc = {addr:?}"
             )))?;
+        let bound = server.addr;
+        control_server = Some(server);
         info!(addr = %bound, token = cfg.control.token.is_some(), tls = cfg.control.tls_cert.is_some(), "control API listening (gRPC)");
     }
     if let Some(addr) = &cfg.control.metrics {
@@ -689,5 +694,8 @@ pub async fn run(
     let _ = w.finish().await;
     info!(confirmed = %confirmed, "stopped");
     drop(plugin_host);
+    if let Some(server) = control_server {
+        server.shutdown().await;
+    }
     result
 }
