@@ -521,11 +521,13 @@ impl Receiver {
                             let rec = rec.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
-                                let raw = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes().to_vec())
-                                    .unwrap_or_default();
+                                // A body cut off (the sender killed mid-upload) is not a
+                                // request: a real server would not process it, and the
+                                // sender, with no answer, sends the batch again.
+                                let raw = match body.collect().await {
+                                    Ok(b) => b.to_bytes().to_vec(),
+                                    Err(e) => return Err(e),
+                                };
                                 let headers: Vec<(String, String)> = parts
                                     .headers
                                     .iter()
@@ -566,7 +568,7 @@ impl Receiver {
                                         "status {status}"
                                     ))))
                                     .unwrap();
-                                Ok::<_, std::convert::Infallible>(resp)
+                                Ok::<_, hyper::Error>(resp)
                             }
                         },
                     );
