@@ -329,7 +329,7 @@ async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
     let (ok, out) = inspect(&p.webhook);
     assert!(ok, "{out}");
     assert!(out.contains("world:         dbmazz:plugin/sink"), "{out}");
-    assert!(out.contains("wit version:   0.1.0"), "{out}");
+    assert!(out.contains("wit version:   0.2.0"), "{out}");
     assert!(out.contains("wasi:http/outgoing-handler@0.2.12"), "{out}");
     assert!(out.contains("componentized: no"), "{out}");
     let (ok, out) = inspect(&p.filter);
@@ -377,7 +377,7 @@ async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
     assert!(!status.success());
     assert!(
         log.contains(
-            "is not a component of the world dbmazz:plugin/sink@0.1.0: it is a transform plugin"
+            "is not a component of the world dbmazz:plugin/sink@0.2.0: it is a transform plugin"
         ),
         "{log}"
     );

@@ -28,6 +28,12 @@
 //! limits = { memory_mb = 64, call_timeout_ms = 5000 }
 //! # ... or the built-in JSONL sink: kind = "jsonl", path = "changes.jsonl"
 //!
+//! [snapshot]                        # copy existing rows before streaming
+//! mode = "initial"                  # initial (default) | never | always
+//! workers = 4                       # parallel copy connections
+//! chunk_size = 100000               # rows per chunk (resumable unit)
+//! tables = { "public.audit" = "never" }   # per-table mode
+//!
 //! [state]
 //! dir = "./dbmazz-data"             # RocksDB checkpoints, spill files, compiled plugins
 //!
@@ -82,6 +88,9 @@ pub struct Config {
     /// Operator endpoints.
     #[serde(default)]
     pub control: ControlConfig,
+    /// `[snapshot]`: the copy of existing rows.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
 }
 
 /// `[control]`: endpoints for operators.
@@ -341,6 +350,70 @@ fn default_max_attempts() -> u32 {
     3
 }
 
+/// When the rows that already exist in a table are copied (`snapshot.mode`, and per
+/// table in `[snapshot.tables]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Copy a table once: when the pipeline starts without a snapshot record for it (a new
+    /// slot, or a table added to the configuration or the publication).
+    #[default]
+    Initial,
+    /// Never copy: stream changes only.
+    Never,
+    /// Copy every table at every start (while streaming; see `docs/architecture.md`).
+    Always,
+}
+
+/// `[snapshot]`: the consistent, parallel, resumable copy of existing rows.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// `initial` (default), `never` or `always`.
+    #[serde(default)]
+    pub mode: SnapshotMode,
+    /// Copy connections working at once (chunks copied in parallel).
+    #[serde(default = "default_snapshot_workers")]
+    pub workers: usize,
+    /// Rows per chunk (the unit of parallelism and of resumption).
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: u64,
+    /// Per-table mode, overriding `mode`: `{ "public.audit" = "never" }`.
+    #[serde(default)]
+    pub tables: std::collections::BTreeMap<String, SnapshotMode>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            mode: SnapshotMode::default(),
+            workers: default_snapshot_workers(),
+            chunk_size: default_chunk_size(),
+            tables: Default::default(),
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// The mode for `table` (`schema.table`; a key without a schema means `public`).
+    pub fn mode_for(&self, table: &str) -> SnapshotMode {
+        self.tables
+            .iter()
+            .find(|(k, _)| {
+                let k = k.as_str();
+                k == table || (!k.contains('.') && format!("public.{k}") == table)
+            })
+            .map_or(self.mode, |(_, m)| *m)
+    }
+}
+
+fn default_snapshot_workers() -> usize {
+    4
+}
+fn default_chunk_size() -> u64 {
+    100_000
+}
+
 /// `[plugins]`: plugin host settings.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -570,6 +643,12 @@ impl Config {
         }
         if self.source.status_interval_ms == 0 {
             return Err("source.status_interval_ms must be at least 1".into());
+        }
+        if self.snapshot.workers == 0 || self.snapshot.workers > 64 {
+            return Err("snapshot.workers must be between 1 and 64".into());
+        }
+        if self.snapshot.chunk_size == 0 {
+            return Err("snapshot.chunk_size must be at least 1".into());
         }
         if self.source.slot.is_empty()
             || !self

@@ -64,6 +64,8 @@ pub struct Control {
     pub registry: prometheus_client::registry::Registry,
     /// The plugin file watcher, when the pipeline has plugins.
     pub reloader: Mutex<Option<crate::plugin::reload::Reloader>>,
+    /// Requests to the watermark snapshotter, once streaming.
+    pub snapshot: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::snapshot::Request>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -79,6 +81,8 @@ impl Control {
     pub fn stage(&self) -> proto::Stage {
         if *self.stop.borrow() {
             proto::Stage::Draining
+        } else if self.stats.snapshotting.load(Ordering::Relaxed) {
+            proto::Stage::Snapshot
         } else if !self.stats.streaming.load(Ordering::Relaxed) {
             proto::Stage::Setup
         } else if *self.pause.borrow() {
@@ -100,6 +104,10 @@ impl Control {
                     None => (true, String::new()),
                 }
             }
+            proto::Stage::Snapshot => (
+                false,
+                "copying the exported snapshot: streaming starts when it is read".into(),
+            ),
             proto::Stage::Setup => (
                 false,
                 "setting up: the replication stream is not running yet".into(),
@@ -231,6 +239,22 @@ impl Dbmazz for Arc<Control> {
                     max_ms: ms(l.max_us()),
                 }
             }),
+            snapshot: s
+                .snapshot
+                .lock()
+                .map(|t| t.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| proto::SnapshotTable {
+                    table: t.table,
+                    estimated_rows: t.estimate,
+                    rows: t.rows,
+                    chunks: t.chunks,
+                    chunks_done: t.chunks_done,
+                    method: t.method.to_string(),
+                    done: t.done,
+                })
+                .collect(),
         }))
     }
 
@@ -286,6 +310,40 @@ impl Dbmazz for Arc<Control> {
         Ok(Response::new(proto::ControlResponse {
             message: "stopping: draining in-flight batches, then exiting".into(),
         }))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<proto::SnapshotRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        let tables = req.into_inner().tables;
+        if tables.is_empty() {
+            return Err(Status::invalid_argument("name at least one table"));
+        }
+        let Some(tx) = self.snapshot.lock().ok().and_then(|s| s.clone()) else {
+            return Err(Status::failed_precondition(
+                "the pipeline is not streaming yet; tables requested now would be snapshotted at the next start (add them to source.tables)",
+            ));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(crate::snapshot::Request {
+            tables,
+            reply: Some(reply),
+        })
+        .map_err(|_| Status::unavailable("the snapshotter stopped"))?;
+        match answer.await {
+            Ok(Ok(planned)) => {
+                tracing::info!(tables = ?planned, "snapshot requested by the control API");
+                Ok(Response::new(proto::ControlResponse {
+                    message: format!(
+                        "snapshotting {} while streaming (watermark chunks); progress in Status",
+                        planned.join(", ")
+                    ),
+                }))
+            }
+            Ok(Err(e)) => Err(Status::failed_precondition(e)),
+            Err(_) => Err(Status::unavailable("the snapshotter stopped")),
+        }
     }
 
     async fn reload_plugins(

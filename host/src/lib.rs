@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod quickstart;
 pub mod runtime;
+pub mod snapshot;
 pub mod source;
 pub mod stats;
 

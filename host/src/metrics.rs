@@ -94,6 +94,12 @@ impl Collector for PipelineCollector {
             "changes sent to the dead-letter store",
             load(&s.dead_letters),
         )?;
+        gauge(
+            &mut e,
+            "dbmazz_snapshot_tables_remaining",
+            "tables whose snapshot is planned and not finished",
+            s.snapshot_tables_remaining() as f64,
+        )?;
         let confirmed = load(&s.confirmed_lsn);
         let wal_end = load(&s.server_wal_end).max(load(&s.received_lsn));
         gauge(
@@ -252,6 +258,11 @@ pub fn registry(stats: &Arc<Stats>) -> Registry {
         "dbmazz_batch_size",
         "changes per acknowledged batch",
         stats.batch_size.clone(),
+    );
+    r.register(
+        "dbmazz_snapshot_rows",
+        "rows copied by snapshots, per table",
+        stats.snapshot_rows.clone(),
     );
     r.register_collector(Box::new(PipelineCollector(stats.clone())));
     r

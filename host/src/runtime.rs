@@ -29,6 +29,8 @@ use crate::plugin::chain::PluginChain;
 use crate::plugin::stage::{CallError, Stage, StageSpec};
 use crate::plugin::state::{Grants, Limits};
 use crate::plugin::{LoadError, PluginHost, PluginMetrics, World};
+use crate::snapshot::reconcile::{Reconciler, Registry, TxnInfo};
+use crate::snapshot::{Incremental, SnapshotError, Tracker};
 use crate::source::conn::ConnectionConfig;
 use crate::source::replication::{Frame, ReplicationClient, ReplicationReader, ReplicationWriter};
 use crate::source::setup::{self, SetupError, SetupPlan, SlotState};
@@ -67,6 +69,9 @@ pub enum RunError {
     /// The plugin engine could not be created.
     #[error("plugin engine: {0}")]
     Engine(String),
+    /// The snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The server ended the replication stream.
     #[error("the server ended the replication stream")]
     StreamEnded,
@@ -102,6 +107,10 @@ struct Reader {
     shutdown: watch::Receiver<bool>,
     /// True: no frames are read (the control API's Pause); status updates go on.
     paused: watch::Receiver<bool>,
+    /// Watermark snapshot windows (chunks copied while streaming).
+    reconciler: Reconciler,
+    /// The transaction being read (for `read` changes emitted inside it).
+    txn: TxnInfo,
 }
 
 impl Reader {
@@ -148,14 +157,53 @@ impl Reader {
     async fn drain_events(&mut self) -> Result<(), RunError> {
         let mut events = std::mem::take(&mut self.events);
         for ev in events.drain(..) {
-            if let Some(batch) = self.batcher.push(ev) {
-                self.hand(Delivery::Batch(batch)).await?;
+            let mut emitted = None;
+            match &ev {
+                Event::Begin {
+                    xid,
+                    commit_time_us,
+                    ..
+                } => {
+                    self.txn = TxnInfo {
+                        xid: *xid,
+                        commit_time_us: *commit_time_us,
+                    }
+                }
+                Event::Change(c) if self.reconciler.active() => self.reconciler.on_change(c),
+                Event::Message { position, message } => {
+                    emitted = self.reconciler.on_message(message, *position, self.txn);
+                }
+                _ => {}
             }
-            while let Some(batch) = self.batcher.next_ready() {
-                self.hand(Delivery::Batch(batch)).await?;
+            self.push(ev).await?;
+            if let Some(e) = emitted {
+                // A high watermark: the chunk's rows go in here, inside its transaction.
+                let n = e.reads.len() as u64;
+                let last = e.reads.last().map(|c| c.position);
+                for c in e.reads {
+                    self.push(Event::Change(c)).await?;
+                }
+                self.hand(Delivery::ChunkRead {
+                    chunk: e.chunk,
+                    last,
+                })
+                .await?;
+                if let Some(tx) = e.consumed {
+                    let _ = tx.send((n, last));
+                }
             }
         }
         self.events = events;
+        Ok(())
+    }
+
+    async fn push(&mut self, ev: Event) -> Result<(), RunError> {
+        if let Some(batch) = self.batcher.push(ev) {
+            self.hand(Delivery::Batch(batch)).await?;
+        }
+        while let Some(batch) = self.batcher.next_ready() {
+            self.hand(Delivery::Batch(batch)).await?;
+        }
         Ok(())
     }
 
@@ -345,6 +393,7 @@ pub async fn run(
         sql: Default::default(),
         registry: crate::metrics::registry(&stats),
         reloader: Default::default(),
+        snapshot: Default::default(),
     });
     let mut control_server = None;
     if let Some(addr) = &cfg.control.grpc {
@@ -450,6 +499,7 @@ pub async fn run(
     for step in &outcome.steps {
         info!("setup {step}");
     }
+    let published = published_tables(&sql, &cfg.source.publication).await?;
     if cfg.control.grpc.is_some() {
         // kept for Status: the server's WAL position while reading is paused
         *control.sql.lock().await = Some(sql);
@@ -476,40 +526,14 @@ pub async fn run(
         }
         .into());
     }
-    if outcome.slot == SlotState::Missing {
-        match repl.create_slot(&cfg.source.slot, false).await {
-            Ok(created) => {
-                info!(slot = %created.slot_name, consistent_point = %created.consistent_point, "created replication slot")
-            }
-            Err(e) if e.sqlstate() == Some("42710") => {
-                info!(slot = %cfg.source.slot, "replication slot appeared meanwhile; reusing it")
-            }
-            Err(e) if e.sqlstate() == Some("53400") => {
-                return Err(SetupError::SlotsExhausted { max: -1 }.into());
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-
-    if !pending.is_empty() {
-        info!(
-            batches = pending.len(),
-            first = pending[0].id,
-            "rebuilding unacknowledged batches with their stored ids"
-        );
-    }
-    let (reader, writer) = repl
-        .start_replication(&cfg.source.slot, cp.confirmed_lsn, &cfg.source.publication)
-        .await
-        .map_err(|e| match e.sqlstate() {
-            Some("55006") => RunError::from(SetupError::SlotInUse {
-                slot: cfg.source.slot.clone(),
-                pid: None,
-            }),
-            _ => RunError::from(e),
-        })?;
-    info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
-    stats.streaming.store(true, Ordering::Relaxed);
+    let snapshot_tables = tables_to_snapshot(
+        cfg,
+        &store,
+        &published,
+        &cp,
+        outcome.slot == SlotState::Missing,
+    )?;
+    let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
 
     let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
     let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
@@ -524,6 +548,7 @@ pub async fn run(
                 rx,
                 confirmed_tx,
                 stats.clone(),
+                tracker.clone(),
                 stop_rx,
             ))
         }
@@ -584,9 +609,124 @@ pub async fn run(
                 rx,
                 confirmed_tx,
                 stats.clone(),
+                tracker.clone(),
                 stop_rx,
             ))
         }
+    };
+
+    // The slot, and with a new slot the exported snapshot: copied before streaming
+    // starts at the slot's consistent point.
+    let mut watermark_tables = snapshot_tables.clone();
+    if outcome.slot == SlotState::Missing {
+        let export = !snapshot_tables.is_empty();
+        match repl.create_slot(&cfg.source.slot, export).await {
+            Ok(created) => {
+                info!(slot = %created.slot_name, consistent_point = %created.consistent_point, snapshot = ?created.snapshot_name, "created replication slot");
+                if let Some(name) = created.snapshot_name.filter(|_| export) {
+                    // Plans made for an earlier slot do not apply to this one.
+                    store.request_snapshots(&snapshot_tables)?;
+                    watermark_tables.clear();
+                    stats.snapshotting.store(true, Ordering::Relaxed);
+                    crate::snapshot::spawn_progress_bars(stats.clone(), shutdown.clone());
+                    let copied = crate::snapshot::copy_exported(
+                        &conn,
+                        &name,
+                        created.consistent_point,
+                        &snapshot_tables,
+                        cfg.snapshot.workers,
+                        cfg.snapshot.chunk_size,
+                        cfg.pipeline.flush_size,
+                        &store,
+                        &tracker,
+                        &tx,
+                        &shutdown,
+                    )
+                    .await;
+                    stats.snapshotting.store(false, Ordering::Relaxed);
+                    match copied {
+                        Ok(()) => {}
+                        Err(e) => {
+                            let interrupted = matches!(e, SnapshotError::Interrupted);
+                            // Let delivery finish what it has (bounded), keep what is durable.
+                            drop(tx);
+                            let drain = Duration::from_millis(cfg.pipeline.drain_timeout_ms);
+                            if interrupted {
+                                info!("stopping during the snapshot: chunks not acknowledged are copied at the next start");
+                                let _ = tokio::time::timeout(drain, &mut delivery).await;
+                            } else {
+                                let _ = stop_tx.send(true);
+                                let _ = tokio::time::timeout(drain, &mut delivery).await;
+                            }
+                            delivery.abort();
+                            if let Some(server) = control_server {
+                                server.shutdown().await;
+                            }
+                            return if interrupted { Ok(()) } else { Err(e.into()) };
+                        }
+                    }
+                }
+            }
+            Err(e) if e.sqlstate() == Some("42710") => {
+                info!(slot = %cfg.source.slot, "replication slot appeared meanwhile; reusing it")
+            }
+            Err(e) if e.sqlstate() == Some("53400") => {
+                return Err(SetupError::SlotsExhausted { max: -1 }.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    if !pending.is_empty() {
+        info!(
+            batches = pending.len(),
+            first = pending[0].id,
+            "rebuilding unacknowledged batches with their stored ids"
+        );
+    }
+    let (reader, writer) = repl
+        .start_replication(&cfg.source.slot, cp.confirmed_lsn, &cfg.source.publication)
+        .await
+        .map_err(|e| match e.sqlstate() {
+            Some("55006") => RunError::from(SetupError::SlotInUse {
+                slot: cfg.source.slot.clone(),
+                pid: None,
+            }),
+            _ => RunError::from(e),
+        })?;
+    info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
+    stats.streaming.store(true, Ordering::Relaxed);
+
+    // The watermark snapshotter: chunks left by an interrupted exported copy, `always`,
+    // tables added to the pipeline, and Snapshot requests from the control API.
+    let registry = Arc::new(Registry::default());
+    let (snapshot_tx, snapshot_rx) = mpsc::unbounded_channel();
+    if let Ok(mut s) = control.snapshot.lock() {
+        *s = Some(snapshot_tx);
+    }
+    if !watermark_tables.is_empty() {
+        crate::snapshot::spawn_progress_bars(stats.clone(), shutdown.clone());
+    }
+    let incremental = {
+        let inc = Incremental {
+            conn: conn.clone(),
+            store: store.clone(),
+            tracker: tracker.clone(),
+            registry: registry.clone(),
+            workers: cfg.snapshot.workers,
+            chunk_size: cfg.snapshot.chunk_size,
+            publication: cfg.source.publication.clone(),
+            replica_identity_full: cfg.source.replica_identity_full,
+        };
+        let (halt, shutdown) = (control.stop.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let r = inc.run(watermark_tables, snapshot_rx, shutdown).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "snapshot failed; stopping");
+                halt.send_replace(true);
+            }
+            r
+        })
     };
 
     let assembler = Assembler::new(
@@ -625,6 +765,8 @@ pub async fn run(
         last_watermark: Instant::now(),
         shutdown: shutdown.clone(),
         paused: pause_rx,
+        reconciler: Reconciler::new(registry),
+        txn: TxnInfo::default(),
     };
 
     let streamed = r.stream().await;
@@ -697,5 +839,84 @@ pub async fn run(
     if let Some(server) = control_server {
         server.shutdown().await;
     }
+    // A failed snapshot stopped the pipeline: report it.
+    if incremental.is_finished() {
+        if let Ok(Err(e)) = incremental.await {
+            return Err(e.into());
+        }
+    } else {
+        incremental.abort();
+    }
     result
+}
+
+/// `schema.table` of every table in the publication.
+async fn published_tables(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<String>, RunError> {
+    let rows = sql
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(crate::source::conn::sql_error)?;
+    Ok(rows
+        .iter()
+        .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// The published tables to snapshot at this start, by `snapshot.mode` and the store's
+/// records, recorded as requested (synced) before anything is copied: a table is copied
+/// once (`initial`), at every start (`always`) or never; a snapshot interrupted by a crash
+/// goes on. A pipeline that streamed before it had snapshot records (an older dbmazz)
+/// records its tables as complete instead of copying what it already streamed.
+fn tables_to_snapshot(
+    cfg: &Config,
+    store: &Store,
+    published: &[String],
+    cp: &crate::checkpoint::Checkpoint,
+    new_slot: bool,
+) -> Result<Vec<String>, RunError> {
+    use crate::config::SnapshotMode;
+    let state = store.snapshot_state()?;
+    let streamed_before = cp.last_batch_id != 0 || !cp.confirmed_lsn.is_zero();
+    let no_records =
+        state.requested.is_empty() && state.complete.is_empty() && state.plans.is_empty();
+    if !new_slot && streamed_before && no_records {
+        for t in published {
+            store.complete_snapshot(&crate::checkpoint::TablePlan {
+                table: t.clone(),
+                estimate: 0,
+                chunks: Vec::new(),
+            })?;
+        }
+        info!(
+            tables = published.len(),
+            "this pipeline streamed before it kept snapshot records: its tables count as snapshotted"
+        );
+        return Ok(Vec::new());
+    }
+    let mut resume = Vec::new();
+    let mut new = Vec::new();
+    for t in published {
+        let requested = state.requested.contains(t);
+        match cfg.snapshot.mode_for(t) {
+            SnapshotMode::Never => {}
+            _ if requested => resume.push(t.clone()),
+            SnapshotMode::Always => new.push(t.clone()),
+            SnapshotMode::Initial if !state.complete.contains_key(t) => new.push(t.clone()),
+            SnapshotMode::Initial => {}
+        }
+    }
+    if !new.is_empty() {
+        store.request_snapshots(&new)?;
+    }
+    if !resume.is_empty() {
+        info!(tables = ?resume, "resuming an unfinished snapshot");
+    }
+    resume.extend(new);
+    Ok(resume)
 }

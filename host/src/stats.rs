@@ -28,9 +28,42 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of `dbmazz_snapshot_rows_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// `schema.table`.
+    pub table: String,
+}
+
+/// One table's snapshot progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotTable {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows expected (`pg_class.reltuples`, or a count).
+    pub estimate: u64,
+    /// Rows copied so far (by this process; chunks finished before a restart count in
+    /// `chunks_done`, not here).
+    pub rows: u64,
+    /// Chunks planned.
+    pub chunks: u64,
+    /// Chunks whose rows the sink acknowledged.
+    pub chunks_done: u64,
+    /// `exported` (the slot's snapshot, before streaming) or `watermark` (while streaming).
+    pub method: &'static str,
+    /// Every chunk acknowledged.
+    pub done: bool,
+}
+
 /// Pipeline counters.
 #[derive(Debug)]
 pub struct Stats {
+    /// Snapshot progress per table, in the order tables were planned.
+    pub snapshot: Mutex<Vec<SnapshotTable>>,
+    /// Rows copied by snapshots, per table.
+    pub snapshot_rows: Family<TableLabels, Counter>,
+    /// True while the exported snapshot is copied (before streaming starts).
+    pub snapshotting: AtomicBool,
     /// pgoutput bytes received (XLogData payloads).
     pub bytes_received: AtomicU64,
     /// Messages received.
@@ -185,6 +218,9 @@ impl Latency {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
+            snapshot: Mutex::new(Vec::new()),
+            snapshot_rows: Family::default(),
+            snapshotting: AtomicBool::new(false),
             bytes_received: AtomicU64::new(0),
             messages_received: AtomicU64::new(0),
             changes_delivered: AtomicU64::new(0),
@@ -254,6 +290,52 @@ impl Stats {
         }
         if let Ok(mut c) = self.commit_to_ack.lock() {
             c.on_batch(batch, now);
+        }
+    }
+
+    /// Counts an acknowledged snapshot batch (the exported snapshot's: outside the
+    /// stream, so it moves no position and no latency).
+    pub fn record_snapshot_batch(&self, batch: &Batch) {
+        self.changes_delivered
+            .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
+        if let Ok(mut e) = self.sink_error.lock() {
+            *e = None;
+        }
+        self.batches
+            .get_or_create(&ResultLabels { result: "acked" })
+            .inc();
+        self.batch_size.observe(batch.changes.len() as f64);
+        if let Some(c) = batch.changes.first() {
+            self.changes
+                .get_or_create(&ChangeLabels {
+                    table: c.relation.qualified_name(),
+                    op: "read",
+                })
+                .inc_by(batch.changes.len() as u64);
+        }
+    }
+
+    /// Tables whose snapshot is planned and not finished.
+    pub fn snapshot_tables_remaining(&self) -> u64 {
+        self.snapshot
+            .lock()
+            .map_or(0, |t| t.iter().filter(|t| !t.done).count() as u64)
+    }
+
+    /// Updates one table's snapshot progress (adding the table when new).
+    pub fn snapshot_progress(&self, table: &str, f: impl FnOnce(&mut SnapshotTable)) {
+        if let Ok(mut all) = self.snapshot.lock() {
+            let at = match all.iter().position(|t| t.table == table) {
+                Some(i) => i,
+                None => {
+                    all.push(SnapshotTable {
+                        table: table.to_string(),
+                        ..Default::default()
+                    });
+                    all.len() - 1
+                }
+            };
+            f(&mut all[at]);
         }
     }
 

@@ -292,6 +292,7 @@ impl<'a> Iterator for Changes<'a> {
                 b'U' => Op::Update,
                 b'D' => Op::Delete,
                 b'T' => Op::Truncate,
+                b'R' => Op::Read,
                 _ => {
                     return Err(DecodeError {
                         offset: at,
@@ -423,6 +424,7 @@ pub fn encode_for_tests(b: &Batch) -> EncodedBatch {
             Op::Update => b'U',
             Op::Delete => b'D',
             Op::Truncate => b'T',
+            Op::Read => b'R',
         });
         data.extend_from_slice(&c.relation.to_be_bytes());
         data.extend_from_slice(&c.lsn.to_be_bytes());
@@ -448,5 +450,31 @@ pub fn encode_for_tests(b: &Batch) -> EncodedBatch {
         relations: b.relations.clone(),
         count: b.changes.len() as u32,
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::BatchBuilder;
+
+    #[test]
+    fn every_op_round_trips() {
+        let ops = [Op::Insert, Op::Update, Op::Delete, Op::Truncate, Op::Read];
+        let mut b = BatchBuilder::new(1).table(1, "public", "t", &[("id", 23, true)]);
+        for op in ops {
+            b = b.change(op, 1, None, Some(vec![Datum::Int(1)]));
+        }
+        let typed = b.build();
+        let enc = encode_for_tests(&typed);
+        let decoded: Vec<Op> = enc.changes().map(|c| c.unwrap().op).collect();
+        assert_eq!(decoded, ops);
+        assert_eq!(enc.decode().unwrap(), typed);
+        // a snapshot read is 'R' on the wire
+        let read = BatchBuilder::new(2)
+            .table(1, "public", "t", &[("id", 23, true)])
+            .change(Op::Read, 1, None, Some(vec![Datum::Int(1)]))
+            .build();
+        assert_eq!(encode_for_tests(&read).data[0], b'R');
     }
 }

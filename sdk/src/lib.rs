@@ -31,7 +31,7 @@
 //! ```
 //!
 //! The result, `target/wasm32-wasip2/release/<crate>.wasm`, is a component of the world
-//! `dbmazz:plugin/sink@0.1.0` (or `transform`). `dbmazz plugin inspect FILE.wasm` shows
+//! `dbmazz:plugin/sink@0.2.0` (or `transform`). `dbmazz plugin inspect FILE.wasm` shows
 //! its world, version and imports.
 //!
 //! ## Shapes
@@ -40,7 +40,9 @@
 //! [`Relation`]s its changes refer to, and the [`Change`]s. A change's `old`/`new` are
 //! value lists in the relation's column order; [`Row`] reads them by column name.
 //! [`Datum::UnchangedToast`] is a value PostgreSQL did not send (a large column that the
-//! update did not touch): never treat it as NULL.
+//! update did not touch): never treat it as NULL. A change's [`Op`] is insert, update,
+//! delete, truncate, or read: a row copied by the snapshot (only `new`), which a sink
+//! applies as an upsert, like an insert of a row that may already exist.
 //!
 //! ## Configuration and capabilities
 //!
@@ -98,7 +100,8 @@ pub type Relation = wit::types::Relation;
 pub type Column = wit::types::Column;
 /// One column value.
 pub type Datum = wit::types::Datum;
-/// insert, update, delete, truncate.
+/// insert, update, delete, truncate, or read: a row copied by a snapshot, not a change,
+/// which a sink applies as an upsert (Debezium's `r`).
 pub type Op = wit::types::Op;
 /// A relation's shape changed.
 pub type SchemaChange = wit::types::SchemaChange;
@@ -483,13 +486,14 @@ impl Relation {
 }
 
 impl Op {
-    /// `insert`, `update`, `delete`, `truncate`.
+    /// `insert`, `update`, `delete`, `truncate`, `read`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Op::Insert => "insert",
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Truncate => "truncate",
+            Op::Read => "read",
         }
     }
 }

@@ -9,6 +9,7 @@
 //! | `batch_intents` | batch id (u64 BE)        | [`BatchIntent`] first/last positions   |
 //! | `dead_letters`  | batch id, index (u64 BE, u32 BE) | [`DeadLetter`]                 |
 //! | `plugin_kv`     | plugin name, 0, key      | plugin-defined bytes                   |
+//! | `snapshot`      | `table/<t>`, `requested/<t>`, `complete/<t>`, `done/<chunk id BE>`, `next_chunk` | [`TablePlan`] (JSON), markers, [`TableComplete`] (JSON), chunk done markers, u64 BE |
 //!
 //! The ordering rule that makes a crash lose nothing (invariant 1 in
 //! `docs/architecture.md`): a batch's intent is written, synced, before the batch is handed
@@ -35,6 +36,8 @@ const CF_POSITIONS: &str = "positions";
 const CF_INTENTS: &str = "batch_intents";
 const CF_DEAD: &str = "dead_letters";
 const CF_KV: &str = "plugin_kv";
+const CF_SNAPSHOT: &str = "snapshot";
+const KEY_NEXT_CHUNK: &[u8] = b"next_chunk";
 const KEY_CHECKPOINT: &[u8] = b"checkpoint";
 const KEY_IDENTITY: &[u8] = b"identity";
 const FORMAT_VERSION: u8 = 1;
@@ -108,6 +111,50 @@ pub struct DeadLetter {
     pub reason: String,
     /// The change, serialized by the caller (JSON).
     pub payload: Vec<u8>,
+}
+
+/// One chunk of a table's snapshot: the rows a `WHERE` predicate selects.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotChunk {
+    /// Unique over the store's life (never reused, also across re-snapshots).
+    pub id: u64,
+    /// Its position in the table's plan (0-based).
+    pub index: u32,
+    /// SQL predicate selecting the chunk's rows (a key range or a ctid page range).
+    pub predicate: String,
+}
+
+/// A table's snapshot plan, stored before any of its chunks is copied.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TablePlan {
+    /// `schema.table`.
+    pub table: String,
+    /// Estimated rows (`pg_class.reltuples`, or a count when never analyzed).
+    pub estimate: u64,
+    /// The chunks, in key (or page) order; together they cover the table.
+    pub chunks: Vec<SnapshotChunk>,
+}
+
+/// A table whose snapshot finished.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableComplete {
+    /// Milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+}
+
+/// Everything the store knows about snapshots.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotState {
+    /// Tables whose snapshot is wanted and not finished (planned or not).
+    pub requested: std::collections::BTreeSet<String>,
+    /// Plans of requested tables, by table.
+    pub plans: std::collections::BTreeMap<String, TablePlan>,
+    /// Chunks whose rows the sink acknowledged.
+    pub done: std::collections::HashSet<u64>,
+    /// Tables whose snapshot finished.
+    pub complete: std::collections::BTreeMap<String, TableComplete>,
+    /// The next free chunk id.
+    pub next_chunk: u64,
 }
 
 /// The RocksDB-backed store. Cheap to share behind an `Arc`; RocksDB is thread-safe.
@@ -192,7 +239,7 @@ impl Store {
         opts.set_max_background_jobs(2);
         opts.set_write_buffer_size(4 << 20);
         opts.set_keep_log_file_num(2);
-        let cfs = [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV]
+        let cfs = [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV, CF_SNAPSHOT]
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Rocks {
@@ -338,8 +385,16 @@ impl Store {
     ///
     /// # Errors
     /// RocksDB errors.
-    pub fn commit(&self, cp: &Checkpoint, next: Option<&BatchIntent>) -> Result<(), StoreError> {
+    pub fn commit(
+        &self,
+        cp: &Checkpoint,
+        next: Option<&BatchIntent>,
+        chunks_done: &[u64],
+    ) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
+        for id in chunks_done {
+            wb.put_cf(self.cf(CF_SNAPSHOT), Self::done_key(*id), b"");
+        }
         wb.put_cf(self.cf(CF_POSITIONS), KEY_CHECKPOINT, cp.encode());
         if cp.last_batch_id > 0 {
             wb.delete_cf(self.cf(CF_INTENTS), cp.last_batch_id.to_be_bytes());
@@ -351,6 +406,114 @@ impl Store {
                 Self::intent_value(intent),
             );
         }
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    fn done_key(id: u64) -> Vec<u8> {
+        let mut k = b"done/".to_vec();
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    /// The snapshot records (see the module docs).
+    ///
+    /// # Errors
+    /// RocksDB errors; [`StoreError::Corrupt`] for a record that does not decode.
+    pub fn snapshot_state(&self) -> Result<SnapshotState, StoreError> {
+        let mut st = SnapshotState::default();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SNAPSHOT), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let text = |p: &[u8]| String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            if k.as_ref() == KEY_NEXT_CHUNK {
+                st.next_chunk = get_u64(&v, 0).ok_or_else(|| self.corrupt("next chunk id"))?;
+            } else if k.starts_with(b"done/") {
+                st.done
+                    .insert(get_u64(&k, 5).ok_or_else(|| self.corrupt("chunk done"))?);
+            } else if k.starts_with(b"requested/") {
+                st.requested.insert(text(b"requested/"));
+            } else if k.starts_with(b"table/") {
+                let plan: TablePlan =
+                    serde_json::from_slice(&v).map_err(|_| self.corrupt("snapshot plan"))?;
+                st.plans.insert(plan.table.clone(), plan);
+            } else if k.starts_with(b"complete/") {
+                let c: TableComplete =
+                    serde_json::from_slice(&v).map_err(|_| self.corrupt("snapshot completion"))?;
+                st.complete.insert(text(b"complete/"), c);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Records (synced) that `tables` must be snapshotted, forgetting earlier completions
+    /// and plans of them (a re-snapshot starts over).
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn request_snapshots(&self, tables: &[String]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        let cf = self.cf(CF_SNAPSHOT);
+        for t in tables {
+            wb.put_cf(cf, format!("requested/{t}"), b"");
+            wb.delete_cf(cf, format!("complete/{t}"));
+            wb.delete_cf(cf, format!("table/{t}"));
+        }
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Stores (synced) a table's plan and the next free chunk id.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn put_snapshot_plan(&self, plan: &TablePlan, next_chunk: u64) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        let cf = self.cf(CF_SNAPSHOT);
+        let v = serde_json::to_vec(plan).map_err(|_| self.corrupt("snapshot plan"))?;
+        wb.put_cf(cf, format!("table/{}", plan.table), v);
+        wb.put_cf(cf, KEY_NEXT_CHUNK, next_chunk.to_be_bytes());
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Records (synced) that the sink acknowledged every row of these chunks.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn put_chunks_done(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        for id in ids {
+            wb.put_cf(self.cf(CF_SNAPSHOT), Self::done_key(*id), b"");
+        }
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Records (synced) that `plan`'s table is fully copied: its plan, chunk markers and
+    /// request are replaced by a completion record.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn complete_snapshot(&self, plan: &TablePlan) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        let cf = self.cf(CF_SNAPSHOT);
+        for c in &plan.chunks {
+            wb.delete_cf(cf, Self::done_key(c.id));
+        }
+        wb.delete_cf(cf, format!("table/{}", plan.table));
+        wb.delete_cf(cf, format!("requested/{}", plan.table));
+        let done = TableComplete {
+            finished_at_ms: (crate::metrics::now_us() / 1000).max(0) as u64,
+        };
+        let v = serde_json::to_vec(&done).map_err(|_| self.corrupt("snapshot completion"))?;
+        wb.put_cf(cf, format!("complete/{}", plan.table), v);
         self.db
             .write_opt(wb, &Self::synced())
             .map_err(|e| self.rocks(e))
@@ -493,6 +656,7 @@ mod tests {
                     last_batch_id: 1,
                 },
                 Some(&intent(3)),
+                &[],
             )
             .unwrap();
         }

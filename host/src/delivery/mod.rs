@@ -21,7 +21,8 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::lsn::Lsn;
-use crate::pipeline::change::{Batch, BatchId};
+use crate::pipeline::change::{Batch, BatchId, Position};
+use crate::snapshot::Tracker;
 use crate::stats::Stats;
 
 /// An item handed from the reader to delivery, in stream order.
@@ -33,6 +34,23 @@ pub enum Delivery {
     /// published changes, or a keepalive with nothing open): confirmable once the
     /// batches before it are acknowledged.
     Watermark(Lsn),
+    /// Rows of the exported snapshot (copied before streaming starts): written like a
+    /// batch, but outside the stream, so no position moves. `chunk_done`: the last part of
+    /// that chunk, which is marked done once this batch is acknowledged.
+    Snapshot {
+        /// The `read` changes, with a snapshot batch id.
+        batch: Batch,
+        /// The chunk this batch completes.
+        chunk_done: Option<u64>,
+    },
+    /// A chunk's `read` changes were all handed on, the last at `last` (none: the chunk
+    /// had no rows left): it is done once the batch holding `last` is acknowledged.
+    ChunkRead {
+        /// Chunk id.
+        chunk: u64,
+        /// Position of its last `read` change.
+        last: Option<Position>,
+    },
 }
 
 /// Why a sink could not take a batch.
@@ -87,9 +105,12 @@ pub async fn run<S: Sink>(
     mut rx: mpsc::Receiver<Delivery>,
     confirmed: watch::Sender<Lsn>,
     stats: Arc<Stats>,
+    tracker: Arc<Tracker>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), DeliveryError> {
     let mut cp = store.checkpoint()?;
+    // Chunks whose last `read` change is in a batch not yet acknowledged.
+    let mut chunks_pending: Vec<(u64, Position)> = Vec::new();
     let mut lookahead: Option<Delivery> = None;
     // The id of a batch whose intent was stored with the previous checkpoint.
     let mut stored_intent: Option<BatchId> = None;
@@ -128,11 +149,41 @@ pub async fn run<S: Sink>(
                     Some(Delivery::Batch(b)) if !b.replayed => Some(b.intent()),
                     _ => None,
                 };
-                tokio::task::block_in_place(|| store.commit(&cp, next_intent.as_ref()))?;
+                let mut done = Vec::new();
+                chunks_pending.retain(|&(id, last)| {
+                    let acked = last <= batch.last;
+                    if acked {
+                        done.push(id);
+                    }
+                    !acked
+                });
+                tokio::task::block_in_place(|| store.commit(&cp, next_intent.as_ref(), &done))?;
+                if !done.is_empty() {
+                    tracker.chunks_done(&done)?;
+                }
                 stored_intent = next_intent.map(|i| i.id);
                 debug!(batch = batch.id, confirmed = %cp.confirmed_lsn, "batch acknowledged and checkpointed");
                 confirmed.send_replace(cp.confirmed_lsn);
             }
+            Delivery::Snapshot { batch, chunk_done } => {
+                if !write_with_retries(&mut sink, &stats, &batch, &mut stop).await? {
+                    return Ok(());
+                }
+                stats.record_snapshot_batch(&batch);
+                if let Some(id) = chunk_done {
+                    tokio::task::block_in_place(|| store.put_chunks_done(&[id]))?;
+                    tracker.chunks_done(&[id])?;
+                }
+            }
+            Delivery::ChunkRead { chunk, last } => match last {
+                Some(last) if cp.acked_through.is_none_or(|a| a < last) => {
+                    chunks_pending.push((chunk, last));
+                }
+                _ => {
+                    tokio::task::block_in_place(|| store.put_chunks_done(&[chunk]))?;
+                    tracker.chunks_done(&[chunk])?;
+                }
+            },
             Delivery::Watermark(mut w) => {
                 // Coalesce a run of watermarks into one synced write.
                 while let Ok(next) = rx.try_recv() {
@@ -147,7 +198,7 @@ pub async fn run<S: Sink>(
                 stats.record_watermark(w);
                 if w > cp.confirmed_lsn {
                     cp.confirmed_lsn = w;
-                    tokio::task::block_in_place(|| store.commit(&cp, None))?;
+                    tokio::task::block_in_place(|| store.commit(&cp, None, &[]))?;
                     confirmed.send_replace(cp.confirmed_lsn);
                 }
             }
@@ -276,7 +327,16 @@ mod tests {
             seen: seen.clone(),
         };
         let stats = Arc::new(Stats::default());
-        let task = tokio::spawn(run(sink, store.clone(), rx, confirmed, stats, stop));
+        let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
+        let task = tokio::spawn(run(
+            sink,
+            store.clone(),
+            rx,
+            confirmed,
+            stats,
+            tracker,
+            stop,
+        ));
         let mut crx = confirmed_rx;
         crx.changed().await.unwrap();
         for b in batches {

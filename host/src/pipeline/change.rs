@@ -40,16 +40,20 @@ pub enum Op {
     Delete,
     /// TRUNCATE (one change per truncated relation)
     Truncate,
+    /// A row copied by the initial (or an added table's) snapshot: the row as it was,
+    /// not a change (Debezium's `r`). Sinks apply it as an upsert.
+    Read,
 }
 
 impl Op {
-    /// Lower-case SQL name: `insert`, `update`, `delete`, `truncate`.
+    /// Lower-case name: `insert`, `update`, `delete`, `truncate`, `read`.
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Insert => "insert",
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Truncate => "truncate",
+            Op::Read => "read",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Host-side bindings of the `dbmazz:plugin@0.1.0` worlds (`wit/` at the repository root).
+//! Host-side bindings of the `dbmazz:plugin@0.2.0` worlds (`wit/` at the repository root).
 
 #![allow(missing_docs)]
 

@@ -73,6 +73,7 @@ fn op_byte(op: Op) -> u8 {
         Op::Update => b'U',
         Op::Delete => b'D',
         Op::Truncate => b'T',
+        Op::Read => b'R',
     }
 }
 
@@ -169,6 +170,7 @@ pub fn batch_selected(b: &Batch, selection: Option<&[u32]>) -> Result<wit::Batch
                 Op::Update => wit::Op::Update,
                 Op::Delete => wit::Op::Delete,
                 Op::Truncate => wit::Op::Truncate,
+                Op::Read => wit::Op::Read,
             },
             relation: c.relation.id,
             lsn: c.lsn.0,

@@ -1,7 +1,7 @@
 //! The plugin host: WebAssembly components that transform and deliver batches.
 //!
-//! A plugin is a component of the world `dbmazz:plugin/sink@0.1.0` or
-//! `dbmazz:plugin/transform@0.1.0` (`wit/dbmazz-plugin.wit`). The host:
+//! A plugin is a component of the world `dbmazz:plugin/sink@0.2.0` or
+//! `dbmazz:plugin/transform@0.2.0` (`wit/dbmazz-plugin.wit`). The host:
 //!
 //! - keeps **one [`wasmtime::Engine`]** per process, with epoch interruption driven by a
 //!   ticker thread (every [`EPOCH_TICK`]);
@@ -45,7 +45,7 @@ use self::bindings::{sink as sink_world, transform as transform_world};
 use self::state::PluginState;
 
 /// The WIT package version this host implements.
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+pub const WIT_VERSION: (u64, u64, u64) = (0, 2, 0);
 
 /// How often the epoch advances; call deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -93,13 +93,13 @@ pub enum LoadError {
     WrongWorld {
         /// The file.
         path: PathBuf,
-        /// The world the stage needs (`dbmazz:plugin/sink@0.1.0`).
+        /// The world the stage needs (`dbmazz:plugin/sink@0.2.0`).
         expected: String,
         /// What the file is.
         found: String,
     },
     /// Built against an incompatible version of the WIT package.
-    #[error("plugin {path} was built against dbmazz:plugin@{found}, but this host implements dbmazz:plugin@{expected}: rebuild it against dbmazz-sdk {expected}")]
+    #[error("plugin {path} was built against dbmazz:plugin@{found}, but this host implements dbmazz:plugin@{expected}: rebuild it with this release's dbmazz-sdk (its WIT is wit/dbmazz-plugin.wit)")]
     WrongVersion {
         /// The file.
         path: PathBuf,
@@ -116,10 +116,10 @@ pub enum LoadError {
 pub struct PluginInfo {
     /// The world, when recognized.
     pub world: Option<World>,
-    /// `dbmazz:plugin` version from the imports (`0.1.0`), when the plugin imports any
+    /// `dbmazz:plugin` version from the imports (`0.2.0`), when the plugin imports any
     /// dbmazz interface.
     pub version: Option<String>,
-    /// Imported interfaces (`dbmazz:plugin/log@0.1.0`, `wasi:http/outgoing-handler@0.2.12`, ...).
+    /// Imported interfaces (`dbmazz:plugin/log@0.2.0`, `wasi:http/outgoing-handler@0.2.12`, ...).
     pub imports: Vec<String>,
     /// Exported names.
     pub exports: Vec<String>,
@@ -561,10 +561,11 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(dbmazz_version("dbmazz:plugin/log@0.1.0"), Some("0.1.0"));
+        assert_eq!(dbmazz_version("dbmazz:plugin/log@0.2.0"), Some("0.2.0"));
         assert_eq!(dbmazz_version("wasi:io/streams@0.2.12"), None);
-        assert!(same_major("0.1.0") && same_major("0.1.7"));
-        assert!(!same_major("0.2.0") && !same_major("1.0.0") && !same_major("x"));
+        assert!(same_major("0.2.0") && same_major("0.2.7"));
+        assert!(!same_major("0.1.0") && !same_major("0.3.0") && !same_major("1.0.0"));
+        assert!(!same_major("x"));
     }
 
     #[test]
@@ -579,19 +580,33 @@ mod tests {
 mod version_tests {
     use super::*;
 
+    /// The current contract.
+    const CURRENT: &str = "dbmazz-plugin.wit";
+    /// The 0.1.0 contract, kept as history.
+    const V0_1_0: &str = "since_v0.1.0/dbmazz-plugin.wit";
+
     /// Builds a real component of the sink world of `dbmazz:plugin@<version>` (a dummy
-    /// module from the WIT, componentized), from a copy of `wit/` with the version
-    /// replaced.
-    fn component_of_version(dir: &Path, version: &str) -> PathBuf {
+    /// module from the WIT, componentized), from a copy of `wit/<source>` with the
+    /// package version replaced.
+    fn component_of_version(dir: &Path, source: &str, version: &str) -> PathBuf {
         let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
         // Without the wasi:http import (and so without wit/deps, whose `@unstable` items
         // this wit-parser version cannot resolve): the test is about dbmazz's version.
         let copy = dir.join(format!("wit-{version}"));
         std::fs::create_dir_all(&copy).unwrap();
-        let text = std::fs::read_to_string(wit.join("dbmazz-plugin.wit"))
+        let text: String = std::fs::read_to_string(wit.join(source))
             .unwrap()
-            .replace("dbmazz:plugin@0.1.0", &format!("dbmazz:plugin@{version}"))
-            .replace("import wasi:http/outgoing-handler@0.2.12;", "");
+            .lines()
+            .map(|l| {
+                if l.starts_with("package dbmazz:plugin@") {
+                    format!("package dbmazz:plugin@{version};\n")
+                } else if l.trim() == "import wasi:http/outgoing-handler@0.2.12;" {
+                    "\n".into()
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
         std::fs::write(copy.join("dbmazz-plugin.wit"), text).unwrap();
         let mut resolve = wit_parser::Resolve::default();
         let (pkg, _) = resolve.push_dir(&copy).unwrap();
@@ -620,24 +635,32 @@ mod version_tests {
     fn another_major_version_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let host = PluginHost::new(None).unwrap();
-        let ok = component_of_version(dir.path(), "0.1.3");
+        let ok = component_of_version(dir.path(), CURRENT, "0.2.3");
         let loaded = host.load(&ok, World::Sink).unwrap();
         assert_eq!(
             loaded.info.version.as_deref(),
-            Some("0.1.3"),
+            Some("0.2.3"),
             "a newer patch of the same minor loads"
         );
-        let newer = component_of_version(dir.path(), "0.2.0");
+        // a plugin built against the 0.1.0 contract (no `op.read`)
+        let older = component_of_version(dir.path(), V0_1_0, "0.1.0");
+        let e = host.load(&older, World::Sink).unwrap_err().to_string();
+        assert!(
+            e.contains("built against dbmazz:plugin@0.1.0")
+                && e.contains("implements dbmazz:plugin@0.2.0"),
+            "{e}"
+        );
+        let newer = component_of_version(dir.path(), CURRENT, "0.3.0");
         let e = host.load(&newer, World::Sink).unwrap_err().to_string();
         assert!(
-            e.contains("built against dbmazz:plugin@0.2.0")
-                && e.contains("implements dbmazz:plugin@0.1.0"),
+            e.contains("built against dbmazz:plugin@0.3.0")
+                && e.contains("implements dbmazz:plugin@0.2.0"),
             "{e}"
         );
         let e = host.load(&ok, World::Transform).unwrap_err().to_string();
         assert!(
             e.contains(
-                "not a component of the world dbmazz:plugin/transform@0.1.0: it is a sink plugin"
+                "not a component of the world dbmazz:plugin/transform@0.2.0: it is a sink plugin"
             ),
             "{e}"
         );

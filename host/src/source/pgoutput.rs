@@ -181,7 +181,8 @@ pub enum ReplicaIdentity {
 }
 
 impl ReplicaIdentity {
-    fn from_byte(b: u8) -> Option<Self> {
+    /// From `pg_class.relreplident` ('d', 'n', 'f', 'i').
+    pub fn from_byte(b: u8) -> Option<Self> {
         Some(match b {
             b'd' => ReplicaIdentity::Default,
             b'n' => ReplicaIdentity::Nothing,
@@ -317,6 +318,97 @@ impl TupleData {
     /// Bytes of value data this tuple references (not counting the message header).
     pub fn value_bytes(&self) -> usize {
         self.value_bytes as usize
+    }
+}
+
+/// Builds rows in pgoutput's TupleData wire format from text values, so rows that did not
+/// come from the replication stream (the snapshot's `COPY` output) flow through the same
+/// [`TupleData`] as streamed ones. All rows share one buffer: [`TupleBuilder::finish`]
+/// freezes it once and each row is a span of it.
+///
+/// Text values are `&str`, so the UTF-8 guarantee of [`TupleData`] holds by construction.
+#[derive(Debug, Default)]
+pub struct TupleBuilder {
+    buf: Vec<u8>,
+    /// Per row: (span start, span end, ncols, value bytes).
+    rows: Vec<(u32, u32, u16, u32)>,
+    row_start: usize,
+    ncols: u16,
+    value_bytes: u32,
+}
+
+impl TupleBuilder {
+    /// An empty builder with room for `bytes` bytes of rows.
+    pub fn with_capacity(bytes: usize) -> Self {
+        TupleBuilder {
+            buf: Vec::with_capacity(bytes),
+            ..Default::default()
+        }
+    }
+
+    /// Starts a row (the column count is written when it ends).
+    pub fn begin_row(&mut self) {
+        self.row_start = self.buf.len();
+        self.ncols = 0;
+        self.value_bytes = 0;
+        self.buf.extend_from_slice(&[0, 0]);
+    }
+
+    /// Appends an SQL NULL.
+    pub fn push_null(&mut self) {
+        self.ncols = self.ncols.saturating_add(1);
+        self.buf.push(b'n');
+    }
+
+    /// Appends a text-format value.
+    pub fn push_text(&mut self, v: &str) {
+        self.ncols = self.ncols.saturating_add(1);
+        self.buf.push(b't');
+        self.buf.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(v.as_bytes());
+        self.value_bytes = self.value_bytes.saturating_add(v.len() as u32);
+    }
+
+    /// Ends the row started by [`TupleBuilder::begin_row`].
+    pub fn end_row(&mut self) {
+        let at = self.row_start;
+        self.buf[at..at + 2].copy_from_slice(&self.ncols.to_be_bytes());
+        self.rows.push((
+            at as u32,
+            self.buf.len() as u32,
+            self.ncols,
+            self.value_bytes,
+        ));
+    }
+
+    /// Drops the row being built (a malformed input line).
+    pub fn abandon_row(&mut self) {
+        self.buf.truncate(self.row_start);
+    }
+
+    /// Rows ended so far.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Bytes buffered.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The rows, in the order they were built.
+    pub fn finish(self) -> Vec<TupleData> {
+        let buf = Bytes::from(self.buf);
+        self.rows
+            .into_iter()
+            .map(|(start, end, ncols, value_bytes)| TupleData {
+                buf: buf.clone(),
+                span: (start, end),
+                ncols,
+                has_unchanged_toast: false,
+                value_bytes,
+            })
+            .collect()
     }
 }
 

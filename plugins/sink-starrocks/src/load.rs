@@ -50,7 +50,7 @@ pub struct Shape {
 pub struct RowIn<'a> {
     /// Index of the change in the batch.
     pub index: u32,
-    /// Insert, update or delete.
+    /// Insert, update, delete or read (a snapshot row, loaded like an insert).
     pub op: Op,
     /// LSN of the change (`dbmazz_cdc_version`).
     pub lsn: u64,
@@ -163,7 +163,8 @@ impl Serialize for RowJson<'_, '_> {
         if self.shape.audit {
             let op_type = match (self.delete, self.row.op) {
                 (true, _) => 2,
-                (false, Op::Insert) => 0,
+                // a snapshot row is an upsert, like an insert
+                (false, Op::Insert | Op::Read) => 0,
                 (false, _) => 1,
             };
             m.serialize_entry("dbmazz_op_type", &op_type)?;
@@ -578,6 +579,28 @@ mod tests {
         assert_eq!(
             body(&loads[1]),
             r#"[{"id":2,"name":"a","doc":"x","__op":0},{"id":3,"name":"a","doc":"x","__op":0}]"#
+        );
+    }
+
+    #[test]
+    fn snapshot_reads_load_as_inserts() {
+        let r = rel();
+        let s = shape(DeleteMode::Hard);
+        let mut p = Planner::new(&s, 9, 1, "2024-01-01 00:00:00.000000".into(), 1 << 20);
+        p.add(&full(&r, 0, "1", Op::Read), None, &route()).unwrap();
+        p.add(&full(&r, 1, "2", Op::Insert), None, &route())
+            .unwrap();
+        let loads = p.finish();
+        assert_eq!(loads.len(), 1, "{loads:#?}");
+        assert!(!loads[0].partial);
+        let row = |id, v| {
+            format!(
+                r#"{{"id":{id},"name":"a","doc":"x","dbmazz_op_type":0,"dbmazz_is_deleted":false,"dbmazz_synced_at":"2024-01-01 00:00:00.000000","dbmazz_cdc_version":{v},"__op":0}}"#
+            )
+        };
+        assert_eq!(
+            body(&loads[0]),
+            format!("[{},{}]", row(1, 100), row(2, 101))
         );
     }
 

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `id` is `<batch id>:<index in batch>`: stable across replays, so receivers can
-//! deduplicate. `data` is the Debezium envelope (`op` c/u/d/t); an unchanged TOAST column
+//! deduplicate. `data` is the Debezium envelope (`op` c/u/d/t, and r for a row copied by
+//! the snapshot, type `io.dbmazz.change.read`); an unchanged TOAST column
 //! appears as `"__debezium_unavailable_value"` in `after`, as Debezium writes it.
 //! Values: integers, floats and booleans as JSON scalars; numeric and text as strings;
 //! json/jsonb nested; bytea base64.
@@ -205,6 +206,7 @@ fn op_letter(op: Op) -> &'static str {
         Op::Update => "u",
         Op::Delete => "d",
         Op::Truncate => "t",
+        Op::Read => "r",
     }
 }
 
@@ -508,6 +510,25 @@ mod tests {
            "data":{"before":null,"after":{"id":1,"note":"__debezium_unavailable_value","doc":null,"raw":null},"op":"u",
                    "source":{"lsn":2,"txId":1,"schema":"public","table":"orders","ts_ms":1700000000000}}}]"#).unwrap();
         assert_eq!(v, expected);
+    }
+
+    #[test]
+    fn snapshot_read_is_debezium_r() {
+        let b = BatchBuilder::new(5)
+            .table(7, "public", "orders", &[("id", 23, true)])
+            .change(Op::Read, 7, None, Some(vec![Datum::Int(3)]))
+            .build();
+        let s = sink(&[]);
+        let v: sonic_rs::Value = sonic_rs::from_slice(&s.body(&b).unwrap()).unwrap();
+        let expected: sonic_rs::Value = sonic_rs::from_str(r#"[
+          {"specversion":"1.0","id":"5:0","source":"/dbmazz/db/slot","type":"io.dbmazz.change.read",
+           "time":"2023-11-14T22:13:20.000000Z","subject":"public.orders","datacontenttype":"application/json",
+           "data":{"before":null,"after":{"id":3},"op":"r",
+                   "source":{"lsn":1,"txId":1,"schema":"public","table":"orders","ts_ms":1700000000000}}}]"#).unwrap();
+        assert_eq!(v, expected);
+        let enc = dbmazz_sdk::encoded::encode_for_tests(&b);
+        let e: sonic_rs::Value = sonic_rs::from_slice(&s.body_encoded(&enc).unwrap()).unwrap();
+        assert_eq!(e, expected);
     }
 
     #[test]

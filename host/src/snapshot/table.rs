@@ -1,0 +1,283 @@
+//! A table as the snapshot sees it: its columns (the shape pgoutput would announce), the
+//! key that splits it into chunks, the identity that reconciles it with the stream, and
+//! the plan of chunks.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::checkpoint::SnapshotChunk;
+use crate::pipeline::schema::{ColumnInfo, RelationInfo};
+use crate::source::pgoutput::ReplicaIdentity;
+use crate::source::replication::{quote_ident, quote_literal};
+use crate::source::setup::split_table;
+
+use super::SnapshotError;
+
+/// A table's shape, read from the catalog.
+#[derive(Clone, Debug)]
+pub struct TableShape {
+    /// `schema.table`, unquoted (the name used in config, metrics and the store).
+    pub table: String,
+    /// The columns as pgoutput's Relation message lists them (attribute order, no dropped
+    /// or generated columns), with the same key flags. Snapshot rows carry this shape.
+    pub relation: Arc<RelationInfo>,
+    /// Indices (into `relation.columns`) of the primary key, or else of the replica
+    /// identity index, in index order. Empty: no usable key, chunks are ctid page ranges.
+    pub chunk_key: Vec<usize>,
+    /// Indices of the columns that identify a row when reconciling a chunk with the
+    /// stream: `chunk_key`, or every column for a table without a key (whose updates and
+    /// deletes PostgreSQL publishes only with REPLICA IDENTITY FULL, whole-row).
+    pub identity: Vec<usize>,
+    /// Rows expected: `pg_class.reltuples`, or an exact count when the table was never
+    /// vacuumed or analyzed (`reltuples = -1`).
+    pub estimate: u64,
+    /// Heap pages (`pg_relation_size / block_size`), for ctid chunking.
+    pub pages: u64,
+    /// `"schema"."table"`.
+    pub quoted: String,
+    /// The quoted column list, in attribute order.
+    pub select_list: String,
+    /// `format_type` of each column, for key literals.
+    types: Vec<String>,
+}
+
+/// Reads `table`'s shape (`schema.table` or `table`).
+///
+/// # Errors
+/// [`SnapshotError::NoSuchTable`]; [`SnapshotError::Sql`].
+pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, SnapshotError> {
+    let (schema, name) = split_table(table).map_err(|_| SnapshotError::NoSuchTable {
+        table: table.to_string(),
+    })?;
+    let qualified = format!("{schema}.{name}");
+    let what = qualified.clone();
+    let sql = SnapshotError::sql(&what);
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.reltuples::float8, \
+                    pg_relation_size(c.oid) / current_setting('block_size')::int8 \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(&sql)?
+        .ok_or_else(|| SnapshotError::NoSuchTable {
+            table: qualified.clone(),
+        })?;
+    let oid: u32 = row.get(0);
+    let replident: String = row.get(1);
+    let reltuples: f64 = row.get(2);
+    let pages: i64 = row.get(3);
+    let replica_identity = replident
+        .bytes()
+        .next()
+        .and_then(ReplicaIdentity::from_byte)
+        .unwrap_or(ReplicaIdentity::Default);
+    let cols = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
+                    array_position(pk.indkey::int2[], a.attnum), \
+                    array_position(ri.indkey::int2[], a.attnum) \
+             FROM pg_attribute a \
+             LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary \
+             LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(&sql)?;
+    let mut columns = Vec::with_capacity(cols.len());
+    let mut types = Vec::with_capacity(cols.len());
+    let mut pk: Vec<(i32, usize)> = Vec::new();
+    let mut ri: Vec<(i32, usize)> = Vec::new();
+    for (i, c) in cols.iter().enumerate() {
+        let pk_pos: Option<i32> = c.get(4);
+        let ri_pos: Option<i32> = c.get(5);
+        pk.extend(pk_pos.map(|p| (p, i)));
+        ri.extend(ri_pos.map(|p| (p, i)));
+        columns.push(ColumnInfo {
+            name: c.get(0),
+            type_oid: c.get(1),
+            type_modifier: c.get(2),
+            key: match replica_identity {
+                ReplicaIdentity::Full => true,
+                ReplicaIdentity::Default => pk_pos.is_some(),
+                ReplicaIdentity::Index => ri_pos.is_some(),
+                ReplicaIdentity::Nothing => false,
+            },
+        });
+        types.push(c.get(3));
+    }
+    pk.sort_unstable();
+    ri.sort_unstable();
+    let chunk_key: Vec<usize> = if pk.is_empty() { ri } else { pk }
+        .into_iter()
+        .map(|(_, i)| i)
+        .collect();
+    let identity = if chunk_key.is_empty() {
+        (0..columns.len()).collect()
+    } else {
+        chunk_key.clone()
+    };
+    let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+    let estimate = if reltuples >= 0.0 {
+        reltuples as u64
+    } else {
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {quoted}"), &[])
+            .await
+            .map_err(&sql)?
+            .get(0);
+        n.max(0) as u64
+    };
+    let select_list = columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(TableShape {
+        relation: Arc::new(RelationInfo {
+            id: oid,
+            namespace: schema,
+            name,
+            replica_identity,
+            columns,
+        }),
+        table: qualified,
+        chunk_key,
+        identity,
+        estimate,
+        pages: pages.max(0) as u64,
+        quoted,
+        select_list,
+        types,
+    })
+}
+
+impl TableShape {
+    /// `(k1, k2)`: the chunk key as an SQL row.
+    fn key_row(&self) -> String {
+        let cols: Vec<String> = self
+            .chunk_key
+            .iter()
+            .map(|&i| quote_ident(&self.relation.columns[i].name))
+            .collect();
+        format!("({})", cols.join(", "))
+    }
+
+    /// `ROW('v1'::type1, ...)`: a key value as an SQL row literal.
+    fn key_literal(&self, values: &[String]) -> String {
+        let vals: Vec<String> = self
+            .chunk_key
+            .iter()
+            .zip(values)
+            .map(|(&i, v)| format!("{}::{}", quote_literal(v), self.types[i]))
+            .collect();
+        format!("ROW({})", vals.join(", "))
+    }
+
+    /// `COPY (SELECT columns FROM table WHERE predicate) TO STDOUT`.
+    pub fn copy_sql(&self, predicate: &str) -> String {
+        format!(
+            "COPY (SELECT {} FROM {} WHERE {predicate}) TO STDOUT",
+            self.select_list, self.quoted
+        )
+    }
+
+    /// Splits the table into chunks of about `chunk_size` rows, numbered from
+    /// `first_id`. Key ranges (upper bounds found by walking the key index `chunk_size`
+    /// rows at a time, as Flink CDC does) when the table has a key; otherwise ranges of
+    /// heap pages (`ctid`, a TID range scan since PostgreSQL 14) sized from the rows per
+    /// page. The first and last chunks are open-ended, so the chunks cover every row
+    /// whatever changed since the plan was made.
+    ///
+    /// # Errors
+    /// [`SnapshotError::Sql`].
+    pub async fn plan(
+        &self,
+        client: &Client,
+        chunk_size: u64,
+        first_id: u64,
+    ) -> Result<Vec<SnapshotChunk>, SnapshotError> {
+        let mut predicates = Vec::new();
+        if self.chunk_key.is_empty() {
+            let per_page = if self.pages == 0 {
+                1.0
+            } else {
+                (self.estimate as f64 / self.pages as f64).max(1.0)
+            };
+            let step = ((chunk_size as f64 / per_page).ceil() as u64).max(1);
+            let mut lo: Option<u64> = None;
+            let mut p = step;
+            while p < self.pages {
+                let upper = format!("ctid < '({p},0)'::tid");
+                predicates.push(match lo {
+                    None => upper,
+                    Some(l) => format!("ctid >= '({l},0)'::tid AND {upper}"),
+                });
+                lo = Some(p);
+                p += step;
+            }
+            predicates.push(match lo {
+                None => "true".to_string(),
+                Some(l) => format!("ctid >= '({l},0)'::tid"),
+            });
+        } else {
+            let key = self.key_row();
+            let texts: Vec<String> = self
+                .chunk_key
+                .iter()
+                .map(|&i| format!("{}::text", quote_ident(&self.relation.columns[i].name)))
+                .collect();
+            let order: Vec<String> = self
+                .chunk_key
+                .iter()
+                .map(|&i| quote_ident(&self.relation.columns[i].name))
+                .collect();
+            let mut lower: Option<String> = None;
+            loop {
+                let filter = lower
+                    .as_ref()
+                    .map_or(String::new(), |l| format!("WHERE {key} > {l}"));
+                let q = format!(
+                    "SELECT {} FROM {} {filter} ORDER BY {} OFFSET {} LIMIT 1",
+                    texts.join(", "),
+                    self.quoted,
+                    order.join(", "),
+                    chunk_size.saturating_sub(1)
+                );
+                let row = client
+                    .query_opt(&q, &[])
+                    .await
+                    .map_err(SnapshotError::sql(&self.table))?;
+                let Some(row) = row else { break };
+                let values: Vec<String> = (0..self.chunk_key.len())
+                    .map(|i| row.get::<_, Option<String>>(i).unwrap_or_default())
+                    .collect();
+                let upper_lit = self.key_literal(&values);
+                let upper = format!("{key} <= {upper_lit}");
+                predicates.push(match &lower {
+                    None => upper,
+                    Some(l) => format!("{key} > {l} AND {upper}"),
+                });
+                lower = Some(upper_lit);
+            }
+            predicates.push(match lower {
+                None => "true".to_string(),
+                Some(l) => format!("{key} > {l}"),
+            });
+        }
+        Ok(predicates
+            .into_iter()
+            .enumerate()
+            .map(|(i, predicate)| SnapshotChunk {
+                id: first_id + i as u64,
+                index: i as u32,
+                predicate,
+            })
+            .collect())
+    }
+}
