@@ -504,7 +504,7 @@ fn tokio_stream_listener(
 }
 
 /// A `dbmazz ctl` command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand)]
 pub enum CtlCommand {
     /// Stage, positions, lag, plugins.
     Status,
@@ -516,6 +516,12 @@ pub enum CtlCommand {
     Stop,
     /// Re-read the plugin directory.
     Reload,
+    /// Snapshot tables while streaming (added to the publication when missing).
+    Snapshot {
+        /// `schema.table` (or `table`, meaning `public.table`).
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
 }
 
 /// Runs a `dbmazz ctl` command against `addr` (`http://host:port`, or `https://` for a
@@ -586,6 +592,18 @@ pub async fn ctl(
                     l.p50_ms, l.p99_ms, l.max_ms, l.count
                 ));
             }
+            for t in &s.snapshot {
+                out.push_str(&format!(
+                    "snapshot      {} ({}): {} of ~{} rows, chunks {}/{}{}\n",
+                    t.table,
+                    t.method,
+                    t.rows,
+                    t.estimated_rows,
+                    t.chunks_done,
+                    t.chunks,
+                    if t.done { ", done" } else { "" }
+                ));
+            }
             for p in s.plugins {
                 out.push_str(&format!(
                     "plugin        {} ({} {}, {}): {} calls, {} errors{}\n",
@@ -609,6 +627,9 @@ pub async fn ctl(
         CtlCommand::Stop => control_message(client.stop(proto::StopRequest {}).await)?,
         CtlCommand::Reload => {
             control_message(client.reload_plugins(proto::ReloadPluginsRequest {}).await)?
+        }
+        CtlCommand::Snapshot { tables } => {
+            control_message(client.snapshot(proto::SnapshotRequest { tables }).await)?
         }
     };
     Ok(text)

@@ -1,0 +1,356 @@
+//! End-to-end tests of the initial snapshot: the real `dbmazz` binary, a real PostgreSQL,
+//! `sink-starrocks` built from source, and the StarRocks test double (an in-memory
+//! implementation of the documented Stream Load protocol; no StarRocks runs here).
+//!
+//! Three tables, 2,000,000 rows before the pipeline starts: `items` without a primary key
+//! (ctid chunks, whole-row identity), `lines` with a composite key, `docs` with TOASTed
+//! values (`STORAGE EXTERNAL`, 3.2 kB each). Inserts, updates (of the TOASTed column and
+//! of others) and deletes run on all three while the copy runs.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use starrocks_double::StarRocksDouble;
+use support::{plugins, Dbmazz, Pg, Pipeline};
+
+const DB: &str = "app";
+const T: Duration = Duration::from_secs(240);
+
+const TABLES: &str = "
+    CREATE TABLE items (id bigint NOT NULL, grp int NOT NULL, label text NOT NULL);
+    CREATE INDEX ON items (id);
+    CREATE TABLE lines (order_id int, line int, qty int NOT NULL, PRIMARY KEY (order_id, line));
+    CREATE TABLE docs (id bigint PRIMARY KEY, title text NOT NULL, body text NOT NULL);
+    ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;";
+
+/// Rows per table before the pipeline starts (2,000,000 in all).
+const ITEMS: i64 = 990_000;
+const LINES: i64 = 990_000;
+const DOCS: i64 = 20_000;
+
+async fn fill(db: &tokio_postgres::Client) {
+    db.batch_execute(TABLES).await.unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO items SELECT g, g % 1000, 'item ' || g FROM generate_series(1, {ITEMS}) g;
+         INSERT INTO lines SELECT g / 10, g % 10, g FROM generate_series(0, {LINES} - 1) g;
+         INSERT INTO docs SELECT g, 'doc ' || g, repeat(md5(g::text), 100) FROM generate_series(1, {DOCS}) g;"
+    ))
+    .await
+    .unwrap();
+}
+
+fn create_targets(sr: &StarRocksDouble) {
+    // A table without a key is identified by its whole row (REPLICA IDENTITY FULL).
+    sr.create_table(
+        DB,
+        "items",
+        &[("id", "BIGINT"), ("grp", "INT"), ("label", "STRING")],
+        &["id", "grp", "label"],
+    );
+    sr.create_table(
+        DB,
+        "lines",
+        &[("order_id", "INT"), ("line", "INT"), ("qty", "INT")],
+        &["order_id", "line"],
+    );
+    sr.create_table(
+        DB,
+        "docs",
+        &[("id", "BIGINT"), ("title", "STRING"), ("body", "STRING")],
+        &["id"],
+    );
+}
+
+/// The pipeline: the three tables, REPLICA IDENTITY FULL (the keyless table needs it to
+/// publish updates and deletes), 4 copy workers, chunks of 50,000 rows.
+fn pipeline(pg: &Pg, sr: &StarRocksDouble) -> Pipeline {
+    Pipeline::with_source_toml(
+        &pg.url(),
+        &["items", "lines", "docs"],
+        "replica_identity_full = true\n",
+        &format!(
+            "[snapshot]\nworkers = 4\nchunk_size = 50000\n\n\
+             [pipeline]\nflush_interval_ms = 100\nflush_size = 10000\n\n\
+             [sink]\nplugin = {:?}\n\
+             config = {{ url = {:?}, database = {DB:?}, user = \"root\", password = \"pw\" }}\n\
+             capabilities = {{ http = [\"{}\", \"{}\"] }}\nlimits = {{ call_timeout_ms = 60000, memory_mb = 256 }}\n",
+            plugins().starrocks.display().to_string(),
+            sr.fe_url(),
+            sr.fe_addr(),
+            sr.be_addr(),
+        ),
+    )
+}
+
+/// Inserts, updates and deletes on the three tables, in small transactions, until `stop`.
+async fn dml(url: String, stop: Arc<AtomicBool>) -> u64 {
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rnd = |below: i64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % below as u64) as i64 + 1
+    };
+    let mut n = 0u64;
+    let mut next_id = 10_000_000i64;
+    while !stop.load(Ordering::Relaxed) {
+        next_id += 1;
+        let (a, b, c) = (rnd(ITEMS), rnd(LINES / 10 - 1), rnd(DOCS));
+        let sql = format!(
+            "BEGIN;
+             INSERT INTO items VALUES ({next_id}, 7, 'new {next_id}');
+             UPDATE items SET grp = grp + 1 WHERE id = {a};
+             DELETE FROM items WHERE id = {};
+             INSERT INTO lines VALUES ({next_id}, 1, 1);
+             UPDATE lines SET qty = qty + 1 WHERE order_id = {b};
+             DELETE FROM lines WHERE order_id = {} AND line = 3;
+             UPDATE docs SET title = title || '+' WHERE id = {c};
+             UPDATE docs SET body = repeat(md5(random()::text), 100) WHERE id = {};
+             DELETE FROM docs WHERE id = {};
+             INSERT INTO docs VALUES ({next_id}, 'new', repeat('z', 3000));
+             COMMIT;",
+            rnd(ITEMS),
+            rnd(LINES / 10 - 1),
+            rnd(DOCS),
+            rnd(DOCS),
+        );
+        db.batch_execute(&sql).await.unwrap();
+        n += 1;
+    }
+    n
+}
+
+/// Rows of `table` as canonical strings (`v1|v2|...`), source and target.
+async fn source_rows(db: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
+    let sql = match table {
+        "items" => "SELECT concat_ws('|', id, grp, label) FROM items",
+        "lines" => "SELECT concat_ws('|', order_id, line, qty) FROM lines",
+        _ => "SELECT concat_ws('|', id, title, body) FROM docs",
+    };
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
+fn target_rows(sr: &StarRocksDouble, table: &str) -> BTreeSet<String> {
+    let cols: &[&str] = match table {
+        "items" => &["id", "grp", "label"],
+        "lines" => &["order_id", "line", "qty"],
+        _ => &["id", "title", "body"],
+    };
+    // The sink's default soft-delete mode keeps deleted rows, flagged.
+    sr.rows(DB, table)
+        .iter()
+        .filter(|r| r.get("dbmazz_is_deleted") != Some(&Value::Bool(true)))
+        .map(|r| {
+            cols.iter()
+                .map(|c| match &r[*c] {
+                    Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
+/// Waits until the slot confirmed the server's current WAL position (everything before
+/// it is in the double), then compares the tables; panics with a summary otherwise.
+async fn assert_equal(pg: &Pg, db: &tokio_postgres::Client, sr: &StarRocksDouble, d: &Dbmazz) {
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let start = Instant::now();
+    loop {
+        let caught_up: bool = db
+            .query_one(
+                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
+                &[&lsn],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if caught_up {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "the slot never confirmed {lsn}\n--- dbmazz log ---\n{}\n--- pg log ---\n{}",
+            tail(&d.log()),
+            tail(&pg.log())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for table in ["items", "lines", "docs"] {
+        let want = source_rows(db, table).await;
+        let got = target_rows(sr, table);
+        if want != got {
+            let missing: Vec<_> = want.difference(&got).take(3).collect();
+            let extra: Vec<_> = got.difference(&want).take(3).collect();
+            if let Some(e) = extra.first() {
+                let id = e.split('|').next().unwrap_or_default().to_string();
+                let col = if table == "lines" { "order_id" } else { "id" };
+                let rows = db
+                    .query(&format!("SELECT ctid::text, {col}::text FROM {table} WHERE {col} = {id}"), &[])
+                    .await
+                    .unwrap();
+                let in_target: Vec<_> = got.iter().filter(|r| r.starts_with(&format!("{id}|"))).collect();
+                eprintln!("source rows with {col} {id}: {:?}; target: {in_target:?}", rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect::<Vec<_>>());
+                let stats = db.query_one(&format!("SELECT count(*)::text || ' ' || count(DISTINCT {col})::text || ' ' || min({col})::text || ' ' || max({col})::text FROM {table}"), &[]).await.unwrap();
+                eprintln!("source stats: {}", stats.get::<_, String>(0));
+                let near = db.query(&format!("SELECT {col}::text FROM {table} WHERE {col} BETWEEN {id} - 3 AND {id} + 3"), &[]).await.unwrap();
+                eprintln!("near: {:?}", near.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>());
+                let log = d.log();
+                for l in log.lines().filter(|l| l.contains("planned") || l.contains("chunk copied")) {
+                    eprintln!("{l}");
+                }
+            }
+            panic!(
+                "{table}: source {} rows, target {}; missing {missing:?}, extra {extra:?}\n--- dbmazz log ---\n{}",
+                want.len(),
+                got.len(),
+                tail(&d.log())
+            );
+        }
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(150)..].join("\n")
+}
+
+/// The chunk ids of log lines containing `what` (`... chunk=17 ...`).
+fn chunks(log: &str, what: &str) -> BTreeSet<u64> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let rest = &l[l.find(" chunk=")? + 7..];
+            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+        .collect()
+}
+
+/// Chunks planned, per table, from the "snapshot planned" lines.
+fn planned(log: &str) -> BTreeMap<String, u64> {
+    log.lines()
+        .filter(|l| l.contains("snapshot planned"))
+        .filter_map(|l| {
+            let field = |k: &str| {
+                let rest = &l[l.find(&format!(" {k}="))? + k.len() + 2..];
+                Some(rest.split_whitespace().next()?.to_string())
+            };
+            Some((field("table")?, field("chunks")?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_of_two_million_rows_with_concurrent_dml_equals_the_source() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    fill(&db).await;
+    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
+    create_targets(&sr);
+    let p = pipeline(&pg, &sr);
+    let d = p.spawn();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(dml(pg.url(), stop.clone()));
+    let start = Instant::now();
+    while d.log().matches("snapshot of table complete").count() < 3 {
+        assert!(start.elapsed() < T, "snapshot did not finish:\n{}", tail(&d.log()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let transactions = writer.await.unwrap();
+    let log = d.log();
+    assert!(log.contains("method=\"exported\"") || log.contains("method=exported"), "{}", tail(&log));
+    assert!(transactions > 0, "no DML ran during the copy");
+    assert_equal(&pg, &db, &sr, &d).await;
+    // Every planned chunk was copied once.
+    let copied = log.matches("snapshot chunk copied").count() as u64;
+    assert_eq!(copied, planned(&log).values().sum::<u64>(), "{}", tail(&log));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_snapshot_resumes_without_recopying_finished_chunks() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    fill(&db).await;
+    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
+    create_targets(&sr);
+    // Slow loads, so the copy is still running when it is killed.
+    sr.set_delay(Duration::from_millis(40));
+    let p = pipeline(&pg, &sr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(dml(pg.url(), stop.clone()));
+
+    let mut first = p.spawn();
+    let start = Instant::now();
+    while chunks(&first.log(), "snapshot chunk done").len() < 4 {
+        assert!(start.elapsed() < T, "no chunks done:\n{}", tail(&first.log()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill();
+    let log1 = first.log();
+    let done_logged = chunks(&log1, "snapshot chunk done");
+    // What the store holds after the crash: the plans of unfinished tables, and the
+    // chunks done (durable before they are logged).
+    let (left, done_stored) = {
+        let store = dbmazz::checkpoint::Store::open(&p.dir.path().join("state/checkpoints")).unwrap();
+        let st = store.snapshot_state().unwrap();
+        let left: BTreeSet<u64> = st
+            .plans
+            .values()
+            .flat_map(|p| p.chunks.iter().map(|c| c.id))
+            .filter(|id| !st.done.contains(id))
+            .collect();
+        (left, st.done)
+    };
+    assert!(!left.is_empty(), "the snapshot finished before the kill; nothing to resume");
+    assert!(done_logged.iter().all(|c| done_stored.contains(c) || !left.contains(c)));
+
+    sr.set_delay(Duration::ZERO);
+    let second = p.spawn();
+    let start = Instant::now();
+    while second.log().matches("snapshot of table complete").count()
+        + log1.matches("snapshot of table complete").count()
+        < 3
+    {
+        assert!(start.elapsed() < T, "snapshot did not finish after the restart:\n{}", tail(&second.log()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let log2 = second.log();
+    assert!(log2.contains("resuming an unfinished snapshot"), "{}", tail(&log2));
+    let copied2 = chunks(&log2, "snapshot chunk copied (watermarks)");
+    let recopied: Vec<_> = copied2
+        .iter()
+        .filter(|c| done_stored.contains(c) || done_logged.contains(c))
+        .collect();
+    assert!(recopied.is_empty(), "finished chunks copied again: {recopied:?}");
+    // Every chunk left unfinished by the crash was copied after the restart, once.
+    assert_eq!(copied2, left, "copied after the restart vs left by the crash");
+    assert_eq!(
+        log2.matches("snapshot chunk copied").count(),
+        copied2.len(),
+        "a chunk was copied twice"
+    );
+    assert_equal(&pg, &db, &sr, &second).await;
+}
