@@ -354,3 +354,159 @@ async fn sigkill_mid_snapshot_resumes_without_recopying_finished_chunks() {
     );
     assert_equal(&pg, &db, &sr, &second).await;
 }
+
+/// A keyed view of JSONL output: table → id → row, applying changes in order.
+fn keyed_view(lines: &[Value]) -> BTreeMap<String, BTreeMap<i64, String>> {
+    let mut out: BTreeMap<String, BTreeMap<i64, String>> = BTreeMap::new();
+    for l in lines {
+        let table = l["table"].as_str().unwrap().to_string();
+        let rows = out.entry(table).or_default();
+        match l["op"].as_str().unwrap() {
+            "insert" | "update" | "read" => {
+                if let Some(old) = l.get("old").filter(|o| !o.is_null()) {
+                    rows.remove(&old["id"].as_i64().unwrap());
+                }
+                let new = &l["new"];
+                rows.insert(new["id"].as_i64().unwrap(), new["v"].as_str().unwrap().to_string());
+            }
+            "delete" => {
+                rows.remove(&l["old"]["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected op {other}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_stream() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE a (id bigint PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE b (id bigint PRIMARY KEY, v text NOT NULL);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
+         INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 100000) g;",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(
+        &pg.url(),
+        &["a"],
+        "flush_interval_ms = 50\n\n[snapshot]\nchunk_size = 10000\nworkers = 2\n\n[control]\ngrpc = \"127.0.0.1:0\"",
+        false,
+    );
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    let addr = d
+        .log()
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the control API address is logged")
+        .to_string();
+    // `a` was copied by the initial snapshot; `b` is not in the pipeline.
+    p.wait_for(&d, T, "a's 1000 rows", |c| c.len() >= 1000);
+    assert!(p.changes().iter().all(|c| c["table"] == "public.a"));
+
+    // Writes to both tables keep going while `b` is added.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (pg.url(), stop.clone());
+        tokio::spawn(async move {
+            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                db.batch_execute(&format!(
+                    "INSERT INTO a VALUES ({}, 'new');
+                     UPDATE b SET v = v || '+' WHERE id = {};
+                     DELETE FROM b WHERE id = {};
+                     INSERT INTO b VALUES ({}, 'nb');",
+                    100_000 + i,
+                    (i * 7919) % 100_000 + 1,
+                    (i * 104_729) % 100_000 + 1,
+                    1_000_000 + i
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .args(["ctl", "snapshot", "public.b", "--addr", &format!("http://{addr}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("snapshotting public.b"), "{text}");
+    let start = Instant::now();
+    while !d.log().contains("snapshot of table complete table=public.b") {
+        assert!(start.elapsed() < T, "b's snapshot did not finish:\n{}", tail(&d.log()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let start = Instant::now();
+    loop {
+        let caught_up: bool = db
+            .query_one(
+                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
+                &[&lsn],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if caught_up {
+            break;
+        }
+        assert!(start.elapsed() < T, "not caught up:\n{}", tail(&d.log()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = d.log();
+    assert!(log.contains("added the table to the publication"), "{}", tail(&log));
+    let copied = chunks(&log, "snapshot chunk copied (watermarks)");
+    let planned_b = planned(&log)["public.b"];
+    // ~100,000 rows (writes add and remove a few) in chunks of 10,000, the last open-ended
+    assert!((10..=11).contains(&planned_b), "{planned_b} chunks");
+    assert_eq!(copied.len() as u64, planned_b, "every chunk of b copied once:\n{}", tail(&log));
+
+    let lines = p.changes();
+    // Only `b` was snapshotted while streaming; `a` kept streaming during it: its inserts
+    // are interleaved with b's reads.
+    let reads: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i]["op"] == "read" && lines[i]["table"] == "public.b")
+        .collect();
+    assert!(reads.len() >= 90_000, "{} reads of b", reads.len());
+    let (first, last) = (reads[0], *reads.last().unwrap());
+    let a_during = lines[first..last]
+        .iter()
+        .filter(|l| l["table"] == "public.a" && l["op"] == "insert")
+        .count();
+    assert!(a_during > 0, "a's changes stopped while b was copied");
+    assert!(lines[1000..]
+        .iter()
+        .all(|l| !(l["op"] == "read" && l["table"] == "public.a")));
+
+    let view = keyed_view(&lines);
+    for t in ["a", "b"] {
+        let want: BTreeMap<i64, String> = db
+            .query(&format!("SELECT id, v FROM {t}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let got = view.get(&format!("public.{t}")).cloned().unwrap_or_default();
+        assert_eq!(got.len(), want.len(), "{t}: row count");
+        assert!(got == want, "{t}: the sink's view differs from the source");
+    }
+}

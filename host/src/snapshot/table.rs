@@ -168,7 +168,8 @@ impl TableShape {
         format!("({})", cols.join(", "))
     }
 
-    /// `ROW('v1'::type1, ...)`: a key value as an SQL row literal.
+    /// `ROW('v1'::type1, ...)` (or `('v'::type)` for a one-column key): a key value as
+    /// an SQL literal comparable with [`TableShape::key_row`].
     fn key_literal(&self, values: &[String]) -> String {
         let vals: Vec<String> = self
             .chunk_key
@@ -176,7 +177,12 @@ impl TableShape {
             .zip(values)
             .map(|(&i, v)| format!("{}::{}", quote_literal(v), self.types[i]))
             .collect();
-        format!("ROW({})", vals.join(", "))
+        if vals.len() == 1 {
+            // `(k) > ROW(v)` would compare a scalar with a record
+            format!("({})", vals[0])
+        } else {
+            format!("ROW({})", vals.join(", "))
+        }
     }
 
     /// `COPY (SELECT columns FROM table WHERE predicate) TO STDOUT`.
@@ -227,10 +233,17 @@ impl TableShape {
             });
         } else {
             let key = self.key_row();
+            // Aliased: `ORDER BY id` would otherwise sort by the text output column.
             let texts: Vec<String> = self
                 .chunk_key
                 .iter()
-                .map(|&i| format!("{}::text", quote_ident(&self.relation.columns[i].name)))
+                .enumerate()
+                .map(|(n, &i)| {
+                    format!(
+                        "{}::text AS dbmazz_k{n}",
+                        quote_ident(&self.relation.columns[i].name)
+                    )
+                })
                 .collect();
             let order: Vec<String> = self
                 .chunk_key
