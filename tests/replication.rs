@@ -360,7 +360,8 @@ async fn sigkill_loses_nothing_and_replayed_batches_keep_their_ids() {
     let p = Pipeline::new(
         &pg.url(),
         &["k"],
-        "flush_size = 150\nflush_interval_ms = 30\nmax_inflight_batches = 4",
+        // the backlog in the slot is the subject: no copy of the rows
+        "flush_size = 150\nflush_interval_ms = 30\nmax_inflight_batches = 4\n\n[snapshot]\nmode = \"never\"",
         false,
     );
 
@@ -515,7 +516,17 @@ async fn bad_setups_fail_with_clear_errors() {
     db.batch_execute("CREATE PUBLICATION dbmazz_pub FOR TABLE t")
         .await
         .unwrap();
-    let p = Pipeline::new(&md5, &["t"], "", false);
+    // md5user may not read t: copying it fails with a clear error ...
+    let (status, log) = Pipeline::new(&md5, &["t"], "", false).run_to_exit(quick);
+    assert!(!status.success());
+    assert!(
+        log.contains("permission denied for table t")
+            && log.contains("GRANT SELECT")
+            && log.contains("snapshot.mode"),
+        "{log}"
+    );
+    // ... and without a snapshot it streams
+    let p = Pipeline::new(&md5, &["t"], "\n[snapshot]\nmode = \"never\"", false);
     let mut d = p.spawn();
     d.wait_log("streaming", T);
     // a second consumer of the same slot is refused
@@ -667,7 +678,7 @@ async fn tls_require_and_verify_full() {
         let p = Pipeline::new(
             &format!("{base}?{query}"),
             &["t"],
-            "flush_interval_ms = 20",
+            "flush_interval_ms = 20\n\n[snapshot]\nmode = \"never\"",
             false,
         );
         let d = p.spawn();

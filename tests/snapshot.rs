@@ -205,17 +205,36 @@ async fn assert_equal(pg: &Pg, db: &tokio_postgres::Client, sr: &StarRocksDouble
                 let id = e.split('|').next().unwrap_or_default().to_string();
                 let col = if table == "lines" { "order_id" } else { "id" };
                 let rows = db
-                    .query(&format!("SELECT ctid::text, {col}::text FROM {table} WHERE {col} = {id}"), &[])
+                    .query(
+                        &format!("SELECT ctid::text, {col}::text FROM {table} WHERE {col} = {id}"),
+                        &[],
+                    )
                     .await
                     .unwrap();
-                let in_target: Vec<_> = got.iter().filter(|r| r.starts_with(&format!("{id}|"))).collect();
-                eprintln!("source rows with {col} {id}: {:?}; target: {in_target:?}", rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect::<Vec<_>>());
+                let in_target: Vec<_> = got
+                    .iter()
+                    .filter(|r| r.starts_with(&format!("{id}|")))
+                    .collect();
+                eprintln!(
+                    "source rows with {col} {id}: {:?}; target: {in_target:?}",
+                    rows.iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                        .collect::<Vec<_>>()
+                );
                 let stats = db.query_one(&format!("SELECT count(*)::text || ' ' || count(DISTINCT {col})::text || ' ' || min({col})::text || ' ' || max({col})::text FROM {table}"), &[]).await.unwrap();
                 eprintln!("source stats: {}", stats.get::<_, String>(0));
                 let near = db.query(&format!("SELECT {col}::text FROM {table} WHERE {col} BETWEEN {id} - 3 AND {id} + 3"), &[]).await.unwrap();
-                eprintln!("near: {:?}", near.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>());
+                eprintln!(
+                    "near: {:?}",
+                    near.iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect::<Vec<_>>()
+                );
                 let log = d.log();
-                for l in log.lines().filter(|l| l.contains("planned") || l.contains("chunk copied")) {
+                for l in log
+                    .lines()
+                    .filter(|l| l.contains("planned") || l.contains("chunk copied"))
+                {
                     eprintln!("{l}");
                 }
             }
@@ -240,7 +259,9 @@ fn chunks(log: &str, what: &str) -> BTreeSet<u64> {
         .filter(|l| l.contains(what))
         .filter_map(|l| {
             let rest = &l[l.find(" chunk=")? + 7..];
-            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             rest[..end].parse().ok()
         })
         .collect()
@@ -273,18 +294,31 @@ async fn snapshot_of_two_million_rows_with_concurrent_dml_equals_the_source() {
     let writer = tokio::spawn(dml(pg.url(), stop.clone()));
     let start = Instant::now();
     while d.log().matches("snapshot of table complete").count() < 3 {
-        assert!(start.elapsed() < T, "snapshot did not finish:\n{}", tail(&d.log()));
+        assert!(
+            start.elapsed() < T,
+            "snapshot did not finish:\n{}",
+            tail(&d.log())
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
     let transactions = writer.await.unwrap();
     let log = d.log();
-    assert!(log.contains("method=\"exported\"") || log.contains("method=exported"), "{}", tail(&log));
+    assert!(
+        log.contains("method=\"exported\"") || log.contains("method=exported"),
+        "{}",
+        tail(&log)
+    );
     assert!(transactions > 0, "no DML ran during the copy");
     assert_equal(&pg, &db, &sr, &d).await;
     // Every planned chunk was copied once.
     let copied = log.matches("snapshot chunk copied").count() as u64;
-    assert_eq!(copied, planned(&log).values().sum::<u64>(), "{}", tail(&log));
+    assert_eq!(
+        copied,
+        planned(&log).values().sum::<u64>(),
+        "{}",
+        tail(&log)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -303,7 +337,11 @@ async fn sigkill_mid_snapshot_resumes_without_recopying_finished_chunks() {
     let mut first = p.spawn();
     let start = Instant::now();
     while chunks(&first.log(), "snapshot chunk done").len() < 4 {
-        assert!(start.elapsed() < T, "no chunks done:\n{}", tail(&first.log()));
+        assert!(
+            start.elapsed() < T,
+            "no chunks done:\n{}",
+            tail(&first.log())
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.kill();
@@ -312,7 +350,8 @@ async fn sigkill_mid_snapshot_resumes_without_recopying_finished_chunks() {
     // What the store holds after the crash: the plans of unfinished tables, and the
     // chunks done (durable before they are logged).
     let (left, done_stored) = {
-        let store = dbmazz::checkpoint::Store::open(&p.dir.path().join("state/checkpoints")).unwrap();
+        let store =
+            dbmazz::checkpoint::Store::open(&p.dir.path().join("state/checkpoints")).unwrap();
         let st = store.snapshot_state().unwrap();
         let left: BTreeSet<u64> = st
             .plans
@@ -322,8 +361,13 @@ async fn sigkill_mid_snapshot_resumes_without_recopying_finished_chunks() {
             .collect();
         (left, st.done)
     };
-    assert!(!left.is_empty(), "the snapshot finished before the kill; nothing to resume");
-    assert!(done_logged.iter().all(|c| done_stored.contains(c) || !left.contains(c)));
+    assert!(
+        !left.is_empty(),
+        "the snapshot finished before the kill; nothing to resume"
+    );
+    assert!(done_logged
+        .iter()
+        .all(|c| done_stored.contains(c) || !left.contains(c)));
 
     sr.set_delay(Duration::ZERO);
     let second = p.spawn();
@@ -332,21 +376,35 @@ async fn sigkill_mid_snapshot_resumes_without_recopying_finished_chunks() {
         + log1.matches("snapshot of table complete").count()
         < 3
     {
-        assert!(start.elapsed() < T, "snapshot did not finish after the restart:\n{}", tail(&second.log()));
+        assert!(
+            start.elapsed() < T,
+            "snapshot did not finish after the restart:\n{}",
+            tail(&second.log())
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     let log2 = second.log();
-    assert!(log2.contains("resuming an unfinished snapshot"), "{}", tail(&log2));
+    assert!(
+        log2.contains("resuming an unfinished snapshot"),
+        "{}",
+        tail(&log2)
+    );
     let copied2 = chunks(&log2, "snapshot chunk copied (watermarks)");
     let recopied: Vec<_> = copied2
         .iter()
         .filter(|c| done_stored.contains(c) || done_logged.contains(c))
         .collect();
-    assert!(recopied.is_empty(), "finished chunks copied again: {recopied:?}");
+    assert!(
+        recopied.is_empty(),
+        "finished chunks copied again: {recopied:?}"
+    );
     // Every chunk left unfinished by the crash was copied after the restart, once.
-    assert_eq!(copied2, left, "copied after the restart vs left by the crash");
+    assert_eq!(
+        copied2, left,
+        "copied after the restart vs left by the crash"
+    );
     assert_eq!(
         log2.matches("snapshot chunk copied").count(),
         copied2.len(),
@@ -367,7 +425,10 @@ fn keyed_view(lines: &[Value]) -> BTreeMap<String, BTreeMap<i64, String>> {
                     rows.remove(&old["id"].as_i64().unwrap());
                 }
                 let new = &l["new"];
-                rows.insert(new["id"].as_i64().unwrap(), new["v"].as_str().unwrap().to_string());
+                rows.insert(
+                    new["id"].as_i64().unwrap(),
+                    new["v"].as_str().unwrap().to_string(),
+                );
             }
             "delete" => {
                 rows.remove(&l["old"]["id"].as_i64().unwrap());
@@ -414,7 +475,9 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_str
     let writer = {
         let (url, stop) = (pg.url(), stop.clone());
         tokio::spawn(async move {
-            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
             tokio::spawn(conn);
             let mut i = 0i64;
             while !stop.load(Ordering::Relaxed) {
@@ -436,15 +499,29 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_str
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args(["ctl", "snapshot", "public.b", "--addr", &format!("http://{addr}")])
+        .args([
+            "ctl",
+            "snapshot",
+            "public.b",
+            "--addr",
+            &format!("http://{addr}"),
+        ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("snapshotting public.b"), "{text}");
     let start = Instant::now();
-    while !d.log().contains("snapshot of table complete table=public.b") {
-        assert!(start.elapsed() < T, "b's snapshot did not finish:\n{}", tail(&d.log()));
+    while !d
+        .log()
+        .contains("snapshot of table complete table=public.b")
+    {
+        assert!(
+            start.elapsed() < T,
+            "b's snapshot did not finish:\n{}",
+            tail(&d.log())
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -472,12 +549,21 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_str
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = d.log();
-    assert!(log.contains("added the table to the publication"), "{}", tail(&log));
+    assert!(
+        log.contains("added the table to the publication"),
+        "{}",
+        tail(&log)
+    );
     let copied = chunks(&log, "snapshot chunk copied (watermarks)");
     let planned_b = planned(&log)["public.b"];
     // ~100,000 rows (writes add and remove a few) in chunks of 10,000, the last open-ended
     assert!((10..=11).contains(&planned_b), "{planned_b} chunks");
-    assert_eq!(copied.len() as u64, planned_b, "every chunk of b copied once:\n{}", tail(&log));
+    assert_eq!(
+        copied.len() as u64,
+        planned_b,
+        "every chunk of b copied once:\n{}",
+        tail(&log)
+    );
 
     let lines = p.changes();
     // Only `b` was snapshotted while streaming; `a` kept streaming during it: its inserts
@@ -505,7 +591,10 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_str
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let got = view.get(&format!("public.{t}")).cloned().unwrap_or_default();
+        let got = view
+            .get(&format!("public.{t}"))
+            .cloned()
+            .unwrap_or_default();
         assert_eq!(got.len(), want.len(), "{t}: row count");
         assert!(got == want, "{t}: the sink's view differs from the source");
     }

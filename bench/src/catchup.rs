@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use dbmazz::localpg::PG_BIN;
 
+use crate::process::NEVER;
 use crate::process::{write_config, Dbmazz, RunConfig};
 use crate::report::{CatchUp, Consumer};
 use crate::workload::Workload;
@@ -260,6 +261,7 @@ pub async fn dbmazz_catch_up(
     let config = write_config(
         env,
         &RunConfig {
+            snapshot: NEVER,
             slot,
             publication,
             tables: &[&table],

@@ -16,7 +16,8 @@
 //! Then steady state: W2-shaped transactions committed at a fixed rate while dbmazz
 //! delivers to the null sink; commit-to-ack latency percentiles come from dbmazz's own
 //! histogram (gRPC Status). And memory: idle RSS, and peak RSS with about 100,000 changes
-//! buffered behind a slow sink.
+//! buffered behind a slow sink. And the initial snapshot: 5,000,000 rows copied with 4
+//! workers, next to `COPY table TO '/dev/null'` on the same table ([`snapshot`]).
 //!
 //! `cargo run --release -p dbmazz-bench` (or `./scripts/bench.sh`); `--quick` for a smoke
 //! run; `--json FILE` to keep the results. See docs/performance.md.
@@ -26,6 +27,7 @@ mod proc;
 mod process;
 mod receiver;
 mod report;
+mod snapshot;
 mod steady;
 mod workload;
 
@@ -48,7 +50,7 @@ struct Cli {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Only these parts: W1, W2, W3, W4, steady, memory (default: all).
+    /// Only these parts: W1, W2, W3, W4, steady, memory, snapshot (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The dbmazz binary (default: `cargo build --release -p dbmazz`, then target/release).
@@ -171,6 +173,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let (idle, steady) = steady::run(&env, &rates, seconds, cli.quick).await?;
         report.idle = Some(idle);
         report.steady = steady;
+    }
+
+    if wants(&cli, "snapshot") {
+        let rows = if cli.quick { 50_000 } else { 5_000_000 };
+        report.snapshot = snapshot::run(&env, rows, 4).await?;
     }
 
     report::print(&report);

@@ -175,6 +175,9 @@ pub struct Progress {
     pub batches: u64,
 }
 
+/// `[snapshot]` of runs that must not copy the table (its rows are the slot's backlog).
+pub const NEVER: &str = "mode = \"never\"";
+
 /// The config of one dbmazz run.
 pub struct RunConfig<'a> {
     pub slot: &'a str,
@@ -186,6 +189,8 @@ pub struct RunConfig<'a> {
     /// The null sink waits this long in each write (a slow sink).
     pub null_delay_ms: u64,
     pub pipeline: &'a str,
+    /// The `[snapshot]` section (catch-up runs on a slot filled beforehand: `mode = "never"`).
+    pub snapshot: &'a str,
 }
 
 pub fn write_config(env: &Env, c: &RunConfig) -> anyhow::Result<PathBuf> {
@@ -218,6 +223,7 @@ pub fn write_config(env: &Env, c: &RunConfig) -> anyhow::Result<PathBuf> {
             c.null_delay_ms
         )),
     }
+    toml.push_str(&format!("[snapshot]\n{}\n\n", c.snapshot));
     toml.push_str(&format!(
         "[state]\ndir = {:?}\n\n[plugins]\ncache_dir = {:?}\n\n[control]\ngrpc = \"127.0.0.1:0\"\n",
         dir.join("state").display().to_string(),

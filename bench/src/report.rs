@@ -90,6 +90,24 @@ pub struct Idle {
     pub cpu_percent: f64,
 }
 
+/// One snapshot measurement: the same table copied by the server's COPY (the ceiling), a
+/// client COPY, and dbmazz's initial snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotRun {
+    pub what: String,
+    pub rows: u64,
+    pub workers: usize,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    /// MB/s (10^6 bytes) of the table's COPY text form.
+    pub mb_per_s: f64,
+    /// The ceiling's seconds divided by this run's.
+    pub ratio_to_ceiling: f64,
+    /// CPU seconds of the dbmazz process per million rows.
+    pub cpu_s_per_million: Option<f64>,
+    pub peak_rss_mb: Option<f64>,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub machine: String,
@@ -99,6 +117,7 @@ pub struct Report {
     pub catch_up: Vec<CatchUp>,
     pub steady: Vec<Steady>,
     pub idle: Option<Idle>,
+    pub snapshot: Vec<SnapshotRun>,
 }
 
 pub fn print(r: &Report) {
@@ -147,6 +166,23 @@ pub fn print(r: &Report) {
                 s.max_ms,
                 s.cpu_percent,
                 s.peak_rss_mb
+            );
+        }
+    }
+    if !r.snapshot.is_empty() {
+        println!("\n| snapshot ({} rows) | rows/s | MB/s | × ceiling | seconds | CPU s / M rows | peak RSS MB |", r.snapshot[0].rows);
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for s in &r.snapshot {
+            println!(
+                "| {} | {:.0} | {:.1} | {:.2} | {:.2} | {} | {} |",
+                s.what,
+                s.rows_per_s,
+                s.mb_per_s,
+                s.ratio_to_ceiling,
+                s.seconds,
+                s.cpu_s_per_million
+                    .map_or("-".into(), |x| format!("{x:.2}")),
+                s.peak_rss_mb.map_or("-".into(), |x| format!("{x:.1}"))
             );
         }
     }

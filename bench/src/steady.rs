@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::process::NEVER;
 use crate::process::{write_config, Dbmazz, RunConfig};
 use crate::report::{Idle, Steady};
 use crate::{proc, workload, Env, MB};
@@ -38,6 +39,7 @@ pub async fn run(
         let config = write_config(
             env,
             &RunConfig {
+                snapshot: NEVER,
                 slot: &slot,
                 publication: "bench_steady",
                 tables: &["public.steady"],

@@ -3,11 +3,12 @@
 
 /// The 8 columns of W1, W2 and W4: bigint key, int, numeric, text (~40 B), timestamptz,
 /// bool, small jsonb, text (~200 B).
-const COLUMNS: &str = "id bigint PRIMARY KEY, n int NOT NULL, amount numeric(12,2), label text, \
+pub const COLUMNS: &str =
+    "id bigint PRIMARY KEY, n int NOT NULL, amount numeric(12,2), label text, \
                        at timestamptz, flag bool, doc jsonb, body text";
 
 /// One row of [`COLUMNS`] from `g` (a bigint expression).
-fn row(g: &str) -> String {
+pub fn row(g: &str) -> String {
     format!(
         "{g}, ({g} % 1000)::int, ({g} % 100000) / 100.0, md5({g}::text) || 'abcdefgh', \
          timestamptz '2026-01-01 00:00:00+00' + {g} * interval '1 second', {g} % 2 = 0, \

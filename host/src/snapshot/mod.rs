@@ -70,6 +70,14 @@ pub enum SnapshotError {
         /// The error.
         source: Box<SourceError>,
     },
+    /// The user may not read a table it should copy (SQLSTATE 42501).
+    #[error("snapshot of {what}: {source}; GRANT SELECT on it to the replication user, or set snapshot.mode = \"never\" (or `[snapshot.tables]` for this table) to stream changes only")]
+    Privilege {
+        /// The table.
+        what: String,
+        /// The error.
+        source: Box<SourceError>,
+    },
     /// `COPY` returned something that is not its text format.
     #[error("snapshot of {table}: malformed COPY output: {what}")]
     Malformed {
@@ -89,9 +97,17 @@ pub enum SnapshotError {
 impl SnapshotError {
     /// Maps a query error while working on `what`.
     pub fn sql(what: &str) -> impl Fn(tokio_postgres::Error) -> SnapshotError + '_ {
-        move |e| SnapshotError::Sql {
-            what: what.to_string(),
-            source: Box::new(crate::source::conn::sql_error(e)),
+        move |e| {
+            let denied = e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE);
+            let (what, source) = (
+                what.to_string(),
+                Box::new(crate::source::conn::sql_error(e)),
+            );
+            if denied {
+                SnapshotError::Privilege { what, source }
+            } else {
+                SnapshotError::Sql { what, source }
+            }
         }
     }
 }

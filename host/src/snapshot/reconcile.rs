@@ -353,3 +353,288 @@ fn identity_key(
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::pipeline::assembler::{Assembler, Event};
+    use crate::pipeline::schema::ColumnInfo;
+    use crate::source::pgoutput::encode::{self, Val};
+    use crate::source::pgoutput::{OldKind, TupleBuilder};
+
+    fn shape() -> Arc<TableShape> {
+        let col = |name: &str, key| ColumnInfo {
+            name: name.into(),
+            type_oid: 25,
+            type_modifier: -1,
+            key,
+        };
+        Arc::new(TableShape::for_tests(RelationInfo {
+            id: 7,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: crate::source::pgoutput::ReplicaIdentity::Default,
+            columns: vec![col("id", true), col("v", false)],
+        }))
+    }
+
+    /// The chunk's rows as the copy reads them: ids 1..=5.
+    fn rows() -> Vec<TupleData> {
+        let mut b = TupleBuilder::default();
+        for id in 1..=5 {
+            b.begin_row();
+            b.push_text(&id.to_string());
+            b.push_text("copied");
+            b.end_row();
+        }
+        b.finish()
+    }
+
+    /// Runs the messages through the assembler and the reconciler as the reader does;
+    /// returns the ids of the `read` changes emitted.
+    fn run(registry: &Arc<Registry>, messages: Vec<Vec<u8>>) -> Vec<Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        let mut r = Reconciler::new(registry.clone());
+        let mut txn = TxnInfo::default();
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        for m in messages {
+            a.handle(Lsn(1), Bytes::from(m), &mut events).unwrap();
+            for e in events.drain(..) {
+                match &e {
+                    Event::Begin { xid, .. } => txn.xid = *xid,
+                    Event::Change(c) => r.on_change(c),
+                    Event::Message { position, message } => {
+                        if let Some(em) = r.on_message(message, *position, txn) {
+                            out.push(
+                                em.reads
+                                    .iter()
+                                    .map(|c| {
+                                        assert_eq!(c.op, Op::Read);
+                                        assert_eq!(c.xid, txn.xid);
+                                        c.new
+                                            .as_ref()
+                                            .unwrap()
+                                            .iter()
+                                            .map(|d| match d {
+                                                RawDatum::Text(s) => s.to_string(),
+                                                other => format!("{other:?}"),
+                                            })
+                                            .collect::<Vec<_>>()
+                                            .join("=")
+                                    })
+                                    .collect(),
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn txn(n: u64, body: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let rel = encode::relation(
+            None,
+            7,
+            "public",
+            "t",
+            b'd',
+            &[(true, "id", 25, -1), (false, "v", 25, -1)],
+        );
+        let other = encode::relation(
+            None,
+            8,
+            "public",
+            "u",
+            b'd',
+            &[(true, "id", 25, -1), (false, "v", 25, -1)],
+        );
+        let mut m = vec![encode::begin(Lsn(n * 100), 0, n as u32), rel, other];
+        m.extend(body);
+        m.push(encode::commit(Lsn(n * 100), Lsn(n * 100 + 10), 0));
+        m
+    }
+
+    fn wm(n: u64, w: Watermark) -> Vec<Vec<u8>> {
+        txn(
+            n,
+            vec![encode::message(
+                None,
+                true,
+                Lsn(n * 100 + 1),
+                WATERMARK_PREFIX,
+                w.content().as_bytes(),
+            )],
+        )
+    }
+
+    fn register(registry: &Registry, chunk: u64, nonce: u64) {
+        registry.insert(
+            chunk,
+            InFlight {
+                nonce,
+                shape: shape(),
+                rows: Some(rows()),
+                consumed: None,
+            },
+        );
+    }
+
+    #[test]
+    fn rows_changed_between_the_watermarks_are_dropped_from_the_chunk() {
+        let registry = Arc::new(Registry::default());
+        register(&registry, 1, 42);
+        let mut m = wm(
+            1,
+            Watermark::Low {
+                chunk: 1,
+                nonce: 42,
+            },
+        );
+        m.extend(txn(
+            2,
+            vec![
+                // id 2 updated, id 4 deleted: the stream has their newest state
+                encode::update(None, 7, None, &[Val::Text("2"), Val::Text("streamed")]),
+                encode::delete(None, 7, OldKind::Key, &[Val::Text("4"), Val::Null]),
+                // the same id in another table touches nothing
+                encode::update(None, 8, None, &[Val::Text("3"), Val::Text("x")]),
+                // a key change: both the old (5) and the new key (9) are touched
+                encode::update(
+                    None,
+                    7,
+                    Some((OldKind::Key, &[Val::Text("5"), Val::Null])),
+                    &[Val::Text("9"), Val::Text("moved")],
+                ),
+            ],
+        ));
+        m.extend(wm(
+            3,
+            Watermark::High {
+                chunk: 1,
+                nonce: 42,
+            },
+        ));
+        assert_eq!(run(&registry, m), [vec!["1=copied", "3=copied"]]);
+    }
+
+    #[test]
+    fn changes_before_the_low_watermark_and_stale_watermarks_are_ignored() {
+        let registry = Arc::new(Registry::default());
+        register(&registry, 1, 42);
+        let mut m = txn(
+            1,
+            vec![encode::update(
+                None,
+                7,
+                None,
+                &[Val::Text("2"), Val::Text("before")],
+            )],
+        );
+        // an earlier attempt's watermarks (a replayed stream): no window, no rows
+        m.extend(wm(
+            2,
+            Watermark::Low {
+                chunk: 1,
+                nonce: 41,
+            },
+        ));
+        m.extend(wm(
+            3,
+            Watermark::High {
+                chunk: 1,
+                nonce: 41,
+            },
+        ));
+        m.extend(wm(
+            4,
+            Watermark::Low {
+                chunk: 1,
+                nonce: 42,
+            },
+        ));
+        m.extend(wm(
+            5,
+            Watermark::High {
+                chunk: 1,
+                nonce: 42,
+            },
+        ));
+        let out = run(&registry, m);
+        assert_eq!(
+            out,
+            [vec![
+                "1=copied", "2=copied", "3=copied", "4=copied", "5=copied"
+            ]]
+        );
+    }
+
+    #[test]
+    fn a_truncate_inside_the_window_drops_the_chunk() {
+        let registry = Arc::new(Registry::default());
+        register(&registry, 1, 42);
+        let mut m = wm(
+            1,
+            Watermark::Low {
+                chunk: 1,
+                nonce: 42,
+            },
+        );
+        m.extend(txn(2, vec![encode::truncate(None, 0, &[7])]));
+        m.extend(wm(
+            3,
+            Watermark::High {
+                chunk: 1,
+                nonce: 42,
+            },
+        ));
+        assert_eq!(run(&registry, m), [Vec::<String>::new()]);
+    }
+
+    #[test]
+    fn a_keyless_table_is_reconciled_by_its_whole_row() {
+        let registry = Arc::new(Registry::default());
+        let mut s = (*shape()).clone();
+        s.identity = vec![0, 1];
+        registry.insert(
+            1,
+            InFlight {
+                nonce: 1,
+                shape: Arc::new(s),
+                rows: Some(rows()),
+                consumed: None,
+            },
+        );
+        let mut m = wm(1, Watermark::Low { chunk: 1, nonce: 1 });
+        m.extend(txn(
+            2,
+            vec![
+                // the whole old row identifies it (REPLICA IDENTITY FULL)
+                encode::delete(
+                    None,
+                    7,
+                    OldKind::Full,
+                    &[Val::Text("2"), Val::Text("copied")],
+                ),
+                // a row that only shares the id is another row
+                encode::delete(
+                    None,
+                    7,
+                    OldKind::Full,
+                    &[Val::Text("3"), Val::Text("other")],
+                ),
+            ],
+        ));
+        m.extend(wm(3, Watermark::High { chunk: 1, nonce: 1 }));
+        assert_eq!(
+            run(&registry, m),
+            [vec!["1=copied", "3=copied", "4=copied", "5=copied"]]
+        );
+    }
+}

@@ -158,6 +158,31 @@ pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, Snap
 }
 
 impl TableShape {
+    /// A shape for unit tests: `relation`, keyed by the columns flagged `key` (or, without
+    /// any, identified by the whole row), all columns typed `text`.
+    #[cfg(test)]
+    pub fn for_tests(relation: RelationInfo) -> Self {
+        let chunk_key: Vec<usize> = (0..relation.columns.len())
+            .filter(|&i| relation.columns[i].key)
+            .collect();
+        let identity = if chunk_key.is_empty() {
+            (0..relation.columns.len()).collect()
+        } else {
+            chunk_key.clone()
+        };
+        TableShape {
+            table: relation.qualified_name(),
+            types: vec!["text".into(); relation.columns.len()],
+            relation: Arc::new(relation),
+            chunk_key,
+            identity,
+            estimate: 0,
+            pages: 0,
+            quoted: String::new(),
+            select_list: String::new(),
+        }
+    }
+
     /// `(k1, k2)`: the chunk key as an SQL row.
     fn key_row(&self) -> String {
         let cols: Vec<String> = self
