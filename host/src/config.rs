@@ -737,6 +737,30 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_modes_per_table_and_their_errors() {
+        let c = Config::parse(MIN, []).unwrap();
+        assert_eq!(c.snapshot.mode, SnapshotMode::Initial);
+        assert_eq!((c.snapshot.workers, c.snapshot.chunk_size), (4, 100_000));
+        let c = Config::parse(
+            &format!(
+                "{MIN}\n[snapshot]\nmode = \"always\"\nworkers = 2\n\n[snapshot.tables]\naudit = \"never\"\n\"sales.orders\" = \"initial\"\n"
+            ),
+            [],
+        )
+        .unwrap();
+        assert_eq!(c.snapshot.mode_for("public.audit"), SnapshotMode::Never);
+        assert_eq!(c.snapshot.mode_for("sales.orders"), SnapshotMode::Initial);
+        assert_eq!(c.snapshot.mode_for("public.other"), SnapshotMode::Always);
+        let e =
+            Config::parse(&format!("{MIN}\n[snapshot]\nmode = \"sometimes\"\n"), []).unwrap_err();
+        assert!(e.contains("sometimes") && e.contains("initial"), "{e}");
+        let e = Config::parse(&format!("{MIN}\n[snapshot]\nworkers = 0\n"), []).unwrap_err();
+        assert!(e.contains("snapshot.workers"), "{e}");
+        let e = Config::parse(&format!("{MIN}\n[snapshot]\nchunk = 5\n"), []).unwrap_err();
+        assert!(e.contains("chunk"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_and_wrong_types_name_the_key() {
         let e = Config::parse(&format!("{MIN}\n[pipeline]\nflush_sise = 3\n"), []).unwrap_err();
         assert!(e.contains("flush_sise"), "{e}");
