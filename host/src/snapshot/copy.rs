@@ -160,12 +160,17 @@ impl ChunkReader {
     }
 }
 
+/// A COPY text value ended in a lone backslash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a value ends in a lone backslash")]
+pub struct TrailingBackslash;
+
 /// Undoes COPY text escaping (`\\`, `\t`, `\n`, `\r`, `\b`, `\f`, `\v`, octal `\NNN`,
 /// hex `\xHH`; any other escaped character stands for itself).
 ///
 /// # Errors
-/// `Err(())` for a trailing lone backslash.
-pub fn unescape(s: &str, out: &mut Vec<u8>) -> Result<(), ()> {
+/// [`TrailingBackslash`] for a lone backslash at the end.
+pub fn unescape(s: &str, out: &mut Vec<u8>) -> Result<(), TrailingBackslash> {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -176,7 +181,7 @@ pub fn unescape(s: &str, out: &mut Vec<u8>) -> Result<(), ()> {
             continue;
         }
         let Some(&e) = b.get(i + 1) else {
-            return Err(());
+            return Err(TrailingBackslash);
         };
         i += 2;
         match e {

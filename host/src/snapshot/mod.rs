@@ -50,6 +50,9 @@ use self::table::{load_shape, TableShape};
 /// The same chunk and part always get the same id (StarRocks labels stay stable).
 pub const SNAPSHOT_BATCH_ID_BASE: u64 = 1 << 62;
 
+/// Chunks waiting for a copy worker, with their table.
+type ChunkQueue = Mutex<VecDeque<(Arc<TableShape>, SnapshotChunk)>>;
+
 /// Bytes of rows read before a part is handed on (the exported copy), whatever the count.
 const PART_BYTES: usize = 32 << 20;
 
@@ -487,7 +490,7 @@ impl Incremental {
         mut requests: mpsc::UnboundedReceiver<Request>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), SnapshotError> {
-        let queue: Arc<Mutex<VecDeque<(Arc<TableShape>, SnapshotChunk)>>> = Arc::default();
+        let queue: Arc<ChunkQueue> = Arc::default();
         let mut workers: JoinSet<Result<(), SnapshotError>> = JoinSet::new();
         let mut planner: Option<tokio_postgres::Client> = None;
         let mut pending = Some(Request {
@@ -539,7 +542,7 @@ impl Incremental {
         &self,
         client: &tokio_postgres::Client,
         tables: &[String],
-        queue: &Mutex<VecDeque<(Arc<TableShape>, SnapshotChunk)>>,
+        queue: &ChunkQueue,
     ) -> Result<Vec<String>, SnapshotError> {
         let mut planned = Vec::new();
         for t in tables {
@@ -620,7 +623,7 @@ impl Incremental {
 
     fn worker(
         &self,
-        queue: Arc<Mutex<VecDeque<(Arc<TableShape>, SnapshotChunk)>>>,
+        queue: Arc<ChunkQueue>,
         mut shutdown: watch::Receiver<bool>,
     ) -> impl std::future::Future<Output = Result<(), SnapshotError>> + Send + 'static {
         let (conn, registry, tracker) = (
