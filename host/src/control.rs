@@ -604,6 +604,14 @@ pub async fn ctl(
                     if t.done { ", done" } else { "" }
                 ));
             }
+            if s.snapshot.len() > 1 {
+                let rows: u64 = s.snapshot.iter().map(|t| t.rows).sum();
+                let estimate: u64 = s.snapshot.iter().map(|t| t.estimated_rows).sum();
+                let left = s.snapshot.iter().filter(|t| !t.done).count();
+                out.push_str(&format!(
+                    "snapshot      all: {rows} of ~{estimate} rows, {left} tables remaining\n"
+                ));
+            }
             for p in s.plugins {
                 out.push_str(&format!(
                     "plugin        {} ({} {}, {}): {} calls, {} errors{}\n",

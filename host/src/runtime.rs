@@ -492,6 +492,17 @@ pub async fn run(
     let plan = SetupPlan {
         tables: cfg.source.tables.clone(),
         replica_identity_full: cfg.source.replica_identity_full,
+        snapshot_tables: cfg
+            .source
+            .tables
+            .iter()
+            .filter(|t| {
+                let (schema, name) = setup::split_table(t).unwrap_or_default();
+                cfg.snapshot.mode_for(&format!("{schema}.{name}"))
+                    != crate::config::SnapshotMode::Never
+            })
+            .cloned()
+            .collect(),
         publication: cfg.source.publication.clone(),
         slot: cfg.source.slot.clone(),
     };

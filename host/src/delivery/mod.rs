@@ -34,17 +34,13 @@ pub enum Delivery {
     /// published changes, or a keepalive with nothing open): confirmable once the
     /// batches before it are acknowledged.
     Watermark(Lsn),
-    /// Rows of the exported snapshot (copied before streaming starts): written like a
-    /// batch, but outside the stream, so no position moves. `chunk_done`: the last part of
-    /// that chunk, which is marked done once this batch is acknowledged.
-    Snapshot {
-        /// The `read` changes, with a snapshot batch id.
-        batch: Batch,
-        /// The chunk this batch completes.
-        chunk_done: Option<u64>,
-    },
-    /// A chunk's `read` changes were all handed on, the last at `last` (none: the chunk
-    /// had no rows left): it is done once the batch holding `last` is acknowledged.
+    /// `read` changes of the exported snapshot (copied before streaming starts), with a
+    /// snapshot batch id: written like a batch, but outside the stream, so no position
+    /// moves.
+    Snapshot(Batch),
+    /// A chunk's `read` changes were all handed on: it is done once the batch holding
+    /// `last` is acknowledged — or, without `last` (the exported copy's parts, or a chunk
+    /// with no rows left), once every item before this one is.
     ChunkRead {
         /// Chunk id.
         chunk: u64,
@@ -165,15 +161,11 @@ pub async fn run<S: Sink>(
                 debug!(batch = batch.id, confirmed = %cp.confirmed_lsn, "batch acknowledged and checkpointed");
                 confirmed.send_replace(cp.confirmed_lsn);
             }
-            Delivery::Snapshot { batch, chunk_done } => {
+            Delivery::Snapshot(batch) => {
                 if !write_with_retries(&mut sink, &stats, &batch, &mut stop).await? {
                     return Ok(());
                 }
                 stats.record_snapshot_batch(&batch);
-                if let Some(id) = chunk_done {
-                    tokio::task::block_in_place(|| store.put_chunks_done(&[id]))?;
-                    tracker.chunks_done(&[id])?;
-                }
             }
             Delivery::ChunkRead { chunk, last } => match last {
                 Some(last) if cp.acked_through.is_none_or(|a| a < last) => {

@@ -45,6 +45,8 @@ pub struct ChunkReader {
     carry: BytesMut,
     scratch: Vec<u8>,
     ended: bool,
+    /// Bytes of the previous part (plus an eighth), to size the next one.
+    last_part_bytes: usize,
 }
 
 impl ChunkReader {
@@ -69,6 +71,7 @@ impl ChunkReader {
             carry: BytesMut::new(),
             scratch: Vec::new(),
             ended: false,
+            last_part_bytes: 0,
         })
     }
 
@@ -83,7 +86,11 @@ impl ChunkReader {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Vec<TupleData>, SnapshotError> {
-        let mut b = TupleBuilder::with_capacity(max_bytes.min(1 << 20));
+        // Sized like the previous part (rows of a table are alike), so it rarely grows.
+        let mut b = TupleBuilder::with_capacity(
+            self.last_part_bytes
+                .clamp(64 << 10, max_bytes.max(64 << 10)),
+        );
         while !self.ended && b.rows() < max_rows && b.bytes() < max_bytes {
             match self.stream.next().await {
                 Some(Ok(data)) => self.lines(data, &mut b)?,
@@ -96,6 +103,7 @@ impl ChunkReader {
                 }
             }
         }
+        self.last_part_bytes = b.bytes() + b.bytes() / 8;
         Ok(b.finish())
     }
 

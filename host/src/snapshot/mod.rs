@@ -340,54 +340,40 @@ pub async fn copy_exported(
                     ChunkReader::start(&client, &sql, &shape.table, shape.relation.columns.len())
                         .await?;
                 let (mut part, mut rows_in_chunk) = (0u64, 0u64);
-                let mut held: Option<Batch> = None;
                 loop {
                     let rows = reader.next_part(part_rows, PART_BYTES).await?;
-                    let last = rows.is_empty();
-                    if !last {
-                        let n = rows.len() as u64;
-                        tracker.rows_copied(&shape.table, n);
-                        let id = SNAPSHOT_BATCH_ID_BASE | (chunk.id << 20) | part;
-                        let changes: Vec<_> = rows
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, row)| {
-                                read_change(
-                                    shape.relation.clone(),
-                                    row,
-                                    Position {
-                                        commit_lsn: consistent_point,
-                                        seq: (rows_in_chunk + i as u64) as u32,
-                                    },
-                                    consistent_point,
-                                    TxnInfo {
-                                        xid: 0,
-                                        commit_time_us,
-                                    },
-                                )
-                            })
-                            .collect();
-                        rows_in_chunk += n;
-                        part += 1;
-                        let batch = snapshot_batch(id, changes);
-                        if let Some(prev) = held.replace(batch) {
-                            send(&tx, Delivery::Snapshot { batch: prev, chunk_done: None }, &mut shutdown).await?;
-                        }
-                    }
-                    if last {
-                        let item = match held.take() {
-                            Some(batch) => Delivery::Snapshot {
-                                batch,
-                                chunk_done: Some(chunk.id),
-                            },
-                            None => Delivery::ChunkRead {
-                                chunk: chunk.id,
-                                last: None,
-                            },
+                    if rows.is_empty() {
+                        // Delivery handles items in order: by the time it reaches this
+                        // marker, every part before it was acknowledged.
+                        let done = Delivery::ChunkRead {
+                            chunk: chunk.id,
+                            last: None,
                         };
-                        send(&tx, item, &mut shutdown).await?;
+                        send(&tx, done, &mut shutdown).await?;
                         break;
                     }
+                    let n = rows.len() as u64;
+                    tracker.rows_copied(&shape.table, n);
+                    let id = SNAPSHOT_BATCH_ID_BASE | (chunk.id << 20) | part;
+                    let txn = TxnInfo {
+                        xid: 0,
+                        commit_time_us,
+                    };
+                    let changes: Vec<_> = rows
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, row)| {
+                            let position = Position {
+                                commit_lsn: consistent_point,
+                                seq: (rows_in_chunk + i as u64) as u32,
+                            };
+                            read_change(shape.relation.clone(), row, position, consistent_point, txn)
+                        })
+                        .collect();
+                    rows_in_chunk += n;
+                    part += 1;
+                    let batch = snapshot_batch(id, changes);
+                    send(&tx, Delivery::Snapshot(batch), &mut shutdown).await?;
                 }
                 info!(table = %shape.table, chunk = chunk.id, index = chunk.index, rows = rows_in_chunk, "snapshot chunk copied");
             }
@@ -748,8 +734,20 @@ pub fn spawn_progress_bars(stats: Arc<Stats>, mut shutdown: watch::Receiver<bool
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ");
         let mut bars: HashMap<String, indicatif::ProgressBar> = HashMap::new();
+        let total = multi.add(indicatif::ProgressBar::new(1));
+        total.set_style(style.clone());
+        total.set_prefix("all tables");
         loop {
             let tables = stats.snapshot.lock().map(|t| t.clone()).unwrap_or_default();
+            let rows: u64 = tables.iter().map(|t| t.rows).sum();
+            let estimate: u64 = tables.iter().map(|t| t.estimate.max(t.rows)).sum();
+            total.set_length(estimate.max(1));
+            total.set_position(rows);
+            total.set_message(format!(
+                "tables {}/{}",
+                tables.iter().filter(|t| t.done).count(),
+                tables.len()
+            ));
             for t in &tables {
                 let bar = bars.entry(t.table.clone()).or_insert_with(|| {
                     let b = multi.add(indicatif::ProgressBar::new(t.estimate.max(1)));
@@ -765,6 +763,7 @@ pub fn spawn_progress_bars(stats: Arc<Stats>, mut shutdown: watch::Receiver<bool
                 }
             }
             if !tables.is_empty() && tables.iter().all(|t| t.done) {
+                total.finish();
                 return;
             }
             tokio::select! {

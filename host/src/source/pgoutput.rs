@@ -397,7 +397,9 @@ impl TupleBuilder {
     }
 
     /// The rows, in the order they were built.
-    pub fn finish(self) -> Vec<TupleData> {
+    pub fn finish(mut self) -> Vec<TupleData> {
+        // The rows live as long as their batch: do not keep the growth slack with them.
+        self.buf.shrink_to_fit();
         let buf = Bytes::from(self.buf);
         self.rows
             .into_iter()

@@ -46,6 +46,14 @@ pub enum SetupError {
         /// `schema.table` names.
         tables: Vec<String>,
     },
+    /// The user may not read tables the snapshot must copy.
+    #[error("user {user:?} may not read {}, which the snapshot copies: GRANT SELECT ON {} TO {user}, or set snapshot.mode = \"never\" (or per table in [snapshot.tables]) to stream changes only", .tables.join(", "), .tables.join(", "))]
+    NoSelectPrivilege {
+        /// The user.
+        user: String,
+        /// `schema.table` names.
+        tables: Vec<String>,
+    },
     /// A table name in the config is not `table` or `schema.table`.
     #[error("invalid table name {0:?}: expected table or schema.table")]
     InvalidTableName(String),
@@ -131,6 +139,9 @@ pub struct SetupPlan {
     pub tables: Vec<String>,
     /// Set REPLICA IDENTITY FULL on the tables.
     pub replica_identity_full: bool,
+    /// Tables a snapshot may copy (their snapshot mode is not `never`): the user must be
+    /// able to read them.
+    pub snapshot_tables: Vec<String>,
     /// Publication name.
     pub publication: String,
     /// Slot name.
@@ -276,6 +287,39 @@ pub async fn run(
         status: StepStatus::Ok,
         detail: format!("{} found", found.len()),
     });
+
+    // 3b. read privilege on the tables a snapshot copies (before any slot is created)
+    let mut unreadable = Vec::new();
+    for t in &plan.snapshot_tables {
+        let (schema, table) = split_table(t)?;
+        let row = client
+            .query_opt(
+                "SELECT has_table_privilege(c.oid, 'SELECT') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(step_err("read privilege"))?;
+        if row.is_some_and(|r| !r.get::<_, bool>(0)) {
+            unreadable.push(format!("{}.{}", quote_ident(&schema), quote_ident(&table)));
+        }
+    }
+    if !unreadable.is_empty() {
+        return Err(SetupError::NoSelectPrivilege {
+            user,
+            tables: unreadable,
+        });
+    }
+    if !plan.snapshot_tables.is_empty() {
+        steps.push(StepReport {
+            step: "read privilege",
+            status: StepStatus::Ok,
+            detail: format!(
+                "SELECT on the {} tables a snapshot copies",
+                plan.snapshot_tables.len()
+            ),
+        });
+    }
 
     // 4. replica identity
     if plan.replica_identity_full {
