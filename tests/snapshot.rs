@@ -599,3 +599,40 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_str
         assert!(got == want, "{t}: the sink's view differs from the source");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_copy_follows_the_publications_column_list_and_row_filter() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE p (id int PRIMARY KEY, v text NOT NULL, secret text);
+         INSERT INTO p SELECT g, 'v' || g, 'pii' || g FROM generate_series(1, 1000) g;
+         CREATE PUBLICATION dbmazz_pub FOR TABLE p (id, v) WHERE (id % 2 = 0);",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(&pg.url(), &["p"], "flush_interval_ms = 50", false);
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute(
+        "INSERT INTO p SELECT g, 'v' || g, 'pii' || g FROM generate_series(1001, 1010) g",
+    )
+    .await
+    .unwrap();
+    let lines = p.wait_for(&d, T, "500 reads and 5 inserts", |c| c.len() >= 505);
+    let reads = lines.iter().filter(|l| l["op"] == "read").count();
+    let inserts = lines.iter().filter(|l| l["op"] == "insert").count();
+    assert_eq!((reads, inserts), (500, 5));
+    for l in &lines {
+        let new = l["new"].as_object().unwrap();
+        assert!(
+            new.get("secret").is_none(),
+            "a column left out of the publication: {l}"
+        );
+        assert_eq!(
+            new["id"].as_i64().unwrap() % 2,
+            0,
+            "a row the filter leaves out: {l}"
+        );
+    }
+}

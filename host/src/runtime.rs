@@ -169,7 +169,9 @@ impl Reader {
                         commit_time_us: *commit_time_us,
                     }
                 }
-                Event::Change(c) if self.reconciler.active() => self.reconciler.on_change(c),
+                Event::Change(c) if self.reconciler.active() => {
+                    self.reconciler.on_change(c, self.txn)
+                }
                 Event::Message { position, message } => {
                     emitted = self.reconciler.on_message(message, *position, self.txn);
                 }
@@ -644,6 +646,7 @@ pub async fn run(
                         &conn,
                         &name,
                         created.consistent_point,
+                        &cfg.source.publication,
                         &snapshot_tables,
                         cfg.snapshot.workers,
                         cfg.snapshot.chunk_size,
@@ -658,22 +661,31 @@ pub async fn run(
                     match copied {
                         Ok(()) => {}
                         Err(e) => {
+                            // Interrupted by a stop request, or because delivery ended (its
+                            // error is then the cause), or the copy failed.
+                            let requested = *shutdown.borrow();
                             let interrupted = matches!(e, SnapshotError::Interrupted);
-                            // Let delivery finish what it has (bounded), keep what is durable.
                             drop(tx);
-                            let drain = Duration::from_millis(cfg.pipeline.drain_timeout_ms);
-                            if interrupted {
+                            if interrupted && requested {
                                 info!("stopping during the snapshot: chunks not acknowledged are copied at the next start");
-                                let _ = tokio::time::timeout(drain, &mut delivery).await;
                             } else {
                                 let _ = stop_tx.send(true);
-                                let _ = tokio::time::timeout(drain, &mut delivery).await;
                             }
-                            delivery.abort();
+                            // Let delivery finish what it has (bounded), keep what is durable.
+                            let drain = Duration::from_millis(cfg.pipeline.drain_timeout_ms);
+                            let delivered = tokio::time::timeout(drain, &mut delivery).await;
+                            if delivered.is_err() {
+                                delivery.abort();
+                            }
                             if let Some(server) = control_server {
                                 server.shutdown().await;
                             }
-                            return if interrupted { Ok(()) } else { Err(e.into()) };
+                            return match (interrupted, requested, delivered) {
+                                (true, true, _) => Ok(()),
+                                (true, false, Ok(Ok(Err(d)))) => Err(d.into()),
+                                (true, false, _) => Err(RunError::Interrupted),
+                                (false, ..) => Err(e.into()),
+                            };
                         }
                     }
                 }

@@ -22,7 +22,8 @@ use crate::source::pgoutput::{TupleBuilder, TupleData};
 use super::SnapshotError;
 
 /// Sets the replication connection's session options on a copy connection, so values
-/// print the same way in both.
+/// print the same way in both (and `standard_conforming_strings`, which the key literals
+/// of chunk predicates rely on: a backslash in a key is not an escape).
 ///
 /// # Errors
 /// [`SnapshotError::Sql`].
@@ -30,7 +31,8 @@ pub async fn pin_session(client: &Client) -> Result<(), SnapshotError> {
     client
         .batch_execute(
             "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = UTC; \
-             SET extra_float_digits = 3; SET bytea_output = hex; SET client_encoding = UTF8",
+             SET extra_float_digits = 3; SET bytea_output = hex; SET client_encoding = UTF8; \
+             SET standard_conforming_strings = on",
         )
         .await
         .map_err(SnapshotError::sql("session settings"))

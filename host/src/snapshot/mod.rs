@@ -43,7 +43,9 @@ use crate::source::SourceError;
 use crate::stats::{Stats, TableLabels};
 
 use self::copy::{pin_session, ChunkReader};
-use self::reconcile::{read_change, InFlight, Registry, TxnInfo, Watermark, WATERMARK_PREFIX};
+use self::reconcile::{
+    read_change, InFlight, Registry, TxnInfo, Visibility, Watermark, WATERMARK_PREFIX,
+};
 use self::table::{load_shape, TableShape};
 
 /// Snapshot batch ids live above every stream batch id: `2^62 | chunk id << 20 | part`.
@@ -52,6 +54,10 @@ pub const SNAPSHOT_BATCH_ID_BASE: u64 = 1 << 62;
 
 /// Chunks waiting for a copy worker, with their table.
 type ChunkQueue = Mutex<VecDeque<(Arc<TableShape>, SnapshotChunk)>>;
+
+/// The most a watermark chunk may hold (it is held whole until its high watermark; row
+/// offsets are 32-bit): a larger one is an error that asks for a smaller chunk size.
+const WATERMARK_CHUNK_BYTES: usize = 1 << 30;
 
 /// Bytes of rows read before a part is handed on (the exported copy), whatever the count.
 const PART_BYTES: usize = 32 << 20;
@@ -62,6 +68,12 @@ pub enum SnapshotError {
     /// The table does not exist (or is not a table).
     #[error("snapshot: table {table} does not exist (or is not an ordinary or partitioned table)")]
     NoSuchTable {
+        /// `schema.table`.
+        table: String,
+    },
+    /// A partitioned table was named: its partitions are what the stream carries.
+    #[error("snapshot: {table} is a partitioned table; pgoutput streams its partitions (unless the publication sets publish_via_partition_root), so snapshot those")]
+    Partitioned {
         /// `schema.table`.
         table: String,
     },
@@ -88,6 +100,16 @@ pub enum SnapshotError {
         table: String,
         /// What is wrong.
         what: String,
+    },
+    /// A chunk read while streaming exceeds what is held in memory.
+    #[error(
+        "snapshot of {table}: a chunk holds more than {bytes} bytes; lower snapshot.chunk_size"
+    )]
+    ChunkTooLarge {
+        /// `schema.table`.
+        table: String,
+        /// The limit.
+        bytes: usize,
     },
     /// The checkpoint store failed.
     #[error(transparent)]
@@ -242,12 +264,13 @@ async fn connect(conn: &ConnectionConfig) -> Result<tokio_postgres::Client, Snap
 async fn prepare(
     client: &tokio_postgres::Client,
     table: &str,
+    publication: &str,
     store: &Store,
     tracker: &Tracker,
     chunk_size: u64,
     method: &'static str,
 ) -> Result<(Arc<TableShape>, Vec<SnapshotChunk>), SnapshotError> {
-    let shape = Arc::new(load_shape(client, table).await?);
+    let shape = Arc::new(load_shape(client, table, publication).await?);
     let state = store.snapshot_state()?;
     let plan = match state.plans.get(&shape.table) {
         Some(plan) => plan.clone(),
@@ -296,6 +319,7 @@ pub async fn copy_exported(
     conn: &ConnectionConfig,
     snapshot_name: &str,
     consistent_point: Lsn,
+    publication: &str,
     tables: &[String],
     workers: usize,
     chunk_size: u64,
@@ -320,8 +344,16 @@ pub async fn copy_exported(
     }
     let mut queue = VecDeque::new();
     for t in tables {
-        let (shape, remaining) =
-            prepare(&clients[0], t, store, tracker, chunk_size, "exported").await?;
+        let (shape, remaining) = prepare(
+            &clients[0],
+            t,
+            publication,
+            store,
+            tracker,
+            chunk_size,
+            "exported",
+        )
+        .await?;
         queue.extend(remaining.into_iter().map(|c| (shape.clone(), c)));
     }
     let total = queue.len();
@@ -354,6 +386,12 @@ pub async fn copy_exported(
                     }
                     let n = rows.len() as u64;
                     tracker.rows_copied(&shape.table, n);
+                    if part >= 1 << 20 {
+                        return Err(SnapshotError::ChunkTooLarge {
+                            table: shape.table.clone(),
+                            bytes: PART_BYTES << 20,
+                        });
+                    }
                     let id = SNAPSHOT_BATCH_ID_BASE | (chunk.id << 20) | part;
                     let txn = TxnInfo {
                         xid: 0,
@@ -532,7 +570,7 @@ impl Incremental {
     ) -> Result<Vec<String>, SnapshotError> {
         let mut planned = Vec::new();
         for t in tables {
-            let shape = load_shape(client, t).await?;
+            let shape = load_shape(client, t, &self.publication).await?;
             if self.tracker.in_progress(&shape.table) {
                 planned.push(shape.table.clone());
                 continue;
@@ -550,6 +588,7 @@ impl Incremental {
             let (shape, remaining) = prepare(
                 client,
                 &shape.table,
+                &self.publication,
                 &self.store,
                 &self.tracker,
                 self.chunk_size,
@@ -632,6 +671,7 @@ impl Incremental {
                         nonce,
                         shape: shape.clone(),
                         rows: None,
+                        visible: None,
                         consumed: Some(done_tx),
                     },
                 );
@@ -655,6 +695,24 @@ impl Incremental {
                     nonce,
                 })
                 .await?;
+                // The read's snapshot, named: the reader treats changes of transactions it
+                // does not see as touching the chunk, even when they were decoded before
+                // the low watermark (a commit record can precede the low watermark while
+                // its transaction is still running for snapshots, e.g. during its flush).
+                client
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await
+                    .map_err(&sql)?;
+                let visible: String = client
+                    .query_one("SELECT pg_current_snapshot()::text", &[])
+                    .await
+                    .map_err(&sql)?
+                    .get(0);
+                let visible =
+                    Visibility::parse(&visible).ok_or_else(|| SnapshotError::Malformed {
+                        table: shape.table.clone(),
+                        what: format!("pg_current_snapshot() answered {visible:?}"),
+                    })?;
                 let mut reader = ChunkReader::start(
                     &client,
                     &shape.copy_sql(&chunk.predicate),
@@ -662,9 +720,16 @@ impl Incremental {
                     shape.relation.columns.len(),
                 )
                 .await?;
-                let rows = reader.next_part(usize::MAX, usize::MAX).await?;
+                let rows = reader.next_part(usize::MAX, WATERMARK_CHUNK_BYTES).await?;
+                if !reader.next_part(1, 1).await?.is_empty() {
+                    return Err(SnapshotError::ChunkTooLarge {
+                        table: shape.table.clone(),
+                        bytes: WATERMARK_CHUNK_BYTES,
+                    });
+                }
+                client.batch_execute("COMMIT").await.map_err(&sql)?;
                 let read = rows.len() as u64;
-                registry.set_rows(chunk.id, rows);
+                registry.set_rows(chunk.id, rows, visible);
                 emit(Watermark::High {
                     chunk: chunk.id,
                     nonce,

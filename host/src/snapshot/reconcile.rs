@@ -37,6 +37,8 @@ pub struct InFlight {
     pub shape: Arc<TableShape>,
     /// The chunk's rows once read (before the high watermark is written).
     pub rows: Option<Vec<TupleData>>,
+    /// The snapshot the rows were read with.
+    pub visible: Option<Visibility>,
     /// Told, at the high watermark, how many rows were emitted and the position of the
     /// last one.
     pub consumed: Option<oneshot::Sender<(u64, Option<Position>)>>,
@@ -46,6 +48,48 @@ pub struct InFlight {
 #[derive(Debug, Default)]
 pub struct Registry {
     chunks: Mutex<HashMap<u64, InFlight>>,
+    /// Bumped whenever a chunk is added or removed (the reader refreshes its watch list).
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot as `pg_current_snapshot()` prints it (`xmin:xmax:xip,...`, 64-bit xids;
+/// PostgreSQL docs, "Snapshot Information Functions"): which transactions a read saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    xmin: u64,
+    xmax: u64,
+    xip: hashbrown::HashSet<u64>,
+}
+
+impl Visibility {
+    /// Parses `xmin:xmax:xip1,xip2,...`.
+    pub fn parse(s: &str) -> Option<Visibility> {
+        let mut parts = s.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => hashbrown::HashSet::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<_>>()?,
+        };
+        Some(Visibility { xmin, xmax, xip })
+    }
+
+    /// True when the snapshot does not see (the commit of) top-level transaction `xid`
+    /// (32 bits, as the stream carries it; widened with `xmax`'s epoch).
+    pub fn invisible(&self, xid: Xid) -> bool {
+        let epoch = self.xmax & !0xFFFF_FFFF;
+        let mut full = epoch | u64::from(xid);
+        if full > self.xmax && full >= 1 << 32 {
+            full -= 1 << 32;
+        }
+        if full < self.xmin {
+            return false;
+        }
+        full >= self.xmax || self.xip.contains(&full)
+    }
 }
 
 impl Registry {
@@ -54,13 +98,15 @@ impl Registry {
         if let Ok(mut m) = self.chunks.lock() {
             m.insert(chunk, inflight);
         }
+        self.bump();
     }
 
     /// Hands over the chunk's rows (before the high watermark is written).
-    pub fn set_rows(&self, chunk: u64, rows: Vec<TupleData>) {
+    pub fn set_rows(&self, chunk: u64, rows: Vec<TupleData>, visible: Visibility) {
         if let Ok(mut m) = self.chunks.lock() {
             if let Some(c) = m.get_mut(&chunk) {
                 c.rows = Some(rows);
+                c.visible = Some(visible);
             }
         }
     }
@@ -70,6 +116,24 @@ impl Registry {
         if let Ok(mut m) = self.chunks.lock() {
             m.remove(&chunk);
         }
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The tables with chunks in flight, by (schema, table).
+    fn watched(&self) -> HashMap<u32, Arc<TableShape>> {
+        self.chunks.lock().map_or_else(
+            |_| HashMap::new(),
+            |m| {
+                m.values()
+                    .map(|c| (c.shape.relation.id, c.shape.clone()))
+                    .collect()
+            },
+        )
     }
 
     fn shape_if(&self, chunk: u64, nonce: u64) -> Option<Arc<TableShape>> {
@@ -81,11 +145,16 @@ impl Registry {
 
     fn take_if(&self, chunk: u64, nonce: u64) -> Option<InFlight> {
         let mut m = self.chunks.lock().ok()?;
-        if m.get(&chunk).is_some_and(|c| c.nonce == nonce) {
+        let taken = if m.get(&chunk).is_some_and(|c| c.nonce == nonce) {
             m.remove(&chunk)
         } else {
             None
+        };
+        drop(m);
+        if taken.is_some() {
+            self.bump();
         }
+        taken
     }
 }
 
@@ -142,8 +211,29 @@ struct Window {
     /// Identity column indices in the stream's relation shape, by relation id.
     resolved: Option<(u32, Vec<Option<usize>>)>,
     touched: HashSet<Vec<u8>>,
+    /// Identities changed by transactions decoded shortly before the low watermark, with
+    /// their xids: touched too if the read's snapshot did not see those transactions.
+    before: Vec<(Xid, Vec<u8>)>,
     truncated: bool,
 }
+
+/// A recent change of a table with chunks in flight (see [`Reconciler`]).
+#[derive(Debug)]
+struct Recent {
+    commit_time_us: i64,
+    xid: Xid,
+    /// Relation OID (pgoutput's relation id is the table's OID).
+    table: u32,
+    key: Vec<u8>,
+}
+
+/// How far back, in commit time, changes are remembered before a low watermark: a
+/// transaction whose commit record precedes the low watermark but which the read's
+/// snapshot does not see yet (it was still flushing, or waiting for a synchronous standby)
+/// committed at most about this long before it.
+const BEFORE_US: i64 = 30_000_000;
+/// The most changes remembered (oldest dropped first).
+const BEFORE_MAX: usize = 1 << 18;
 
 /// The transaction the reader is in (for the `read` changes emitted at a high watermark).
 #[derive(Clone, Copy, Debug, Default)]
@@ -160,6 +250,14 @@ pub struct Reconciler {
     registry: Arc<Registry>,
     windows: Vec<Window>,
     key: Vec<u8>,
+    /// The registry generation `watched` was read at.
+    generation: u64,
+    /// Tables with chunks in flight, by OID (pgoutput's relation id).
+    watched: HashMap<u32, Arc<TableShape>>,
+    /// Identity columns per stream relation id, for `recent`.
+    resolved: HashMap<u32, Vec<Option<usize>>>,
+    /// Changes of watched tables, newest last.
+    recent: std::collections::VecDeque<Recent>,
 }
 
 /// What a high watermark produced.
@@ -180,17 +278,80 @@ impl Reconciler {
             registry,
             windows: Vec::new(),
             key: Vec::new(),
+            generation: 0,
+            watched: HashMap::new(),
+            resolved: HashMap::new(),
+            recent: std::collections::VecDeque::new(),
         }
     }
 
-    /// True while a chunk's window is open.
-    pub fn active(&self) -> bool {
-        !self.windows.is_empty()
+    /// True while a chunk is in flight or its window open (changes must be shown to
+    /// [`Reconciler::on_change`]). One atomic load when nothing is.
+    pub fn active(&mut self) -> bool {
+        let g = self
+            .registry
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if g != self.generation {
+            self.generation = g;
+            self.watched = self.registry.watched();
+            self.resolved.clear();
+            if self.watched.is_empty() {
+                self.recent.clear();
+            }
+        }
+        !self.windows.is_empty() || !self.watched.is_empty()
+    }
+
+    /// Remembers the identities `c` (in transaction `txn`) touches, if its table has chunks
+    /// in flight.
+    fn remember(&mut self, c: &Change, txn: TxnInfo) {
+        let rel = &c.relation;
+        let Some(shape) = self.watched.get(&rel.id) else {
+            return;
+        };
+        let table = rel.id;
+        let idx = self
+            .resolved
+            .entry(rel.id)
+            .or_insert_with(|| resolve(shape, rel))
+            .clone();
+        let old = c.old.as_deref().map(|(_, t)| t);
+        let mut push = |key: Vec<u8>| {
+            self.recent.push_back(Recent {
+                commit_time_us: txn.commit_time_us,
+                xid: txn.xid,
+                table,
+                key,
+            })
+        };
+        if let Some(new) = &c.new {
+            if identity_key(new, old, &idx, &mut self.key) {
+                push(self.key.clone());
+            }
+        }
+        if let Some(old) = old {
+            if identity_key(old, None, &idx, &mut self.key) {
+                push(self.key.clone());
+            }
+        }
+        let newest = txn.commit_time_us;
+        while self.recent.len() > BEFORE_MAX
+            || self
+                .recent
+                .front()
+                .is_some_and(|r| r.commit_time_us < newest - BEFORE_US)
+        {
+            self.recent.pop_front();
+        }
     }
 
     /// Records the identities a streamed change touches, for every open window on its
     /// table.
-    pub fn on_change(&mut self, c: &Change) {
+    pub fn on_change(&mut self, c: &Change, txn: TxnInfo) {
+        if !self.watched.is_empty() {
+            self.remember(c, txn);
+        }
         for w in &mut self.windows {
             let rel = &c.relation;
             if rel.namespace != w.shape.relation.namespace || rel.name != w.shape.relation.name {
@@ -235,12 +396,20 @@ impl Reconciler {
             Watermark::Low { chunk, nonce } => {
                 let shape = self.registry.shape_if(chunk, nonce)?;
                 self.windows.retain(|w| w.chunk != chunk);
+                let r = &shape.relation;
+                let before = self
+                    .recent
+                    .iter()
+                    .filter(|e| e.table == r.id)
+                    .map(|e| (e.xid, e.key.clone()))
+                    .collect();
                 self.windows.push(Window {
                     chunk,
                     nonce,
                     shape,
                     resolved: None,
                     touched: HashSet::new(),
+                    before,
                     truncated: false,
                 });
                 None
@@ -250,8 +419,17 @@ impl Reconciler {
                     .windows
                     .iter()
                     .position(|w| w.chunk == chunk && w.nonce == nonce)?;
-                let w = self.windows.swap_remove(at);
+                let mut w = self.windows.swap_remove(at);
                 let inflight = self.registry.take_if(chunk, nonce)?;
+                // Changes decoded before the low watermark whose transactions the read did
+                // not see: the copy is older than them.
+                if let Some(v) = &inflight.visible {
+                    for (xid, key) in std::mem::take(&mut w.before) {
+                        if v.invisible(xid) {
+                            w.touched.insert(key);
+                        }
+                    }
+                }
                 let rows = if w.truncated {
                     Vec::new()
                 } else {
@@ -407,7 +585,11 @@ mod tests {
             for e in events.drain(..) {
                 match &e {
                     Event::Begin { xid, .. } => txn.xid = *xid,
-                    Event::Change(c) => r.on_change(c),
+                    Event::Change(c) => {
+                        if r.active() {
+                            r.on_change(c, txn)
+                        }
+                    }
                     Event::Message { position, message } => {
                         if let Some(em) = r.on_message(message, *position, txn) {
                             out.push(
@@ -481,6 +663,7 @@ mod tests {
                 nonce,
                 shape: shape(),
                 rows: Some(rows()),
+                visible: Visibility::parse("1000:1000:"),
                 consumed: None,
             },
         );
@@ -608,6 +791,7 @@ mod tests {
                 nonce: 1,
                 shape: Arc::new(s),
                 rows: Some(rows()),
+                visible: Visibility::parse("1000:1000:"),
                 consumed: None,
             },
         );
@@ -636,5 +820,61 @@ mod tests {
             run(&registry, m),
             [vec!["1=copied", "3=copied", "4=copied", "5=copied"]]
         );
+    }
+
+    #[test]
+    fn a_change_decoded_before_the_low_watermark_but_unseen_by_the_read_touches_its_row() {
+        // Transaction 5 committed (its commit record precedes the low watermark) but was
+        // still running for the read's snapshot (xip 5): the copy of id 2 is older than it.
+        // Transaction 6 was seen by the read: its change of id 3 is in the copy.
+        let registry = Arc::new(Registry::default());
+        registry.insert(
+            1,
+            InFlight {
+                nonce: 9,
+                shape: shape(),
+                rows: Some(rows()),
+                visible: Visibility::parse("5:7:5"),
+                consumed: None,
+            },
+        );
+        let mut m = txn(
+            5,
+            vec![encode::update(
+                None,
+                7,
+                None,
+                &[Val::Text("2"), Val::Text("newer")],
+            )],
+        );
+        m.extend(txn(
+            6,
+            vec![encode::update(
+                None,
+                7,
+                None,
+                &[Val::Text("3"), Val::Text("seen")],
+            )],
+        ));
+        m.extend(wm(7, Watermark::Low { chunk: 1, nonce: 9 }));
+        m.extend(wm(8, Watermark::High { chunk: 1, nonce: 9 }));
+        assert_eq!(
+            run(&registry, m),
+            [vec!["1=copied", "3=copied", "4=copied", "5=copied"]]
+        );
+    }
+
+    #[test]
+    fn visibility_follows_pg_current_snapshot() {
+        let v = Visibility::parse("100:105:101,103").unwrap();
+        assert!(!v.invisible(99) && !v.invisible(100) && !v.invisible(102) && !v.invisible(104));
+        assert!(v.invisible(101) && v.invisible(103) && v.invisible(105) && v.invisible(200));
+        // 64-bit xids: the stream's 32-bit xid takes xmax's epoch
+        let e = (3u64 << 32) + 10;
+        let v = Visibility::parse(&format!("{}:{}:", e - 20, e)).unwrap();
+        assert!(!v.invisible(5) && v.invisible(10));
+        // an xid just before the wraparound belongs to the previous epoch: seen
+        assert!(!v.invisible(0xFFFF_FFF0));
+        assert!(Visibility::parse("1:2").is_none() && Visibility::parse("a:2:").is_none());
     }
 }

@@ -38,15 +38,21 @@ pub struct TableShape {
     pub quoted: String,
     /// The quoted column list, in attribute order.
     pub select_list: String,
+    /// The publication's row filter for this table (PostgreSQL 15+), an SQL expression.
+    pub filter: Option<String>,
     /// `format_type` of each column, for key literals.
     types: Vec<String>,
 }
 
-/// Reads `table`'s shape (`schema.table` or `table`).
+/// Reads `table`'s shape (`schema.table` or `table`) as `publication` streams it.
 ///
 /// # Errors
 /// [`SnapshotError::NoSuchTable`]; [`SnapshotError::Sql`].
-pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, SnapshotError> {
+pub async fn load_shape(
+    client: &Client,
+    table: &str,
+    publication: &str,
+) -> Result<TableShape, SnapshotError> {
     let (schema, name) = split_table(table).map_err(|_| SnapshotError::NoSuchTable {
         table: table.to_string(),
     })?;
@@ -56,7 +62,7 @@ pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, Snap
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, c.reltuples::float8, \
-                    pg_relation_size(c.oid) / current_setting('block_size')::int8 \
+                    pg_relation_size(c.oid) / current_setting('block_size')::int8, c.relkind::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name],
@@ -70,6 +76,12 @@ pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, Snap
     let replident: String = row.get(1);
     let reltuples: f64 = row.get(2);
     let pages: i64 = row.get(3);
+    let kind: String = row.get(4);
+    if kind == "p" {
+        // pgoutput names the leaf partitions (unless publish_via_partition_root), and each
+        // is copied as the table it is streamed as.
+        return Err(SnapshotError::Partitioned { table: qualified });
+    }
     let replica_identity = replident
         .bytes()
         .next()
@@ -89,13 +101,45 @@ pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, Snap
         )
         .await
         .map_err(&sql)?;
+    // A publication's column list and row filter (PostgreSQL 15+) shape what the stream
+    // carries; the copy follows them (PostgreSQL docs, "Column Lists", "Row Filters").
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(&sql)?
+        .get(0);
+    let (published, filter): (Option<Vec<String>>, Option<String>) = if version >= 150_000 {
+        client
+            .query_opt(
+                "SELECT attnames::text[], rowfilter FROM pg_publication_tables \
+                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&publication, &schema, &name],
+            )
+            .await
+            .map_err(&sql)?
+            .map_or((None, None), |r| (r.get(0), r.get(1)))
+    } else {
+        (None, None)
+    };
+    let left_out = |c: &tokio_postgres::Row| {
+        published
+            .as_ref()
+            .is_some_and(|p| !p.contains(&c.get::<_, String>(0)))
+    };
+    // A key the column list leaves out cannot split or reconcile the copy.
+    let key_left_out = |pos: usize| {
+        cols.iter()
+            .any(|c| left_out(c) && c.get::<_, Option<i32>>(pos).is_some())
+    };
+    let (pk_usable, ri_usable) = (!key_left_out(4), !key_left_out(5));
+    let cols: Vec<&tokio_postgres::Row> = cols.iter().filter(|c| !left_out(c)).collect();
     let mut columns = Vec::with_capacity(cols.len());
     let mut types = Vec::with_capacity(cols.len());
     let mut pk: Vec<(i32, usize)> = Vec::new();
     let mut ri: Vec<(i32, usize)> = Vec::new();
     for (i, c) in cols.iter().enumerate() {
-        let pk_pos: Option<i32> = c.get(4);
-        let ri_pos: Option<i32> = c.get(5);
+        let pk_pos: Option<i32> = c.get::<_, Option<i32>>(4).filter(|_| pk_usable);
+        let ri_pos: Option<i32> = c.get::<_, Option<i32>>(5).filter(|_| ri_usable);
         pk.extend(pk_pos.map(|p| (p, i)));
         ri.extend(ri_pos.map(|p| (p, i)));
         columns.push(ColumnInfo {
@@ -113,17 +157,25 @@ pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, Snap
     }
     pk.sort_unstable();
     ri.sort_unstable();
-    let chunk_key: Vec<usize> = if pk.is_empty() { ri } else { pk }
-        .into_iter()
-        .map(|(_, i)| i)
+    let chunk_key: Vec<usize> = if pk.is_empty() { &ri } else { &pk }
+        .iter()
+        .map(|&(_, i)| i)
         .collect();
-    let identity = if chunk_key.is_empty() {
-        (0..columns.len()).collect()
-    } else {
-        chunk_key.clone()
+    // What the stream's old rows carry: the replica identity (PostgreSQL docs, "REPLICA
+    // IDENTITY"): the index's columns for USING INDEX, the primary key by default, the
+    // whole row for FULL or when there is no key.
+    let identity = match replica_identity {
+        ReplicaIdentity::Index if !ri.is_empty() => ri.iter().map(|&(_, i)| i).collect(),
+        ReplicaIdentity::Full | ReplicaIdentity::Default | ReplicaIdentity::Index
+            if !pk.is_empty() =>
+        {
+            pk.iter().map(|&(_, i)| i).collect()
+        }
+        _ => (0..columns.len()).collect(),
     };
     let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
-    let estimate = if reltuples >= 0.0 {
+    // -1: never vacuumed or analyzed; 0 with pages: stale (filled after the last ANALYZE).
+    let estimate = if reltuples > 0.0 || (reltuples == 0.0 && pages == 0) {
         reltuples as u64
     } else {
         let n: i64 = client
@@ -153,6 +205,7 @@ pub async fn load_shape(client: &Client, table: &str) -> Result<TableShape, Snap
         pages: pages.max(0) as u64,
         quoted,
         select_list,
+        filter,
         types,
     })
 }
@@ -180,6 +233,7 @@ impl TableShape {
             pages: 0,
             quoted: String::new(),
             select_list: String::new(),
+            filter: None,
         }
     }
 
@@ -210,12 +264,18 @@ impl TableShape {
         }
     }
 
-    /// `COPY (SELECT columns FROM table WHERE predicate) TO STDOUT`.
+    /// `COPY (SELECT columns FROM table WHERE predicate [AND row filter]) TO STDOUT`.
     pub fn copy_sql(&self, predicate: &str) -> String {
-        format!(
-            "COPY (SELECT {} FROM {} WHERE {predicate}) TO STDOUT",
-            self.select_list, self.quoted
-        )
+        match &self.filter {
+            Some(f) => format!(
+                "COPY (SELECT {} FROM {} WHERE ({predicate}) AND ({f})) TO STDOUT",
+                self.select_list, self.quoted
+            ),
+            None => format!(
+                "COPY (SELECT {} FROM {} WHERE {predicate}) TO STDOUT",
+                self.select_list, self.quoted
+            ),
+        }
     }
 
     /// Splits the table into chunks of about `chunk_size` rows, numbered from
