@@ -166,9 +166,9 @@ fn target_rows(sr: &StarRocksDouble, table: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Waits until the slot confirmed the server's current WAL position (everything before
-/// it is in the double), then compares the tables; panics with a summary otherwise.
-async fn assert_equal(pg: &Pg, db: &tokio_postgres::Client, sr: &StarRocksDouble, d: &Dbmazz) {
+/// Waits until the slot confirmed the server's current WAL position: everything committed
+/// before now was delivered.
+async fn wait_confirmed(pg: &Pg, db: &tokio_postgres::Client, d: &Dbmazz) {
     let lsn: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
@@ -185,7 +185,7 @@ async fn assert_equal(pg: &Pg, db: &tokio_postgres::Client, sr: &StarRocksDouble
             .unwrap()
             .get(0);
         if caught_up {
-            break;
+            return;
         }
         assert!(
             start.elapsed() < T,
@@ -193,8 +193,14 @@ async fn assert_equal(pg: &Pg, db: &tokio_postgres::Client, sr: &StarRocksDouble
             tail(&d.log()),
             tail(&pg.log())
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until everything committed so far is in the double, then compares the tables;
+/// panics with a summary otherwise.
+async fn assert_equal(pg: &Pg, db: &tokio_postgres::Client, sr: &StarRocksDouble, d: &Dbmazz) {
+    wait_confirmed(pg, db, d).await;
     for table in ["items", "lines", "docs"] {
         let want = source_rows(db, table).await;
         let got = target_rows(sr, table);
@@ -527,27 +533,7 @@ async fn a_table_added_to_a_running_pipeline_is_snapshotted_while_the_others_str
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
-    let lsn: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let start = Instant::now();
-    loop {
-        let caught_up: bool = db
-            .query_one(
-                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
-                &[&lsn],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if caught_up {
-            break;
-        }
-        assert!(start.elapsed() < T, "not caught up:\n{}", tail(&d.log()));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_confirmed(&pg, &db, &d).await;
     let log = d.log();
     assert!(
         log.contains("added the table to the publication"),

@@ -18,7 +18,7 @@ use crate::config::{Config, SinkTarget};
 use crate::plugin::{PluginHost, World};
 use crate::source::conn::ConnectionConfig;
 use crate::source::replication::ReplicationClient;
-use crate::source::setup::{self, SetupPlan, StepStatus};
+use crate::source::setup::{self, StepStatus};
 
 /// The checklist being written; [`Checklist::fail`] ends it.
 struct Checklist<'a, W: Write> {
@@ -102,23 +102,7 @@ async fn steps<W: Write>(
         Err(e) => return list.fail("connect", e),
     };
     list.ok("connect", &conn.redacted());
-    let plan = SetupPlan {
-        tables: cfg.source.tables.clone(),
-        replica_identity_full: cfg.source.replica_identity_full,
-        snapshot_tables: cfg
-            .source
-            .tables
-            .iter()
-            .filter(|t| {
-                let (schema, name) = setup::split_table(t).unwrap_or_default();
-                cfg.snapshot.mode_for(&format!("{schema}.{name}"))
-                    != crate::config::SnapshotMode::Never
-            })
-            .cloned()
-            .collect(),
-        publication: cfg.source.publication.clone(),
-        slot: cfg.source.slot.clone(),
-    };
+    let plan = crate::runtime::setup_plan(&cfg);
     match setup::run(&sql, &plan, true).await {
         Ok(outcome) => {
             for s in outcome.steps {

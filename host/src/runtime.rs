@@ -491,23 +491,7 @@ pub async fn run(
 
     info!(source = %conn.redacted(), slot = %cfg.source.slot, publication = %cfg.source.publication, "starting");
     let sql = conn.connect_sql().await?;
-    let plan = SetupPlan {
-        tables: cfg.source.tables.clone(),
-        replica_identity_full: cfg.source.replica_identity_full,
-        snapshot_tables: cfg
-            .source
-            .tables
-            .iter()
-            .filter(|t| {
-                let (schema, name) = setup::split_table(t).unwrap_or_default();
-                cfg.snapshot.mode_for(&format!("{schema}.{name}"))
-                    != crate::config::SnapshotMode::Never
-            })
-            .cloned()
-            .collect(),
-        publication: cfg.source.publication.clone(),
-        slot: cfg.source.slot.clone(),
-    };
+    let plan = setup_plan(cfg);
     let outcome = setup::run(&sql, &plan, false).await?;
     for step in &outcome.steps {
         info!("setup {step}");
@@ -871,6 +855,27 @@ pub async fn run(
         incremental.abort();
     }
     result
+}
+
+/// What setup checks and prepares for `cfg` (shared with `dbmazz check`).
+pub fn setup_plan(cfg: &Config) -> SetupPlan {
+    SetupPlan {
+        tables: cfg.source.tables.clone(),
+        replica_identity_full: cfg.source.replica_identity_full,
+        snapshot_tables: cfg
+            .source
+            .tables
+            .iter()
+            .filter(|t| {
+                let (schema, name) = setup::split_table(t).unwrap_or_default();
+                cfg.snapshot.mode_for(&format!("{schema}.{name}"))
+                    != crate::config::SnapshotMode::Never
+            })
+            .cloned()
+            .collect(),
+        publication: cfg.source.publication.clone(),
+        slot: cfg.source.slot.clone(),
+    }
 }
 
 /// `schema.table` of every table in the publication.

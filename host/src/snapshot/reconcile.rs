@@ -585,11 +585,7 @@ mod tests {
             for e in events.drain(..) {
                 match &e {
                     Event::Begin { xid, .. } => txn.xid = *xid,
-                    Event::Change(c) => {
-                        if r.active() {
-                            r.on_change(c, txn)
-                        }
-                    }
+                    Event::Change(c) if r.active() => r.on_change(c, txn),
                     Event::Message { position, message } => {
                         if let Some(em) = r.on_message(message, *position, txn) {
                             out.push(
@@ -657,13 +653,24 @@ mod tests {
     }
 
     fn register(registry: &Registry, chunk: u64, nonce: u64) {
+        register_seeing(registry, chunk, nonce, shape(), "1000:1000:");
+    }
+
+    /// Registers a chunk of `shape` read with snapshot `visible`.
+    fn register_seeing(
+        registry: &Registry,
+        chunk: u64,
+        nonce: u64,
+        shape: Arc<TableShape>,
+        visible: &str,
+    ) {
         registry.insert(
             chunk,
             InFlight {
                 nonce,
-                shape: shape(),
+                shape,
                 rows: Some(rows()),
-                visible: Visibility::parse("1000:1000:"),
+                visible: Visibility::parse(visible),
                 consumed: None,
             },
         );
@@ -785,16 +792,7 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let mut s = (*shape()).clone();
         s.identity = vec![0, 1];
-        registry.insert(
-            1,
-            InFlight {
-                nonce: 1,
-                shape: Arc::new(s),
-                rows: Some(rows()),
-                visible: Visibility::parse("1000:1000:"),
-                consumed: None,
-            },
-        );
+        register_seeing(&registry, 1, 1, Arc::new(s), "1000:1000:");
         let mut m = wm(1, Watermark::Low { chunk: 1, nonce: 1 });
         m.extend(txn(
             2,
@@ -828,16 +826,7 @@ mod tests {
         // still running for the read's snapshot (xip 5): the copy of id 2 is older than it.
         // Transaction 6 was seen by the read: its change of id 3 is in the copy.
         let registry = Arc::new(Registry::default());
-        registry.insert(
-            1,
-            InFlight {
-                nonce: 9,
-                shape: shape(),
-                rows: Some(rows()),
-                visible: Visibility::parse("5:7:5"),
-                consumed: None,
-            },
-        );
+        register_seeing(&registry, 1, 9, shape(), "5:7:5");
         let mut m = txn(
             5,
             vec![encode::update(
