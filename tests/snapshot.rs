@@ -622,3 +622,52 @@ async fn the_copy_follows_the_publications_column_list_and_row_filter() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mode_always_copies_the_table_again_at_every_start_and_never_skips_it() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE quiet (id int PRIMARY KEY);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;
+         INSERT INTO quiet SELECT generate_series(1, 50);",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(
+        &pg.url(),
+        &["t", "quiet"],
+        "flush_interval_ms = 50\n\n[snapshot]\nmode = \"always\"\ntables = { quiet = \"never\" }",
+        false,
+    );
+    let reads = |lines: &[Value]| {
+        lines
+            .iter()
+            .filter(|l| l["op"] == "read")
+            .map(|l| l["table"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    // First start: the new slot's exported snapshot.
+    let mut d = p.spawn();
+    p.wait_for(&d, T, "100 reads", |c| c.len() >= 100);
+    d.wait_log("snapshot of table complete", T);
+    d.signal("TERM");
+    assert!(d.wait(T).is_some_and(|s| s.success()), "{}", d.log());
+    db.batch_execute("INSERT INTO t VALUES (101, 'late')")
+        .await
+        .unwrap();
+    // Second start: the slot exists; `t` is copied again with watermarks, `quiet` never.
+    let d = p.spawn();
+    p.wait_for(&d, T, "the second copy", |c| reads(c).len() >= 201);
+    d.wait_log("snapshot of table complete", T);
+    let lines = p.changes();
+    let all = reads(&lines);
+    assert!(all.iter().all(|t| t == "public.t"), "{all:?}");
+    assert_eq!(all.len(), 201, "100 rows, then 101");
+    assert!(
+        d.log().contains("method=\"watermark\""),
+        "{}",
+        tail(&d.log())
+    );
+}

@@ -46,7 +46,7 @@ use self::copy::{pin_session, ChunkReader};
 use self::reconcile::{
     read_change, InFlight, Registry, TxnInfo, Visibility, Watermark, WATERMARK_PREFIX,
 };
-use self::table::{load_shape, TableShape};
+use self::table::{load_shape, reload_shape, TableShape};
 
 /// Snapshot batch ids live above every stream batch id: `2^62 | chunk id << 20 | part`.
 /// The same chunk and part always get the same id (StarRocks labels stay stable).
@@ -651,18 +651,22 @@ impl Incremental {
         queue: Arc<ChunkQueue>,
         mut shutdown: watch::Receiver<bool>,
     ) -> impl std::future::Future<Output = Result<(), SnapshotError>> + Send + 'static {
-        let (conn, registry, tracker) = (
+        let (conn, registry, tracker, publication) = (
             self.conn.clone(),
             self.registry.clone(),
             self.tracker.clone(),
+            self.publication.clone(),
         );
         async move {
             let client = connect(&conn).await?;
             loop {
                 let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                let Some((shape, chunk)) = next else {
+                let Some((planned, chunk)) = next else {
                     return Ok(());
                 };
+                // The table as it is now: a column added since the plan was made is read
+                // too (the stream announces it before this chunk's high watermark).
+                let shape = Arc::new(reload_shape(&client, &planned.table, &publication).await?);
                 let nonce = nonce();
                 let (done_tx, done_rx) = oneshot::channel();
                 registry.insert(

@@ -53,6 +53,28 @@ pub async fn load_shape(
     table: &str,
     publication: &str,
 ) -> Result<TableShape, SnapshotError> {
+    load(client, table, publication, true).await
+}
+
+/// [`load_shape`] without the row estimate (`estimate` 0): no count of a never-analyzed
+/// table, for reloading the shape before each chunk.
+///
+/// # Errors
+/// As [`load_shape`].
+pub async fn reload_shape(
+    client: &Client,
+    table: &str,
+    publication: &str,
+) -> Result<TableShape, SnapshotError> {
+    load(client, table, publication, false).await
+}
+
+async fn load(
+    client: &Client,
+    table: &str,
+    publication: &str,
+    with_estimate: bool,
+) -> Result<TableShape, SnapshotError> {
     let (schema, name) = split_table(table).map_err(|_| SnapshotError::NoSuchTable {
         table: table.to_string(),
     })?;
@@ -175,7 +197,9 @@ pub async fn load_shape(
     };
     let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
     // -1: never vacuumed or analyzed; 0 with pages: stale (filled after the last ANALYZE).
-    let estimate = if reltuples > 0.0 || (reltuples == 0.0 && pages == 0) {
+    let estimate = if !with_estimate {
+        0
+    } else if reltuples > 0.0 || (reltuples == 0.0 && pages == 0) {
         reltuples as u64
     } else {
         let n: i64 = client
