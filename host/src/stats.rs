@@ -17,7 +17,7 @@ use crate::plugin::PluginMetrics;
 pub struct ChangeLabels {
     /// `schema.table`.
     pub table: String,
-    /// `insert`, `update`, `delete`, `truncate`.
+    /// `insert`, `update`, `delete`, `truncate`, `read`.
     pub op: &'static str,
 }
 
@@ -249,13 +249,32 @@ impl Stats {
     /// ours are the same machine's, or NTP-close). See [`CommitToAck`].
     pub fn record_batch(&self, batch: &Batch) {
         let now = crate::metrics::now_us();
+        self.record_acked(batch);
+        self.batches_delivered.fetch_add(1, Ordering::Relaxed);
+        self.last_batch_id.store(batch.id, Ordering::Relaxed);
+        if let Some(last) = batch.changes.last() {
+            self.acked_commit_time_us
+                .store(last.commit_time_us, Ordering::Relaxed);
+        }
+        if let Ok(mut c) = self.commit_to_ack.lock() {
+            c.on_batch(batch, now);
+        }
+    }
+
+    /// Counts an acknowledged snapshot batch (the exported snapshot's: outside the
+    /// stream, so it moves no position, batch id or latency).
+    pub fn record_snapshot_batch(&self, batch: &Batch) {
+        self.record_acked(batch);
+    }
+
+    /// What every acknowledged batch counts: changes per table and operation, the batch
+    /// and its size; the sink's error is over.
+    fn record_acked(&self, batch: &Batch) {
         self.changes_delivered
             .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
-        self.batches_delivered.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut e) = self.sink_error.lock() {
             *e = None;
         }
-        self.last_batch_id.store(batch.id, Ordering::Relaxed);
         self.batches
             .get_or_create(&ResultLabels { result: "acked" })
             .inc();
@@ -284,35 +303,6 @@ impl Stats {
             }
         }
         flush(run);
-        if let Some(last) = batch.changes.last() {
-            self.acked_commit_time_us
-                .store(last.commit_time_us, Ordering::Relaxed);
-        }
-        if let Ok(mut c) = self.commit_to_ack.lock() {
-            c.on_batch(batch, now);
-        }
-    }
-
-    /// Counts an acknowledged snapshot batch (the exported snapshot's: outside the
-    /// stream, so it moves no position and no latency).
-    pub fn record_snapshot_batch(&self, batch: &Batch) {
-        self.changes_delivered
-            .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
-        if let Ok(mut e) = self.sink_error.lock() {
-            *e = None;
-        }
-        self.batches
-            .get_or_create(&ResultLabels { result: "acked" })
-            .inc();
-        self.batch_size.observe(batch.changes.len() as f64);
-        if let Some(c) = batch.changes.first() {
-            self.changes
-                .get_or_create(&ChangeLabels {
-                    table: c.relation.qualified_name(),
-                    op: "read",
-                })
-                .inc_by(batch.changes.len() as u64);
-        }
     }
 
     /// Tables whose snapshot is planned and not finished.

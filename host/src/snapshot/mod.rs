@@ -570,7 +570,8 @@ impl Incremental {
     ) -> Result<Vec<String>, SnapshotError> {
         let mut planned = Vec::new();
         for t in tables {
-            let shape = load_shape(client, t, &self.publication).await?;
+            // The name, key and identity; `prepare` reads the estimate once published.
+            let shape = reload_shape(client, t, &self.publication).await?;
             if self.tracker.in_progress(&shape.table) {
                 planned.push(shape.table.clone());
                 continue;

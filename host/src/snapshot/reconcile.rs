@@ -208,8 +208,6 @@ struct Window {
     chunk: u64,
     nonce: u64,
     shape: Arc<TableShape>,
-    /// Identity column indices in the stream's relation shape, by relation id.
-    resolved: Option<(u32, Vec<Option<usize>>)>,
     touched: HashSet<Vec<u8>>,
     /// Identities changed by transactions decoded shortly before the low watermark, with
     /// their xids: touched too if the read's snapshot did not see those transactions.
@@ -254,7 +252,7 @@ pub struct Reconciler {
     generation: u64,
     /// Tables with chunks in flight, by OID (pgoutput's relation id).
     watched: HashMap<u32, Arc<TableShape>>,
-    /// Identity columns per stream relation id, for `recent`.
+    /// Identity columns (indices in the stream's relation) per relation id.
     resolved: HashMap<u32, Vec<Option<usize>>>,
     /// Changes of watched tables, newest last.
     recent: std::collections::VecDeque<Recent>,
@@ -303,37 +301,42 @@ impl Reconciler {
         !self.windows.is_empty() || !self.watched.is_empty()
     }
 
-    /// Remembers the identities `c` (in transaction `txn`) touches, if its table has chunks
-    /// in flight.
-    fn remember(&mut self, c: &Change, txn: TxnInfo) {
+    /// Records the identities (key, or whole row) a streamed change of transaction `txn`
+    /// touches, if its table has chunks in flight: once, for every open window on the
+    /// table and for the recent changes a later low watermark looks back on.
+    pub fn on_change(&mut self, c: &Change, txn: TxnInfo) {
         let rel = &c.relation;
         let Some(shape) = self.watched.get(&rel.id) else {
             return;
         };
-        let table = rel.id;
+        let windows = self
+            .windows
+            .iter_mut()
+            .filter(|w| w.shape.relation.id == rel.id);
+        if c.op == Op::Truncate {
+            windows.for_each(|w| w.truncated = true);
+            return;
+        }
+        let mut windows: Vec<&mut Window> = windows.collect();
         let idx = self
             .resolved
             .entry(rel.id)
-            .or_insert_with(|| resolve(shape, rel))
-            .clone();
+            .or_insert_with(|| resolve(shape, rel));
         let old = c.old.as_deref().map(|(_, t)| t);
-        let mut push = |key: Vec<u8>| {
+        let tuples = [c.new.as_ref().map(|n| (n, old)), old.map(|o| (o, None))];
+        for (t, fallback) in tuples.into_iter().flatten() {
+            if !identity_key(t, fallback, idx, &mut self.key) {
+                continue;
+            }
+            for w in &mut windows {
+                w.touched.insert(self.key.clone());
+            }
             self.recent.push_back(Recent {
                 commit_time_us: txn.commit_time_us,
                 xid: txn.xid,
-                table,
-                key,
-            })
-        };
-        if let Some(new) = &c.new {
-            if identity_key(new, old, &idx, &mut self.key) {
-                push(self.key.clone());
-            }
-        }
-        if let Some(old) = old {
-            if identity_key(old, None, &idx, &mut self.key) {
-                push(self.key.clone());
-            }
+                table: rel.id,
+                key: self.key.clone(),
+            });
         }
         let newest = txn.commit_time_us;
         while self.recent.len() > BEFORE_MAX
@@ -343,41 +346,6 @@ impl Reconciler {
                 .is_some_and(|r| r.commit_time_us < newest - BEFORE_US)
         {
             self.recent.pop_front();
-        }
-    }
-
-    /// Records the identities a streamed change touches, for every open window on its
-    /// table.
-    pub fn on_change(&mut self, c: &Change, txn: TxnInfo) {
-        if !self.watched.is_empty() {
-            self.remember(c, txn);
-        }
-        for w in &mut self.windows {
-            let rel = &c.relation;
-            if rel.namespace != w.shape.relation.namespace || rel.name != w.shape.relation.name {
-                continue;
-            }
-            if c.op == Op::Truncate {
-                w.truncated = true;
-                continue;
-            }
-            if w.resolved.as_ref().is_none_or(|(id, _)| *id != rel.id) {
-                w.resolved = Some((rel.id, resolve(&w.shape, rel)));
-            }
-            let Some((_, idx)) = &w.resolved else {
-                continue;
-            };
-            let old = c.old.as_deref().map(|(_, t)| t);
-            if let Some(new) = &c.new {
-                if identity_key(new, old, idx, &mut self.key) {
-                    w.touched.insert(self.key.clone());
-                }
-            }
-            if let Some(old) = old {
-                if identity_key(old, None, idx, &mut self.key) {
-                    w.touched.insert(self.key.clone());
-                }
-            }
         }
     }
 
@@ -407,7 +375,6 @@ impl Reconciler {
                     chunk,
                     nonce,
                     shape,
-                    resolved: None,
                     touched: HashSet::new(),
                     before,
                     truncated: false,
@@ -506,13 +473,11 @@ fn identity_key(
     out: &mut Vec<u8>,
 ) -> bool {
     out.clear();
-    let vals: Vec<RawDatum<'_>> = t.iter().collect();
-    let old: Vec<RawDatum<'_>> = fallback.map(|o| o.iter().collect()).unwrap_or_default();
     for i in idx {
         let Some(i) = *i else { return false };
-        let mut v = vals.get(i).copied();
+        let mut v = t.get(i);
         if v == Some(RawDatum::UnchangedToast) {
-            v = old.get(i).copied();
+            v = fallback.and_then(|o| o.get(i));
         }
         match v {
             Some(RawDatum::Null) => out.push(b'n'),
