@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Installs what building and running dbmazz needs, when missing (quietly succeeds when it
-# is all there): libclang (bindgen for RocksDB), PostgreSQL 15 (the quickstart, the
-# benchmark and the tests start throwaway clusters from its binaries), and the
-# wasm32-wasip2 target for the plugins. Used by quickstart.sh and bench.sh.
+# Installs what building, running and testing dbmazz needs, when missing (quietly
+# succeeds when it is all there): libclang (bindgen for RocksDB), PostgreSQL 15 server and
+# client (the quickstart, the benchmark and the tests start throwaway clusters from its
+# binaries), and the WebAssembly targets listed in scripts/wasm-targets. Used by
+# quickstart.sh, test.sh, bench.sh and .ci/run.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+# The tests run PostgreSQL as this user when they run as root (root may not run it).
+id postgres >/dev/null 2>&1 || { echo "setup: the postgres user is missing (it comes with the postgresql-15 package)" >&2; exit 1; }
+
+installed=$(rustup target list --installed)
+while read -r t; do
+    case "$t" in ''|'#'*) continue ;; esac
+    grep -qx "$t" <<<"$installed" && continue
+    echo "==> adding the $t target"
+    rustup target add "$t" || {
+        echo "setup: rustup cannot add the $t target here; the plugins need it (a machine without it needs Debian's rustc-web and -Zbuild-std, see docs)" >&2
+        exit 1
+    }
+done < scripts/wasm-targets

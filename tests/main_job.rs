@@ -101,6 +101,18 @@ async fn check_reports_each_step_changes_nothing_and_catches_each_problem() {
             ),
             "unknown field `flush_sise`",
         ),
+        (
+            // the sink's URL is not on its allow-list: the first batch would be refused
+            Pipeline::with_toml(
+                &pg.url(),
+                &["customers"],
+                &stack(&rx).replace(
+                    &format!("http = [{:?}]", rx.addr.to_string()),
+                    "http = [\"127.0.0.1:1\"]",
+                ),
+            ),
+            "which is not in sink.capabilities.http",
+        ),
     ];
     for (pipe, expected) in cases {
         let (ok, out) = check(&pipe);

@@ -319,6 +319,27 @@ async fn misbehaving_plugins_are_contained() {
     }
 }
 
+/// The README's test command installs every target the tests build plugins for (a target
+/// missing here failed a newcomer's first test run while CI, which added it itself, passed).
+#[test]
+fn setup_installs_every_target_the_tests_build_for() {
+    let installed = support::setup_wasm_targets();
+    for (target, _) in support::PLUGIN_BUILDS {
+        assert!(
+            installed.iter().any(|t| t == target),
+            "tests/support builds for {target}, which scripts/wasm-targets (installed by scripts/setup.sh) does not list: {installed:?}"
+        );
+    }
+    // and the README names the command that runs setup.sh
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let test_sh = std::fs::read_to_string(root.join("scripts/test.sh")).unwrap();
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    assert!(readme.contains("./scripts/test.sh"), "README's test command");
+    assert!(test_sh.contains("scripts/setup.sh"), "test.sh runs setup.sh");
+    assert!(ci.contains("./scripts/test.sh"), "CI runs the README's test command");
+}
+
 fn inspect(file: &std::path::Path) -> (bool, String) {
     support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()])
 }
@@ -332,6 +353,12 @@ async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
     assert!(out.contains("wit version:   0.2.0"), "{out}");
     assert!(out.contains("wasi:http/outgoing-handler@0.2.12"), "{out}");
     assert!(out.contains("componentized: no"), "{out}");
+    // every import of the first-party plugins is one the host provides
+    for file in [&p.webhook, &p.filter, &p.starrocks, &p.null_core_module] {
+        let (ok, out) = inspect(file);
+        assert!(ok && out.contains("dbmazz:plugin/types@0.2.0"), "{out}");
+        assert!(!out.contains("unknown to this host"), "{out}");
+    }
     let (ok, out) = inspect(&p.filter);
     assert!(ok && out.contains("dbmazz:plugin/transform"), "{out}");
     assert!(

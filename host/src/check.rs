@@ -6,9 +6,12 @@
 //! 3. the database accepts the credentials;
 //! 4. setup, dry run: `wal_level`, REPLICATION, tables, replica identity, publication, slot
 //!    (each reported as ok or "would change");
+//!    and the slot's WAL health (`wal_status`, retained WAL; a lost slot blocks);
 //! 5. a replication connection opens (`IDENTIFY_SYSTEM`);
-//! 6. the sink is reachable: a TCP connection to each `capabilities.http` target, or a
-//!    writable directory for the JSONL sink.
+//! 6. the sink is reachable: every `http://`/`https://` URL in the sink's config is on its
+//!    `capabilities.http` allow-list (else the first batch would be refused), and a TCP
+//!    connection opens to each allow-listed target; or a writable directory for the JSONL
+//!    sink.
 
 use std::io::Write;
 use std::path::Path;
@@ -42,6 +45,39 @@ impl<W: Write> Checklist<'_, W> {
         self.line("[FAIL] ", step, &detail.to_string());
         Err(Blocked)
     }
+}
+
+/// The `http://` and `https://` URLs among a plugin's config values (nested arrays and
+/// tables included), as `(key path, url, host:port)`; the authority is `None` when the
+/// URL has no host.
+fn config_urls(config: &toml::Table) -> Vec<(String, String, Option<String>)> {
+    fn walk(key: String, v: &toml::Value, out: &mut Vec<(String, String, Option<String>)>) {
+        match v {
+            toml::Value::String(s) if s.starts_with("http://") || s.starts_with("https://") => {
+                let authority = s
+                    .parse::<http::Uri>()
+                    .ok()
+                    .and_then(|u| crate::plugin::state::authority_of(&u));
+                out.push((key, s.clone(), authority));
+            }
+            toml::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(format!("{key}[{i}]"), v, out);
+                }
+            }
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk(format!("{key}.{k}"), v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (k, v) in config {
+        walk(k.clone(), v, &mut out);
+    }
+    out
 }
 
 /// Writes the checklist to `out`; returns true when nothing blocks `run`.
@@ -114,6 +150,35 @@ async fn steps<W: Write>(
         }
         Err(e) => return list.fail("setup", e),
     }
+    // The slot's WAL health (an invalidated slot cannot stream).
+    match setup::slot_health(&sql, &cfg.source.slot).await {
+        Ok(Some(h)) => {
+            let detail = format!(
+                "wal_status {}, {} bytes of WAL retained, confirmed at {}",
+                h.wal_status.as_deref().unwrap_or("unknown"),
+                h.retained_bytes.unwrap_or(0),
+                h.confirmed_flush
+            );
+            match h.wal_status.as_deref() {
+                Some("lost") => {
+                    return list.fail(
+                        "slot health",
+                        setup::SetupError::SlotInvalidated {
+                            slot: cfg.source.slot.clone(),
+                            checkpoint: h.confirmed_flush,
+                        },
+                    )
+                }
+                Some("unreserved") => list.todo(
+                    "slot health",
+                    &format!("{detail}: PostgreSQL may remove WAL the slot needs at its next checkpoint (max_slot_wal_keep_size)"),
+                ),
+                _ => list.ok("slot health", &detail),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => return list.fail("slot health", e),
+    }
     let system = match ReplicationClient::connect(&conn).await {
         Ok(mut r) => r.identify_system().await,
         Err(e) => Err(e),
@@ -130,6 +195,26 @@ async fn steps<W: Write>(
     }
     match &target {
         SinkTarget::Plugin(sink) => {
+            for (key, url, authority) in config_urls(&sink.config) {
+                match authority {
+                    Some(a) if sink.capabilities.http.contains(&a) => {}
+                    Some(a) => {
+                        return list.fail(
+                            "sink allow-list",
+                            format!(
+                                "sink.config.{key} = {url:?} goes to {a}, which is not in sink.capabilities.http ({:?}): every request to it would be refused; add \"{a}\" to capabilities.http",
+                                sink.capabilities.http
+                            ),
+                        )
+                    }
+                    None => {
+                        return list.fail(
+                            "sink allow-list",
+                            format!("sink.config.{key} = {url:?} has no host"),
+                        )
+                    }
+                }
+            }
             for t in &sink.capabilities.http {
                 match tokio::time::timeout(
                     Duration::from_secs(3),
@@ -164,4 +249,34 @@ async fn steps<W: Write>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_urls;
+
+    #[test]
+    fn urls_in_a_sink_config_with_their_allow_list_targets() {
+        let cfg: toml::Table = toml::from_str(
+            r#"
+            url = "https://hooks.example.com/cdc"
+            secret = "http-not-a-url"
+            mirrors = ["http://10.0.0.1:8030/x"]
+            nested = { be = "http://[::1]:8040" }
+            broken = "http://"
+            "#,
+        )
+        .unwrap();
+        let mut got = config_urls(&cfg);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("broken".into(), "http://".into(), None),
+                ("mirrors[0]".into(), "http://10.0.0.1:8030/x".into(), Some("10.0.0.1:8030".into())),
+                ("nested.be".into(), "http://[::1]:8040".into(), Some("[::1]:8040".into())),
+                ("url".into(), "https://hooks.example.com/cdc".into(), Some("hooks.example.com:443".into())),
+            ]
+        );
+    }
 }

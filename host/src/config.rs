@@ -9,6 +9,12 @@
 //! tables = ["public.orders", "public.customers"]
 //! replica_identity_full = true      # default false
 //! status_interval_ms = 10000        # standby status update at least this often
+//! connect_timeout_ms = 10000        # TCP + TLS + authentication (default: the URL's
+//!                                   # connect_timeout, else 10 s)
+//! receive_timeout_ms = 60000        # silence from the server before reconnecting
+//! reconnect = { initial_ms = 500, max_ms = 30000, max_attempts = 0 }   # 0 = forever
+//! skip_origins = ["upstream"]       # default []: drop transactions from these replication
+//!                                   # origins (their commits still advance the slot)
 //!
 //! [pipeline]
 //! flush_size = 10000                # changes per batch
@@ -33,6 +39,8 @@
 //! workers = 4                       # parallel copy connections
 //! chunk_size = 100000               # rows per chunk (resumable unit)
 //! tables = { "public.audit" = "never" }   # per-table mode
+//! on_slot_ahead = "fail"            # fail (default) | resnapshot: the slot moved past
+//!                                   # the checkpoint while dbmazz was not looking
 //!
 //! [state]
 //! dir = "./dbmazz-data"             # RocksDB checkpoints, spill files, compiled plugins
@@ -144,6 +152,54 @@ pub struct SourceConfig {
     /// server's `wal_sender_timeout` (60 s by default).
     #[serde(default = "default_status_interval")]
     pub status_interval_ms: u64,
+    /// Bound on opening a connection (TCP, TLS, authentication), ms. Unset: the URL's
+    /// `connect_timeout` (seconds, as libpq), else 10 s.
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Silence from the server (no XLogData, no keepalive) after which the replication
+    /// connection counts as dead and is reconnected, ms; like PostgreSQL's
+    /// `wal_receiver_timeout`. Halfway through, a status update asking for a reply is sent.
+    #[serde(default = "default_receive_timeout")]
+    pub receive_timeout_ms: u64,
+    /// How a lost connection is retried.
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// Replication origins whose transactions are dropped whole: none of their changes
+    /// reaches the sink, but their commits still advance the confirmed position. A
+    /// transaction's origin is the name in its pgoutput Origin message (PostgreSQL docs,
+    /// "Logical Replication Message Formats"): the `pg_replication_origin_create` name of
+    /// the session that wrote it, or `pg_<subscription oid>` for a subscription's apply
+    /// worker. Breaks bidirectional-replication loops. Default: empty, nothing dropped.
+    #[serde(default)]
+    pub skip_origins: Vec<String>,
+}
+
+/// `[source.reconnect]`: a lost connection (reset, end of stream, timeout, the server
+/// restarting or shutting down) is retried after `initial_ms`, doubling up to `max_ms`,
+/// each wait with ±20 % jitter, resuming from the durable checkpoint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    /// First wait, ms.
+    #[serde(default = "default_reconnect_initial")]
+    pub initial_ms: u64,
+    /// Longest wait, ms.
+    #[serde(default = "default_reconnect_max")]
+    pub max_ms: u64,
+    /// Attempts in a row before giving up (the process exits with the last error);
+    /// 0 = never give up.
+    #[serde(default)]
+    pub max_attempts: u32,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            initial_ms: default_reconnect_initial(),
+            max_ms: default_reconnect_max(),
+            max_attempts: 0,
+        }
+    }
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -155,6 +211,10 @@ impl std::fmt::Debug for SourceConfig {
             .field("tables", &self.tables)
             .field("replica_identity_full", &self.replica_identity_full)
             .field("status_interval_ms", &self.status_interval_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("receive_timeout_ms", &self.receive_timeout_ms)
+            .field("reconnect", &self.reconnect)
+            .field("skip_origins", &self.skip_origins)
             .finish()
     }
 }
@@ -381,6 +441,23 @@ pub struct SnapshotConfig {
     /// Per-table mode, overriding `mode`: `{ "public.audit" = "never" }`.
     #[serde(default)]
     pub tables: std::collections::BTreeMap<String, SnapshotMode>,
+    /// What to do when the slot's `confirmed_flush_lsn` is ahead of the checkpoint (the
+    /// slot was recreated, advanced, or `state.dir` is a stale copy): the changes between
+    /// the two positions were never delivered.
+    #[serde(default)]
+    pub on_slot_ahead: OnSlotAhead,
+}
+
+/// `snapshot.on_slot_ahead`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSlotAhead {
+    /// Refuse to start, saying what happened and the two ways out (default).
+    #[default]
+    Fail,
+    /// Re-snapshot every table of the pipeline while streaming from the slot's position
+    /// (watermark chunks): rows changed in the gap arrive as `read` changes.
+    Resnapshot,
 }
 
 impl Default for SnapshotConfig {
@@ -390,6 +467,7 @@ impl Default for SnapshotConfig {
             workers: default_snapshot_workers(),
             chunk_size: default_chunk_size(),
             tables: Default::default(),
+            on_slot_ahead: OnSlotAhead::default(),
         }
     }
 }
@@ -447,6 +525,15 @@ fn default_publication() -> String {
 }
 fn default_status_interval() -> u64 {
     10_000
+}
+fn default_receive_timeout() -> u64 {
+    60_000
+}
+fn default_reconnect_initial() -> u64 {
+    500
+}
+fn default_reconnect_max() -> u64 {
+    30_000
 }
 fn default_true() -> bool {
     true
@@ -644,6 +731,19 @@ impl Config {
         if self.source.status_interval_ms == 0 {
             return Err("source.status_interval_ms must be at least 1".into());
         }
+        if self.source.receive_timeout_ms < 100 {
+            return Err("source.receive_timeout_ms must be at least 100".into());
+        }
+        if self.source.connect_timeout_ms == Some(0) {
+            return Err("source.connect_timeout_ms must be at least 1".into());
+        }
+        let r = &self.source.reconnect;
+        if r.initial_ms == 0 || r.max_ms < r.initial_ms {
+            return Err(format!(
+                "source.reconnect: initial_ms ({}) must be at least 1 and at most max_ms ({})",
+                r.initial_ms, r.max_ms
+            ));
+        }
         if self.snapshot.workers == 0 || self.snapshot.workers > 64 {
             return Err("snapshot.workers must be between 1 and 64".into());
         }
@@ -686,6 +786,16 @@ mod tests {
         assert_eq!(c.source.publication, "dbmazz_pub");
         assert_eq!(c.pipeline.flush_size, 10_000);
         assert_eq!(c.pipeline.flush_interval_ms, 100);
+        assert!(c.source.skip_origins.is_empty());
+        let c = Config::parse(
+            &MIN.replace(
+                "tables = [\"t\"]",
+                "tables = [\"t\"]\nskip_origins = [\"upstream\"]",
+            ),
+            [],
+        )
+        .unwrap();
+        assert_eq!(c.source.skip_origins, ["upstream"]);
         assert!(
             !format!("{c:?}").contains("u:p"),
             "the URL is redacted in Debug"

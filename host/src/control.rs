@@ -81,6 +81,8 @@ impl Control {
     pub fn stage(&self) -> proto::Stage {
         if *self.stop.borrow() {
             proto::Stage::Draining
+        } else if self.stats.reconnecting.load(Ordering::Relaxed) {
+            proto::Stage::Reconnecting
         } else if self.stats.snapshotting.load(Ordering::Relaxed) {
             proto::Stage::Snapshot
         } else if !self.stats.streaming.load(Ordering::Relaxed) {
@@ -113,6 +115,18 @@ impl Control {
                 "setting up: the replication stream is not running yet".into(),
             ),
             proto::Stage::Draining => (false, "stopping: draining in-flight batches".into()),
+            proto::Stage::Reconnecting => (
+                false,
+                format!(
+                    "reconnecting to PostgreSQL: {}",
+                    self.stats
+                        .source_error
+                        .lock()
+                        .ok()
+                        .and_then(|e| e.clone())
+                        .unwrap_or_default()
+                ),
+            ),
             other => (false, format!("{other:?}")),
         }
     }
@@ -120,10 +134,13 @@ impl Control {
     async fn server_wal_lsn(&self) -> Option<Lsn> {
         let guard = self.sql.lock().await;
         let client = guard.as_ref()?;
-        let row = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .ok()?;
+        let row = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            client.query_one("SELECT pg_current_wal_lsn()::text", &[]),
+        )
+        .await
+        .ok()?
+        .ok()?;
         row.get::<_, String>(0).parse().ok()
     }
 }
@@ -227,7 +244,25 @@ impl Dbmazz for Arc<Control> {
             last_batch_id: s.last_batch_id.load(Ordering::Relaxed),
             plugins,
             dead_letters: s.dead_letters.load(Ordering::Relaxed),
-            error: String::new(),
+            error: if self.stage() == proto::Stage::Reconnecting {
+                s.source_error
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
+            source_reconnects: s.source_reconnects.load(Ordering::Relaxed),
+            slot_wal_status: match s.slot_wal_status.load(Ordering::Relaxed) {
+                1 => "reserved",
+                2 => "extended",
+                3 => "unreserved",
+                4 => "lost",
+                _ => "",
+            }
+            .to_string(),
+            slot_wal_retained_bytes: s.slot_wal_retained_bytes.load(Ordering::Relaxed),
             commit_to_ack: s.commit_to_ack.lock().ok().map(|c| {
                 let l = &c.latency;
                 let ms = |us: u64| us as f64 / 1e3;
@@ -586,6 +621,19 @@ pub async fn ctl(
                 s.last_batch_id,
                 s.dead_letters
             );
+            if !s.error.is_empty() {
+                out.push_str(&format!("error         {}\n", s.error));
+            }
+            out.push_str(&format!(
+                "slot WAL      {} bytes retained, wal_status {}\nreconnects    {}\n",
+                s.slot_wal_retained_bytes,
+                if s.slot_wal_status.is_empty() {
+                    "unknown"
+                } else {
+                    &s.slot_wal_status
+                },
+                s.source_reconnects
+            ));
             if let Some(l) = s.commit_to_ack.filter(|l| l.count > 0) {
                 out.push_str(&format!(
                     "commit→ack    p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} transactions)\n",

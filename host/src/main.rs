@@ -59,6 +59,12 @@ enum Command {
         /// The pipeline's TOML file.
         #[arg(long, short)]
         config: PathBuf,
+        /// When the slot is ahead of the stored checkpoint (recreated or advanced while
+        /// dbmazz was stopped), go on from the slot's position: the changes in between
+        /// are lost, and the log says so with both LSNs. Without it, dbmazz refuses to
+        /// start (or re-snapshots, with snapshot.on_slot_ahead = "resnapshot").
+        #[arg(long)]
+        accept_slot_gap: bool,
     },
     /// Check a pipeline without changing anything: config, plugins, connection, setup
     /// (dry run), replication, sink reachability. Exits non-zero on the first problem.
@@ -136,7 +142,16 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run {
+                config,
+                accept_slot_gap,
+            } => {
+                run(
+                    config,
+                    dbmazz::runtime::RunOptions { accept_slot_gap },
+                )
+                .await
+            }
             Command::Quickstart {
                 sink,
                 seconds,
@@ -191,7 +206,7 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(path: PathBuf) -> ExitCode {
+async fn run(path: PathBuf, opts: dbmazz::runtime::RunOptions) -> ExitCode {
     let cfg = match Config::load(&path, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -219,7 +234,7 @@ async fn run(path: PathBuf) -> ExitCode {
         error!("second signal: exiting now");
         std::process::exit(130);
     });
-    match dbmazz::runtime::run(&cfg, shutdown_rx, Arc::new(Stats::default())).await {
+    match dbmazz::runtime::run_with(&cfg, &opts, shutdown_rx, Arc::new(Stats::default())).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -270,6 +285,7 @@ fn inspect(file: &std::path::Path) -> ExitCode {
     println!("imports:");
     for i in &info.imports {
         let what = match i.split('@').next().unwrap_or(i) {
+            "dbmazz:plugin/types" => "the contract's data types (batches, changes, errors)",
             "dbmazz:plugin/log" => "logging (always granted)",
             "dbmazz:plugin/config" => "its configuration (always granted)",
             "dbmazz:plugin/metrics" => "metrics (always granted)",

@@ -2,7 +2,8 @@
 //!
 //! - `GET /metrics`: Prometheus text exposition (OpenMetrics 1.0, `prometheus-client`);
 //! - `GET /healthz`: 200 while the process runs (liveness);
-//! - `GET /readyz`: 200 once the replication stream runs, 503 before (readiness).
+//! - `GET /readyz`: 200 once the replication stream runs, 503 before and while
+//!   reconnecting (readiness), with the reason in the body.
 //!
 //! Metrics (units in the names, as Prometheus' naming guide asks):
 //!
@@ -17,6 +18,10 @@
 //! | `dbmazz_replication_lag_seconds` | gauge | now minus the commit time of the last acknowledged change; 0 when caught up |
 //! | `dbmazz_commit_to_ack_seconds` | histogram | from each transaction's commit (the Commit message's timestamp) to the sink's ack |
 //! | `dbmazz_checkpoint_lsn` | gauge | the durable, confirmed LSN |
+//! | `dbmazz_source_reconnects_total` | counter | source sessions re-established after a lost connection |
+//! | `dbmazz_source_reconnecting` | gauge | 1 while a lost source connection is being re-established |
+//! | `dbmazz_slot_wal_retained_bytes` | gauge | WAL the slot keeps on the server: WAL position minus `restart_lsn` (polled every `status_interval_ms`) |
+//! | `dbmazz_slot_wal_status` | gauge | the slot's `wal_status`: 1 reserved, 2 extended, 3 unreserved (WAL it needs may be removed), 4 lost; 0 unknown |
 //! | `dbmazz_dead_letters_total` | counter | changes sent to the dead-letter store |
 //! | `dbmazz_plugin_call_duration_seconds{plugin}` | histogram | each call into a plugin |
 //! | `dbmazz_plugin_errors_total{plugin,kind}` | counter | failed calls (see [`crate::plugin::ErrorKind`]) |
@@ -93,6 +98,30 @@ impl Collector for PipelineCollector {
             "dbmazz_dead_letters",
             "changes sent to the dead-letter store",
             load(&s.dead_letters),
+        )?;
+        counter(
+            &mut e,
+            "dbmazz_source_reconnects",
+            "source sessions re-established after a lost connection",
+            load(&s.source_reconnects),
+        )?;
+        gauge(
+            &mut e,
+            "dbmazz_source_reconnecting",
+            "1 while a lost source connection is being re-established",
+            if s.reconnecting.load(Ordering::Relaxed) { 1.0 } else { 0.0 },
+        )?;
+        gauge(
+            &mut e,
+            "dbmazz_slot_wal_retained_bytes",
+            "WAL the slot keeps on the server: WAL position minus restart_lsn",
+            load(&s.slot_wal_retained_bytes) as f64,
+        )?;
+        gauge(
+            &mut e,
+            "dbmazz_slot_wal_status",
+            "the slot's wal_status: 1 reserved, 2 extended, 3 unreserved, 4 lost, 0 unknown",
+            s.slot_wal_status.load(Ordering::Relaxed) as f64,
         )?;
         gauge(
             &mut e,
@@ -318,6 +347,15 @@ fn respond(path: &str, registry: &Registry, stats: &Stats) -> hyper::Response<Fu
         "/healthz" => (200, "text/plain", "ok\n".to_string()),
         "/readyz" if stats.streaming.load(Ordering::Relaxed) => {
             (200, "text/plain", "streaming\n".to_string())
+        }
+        "/readyz" if stats.reconnecting.load(Ordering::Relaxed) => {
+            let why = stats
+                .source_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_default();
+            (503, "text/plain", format!("reconnecting to PostgreSQL: {why}\n"))
         }
         "/readyz" => (503, "text/plain", "not streaming yet\n".to_string()),
         _ => (

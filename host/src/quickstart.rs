@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
+use futures_util::FutureExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::watch;
 
@@ -138,6 +139,17 @@ fn print_tables(sr: &starrocks_double::StarRocksDouble) {
     }
 }
 
+/// The password of the StarRocks test double (a throwaway, left out of the printed config).
+const QUICKSTART_PASSWORD: &str = "quickstart";
+
+/// The quickstart's config as printed for the user: the throwaway password left out.
+fn shareable_config(toml: &str) -> String {
+    toml.replace(
+        &format!("password = \"{QUICKSTART_PASSWORD}\""),
+        "password = \"<your password>\"",
+    )
+}
+
 /// Runs the quickstart (see the module docs).
 ///
 /// # Errors
@@ -188,7 +200,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             )
         }
         QuickstartSink::Starrocks => {
-            let sr = starrocks_double::StarRocksDouble::start("root", "quickstart").await?;
+            let sr =
+                starrocks_double::StarRocksDouble::start("root", QUICKSTART_PASSWORD).await?;
             sr.create_table(
                 "shop",
                 "customers",
@@ -210,7 +223,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             );
             (
                 format!(
-                    "[sink]\nplugin = {:?}\nconfig = {{ url = {:?}, database = \"shop\", user = \"root\", password = \"quickstart\", merge_condition = true }}\ncapabilities = {{ http = [\"{}\", \"{}\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n",
+                    "[sink]\nplugin = {:?}\nconfig = {{ url = {:?}, database = \"shop\", user = \"root\", password = \"{QUICKSTART_PASSWORD}\", merge_condition = true }}\ncapabilities = {{ http = [\"{}\", \"{}\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n",
                     sink_wasm.display().to_string(),
                     sr.fe_url(),
                     sr.fe_addr(),
@@ -247,12 +260,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             cluster.port()
         )
     });
-    bar.suspend(|| {
-        println!(
-            "config: {} (copy it to start your own)",
-            config_path.display()
-        )
-    });
+    bar.suspend(|| println!("the config of this pipeline is printed at the end, to start your own from"));
     bar.suspend(|| match &target {
         Target::Webhook(_) => println!("events as the receiver gets them (id = batch:index; shop.audit_log is filtered out, e-mails masked):"),
         Target::StarRocks(_) => println!("loading shop.customers and shop.orders with Stream Load (shop.audit_log is filtered out, e-mails masked; deletes are soft: dbmazz_is_deleted)"),
@@ -280,6 +288,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let started = std::time::Instant::now();
+    // Without a terminal the live line is hidden: a plain line of counts instead.
+    let mut plain_every = bar
+        .is_hidden()
+        .then(|| tokio::time::interval(Duration::from_secs(5)));
     let tick = Duration::from_secs_f64(1.0 / f64::from(opts.rate.max(1)));
     let mut n: u64 = 0;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -319,9 +331,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 sr.rows("shop", "orders").len()
             ),
         };
-        bar.set_message(format!(
+        let counts = format!(
             "{n} transactions committed · {read} messages read · {delivered} changes delivered · {arrived} · lag {lag} bytes"
-        ));
+        );
+        if let Some(every) = &mut plain_every {
+            if every.tick().now_or_never().is_some() {
+                println!("{:>4} s  {counts}", started.elapsed().as_secs());
+            }
+        }
+        bar.set_message(counts);
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = &mut ctrl_c => break,
@@ -338,6 +356,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Target::StarRocks(sr) = &target {
         print_tables(sr);
     }
+    println!(
+        "\nthe config this run used (its PostgreSQL, receiver and state directory were throwaways;\n\
+         point source.url, the sink's config and state.dir at your own, and see README.md):\n\n{}",
+        shareable_config(&toml)
+    );
     drop(db);
     drop(cluster);
     match result {

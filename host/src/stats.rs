@@ -84,8 +84,19 @@ pub struct Stats {
     pub dead_letters: AtomicU64,
     /// Id of the last acknowledged batch.
     pub last_batch_id: AtomicU64,
-    /// True once the replication stream is running (readiness).
+    /// True once the replication stream is running (readiness); false again while
+    /// reconnecting.
     pub streaming: AtomicBool,
+    /// True while a lost source connection is being re-established.
+    pub reconnecting: AtomicBool,
+    /// Source sessions re-established after a lost connection, since start.
+    pub source_reconnects: AtomicU64,
+    /// Why the source connection was lost, while reconnecting (cleared once streaming).
+    pub source_error: Mutex<Option<String>>,
+    /// WAL the slot retains, bytes (server WAL position minus `restart_lsn`), polled.
+    pub slot_wal_retained_bytes: AtomicU64,
+    /// The slot's `wal_status` (see [`crate::source::setup::SlotHealth::wal_status_code`]).
+    pub slot_wal_status: AtomicI64,
     /// Acknowledged changes per table and operation.
     pub changes: Family<ChangeLabels, Counter>,
     /// Batches by outcome.
@@ -232,6 +243,11 @@ impl Default for Stats {
             dead_letters: AtomicU64::new(0),
             last_batch_id: AtomicU64::new(0),
             streaming: AtomicBool::new(false),
+            reconnecting: AtomicBool::new(false),
+            source_reconnects: AtomicU64::new(0),
+            source_error: Mutex::new(None),
+            slot_wal_retained_bytes: AtomicU64::new(0),
+            slot_wal_status: AtomicI64::new(0),
             changes: Family::default(),
             batches: Family::default(),
             // 1, 4, 16, ... 262144 changes

@@ -147,7 +147,9 @@ pub struct AllowListHooks {
     auth: HashMap<String, String>,
 }
 
-fn authority_of(uri: &http::Uri) -> Option<String> {
+/// The `host:port` an outgoing request goes to, as allow-lists name it (the scheme's
+/// default port when the URI has none: 443 for `https`, else 80); `None` without a host.
+pub fn authority_of(uri: &http::Uri) -> Option<String> {
     let host = uri.host()?;
     let port = uri
         .port_u16()

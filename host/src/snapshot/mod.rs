@@ -120,6 +120,14 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
+    /// True when a new connection can fix it (the query failed because the connection
+    /// was lost; see [`SourceError::is_connection_lost`]).
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, SnapshotError::Sql { source, .. } if source.is_connection_lost())
+    }
+}
+
+impl SnapshotError {
     /// Maps a query error while working on `what`.
     pub fn sql(what: &str) -> impl Fn(tokio_postgres::Error) -> SnapshotError + '_ {
         move |e| {

@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -48,7 +49,19 @@ pub struct ConnectionConfig {
     pg: tokio_postgres::Config,
     tls: TlsMode,
     root_cert: Option<PathBuf>,
+    connect_timeout: Duration,
 }
+
+/// Connect timeout when neither `source.connect_timeout_ms` nor the URL's
+/// `connect_timeout` sets one.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keepalive on every source connection: the first probe after this much idle time,
+/// then one every [`KEEPALIVE_INTERVAL`]; a peer that stops answering is dropped by the
+/// kernel after a few probes instead of after ~15 minutes of retransmissions.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Interval between TCP keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl fmt::Debug for ConnectionConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,11 +144,41 @@ impl ConnectionConfig {
             pg.dbname(&user);
         }
         pg.application_name("dbmazz");
+        let connect_timeout = pg.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        pg.connect_timeout(connect_timeout);
+        pg.keepalives(true);
+        pg.keepalives_idle(KEEPALIVE_IDLE);
+        pg.keepalives_interval(KEEPALIVE_INTERVAL);
         Ok(ConnectionConfig {
             pg,
             tls,
             root_cert: root.map(PathBuf::from),
+            connect_timeout,
         })
+    }
+
+    /// The same settings with another connect timeout (`source.connect_timeout_ms`);
+    /// `None` keeps the URL's (or the default).
+    pub fn with_connect_timeout(mut self, timeout: Option<Duration>) -> Self {
+        if let Some(t) = timeout {
+            self.connect_timeout = t;
+            self.pg.connect_timeout(t);
+        }
+        self
+    }
+
+    /// Bound on opening a connection: TCP, TLS and authentication together.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The error of a connection attempt that took longer than [`Self::connect_timeout`].
+    pub fn connect_timed_out(&self) -> SourceError {
+        SourceError::Timeout {
+            what: "connecting",
+            addr: self.addr(),
+            after_ms: self.connect_timeout.as_millis() as u64,
+        }
     }
 
     /// The user name.
@@ -239,6 +282,12 @@ impl ConnectionConfig {
     /// # Errors
     /// Connection, TLS and authentication errors, as [`SourceError`].
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, SourceError> {
+        tokio::time::timeout(self.connect_timeout, self.connect_sql_untimed())
+            .await
+            .map_err(|_| self.connect_timed_out())?
+    }
+
+    async fn connect_sql_untimed(&self) -> Result<tokio_postgres::Client, SourceError> {
         if self.tls == TlsMode::Disable {
             let (client, conn) = self
                 .pg
@@ -317,6 +366,13 @@ impl ConnectionConfig {
             .await
             .map_err(connect_err)?;
         tcp.set_nodelay(true).map_err(connect_err)?;
+        socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL),
+            )
+            .map_err(connect_err)?;
         if self.tls == TlsMode::Disable {
             return Ok(Box::new(tcp));
         }

@@ -114,9 +114,49 @@ pub enum SourceError {
     /// Setup found a problem (see [`SetupError`]).
     #[error(transparent)]
     Setup(#[from] SetupError),
+    /// The server did not answer in time.
+    #[error("{what}: no answer from PostgreSQL at {addr} within {after_ms} ms")]
+    Timeout {
+        /// What was waiting (`connecting`, `receiving`).
+        what: &'static str,
+        /// host:port or socket path.
+        addr: String,
+        /// How long, ms.
+        after_ms: u64,
+    },
+}
+
+/// SQLSTATE codes of a server going away or not yet accepting connections (PostgreSQL
+/// docs, Appendix A "PostgreSQL Error Codes"): class 08 (connection exception), 57P01
+/// `admin_shutdown`, 57P02 `crash_shutdown`, 57P03 `cannot_connect_now` (starting up,
+/// in recovery), 57P05 `idle_session_timeout`, 53300 `too_many_connections`.
+fn connection_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "57P05" | "53300")
 }
 
 impl SourceError {
+    /// True when the connection was lost or could not be opened for a reason that
+    /// waiting can fix: a reset or closed socket, a timeout, refused connections, the
+    /// server shutting down, restarting or starting up ([`connection_sqlstate`]). False
+    /// for what needs an operator: credentials, configuration, setup, protocol errors.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            SourceError::Connect { .. } | SourceError::Io(_) | SourceError::Timeout { .. } => {
+                true
+            }
+            SourceError::Server(e) => connection_sqlstate(&e.code),
+            SourceError::Sql(e) => {
+                e.is_closed()
+                    || e.code().is_some_and(|c| connection_sqlstate(c.code()))
+                    || (e.as_db_error().is_none()
+                        && std::error::Error::source(e)
+                            .is_some_and(|s| s.downcast_ref::<io::Error>().is_some()))
+            }
+            SourceError::Setup(SetupError::Step { source, .. }) => source.is_connection_lost(),
+            _ => false,
+        }
+    }
+
     /// The server's SQLSTATE code, when the error came from the server.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

@@ -193,7 +193,16 @@ impl ReplicationClient {
     /// [`SourceError::Connect`], [`SourceError::Tls`], [`SourceError::Auth`],
     /// [`SourceError::PasswordRequired`], [`SourceError::Server`] (for example when the
     /// user lacks the REPLICATION attribute or `pg_hba.conf` has no replication entry).
+    ///
+    /// All of it is bounded by [`ConnectionConfig::connect_timeout`]
+    /// ([`SourceError::Timeout`]).
     pub async fn connect(cfg: &ConnectionConfig) -> Result<Self, SourceError> {
+        tokio::time::timeout(cfg.connect_timeout(), Self::connect_untimed(cfg))
+            .await
+            .map_err(|_| cfg.connect_timed_out())?
+    }
+
+    async fn connect_untimed(cfg: &ConnectionConfig) -> Result<Self, SourceError> {
         let stream = cfg.connect_stream().await?;
         let mut c = ReplicationClient {
             stream,

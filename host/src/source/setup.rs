@@ -89,6 +89,25 @@ pub enum SetupError {
         /// The stored confirmed LSN.
         confirmed: String,
     },
+    /// The slot's confirmed position is past the stored checkpoint: the slot was
+    /// recreated or advanced, or `state.dir` is an older copy.
+    #[error("replication slot {slot:?} is confirmed at {slot_lsn}, ahead of this pipeline's checkpoint at {checkpoint}: the slot was recreated or advanced (or state.dir is an older copy) while dbmazz was not reading, so the changes committed between {checkpoint} and {slot_lsn} were never delivered and PostgreSQL no longer has them for this slot. Either re-snapshot the pipeline's tables (set snapshot.on_slot_ahead = \"resnapshot\": rows changed in the gap arrive as read changes), or accept the gap (run once with --accept-slot-gap: those changes stay lost)")]
+    SlotAhead {
+        /// Slot name.
+        slot: String,
+        /// The slot's `confirmed_flush_lsn`.
+        slot_lsn: Lsn,
+        /// The stored checkpoint.
+        checkpoint: Lsn,
+    },
+    /// The server invalidated the slot (`wal_status = 'lost'`).
+    #[error("replication slot {slot:?} was invalidated by PostgreSQL (wal_status = lost): it retained more WAL than max_slot_wal_keep_size allows, so the WAL after this pipeline's checkpoint at {checkpoint} was removed and those changes cannot be streamed any more. To start over: drop the slot (SELECT pg_drop_replication_slot('{slot}')), remove state.dir, and run again (the tables are snapshotted anew); raise max_slot_wal_keep_size (or keep dbmazz running) so it does not happen again")]
+    SlotInvalidated {
+        /// Slot name.
+        slot: String,
+        /// The stored checkpoint.
+        checkpoint: Lsn,
+    },
     /// A statement of a setup step failed.
     #[error("setup step {step:?} failed: {source}")]
     Step {
@@ -158,6 +177,89 @@ pub enum SlotState {
     },
     /// The slot does not exist yet; the replication connection creates it.
     Missing,
+}
+
+/// A slot's position and WAL health, from the `pg_replication_slots` view (PostgreSQL
+/// docs, "pg_replication_slots"; `wal_status` since PostgreSQL 13).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotHealth {
+    /// `confirmed_flush_lsn`: where streaming resumes (`0/0` when never confirmed).
+    pub confirmed_flush: Lsn,
+    /// `restart_lsn`: the oldest WAL the slot keeps (`None` once invalidated).
+    pub restart_lsn: Option<Lsn>,
+    /// `wal_status`: `reserved`, `extended`, `unreserved` (WAL the slot needs may be
+    /// removed at the next checkpoint) or `lost` (the slot is unusable).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL the slot retains: the server's WAL position (`pg_current_wal_lsn()`,
+    /// or the replay position on a standby) minus `restart_lsn`.
+    pub retained_bytes: Option<u64>,
+    /// The walsender streaming from it, if any.
+    pub active_pid: Option<i32>,
+}
+
+impl SlotHealth {
+    /// `wal_status` as a number for the `dbmazz_slot_wal_status` gauge: 0 unknown,
+    /// 1 reserved, 2 extended, 3 unreserved, 4 lost.
+    pub fn wal_status_code(&self) -> i64 {
+        match self.wal_status.as_deref() {
+            Some("reserved") => 1,
+            Some("extended") => 2,
+            Some("unreserved") => 3,
+            Some("lost") => 4,
+            _ => 0,
+        }
+    }
+
+    /// Checks the slot against the pipeline's durable checkpoint (`checkpoint`, the
+    /// last LSN confirmed to PostgreSQL): an invalidated slot, or a slot confirmed past
+    /// the checkpoint (changes in between were never delivered), is an error. A zero
+    /// checkpoint (nothing confirmed yet) adopts the slot's position.
+    ///
+    /// # Errors
+    /// [`SetupError::SlotInvalidated`], [`SetupError::SlotAhead`].
+    pub fn check(&self, slot: &str, checkpoint: Lsn) -> Result<(), SetupError> {
+        if self.wal_status.as_deref() == Some("lost") {
+            return Err(SetupError::SlotInvalidated {
+                slot: slot.to_string(),
+                checkpoint,
+            });
+        }
+        if !checkpoint.is_zero() && self.confirmed_flush > checkpoint {
+            return Err(SetupError::SlotAhead {
+                slot: slot.to_string(),
+                slot_lsn: self.confirmed_flush,
+                checkpoint,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the slot's [`SlotHealth`]; `None` when the slot does not exist.
+///
+/// # Errors
+/// The query failed ([`SourceError`]).
+pub async fn slot_health(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotHealth>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0'), restart_lsn::text, wal_status, \
+             (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END \
+              - restart_lsn)::int8, active_pid \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(super::conn::sql_error)?;
+    Ok(row.map(|r| SlotHealth {
+        confirmed_flush: r.get::<_, String>(0).parse().unwrap_or_default(),
+        restart_lsn: r.get::<_, Option<String>>(1).and_then(|l| l.parse().ok()),
+        wal_status: r.get(2),
+        retained_bytes: r.get::<_, Option<i64>>(3).map(|b| b.max(0) as u64),
+        active_pid: r.get(4),
+    }))
 }
 
 /// What setup produced.
@@ -511,6 +613,35 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn health(confirmed: u64, wal_status: &str) -> SlotHealth {
+        SlotHealth {
+            confirmed_flush: Lsn(confirmed),
+            restart_lsn: Some(Lsn(confirmed)),
+            wal_status: Some(wal_status.into()),
+            retained_bytes: Some(0),
+            active_pid: None,
+        }
+    }
+
+    #[test]
+    fn slot_position_against_the_checkpoint() {
+        // behind or at the checkpoint: PostgreSQL replays from the checkpoint
+        assert!(health(100, "reserved").check("s", Lsn(100)).is_ok());
+        assert!(health(90, "reserved").check("s", Lsn(100)).is_ok());
+        // nothing confirmed yet: the slot's position is adopted
+        assert!(health(500, "reserved").check("s", Lsn(0)).is_ok());
+        // ahead: changes in between were never delivered
+        let e = health(200, "extended").check("s", Lsn(100)).unwrap_err();
+        assert!(matches!(e, SetupError::SlotAhead { .. }), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("0/C8") && text.contains("0/64"), "{text}");
+        assert!(text.contains("on_slot_ahead") && text.contains("--accept-slot-gap"));
+        // lost, whatever the position
+        let e = health(100, "lost").check("s", Lsn(100)).unwrap_err();
+        assert!(e.to_string().contains("max_slot_wal_keep_size"), "{e}");
+        assert_eq!(health(1, "unreserved").wal_status_code(), 3);
+    }
 
     #[test]
     fn table_names() {

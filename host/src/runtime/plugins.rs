@@ -1,0 +1,305 @@
+//! Phases "endpoints" and "plugins": the operators' endpoints (gRPC control API,
+//! metrics), then the plugin files loaded and type-checked before anything connects; and,
+//! once the store is open, the delivery task with its sink (a plugin chain or JSONL).
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::RunError;
+use crate::checkpoint::Store;
+use crate::config::{Config, SinkTarget, StageConfig};
+use crate::control::{Control, PluginInfo};
+use crate::delivery::{self, jsonl::JsonlSink, Delivery, DeliveryError};
+use crate::lsn::Lsn;
+use crate::plugin::chain::PluginChain;
+use crate::plugin::stage::{Stage, StageSpec};
+use crate::plugin::state::{Grants, Limits};
+use crate::plugin::{LoadedPlugin, PluginHost, PluginMetrics, World};
+use crate::snapshot::Tracker;
+use crate::stats::Stats;
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> RunError {
+    move |source| RunError::Io { what, source }
+}
+
+/// The running control API (shut down gracefully at the end of `run`).
+pub(super) type ControlServer = crate::control::Server;
+
+/// Starts the gRPC control API and the metrics endpoint, when configured.
+///
+/// # Errors
+/// [`RunError::Io`]: a TLS file cannot be read, an address cannot be bound.
+pub(super) async fn serve_endpoints(
+    cfg: &Config,
+    control: &Arc<Control>,
+    stats: &Arc<Stats>,
+) -> Result<Option<ControlServer>, RunError> {
+    let mut control_server = None;
+    if let Some(addr) = &cfg.control.grpc {
+        let tls = match (&cfg.control.tls_cert, &cfg.control.tls_key) {
+            (Some(c), Some(k)) => Some((
+                std::fs::read(c)
+                    .map_err(io(format!("cannot read control.tls_cert {}", c.display())))?,
+                std::fs::read(k)
+                    .map_err(io(format!("cannot read control.tls_key {}", k.display())))?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(RunError::Io {
+                    what: "control.tls_cert and control.tls_key go together".into(),
+                    source: std::io::Error::other("only one of them is set"),
+                })
+            }
+        };
+        let server = crate::control::serve(addr, control.clone(), cfg.control.token.clone(), tls)
+            .await
+            .map_err(io(format!(
+                "cannot serve the control API on control.grpc = {addr:?}"
+            )))?;
+        let bound = server.addr;
+        control_server = Some(server);
+        info!(addr = %bound, token = cfg.control.token.is_some(), tls = cfg.control.tls_cert.is_some(), "control API listening (gRPC)");
+    }
+    if let Some(addr) = &cfg.control.metrics {
+        let bound = crate::metrics::serve(addr, stats.clone())
+            .await
+            .map_err(io(format!(
+                "cannot serve metrics on control.metrics = {addr:?}"
+            )))?;
+        info!(addr = %bound, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+    }
+    Ok(control_server)
+}
+
+/// The canonical form of a plugin path (what file-system events name), or the path.
+fn canonical(p: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The plugins of the pipeline, loaded: the engine, and each stage's component with its
+/// config (transforms in order, the sink last).
+pub(super) struct Loaded {
+    /// The engine (none for the built-in JSONL sink).
+    pub host: Option<Arc<PluginHost>>,
+    /// Transforms in order, then the sink.
+    stages: Vec<(LoadedPlugin, StageConfig)>,
+    /// Files to watch for hot reload.
+    files: Vec<(std::path::PathBuf, World)>,
+}
+
+/// Loads and type-checks every plugin file of `cfg` (nothing connects before this).
+///
+/// # Errors
+/// [`RunError::Engine`], [`RunError::Plugin`] (a file that is missing, not a component,
+/// or of the wrong world or contract version).
+pub(super) fn load(cfg: &Config, control: &Control) -> Result<Loaded, RunError> {
+    let target = sink_target(cfg)?;
+    let host = match &target {
+        SinkTarget::Plugin(_) => {
+            let cache = cfg
+                .plugins
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| cfg.state.dir.join("compiled"));
+            Some(Arc::new(
+                PluginHost::new(Some(cache)).map_err(|e| RunError::Engine(format!("{e:#}")))?,
+            ))
+        }
+        SinkTarget::Jsonl(_) => None,
+    };
+    let mut stages = Vec::new();
+    let mut files = Vec::new();
+    if let (Some(host), SinkTarget::Plugin(sink)) = (&host, &target) {
+        for t in &cfg.transforms {
+            stages.push((
+                host.load(&canonical(&t.plugin), World::Transform)?,
+                t.clone(),
+            ));
+        }
+        stages.push((
+            host.load(&canonical(&sink.plugin), World::Sink)?,
+            sink.clone(),
+        ));
+        for (p, _) in &stages {
+            info!(
+                plugin = %p.name,
+                world = p.info.world.map_or("?", |w| w.name()),
+                version = p.info.version.as_deref().unwrap_or("?"),
+                componentized = p.info.componentized,
+                "plugin loaded"
+            );
+            if let Some(world) = p.info.world {
+                files.push((p.path.clone(), world));
+            }
+            if let Ok(mut all) = control.plugins.lock() {
+                all.push(PluginInfo {
+                    name: p.name.to_string(),
+                    file: p.path.display().to_string(),
+                    world: p.info.world.map_or("?", |w| w.name()).to_string(),
+                    version: p.info.version.clone().unwrap_or_default(),
+                    loaded_at_ms: crate::metrics::now_us() / 1000,
+                });
+            }
+        }
+    }
+    Ok(Loaded {
+        host,
+        stages,
+        files,
+    })
+}
+
+fn sink_target(cfg: &Config) -> Result<SinkTarget, RunError> {
+    cfg.sink.target().map_err(|e| RunError::Io {
+        what: e,
+        source: std::io::Error::other("invalid sink"),
+    })
+}
+
+fn stage_spec(
+    plugin: LoadedPlugin,
+    cfg: &StageConfig,
+    identity: &[(String, String)],
+    store: &Arc<Store>,
+) -> StageSpec {
+    let mut config = cfg.plugin_config();
+    config.extend(identity.iter().cloned());
+    StageSpec {
+        plugin,
+        config,
+        grants: Grants {
+            http: cfg.capabilities.http.clone(),
+            http_auth: cfg.capabilities.http_auth.clone().into_iter().collect(),
+            kv: cfg.capabilities.kv.then(|| store.clone()),
+        },
+        limits: Limits {
+            memory_bytes: (cfg.limits.memory_mb as usize) << 20,
+            call_timeout_ms: cfg.limits.call_timeout_ms,
+            max_output_bytes: (cfg.limits.max_output_mb as usize) << 20,
+        },
+    }
+}
+
+/// The delivery task; its result is delivery's own (a fatal sink error, the store).
+pub(super) type DeliveryTask = JoinHandle<Result<(), DeliveryError>>;
+
+/// What delivery needs from the rest of the pipeline.
+pub(super) struct DeliveryWiring {
+    pub store: Arc<Store>,
+    pub rx: mpsc::Receiver<Delivery>,
+    pub confirmed_tx: watch::Sender<Lsn>,
+    pub stats: Arc<Stats>,
+    pub tracker: Arc<Tracker>,
+    pub stop_rx: watch::Receiver<bool>,
+    /// The source database's name (the `dbmazz.database` config value plugins get).
+    pub database: String,
+}
+
+/// Starts the delivery task: the plugins' instances (`init` called), hot reload, and
+/// the loop that writes batches, checkpoints and publishes the confirmable LSN.
+///
+/// # Errors
+/// [`RunError::Io`] (the JSONL file), [`RunError::PluginStart`] (a plugin refused its
+/// configuration or trapped in `init`).
+pub(super) async fn start_delivery(
+    cfg: &Config,
+    loaded: Loaded,
+    control: &Arc<Control>,
+    w: DeliveryWiring,
+) -> Result<(DeliveryTask, Option<Arc<PluginHost>>), RunError> {
+    let target = sink_target(cfg)?;
+    let DeliveryWiring {
+        store,
+        rx,
+        confirmed_tx,
+        stats,
+        tracker,
+        stop_rx,
+        database,
+    } = w;
+    match &target {
+        SinkTarget::Jsonl(path) => {
+            let sink = JsonlSink::open(path)
+                .map_err(io(format!("cannot open sink file {}", path.display())))?;
+            let task = tokio::spawn(delivery::run(
+                sink,
+                store,
+                rx,
+                confirmed_tx,
+                stats,
+                tracker,
+                stop_rx,
+            ));
+            Ok((task, None))
+        }
+        SinkTarget::Plugin(sink_cfg) => {
+            let identity = [
+                ("dbmazz.database".to_string(), database),
+                ("dbmazz.slot".to_string(), cfg.source.slot.clone()),
+            ];
+            let Loaded {
+                host,
+                stages: loaded,
+                files,
+            } = loaded;
+            let mut stages: Vec<Stage> = loaded
+                .into_iter()
+                .map(|(plugin, stage_cfg)| {
+                    let metrics = Arc::new(PluginMetrics::new(&plugin.name));
+                    if let Ok(mut all) = stats.plugins.lock() {
+                        all.push(metrics.clone());
+                    }
+                    Stage::new(stage_spec(plugin, &stage_cfg, &identity, &store), metrics)
+                })
+                .collect();
+            let Some(sink_stage) = stages.pop() else {
+                unreachable!("the sink stage was loaded")
+            };
+            let mut chain = PluginChain::new(stages, sink_stage, store.clone(), stats.clone());
+            chain.max_attempts = sink_cfg.limits.max_attempts.max(1);
+            chain.start().await?;
+            if let Some(host) = &host {
+                let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+                chain.watch_reloads(reload_rx);
+                let ctl = control.clone();
+                match crate::plugin::reload::spawn(
+                    host.clone(),
+                    files,
+                    reload_tx,
+                    stats.clone(),
+                    move |p| {
+                        if let Ok(mut all) = ctl.plugins.lock() {
+                            for info in all
+                                .iter_mut()
+                                .filter(|i| std::path::Path::new(&i.file) == p.path)
+                            {
+                                info.version = p.info.version.clone().unwrap_or_default();
+                                info.loaded_at_ms = crate::metrics::now_us() / 1000;
+                            }
+                        }
+                    },
+                ) {
+                    Ok(r) => {
+                        if let Ok(mut slot) = control.reloader.lock() {
+                            *slot = Some(r);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot watch the plugin files; hot reload is off"),
+                }
+            }
+            let task = tokio::spawn(delivery::run(
+                chain,
+                store,
+                rx,
+                confirmed_tx,
+                stats,
+                tracker,
+                stop_rx,
+            ));
+            Ok((task, host))
+        }
+    }
+}
