@@ -341,15 +341,23 @@ fn quickstart(args: &[&str]) -> String {
     text
 }
 
-/// The quickstart printed `config: <tmp dir>/dbmazz.toml`; that directory (cluster, state,
-/// config) is gone after it exits.
+/// The quickstart printed the config it used at the end (a starting point for the user's
+/// own, without the throwaway password), and without a terminal a plain line of counts;
+/// its temporary directory (cluster, state, config) is gone after it exits.
 fn assert_cleaned_up(text: &str) {
-    let config = text
+    assert!(text.contains("the config this run used"), "{text}");
+    assert!(text.contains("[source]") && text.contains("[sink]"), "{text}");
+    assert!(!text.contains("\"quickstart\""), "no password: {text}");
+    assert!(
+        text.contains("transactions committed"),
+        "counts without a TTY: {text}"
+    );
+    let state = text
         .lines()
-        .find_map(|l| l.strip_prefix("config: "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no config line: {text}"));
-    let dir = std::path::Path::new(config).parent().unwrap();
+        .find_map(|l| l.strip_prefix("dir = "))
+        .map(|l| l.trim_matches('"'))
+        .unwrap_or_else(|| panic!("no state.dir in the printed config: {text}"));
+    let dir = std::path::Path::new(state).parent().unwrap();
     assert!(
         dir.starts_with(std::env::temp_dir()) && !dir.exists(),
         "the temporary cluster and files are removed: {}",
