@@ -346,7 +346,10 @@ fn quickstart(args: &[&str]) -> String {
 /// its temporary directory (cluster, state, config) is gone after it exits.
 fn assert_cleaned_up(text: &str) {
     assert!(text.contains("the config this run used"), "{text}");
-    assert!(text.contains("[source]") && text.contains("[sink]"), "{text}");
+    assert!(
+        text.contains("[source]") && text.contains("[sink]"),
+        "{text}"
+    );
     assert!(!text.contains("\"quickstart\""), "no password: {text}");
     assert!(
         text.contains("transactions committed"),

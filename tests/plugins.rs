@@ -331,13 +331,24 @@ fn setup_installs_every_target_the_tests_build_for() {
         );
     }
     // and the README names the command that runs setup.sh
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let test_sh = std::fs::read_to_string(root.join("scripts/test.sh")).unwrap();
     let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
-    assert!(readme.contains("./scripts/test.sh"), "README's test command");
-    assert!(test_sh.contains("scripts/setup.sh"), "test.sh runs setup.sh");
-    assert!(ci.contains("./scripts/test.sh"), "CI runs the README's test command");
+    assert!(
+        readme.contains("./scripts/test.sh"),
+        "README's test command"
+    );
+    assert!(
+        test_sh.contains("scripts/setup.sh"),
+        "test.sh runs setup.sh"
+    );
+    assert!(
+        ci.contains("./scripts/test.sh"),
+        "CI runs the README's test command"
+    );
 }
 
 fn inspect(file: &std::path::Path) -> (bool, String) {

@@ -273,9 +273,21 @@ mod tests {
             got,
             vec![
                 ("broken".into(), "http://".into(), None),
-                ("mirrors[0]".into(), "http://10.0.0.1:8030/x".into(), Some("10.0.0.1:8030".into())),
-                ("nested.be".into(), "http://[::1]:8040".into(), Some("[::1]:8040".into())),
-                ("url".into(), "https://hooks.example.com/cdc".into(), Some("hooks.example.com:443".into())),
+                (
+                    "mirrors[0]".into(),
+                    "http://10.0.0.1:8030/x".into(),
+                    Some("10.0.0.1:8030".into())
+                ),
+                (
+                    "nested.be".into(),
+                    "http://[::1]:8040".into(),
+                    Some("[::1]:8040".into())
+                ),
+                (
+                    "url".into(),
+                    "https://hooks.example.com/cdc".into(),
+                    Some("hooks.example.com:443".into())
+                ),
             ]
         );
     }

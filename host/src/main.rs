@@ -145,13 +145,7 @@ fn main() -> ExitCode {
             Command::Run {
                 config,
                 accept_slot_gap,
-            } => {
-                run(
-                    config,
-                    dbmazz::runtime::RunOptions { accept_slot_gap },
-                )
-                .await
-            }
+            } => run(config, dbmazz::runtime::RunOptions { accept_slot_gap }).await,
             Command::Quickstart {
                 sink,
                 seconds,

@@ -109,7 +109,11 @@ impl Collector for PipelineCollector {
             &mut e,
             "dbmazz_source_reconnecting",
             "1 while a lost source connection is being re-established",
-            if s.reconnecting.load(Ordering::Relaxed) { 1.0 } else { 0.0 },
+            if s.reconnecting.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
         )?;
         gauge(
             &mut e,
@@ -355,7 +359,11 @@ fn respond(path: &str, registry: &Registry, stats: &Stats) -> hyper::Response<Fu
                 .ok()
                 .and_then(|e| e.clone())
                 .unwrap_or_default();
-            (503, "text/plain", format!("reconnecting to PostgreSQL: {why}\n"))
+            (
+                503,
+                "text/plain",
+                format!("reconnecting to PostgreSQL: {why}\n"),
+            )
         }
         "/readyz" => (503, "text/plain", "not streaming yet\n".to_string()),
         _ => (

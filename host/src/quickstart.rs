@@ -200,8 +200,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             )
         }
         QuickstartSink::Starrocks => {
-            let sr =
-                starrocks_double::StarRocksDouble::start("root", QUICKSTART_PASSWORD).await?;
+            let sr = starrocks_double::StarRocksDouble::start("root", QUICKSTART_PASSWORD).await?;
             sr.create_table(
                 "shop",
                 "customers",
@@ -260,7 +259,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             cluster.port()
         )
     });
-    bar.suspend(|| println!("the config of this pipeline is printed at the end, to start your own from"));
+    bar.suspend(|| {
+        println!("the config of this pipeline is printed at the end, to start your own from")
+    });
     bar.suspend(|| match &target {
         Target::Webhook(_) => println!("events as the receiver gets them (id = batch:index; shop.audit_log is filtered out, e-mails masked):"),
         Target::StarRocks(_) => println!("loading shop.customers and shop.orders with Stream Load (shop.audit_log is filtered out, e-mails masked; deletes are soft: dbmazz_is_deleted)"),

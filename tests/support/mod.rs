@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -410,6 +412,37 @@ pub struct Plugins {
     pub starrocks: PathBuf,
 }
 
+/// What the tests build, per WebAssembly target. Every target here must be listed in
+/// `scripts/wasm-targets`, which `scripts/setup.sh` (run by the README's test command)
+/// installs; `tests/plugins.rs` checks that it is.
+pub const PLUGIN_BUILDS: &[(&str, &[&str])] = &[
+    (
+        "wasm32-wasip2",
+        &[
+            "transform-filter",
+            "sink-webhook",
+            "fixture-misbehave",
+            "sink-null",
+            "sink-starrocks",
+        ],
+    ),
+    ("wasm32-unknown-unknown", &["sink-null"]),
+];
+
+/// The targets `scripts/setup.sh` installs (`scripts/wasm-targets`, comments left out).
+pub fn setup_wasm_targets() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    std::fs::read_to_string(root.join("scripts/wasm-targets"))
+        .expect("scripts/wasm-targets")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
 pub fn plugins() -> &'static Plugins {
     static PLUGINS: std::sync::OnceLock<Plugins> = std::sync::OnceLock::new();
     PLUGINS.get_or_init(|| {
@@ -418,19 +451,7 @@ pub fn plugins() -> &'static Plugins {
             .unwrap()
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        for (target, pkgs) in [
-            (
-                "wasm32-wasip2",
-                &[
-                    "transform-filter",
-                    "sink-webhook",
-                    "fixture-misbehave",
-                    "sink-null",
-                    "sink-starrocks",
-                ][..],
-            ),
-            ("wasm32-unknown-unknown", &["sink-null"][..]),
-        ] {
+        for &(target, pkgs) in PLUGIN_BUILDS {
             let mut c = Command::new(&cargo);
             c.current_dir(&root)
                 .args(["build", "--release", "--target", target]);
@@ -440,7 +461,7 @@ pub fn plugins() -> &'static Plugins {
             let out = c.output().expect("cargo build of the wasm plugins");
             assert!(
                 out.status.success(),
-                "building plugins for {target}: {}",
+                "building plugins for {target} (run the tests with ./scripts/test.sh, which installs the targets): {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
@@ -718,4 +739,43 @@ pub fn ca_and_server(
         &s(p("server.crt")),
     ]);
     (p("ca.crt"), p("server.crt"), p("server.key"))
+}
+
+impl Pg {
+    /// `pg_ctl ACTION -D data ...` (as `postgres` when root, like [`Pg::start`]); panics
+    /// with pg_ctl's output and the server log when it fails.
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = pg_command("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(args)
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: sessions are terminated with 57P01,
+    /// then a shutdown checkpoint), waiting until it is down.
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "stop"]);
+    }
+
+    /// Starts the server again after [`Pg::stop`] (same data directory, same port),
+    /// waiting until it accepts connections.
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start"]);
+    }
+
+    /// `pg_ctl restart -m fast`, waiting until the server accepts connections again.
+    pub fn restart(&self) {
+        self.pg_ctl(&["-m", "fast", "restart"]);
+    }
 }

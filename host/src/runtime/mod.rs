@@ -98,7 +98,10 @@ impl RunError {
     /// the server's walsender may hold the slot until it notices.
     pub fn is_slot_in_use(&self) -> bool {
         matches!(self, RunError::Source(e) if e.sqlstate() == Some("55006"))
-            || matches!(self, RunError::Source(SourceError::Setup(SetupError::SlotInUse { .. })))
+            || matches!(
+                self,
+                RunError::Source(SourceError::Setup(SetupError::SlotInUse { .. }))
+            )
     }
 }
 
@@ -205,8 +208,7 @@ pub async fn run_with(
     let pending = store.pending_intents(cp.last_batch_id)?;
     store.forget_intents_through(cp.last_batch_id)?;
     let new_slot = outcome.slot == SlotState::Missing;
-    if new_slot && (cp.last_batch_id != 0 || !cp.confirmed_lsn.is_zero() || !pending.is_empty())
-    {
+    if new_slot && (cp.last_batch_id != 0 || !cp.confirmed_lsn.is_zero() || !pending.is_empty()) {
         return Err(SetupError::SlotLost {
             slot: cfg.source.slot.clone(),
             confirmed: cp.confirmed_lsn.to_string(),

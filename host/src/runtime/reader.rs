@@ -321,7 +321,6 @@ impl Reader {
     }
 }
 
-
 enum Wake {
     Status,
     /// Nothing heard from the server for half (then all) of the receive timeout.
@@ -332,4 +331,3 @@ enum Wake {
     /// Caught up with the server while delivery is idle.
     CaughtUp,
 }
-

@@ -119,7 +119,10 @@ impl Sessions<'_> {
             attempts += 1;
             let r = &self.cfg.source.reconnect;
             if r.max_attempts > 0 && attempts > r.max_attempts {
-                error!(attempts = r.max_attempts, "giving up reconnecting (source.reconnect.max_attempts)");
+                error!(
+                    attempts = r.max_attempts,
+                    "giving up reconnecting (source.reconnect.max_attempts)"
+                );
                 return Err(e);
             }
             self.stats.streaming.store(false, Ordering::Relaxed);
@@ -191,12 +194,13 @@ impl Sessions<'_> {
         let sql = self.conn.connect_sql().await?;
         let mut cp = self.store.checkpoint()?;
         if reconnect {
-            let health = setup::slot_health(&sql, slot)
-                .await?
-                .ok_or_else(|| SetupError::SlotLost {
-                    slot: slot.clone(),
-                    confirmed: cp.confirmed_lsn.to_string(),
-                })?;
+            let health =
+                setup::slot_health(&sql, slot)
+                    .await?
+                    .ok_or_else(|| SetupError::SlotLost {
+                        slot: slot.clone(),
+                        confirmed: cp.confirmed_lsn.to_string(),
+                    })?;
             let published = super::published_tables(&sql, &cfg.source.publication).await?;
             if let Some(tables) =
                 check_slot(cfg, self.opts, &self.store, &mut cp, &health, &published)?
@@ -459,8 +463,12 @@ fn spawn_health_poller(
             record_health(&stats, &health);
             if health.wal_status != last {
                 match health.wal_status.as_deref() {
-                    Some("unreserved") => warn!(slot = %slot, retained_bytes = health.retained_bytes, "the slot's WAL is unreserved: PostgreSQL may remove WAL it needs at the next checkpoint (max_slot_wal_keep_size); the slot is then lost"),
-                    Some("lost") => error!(slot = %slot, "the slot was invalidated (wal_status = lost, max_slot_wal_keep_size exceeded)"),
+                    Some("unreserved") => {
+                        warn!(slot = %slot, retained_bytes = health.retained_bytes, "the slot's WAL is unreserved: PostgreSQL may remove WAL it needs at the next checkpoint (max_slot_wal_keep_size); the slot is then lost")
+                    }
+                    Some("lost") => {
+                        error!(slot = %slot, "the slot was invalidated (wal_status = lost, max_slot_wal_keep_size exceeded)")
+                    }
                     _ => {}
                 }
                 last = health.wal_status.clone();

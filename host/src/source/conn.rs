@@ -11,9 +11,9 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -144,7 +144,10 @@ impl ConnectionConfig {
             pg.dbname(&user);
         }
         pg.application_name("dbmazz");
-        let connect_timeout = pg.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         pg.connect_timeout(connect_timeout);
         pg.keepalives(true);
         pg.keepalives_idle(KEEPALIVE_IDLE);

@@ -141,9 +141,7 @@ impl SourceError {
     /// for what needs an operator: credentials, configuration, setup, protocol errors.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            SourceError::Connect { .. } | SourceError::Io(_) | SourceError::Timeout { .. } => {
-                true
-            }
+            SourceError::Connect { .. } | SourceError::Io(_) | SourceError::Timeout { .. } => true,
             SourceError::Server(e) => connection_sqlstate(&e.code),
             SourceError::Sql(e) => {
                 e.is_closed()
