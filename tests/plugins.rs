@@ -250,7 +250,7 @@ async fn misbehaving_plugins_are_contained() {
         .unwrap();
     let rx = Receiver::start(&[]).await;
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nlimits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2 }}\n\n{}",
+        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nlimits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2, on_fault = \"dead_letter\" }}\n\n{}",
         p.misbehave.display().to_string(),
         webhook_sink(&rx.url(), &rx.addr.to_string(), "")
     );

@@ -154,6 +154,7 @@ fn main() {
             memory_bytes: 512 << 20,
             call_timeout_ms: 60_000,
             max_output_bytes: 1 << 30,
+            ..Limits::default()
         },
     };
     let per = |d: std::time::Duration| d.as_nanos() as f64 / CHANGES as f64;

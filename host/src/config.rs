@@ -58,7 +58,7 @@
 //! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
 //! (`{ "host:port" = "Bearer ..." }`, added by the host, never shown to the plugin or
 //! logged), `kv` (bool). Per-stage `limits`: `memory_mb` (64), `call_timeout_ms` (5000),
-//! `max_output_mb` (64), `max_attempts` (3).
+//! `max_output_mb` (64), `max_attempts` (3), `on_fault` (`stop` | `dead_letter`).
 //!
 //! Environment overrides, applied after the file: `DBMAZZ_<SECTION>__<KEY>` (for
 //! example `DBMAZZ_PIPELINE__FLUSH_SIZE=5000`; values parse as TOML, else as a string),
@@ -375,15 +375,35 @@ pub struct LimitsConfig {
     /// Linear memory cap, MiB.
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
-    /// Wall-clock deadline per call, ms.
+    /// Wall-clock deadline per call, ms. Guest code past it traps (a plugin fault); a
+    /// call still blocked in the host at the deadline (an HTTP request through
+    /// wasi:http) is abandoned as a transient failure and retried, and outgoing HTTP
+    /// requests get it as their connect, first-byte and between-bytes timeouts.
     #[serde(default = "default_call_timeout")]
     pub call_timeout_ms: u64,
     /// Cap on what a call hands back to the host (results, logs), MiB.
     #[serde(default = "default_max_output_mb")]
     pub max_output_mb: u64,
-    /// Attempts per batch on fresh instances after a trap, before dead-lettering.
+    /// Attempts per batch on fresh instances after a plugin fault (trap, guest code past
+    /// the deadline, out of memory, a transform's error), before `on_fault` applies.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// What a batch that faulted `max_attempts` times does: `stop` the pipeline with the
+    /// error (default: nothing leaves the stream without an explicit choice), or
+    /// `dead_letter` its changes and go on.
+    #[serde(default)]
+    pub on_fault: OnFault,
+}
+
+/// `limits.on_fault`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFault {
+    /// Stop the pipeline with the plugin's error; nothing is confirmed past the batch.
+    #[default]
+    Stop,
+    /// Store the batch's changes in the dead-letter store and acknowledge it.
+    DeadLetter,
 }
 
 impl Default for LimitsConfig {
@@ -393,6 +413,7 @@ impl Default for LimitsConfig {
             call_timeout_ms: default_call_timeout(),
             max_output_mb: default_max_output_mb(),
             max_attempts: default_max_attempts(),
+            on_fault: OnFault::default(),
         }
     }
 }

@@ -512,12 +512,14 @@ impl Received {
 }
 
 /// A real HTTP server on 127.0.0.1 that records every request and answers with the
-/// next scripted status (200 once the script is used up).
+/// next scripted status (200 once the script is used up), after `delay` (a slow
+/// receiver; a request whose sender gave up before the answer is not recorded).
 #[derive(Clone)]
 pub struct Receiver {
     pub addr: std::net::SocketAddr,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     pub script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u16>>>,
+    pub delay: std::sync::Arc<std::sync::Mutex<Duration>>,
 }
 
 impl Receiver {
@@ -528,6 +530,7 @@ impl Receiver {
             addr: listener.local_addr().unwrap(),
             requests: Default::default(),
             script: std::sync::Arc::new(std::sync::Mutex::new(script.iter().copied().collect())),
+            delay: Default::default(),
         };
         let rec = r.clone();
         tokio::spawn(async move {
@@ -573,6 +576,10 @@ impl Receiver {
                                 } else {
                                     raw.clone()
                                 };
+                                let delay = *rec.delay.lock().unwrap();
+                                if !delay.is_zero() {
+                                    tokio::time::sleep(delay).await;
+                                }
                                 let status = rec.script.lock().unwrap().pop_front().unwrap_or(200);
                                 rec.requests.lock().unwrap().push(Received {
                                     method: parts.method.to_string(),
@@ -604,6 +611,11 @@ impl Receiver {
 
     pub fn url(&self) -> String {
         format!("http://{}/events", self.addr)
+    }
+
+    /// Answers every request after `d` from now on (zero: at once).
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
     }
 
     pub fn received(&self) -> Vec<Received> {

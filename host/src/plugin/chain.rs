@@ -4,12 +4,16 @@
 //! Per batch: convert it to WIT values once; pass it through each transform (keep-all,
 //! keep these indices, or replace); apply pending schema changes at the sink; write it.
 //!
-//! Failure handling:
-//! - a trap, deadline or out-of-memory drops the instance; the batch is retried on a fresh
-//!   instance up to `max_attempts` times with exponential backoff; then the batch's
-//!   changes go to the dead-letter store with the plugin's name and the cause, and the
-//!   pipeline goes on (the batch counts as acknowledged);
-//! - a transform that returns an error is treated the same way;
+//! Failure handling, one rule per class:
+//! - *plugin fault*: a trap, guest code past its deadline or out of memory drops the
+//!   instance; the batch is retried on a fresh instance up to `max_attempts` times with
+//!   exponential backoff; then, by `limits.on_fault`, the pipeline stops with the error
+//!   (`stop`, the default: nothing is confirmed past the batch) or the batch's changes go
+//!   to the dead-letter store with the plugin's name and the cause and the pipeline goes
+//!   on (`dead_letter`). A transform that returns an error is treated the same way;
+//! - *transient*: a call still blocked in the host at its deadline (an HTTP request to a
+//!   hung receiver) is abandoned and returned to delivery as retryable, like a sink's
+//!   `retryable` error: retried with backoff for as long as it takes, never dead-lettered;
 //! - a sink's `retryable` error is returned to delivery, which retries with backoff (after
 //!   `retry-after-ms` when given) for as long as it takes: a sink that is down pauses the
 //!   pipeline, it does not lose data;
@@ -36,8 +40,11 @@ pub struct PluginChain {
     sink: Stage,
     store: Arc<Store>,
     stats: Arc<Stats>,
-    /// Attempts per batch on fresh instances before dead-lettering.
+    /// Attempts per batch on fresh instances after a plugin fault, before `on_fault`.
     pub max_attempts: u32,
+    /// What a batch that faulted `max_attempts` times does when the faulting stage is
+    /// unknown (each stage's own `limits.on_fault` applies otherwise).
+    pub on_fault: crate::config::OnFault,
     /// First retry delay after a trap (doubles).
     pub retry_backoff: Duration,
     reloads: Option<tokio::sync::mpsc::UnboundedReceiver<super::reload::Reload>>,
@@ -96,8 +103,8 @@ pub fn change_json(batch: &wit::Batch, c: &wit::Change) -> Json {
 enum Failure {
     /// Give up on the batch: dead-letter all of it with this reason.
     DeadLetter(String),
-    /// Worth another attempt (a transform returned an error).
-    Retry(String),
+    /// Worth another attempt (the transform named first returned an error).
+    Retry(Arc<str>, String),
     /// Some changes were dead-lettered (already stored); the rest was written.
     Partial,
     /// Return to delivery.
@@ -211,6 +218,7 @@ impl PluginChain {
             store,
             stats,
             max_attempts: 3,
+            on_fault: crate::config::OnFault::Stop,
             retry_backoff: Duration::from_millis(100),
             reloads: None,
             current: None,
@@ -222,11 +230,18 @@ impl PluginChain {
     ///
     /// # Errors
     /// The first stage that fails.
+    ///
+    /// A sink whose `init` is still blocked in the host at its deadline (its target
+    /// hangs) is not an error here: it is started again at the first batch, which is
+    /// retried until it can be.
     pub async fn start(&mut self) -> Result<(), CallError> {
         for t in &mut self.transforms {
             t.start().await?;
         }
-        self.sink.start().await
+        match self.sink.start().await {
+            Err(CallError::Timeout { .. }) => Ok(()),
+            r => r,
+        }
     }
 
     /// The sink stage.
@@ -303,10 +318,10 @@ impl PluginChain {
                     });
                 }
                 Err(message) => {
-                    return Ok(Err(Failure::Retry(format!(
-                        "transform {} failed: {message}",
-                        t.name()
-                    ))))
+                    return Ok(Err(Failure::Retry(
+                        t.name().clone(),
+                        format!("transform {} failed: {message}", t.name()),
+                    )))
                 }
             }
         }
@@ -424,6 +439,7 @@ impl Sink for PluginChain {
                 .unwrap_or_default()
         };
         let mut backoff = self.retry_backoff;
+        let mut faulted: Option<Arc<str>>;
         for attempt in 1..=self.max_attempts {
             let reason = match self.run_once(batch).await {
                 Ok(Ok(())) | Ok(Err(Failure::Partial)) => return Ok(()),
@@ -438,12 +454,48 @@ impl Sink for PluginChain {
                         retry_after: None,
                     })
                 }
-                Ok(Err(Failure::Retry(reason))) => reason,
-                Err(e) => e.to_string(),
+                Err(e @ CallError::Timeout { .. }) => {
+                    return Err(SinkError {
+                        message: e.to_string(),
+                        retryable: true,
+                        retry_after: None,
+                    })
+                }
+                Ok(Err(Failure::Retry(stage, reason))) => {
+                    faulted = Some(stage);
+                    reason
+                }
+                Err(e) => {
+                    faulted = match &e {
+                        CallError::Trap { plugin, .. }
+                        | CallError::OutputTooLarge { plugin, .. } => Some(plugin.clone()),
+                        _ => None,
+                    };
+                    e.to_string()
+                }
             };
             tracing::warn!(batch = batch.id, attempt, max_attempts = self.max_attempts, error = %reason, "plugin call failed");
             if attempt == self.max_attempts {
-                return self.store_letters(everything(&reason));
+                let policy = faulted
+                    .and_then(|name| {
+                        self.transforms
+                            .iter()
+                            .chain(std::iter::once(&self.sink))
+                            .find(|s| *s.name() == name)
+                            .map(Stage::on_fault)
+                    })
+                    .unwrap_or(self.on_fault);
+                return match policy {
+                    crate::config::OnFault::DeadLetter => self.store_letters(everything(&reason)),
+                    crate::config::OnFault::Stop => Err(SinkError {
+                        message: format!(
+                            "{reason} ({} attempts on fresh instances); stopping with batch {} unconfirmed (limits.on_fault = \"stop\"): fix or replace the plugin and restart, or set limits.on_fault = \"dead_letter\" to set such batches aside",
+                            self.max_attempts, batch.id
+                        ),
+                        retryable: false,
+                        retry_after: None,
+                    }),
+                };
             }
             tokio::time::sleep(backoff).await;
             backoff *= 2;

@@ -26,6 +26,16 @@ pub enum CallError {
         /// What happened (`trapped: ...`, `exceeded its 5000 ms deadline`, `ran out of memory (cap 64 MiB)`).
         cause: String,
     },
+    /// The call was still blocked in the host (an outgoing HTTP request) at the deadline:
+    /// abandoned, the instance dropped. Transient: the batch is retried, not counted as a
+    /// plugin fault.
+    #[error("plugin {plugin} did not return within its {ms} ms deadline (blocked in a host call, e.g. an HTTP request)")]
+    Timeout {
+        /// The plugin.
+        plugin: Arc<str>,
+        /// `limits.call_timeout_ms`.
+        ms: u64,
+    },
     /// `init` refused the configuration.
     #[error("plugin {plugin} refused its configuration: {message}")]
     Init {
@@ -157,6 +167,11 @@ impl Stage {
         &self.spec.plugin.name
     }
 
+    /// `limits.on_fault` of this stage.
+    pub fn on_fault(&self) -> crate::config::OnFault {
+        self.spec.limits.on_fault
+    }
+
     /// The plugin's metrics.
     pub fn metrics(&self) -> &Arc<PluginMetrics> {
         &self.metrics
@@ -164,6 +179,36 @@ impl Stage {
 
     fn deadline_ticks(&self) -> u64 {
         self.spec.limits.call_timeout_ms / EPOCH_TICK.as_millis() as u64 + 1
+    }
+
+    /// The wall-clock bound of one call (`limits.call_timeout_ms`).
+    fn deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.spec.limits.call_timeout_ms)
+    }
+
+    /// A call abandoned at its deadline while blocked in the host (guest code past the
+    /// deadline traps through the epoch instead, inside the poll): the instance is
+    /// dropped; the failure is transient.
+    fn timed_out(&mut self) -> CallError {
+        self.live = None;
+        let err = CallError::Timeout {
+            plugin: self.spec.plugin.name.clone(),
+            ms: self.spec.limits.call_timeout_ms,
+        };
+        self.metrics.fail("host_timeout", err.to_string());
+        tracing::warn!(plugin = %self.spec.plugin.name, error = %err, "plugin call abandoned");
+        err
+    }
+
+    /// `init`, bounded like every call.
+    async fn init_timed<T>(
+        &mut self,
+        call: impl std::future::Future<Output = T>,
+    ) -> Result<T, CallError> {
+        match tokio::time::timeout(self.deadline(), call).await {
+            Ok(r) => Ok(r),
+            Err(_) => Err(self.timed_out()),
+        }
     }
 
     fn trap(&mut self, e: wasmtime::Error) -> CallError {
@@ -210,7 +255,7 @@ impl Stage {
                     Ok(i) => i,
                     Err(e) => return Err(self.trap(e)),
                 };
-                match inst.call_init(&mut store, &config).await {
+                match self.init_timed(inst.call_init(&mut store, &config)).await? {
                     Ok(Ok(info)) => self.sink_info = Some(info),
                     Ok(Err(message)) => {
                         self.metrics.error("init");
@@ -225,7 +270,7 @@ impl Stage {
                     Ok(i) => i,
                     Err(e) => return Err(self.trap(e)),
                 };
-                match inst.call_init(&mut store, &config).await {
+                match self.init_timed(inst.call_init(&mut store, &config)).await? {
                     Ok(Ok(info)) => self.transform_info = Some(info),
                     Ok(Err(message)) => {
                         self.metrics.error("init");
@@ -268,12 +313,16 @@ impl Stage {
     ) -> Result<Result<(), sink_world::SinkError>, CallError> {
         self.ensure().await?;
         self.arm()?;
+        let deadline = self.deadline();
         let Some((store, Live::Sink(inst))) = &mut self.live else {
             unreachable!("ensure made a sink instance")
         };
         let started = Instant::now();
-        let r = inst.call_write(&mut *store, batch).await;
+        let r = tokio::time::timeout(deadline, inst.call_write(&mut *store, batch)).await;
         self.metrics.observe_call(started.elapsed());
+        let Ok(r) = r else {
+            return Err(self.timed_out());
+        };
         match r {
             Ok(r) => {
                 self.count_sink_error(&r);
@@ -302,12 +351,16 @@ impl Stage {
     ) -> Result<Result<(), sink_world::SinkError>, CallError> {
         self.ensure().await?;
         self.arm()?;
+        let deadline = self.deadline();
         let Some((store, Live::Sink(inst))) = &mut self.live else {
             unreachable!("ensure made a sink instance")
         };
         let started = Instant::now();
-        let r = inst.call_write_encoded(&mut *store, batch).await;
+        let r = tokio::time::timeout(deadline, inst.call_write_encoded(&mut *store, batch)).await;
         self.metrics.observe_call(started.elapsed());
+        let Ok(r) = r else {
+            return Err(self.timed_out());
+        };
         match r {
             Ok(r) => {
                 self.count_sink_error(&r);
@@ -327,12 +380,16 @@ impl Stage {
     ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
         self.ensure().await?;
         self.arm()?;
+        let deadline = self.deadline();
         let Some((store, Live::Transform(inst))) = &mut self.live else {
             unreachable!("ensure made a transform instance")
         };
         let started = Instant::now();
-        let r = inst.call_process_encoded(&mut *store, batch).await;
+        let r = tokio::time::timeout(deadline, inst.call_process_encoded(&mut *store, batch)).await;
         self.metrics.observe_call(started.elapsed());
+        let Ok(r) = r else {
+            return Err(self.timed_out());
+        };
         let r = match r {
             Ok(r) => r,
             Err(e) => return Err(self.trap(e)),
@@ -354,12 +411,17 @@ impl Stage {
     ) -> Result<Result<(), sink_world::SinkError>, CallError> {
         self.ensure().await?;
         self.arm()?;
+        let deadline = self.deadline();
         let Some((store, Live::Sink(inst))) = &mut self.live else {
             unreachable!("ensure made a sink instance")
         };
         let started = Instant::now();
-        let r = inst.call_apply_schema_change(&mut *store, change).await;
+        let r = tokio::time::timeout(deadline, inst.call_apply_schema_change(&mut *store, change))
+            .await;
         self.metrics.observe_call(started.elapsed());
+        let Ok(r) = r else {
+            return Err(self.timed_out());
+        };
         match r {
             Ok(r) => {
                 self.count_sink_error(&r);
@@ -379,12 +441,16 @@ impl Stage {
     ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
         self.ensure().await?;
         self.arm()?;
+        let deadline = self.deadline();
         let Some((store, Live::Transform(inst))) = &mut self.live else {
             unreachable!("ensure made a transform instance")
         };
         let started = Instant::now();
-        let r = inst.call_process(&mut *store, batch).await;
+        let r = tokio::time::timeout(deadline, inst.call_process(&mut *store, batch)).await;
         self.metrics.observe_call(started.elapsed());
+        let Ok(r) = r else {
+            return Err(self.timed_out());
+        };
         let r = match r {
             Ok(r) => r,
             Err(e) => return Err(self.trap(e)),

@@ -43,11 +43,14 @@ pub struct Limits {
     pub call_timeout_ms: u64,
     /// Cap on bytes a call may hand back to the host (results, logs), bytes.
     pub max_output_bytes: usize,
+    /// What a batch this stage faulted on `max_attempts` times does (`limits.on_fault`).
+    pub on_fault: crate::config::OnFault,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            on_fault: crate::config::OnFault::Stop,
             memory_bytes: 64 << 20,
             call_timeout_ms: 5_000,
             max_output_bytes: 64 << 20,
@@ -95,6 +98,7 @@ impl PluginState {
                 plugin: name.clone(),
                 allow: grants.http.clone(),
                 auth: grants.http_auth.clone(),
+                timeout: std::time::Duration::from_millis(limits.call_timeout_ms),
             },
             name,
             wasi,
@@ -145,6 +149,9 @@ pub struct AllowListHooks {
     plugin: Arc<str>,
     allow: Vec<String>,
     auth: HashMap<String, String>,
+    /// Bound on connecting, the first byte and each gap between bytes of a response
+    /// (the stage's `call_timeout_ms`; a guest may ask for less, never for more).
+    timeout: std::time::Duration,
 }
 
 /// The `host:port` an outgoing request goes to, as allow-lists name it (the scheme's
@@ -195,6 +202,22 @@ impl WasiHttpHooks for AllowListHooks {
             }
         }
         _ = fut;
+        // wasi:http's own defaults are 600 s: a hung receiver would block the call (and
+        // delivery) far past the stage's deadline.
+        let cap =
+            |t: Option<std::time::Duration>| Some(t.map_or(self.timeout, |t| t.min(self.timeout)));
+        let options = Some(match options {
+            Some(o) => wasmtime_wasi_http::RequestOptions {
+                connect_timeout: cap(o.connect_timeout),
+                first_byte_timeout: cap(o.first_byte_timeout),
+                between_bytes_timeout: cap(o.between_bytes_timeout),
+            },
+            None => wasmtime_wasi_http::RequestOptions {
+                connect_timeout: cap(None),
+                first_byte_timeout: cap(None),
+                between_bytes_timeout: cap(None),
+            },
+        });
         Box::new(async move {
             use http_body_util::BodyExt;
             let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;

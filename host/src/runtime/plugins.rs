@@ -179,6 +179,7 @@ fn stage_spec(
             memory_bytes: (cfg.limits.memory_mb as usize) << 20,
             call_timeout_ms: cfg.limits.call_timeout_ms,
             max_output_bytes: (cfg.limits.max_output_mb as usize) << 20,
+            on_fault: cfg.limits.on_fault,
         },
     }
 }

@@ -1,0 +1,197 @@
+//! Sink and plugin faults end to end (the real binary, sink-webhook and the misbehaving
+//! fixture built from source, a real HTTP receiver): a slow or hung sink pauses the
+//! pipeline and loses nothing; a plugin fault stops the pipeline unless the operator chose
+//! `limits.on_fault = "dead_letter"`.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use support::proxy::FaultProxy;
+use support::{eventually, plugins, Pg, Pipeline, Receiver};
+
+const T: Duration = Duration::from_secs(120);
+
+/// The ids of every row the receiver answered 2xx for.
+fn delivered(rx: &Receiver) -> BTreeSet<i64> {
+    rx.events()
+        .iter()
+        .filter_map(|e| e["data"]["after"]["id"].as_i64())
+        .collect()
+}
+
+/// Changes left in the slot (not confirmed).
+async fn unconfirmed(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A receiver slower than the call deadline, then one that accepts connections and never
+/// answers (a blackhole): the batch is retried (never dead-lettered), the pipeline waits
+/// behind it, and every change arrives once the receiver is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_or_hung_sink_pauses_the_pipeline_and_loses_nothing() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let proxy = FaultProxy::start(rx.addr.port());
+    let hook = format!("127.0.0.1:{}", proxy.port());
+    // sink-webhook's own timeout (10 s) is longer than the deadline: the host bounds it
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 20\n\n[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ call_timeout_ms = 1000, max_attempts = 2 }}\n",
+        plugins().webhook.display().to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let insert = |from: i32, to: i32| {
+        let db = &db;
+        async move {
+            for id in from..=to {
+                db.execute("INSERT INTO t VALUES ($1, 'x')", &[&id])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+
+    // 1. answers after 2.5x the deadline, for 6 s
+    rx.set_delay(Duration::from_millis(2500));
+    insert(1, 5).await;
+    let slow_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < slow_until {
+        assert!(d.child.try_wait().unwrap().is_none(), "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        delivered(&rx).is_empty() || d.log().contains("did not return within its 1000 ms"),
+        "{}",
+        d.log()
+    );
+    rx.set_delay(Duration::ZERO);
+    insert(6, 10).await;
+    eventually(
+        T,
+        "ids 1..=10 after the slow period",
+        || d.log(),
+        || delivered(&rx) == (1..=10).collect(),
+    );
+
+    // 2. accepts and never answers, for 5 s
+    proxy.set_blackhole(true);
+    insert(11, 15).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(d.child.try_wait().unwrap().is_none(), "{}", d.log());
+    assert!(
+        !delivered(&rx).contains(&11),
+        "nothing gets through a blackhole"
+    );
+    proxy.set_blackhole(false);
+    insert(16, 20).await;
+    eventually(
+        T,
+        "ids 1..=20 after the blackhole",
+        || d.log(),
+        || delivered(&rx) == (1..=20).collect(),
+    );
+
+    let log = d.log();
+    assert!(
+        log.contains("did not return within its 1000 ms deadline"),
+        "{log}"
+    );
+    assert!(log.contains("sink write failed; retrying"), "{log}");
+    assert!(
+        !log.contains("dead-letter store"),
+        "a transient failure is never dead-lettered: {log}"
+    );
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    assert!(pipe.dead_letters().is_empty());
+    assert_eq!(
+        unconfirmed(&db).await,
+        0,
+        "everything confirmed after the drain"
+    );
+}
+
+/// A plugin that traps on every call: by default the pipeline stops with the trap and
+/// confirms nothing past the batch; with `on_fault = "dead_letter"` the batch is set
+/// aside and the pipeline goes on (see also `tests/plugins.rs::misbehaving_plugins_are_contained`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_fault_stops_the_pipeline_unless_dead_letter_is_chosen() {
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = |on_fault: &str| {
+        format!(
+            "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nlimits = {{ call_timeout_ms = 1000, max_attempts = 2{on_fault} }}\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+            p.misbehave.display().to_string(),
+            p.webhook.display().to_string(),
+            rx.url(),
+            rx.addr.to_string()
+        )
+    };
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml(""));
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.execute("INSERT INTO t VALUES (1, 'fine')", &[])
+        .await
+        .unwrap();
+    eventually(T, "id 1", || d.log(), || delivered(&rx).contains(&1));
+    db.execute("INSERT INTO t VALUES (2, 'trap')", &[])
+        .await
+        .unwrap();
+    let status = d.wait(T).unwrap_or_else(|| panic!("stops: {}", d.log()));
+    assert!(!status.success());
+    let log = d.log();
+    assert!(log.contains("trapped"), "{log}");
+    assert!(log.contains("limits.on_fault"), "{log}");
+    assert!(pipe.dead_letters().is_empty(), "nothing set aside silently");
+    assert!(
+        unconfirmed(&db).await >= 3,
+        "begin, insert, commit of id 2 stay in the slot"
+    );
+
+    // The operator chooses to set such batches aside: the same change is dead-lettered
+    // and the stream goes on.
+    let cfg = std::fs::read_to_string(&pipe.config).unwrap();
+    std::fs::write(
+        &pipe.config,
+        cfg.replace(
+            "max_attempts = 2 }",
+            "max_attempts = 2, on_fault = \"dead_letter\" }",
+        ),
+    )
+    .unwrap();
+    let mut d = pipe.spawn();
+    db.execute("INSERT INTO t VALUES (3, 'fine')", &[])
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "id 3 after the dead-lettered id 2",
+        || d.log(),
+        || delivered(&rx).contains(&3),
+    );
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    let dead = pipe.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let payload: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(payload["new"]["id"], 2);
+    assert!(!delivered(&rx).contains(&2));
+}
