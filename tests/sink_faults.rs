@@ -195,3 +195,86 @@ async fn a_plugin_fault_stops_the_pipeline_unless_dead_letter_is_chosen() {
     assert_eq!(payload["new"]["id"], 2);
     assert!(!delivered(&rx).contains(&2));
 }
+
+/// A pipeline started over (state.dir removed, slot recreated) counts batch ids from 1
+/// again: its Idempotency-Keys and event ids must still be new, or a receiver that
+/// deduplicates on them (as the webhook docs suggest) drops new data.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_started_over_never_reuses_idempotency_keys_or_event_ids() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 20\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+        plugins().webhook.display().to_string(),
+        rx.url(),
+        rx.addr.to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+    let keys = |rx: &Receiver| -> BTreeSet<String> {
+        rx.received()
+            .iter()
+            .filter_map(|r| r.header("idempotency-key").map(str::to_string))
+            .collect()
+    };
+    let event_ids = |rx: &Receiver| -> BTreeSet<String> {
+        rx.events()
+            .iter()
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect()
+    };
+
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.execute("INSERT INTO t VALUES (1, 'first life')", &[])
+        .await
+        .unwrap();
+    eventually(T, "id 1", || d.log(), || delivered(&rx).contains(&1));
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    let (keys_before, ids_before) = (keys(&rx), event_ids(&rx));
+    let requests_before = rx.received().len();
+
+    // start over: new state, new slot (the table is snapshotted again)
+    std::fs::remove_dir_all(pipe.dir.path().join("state")).unwrap();
+    db.batch_execute("SELECT pg_drop_replication_slot('dbmazz_slot')")
+        .await
+        .unwrap();
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.execute("INSERT INTO t VALUES (2, 'second life')", &[])
+        .await
+        .unwrap();
+    eventually(T, "id 2", || d.log(), || delivered(&rx).contains(&2));
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+
+    let keys_after: BTreeSet<String> = keys(&rx).difference(&keys_before).cloned().collect();
+    let ids_after: BTreeSet<String> = event_ids(&rx).difference(&ids_before).cloned().collect();
+    // the batch numbers did start over (so without the pipeline id they would collide) ...
+    let batch_of = |k: &String| k.rsplit('-').next().unwrap().to_string();
+    let batches_before: BTreeSet<String> = keys_before.iter().map(batch_of).collect();
+    assert!(
+        keys_after
+            .iter()
+            .any(|k| batches_before.contains(&batch_of(k))),
+        "batch ids restarted: {keys_before:?} then {keys_after:?}"
+    );
+    // ... but every request of the second life has a key and ids the first never used
+    let second: Vec<_> = rx.received().into_iter().skip(requests_before).collect();
+    assert!(!second.is_empty());
+    for r in &second {
+        let k = r.header("idempotency-key").unwrap().to_string();
+        assert!(!keys_before.contains(&k), "key {k} reused");
+    }
+    assert!(!ids_after.is_empty() && ids_after.is_disjoint(&ids_before));
+    let second_life: Vec<i64> = second
+        .iter()
+        .flat_map(|r| r.json().as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["data"]["after"]["id"].as_i64())
+        .collect();
+    assert!(second_life.contains(&2), "{second_life:?}");
+}

@@ -40,6 +40,7 @@ const CF_SNAPSHOT: &str = "snapshot";
 const KEY_NEXT_CHUNK: &[u8] = b"next_chunk";
 const KEY_CHECKPOINT: &[u8] = b"checkpoint";
 const KEY_IDENTITY: &[u8] = b"identity";
+const KEY_INCARNATION: &[u8] = b"incarnation";
 const FORMAT_VERSION: u8 = 1;
 
 /// Errors of the checkpoint store.
@@ -306,11 +307,30 @@ impl Store {
             }
             None => {
                 let v = format!("{}\0{}", identity.system_id, identity.slot);
+                let mut wb = WriteBatch::default();
+                wb.put_cf(cf, KEY_IDENTITY, v);
+                wb.put_cf(cf, KEY_INCARNATION, format!("{:016x}", fastrand::u64(..)));
                 self.db
-                    .put_cf_opt(cf, KEY_IDENTITY, v, &Self::synced())
+                    .write_opt(wb, &Self::synced())
                     .map_err(|e| self.rocks(e))
             }
         }
+    }
+
+    /// This state directory's incarnation: 16 random hex digits drawn when the store was
+    /// first claimed, so keys derived from batch ids (webhook `Idempotency-Key` and event
+    /// ids, StarRocks labels) differ between a pipeline and the same pipeline started over
+    /// with a new `state.dir` (whose batch ids start at 1 again). `None` for a store made
+    /// by a dbmazz that did not draw one (keys stay as they were).
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn incarnation(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_POSITIONS), KEY_INCARNATION)
+            .map_err(|e| self.rocks(e))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// The stored checkpoint (all zero for a new store).

@@ -16,6 +16,21 @@
 //!
 //! Relation messages inside a stream are applied to the schema cache when the
 //! transaction is replayed, at their place in commit order.
+//!
+//! Replication origins: a transaction that carries a replication origin (the source is
+//! itself a subscriber, or the writing session ran `pg_replication_origin_session_setup`)
+//! comes with an Origin message — right after Begin, or right after the first Stream
+//! Start of a streamed transaction (pgoutput.c, `pgoutput_send_begin` and
+//! `pgoutput_stream_start`; the PostgreSQL docs, "Logical Streaming Replication Protocol"
+//! → "Message Flow", promise it precedes the transaction's first DML message). The
+//! transaction's [`Event::Begin`] carries that origin's name, so Begin is emitted only
+//! once the first change (or the Commit) shows that no Origin can follow. Transactions
+//! from an origin given to [`Assembler::with_skip_origins`] are dropped whole — their
+//! Begin and Commit still go out, with no change or logical message between, so the
+//! commit moves the confirmed position like a transaction with nothing published; their
+//! Relation messages still update the schema cache (and report a [`SchemaChange`]),
+//! because pgoutput does not send a relation's shape again to a subscriber it already
+//! sent it to. A skipped streamed transaction buffers only its Relation frames.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -24,9 +39,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hashbrown::{HashMap, HashSet};
+use tracing::debug;
 
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, LogicalMessage, Message, Oid, ParseError, Xid};
+use crate::source::pgoutput::{self, ByteStr, LogicalMessage, Message, Oid, ParseError, Xid};
 
 use super::change::{Change, Op, Position, SchemaChange};
 use super::schema::{RelationInfo, SchemaCache};
@@ -42,6 +58,11 @@ pub enum Event {
         xid: Xid,
         /// Commit time, µs since the Unix epoch.
         commit_time_us: i64,
+        /// The replication origin the transaction came from (the name in its Origin
+        /// message), `None` for a transaction written without one. When the origin is
+        /// one of [`Assembler::with_skip_origins`], no change or message of the
+        /// transaction follows, only its Commit.
+        origin: Option<ByteStr>,
     },
     /// A relation's shape changed; takes effect before the next change.
     Schema(SchemaChange),
@@ -70,8 +91,9 @@ pub enum Step {
     None,
     /// Events to hand on, in order (see [`Assembler::handle`]'s `out`).
     Emitted,
-    /// A streamed transaction committed: replay it with [`Assembler::replay`].
-    Replay(StreamedTxn),
+    /// A streamed transaction committed: replay it with [`Assembler::replay`]. Boxed:
+    /// it happens once per streamed transaction, and keeps `Step` small.
+    Replay(Box<StreamedTxn>),
 }
 
 /// Errors of transaction assembly.
@@ -107,6 +129,23 @@ struct TxnContext {
     xid: Xid,
     commit_time_us: i64,
     seq: u32,
+    /// The transaction's origin is in `skip_origins`: its changes and logical messages
+    /// are dropped (Relation messages still update the schema cache).
+    skip: bool,
+}
+
+/// The open non-streamed transaction (between Begin and Commit).
+#[derive(Debug)]
+struct OpenTxn {
+    ctx: TxnContext,
+    /// Name of its Origin message, if one came.
+    origin: Option<ByteStr>,
+    /// True once its Begin event was emitted, at the first change or the Commit; an
+    /// Origin message after that is out of order.
+    begun: bool,
+    /// Events (schema changes, logical messages) that came before the first change,
+    /// emitted right after the Begin event.
+    held: Vec<Event>,
 }
 
 #[derive(Debug)]
@@ -115,6 +154,10 @@ struct StreamBuffer {
     mem_bytes: usize,
     spill: Option<(PathBuf, BufWriter<File>)>,
     aborted_subxids: HashSet<Xid>,
+    /// Name of the Origin message sent in the transaction's first stream block.
+    origin: Option<ByteStr>,
+    /// The origin is in `skip_origins`: only Relation frames are buffered from now on.
+    skip: bool,
 }
 
 /// A committed streamed transaction, ready to replay: its frames from the spill file
@@ -122,6 +165,7 @@ struct StreamBuffer {
 #[derive(Debug)]
 pub struct StreamedTxn {
     ctx: TxnContext,
+    origin: Option<ByteStr>,
     end_lsn: Lsn,
     frames: std::vec::IntoIter<(Lsn, Bytes)>,
     spill: Option<(PathBuf, BufReader<File>)>,
@@ -133,6 +177,7 @@ pub struct StreamedTxn {
 impl StreamedTxn {
     fn new(
         ctx: TxnContext,
+        origin: Option<ByteStr>,
         end_lsn: Lsn,
         frames: Vec<(Lsn, Bytes)>,
         spill: Option<(PathBuf, BufReader<File>)>,
@@ -140,6 +185,7 @@ impl StreamedTxn {
     ) -> Self {
         StreamedTxn {
             ctx,
+            origin,
             end_lsn,
             frames: frames.into_iter(),
             spill,
@@ -157,6 +203,17 @@ impl StreamedTxn {
     /// True when part of the transaction was spilled to disk.
     pub fn spilled(&self) -> bool {
         self.spill.is_some()
+    }
+
+    /// The replication origin the transaction came from, if it carried one.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
+    /// True when its origin is one of [`Assembler::with_skip_origins`]: the replay emits
+    /// its Begin, schema changes and Commit, and none of its changes.
+    pub fn skipped(&self) -> bool {
+        self.ctx.skip
     }
 
     fn next_frame(&mut self) -> Result<Option<(Lsn, Bytes)>, AssembleError> {
@@ -215,11 +272,40 @@ fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     Ok(true)
 }
 
+impl OpenTxn {
+    /// Emits the transaction's Begin, then the events held before its first change (only
+    /// the schema changes, when it is skipped).
+    fn emit_begin(&mut self, out: &mut Vec<Event>) {
+        self.begun = true;
+        out.push(Event::Begin {
+            commit_lsn: self.ctx.commit_lsn,
+            xid: self.ctx.xid,
+            commit_time_us: self.ctx.commit_time_us,
+            origin: self.origin.clone(),
+        });
+        let skip = self.ctx.skip;
+        out.extend(
+            self.held
+                .drain(..)
+                .filter(|e| !skip || matches!(e, Event::Schema(_))),
+        );
+    }
+}
+
+/// True for the DML messages (Insert, Update, Delete, Truncate): the ones an Origin
+/// message must precede.
+fn is_change(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_)
+    )
+}
+
 /// Turns pgoutput messages into commit-ordered [`Event`]s.
 #[derive(Debug)]
 pub struct Assembler {
     schema: SchemaCache,
-    txn: Option<TxnContext>,
+    txn: Option<OpenTxn>,
     in_stream: Option<Xid>,
     streams: HashMap<Xid, StreamBuffer>,
     spill_dir: PathBuf,
@@ -228,6 +314,10 @@ pub struct Assembler {
     buffered_bytes: usize,
     /// Files spilled since start.
     spill_files: u64,
+    /// Replication origins whose transactions are dropped (`source.skip_origins`).
+    skip_origins: HashSet<String>,
+    /// Transactions dropped for their origin since start.
+    skipped_txns: u64,
 }
 
 impl Assembler {
@@ -253,7 +343,27 @@ impl Assembler {
             spill_threshold,
             buffered_bytes: 0,
             spill_files: 0,
+            skip_origins: HashSet::new(),
+            skipped_txns: 0,
         })
+    }
+
+    /// Drops every transaction whose replication origin (the name in its Origin message,
+    /// as created with `pg_replication_origin_create` or by a subscription, `pg_<oid>`)
+    /// is one of `names`: no change or logical message of it is emitted, but its Begin
+    /// and Commit are, so its commit still moves the confirmed position. The option
+    /// `source.skip_origins`; it breaks bidirectional-replication loops. Empty (the
+    /// default): nothing is skipped.
+    #[must_use]
+    pub fn with_skip_origins(mut self, names: Vec<String>) -> Self {
+        self.skip_origins = names.into_iter().collect();
+        self
+    }
+
+    /// Number of transactions dropped for their origin since start (streamed ones count
+    /// when their replay ends).
+    pub fn skipped_transactions(&self) -> u64 {
+        self.skipped_txns
     }
 
     /// The schema cache.
@@ -281,8 +391,17 @@ impl Assembler {
     /// Handles one message (the payload of an XLogData frame that started at `lsn`),
     /// appending events to `out`.
     ///
+    /// Where each message is accepted follows PostgreSQL (docs, "Logical Streaming
+    /// Replication Protocol" → "Message Flow", and what pgoutput sends): Begin, Stream
+    /// Start, Stream Commit, Stream Abort and non-transactional logical messages outside
+    /// any transaction; Origin after Begin (before the first change) or in a stream block;
+    /// Relation, Type, Insert, Update, Delete, Truncate and transactional logical messages
+    /// in a transaction or a stream block; Commit after Begin; Stream Stop in a stream
+    /// block. The table in `docs/architecture.md` ("pgoutput messages") lists them.
+    ///
     /// # Errors
-    /// Parse errors, protocol violations, unknown relations, spill I/O.
+    /// Parse errors, protocol violations (a message where PostgreSQL never sends it),
+    /// unknown relations, spill I/O.
     pub fn handle(
         &mut self,
         lsn: Lsn,
@@ -291,56 +410,62 @@ impl Assembler {
     ) -> Result<Step, AssembleError> {
         let msg = pgoutput::parse(data.clone(), self.in_stream.is_some())?;
         if let Some(top) = self.in_stream {
-            match msg {
-                Message::StreamStop => {
-                    self.in_stream = None;
-                    return Ok(Step::None);
-                }
-                Message::Relation(_)
-                | Message::Type(_)
-                | Message::Insert(_)
-                | Message::Update(_)
-                | Message::Delete(_)
-                | Message::Truncate(_)
-                | Message::Message(_) => {
-                    self.buffer(top, lsn, data)?;
-                    return Ok(Step::None);
-                }
-                other => {
-                    return Err(AssembleError::Protocol(format!(
-                        "{} inside a stream block of xid {top}",
-                        pgoutput::KindName(Some(other.kind()))
-                    )))
-                }
-            }
+            return self.in_stream_block(top, lsn, data, msg);
         }
         match msg {
             Message::Begin(b) => {
                 if self.txn.is_some() {
                     return Err(AssembleError::Protocol("Begin inside a transaction".into()));
                 }
-                self.txn = Some(TxnContext {
-                    commit_lsn: b.final_lsn,
-                    xid: b.xid,
-                    commit_time_us: b.commit_time_us,
-                    seq: 0,
+                // Begin is emitted at the first change or the Commit, once no Origin
+                // message can follow it.
+                self.txn = Some(OpenTxn {
+                    ctx: TxnContext {
+                        commit_lsn: b.final_lsn,
+                        xid: b.xid,
+                        commit_time_us: b.commit_time_us,
+                        seq: 0,
+                        skip: false,
+                    },
+                    origin: None,
+                    begun: false,
+                    held: Vec::new(),
                 });
-                out.push(Event::Begin {
-                    commit_lsn: b.final_lsn,
-                    xid: b.xid,
-                    commit_time_us: b.commit_time_us,
-                });
-                Ok(Step::Emitted)
+                Ok(Step::None)
+            }
+            Message::Origin(o) => {
+                let Some(open) = &mut self.txn else {
+                    return Err(AssembleError::Protocol(
+                        "Origin outside a transaction".into(),
+                    ));
+                };
+                if open.begun {
+                    // PostgreSQL's own apply worker refuses this too ("ORIGIN message
+                    // sent out of order", worker.c `apply_handle_origin`).
+                    return Err(AssembleError::Protocol(format!(
+                        "Origin after the first change of transaction xid {}",
+                        open.ctx.xid
+                    )));
+                }
+                open.ctx.skip |= self.skip_origins.contains(o.name.as_str());
+                open.origin = Some(o.name);
+                Ok(Step::None)
             }
             Message::Commit(c) => {
-                let Some(ctx) = self.txn.take() else {
+                let Some(mut open) = self.txn.take() else {
                     return Err(AssembleError::Protocol("Commit without Begin".into()));
                 };
-                if ctx.commit_lsn != c.commit_lsn {
+                if open.ctx.commit_lsn != c.commit_lsn {
                     return Err(AssembleError::Protocol(format!(
                         "Commit LSN {} differs from Begin's final LSN {}",
-                        c.commit_lsn, ctx.commit_lsn
+                        c.commit_lsn, open.ctx.commit_lsn
                     )));
+                }
+                if !open.begun {
+                    open.emit_begin(out);
+                }
+                if open.ctx.skip {
+                    self.skipped(open.ctx.xid, open.origin.as_deref());
                 }
                 out.push(Event::Commit {
                     commit_lsn: c.commit_lsn,
@@ -348,7 +473,6 @@ impl Assembler {
                 });
                 Ok(Step::Emitted)
             }
-            Message::Origin(_) => Ok(Step::None),
             Message::StreamStart(s) => {
                 if self.txn.is_some() {
                     return Err(AssembleError::Protocol(
@@ -361,6 +485,8 @@ impl Assembler {
                     mem_bytes: 0,
                     spill: None,
                     aborted_subxids: HashSet::new(),
+                    origin: None,
+                    skip: false,
                 });
                 Ok(Step::None)
             }
@@ -381,23 +507,26 @@ impl Assembler {
                 Ok(Step::None)
             }
             Message::StreamCommit(c) => {
-                let ctx = TxnContext {
+                let mut ctx = TxnContext {
                     commit_lsn: c.commit_lsn,
                     xid: c.xid,
                     commit_time_us: c.commit_time_us,
                     seq: 0,
+                    skip: false,
                 };
                 // No buffer: all of it was in aborted subtransactions, or none of it was
                 // published. It still commits (and moves the watermark).
                 let Some(mut buf) = self.streams.remove(&c.xid) else {
-                    return Ok(Step::Replay(StreamedTxn::new(
+                    return Ok(Step::Replay(Box::new(StreamedTxn::new(
                         ctx,
+                        None,
                         c.end_lsn,
                         Vec::new(),
                         None,
                         HashSet::new(),
-                    )));
+                    ))));
                 };
+                ctx.skip = buf.skip;
                 self.buffered_bytes -= buf.mem_bytes;
                 let spill = match buf.spill.take() {
                     Some((path, mut w)) => {
@@ -414,12 +543,17 @@ impl Assembler {
                 };
                 let frames = std::mem::take(&mut buf.frames);
                 let aborted = std::mem::take(&mut buf.aborted_subxids);
-                Ok(Step::Replay(StreamedTxn::new(
-                    ctx, c.end_lsn, frames, spill, aborted,
-                )))
+                Ok(Step::Replay(Box::new(StreamedTxn::new(
+                    ctx,
+                    buf.origin.take(),
+                    c.end_lsn,
+                    frames,
+                    spill,
+                    aborted,
+                ))))
             }
             data_msg => {
-                let Some(mut ctx) = self.txn else {
+                let Some(mut open) = self.txn.take() else {
                     if let Message::Message(m) = &data_msg {
                         if !m.transactional {
                             // A non-transactional logical message outside any
@@ -433,8 +567,17 @@ impl Assembler {
                     )));
                 };
                 let n = out.len();
-                self.data(&mut ctx, lsn, data_msg, out)?;
-                self.txn = Some(ctx);
+                let r = if open.begun {
+                    self.data(&mut open.ctx, lsn, data_msg, out)
+                } else if is_change(&data_msg) {
+                    open.emit_begin(out);
+                    self.data(&mut open.ctx, lsn, data_msg, out)
+                } else {
+                    // Before the first change an Origin may still come: hold the events.
+                    self.data(&mut open.ctx, lsn, data_msg, &mut open.held)
+                };
+                self.txn = Some(open);
+                r?;
                 Ok(if out.len() > n {
                     Step::Emitted
                 } else {
@@ -442,6 +585,66 @@ impl Assembler {
                 })
             }
         }
+    }
+
+    /// A message between Stream Start and Stream Stop of top-level transaction `top`.
+    fn in_stream_block(
+        &mut self,
+        top: Xid,
+        lsn: Lsn,
+        data: Bytes,
+        msg: Message,
+    ) -> Result<Step, AssembleError> {
+        match msg {
+            Message::StreamStop => {
+                self.in_stream = None;
+                Ok(Step::None)
+            }
+            Message::Origin(o) => {
+                // pgoutput sends it right after the first Stream Start of a transaction
+                // with an origin (`pgoutput_stream_start`); PostgreSQL's apply worker
+                // accepts it anywhere in a stream block, and so does this.
+                let skip = self.skip_origins.contains(o.name.as_str());
+                let Some(buf) = self.streams.get_mut(&top) else {
+                    return Err(AssembleError::Protocol(format!(
+                        "Origin for xid {top} without Stream Start"
+                    )));
+                };
+                buf.skip |= skip;
+                buf.origin = Some(o.name);
+                Ok(Step::None)
+            }
+            Message::Relation(_) => {
+                self.buffer(top, lsn, data)?;
+                Ok(Step::None)
+            }
+            Message::Type(_)
+            | Message::Insert(_)
+            | Message::Update(_)
+            | Message::Delete(_)
+            | Message::Truncate(_)
+            | Message::Message(_) => {
+                // From an origin being skipped: nothing of it will be emitted, so only
+                // its Relation frames are kept (frames buffered before its Origin are
+                // dropped at replay).
+                if !self.streams.get(&top).is_some_and(|b| b.skip) {
+                    self.buffer(top, lsn, data)?;
+                }
+                Ok(Step::None)
+            }
+            other => Err(AssembleError::Protocol(format!(
+                "{} inside a stream block of xid {top}",
+                pgoutput::KindName(Some(other.kind()))
+            ))),
+        }
+    }
+
+    fn skipped(&mut self, xid: Xid, origin: Option<&str>) {
+        self.skipped_txns += 1;
+        debug!(
+            xid,
+            origin, "skipped a transaction from a replication origin in source.skip_origins"
+        );
     }
 
     /// Emits the next events of a committed streamed transaction into `out`: Begin
@@ -464,10 +667,15 @@ impl Assembler {
                 commit_lsn: txn.ctx.commit_lsn,
                 xid: txn.ctx.xid,
                 commit_time_us: txn.ctx.commit_time_us,
+                origin: txn.origin.clone(),
             });
         }
         while out.len() < 64 {
             let Some((lsn, data)) = txn.next_frame()? else {
+                if txn.ctx.skip {
+                    let origin = txn.origin.clone();
+                    self.skipped(txn.ctx.xid, origin.as_deref());
+                }
                 out.push(Event::Commit {
                     commit_lsn: txn.ctx.commit_lsn,
                     end_lsn: txn.end_lsn,
@@ -575,13 +783,17 @@ impl Assembler {
             ctx.seq += 1;
             Event::Change(c)
         };
+        if ctx.skip && (is_change(&msg) || matches!(msg, Message::Message(_))) {
+            // From an origin in `skip_origins`.
+            return Ok(());
+        }
         match msg {
             Message::Relation(r) => {
                 if let Some(sc) = self.schema.apply(&r) {
                     out.push(Event::Schema(sc));
                 }
             }
-            Message::Type(_) | Message::Origin(_) => {}
+            Message::Type(_) => {}
             Message::Insert(m) => {
                 let rel = self.relation(m.relation_id, "Insert")?;
                 out.push(change(rel, m.xid, Op::Insert, None, Some(m.new), 0));
@@ -623,6 +835,8 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::batcher::{Batcher, Resume};
+    use crate::pipeline::change::Batch;
     use crate::source::pgoutput::encode::{self, Val};
 
     const COLS: &[(bool, &str, u32, i32)] = &[(true, "id", 23, -1), (false, "v", 25, -1)];
@@ -649,7 +863,14 @@ mod tests {
     fn ids(evs: &[Event]) -> Vec<String> {
         evs.iter()
             .map(|e| match e {
-                Event::Begin { xid, .. } => format!("B{xid}"),
+                Event::Begin {
+                    xid, origin: None, ..
+                } => format!("B{xid}"),
+                Event::Begin {
+                    xid,
+                    origin: Some(o),
+                    ..
+                } => format!("B{xid}@{o}"),
                 Event::Commit { .. } => "C".into(),
                 Event::Change(c) => match c.new.as_ref().and_then(|t| t.get(1)) {
                     Some(crate::source::pgoutput::RawDatum::Text(s)) => s.to_string(),
@@ -737,6 +958,295 @@ mod tests {
     }
 
     #[test]
+    fn origin_in_a_plain_transaction_goes_with_its_begin() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        let wider: &[(bool, &str, u32, i32)] = &[
+            (true, "id", 23, -1),
+            (false, "v", 25, -1),
+            (false, "w", 25, -1),
+        ];
+        let evs = feed(
+            &mut a,
+            vec![
+                encode::begin(Lsn(500), 0, 7),
+                encode::origin(Lsn(0x99), "upstream"),
+                encode::relation(None, 1, "public", "t", b'd', COLS),
+                encode::insert(None, 1, &[Val::Text("1"), Val::Text("a")]),
+                encode::commit(Lsn(500), Lsn(510), 0),
+                // no Origin: a local transaction
+                encode::begin(Lsn(600), 0, 8),
+                encode::insert(None, 1, &[Val::Text("2"), Val::Text("b")]),
+                encode::commit(Lsn(600), Lsn(610), 0),
+                // Origin after a Relation, still before the first change (the docs'
+                // rule): the schema change waits for the Begin that names the origin
+                encode::begin(Lsn(700), 0, 9),
+                encode::relation(None, 1, "public", "t", b'd', wider),
+                encode::origin(Lsn(0x9a), "other"),
+                encode::insert(None, 1, &[Val::Text("3"), Val::Text("c"), Val::Null]),
+                encode::commit(Lsn(700), Lsn(710), 0),
+            ],
+        );
+        assert_eq!(
+            ids(&evs),
+            [
+                "B7@upstream",
+                "a",
+                "C",
+                "B8",
+                "b",
+                "C",
+                "B9@other",
+                "S",
+                "c",
+                "C"
+            ]
+        );
+        let Event::Change(c) = &evs[1] else { panic!() };
+        assert_eq!(c.position.seq, 0, "an Origin is not a change");
+        assert!(a.is_idle());
+        assert_eq!(a.skipped_transactions(), 0);
+    }
+
+    #[test]
+    fn origin_inside_a_stream_block_goes_with_the_streamed_transaction() {
+        for spill_threshold in [1 << 20, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut a = Assembler::new(dir.path(), spill_threshold).unwrap();
+            let ins = |x: u32, v: &str| encode::insert(Some(x), 1, &[Val::Text("1"), Val::Text(v)]);
+            let evs = feed(
+                &mut a,
+                vec![
+                    // as pgoutput sends it: right after the first Stream Start, LSN 0
+                    encode::stream_start(10, true),
+                    encode::origin(Lsn(0), "upstream"),
+                    encode::relation(Some(10), 1, "public", "t", b'd', COLS),
+                    ins(10, "s1"),
+                    encode::stream_stop(),
+                    encode::stream_start(10, false),
+                    ins(10, "s2"),
+                    encode::stream_stop(),
+                    encode::stream_commit(10, Lsn(400), Lsn(410), 0),
+                    // a streamed transaction without an origin
+                    encode::stream_start(11, true),
+                    ins(11, "t1"),
+                    encode::stream_stop(),
+                    encode::stream_commit(11, Lsn(500), Lsn(510), 0),
+                ],
+            );
+            assert_eq!(
+                ids(&evs),
+                ["B10@upstream", "s1", "s2", "C", "B11", "t1", "C"],
+                "spill threshold {spill_threshold}"
+            );
+            assert!(a.is_idle());
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    /// The batches and the watermark left pending after feeding `events` to a batcher.
+    fn batch_all(events: Vec<Event>) -> (Vec<Batch>, Option<Lsn>) {
+        let mut b = Batcher::new(100, std::time::Duration::from_secs(3600), Resume::default());
+        let mut batches = Vec::new();
+        for e in events {
+            batches.extend(b.push(e));
+            while let Some(x) = b.next_ready() {
+                batches.push(x);
+            }
+        }
+        batches.extend(b.flush());
+        (batches, b.take_watermark())
+    }
+
+    fn values(b: &Batch) -> Vec<String> {
+        b.changes
+            .iter()
+            .map(|c| match c.new.as_ref().and_then(|t| t.get(1)) {
+                Some(crate::source::pgoutput::RawDatum::Text(s)) => s.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn skip_origins_drop_plain_and_streamed_transactions_but_their_commits_advance() {
+        let skipping = |dir: &Path, spill_threshold| {
+            Assembler::new(dir, spill_threshold)
+                .unwrap()
+                .with_skip_origins(vec!["upstream".into(), "loop".into()])
+        };
+        let ins = |x: Option<u32>, rel: u32, v: &str| {
+            encode::insert(x, rel, &[Val::Text("1"), Val::Text(v)])
+        };
+        let wider: &[(bool, &str, u32, i32)] = &[
+            (true, "id", 23, -1),
+            (false, "v", 25, -1),
+            (false, "w", 25, -1),
+        ];
+
+        // A skipped plain transaction alone: nothing to deliver, its commit is the
+        // watermark (the slot is confirmed past it). The docs allow several Origin
+        // messages in a transaction: any skipped one skips it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = skipping(dir.path(), 1 << 20);
+        let evs = feed(
+            &mut a,
+            vec![
+                encode::begin(Lsn(500), 0, 30),
+                encode::origin(Lsn(7), "other"),
+                encode::origin(Lsn(8), "upstream"),
+                encode::relation(None, 1, "public", "t", b'd', COLS),
+                ins(None, 1, "skipped"),
+                encode::commit(Lsn(500), Lsn(510), 0),
+            ],
+        );
+        assert_eq!(ids(&evs), ["B30@upstream", "C"]);
+        let (batches, pending) = batch_all(evs);
+        assert!(batches.is_empty());
+        assert_eq!(pending, Some(Lsn(510)));
+        assert_eq!(a.skipped_transactions(), 1);
+
+        // A skipped streamed transaction alone, spilled or not: the same. Its Origin
+        // came with its first block; what it streams after that is not even buffered.
+        for spill_threshold in [1 << 20, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut a = skipping(dir.path(), spill_threshold);
+            let relation = encode::relation(Some(10), 1, "public", "t", b'd', COLS);
+            let mut first_block = vec![
+                encode::stream_start(10, true),
+                encode::origin(Lsn(0), "loop"),
+                relation.clone(),
+            ];
+            first_block.extend((0..100).map(|i| ins(Some(10), 1, &format!("skipped {i}"))));
+            first_block.push(encode::stream_stop());
+            assert!(feed(&mut a, first_block).is_empty());
+            if spill_threshold > relation.len() {
+                assert_eq!(
+                    a.buffered_bytes(),
+                    relation.len(),
+                    "only the Relation frame"
+                );
+            }
+            let evs = feed(
+                &mut a,
+                vec![
+                    encode::stream_start(10, false),
+                    ins(Some(10), 1, "skipped too"),
+                    encode::stream_stop(),
+                    encode::stream_commit(10, Lsn(400), Lsn(410), 0),
+                ],
+            );
+            assert_eq!(ids(&evs), ["B10@loop", "C"]);
+            let (batches, pending) = batch_all(evs);
+            assert!(batches.is_empty());
+            assert_eq!(pending, Some(Lsn(410)));
+            assert_eq!(a.skipped_transactions(), 1);
+            assert!(a.is_idle());
+            assert_eq!(a.buffered_bytes(), 0);
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+
+        // Interleaved with kept transactions. The Relation messages of skipped
+        // transactions still reach the schema cache (pgoutput does not announce a
+        // relation twice): the local transaction uses relations 2 and 3 without one, and
+        // relation 1's new shape, announced inside a skipped transaction, is reported.
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = skipping(dir.path(), 1 << 20);
+        let evs = feed(
+            &mut a,
+            vec![
+                encode::stream_start(10, true),
+                encode::origin(Lsn(0), "upstream"),
+                encode::relation(Some(10), 2, "public", "u", b'd', COLS),
+                ins(Some(10), 2, "skipped s1"),
+                encode::stream_stop(),
+                // another origin's transaction commits in between: delivered
+                encode::begin(Lsn(300), 0, 20),
+                encode::origin(Lsn(7), "other"),
+                encode::relation(None, 1, "public", "t", b'd', COLS),
+                ins(None, 1, "kept other"),
+                encode::commit(Lsn(300), Lsn(310), 0),
+                encode::stream_start(10, false),
+                ins(Some(10), 2, "skipped s2"),
+                encode::stream_stop(),
+                encode::stream_commit(10, Lsn(400), Lsn(410), 0),
+                // a plain one from the skipped origin
+                encode::begin(Lsn(500), 0, 30),
+                encode::origin(Lsn(8), "upstream"),
+                encode::relation(None, 1, "public", "t", b'd', wider),
+                encode::relation(None, 3, "public", "v", b'd', COLS),
+                ins(None, 1, "skipped plain"),
+                ins(None, 3, "skipped plain"),
+                encode::message(None, true, Lsn(505), "p", b"skipped"),
+                encode::commit(Lsn(500), Lsn(510), 0),
+                // a local one
+                encode::begin(Lsn(600), 0, 40),
+                encode::insert(None, 1, &[Val::Text("1"), Val::Text("kept t"), Val::Null]),
+                ins(None, 2, "kept u"),
+                ins(None, 3, "kept v"),
+                encode::commit(Lsn(600), Lsn(610), 0),
+                // a streamed one whose Origin came after a change (the apply worker
+                // accepts that): what was buffered before it is dropped at replay
+                encode::stream_start(12, true),
+                ins(Some(12), 2, "skipped before its origin"),
+                encode::origin(Lsn(0), "upstream"),
+                ins(Some(12), 2, "skipped after its origin"),
+                encode::stream_stop(),
+                encode::stream_commit(12, Lsn(700), Lsn(710), 0),
+            ],
+        );
+        assert_eq!(
+            ids(&evs),
+            [
+                "B20@other",
+                "kept other",
+                "C",
+                "B10@upstream",
+                "C",
+                "B30@upstream",
+                "S",
+                "C",
+                "B40",
+                "kept t",
+                "kept u",
+                "kept v",
+                "C",
+                "B12@upstream",
+                "C"
+            ]
+        );
+        assert_eq!(a.skipped_transactions(), 3);
+        let positions: Vec<_> = evs
+            .iter()
+            .filter_map(|e| match e {
+                Event::Change(c) => Some((c.position.commit_lsn.0, c.position.seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(positions, [(300, 0), (600, 0), (600, 1), (600, 2)]);
+        let (batches, pending) = batch_all(evs);
+        let got: Vec<_> = batches
+            .iter()
+            .map(|b| (values(b), b.schema_changes.len(), b.watermark))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                // cut before the schema change; both commits before it are in
+                (vec!["kept other".to_string()], 0, Some(Lsn(410))),
+                // the last (skipped) commit ends the last batch
+                (
+                    vec!["kept t".into(), "kept u".into(), "kept v".into()],
+                    1,
+                    Some(Lsn(710))
+                ),
+            ]
+        );
+        assert_eq!(pending, None);
+        assert!(a.is_idle());
+    }
+
+    #[test]
     fn protocol_violations_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
@@ -752,6 +1262,29 @@ mod tests {
             .unwrap_err();
         assert!(
             matches!(e, AssembleError::UnknownRelation { relation: 99, .. }),
+            "{e}"
+        );
+
+        // Origin outside a transaction, or after a transaction's first change (where
+        // PostgreSQL's apply worker refuses it too)
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        let origin = || Bytes::from(encode::origin(Lsn(1), "upstream"));
+        let e = a.handle(Lsn(1), origin(), &mut out).unwrap_err();
+        assert!(
+            e.to_string().contains("Origin outside a transaction"),
+            "{e}"
+        );
+        for m in [
+            encode::begin(Lsn(5), 0, 1),
+            encode::relation(None, 1, "public", "t", b'd', COLS),
+            encode::insert(None, 1, &[Val::Text("1"), Val::Text("a")]),
+        ] {
+            a.handle(Lsn(2), Bytes::from(m), &mut out).unwrap();
+        }
+        let e = a.handle(Lsn(3), origin(), &mut out).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Origin after the first change of transaction xid 1"),
             "{e}"
         );
     }

@@ -237,10 +237,13 @@ pub(super) async fn start_delivery(
             Ok((task, None))
         }
         SinkTarget::Plugin(sink_cfg) => {
-            let identity = [
+            let mut identity = vec![
                 ("dbmazz.database".to_string(), database),
                 ("dbmazz.slot".to_string(), cfg.source.slot.clone()),
             ];
+            if let Some(id) = store.incarnation()? {
+                identity.push(("dbmazz.pipeline_id".to_string(), id));
+            }
             let Loaded {
                 host,
                 stages: loaded,

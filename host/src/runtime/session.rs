@@ -302,7 +302,8 @@ impl Sessions<'_> {
         .map_err(|source| RunError::Io {
             what: "cannot prepare the spill directory".into(),
             source,
-        })?;
+        })?
+        .with_skip_origins(cfg.source.skip_origins.clone());
         let flush_interval = Duration::from_millis(cfg.pipeline.flush_interval_ms);
         let batcher = Batcher::new(
             cfg.pipeline.flush_size,

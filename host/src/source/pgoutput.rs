@@ -83,7 +83,8 @@ pub enum Message {
     Begin(Begin),
     /// 'C': the transaction started by the last Begin committed.
     Commit(Commit),
-    /// 'O': the transaction came from another node (replication origin).
+    /// 'O': the transaction came from a replication origin: sent right after Begin, or
+    /// right after the first Stream Start of a streamed transaction.
     Origin(Origin),
     /// 'R': the shape of a relation, sent before its first change in a transaction and
     /// again after any change to it.
@@ -157,12 +158,20 @@ pub struct Commit {
     pub commit_time_us: i64,
 }
 
-/// 'O' Origin.
+/// 'O' Origin: `Byte1('O')`, `Int64` commit LSN on the origin server, `String` origin
+/// name (PostgreSQL docs, "Logical Replication Message Formats"). It carries no xid, in a
+/// stream block too.
+///
+/// pgoutput sends it for a transaction written under a replication origin (a
+/// subscription's apply worker, or a session after `pg_replication_origin_session_setup`):
+/// after Begin, and after the first Stream Start of a streamed transaction (where the
+/// LSN is 0: pgoutput.c, `pgoutput_stream_start`). The docs allow more than one per
+/// transaction, always before its first DML message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
-    /// Commit LSN on the origin server.
+    /// Commit LSN on the origin server (0 in a stream block).
     pub origin_lsn: Lsn,
-    /// Origin name.
+    /// Origin name (`pg_replication_origin.roname`).
     pub name: ByteStr,
 }
 
@@ -1107,6 +1116,24 @@ pub mod encode {
         o
     }
 
+    /// 'O' Origin (no xid, in a stream block too).
+    pub fn origin(origin_lsn: Lsn, name: &str) -> Vec<u8> {
+        let mut o = vec![b'O'];
+        o.extend_from_slice(&origin_lsn.0.to_be_bytes());
+        cstr(&mut o, name);
+        o
+    }
+
+    /// 'Y' Type.
+    pub fn type_message(xid_: Option<u32>, id: u32, namespace: &str, name: &str) -> Vec<u8> {
+        let mut o = vec![b'Y'];
+        xid(&mut o, xid_);
+        o.extend_from_slice(&id.to_be_bytes());
+        cstr(&mut o, namespace);
+        cstr(&mut o, name);
+        o
+    }
+
     /// 'R' Relation; columns are (key, name, type oid, typmod).
     pub fn relation(
         xid_: Option<u32>,
@@ -1263,6 +1290,37 @@ mod tests {
                 )
             }
             m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn origin_has_no_xid_in_or_out_of_a_stream() {
+        for s in [false, true] {
+            match p(encode::origin(Lsn(0x2_0000_0040), "upstream"), s) {
+                Message::Origin(o) => {
+                    assert_eq!(o.origin_lsn, Lsn(0x2_0000_0040));
+                    assert_eq!(&*o.name, "upstream");
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        let mut v = encode::origin(Lsn(1), "up");
+        v.pop();
+        let e = parse(Bytes::from(v), false).unwrap_err();
+        assert_eq!(e.kind, KindName(Some(b'O')));
+        assert_eq!((e.offset, e.problem), (9, Problem::UnterminatedString));
+    }
+
+    #[test]
+    fn type_in_and_out_of_stream() {
+        for (xid, s) in [(None, false), (Some(8), true)] {
+            match p(encode::type_message(xid, 16500, "public", "mood"), s) {
+                Message::Type(t) => {
+                    assert_eq!((t.xid, t.id), (xid, 16500));
+                    assert_eq!((&*t.namespace, &*t.name), ("public", "mood"));
+                }
+                m => panic!("{m:?}"),
+            }
         }
     }
 
@@ -1445,7 +1503,7 @@ mod tests {
     fn any_message() -> impl Strategy<Value = Vec<u8>> {
         let val = prop_oneof![Just(0u8), Just(1u8), Just(2u8), Just(3u8),];
         let vals = prop::collection::vec((val, "[a-zé]{0,12}"), 0..6);
-        (0u8..9, vals, any::<u32>(), any::<bool>()).prop_map(|(k, vals, n, s)| {
+        (0u8..11, vals, any::<u32>(), any::<bool>()).prop_map(|(k, vals, n, s)| {
             let vs: Vec<Val<'_>> = vals
                 .iter()
                 .map(|(k, t)| match k {
@@ -1465,6 +1523,8 @@ mod tests {
                 5 => encode::delete(x, n, OldKind::Key, &vs),
                 6 => encode::truncate(x, 0, &[n, 1]),
                 7 => encode::message(x, s, Lsn(1), "p", b"c"),
+                8 => encode::origin(Lsn(n.into()), "upstream"),
+                9 => encode::type_message(x, n, "s", "t"),
                 _ => encode::stream_commit(n, Lsn(1), Lsn(2), 3),
             }
         })

@@ -478,6 +478,7 @@ impl Sink for StarRocks {
                 label_prefix: config
                     .get("label_prefix")
                     .map_or_else(|| format!("dbmazz_{source_db}_{slot}"), str::to_string),
+                label_salt: config.get("dbmazz.pipeline_id").unwrap_or("").to_string(),
             },
             merge_condition,
             max_load_bytes: max_load_mb << 20,

@@ -44,6 +44,10 @@ pub struct Shape {
     pub binary: BinaryAs,
     /// Label prefix, `dbmazz_<slot>` by default.
     pub label_prefix: String,
+    /// Hashed into every label (`dbmazz.pipeline_id`, the state directory's incarnation;
+    /// empty without one): a pipeline started over with a new `state.dir`, whose batch
+    /// ids start at 1 again, never reuses a label.
+    pub label_salt: String,
 }
 
 /// A change's values, ready to be written. `None` = unchanged TOAST (left out).
@@ -196,12 +200,15 @@ pub fn clean_label(raw: &str) -> String {
 }
 
 /// The label of the `n`th load of `table` in batch `batch`:
-/// `<prefix>_<batch>_<table>_<n>_<h>`, where `h` (8 hex digits) hashes the batch's first
-/// commit LSN, the `columns` header and the changes in the load. The same batch replayed
+/// `<prefix>_<batch>_<table>_<n>_<h>`, where `h` (8 hex digits) hashes `salt` (the
+/// pipeline id), the batch's first commit LSN, the `columns` header and the changes in the
+/// load. The same batch replayed
 /// gives the same labels; another pipeline or a reinstalled one (batch ids start again,
 /// LSNs do not), or a load that holds other rows, gives other labels.
+#[allow(clippy::too_many_arguments)]
 pub fn label(
     prefix: &str,
+    salt: &str,
     batch: u64,
     first_lsn: u64,
     table: &str,
@@ -210,6 +217,7 @@ pub fn label(
     changes: &[u32],
 ) -> String {
     let mut h = Sha256::new();
+    h.update(salt.as_bytes());
     h.update(first_lsn.to_be_bytes());
     h.update(columns.as_bytes());
     for c in changes {
@@ -364,6 +372,7 @@ impl<'s> Planner<'s> {
             let n = ordinal.entry(l.table.clone()).or_insert(0);
             l.label = label(
                 &self.shape.label_prefix,
+                &self.shape.label_salt,
                 self.batch,
                 self.first_lsn,
                 &l.table,
@@ -421,6 +430,7 @@ mod tests {
             audit: true,
             binary: BinaryAs::Base64,
             label_prefix: "dbmazz_app_slot".into(),
+            label_salt: String::new(),
         }
     }
 
@@ -622,8 +632,22 @@ mod tests {
     #[test]
     fn labels_follow_the_rules_and_the_content() {
         let l = |batch, lsn, table: &str, n, cols: &str, ch: &[u32]| {
-            label("dbmazz_app_my-slot", batch, lsn, table, n, cols, ch)
+            label("dbmazz_app_my-slot", "", batch, lsn, table, n, cols, ch)
         };
+        // another incarnation of the pipeline: other labels for the same batch
+        assert_ne!(
+            l(9, 1, "t", 0, "`id`", &[0]),
+            label(
+                "dbmazz_app_my-slot",
+                "0123abcd0123abcd",
+                9,
+                1,
+                "t",
+                0,
+                "`id`",
+                &[0]
+            )
+        );
         let a = l(9, 1, "Orders.x", 0, "`id`", &[0, 1]);
         assert!(
             a.starts_with("dbmazz_app_my_slot_9_Orders_x_0_") && a.len() == 40,

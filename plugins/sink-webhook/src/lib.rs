@@ -11,14 +11,16 @@
 //!           "source":{"lsn":23456,"txId":741,"schema":"public","table":"orders","ts_ms":1704164645123}}}]
 //! ```
 //!
-//! `id` is `<batch id>:<index in batch>`: stable across replays, so receivers can
-//! deduplicate. `data` is the Debezium envelope (`op` c/u/d/t, and r for a row copied by
+//! `id` is `<pipeline id>-<batch id>:<index in batch>`: stable across replays, so
+//! receivers can deduplicate; the pipeline id (`dbmazz.pipeline_id`, 16 hex digits drawn
+//! when the state directory was created) changes when a pipeline starts over with a new
+//! `state.dir`, whose batch ids start at 1 again (without it: `<batch id>:<index>`). `data` is the Debezium envelope (`op` c/u/d/t, and r for a row copied by
 //! the snapshot, type `io.dbmazz.change.read`); an unchanged TOAST column
 //! appears as `"__debezium_unavailable_value"` in `after`, as Debezium writes it.
 //! Values: integers, floats and booleans as JSON scalars; numeric and text as strings;
 //! json/jsonb nested; bytea base64.
 //!
-//! Headers: `Idempotency-Key: <batch id>`; with `secret`, `X-Dbmazz-Signature:
+//! Headers: `Idempotency-Key: <pipeline id>-<batch id>`; with `secret`, `X-Dbmazz-Signature:
 //! sha256=<hex HMAC-SHA256 of the body bytes as sent>`; with `gzip = true`,
 //! `Content-Encoding: gzip`.
 //!
@@ -218,6 +220,9 @@ pub struct Webhook {
     gzip: bool,
     timeout_ms: u64,
     source: String,
+    /// `<dbmazz.pipeline_id>-` (the state directory's incarnation), or empty: keeps
+    /// ids and idempotency keys apart when a pipeline starts over with new batch ids.
+    key_prefix: String,
 }
 
 impl Webhook {
@@ -237,7 +242,7 @@ impl Webhook {
     ) -> Event<'a> {
         Event {
             specversion: "1.0",
-            id: format!("{batch_id}:{i}"),
+            id: format!("{}{batch_id}:{i}", self.key_prefix),
             source: &self.source,
             kind: format!("io.dbmazz.change.{}", op.as_str()),
             time: rfc3339(commit_time_us),
@@ -336,7 +341,7 @@ impl Webhook {
     fn request_for(&self, batch_id: u64, mut body: Vec<u8>) -> Result<Request, SinkError> {
         let mut req = Request::post(&self.url, Vec::new())
             .header("content-type", "application/cloudevents-batch+json")
-            .header("idempotency-key", batch_id.to_string())
+            .header("idempotency-key", format!("{}{batch_id}", self.key_prefix))
             .timeout_ms(self.timeout_ms);
         if self.gzip {
             let mut enc = flate2::write::GzEncoder::new(
@@ -384,6 +389,9 @@ impl Sink for Webhook {
             gzip: config.parse_or("gzip", false)?,
             timeout_ms: config.parse_or("timeout_ms", 10_000)?,
             source,
+            key_prefix: config
+                .get("dbmazz.pipeline_id")
+                .map_or(String::new(), |p| format!("{p}-")),
         };
         Ok((w, SinkInfo::default()))
     }
