@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 use support::proxy::FaultProxy;
-use support::{eventually, position, Dbmazz, Pg, Pipeline};
+use support::{eventually, http_get, logged_addr, metric, position, Dbmazz, Pg, Pipeline};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -940,58 +940,6 @@ async fn an_idle_slot_keeps_up_with_a_busy_database_also_after_a_reconnect() {
 
 // ---------------------------------------------------------------------------------------
 // Health while reconnecting.
-
-/// `GET path` over HTTP/1.0; (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
-        return (0, String::new());
-    }
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
-/// The address a `dbmazz` configured with port 0 logged (`addr=host:port`).
-fn logged_addr(d: &Dbmazz) -> String {
-    d.log()
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("the bound address is logged")
-        .to_string()
-}
-
-/// A counter's or gauge's value in `/metrics`, `None` when absent.
-fn metric(addr: &str, name: &str) -> Option<f64> {
-    let (status, body) = http_get(addr, "/metrics");
-    if status != 200 {
-        return None;
-    }
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()?;
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name)
-        .and_then(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_and_metrics_say_reconnecting() {

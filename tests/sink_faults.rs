@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use support::proxy::FaultProxy;
-use support::{eventually, plugins, Pg, Pipeline, Receiver};
+use support::{eventually, logged_addr, metric, plugins, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -47,12 +47,13 @@ async fn a_slow_or_hung_sink_pauses_the_pipeline_and_loses_nothing() {
     let hook = format!("127.0.0.1:{}", proxy.port());
     // sink-webhook's own timeout (10 s) is longer than the deadline: the host bounds it
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ call_timeout_ms = 1000, max_attempts = 2 }}\n",
+        "[pipeline]\nflush_interval_ms = 20\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ call_timeout_ms = 1000, max_attempts = 2 }}\n",
         plugins().webhook.display().to_string()
     );
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
+    let metrics = logged_addr(&d);
     let insert = |from: i32, to: i32| {
         let db = &db;
         async move {
@@ -91,6 +92,11 @@ async fn a_slow_or_hung_sink_pauses_the_pipeline_and_loses_nothing() {
     insert(11, 15).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(d.child.try_wait().unwrap().is_none(), "{}", d.log());
+    let failing = metric(&metrics, "dbmazz_sink_failing_seconds").unwrap_or(0.0);
+    assert!(
+        failing >= 1.0,
+        "the batch has been failing for a while: {failing}"
+    );
     assert!(
         !delivered(&rx).contains(&11),
         "nothing gets through a blackhole"

@@ -18,6 +18,8 @@
 //! | `dbmazz_replication_lag_seconds` | gauge | now minus the commit time of the last acknowledged change; 0 when caught up |
 //! | `dbmazz_commit_to_ack_seconds` | histogram | from each transaction's commit (the Commit message's timestamp) to the sink's ack |
 //! | `dbmazz_checkpoint_lsn` | gauge | the durable, confirmed LSN |
+//! | `dbmazz_sink_retries_total` | counter | sink writes retried after a transient failure (a `retryable` error, a call blocked past its deadline) |
+//! | `dbmazz_sink_failing_seconds` | gauge | how long the batch being retried has been failing; 0 while the sink is healthy |
 //! | `dbmazz_source_reconnects_total` | counter | source sessions re-established after a lost connection |
 //! | `dbmazz_source_reconnecting` | gauge | 1 while a lost source connection is being re-established |
 //! | `dbmazz_slot_wal_retained_bytes` | gauge | WAL the slot keeps on the server: WAL position minus `restart_lsn` (polled every `status_interval_ms`) |
@@ -98,6 +100,23 @@ impl Collector for PipelineCollector {
             "dbmazz_dead_letters",
             "changes sent to the dead-letter store",
             load(&s.dead_letters),
+        )?;
+        counter(
+            &mut e,
+            "dbmazz_sink_retries",
+            "sink writes retried after a transient failure",
+            load(&s.sink_retries),
+        )?;
+        let since = s.sink_failing_since_us.load(Ordering::Relaxed);
+        gauge(
+            &mut e,
+            "dbmazz_sink_failing_seconds",
+            "how long the batch being retried has been failing (0: healthy)",
+            if since == 0 {
+                0.0
+            } else {
+                (now_us().saturating_sub(since)).max(0) as f64 / 1e6
+            },
         )?;
         counter(
             &mut e,

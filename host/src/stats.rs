@@ -107,6 +107,11 @@ pub struct Stats {
     pub plugins: Mutex<Vec<Arc<PluginMetrics>>>,
     /// The sink's error while delivery retries a batch; cleared by the next ack.
     pub sink_error: Mutex<Option<String>>,
+    /// Retried sink writes (transient failures) since start.
+    pub sink_retries: AtomicU64,
+    /// When the batch being retried first failed, µs since the Unix epoch (0: the sink is
+    /// not failing).
+    pub sink_failing_since_us: AtomicI64,
     /// Commit-to-ack latency of every acknowledged transaction since start.
     pub commit_to_ack: Mutex<CommitToAck>,
 }
@@ -254,6 +259,8 @@ impl Default for Stats {
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             plugins: Mutex::new(Vec::new()),
             sink_error: Mutex::new(None),
+            sink_retries: AtomicU64::new(0),
+            sink_failing_since_us: AtomicI64::new(0),
             commit_to_ack: Mutex::new(CommitToAck::default()),
         }
     }
@@ -291,6 +298,7 @@ impl Stats {
         if let Ok(mut e) = self.sink_error.lock() {
             *e = None;
         }
+        self.sink_failing_since_us.store(0, Ordering::Relaxed);
         self.batches
             .get_or_create(&ResultLabels { result: "acked" })
             .inc();
@@ -369,6 +377,13 @@ impl Stats {
         if let Ok(mut e) = self.sink_error.lock() {
             *e = Some(error.to_string());
         }
+        self.sink_retries.fetch_add(1, Ordering::Relaxed);
+        let _ = self.sink_failing_since_us.compare_exchange(
+            0,
+            crate::metrics::now_us(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         self.batches
             .get_or_create(&ResultLabels { result: "retried" })
             .inc();

@@ -230,17 +230,18 @@ impl Sessions<'_> {
                 _ => RunError::from(e),
             })?;
         *streamed = true;
+        // (state first, then the log line: tests and operators read the log)
+        if let Ok(mut s) = self.stats.source_error.lock() {
+            *s = None;
+        }
+        self.stats.reconnecting.store(false, Ordering::Relaxed);
+        self.stats.streaming.store(true, Ordering::Relaxed);
         if reconnect {
             self.stats.source_reconnects.fetch_add(1, Ordering::Relaxed);
             info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "reconnected; streaming");
         } else {
             info!(from = %cp.confirmed_lsn, last_batch = cp.last_batch_id, "streaming");
         }
-        if let Ok(mut s) = self.stats.source_error.lock() {
-            *s = None;
-        }
-        self.stats.reconnecting.store(false, Ordering::Relaxed);
-        self.stats.streaming.store(true, Ordering::Relaxed);
         // kept for Status (the server's WAL position while reading is paused) and for
         // the slot-health poller
         *self.control.sql.lock().await = Some(sql);
