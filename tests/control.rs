@@ -228,12 +228,13 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
     let mut c = client_with(channel.clone(), "s3cret");
     d.wait_log("streaming", T);
     let stage = |s: &proto::StatusResponse| Stage::try_from(s.stage).unwrap();
+    // the log line and Status agree (the stage is set first)
     let st = c
         .status(proto::StatusRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(stage(&st), Stage::Streaming, "{st:?}");
+    assert_eq!(stage(&st), Stage::Streaming, "{st:?}\n{}", d.log());
     assert_eq!(
         (st.slot.as_str(), st.publication.as_str()),
         ("dbmazz_slot", "dbmazz_pub")

@@ -19,6 +19,7 @@
 //! [pipeline]
 //! flush_size = 10000                # changes per batch
 //! flush_interval_ms = 100           # max wait of a change in an open batch
+//! flush_bytes = 16777216            # or once its rows weigh this much
 //! flush_when_caught_up = true       # caught up and the sink idle: cut at the last commit
 //! max_inflight_batches = 4          # bounded channel: backpressure beyond this
 //! spill_threshold_bytes = 16777216  # a streamed transaction above this spills to disk
@@ -238,6 +239,11 @@ pub struct PipelineConfig {
     /// (fewer, larger batches, for sinks that pay per load).
     #[serde(default = "default_true")]
     pub flush_when_caught_up: bool,
+    /// Cut a batch once its changes weigh this many bytes (row data as received,
+    /// pgoutput tuples), so huge rows do not make huge batches; a single larger change
+    /// still goes out, alone.
+    #[serde(default = "default_flush_bytes")]
+    pub flush_bytes: usize,
     /// Batches handed on but not acknowledged before reading pauses.
     #[serde(default = "default_inflight")]
     pub max_inflight_batches: usize,
@@ -254,6 +260,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             flush_size: default_flush_size(),
             flush_interval_ms: default_flush_interval(),
+            flush_bytes: default_flush_bytes(),
             flush_when_caught_up: true,
             max_inflight_batches: default_inflight(),
             spill_threshold_bytes: default_spill(),
@@ -566,6 +573,9 @@ fn default_flush_size() -> usize {
 fn default_flush_interval() -> u64 {
     100
 }
+fn default_flush_bytes() -> usize {
+    16 << 20
+}
 fn default_inflight() -> usize {
     4
 }
@@ -745,6 +755,9 @@ impl Config {
         self.sink.target()?;
         if self.pipeline.flush_size == 0 {
             return Err("pipeline.flush_size must be at least 1".into());
+        }
+        if self.pipeline.flush_bytes == 0 {
+            return Err("pipeline.flush_bytes must be at least 1".into());
         }
         if self.pipeline.max_inflight_batches == 0 {
             return Err("pipeline.max_inflight_batches must be at least 1".into());

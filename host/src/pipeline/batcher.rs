@@ -1,6 +1,7 @@
 //! Batching: commit-ordered events in, batches with stable ids out.
 //!
-//! A batch is cut when it holds `flush_size` changes, when its oldest change has waited
+//! A batch is cut when it holds `flush_size` changes or `flush_bytes` bytes of row data
+//! (pgoutput tuples as received), when its oldest change has waited
 //! `flush_interval`, or before a schema change (so a schema change always leads the batch
 //! it applies to). Batches may end inside a transaction; checkpoints still fall on commit
 //! boundaries, through each batch's `watermark` (the end LSN of the last transaction whose
@@ -42,6 +43,8 @@ struct Open {
     first: Position,
     last: Position,
     changes: Vec<Change>,
+    /// Sum of the changes' [`Change::wire_size`].
+    bytes: usize,
     schema_changes: Vec<SchemaChange>,
     opened: Instant,
     watermark: Option<Lsn>,
@@ -51,6 +54,7 @@ struct Open {
 #[derive(Debug)]
 pub struct Batcher {
     flush_size: usize,
+    flush_bytes: usize,
     flush_interval: Duration,
     next_id: BatchId,
     replay: VecDeque<BatchIntent>,
@@ -72,6 +76,7 @@ impl Batcher {
     pub fn new(flush_size: usize, flush_interval: Duration, resume: Resume) -> Self {
         Batcher {
             flush_size: flush_size.max(1),
+            flush_bytes: usize::MAX,
             flush_interval,
             next_id: resume.last_batch_id + 1,
             replay: resume.pending.into(),
@@ -84,6 +89,14 @@ impl Batcher {
             pending_watermark: None,
             ready: VecDeque::new(),
         }
+    }
+
+    /// Also cuts a batch once its changes weigh `bytes` (their tuples as received), so
+    /// 10,000 rows of 1 MB do not make a 10 GB batch. A single larger change still
+    /// makes a batch of its own.
+    pub fn with_flush_bytes(mut self, bytes: usize) -> Self {
+        self.flush_bytes = bytes.max(1);
+        self
     }
 
     /// True while batches are being rebuilt from stored intents.
@@ -155,6 +168,7 @@ impl Batcher {
             }
         }
         let pos = c.position;
+        let size = c.wire_size();
         // Stored batches whose range lies wholly before this change, with nothing open:
         // the stream no longer has their changes. Drop them; their ids are not reused.
         while self.open.is_none() {
@@ -170,6 +184,7 @@ impl Batcher {
         match &mut self.open {
             Some(o) => {
                 o.last = pos;
+                o.bytes += size;
                 o.changes.push(c);
             }
             None => {
@@ -179,6 +194,7 @@ impl Batcher {
                     first: pos,
                     last: pos,
                     changes,
+                    bytes: size,
                     schema_changes: std::mem::take(&mut self.pending_schema),
                     opened: Instant::now(),
                     watermark: None,
@@ -190,7 +206,7 @@ impl Batcher {
             None => self
                 .open
                 .as_ref()
-                .is_some_and(|o| o.changes.len() >= self.flush_size),
+                .is_some_and(|o| o.changes.len() >= self.flush_size || o.bytes >= self.flush_bytes),
         };
         if full {
             if let Some(b) = self.cut() {
@@ -404,6 +420,20 @@ mod tests {
         assert_eq!(got[1].1, vec![(2000, 1), (2000, 2), (3000, 0), (3000, 1)]);
         assert_eq!(got[1].2, Some(Lsn(2010)));
         assert_eq!(got[2].2, Some(Lsn(3010)));
+    }
+
+    #[test]
+    fn cuts_by_bytes_of_row_data() {
+        // each insert's tuple is 8 bytes on the wire (column count, 't', length, "1")
+        let mut b =
+            Batcher::new(100, Duration::from_secs(60), Resume::default()).with_flush_bytes(20);
+        let got = run(&mut b, 3, 3);
+        let sizes: Vec<usize> = got.iter().map(|c| c.1.len()).collect();
+        assert_eq!(sizes, [3, 3, 3], "cut once 3 changes weigh 24 >= 20 bytes");
+        // a single change above the cap still makes a batch (of its own)
+        let mut b =
+            Batcher::new(100, Duration::from_secs(60), Resume::default()).with_flush_bytes(1);
+        assert_eq!(run(&mut b, 1, 2).len(), 2);
     }
 
     #[test]

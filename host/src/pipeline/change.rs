@@ -83,6 +83,13 @@ pub struct Change {
 }
 
 impl Change {
+    /// Bytes of the change's tuples as they arrived (pgoutput TupleData of the old and
+    /// new row): what a batch of it weighs, for `pipeline.flush_bytes`.
+    pub fn wire_size(&self) -> usize {
+        self.old.as_ref().map_or(0, |o| o.1.wire_bytes().len())
+            + self.new.as_ref().map_or(0, |n| n.wire_bytes().len())
+    }
+
     /// Decoded values of `tuple` paired with their columns, in column order.
     ///
     /// # Errors

@@ -315,7 +315,8 @@ impl Sessions<'_> {
                 last_batch_id: cp.last_batch_id,
                 pending,
             },
-        );
+        )
+        .with_flush_bytes(cfg.pipeline.flush_bytes);
         let mut status_tick =
             tokio::time::interval(Duration::from_millis(cfg.source.status_interval_ms));
         status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

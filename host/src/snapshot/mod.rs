@@ -445,7 +445,7 @@ pub async fn copy_exported(
     }
     info!(
         chunks = total,
-        "exported snapshot read; streaming starts at its consistent point"
+        "exported snapshot read; the stream starts at its consistent point"
     );
     Ok(())
 }
