@@ -150,8 +150,131 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let conn = ConnectionConfig::parse(&cfg.source.url)?
         .with_connect_timeout(cfg.source.connect_timeout_ms.map(Duration::from_millis));
-    // The caller's shutdown, or the control API's Stop.
-    let (halt_tx, shutdown) = {
+    let (control, shutdown, pause_rx) = control_plane(cfg, &stats, shutdown);
+
+    // Phase "endpoints": the operators' endpoints answer from the start.
+    let control_server = plugins::serve_endpoints(cfg, &control, &stats).await?;
+    std::fs::create_dir_all(&cfg.state.dir).map_err(|source| RunError::Io {
+        what: format!("cannot create state.dir {}", cfg.state.dir.display()),
+        source,
+    })?;
+    // Phase "plugins": loaded and type-checked before anything connects.
+    let loaded = plugins::load(cfg, &control)?;
+    // Phases "setup" and "resume".
+    let Resumed {
+        store,
+        repl,
+        system_id,
+        cp,
+        new_slot,
+        snapshot_tables,
+    } = setup_and_resume(cfg, opts, &conn, &stats).await?;
+    let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
+
+    // Phase "delivery": the sink's side, alive across stream sessions.
+    let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
+    let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (delivery, plugin_host) = plugins::start_delivery(
+        cfg,
+        loaded,
+        &control,
+        plugins::DeliveryWiring {
+            store: store.clone(),
+            rx,
+            confirmed_tx,
+            stats: stats.clone(),
+            tracker: tracker.clone(),
+            stop_rx,
+            database: conn.dbname().to_string(),
+        },
+    )
+    .await?;
+    let tail = Tail {
+        delivery,
+        stop_tx,
+        drain: Duration::from_millis(cfg.pipeline.drain_timeout_ms),
+        control_server,
+    };
+
+    // Phase "exported snapshot": with a new slot, the slot's snapshot is copied before
+    // the stream starts at its consistent point.
+    let mut repl = repl;
+    let mut watermark_tables = snapshot_tables.clone();
+    if new_slot {
+        let created = create_slot(
+            cfg,
+            &conn,
+            &mut repl,
+            &store,
+            &stats,
+            &tracker,
+            &tx,
+            &shutdown,
+            &snapshot_tables,
+        )
+        .await;
+        match created {
+            Ok(true) => watermark_tables.clear(),
+            Ok(false) => {}
+            Err(e) => return tail.snapshot_failed(e, tx, &shutdown).await,
+        }
+    }
+
+    // Phase "stream": sessions, reconnecting after a lost connection.
+    let sessions = session::Sessions {
+        cfg,
+        opts,
+        conn: &conn,
+        store: store.clone(),
+        stats: stats.clone(),
+        control: control.clone(),
+        tracker: tracker.clone(),
+        tx: tx.clone(),
+        confirmed_rx: confirmed_rx.clone(),
+        shutdown: shutdown.clone(),
+        pause_rx,
+        handed_batches: 0,
+        system_id,
+    };
+    let ended = match sessions.run(repl, watermark_tables).await {
+        Ok(end) => end,
+        // delivery ended: its error is reported below
+        Err(RunError::Interrupted) => session::Ended::Disconnected,
+        Err(e) => return tail.stop_with(e, tx).await,
+    };
+    // Delivery may have failed (that is what interrupts `hand`): report its error.
+    if tail.delivery.is_finished() {
+        drop(ended);
+        return match tail.delivery.await {
+            Ok(Ok(())) if *shutdown.borrow() => Ok(()),
+            Ok(Ok(())) => Err(RunError::Interrupted),
+            Ok(Err(e)) => Err(e.into()),
+            Err(join) => Err(RunError::Io {
+                what: "delivery task".into(),
+                source: std::io::Error::other(join.to_string()),
+            }),
+        };
+    }
+
+    // Phase "drain".
+    let result = tail.drain(ended, tx, confirmed_rx).await;
+    drop(plugin_host);
+    result
+}
+
+/// The control handle (Pause, Stop, Status, Snapshot requests), with the shutdown it
+/// merges: the caller's, or the control API's Stop.
+fn control_plane(
+    cfg: &Config,
+    stats: &Arc<Stats>,
+    shutdown: watch::Receiver<bool>,
+) -> (
+    Arc<crate::control::Control>,
+    watch::Receiver<bool>,
+    watch::Receiver<bool>,
+) {
+    let (halt_tx, merged) = {
         let (tx, rx) = watch::channel(*shutdown.borrow());
         let (mut outer, forward) = (shutdown, tx.clone());
         tokio::spawn(async move {
@@ -172,33 +295,49 @@ pub async fn run_with(
         publication: cfg.source.publication.clone(),
         plugins: Default::default(),
         sql: Default::default(),
-        registry: crate::metrics::registry(&stats),
+        registry: crate::metrics::registry(stats),
         reloader: Default::default(),
         snapshot: Default::default(),
     });
+    (control, merged, pause_rx)
+}
 
-    // Phase "endpoints": the operators' endpoints answer from the start.
-    let control_server = plugins::serve_endpoints(cfg, &control, &stats).await?;
-    std::fs::create_dir_all(&cfg.state.dir).map_err(|source| RunError::Io {
-        what: format!("cannot create state.dir {}", cfg.state.dir.display()),
-        source,
-    })?;
-    // Phase "plugins": loaded and type-checked before anything connects.
-    let loaded = plugins::load(cfg, &control)?;
+/// What the setup and resume phases hand on.
+struct Resumed {
+    store: Arc<Store>,
+    /// The replication connection, identified (the first session streams on it).
+    repl: ReplicationClient,
+    system_id: String,
+    /// The checkpoint, checked against the slot (moved to it when the operator chose so).
+    cp: crate::checkpoint::Checkpoint,
+    /// The slot does not exist yet.
+    new_slot: bool,
+    /// Tables to snapshot at this start.
+    snapshot_tables: Vec<String>,
+}
 
-    // Phase "setup": tables, replica identity, publication, slot (idempotent).
+/// Phases "setup" (tables, replica identity, publication, slot; idempotent, fail fast)
+/// and "resume" (the store, its owner, the checkpoint against the slot).
+///
+/// # Errors
+/// Setup, connection, store errors; [`SetupError::SlotLost`], [`SetupError::SlotAhead`],
+/// [`SetupError::SlotInvalidated`].
+async fn setup_and_resume(
+    cfg: &Config,
+    opts: &RunOptions,
+    conn: &ConnectionConfig,
+    stats: &Stats,
+) -> Result<Resumed, RunError> {
     info!(source = %conn.redacted(), slot = %cfg.source.slot, publication = %cfg.source.publication, "starting");
     let sql = conn.connect_sql().await?;
-    let plan = setup_plan(cfg);
-    let outcome = setup::run(&sql, &plan, false).await?;
+    let outcome = setup::run(&sql, &setup_plan(cfg), false).await?;
     for step in &outcome.steps {
         info!("setup {step}");
     }
     let published = published_tables(&sql, &cfg.source.publication).await?;
 
-    // Phase "resume": the store, its owner, the checkpoint against the slot.
     let store = Arc::new(Store::open(&cfg.state.dir.join("checkpoints"))?);
-    let mut repl = ReplicationClient::connect(&conn).await?;
+    let mut repl = ReplicationClient::connect(conn).await?;
     let system = repl.identify_system().await?;
     store.claim(&Identity {
         system_id: system.system_id.clone(),
@@ -218,7 +357,7 @@ pub async fn run_with(
     let mut resnapshot = Vec::new();
     if !new_slot {
         if let Some(health) = setup::slot_health(&sql, &cfg.source.slot).await? {
-            session::record_health(&stats, &health);
+            session::record_health(stats, &health);
             if let Some(tables) =
                 session::check_slot(cfg, opts, &store, &mut cp, &health, &published)?
             {
@@ -226,196 +365,148 @@ pub async fn run_with(
             }
         }
     }
-    drop(sql);
     let mut snapshot_tables = tables_to_snapshot(cfg, &store, &published, &cp, new_slot)?;
     for t in resnapshot {
         if !snapshot_tables.contains(&t) {
             snapshot_tables.push(t);
         }
     }
-    let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
+    Ok(Resumed {
+        store,
+        repl,
+        system_id: system.system_id,
+        cp,
+        new_slot,
+        snapshot_tables,
+    })
+}
 
-    // Phase "delivery": the sink's side, alive across stream sessions.
-    let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
-    let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (mut delivery, plugin_host) = plugins::start_delivery(
-        cfg,
-        loaded,
-        &control,
-        plugins::DeliveryWiring {
-            store: store.clone(),
-            rx,
-            confirmed_tx,
-            stats: stats.clone(),
-            tracker: tracker.clone(),
-            stop_rx,
-            database: conn.dbname().to_string(),
-        },
-    )
-    .await?;
-    let drain = Duration::from_millis(cfg.pipeline.drain_timeout_ms);
+/// The end of a run: delivery, how to stop it, and the control API to shut down.
+struct Tail {
+    delivery: plugins::DeliveryTask,
+    stop_tx: watch::Sender<bool>,
+    /// `pipeline.drain_timeout_ms`.
+    drain: Duration,
+    control_server: Option<plugins::ControlServer>,
+}
 
-    // Phase "exported snapshot": with a new slot, the slot's snapshot is copied before
-    // streaming starts at its consistent point.
-    let mut watermark_tables = snapshot_tables.clone();
-    if new_slot {
-        match create_slot(
-            cfg,
-            &conn,
-            &mut repl,
-            &store,
-            &stats,
-            &tracker,
-            &tx,
-            &shutdown,
-            &snapshot_tables,
-        )
-        .await
+impl Tail {
+    /// Stops delivery (bounded by the drain timeout, keeping what it made durable) and
+    /// the control API, then reports `e`.
+    async fn stop_with(mut self, e: RunError, tx: mpsc::Sender<Delivery>) -> Result<(), RunError> {
+        let _ = self.stop_tx.send(true);
+        drop(tx);
+        if tokio::time::timeout(self.drain, &mut self.delivery)
+            .await
+            .is_err()
         {
-            Ok(copied) => {
-                if copied {
-                    watermark_tables.clear();
-                }
-            }
-            Err(e) => {
-                // Interrupted by a stop request, or because delivery ended (its error is
-                // then the cause), or the copy failed.
-                let requested = *shutdown.borrow();
-                let interrupted = matches!(e, RunError::Snapshot(SnapshotError::Interrupted));
-                drop(tx);
-                if interrupted && requested {
-                    info!("stopping during the snapshot: chunks not acknowledged are copied at the next start");
-                } else {
-                    let _ = stop_tx.send(true);
-                }
-                // Let delivery finish what it has (bounded), keep what is durable.
-                let delivered = tokio::time::timeout(drain, &mut delivery).await;
-                if delivered.is_err() {
-                    delivery.abort();
-                }
-                if let Some(server) = control_server {
-                    server.shutdown().await;
-                }
-                return match (interrupted, requested, delivered) {
-                    (true, true, _) => Ok(()),
-                    (true, false, Ok(Ok(Err(d)))) => Err(d.into()),
-                    (true, false, _) => Err(RunError::Interrupted),
-                    (false, ..) => Err(e),
-                };
-            }
+            self.delivery.abort();
+        }
+        if let Some(server) = self.control_server {
+            server.shutdown().await;
+        }
+        Err(e)
+    }
+
+    /// The exported snapshot ended early: interrupted by a stop request (`Ok`), or
+    /// because delivery ended (its error), or the copy failed (`e`).
+    async fn snapshot_failed(
+        mut self,
+        e: RunError,
+        tx: mpsc::Sender<Delivery>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let requested = *shutdown.borrow();
+        let interrupted = matches!(e, RunError::Snapshot(SnapshotError::Interrupted));
+        drop(tx);
+        if interrupted && requested {
+            info!("stopping during the snapshot: chunks not acknowledged are copied at the next start");
+        } else {
+            let _ = self.stop_tx.send(true);
+        }
+        // Let delivery finish what it has (bounded), keep what is durable.
+        let delivered = tokio::time::timeout(self.drain, &mut self.delivery).await;
+        if delivered.is_err() {
+            self.delivery.abort();
+        }
+        if let Some(server) = self.control_server {
+            server.shutdown().await;
+        }
+        match (interrupted, requested, delivered) {
+            (true, true, _) => Ok(()),
+            (true, false, Ok(Ok(Err(d)))) => Err(d.into()),
+            (true, false, _) => Err(RunError::Interrupted),
+            (false, ..) => Err(e),
         }
     }
 
-    // Phase "stream": sessions, reconnecting after a lost connection.
-    let sessions = session::Sessions {
-        cfg,
-        opts,
-        conn: &conn,
-        store: store.clone(),
-        stats: stats.clone(),
-        control: control.clone(),
-        tracker: tracker.clone(),
-        tx: tx.clone(),
-        confirmed_rx: confirmed_rx.clone(),
-        shutdown: shutdown.clone(),
-        pause_rx,
-        handed_batches: 0,
-        system_id: system.system_id.clone(),
-    };
-    let ended = match sessions.run(repl, watermark_tables).await {
-        Ok(end) => end,
-        // delivery ended: its error is reported below
-        Err(RunError::Interrupted) => session::Ended::Disconnected,
-        Err(e) => {
-            // Stop delivery, keep what it made durable, report the error.
-            let _ = stop_tx.send(true);
-            drop(tx);
-            if tokio::time::timeout(drain, &mut delivery).await.is_err() {
-                delivery.abort();
+    /// Phase "drain": cut the open batch, let delivery finish (bounded), confirm the
+    /// final checkpoint, shut the control API down, report a failed snapshot.
+    async fn drain(
+        mut self,
+        ended: session::Ended,
+        tx: mpsc::Sender<Delivery>,
+        mut confirmed_rx: watch::Receiver<crate::lsn::Lsn>,
+    ) -> Result<(), RunError> {
+        info!("draining");
+        let deadline = Instant::now() + self.drain;
+        let (writer, snapshotter) = match ended {
+            session::Ended::Streaming {
+                mut reader,
+                snapshotter,
+            } => {
+                if let Some(batch) = reader.batcher.flush() {
+                    if tokio::time::timeout_at(deadline, tx.send(Delivery::Batch(batch)))
+                        .await
+                        .is_err()
+                    {
+                        warn!("drain timed out handing the last batch; it is replayed on restart");
+                    }
+                }
+                // the rest of the reader goes (its sender with it)
+                let reader::Reader { writer, .. } = *reader;
+                (Some(writer), Some(snapshotter))
             }
-            if let Some(server) = control_server {
-                server.shutdown().await;
-            }
-            return Err(e);
-        }
-    };
-    // Delivery may have failed (that is what interrupts `hand`): report its error.
-    if delivery.is_finished() {
-        drop(ended);
-        return match delivery.await {
-            Ok(Ok(())) if *shutdown.borrow() => Ok(()),
-            Ok(Ok(())) => Err(RunError::Interrupted),
-            Ok(Err(e)) => Err(e.into()),
-            Err(join) => Err(RunError::Io {
+            session::Ended::Disconnected => (None, None),
+        };
+        drop(tx);
+        let result = match tokio::time::timeout_at(deadline, &mut self.delivery).await {
+            Ok(Ok(res)) => res.map_err(RunError::from),
+            Ok(Err(join)) => Err(RunError::Io {
                 what: "delivery task".into(),
                 source: std::io::Error::other(join.to_string()),
             }),
+            Err(_) => {
+                warn!(
+                    timeout_ms = self.drain.as_millis() as u64,
+                    "drain timed out; unacknowledged batches are replayed on restart"
+                );
+                let _ = self.stop_tx.send(true);
+                self.delivery.abort();
+                Ok(())
+            }
         };
-    }
-
-    // Phase "drain": cut the open batch, let delivery finish, confirm the final
-    // checkpoint.
-    info!("draining");
-    let deadline = Instant::now() + drain;
-    let (writer, snapshotter) = match ended {
-        session::Ended::Streaming {
-            mut reader,
-            snapshotter,
-        } => {
-            if let Some(batch) = reader.batcher.flush() {
-                if tokio::time::timeout_at(deadline, tx.send(Delivery::Batch(batch)))
-                    .await
-                    .is_err()
-                {
-                    warn!("drain timed out handing the last batch; it is replayed on restart");
+        let confirmed = *confirmed_rx.borrow_and_update();
+        if let Some(mut w) = writer {
+            w.send_status(confirmed, confirmed, false).await?;
+            let _ = w.finish().await;
+        }
+        info!(confirmed = %confirmed, "stopped");
+        if let Some(server) = self.control_server {
+            server.shutdown().await;
+        }
+        // A failed snapshot stopped the pipeline: report it.
+        if let Some(snapshotter) = snapshotter {
+            if snapshotter.is_finished() {
+                if let Ok(Err(e)) = snapshotter.await {
+                    return Err(e.into());
                 }
+            } else {
+                snapshotter.abort();
             }
-            // the rest of the reader goes (its sender with it)
-            let reader::Reader { writer, .. } = *reader;
-            (Some(writer), Some(snapshotter))
         }
-        session::Ended::Disconnected => (None, None),
-    };
-    drop(tx);
-    let result = match tokio::time::timeout_at(deadline, &mut delivery).await {
-        Ok(Ok(res)) => res.map_err(RunError::from),
-        Ok(Err(join)) => Err(RunError::Io {
-            what: "delivery task".into(),
-            source: std::io::Error::other(join.to_string()),
-        }),
-        Err(_) => {
-            warn!(
-                timeout_ms = drain.as_millis() as u64,
-                "drain timed out; unacknowledged batches are replayed on restart"
-            );
-            let _ = stop_tx.send(true);
-            delivery.abort();
-            Ok(())
-        }
-    };
-    let mut crx = confirmed_rx;
-    let confirmed = *crx.borrow_and_update();
-    if let Some(mut w) = writer {
-        w.send_status(confirmed, confirmed, false).await?;
-        let _ = w.finish().await;
+        result
     }
-    info!(confirmed = %confirmed, "stopped");
-    drop(plugin_host);
-    if let Some(server) = control_server {
-        server.shutdown().await;
-    }
-    // A failed snapshot stopped the pipeline: report it.
-    if let Some(snapshotter) = snapshotter {
-        if snapshotter.is_finished() {
-            if let Ok(Err(e)) = snapshotter.await {
-                return Err(e.into());
-            }
-        } else {
-            snapshotter.abort();
-        }
-    }
-    result
 }
 
 /// Creates the slot; with tables to snapshot, exports its snapshot and copies them
