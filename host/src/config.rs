@@ -112,11 +112,28 @@ pub struct ControlConfig {
     /// `host:port` of the gRPC control API (`proto/dbmazz.proto`); off when unset.
     pub grpc: Option<String>,
     /// When set, every gRPC call must carry `authorization: Bearer <token>`. Never logged.
+    /// An empty token is a config error (it would turn authentication off).
     pub token: Option<String>,
     /// PEM certificate (chain) of the gRPC server; with `tls_key`, the API speaks TLS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Accept a `grpc` address reachable from other hosts without `token` or TLS (anyone
+    /// who reaches it can stop or pause the pipeline and snapshot tables); logged as a
+    /// warning. Default false: such a config is refused.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// True when `addr` (`host:port`) binds only the loopback interface: `localhost`,
+/// `127.0.0.0/8`, `::1`.
+pub fn is_loopback_bind(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl std::fmt::Debug for ControlConfig {
@@ -127,6 +144,7 @@ impl std::fmt::Debug for ControlConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("insecure", &self.insecure)
             .finish()
     }
 }
@@ -753,6 +771,20 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         self.sink.target()?;
+        if self
+            .control
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err("control.token is empty, which would leave the control API without authentication: set a token, or remove the key for a loopback-only API".into());
+        }
+        if let Some(addr) = &self.control.grpc {
+            let protected = self.control.token.is_some() || self.control.tls_cert.is_some();
+            if !is_loopback_bind(addr) && !protected && !self.control.insecure {
+                return Err(format!("control.grpc = {addr:?} is reachable from other hosts but has neither control.token nor TLS: anyone who reaches it could stop or pause the pipeline or snapshot tables. Set control.token (and tls_cert/tls_key), bind 127.0.0.1, or set control.insecure = true to accept it"));
+            }
+        }
         if self.pipeline.flush_size == 0 {
             return Err("pipeline.flush_size must be at least 1".into());
         }
@@ -902,6 +934,25 @@ mod tests {
         assert!(e.contains("snapshot.workers"), "{e}");
         let e = Config::parse(&format!("{MIN}\n[snapshot]\nchunk = 5\n"), []).unwrap_err();
         assert!(e.contains("chunk"), "{e}");
+    }
+
+    #[test]
+    fn the_control_api_is_never_open_by_accident() {
+        let with = |control: &str| Config::parse(&format!("{MIN}\n[control]\n{control}\n"), []);
+        let e = with("grpc = \"127.0.0.1:7070\"\ntoken = \"\"").unwrap_err();
+        assert!(e.contains("control.token is empty"), "{e}");
+        let e = with("grpc = \"0.0.0.0:7070\"").unwrap_err();
+        assert!(
+            e.contains("reachable from other hosts") && e.contains("insecure"),
+            "{e}"
+        );
+        assert!(with("grpc = \"0.0.0.0:7070\"\ntoken = \"t\"").is_ok());
+        assert!(with("grpc = \"0.0.0.0:7070\"\ninsecure = true").is_ok());
+        for local in ["127.0.0.1:0", "localhost:7070", "[::1]:7070"] {
+            assert!(with(&format!("grpc = {local:?}")).is_ok(), "{local}");
+        }
+        assert!(!super::is_loopback_bind("[::]:7070"));
+        assert!(!super::is_loopback_bind("db.internal:7070"));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub(super) async fn serve_endpoints(
             )))?;
         let bound = server.addr;
         control_server = Some(server);
+        if cfg.control.insecure && !bound.ip().is_loopback() {
+            warn!(addr = %bound, "the control API is reachable from other hosts without a token or TLS (control.insecure = true)");
+        }
         info!(addr = %bound, token = cfg.control.token.is_some(), tls = cfg.control.tls_cert.is_some(), "control API listening (gRPC)");
     }
     if let Some(addr) = &cfg.control.metrics {

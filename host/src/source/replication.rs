@@ -241,6 +241,10 @@ impl ReplicationClient {
                 .ok_or_else(|| SourceError::PasswordRequired { user: user.clone() })
         };
         let mut scram: Option<sasl::ScramSha256> = None;
+        // SCRAM authenticates the server too: its final message carries a signature
+        // `finish` verifies. A server (or a man in the middle) that answers
+        // AuthenticationOk without it has not proven it knows the password.
+        let mut scram_verified = false;
         loop {
             let Raw::Other(msg) = self.next().await? else {
                 return Err(SourceError::Protocol(
@@ -248,7 +252,13 @@ impl ReplicationClient {
                 ));
             };
             match msg {
-                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationOk => {
+                    if scram.is_some() && !scram_verified {
+                        return Err(SourceError::Protocol(
+                            "the server accepted SCRAM-SHA-256 authentication without proving it knows the password (no server signature): refusing the connection".into(),
+                        ));
+                    }
+                }
                 backend::Message::AuthenticationCleartextPassword => {
                     frontend::password_message(password()?, &mut self.wbuf)?;
                     self.flush().await?;
@@ -290,6 +300,7 @@ impl ReplicationClient {
                         SourceError::Protocol("SASL final before SASL start".into())
                     })?;
                     s.finish(body.data())?;
+                    scram_verified = true;
                 }
                 backend::Message::AuthenticationKerberosV5 => {
                     return Err(SourceError::UnsupportedAuth("Kerberos V5"))
@@ -600,6 +611,41 @@ impl ReplicationWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that asks for SCRAM-SHA-256 and then says AuthenticationOk without its
+    /// signature (what a man in the middle who does not know the password would do).
+    #[tokio::test]
+    async fn scram_without_the_server_signature_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await.unwrap(); // startup message
+            let mech = b"SCRAM-SHA-256\0\0";
+            let mut sasl = vec![b'R'];
+            sasl.extend_from_slice(&((4 + 4 + mech.len()) as i32).to_be_bytes());
+            sasl.extend_from_slice(&10i32.to_be_bytes());
+            sasl.extend_from_slice(mech);
+            sock.write_all(&sasl).await.unwrap();
+            let _ = sock.read(&mut buf).await.unwrap(); // SASLInitialResponse
+            let mut ok = vec![b'R'];
+            ok.extend_from_slice(&8i32.to_be_bytes());
+            ok.extend_from_slice(&0i32.to_be_bytes());
+            sock.write_all(&ok).await.unwrap();
+            let _ = sock.read(&mut buf).await;
+        });
+        let cfg = ConnectionConfig::parse(&format!(
+            "postgres://u:p@127.0.0.1:{port}/db?sslmode=disable"
+        ))
+        .unwrap();
+        let e = ReplicationClient::connect(&cfg).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("without proving it knows the password"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn frames() {
