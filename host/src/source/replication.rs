@@ -252,13 +252,12 @@ impl ReplicationClient {
                 ));
             };
             match msg {
-                backend::Message::AuthenticationOk => {
-                    if scram.is_some() && !scram_verified {
-                        return Err(SourceError::Protocol(
-                            "the server accepted SCRAM-SHA-256 authentication without proving it knows the password (no server signature): refusing the connection".into(),
-                        ));
-                    }
+                backend::Message::AuthenticationOk if scram.is_some() && !scram_verified => {
+                    return Err(SourceError::Protocol(
+                        "the server accepted SCRAM-SHA-256 authentication without proving it knows the password (no server signature): refusing the connection".into(),
+                    ));
                 }
+                backend::Message::AuthenticationOk => {}
                 backend::Message::AuthenticationCleartextPassword => {
                     frontend::password_message(password()?, &mut self.wbuf)?;
                     self.flush().await?;
