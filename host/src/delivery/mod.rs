@@ -38,6 +38,12 @@ pub enum Delivery {
     /// snapshot batch id: written like a batch, but outside the stream, so no position
     /// moves.
     Snapshot(Batch),
+    /// A new stream session starts (after a lost connection): what the previous session
+    /// had not handed on is gone, so chunks whose last `read` change was never handed
+    /// are forgotten (the next session's snapshotter copies them again) — they must not
+    /// be marked done by a later batch that reaches their position. Sent only once
+    /// delivery has acknowledged everything before it.
+    NewSession,
     /// A chunk's `read` changes were all handed on: it is done once the batch holding
     /// `last` is acknowledged — or, without `last` (the exported copy's parts, or a chunk
     /// with no rows left), once every item before this one is.
@@ -166,6 +172,12 @@ pub async fn run<S: Sink>(
                     return Ok(());
                 }
                 stats.record_snapshot_batch(&batch);
+            }
+            Delivery::NewSession => {
+                if !chunks_pending.is_empty() {
+                    debug!(chunks = chunks_pending.len(), "new stream session: chunks whose reads were never handed on are copied again");
+                }
+                chunks_pending.clear();
             }
             Delivery::ChunkRead { chunk, last } => match last {
                 Some(last) if cp.acked_through.is_none_or(|a| a < last) => {
@@ -343,5 +355,55 @@ mod tests {
         // confirmable through transaction 2's end (3's comes as a later watermark).
         assert_eq!(cp.confirmed_lsn, Lsn(210));
         assert!(store.pending_intents(0).unwrap().is_empty());
+    }
+
+    /// A chunk whose last read was in an open batch that a lost connection dropped must
+    /// not be marked done by a later batch of the next session that passes its position.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_new_session_forgets_chunks_whose_reads_were_never_handed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut batches = batches().into_iter();
+        let (tx, rx) = mpsc::channel(8);
+        let (confirmed, _confirmed_rx) = watch::channel(Lsn(0));
+        let (_stop_tx, stop) = watch::channel(false);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stats = Arc::new(Stats::default());
+        let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
+        let task = tokio::spawn(run(
+            IntentChecking {
+                store: store.clone(),
+                seen: seen.clone(),
+            },
+            store.clone(),
+            rx,
+            confirmed,
+            stats,
+            tracker,
+            stop,
+        ));
+        // session 1: chunk 7's reads end at (100, 1), in a batch never handed on
+        let first = batches.next().unwrap();
+        let last = first.last;
+        tx.send(Delivery::ChunkRead {
+            chunk: 7,
+            last: Some(last),
+        })
+        .await
+        .unwrap();
+        // session 2 starts; its first batch reaches past (100, 1)
+        tx.send(Delivery::NewSession).await.unwrap();
+        tx.send(Delivery::Batch(first)).await.unwrap();
+        tx.send(Delivery::Batch(batches.next().unwrap()))
+            .await
+            .unwrap();
+        drop(tx);
+        task.await.unwrap().unwrap();
+        assert_eq!(*seen.lock().unwrap(), [1, 2]);
+        let state = store.snapshot_state().unwrap();
+        assert!(
+            !state.done.contains(&7),
+            "chunk 7 is copied again, not marked done"
+        );
     }
 }

@@ -295,17 +295,19 @@ impl PluginChain {
                 }
                 _ => match repr.typed(batch) {
                     Ok(wb) => t.process(wb).await?,
-                    Err(e) => return Ok(Err(Failure::DeadLetter(e))),
+                    // not the plugin's doing, but nothing leaves the stream unasked:
+                    // the stage's on_fault decides
+                    Err(e) => return Ok(Err(Failure::Retry(t.name().clone(), e))),
                 },
             };
             match result {
                 Ok(transform_world::TransformResult::KeepAll) => {}
                 Ok(transform_world::TransformResult::Keep(indices)) => {
                     if let Err(e) = repr.keep(batch, &indices) {
-                        return Ok(Err(Failure::DeadLetter(format!(
-                            "transform {}: {e}",
-                            t.name()
-                        ))));
+                        return Ok(Err(Failure::Retry(
+                            t.name().clone(),
+                            format!("transform {}: {e}", t.name()),
+                        )));
                     }
                 }
                 Ok(transform_world::TransformResult::Replace((relations, changes))) => {
@@ -336,7 +338,7 @@ impl PluginChain {
             }
             _ => match repr.typed(batch) {
                 Ok(wb) => self.sink.write(wb).await?,
-                Err(e) => return Ok(Err(Failure::DeadLetter(e))),
+                Err(e) => return Ok(Err(Failure::Retry(self.sink.name().clone(), e))),
             },
         };
         match written {
@@ -363,11 +365,14 @@ impl PluginChain {
                     .into_iter()
                     .map(|r| (r.index, format!("sink {}: {}", self.sink.name(), r.reason)));
                 match repr.letters(batch, reasons) {
-                    // An index outside the batch: do not guess, dead-letter the batch.
-                    None => Failure::DeadLetter(format!(
-                        "sink {} dead-lettered {n} changes by invalid index",
-                        self.sink.name()
-                    )),
+                    // An index outside the batch: do not guess; a plugin fault.
+                    None => Failure::Retry(
+                        self.sink.name().clone(),
+                        format!(
+                            "sink {} dead-lettered {n} changes by invalid index",
+                            self.sink.name()
+                        ),
+                    ),
                     Some(letters) => match self.store_letters(letters) {
                         Ok(()) => Failure::Partial,
                         Err(e) => Failure::Sink(e),

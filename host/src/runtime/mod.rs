@@ -224,7 +224,6 @@ pub async fn run_with(
     // Phase "stream": sessions, reconnecting after a lost connection.
     let sessions = session::Sessions {
         cfg,
-        opts,
         conn: &conn,
         store: store.clone(),
         stats: stats.clone(),
@@ -235,6 +234,7 @@ pub async fn run_with(
         shutdown: shutdown.clone(),
         pause_rx,
         handed_batches: 0,
+        last_handed_id: 0,
         system_id,
     };
     let ended = match sessions.run(repl, watermark_tables).await {
@@ -358,9 +358,23 @@ async fn setup_and_resume(
     if !new_slot {
         if let Some(health) = setup::slot_health(&sql, &cfg.source.slot).await? {
             session::record_health(stats, &health);
-            if let Some(tables) =
-                session::check_slot(cfg, opts, &store, &mut cp, &health, &published)?
-            {
+            let decision = session::check_slot(
+                cfg,
+                opts.accept_slot_gap,
+                &health,
+                cp.confirmed_lsn,
+                &published,
+            )?;
+            // delivery has not started: the checkpoint is written here
+            if let Some(to) = decision.move_to {
+                cp = crate::checkpoint::Checkpoint {
+                    confirmed_lsn: to,
+                    ..cp
+                };
+                store.commit(&cp, None, &[])?;
+            }
+            if let Some(tables) = decision.resnapshot {
+                store.request_snapshots(&tables)?;
                 resnapshot = tables;
             }
         }
@@ -454,8 +468,9 @@ impl Tail {
             session::Ended::Streaming {
                 mut reader,
                 snapshotter,
+                flush,
             } => {
-                if let Some(batch) = reader.batcher.flush() {
+                if let Some(batch) = reader.batcher.flush().filter(|_| flush) {
                     if tokio::time::timeout_at(deadline, tx.send(Delivery::Batch(batch)))
                         .await
                         .is_err()
@@ -488,8 +503,15 @@ impl Tail {
         };
         let confirmed = *confirmed_rx.borrow_and_update();
         if let Some(mut w) = writer {
-            w.send_status(confirmed, confirmed, false).await?;
-            let _ = w.finish().await;
+            // the connection may be gone: the position is durable, it is sent next time
+            match w.send_status(confirmed, confirmed, false).await {
+                Ok(()) => {
+                    let _ = w.finish().await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot send the final position; it is sent at the next start")
+                }
+            }
         }
         info!(confirmed = %confirmed, "stopped");
         if let Some(server) = self.control_server {

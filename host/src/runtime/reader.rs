@@ -41,6 +41,8 @@ pub(super) struct Reader {
     /// (compared with `stats.batches_delivered`, the batches the sink acknowledged, to
     /// tell when delivery is idle; carried from session to session).
     pub(super) handed_batches: u64,
+    /// Id of the last batch handed to delivery (0: none yet).
+    pub(super) last_handed_id: u64,
     pub(super) tx: mpsc::Sender<Delivery>,
     pub(super) confirmed_rx: watch::Receiver<Lsn>,
     pub(super) status_tick: Interval,
@@ -83,7 +85,10 @@ impl Reader {
     ///
     /// Cancel-safe as the supervisor needs it: a batch counts as handed only once sent.
     async fn hand(&mut self, item: Delivery) -> Result<(), RunError> {
-        let is_batch = matches!(item, Delivery::Batch(_));
+        let batch_id = match &item {
+            Delivery::Batch(b) => Some(b.id),
+            _ => None,
+        };
         if let Delivery::Batch(b) = &item {
             debug!(batch = b.id, first = %b.first, last = %b.last, changes = b.changes.len(), watermark = ?b.watermark, replayed = b.replayed, "handing batch");
         }
@@ -95,8 +100,9 @@ impl Reader {
                 permit = tx.reserve() => match permit {
                     Ok(permit) => {
                         permit.send(item);
-                        if is_batch {
+                        if let Some(id) = batch_id {
                             self.handed_batches += 1;
+                            self.last_handed_id = id;
                         }
                         if waited {
                             // reading stopped for backpressure, not for the server
@@ -230,6 +236,8 @@ impl Reader {
             }
             Frame::End => return Err(RunError::StreamEnded),
         }
+        // a long frame (a streamed transaction's replay) is not the server's silence
+        self.heard();
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{error, info, warn};
 
 use super::reader::Reader;
-use super::{RunError, RunOptions};
+use super::RunError;
 use crate::checkpoint::{Checkpoint, Identity, Store};
 use crate::config::{Config, OnSlotAhead};
 use crate::control::Control;
@@ -49,6 +49,9 @@ pub(super) enum Ended {
     Streaming {
         reader: Box<Reader>,
         snapshotter: JoinHandle<Result<(), SnapshotError>>,
+        /// The open batch may be cut and handed on (false when the stop came while a
+        /// batch was being handed: the open batch would follow a batch never handed).
+        flush: bool,
     },
     /// Shutdown was requested while no connection was up (reconnecting).
     Disconnected,
@@ -57,7 +60,6 @@ pub(super) enum Ended {
 /// Everything a stream session needs, kept from session to session.
 pub(super) struct Sessions<'a> {
     pub cfg: &'a Config,
-    pub opts: &'a RunOptions,
     pub conn: &'a ConnectionConfig,
     pub store: Arc<Store>,
     pub stats: Arc<Stats>,
@@ -69,6 +71,8 @@ pub(super) struct Sessions<'a> {
     pub pause_rx: watch::Receiver<bool>,
     /// Batches handed to delivery so far (see [`Reader::handed_batches`]).
     pub handed_batches: u64,
+    /// Id of the last batch handed to delivery (0: none yet).
+    pub last_handed_id: u64,
     /// The system identifier the store belongs to.
     pub system_id: String,
 }
@@ -90,11 +94,12 @@ impl Sessions<'_> {
     ) -> Result<Ended, RunError> {
         let mut repl = Some(first);
         let mut tables = watermark_tables;
-        // failed attempts since the last session that reached streaming
+        // failed attempts since the last session that streamed for a while
         let mut attempts: u32 = 0;
+        let steady = Duration::from_millis(self.cfg.source.reconnect.max_ms);
         loop {
             let reconnect = repl.is_none();
-            let mut streamed = false;
+            let mut streamed: Option<Instant> = None;
             let result = self
                 .session(
                     repl.take(),
@@ -103,17 +108,19 @@ impl Sessions<'_> {
                     &mut streamed,
                 )
                 .await;
-            if streamed {
+            // A server that drops every session right after it starts still backs off.
+            if streamed.is_some_and(|at| at.elapsed() >= steady) {
                 attempts = 0;
             }
             let e = match result {
                 Ok(end) => return Ok(end),
+                Err(_) if *self.shutdown.borrow() => return Ok(Ended::Disconnected),
                 Err(e) => e,
             };
             let retry = e.is_connection_lost()
                 // the walsender of the lost connection may hold the slot a while longer
                 || (reconnect && e.is_slot_in_use());
-            if !retry || *self.shutdown.borrow() {
+            if !retry {
                 return Err(e);
             }
             attempts += 1;
@@ -137,18 +144,24 @@ impl Sessions<'_> {
             if !self.wait_for_delivery().await? {
                 return Ok(Ended::Disconnected);
             }
+            // What the session had not handed on is gone: snapshot chunks whose reads
+            // were not handed are forgotten, by delivery and by the tracker, and copied
+            // again by the next session's snapshotter (with the tables still requested).
+            if self.tx.send(Delivery::NewSession).await.is_err() {
+                return Err(RunError::Interrupted);
+            }
+            self.tracker.forget_in_flight();
+            tables = self.store.snapshot_state()?.requested.into_iter().collect();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.shutdown.changed() => return Ok(Ended::Disconnected),
             }
-            // The next session snapshots what is still requested (watermark chunks of
-            // an interrupted table are copied again).
-            tables = self.store.snapshot_state()?.requested.into_iter().collect();
         }
     }
 
-    /// Waits until delivery has acknowledged every batch handed on and its queue is
-    /// empty. False when shutdown was requested meanwhile.
+    /// Waits until delivery has acknowledged every batch handed on, the checkpoint of
+    /// the last one is durable, and its queue is empty. False when shutdown was
+    /// requested meanwhile.
     async fn wait_for_delivery(&mut self) -> Result<bool, RunError> {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -157,7 +170,10 @@ impl Sessions<'_> {
                 return Err(RunError::Interrupted);
             }
             let acked = self.stats.batches_delivered.load(Ordering::Relaxed);
-            if acked >= self.handed_batches && self.tx.capacity() == self.tx.max_capacity() {
+            if acked >= self.handed_batches
+                && self.tx.capacity() == self.tx.max_capacity()
+                && self.store.checkpoint()?.last_batch_id >= self.last_handed_id
+            {
                 return Ok(true);
             }
             tokio::select! {
@@ -170,10 +186,41 @@ impl Sessions<'_> {
     async fn session(
         &mut self,
         repl: Option<ReplicationClient>,
+        watermark_tables: Vec<String>,
+        reconnect: bool,
+        streamed: &mut Option<Instant>,
+    ) -> Result<Ended, RunError> {
+        // Starting is bounded (a peer gone silent after the connect) and gives way to a
+        // stop request.
+        let bound = Duration::from_millis(self.cfg.source.receive_timeout_ms);
+        let addr = self.conn.addr();
+        let mut stop = self.shutdown.clone();
+        let started = tokio::select! {
+            r = tokio::time::timeout(bound, self.start(repl, watermark_tables, reconnect)) => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(crate::source::SourceError::Timeout {
+                        what: "starting the stream",
+                        addr,
+                        after_ms: bound.as_millis() as u64,
+                    }
+                    .into())
+                }
+            },
+            _ = stop.changed() => return Ok(Ended::Disconnected),
+        };
+        *streamed = Some(Instant::now());
+        self.stream(started, reconnect).await
+    }
+
+    /// Connects (unless given the connection setup opened), checks the slot and starts
+    /// replication at the durable checkpoint.
+    async fn start(
+        &mut self,
+        repl: Option<ReplicationClient>,
         mut watermark_tables: Vec<String>,
         reconnect: bool,
-        streamed: &mut bool,
-    ) -> Result<Ended, RunError> {
+    ) -> Result<Started, RunError> {
         let cfg = self.cfg;
         let slot = &cfg.source.slot;
         let repl = match repl {
@@ -202,14 +249,30 @@ impl Sessions<'_> {
                         confirmed: cp.confirmed_lsn.to_string(),
                     })?;
             let published = super::published_tables(&sql, &cfg.source.publication).await?;
-            if let Some(tables) =
-                check_slot(cfg, self.opts, &self.store, &mut cp, &health, &published)?
-            {
-                watermark_tables.extend(tables);
-                watermark_tables.sort();
-                watermark_tables.dedup();
-            }
+            // `--accept-slot-gap` was a choice for the start, not for later gaps.
+            let decision = check_slot(cfg, false, &health, cp.confirmed_lsn, &published)?;
             record_health(&self.stats, &health);
+            if let Some(to) = decision.move_to {
+                if let Some(tables) = decision.resnapshot {
+                    self.store.request_snapshots(&tables)?;
+                    watermark_tables.extend(tables);
+                    watermark_tables.sort();
+                    watermark_tables.dedup();
+                }
+                // Through delivery, which owns the checkpoint (its next write must not
+                // take it back).
+                self.tx
+                    .send(Delivery::Watermark(to))
+                    .await
+                    .map_err(|_| RunError::Interrupted)?;
+                while self.store.checkpoint()?.confirmed_lsn < to {
+                    if self.tx.is_closed() {
+                        return Err(RunError::Interrupted);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                cp = self.store.checkpoint()?;
+            }
         }
         let pending = self.store.pending_intents(cp.last_batch_id)?;
         if !pending.is_empty() {
@@ -229,7 +292,28 @@ impl Sessions<'_> {
                 }),
                 _ => RunError::from(e),
             })?;
-        *streamed = true;
+        Ok(Started {
+            reader,
+            writer,
+            sql,
+            cp,
+            pending,
+            watermark_tables,
+        })
+    }
+
+    /// Streams a started session until shutdown or an error.
+    async fn stream(&mut self, started: Started, reconnect: bool) -> Result<Ended, RunError> {
+        let cfg = self.cfg;
+        let slot = &cfg.source.slot;
+        let Started {
+            reader,
+            writer,
+            sql,
+            cp,
+            pending,
+            watermark_tables,
+        } = started;
         // (state first, then the log line: tests and operators read the log)
         if let Ok(mut s) = self.stats.source_error.lock() {
             *s = None;
@@ -327,6 +411,7 @@ impl Sessions<'_> {
             batcher,
             flush_when_caught_up: cfg.pipeline.flush_when_caught_up,
             handed_batches: self.handed_batches,
+            last_handed_id: self.last_handed_id,
             tx: self.tx.clone(),
             confirmed_rx: self.confirmed_rx.clone(),
             status_tick,
@@ -351,10 +436,18 @@ impl Sessions<'_> {
             Ok(e) = &mut fault_rx => Err(RunError::Snapshot(e)),
         };
         self.handed_batches = r.handed_batches;
+        self.last_handed_id = r.last_handed_id;
         match streamed {
             Ok(()) => Ok(Ended::Streaming {
                 reader: r,
                 snapshotter,
+                flush: true,
+            }),
+            // stopped while handing a batch on: drain without the open batch
+            Err(RunError::Interrupted) if *self.shutdown.borrow() => Ok(Ended::Streaming {
+                reader: r,
+                snapshotter,
+                flush: false,
             }),
             Err(e) => {
                 snapshotter.abort();
@@ -362,6 +455,16 @@ impl Sessions<'_> {
             }
         }
     }
+}
+
+/// A session that reached `START_REPLICATION`.
+struct Started {
+    reader: crate::source::replication::ReplicationReader,
+    writer: crate::source::replication::ReplicationWriter,
+    sql: tokio_postgres::Client,
+    cp: Checkpoint,
+    pending: Vec<crate::pipeline::change::BatchIntent>,
+    watermark_tables: Vec<String>,
 }
 
 /// Aborts a background task when the session that started it ends.
@@ -381,48 +484,53 @@ pub(super) fn backoff(attempt: u32, initial_ms: u64, max_ms: u64) -> Duration {
     Duration::from_millis((base * (0.8 + 0.4 * fastrand::f64())) as u64)
 }
 
-/// Checks the slot against the checkpoint (see [`SlotHealth::check`]) and applies the
-/// operator's choice when the slot is ahead: `--accept-slot-gap` moves the checkpoint to
-/// the slot's position; `snapshot.on_slot_ahead = "resnapshot"` does too, and requests a
-/// snapshot of the published tables, which are returned for the watermark snapshotter.
+/// What to do about the slot's position (see [`check_slot`]).
+#[derive(Debug, Default)]
+pub(super) struct SlotDecision {
+    /// Move the checkpoint to this LSN (the slot's), as the operator chose.
+    pub move_to: Option<Lsn>,
+    /// And snapshot these tables again (`snapshot.on_slot_ahead = "resnapshot"`).
+    pub resnapshot: Option<Vec<String>>,
+}
+
+/// Checks the slot against the checkpoint at `checkpoint` (see [`SlotHealth::check`])
+/// and says what the operator chose when the slot is ahead: `accept_gap`
+/// (`--accept-slot-gap`, at start only) moves the checkpoint to the slot's position;
+/// `snapshot.on_slot_ahead = "resnapshot"` does too, and snapshots the published tables
+/// again. The caller applies the decision.
 ///
 /// # Errors
-/// [`SetupError::SlotInvalidated`], [`SetupError::SlotAhead`] (without a choice), store
-/// errors.
+/// [`SetupError::SlotInvalidated`], [`SetupError::SlotAhead`] (without a choice).
 pub(super) fn check_slot(
     cfg: &Config,
-    opts: &RunOptions,
-    store: &Store,
-    cp: &mut Checkpoint,
+    accept_gap: bool,
     health: &SlotHealth,
+    checkpoint: Lsn,
     published: &[String],
-) -> Result<Option<Vec<String>>, RunError> {
+) -> Result<SlotDecision, RunError> {
     let slot = &cfg.source.slot;
-    match health.check(slot, cp.confirmed_lsn) {
+    match health.check(slot, checkpoint) {
         Ok(()) => {
             if health.wal_status.as_deref() == Some("unreserved") {
                 warn!(slot = %slot, retained_bytes = health.retained_bytes, "the slot's WAL is unreserved: PostgreSQL may remove WAL it needs at the next checkpoint (max_slot_wal_keep_size); the slot is then lost");
             }
-            Ok(None)
+            Ok(SlotDecision::default())
         }
         Err(SetupError::SlotAhead {
             slot_lsn,
             checkpoint,
             ..
-        }) if opts.accept_slot_gap || cfg.snapshot.on_slot_ahead == OnSlotAhead::Resnapshot => {
+        }) if accept_gap || cfg.snapshot.on_slot_ahead == OnSlotAhead::Resnapshot => {
             let resnapshot = cfg.snapshot.on_slot_ahead == OnSlotAhead::Resnapshot;
             if resnapshot {
                 warn!(slot = %slot, slot_lsn = %slot_lsn, checkpoint = %checkpoint, tables = ?published, "the slot is ahead of the checkpoint: changes between them were never delivered; re-snapshotting the pipeline's tables (snapshot.on_slot_ahead = \"resnapshot\")");
-                store.request_snapshots(published)?;
             } else {
                 warn!(slot = %slot, slot_lsn = %slot_lsn, checkpoint = %checkpoint, "the slot is ahead of the checkpoint: the changes committed between {checkpoint} and {slot_lsn} were never delivered; going on from {slot_lsn} as --accept-slot-gap says (accepted data loss)");
             }
-            *cp = Checkpoint {
-                confirmed_lsn: slot_lsn,
-                ..*cp
-            };
-            store.commit(cp, None, &[])?;
-            Ok(resnapshot.then(|| published.to_vec()))
+            Ok(SlotDecision {
+                move_to: Some(slot_lsn),
+                resnapshot: resnapshot.then(|| published.to_vec()),
+            })
         }
         Err(e) => Err(e.into()),
     }

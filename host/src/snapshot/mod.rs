@@ -171,6 +171,15 @@ impl Tracker {
         }
     }
 
+    /// Forgets every plan in flight (a new stream session re-plans what is still
+    /// requested from the store): a chunk of the old session can no longer complete a
+    /// table.
+    pub fn forget_in_flight(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            *inner = TrackerInner::default();
+        }
+    }
+
     /// Tracks `plan`, of which `done` chunks are already done; returns the chunks to copy.
     pub fn add_plan(
         &self,

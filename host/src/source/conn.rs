@@ -394,10 +394,15 @@ impl ConnectionConfig {
         }
         let name = ServerName::try_from(host_name.clone())
             .map_err(|e| self.tls_error(format!("host name {host_name:?}: {e}")))?;
+        // A handshake cut off by the network is a lost connection (retried); one the
+        // certificate checks refuse (InvalidData) is a TLS error (fatal).
         let tls = tokio_rustls::TlsConnector::from(self.tls_config()?)
             .connect(name, tcp)
             .await
-            .map_err(|e| self.tls_error(e.to_string()))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => self.tls_error(e.to_string()),
+                _ => connect_err(e),
+            })?;
         Ok(Box::new(tls))
     }
 }

@@ -127,11 +127,13 @@ pub enum SourceError {
 }
 
 /// SQLSTATE codes of a server going away or not yet accepting connections (PostgreSQL
-/// docs, Appendix A "PostgreSQL Error Codes"): class 08 (connection exception), 57P01
+/// docs, Appendix A "PostgreSQL Error Codes"): class 08 (connection exception) but
+/// 08P01 `protocol_violation` (a bug, not a blip), 57P01
 /// `admin_shutdown`, 57P02 `crash_shutdown`, 57P03 `cannot_connect_now` (starting up,
 /// in recovery), 57P05 `idle_session_timeout`, 53300 `too_many_connections`.
 fn connection_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "57P05" | "53300")
+    (code.starts_with("08") && code != "08P01")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "57P05" | "53300")
 }
 
 impl SourceError {
