@@ -193,6 +193,32 @@ async fn a_plugin_fault_stops_the_pipeline_unless_dead_letter_is_chosen() {
         || d.log(),
         || delivered(&rx).contains(&3),
     );
+    // the operator reads the dead letters while the pipeline runs
+    let dlq = |args: &[&str]| {
+        let mut all: Vec<&std::ffi::OsStr> = vec!["dlq".as_ref()];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        all.push("--config".as_ref());
+        all.push(pipe.config.as_os_str());
+        support::dbmazz(&all)
+    };
+    let (ok, listed) = dlq(&["list"]);
+    assert!(ok, "{listed}");
+    assert!(
+        listed.contains("public.t")
+            && listed.contains("trapped")
+            && listed.contains("1 dead letters"),
+        "{listed}"
+    );
+    let (ok, shown) = dlq(&["show"]);
+    assert!(ok, "{shown}");
+    let line: serde_json::Value = serde_json::from_str(shown.lines().next().unwrap()).unwrap();
+    assert_eq!(line["change"]["new"]["id"], 2, "{shown}");
+    // purging needs the pipeline stopped
+    let (ok, refused) = dlq(&["purge", "--all"]);
+    assert!(
+        !ok && refused.contains("is the pipeline running"),
+        "{refused}"
+    );
     d.signal("TERM");
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
     let dead = pipe.dead_letters();
@@ -200,6 +226,11 @@ async fn a_plugin_fault_stops_the_pipeline_unless_dead_letter_is_chosen() {
     let payload: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
     assert_eq!(payload["new"]["id"], 2);
     assert!(!delivered(&rx).contains(&2));
+    let (ok, purged) = dlq(&["purge", "--all"]);
+    assert!(ok && purged.contains("removed 1 dead letters"), "{purged}");
+    assert!(pipe.dead_letters().is_empty());
+    let (ok, listed) = dlq(&["list"]);
+    assert!(ok && listed.contains("0 dead letters"), "{listed}");
 }
 
 /// A pipeline started over (state.dir removed, slot recreated) counts batch ids from 1

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod control;
 pub mod delivery;
+pub mod dlq;
 pub mod localpg;
 pub mod lsn;
 pub mod metrics;

@@ -91,6 +91,11 @@ enum Command {
         #[arg(long)]
         plugins: Option<PathBuf>,
     },
+    /// Read (and purge) the dead-letter store of a pipeline.
+    Dlq {
+        #[command(subcommand)]
+        command: dbmazz::dlq::DlqCommand,
+    },
     /// Work with plugin files.
     Plugin {
         #[command(subcommand)]
@@ -196,6 +201,16 @@ fn main() -> ExitCode {
             Command::Plugin {
                 command: PluginCommand::Inspect { file },
             } => inspect(&file),
+            Command::Dlq { command } => match dbmazz::dlq::run(&command) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }

@@ -253,6 +253,28 @@ impl Store {
         })
     }
 
+    /// Opens the store in `dir` for reading only, without its lock: works while a running
+    /// dbmazz holds the store (it sees what was written up to the open).
+    ///
+    /// # Errors
+    /// [`StoreError::Rocks`] when there is no store in `dir`, or it cannot be read.
+    pub fn open_read_only(dir: &Path) -> Result<Self, StoreError> {
+        let db = DB::open_cf_for_read_only(
+            &Options::default(),
+            dir,
+            [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV, CF_SNAPSHOT],
+            false,
+        )
+        .map_err(|source| StoreError::Rocks {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
         StoreError::Rocks {
             path: self.path.clone(),
@@ -601,6 +623,30 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Removes the dead letters of batch `batch` (all of them with `None`), synced;
+    /// returns how many were removed.
+    ///
+    /// # Errors
+    /// RocksDB errors (a store opened read-only refuses).
+    pub fn purge_dead_letters(&self, batch: Option<BatchId>) -> Result<u64, StoreError> {
+        let mut wb = WriteBatch::default();
+        let mut n = 0;
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DEAD), rocksdb::IteratorMode::Start)
+        {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            if batch.is_none() || get_u64(&k, 0) == batch {
+                wb.delete_cf(self.cf(CF_DEAD), &k);
+                n += 1;
+            }
+        }
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))?;
+        Ok(n)
     }
 
     fn kv_key(namespace: &str, key: &[u8]) -> Vec<u8> {
