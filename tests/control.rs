@@ -4,41 +4,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use prometheus_parse::{Sample, Scrape, Value};
-use support::{eventually, plugins, Pg, Pipeline, Receiver};
+use support::{eventually, http_get as get, logged_addr, plugins, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(90);
-
-/// `GET path` over HTTP/1.0; (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
-/// The address a `dbmazz` configured with port 0 logged (`addr=host:port`).
-fn logged_addr(d: &support::Dbmazz) -> String {
-    d.log()
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("the bound address is logged")
-        .to_string()
-}
 
 /// A PostgreSQL with tables `t1` and `t2` (id int primary key, v text).
 async fn two_tables() -> (Pg, tokio_postgres::Client) {
