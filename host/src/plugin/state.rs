@@ -154,6 +154,21 @@ pub struct AllowListHooks {
     timeout: std::time::Duration,
 }
 
+/// True when host-injected credentials (`capabilities.http_auth`) may go with a request
+/// to `uri`: over `https://`, or over plain HTTP only to a loopback address (`localhost`,
+/// `127.0.0.0/8`, `::1`), which no one on the network can read.
+pub fn may_carry_credentials(uri: &http::Uri) -> bool {
+    if uri.scheme_str() == Some("https") {
+        return true;
+    }
+    let host = uri.host().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The `host:port` an outgoing request goes to, as allow-lists name it (the scheme's
 /// default port when the URI has none: 443 for `https`, else 80); `None` without a host.
 pub fn authority_of(uri: &http::Uri) -> Option<String> {
@@ -197,6 +212,10 @@ impl WasiHttpHooks for AllowListHooks {
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         if let Some(value) = target.as_ref().and_then(|t| self.auth.get(t)) {
+            if !may_carry_credentials(request.uri()) {
+                tracing::warn!(plugin = %self.plugin, target = target.as_deref().unwrap_or("?"), "outgoing HTTP refused: capabilities.http_auth is sent only over https:// (or plain http to a loopback address)");
+                return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+            }
             if let Ok(v) = http::HeaderValue::from_str(value) {
                 request.headers_mut().insert(http::header::AUTHORIZATION, v);
             }
@@ -356,4 +375,20 @@ impl kv::Host for PluginState {
 
 fn denied_kv() -> String {
     "capability kv is not granted to this plugin (capabilities = { kv = true })".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_carry_credentials;
+
+    #[test]
+    fn credentials_go_only_over_tls_or_to_loopback() {
+        let ok = |u: &str| may_carry_credentials(&u.parse().unwrap());
+        assert!(ok("https://hooks.example.com/x"));
+        assert!(ok("http://127.0.0.1:9000/x"));
+        assert!(ok("http://localhost:9000/x"));
+        assert!(ok("http://[::1]:9000/x"));
+        assert!(!ok("http://hooks.example.com/x"));
+        assert!(!ok("http://10.0.0.5:8030/x"));
+    }
 }
