@@ -734,7 +734,16 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, String> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        // Not `e.to_string()`: it quotes the offending line, which may hold a password.
+        let mut table: toml::Table = toml::from_str(text).map_err(|e: toml::de::Error| {
+            let at = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {column}")
+            });
+            format!("TOML syntax error{at}: {}", e.message())
+        })?;
         let mut env: Vec<(String, String)> = env.into_iter().collect();
         env.sort();
         for (k, v) in &env {
@@ -753,7 +762,15 @@ impl Config {
             if let Some(rest) = k.strip_prefix("DBMAZZ_") {
                 let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
                 if path.len() >= 2 {
-                    let value = if path.last().is_some_and(|l| l == "url") {
+                    // Keys that are text whatever they look like (a token of digits, a
+                    // slot named 0x1F) are taken as given.
+                    let text = path.last().is_some_and(|l| {
+                        matches!(
+                            l.as_str(),
+                            "url" | "token" | "password" | "secret" | "slot" | "publication"
+                        )
+                    });
+                    let value = if text {
                         toml::Value::String(v.clone())
                     } else {
                         env_value(v)
@@ -934,6 +951,23 @@ mod tests {
         assert!(e.contains("snapshot.workers"), "{e}");
         let e = Config::parse(&format!("{MIN}\n[snapshot]\nchunk = 5\n"), []).unwrap_err();
         assert!(e.contains("chunk"), "{e}");
+    }
+
+    #[test]
+    fn text_keys_from_the_environment_stay_text_and_syntax_errors_quote_nothing() {
+        let c = Config::parse(
+            MIN,
+            [("DBMAZZ_CONTROL__TOKEN".to_string(), "123456".to_string())],
+        )
+        .unwrap();
+        assert_eq!(c.control.token.as_deref(), Some("123456"));
+        let broken = MIN.replace(
+            "[source]",
+            "[source]\nurl = \"postgres://u:hunter2@db/app\" oops",
+        );
+        let e = Config::parse(&broken, []).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
     }
 
     #[test]
