@@ -315,3 +315,65 @@ async fn a_pipeline_started_over_never_reuses_idempotency_keys_or_event_ids() {
         .collect();
     assert!(second_life.contains(&2), "{second_life:?}");
 }
+
+/// SIGTERM while the sink is unreachable: the drain is bounded by
+/// `pipeline.drain_timeout_ms`, nothing past what was acknowledged is confirmed, and a
+/// restart delivers everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_sink_outage_exits_within_the_drain_timeout_and_loses_nothing() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let proxy = FaultProxy::start(rx.addr.port());
+    let hook = format!("127.0.0.1:{}", proxy.port());
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 20\ndrain_timeout_ms = 3000\n\n[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ call_timeout_ms = 1000 }}\n",
+        plugins().webhook.display().to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.execute("INSERT INTO t VALUES (1, 'x')", &[])
+        .await
+        .unwrap();
+    eventually(T, "id 1", || d.log(), || delivered(&rx).contains(&1));
+    proxy.set_blackhole(true);
+    for id in 2..=4 {
+        db.execute("INSERT INTO t VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+    }
+    eventually(
+        T,
+        "the sink failing",
+        || d.log(),
+        || d.log().contains("sink write failed; retrying"),
+    );
+    let asked = Instant::now();
+    d.signal("TERM");
+    let status = d.wait(T).expect("exits");
+    let took = asked.elapsed();
+    assert!(status.success(), "{}", d.log());
+    // 3 s of drain, plus at most one call deadline and the process' own exit
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    assert!(!delivered(&rx).contains(&2));
+    assert!(
+        unconfirmed(&db).await >= 3,
+        "the undelivered changes stay in the slot"
+    );
+
+    proxy.set_blackhole(false);
+    let mut d = pipe.spawn();
+    eventually(
+        T,
+        "ids 1..=4 after the restart",
+        || d.log(),
+        || delivered(&rx) == (1..=4).collect(),
+    );
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    assert!(pipe.dead_letters().is_empty());
+}
