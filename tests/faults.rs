@@ -13,7 +13,6 @@ mod support;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,37 +35,6 @@ fn pipeline(url: &str, tables: &[&str], source: &str, pipeline: &str) -> Pipelin
     let cfg = cfg.replacen("[source]\n", &format!("[source]\n{source}\n"), 1);
     std::fs::write(&p.config, cfg).unwrap();
     p
-}
-
-/// Replaces `from` by `to` in the pipeline's config file.
-fn edit_config(p: &Pipeline, from: &str, to: &str) {
-    let cfg = std::fs::read_to_string(&p.config).unwrap();
-    assert!(cfg.contains(from), "{from:?} not in\n{cfg}");
-    std::fs::write(&p.config, cfg.replacen(from, to, 1)).unwrap();
-}
-
-/// `dbmazz run --config <config> <extra>`, logging to the pipeline directory as
-/// [`Pipeline::spawn`] does.
-fn spawn_with(p: &Pipeline, extra: &[&str]) -> Dbmazz {
-    let n = std::fs::read_dir(p.dir.path())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("dbmazz-"))
-        })
-        .count();
-    let log_path = p.dir.path().join(format!("dbmazz-{n}.log"));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args(["run", "--config"])
-        .arg(&p.config)
-        .args(extra)
-        .env("DBMAZZ_LOG", "info,dbmazz=debug")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn dbmazz");
-    Dbmazz { child, log_path }
 }
 
 /// Panics when `d` has exited: a source fault must never end the process.
@@ -341,6 +309,33 @@ async fn write(
 
 const W_TABLE: &str = "CREATE TABLE w (id bigint PRIMARY KEY, txn int NOT NULL, v text)";
 
+/// Waits until a transaction committed from now on has reached the output: the
+/// pipeline is streaming again.
+fn wait_for_a_new_change(wl: &Workload, p: &Pipeline, d: &Dbmazz, what: &str) {
+    let c0 = wl.committed();
+    wl.wait_committed((c0 + 1).min(wl.txns));
+    p.wait_for(d, T, what, |c| max_id(c) > c0 * wl.per);
+}
+
+/// After the workload (`ids` committed): every change arrived once, in order, the
+/// process still runs and the slot is confirmed through the end of WAL. Returns every
+/// line and the changes once.
+async fn assert_all_delivered_once(
+    pg: &Pg,
+    p: &Pipeline,
+    d: &mut Dbmazz,
+    ids: &[i64],
+    what: &str,
+) -> (Vec<Json>, Vec<Json>) {
+    let end = wal_lsn(pg).await;
+    let changes = p.wait_for(d, T, what, |c| delivered_once(c).len() >= ids.len());
+    assert_running(d, "at the end");
+    let once = delivered_once(&changes);
+    assert_exactly_inserts(&once, ids);
+    assert_slot_confirmed(pg, &end, d).await;
+    (changes, once)
+}
+
 /// The largest id among `changes`.
 fn max_id(changes: &[Json]) -> i64 {
     changes.iter().map(id).max().unwrap_or(0)
@@ -489,12 +484,7 @@ async fn postgres_restarts_and_a_stop_lose_nothing_and_never_end_the_process() {
         pg.restart();
         let back = Instant::now();
         assert_running(&mut d, "after a PostgreSQL restart");
-        // streaming again: a change committed after the restart arrives
-        let c0 = wl.committed();
-        wl.wait_committed((c0 + 1).min(wl.txns));
-        p.wait_for(&d, T, "a change committed after the restart", |c| {
-            max_id(c) > c0 * wl.per
-        });
+        wait_for_a_new_change(&wl, &p, &d, "a change committed after the restart");
         reconnect_times.push(back.elapsed());
     }
     wl.wait_committed(1_500);
@@ -507,23 +497,13 @@ async fn postgres_restarts_and_a_stop_lose_nothing_and_never_end_the_process() {
     }
     pg.start_again();
     let back = Instant::now();
-    let c0 = wl.committed();
-    wl.wait_committed((c0 + 1).min(wl.txns));
-    p.wait_for(&d, T, "a change committed after the stop", |c| {
-        max_id(c) > c0 * wl.per
-    });
+    wait_for_a_new_change(&wl, &p, &d, "a change committed after the stop");
     reconnect_times.push(back.elapsed());
 
     let ids = wl.ids();
     let retried = wl.finish();
-    let end = wal_lsn(&pg).await;
-    let changes = p.wait_for(&d, T, "all 20,000 changes", |c| {
-        delivered_once(c).len() >= ids.len()
-    });
-    assert_running(&mut d, "at the end");
-    let once = delivered_once(&changes);
-    assert_exactly_inserts(&once, &ids);
-    assert_slot_confirmed(&pg, &end, &d).await;
+    let (changes, once) =
+        assert_all_delivered_once(&pg, &p, &mut d, &ids, "all 20,000 changes").await;
     eprintln!(
         "PostgreSQL back -> first new change delivered: {reconnect_times:?} (3 restarts, then \
          a 30 s stop); {retried} writer transactions retried; {} lines for {} changes; \
@@ -583,14 +563,8 @@ async fn connection_resets_lose_nothing() {
     proxy.set_delay(Duration::ZERO);
     let ids = wl.ids();
     wl.finish();
-    let end = wal_lsn(&pg).await;
-    let changes = p.wait_for(&d, T, "all 15,000 changes", |c| {
-        delivered_once(c).len() >= ids.len()
-    });
-    assert_running(&mut d, "at the end");
-    let once = delivered_once(&changes);
-    assert_exactly_inserts(&once, &ids);
-    assert_slot_confirmed(&pg, &end, &d).await;
+    let (changes, once) =
+        assert_all_delivered_once(&pg, &p, &mut d, &ids, "all 15,000 changes").await;
     eprintln!(
         "reset -> first new change delivered: {resumed:?}; {} lines for {} changes; {} \
          connections accepted by the proxy",
@@ -634,24 +608,14 @@ async fn a_silently_dead_connection_times_out_and_reconnects() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_running(&mut d, "during the blackhole");
-    let c0 = wl.committed();
     proxy.set_blackhole(false);
     let healed = Instant::now();
-    wl.wait_committed((c0 + 1).min(wl.txns));
-    p.wait_for(&d, T, "a change committed after the blackhole", |c| {
-        max_id(c) > c0 * wl.per
-    });
+    wait_for_a_new_change(&wl, &p, &d, "a change committed after the blackhole");
     let resumed = healed.elapsed();
 
     let ids = wl.ids();
     wl.finish();
-    let end = wal_lsn(&pg).await;
-    let changes = p.wait_for(&d, T, "all 10,000 changes", |c| {
-        delivered_once(c).len() >= ids.len()
-    });
-    assert_running(&mut d, "at the end");
-    assert_exactly_inserts(&delivered_once(&changes), &ids);
-    assert_slot_confirmed(&pg, &end, &d).await;
+    assert_all_delivered_once(&pg, &p, &mut d, &ids, "all 10,000 changes").await;
     eprintln!(
         "blackhole: first new connection attempt after {noticed:?} (receive timeout 3 s); \
          network back -> first new change delivered in {resumed:?}"
@@ -728,11 +692,7 @@ async fn a_slot_recreated_behind_the_pipeline_is_refused_resnapshotted_or_accept
     );
 
     // re-snapshot: the row committed in the gap arrives as a read
-    edit_config(
-        &p,
-        "on_slot_ahead = \"fail\"",
-        "on_slot_ahead = \"resnapshot\"",
-    );
+    p.edit_config("on_slot_ahead = \"fail\"", "on_slot_ahead = \"resnapshot\"");
     let mut d = p.spawn();
     p.wait_for(&d, T, "id 2 as a read", |c| ids_of(c, "read").contains(&2));
     db.batch_execute("INSERT INTO t VALUES (3, 'after the resnapshot')")
@@ -740,16 +700,12 @@ async fn a_slot_recreated_behind_the_pipeline_is_refused_resnapshotted_or_accept
         .unwrap();
     p.wait_for(&d, T, "id 3", |c| ids_of(c, "insert").contains(&3));
     stop(&mut d);
-    edit_config(
-        &p,
-        "on_slot_ahead = \"resnapshot\"",
-        "on_slot_ahead = \"fail\"",
-    );
+    p.edit_config("on_slot_ahead = \"resnapshot\"", "on_slot_ahead = \"fail\"");
 
     // accept the gap: the operator says so, the log says what was lost
     let checkpoint = stored_checkpoint(&p);
     let slot_lsn = recreate_slot(&db, "INSERT INTO t VALUES (4, 'accepted loss')").await;
-    let mut d = spawn_with(&p, &["--accept-slot-gap"]);
+    let mut d = p.spawn_with(&["--accept-slot-gap"]);
     d.wait_log("streaming", T);
     let log = d.log();
     assert!(

@@ -13,6 +13,27 @@ use support::{eventually, logged_addr, metric, plugins, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
 
+/// A PostgreSQL with table `t (id int primary key, v text)`, a receiver behind a fault
+/// proxy, and the `[sink]` section of sink-webhook posting to it through the proxy
+/// with `limits`.
+async fn webhook_behind_a_proxy(
+    limits: &str,
+) -> (Pg, tokio_postgres::Client, Receiver, FaultProxy, String) {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let proxy = FaultProxy::start(rx.addr.port());
+    let hook = format!("127.0.0.1:{}", proxy.port());
+    let sink = format!(
+        "[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ {limits} }}\n",
+        plugins().webhook.display().to_string()
+    );
+    (pg, db, rx, proxy, sink)
+}
+
 /// The ids of every row the receiver answered 2xx for.
 fn delivered(rx: &Receiver) -> BTreeSet<i64> {
     rx.events()
@@ -37,18 +58,11 @@ async fn unconfirmed(db: &tokio_postgres::Client) -> i64 {
 /// behind it, and every change arrives once the receiver is back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_or_hung_sink_pauses_the_pipeline_and_loses_nothing() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let rx = Receiver::start(&[]).await;
-    let proxy = FaultProxy::start(rx.addr.port());
-    let hook = format!("127.0.0.1:{}", proxy.port());
     // sink-webhook's own timeout (10 s) is longer than the deadline: the host bounds it
+    let (pg, db, rx, proxy, sink) =
+        webhook_behind_a_proxy("call_timeout_ms = 1000, max_attempts = 2").await;
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ call_timeout_ms = 1000, max_attempts = 2 }}\n",
-        plugins().webhook.display().to_string()
+        "[pipeline]\nflush_interval_ms = 20\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n{sink}"
     );
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
     let mut d = pipe.spawn();
@@ -174,15 +188,10 @@ async fn a_plugin_fault_stops_the_pipeline_unless_dead_letter_is_chosen() {
 
     // The operator chooses to set such batches aside: the same change is dead-lettered
     // and the stream goes on.
-    let cfg = std::fs::read_to_string(&pipe.config).unwrap();
-    std::fs::write(
-        &pipe.config,
-        cfg.replace(
-            "max_attempts = 2 }",
-            "max_attempts = 2, on_fault = \"dead_letter\" }",
-        ),
-    )
-    .unwrap();
+    pipe.edit_config(
+        "max_attempts = 2 }",
+        "max_attempts = 2, on_fault = \"dead_letter\" }",
+    );
     let mut d = pipe.spawn();
     db.execute("INSERT INTO t VALUES (3, 'fine')", &[])
         .await
@@ -321,18 +330,8 @@ async fn a_pipeline_started_over_never_reuses_idempotency_keys_or_event_ids() {
 /// restart delivers everything.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_sink_outage_exits_within_the_drain_timeout_and_loses_nothing() {
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let rx = Receiver::start(&[]).await;
-    let proxy = FaultProxy::start(rx.addr.port());
-    let hook = format!("127.0.0.1:{}", proxy.port());
-    let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\ndrain_timeout_ms = 3000\n\n[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{hook}/events\" }}\ncapabilities = {{ http = [{hook:?}] }}\nlimits = {{ call_timeout_ms = 1000 }}\n",
-        plugins().webhook.display().to_string()
-    );
+    let (pg, db, rx, proxy, sink) = webhook_behind_a_proxy("call_timeout_ms = 1000").await;
+    let toml = format!("[pipeline]\nflush_interval_ms = 20\ndrain_timeout_ms = 3000\n\n{sink}");
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);

@@ -125,10 +125,14 @@ pub struct ControlConfig {
     pub insecure: bool,
 }
 
-/// True when `addr` (`host:port`) binds only the loopback interface: `localhost`,
-/// `127.0.0.0/8`, `::1`.
+/// True when `addr` (`host:port`) binds only the loopback interface (see
+/// [`is_loopback_host`]).
 pub fn is_loopback_bind(addr: &str) -> bool {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    is_loopback_host(addr.rsplit_once(':').map_or(addr, |(h, _)| h))
+}
+
+/// True for a loopback host: `localhost`, `127.0.0.0/8`, `::1` (brackets allowed).
+pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host

@@ -242,8 +242,20 @@ impl Pipeline {
         }
     }
 
+    /// Replaces the first `from` by `to` in the config file (which must contain it).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        assert!(cfg.contains(from), "{from:?} not in\n{cfg}");
+        fs::write(&self.config, cfg.replacen(from, to, 1)).unwrap();
+    }
+
     /// Starts `dbmazz run` on this config; its log goes to `dbmazz-<n>.log`.
     pub fn spawn(&self) -> Dbmazz {
+        self.spawn_with(&[])
+    }
+
+    /// `dbmazz run --config <config> <extra>`, logging like [`Pipeline::spawn`].
+    pub fn spawn_with(&self, extra: &[&str]) -> Dbmazz {
         let n = fs::read_dir(self.dir.path())
             .unwrap()
             .filter(|e| {
@@ -256,6 +268,7 @@ impl Pipeline {
         let child = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(extra)
             .env("DBMAZZ_LOG", "info,dbmazz=debug")
             .stdout(Stdio::null())
             .stderr(log)

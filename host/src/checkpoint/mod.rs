@@ -37,6 +37,8 @@ const CF_INTENTS: &str = "batch_intents";
 const CF_DEAD: &str = "dead_letters";
 const CF_KV: &str = "plugin_kv";
 const CF_SNAPSHOT: &str = "snapshot";
+/// Every column family, created at open.
+const COLUMN_FAMILIES: [&str; 5] = [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV, CF_SNAPSHOT];
 const KEY_NEXT_CHUNK: &[u8] = b"next_chunk";
 const KEY_CHECKPOINT: &[u8] = b"checkpoint";
 const KEY_IDENTITY: &[u8] = b"identity";
@@ -240,7 +242,7 @@ impl Store {
         opts.set_max_background_jobs(2);
         opts.set_write_buffer_size(4 << 20);
         opts.set_keep_log_file_num(2);
-        let cfs = [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV, CF_SNAPSHOT]
+        let cfs = COLUMN_FAMILIES
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|source| StoreError::Rocks {
@@ -259,16 +261,11 @@ impl Store {
     /// # Errors
     /// [`StoreError::Rocks`] when there is no store in `dir`, or it cannot be read.
     pub fn open_read_only(dir: &Path) -> Result<Self, StoreError> {
-        let db = DB::open_cf_for_read_only(
-            &Options::default(),
-            dir,
-            [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV, CF_SNAPSHOT],
-            false,
-        )
-        .map_err(|source| StoreError::Rocks {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let db = DB::open_cf_for_read_only(&Options::default(), dir, COLUMN_FAMILIES, false)
+            .map_err(|source| StoreError::Rocks {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         Ok(Store {
             db,
             path: dir.to_path_buf(),

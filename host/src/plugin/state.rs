@@ -158,15 +158,7 @@ pub struct AllowListHooks {
 /// to `uri`: over `https://`, or over plain HTTP only to a loopback address (`localhost`,
 /// `127.0.0.0/8`, `::1`), which no one on the network can read.
 pub fn may_carry_credentials(uri: &http::Uri) -> bool {
-    if uri.scheme_str() == Some("https") {
-        return true;
-    }
-    let host = uri.host().unwrap_or("");
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    uri.scheme_str() == Some("https") || uri.host().is_some_and(crate::config::is_loopback_host)
 }
 
 /// The `host:port` an outgoing request goes to, as allow-lists name it (the scheme's
@@ -225,17 +217,11 @@ impl WasiHttpHooks for AllowListHooks {
         // delivery) far past the stage's deadline.
         let cap =
             |t: Option<std::time::Duration>| Some(t.map_or(self.timeout, |t| t.min(self.timeout)));
-        let options = Some(match options {
-            Some(o) => wasmtime_wasi_http::RequestOptions {
-                connect_timeout: cap(o.connect_timeout),
-                first_byte_timeout: cap(o.first_byte_timeout),
-                between_bytes_timeout: cap(o.between_bytes_timeout),
-            },
-            None => wasmtime_wasi_http::RequestOptions {
-                connect_timeout: cap(None),
-                first_byte_timeout: cap(None),
-                between_bytes_timeout: cap(None),
-            },
+        let o = options.unwrap_or_default();
+        let options = Some(wasmtime_wasi_http::RequestOptions {
+            connect_timeout: cap(o.connect_timeout),
+            first_byte_timeout: cap(o.first_byte_timeout),
+            between_bytes_timeout: cap(o.between_bytes_timeout),
         });
         Box::new(async move {
             use http_body_util::BodyExt;

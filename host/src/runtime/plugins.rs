@@ -190,6 +190,27 @@ fn stage_spec(
 /// The delivery task; its result is delivery's own (a fatal sink error, the store).
 pub(super) type DeliveryTask = JoinHandle<Result<(), DeliveryError>>;
 
+/// `delivery::run` on its own task, for either kind of sink.
+fn spawn<S: crate::delivery::Sink + 'static>(
+    sink: S,
+    store: Arc<Store>,
+    rx: mpsc::Receiver<Delivery>,
+    confirmed_tx: watch::Sender<Lsn>,
+    stats: Arc<Stats>,
+    tracker: Arc<Tracker>,
+    stop_rx: watch::Receiver<bool>,
+) -> DeliveryTask {
+    tokio::spawn(delivery::run(
+        sink,
+        store,
+        rx,
+        confirmed_tx,
+        stats,
+        tracker,
+        stop_rx,
+    ))
+}
+
 /// What delivery needs from the rest of the pipeline.
 pub(super) struct DeliveryWiring {
     pub store: Arc<Store>,
@@ -228,15 +249,7 @@ pub(super) async fn start_delivery(
         SinkTarget::Jsonl(path) => {
             let sink = JsonlSink::open(path)
                 .map_err(io(format!("cannot open sink file {}", path.display())))?;
-            let task = tokio::spawn(delivery::run(
-                sink,
-                store,
-                rx,
-                confirmed_tx,
-                stats,
-                tracker,
-                stop_rx,
-            ));
+            let task = spawn(sink, store, rx, confirmed_tx, stats, tracker, stop_rx);
             Ok((task, None))
         }
         SinkTarget::Plugin(sink_cfg) => {
@@ -297,15 +310,7 @@ pub(super) async fn start_delivery(
                     Err(e) => warn!(error = %e, "cannot watch the plugin files; hot reload is off"),
                 }
             }
-            let task = tokio::spawn(delivery::run(
-                chain,
-                store,
-                rx,
-                confirmed_tx,
-                stats,
-                tracker,
-                stop_rx,
-            ));
+            let task = spawn(chain, store, rx, confirmed_tx, stats, tracker, stop_rx);
             Ok((task, host))
         }
     }

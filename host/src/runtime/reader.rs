@@ -70,13 +70,15 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    async fn send_status(&mut self) -> Result<(), SourceError> {
+    /// A standby status update with the confirmed LSN; `reply` asks the server to answer
+    /// (with a keepalive) at once.
+    async fn send_status(&mut self, reply: bool) -> Result<(), SourceError> {
         let confirmed = *self.confirmed_rx.borrow_and_update();
         self.stats
             .confirmed_lsn
             .store(confirmed.0, Ordering::Relaxed);
         self.writer
-            .send_status(self.received.max(confirmed), confirmed, false)
+            .send_status(self.received.max(confirmed), confirmed, reply)
             .await
     }
 
@@ -86,12 +88,12 @@ impl Reader {
     /// Cancel-safe as the supervisor needs it: a batch counts as handed only once sent.
     async fn hand(&mut self, item: Delivery) -> Result<(), RunError> {
         let batch_id = match &item {
-            Delivery::Batch(b) => Some(b.id),
+            Delivery::Batch(b) => {
+                debug!(batch = b.id, first = %b.first, last = %b.last, changes = b.changes.len(), watermark = ?b.watermark, replayed = b.replayed, "handing batch");
+                Some(b.id)
+            }
             _ => None,
         };
-        if let Delivery::Batch(b) = &item {
-            debug!(batch = b.id, first = %b.first, last = %b.last, changes = b.changes.len(), watermark = ?b.watermark, replayed = b.replayed, "handing batch");
-        }
         let tx = self.tx.clone();
         let mut waited = false;
         loop {
@@ -121,7 +123,7 @@ impl Reader {
                 return Err(RunError::Interrupted);
             }
             waited = true;
-            self.send_status().await?;
+            self.send_status(false).await?;
         }
     }
 
@@ -231,7 +233,7 @@ impl Reader {
                     self.batcher.idle_position(wal_end);
                 }
                 if reply_requested {
-                    self.send_status().await?;
+                    self.send_status(false).await?;
                 }
             }
             Frame::End => return Err(RunError::StreamEnded),
@@ -290,13 +292,10 @@ impl Reader {
                 () = std::future::ready(()), if cut_now => Wake::CaughtUp,
             };
             match wake {
-                Wake::Status => self.send_status().await?,
+                Wake::Status => self.send_status(false).await?,
                 Wake::Silence if !self.pinged => {
                     // Halfway: ask for a reply (a keepalive) before giving up.
-                    let confirmed = *self.confirmed_rx.borrow();
-                    self.writer
-                        .send_status(self.received.max(confirmed), confirmed, true)
-                        .await?;
+                    self.send_status(true).await?;
                     self.pinged = true;
                 }
                 Wake::Silence => {

@@ -512,7 +512,7 @@ pub(super) fn check_slot(
     match health.check(slot, checkpoint) {
         Ok(()) => {
             if health.wal_status.as_deref() == Some("unreserved") {
-                warn!(slot = %slot, retained_bytes = health.retained_bytes, "the slot's WAL is unreserved: PostgreSQL may remove WAL it needs at the next checkpoint (max_slot_wal_keep_size); the slot is then lost");
+                warn_unreserved(slot, health);
             }
             Ok(SlotDecision::default())
         }
@@ -534,6 +534,10 @@ pub(super) fn check_slot(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn warn_unreserved(slot: &str, health: &SlotHealth) {
+    warn!(slot = %slot, retained_bytes = health.retained_bytes, "the slot's WAL is unreserved: PostgreSQL may remove WAL it needs at the next checkpoint (max_slot_wal_keep_size); the slot is then lost");
 }
 
 /// Publishes a slot's WAL health in the stats.
