@@ -10,7 +10,9 @@
 //!   exponential backoff; then, by `limits.on_fault`, the pipeline stops with the error
 //!   (`stop`, the default: nothing is confirmed past the batch) or the batch's changes go
 //!   to the dead-letter store with the plugin's name and the cause and the pipeline goes
-//!   on (`dead_letter`). A transform that returns an error is treated the same way;
+//!   on (`dead_letter`). Treated the same way: a transform that returns an error, a
+//!   `keep` or `dead-letter` index outside the batch, a value that does not decode for a
+//!   plugin that wants typed records, a sink's `dead-letter` answer to a schema change;
 //! - *transient*: a call still blocked in the host at its deadline (an HTTP request to a
 //!   hung receiver) is abandoned and returned to delivery as retryable, like a sink's
 //!   `retryable` error: retried with backoff for as long as it takes, never dead-lettered;
@@ -101,8 +103,6 @@ pub fn change_json(batch: &wit::Batch, c: &wit::Change) -> Json {
 }
 
 enum Failure {
-    /// Give up on the batch: dead-letter all of it with this reason.
-    DeadLetter(String),
     /// Worth another attempt (the transform named first returned an error).
     Retry(Arc<str>, String),
     /// Some changes were dead-lettered (already stored); the rest was written.
@@ -276,12 +276,16 @@ impl PluginChain {
                 .await?
             {
                 Ok(()) => {}
+                // Not a rejection of the batch's rows: the stage's on_fault decides.
                 Err(sink_world::SinkError::DeadLetter(_)) => {
-                    return Ok(Err(Failure::DeadLetter(format!(
-                        "sink {} refused the schema change of {}",
-                        self.sink.name(),
-                        sc.after.qualified_name()
-                    ))))
+                    return Ok(Err(Failure::Retry(
+                        self.sink.name().clone(),
+                        format!(
+                            "sink {} refused the schema change of {}",
+                            self.sink.name(),
+                            sc.after.qualified_name()
+                        ),
+                    )))
                 }
                 Err(e) => return Ok(Err(self.sink_failure(batch, &Repr::Host(None), e))),
             }
@@ -449,9 +453,6 @@ impl Sink for PluginChain {
             let reason = match self.run_once(batch).await {
                 Ok(Ok(())) | Ok(Err(Failure::Partial)) => return Ok(()),
                 Ok(Err(Failure::Sink(e))) => return Err(e),
-                Ok(Err(Failure::DeadLetter(reason))) => {
-                    return self.store_letters(everything(&reason))
-                }
                 Err(CallError::Init { plugin, message }) => {
                     return Err(SinkError {
                         message: format!("plugin {plugin} refused its configuration: {message}"),
