@@ -1,7 +1,8 @@
 //! Sink and plugin faults end to end (the real binary, sink-webhook and the misbehaving
 //! fixture built from source, a real HTTP receiver): a slow or hung sink pauses the
 //! pipeline and loses nothing; a plugin fault stops the pipeline unless the operator chose
-//! `limits.on_fault = "dead_letter"`.
+//! `limits.on_fault = "dead_letter"`; rows the receiver rejects are dead-lettered and
+//! replayed once it is fixed.
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use support::proxy::FaultProxy;
-use support::{eventually, logged_addr, metric, plugins, Pg, Pipeline, Receiver};
+use support::{eventually, free_port, logged_addr, metric, plugins, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -222,10 +223,10 @@ async fn a_plugin_fault_stops_the_pipeline_unless_dead_letter_is_chosen() {
     assert!(ok, "{shown}");
     let line: serde_json::Value = serde_json::from_str(shown.lines().next().unwrap()).unwrap();
     assert_eq!(line["change"]["new"]["id"], 2, "{shown}");
-    // purging needs the pipeline stopped
+    // purging a running pipeline's store goes through its control API; it has none
     let (ok, refused) = dlq(&["purge", "--all"]);
     assert!(
-        !ok && refused.contains("is the pipeline running"),
+        !ok && refused.contains("the pipeline is running") && refused.contains("control.grpc"),
         "{refused}"
     );
     d.signal("TERM");
@@ -375,4 +376,137 @@ async fn sigterm_during_a_sink_outage_exits_within_the_drain_timeout_and_loses_n
     d.signal("TERM");
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
     assert!(pipe.dead_letters().is_empty());
+}
+
+/// `dlq` with `args` against `pipe`'s config.
+fn dlq(pipe: &Pipeline, args: &[&str]) -> (bool, String) {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["dlq".as_ref()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    all.push("--config".as_ref());
+    all.push(pipe.config.as_os_str());
+    support::dbmazz(&all)
+}
+
+/// A receiver that answers 400 to one table's rows: exactly those changes are
+/// dead-lettered (the stream goes on); once the receiver is fixed, `dlq replay` delivers
+/// them once — through the control API while the pipeline runs, and by loading the
+/// plugins itself when it is stopped — and the store is empty again.
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_rows_are_dead_lettered_and_replayed_once_the_receiver_is_fixed() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE good (id int PRIMARY KEY, v text); CREATE TABLE bad (id int PRIMARY KEY, v text)",
+    )
+    .await
+    .unwrap();
+    let rx = Receiver::start(&[]).await;
+    rx.set_refuse(Some("\"table\":\"bad\""));
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["good", "bad"],
+        &format!(
+            "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = {grpc:?}\nmetrics = \"127.0.0.1:0\"\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+            plugins().webhook.display().to_string(),
+            rx.url(),
+            rx.addr.to_string()
+        ),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let log = d.log();
+    let metrics = log
+        .lines()
+        .find(|l| l.contains("metrics endpoint listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .expect("the metrics address is logged")
+        .trim()
+        .to_string();
+    let ids = |table: &str| -> Vec<i64> {
+        rx.events()
+            .iter()
+            .filter(|e| e["data"]["source"]["table"] == table)
+            .filter_map(|e| e["data"]["after"]["id"].as_i64())
+            .collect()
+    };
+    db.execute("INSERT INTO good VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    eventually(T, "good 1", || d.log(), || ids("good") == [1]);
+    db.batch_execute("INSERT INTO bad VALUES (100, 'x'), (101, 'y')")
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "the bad rows dead-lettered",
+        || d.log(),
+        || metric(&metrics, "dbmazz_dead_letters_stored") == Some(2.0),
+    );
+    db.execute("INSERT INTO good VALUES (2, 'b')", &[])
+        .await
+        .unwrap();
+    eventually(T, "good 2 after them", || d.log(), || ids("good") == [1, 2]);
+    let (ok, listed) = dlq(&pipe, &["list"]);
+    assert!(
+        ok && listed.contains("public.bad")
+            && listed.contains("HTTP 400")
+            && listed.contains("2 dead letters in 1 groups"),
+        "{listed}"
+    );
+    assert!(!listed.contains("not replayable"), "{listed}");
+    assert!(ids("bad").is_empty());
+
+    // fixed; replayed while the pipeline runs (through the control API)
+    rx.set_refuse(None);
+    let (ok, replayed) = dlq(&pipe, &["replay", "--table", "public.bad"]);
+    assert!(ok, "{replayed}\n{}", d.log());
+    assert!(
+        replayed.contains("replayed 2 dead letters in 1 batches; 0 dead-lettered again"),
+        "{replayed}"
+    );
+    assert_eq!(ids("bad"), [100, 101], "delivered once, in order");
+    let (ok, listed) = dlq(&pipe, &["list"]);
+    assert!(ok && listed.contains("0 dead letters"), "{listed}");
+    assert_eq!(metric(&metrics, "dbmazz_dead_letters_stored"), Some(0.0));
+    let replay_request = rx
+        .received()
+        .into_iter()
+        .rfind(|r| r.status == 200)
+        .expect("the replay's request");
+    let key = replay_request
+        .header("idempotency-key")
+        .expect("an Idempotency-Key")
+        .to_string();
+    assert!(
+        key.ends_with(&format!("-{}", (1u64 << 63) | 1)),
+        "a replay batch id of its own: {key}"
+    );
+
+    // rejected again, then replayed with the pipeline stopped
+    rx.set_refuse(Some("\"table\":\"bad\""));
+    db.execute("INSERT INTO bad VALUES (102, 'z')", &[])
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "bad 102 dead-lettered",
+        || d.log(),
+        || metric(&metrics, "dbmazz_dead_letters_stored") == Some(1.0),
+    );
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    rx.set_refuse(None);
+    let (ok, replayed) = dlq(&pipe, &["replay"]);
+    assert!(
+        ok && replayed.contains("replayed 1 dead letters in 1 batches"),
+        "{replayed}"
+    );
+    assert_eq!(ids("bad"), [100, 101, 102]);
+    assert!(pipe.dead_letters().is_empty());
+    let (ok, replayed) = dlq(&pipe, &["replay"]);
+    assert!(
+        ok && replayed.contains("replayed 0 dead letters"),
+        "{replayed}"
+    );
 }

@@ -66,6 +66,10 @@ pub struct Control {
     pub reloader: Mutex<Option<crate::plugin::reload::Reloader>>,
     /// Requests to the watermark snapshotter, once streaming.
     pub snapshot: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::snapshot::Request>>>,
+    /// The checkpoint store, once open (dead-letter listing and purging).
+    pub store: Mutex<Option<Arc<crate::checkpoint::Store>>>,
+    /// Replay requests to the delivery task, once it runs.
+    pub replays: Mutex<Option<tokio::sync::mpsc::UnboundedSender<crate::dlq::ReplayRequest>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -129,6 +133,16 @@ impl Control {
             ),
             other => (false, format!("{other:?}")),
         }
+    }
+
+    fn store(&self) -> Result<Arc<crate::checkpoint::Store>, Status> {
+        self.store
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition("the checkpoint store is not open yet (setting up)")
+            })
     }
 
     async fn server_wal_lsn(&self) -> Option<Lsn> {
@@ -381,6 +395,90 @@ impl Dbmazz for Arc<Control> {
         }
     }
 
+    async fn list_dead_letters(
+        &self,
+        _: Request<proto::ListDeadLettersRequest>,
+    ) -> Result<Response<proto::ListDeadLettersResponse>, Status> {
+        let store = self.store()?;
+        let groups = tokio::task::spawn_blocking(move || crate::dlq::groups(&store))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::internal)?;
+        Ok(Response::new(proto::ListDeadLettersResponse {
+            groups: groups
+                .into_iter()
+                .map(|g| proto::DeadLetterGroup {
+                    batch: g.batch,
+                    table: g.table,
+                    reason: g.reason,
+                    count: g.count,
+                    replayable: g.replayable,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        req: Request<proto::ReplayDeadLettersRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        let req = req.into_inner();
+        let Some(tx) = self.replays.lock().ok().and_then(|s| s.clone()) else {
+            return Err(Status::failed_precondition(
+                "delivery is not running yet; replay once the pipeline streams",
+            ));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(crate::dlq::ReplayRequest {
+            selection: crate::dlq::Selection {
+                batch: req.batch,
+                table: req.table,
+            },
+            reply,
+        })
+        .map_err(|_| Status::unavailable("delivery stopped"))?;
+        tracing::info!("dead-letter replay requested by the control API");
+        match answer.await {
+            Ok(Ok(report)) => Ok(Response::new(proto::ControlResponse {
+                message: report.to_string(),
+            })),
+            Ok(Err(e)) => Err(Status::aborted(e)),
+            Err(_) => Err(Status::unavailable("delivery stopped")),
+        }
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        req: Request<proto::PurgeDeadLettersRequest>,
+    ) -> Result<Response<proto::ControlResponse>, Status> {
+        let req = req.into_inner();
+        if req.batch.is_none() && !req.all {
+            return Err(Status::invalid_argument("name a batch, or all"));
+        }
+        let store = self.store()?;
+        let stats = self.stats.clone();
+        let n = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let groups = crate::dlq::groups(&store)?;
+            let n = store
+                .purge_dead_letters(req.batch)
+                .map_err(|e| e.to_string())?;
+            for g in groups
+                .iter()
+                .filter(|g| req.batch.is_none_or(|b| b == g.batch))
+            {
+                stats.dead_letters_stored(&g.table, -(g.count as i64));
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::internal)?;
+        tracing::info!(removed = n, batch = ?req.batch, "dead letters purged by the control API");
+        Ok(Response::new(proto::ControlResponse {
+            message: format!("removed {n} dead letters"),
+        }))
+    }
+
     async fn reload_plugins(
         &self,
         _: Request<proto::ReloadPluginsRequest>,
@@ -557,6 +655,23 @@ pub enum CtlCommand {
         #[arg(required = true)]
         tables: Vec<String>,
     },
+    /// Dead letters grouped by batch, table and reason.
+    DlqList,
+    /// Send dead letters through the current transforms and sink again.
+    DlqReplay {
+        /// Which dead letters (all by default).
+        #[command(flatten)]
+        selection: crate::dlq::Selection,
+    },
+    /// Remove dead letters.
+    DlqPurge {
+        /// Only this batch.
+        #[arg(long, conflicts_with = "all")]
+        batch: Option<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Runs a `dbmazz ctl` command against `addr` (`http://host:port`, or `https://` for a
@@ -687,6 +802,39 @@ pub async fn ctl(
         CtlCommand::Snapshot { tables } => {
             control_message(client.snapshot(proto::SnapshotRequest { tables }).await)?
         }
+        CtlCommand::DlqList => {
+            let groups = client
+                .list_dead_letters(proto::ListDeadLettersRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .groups;
+            crate::dlq::format_groups(
+                &groups
+                    .into_iter()
+                    .map(|g| crate::dlq::Group {
+                        batch: g.batch,
+                        table: g.table,
+                        reason: g.reason,
+                        count: g.count,
+                        replayable: g.replayable,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
+        CtlCommand::DlqReplay { selection } => control_message(
+            client
+                .replay_dead_letters(proto::ReplayDeadLettersRequest {
+                    batch: selection.batch,
+                    table: selection.table,
+                })
+                .await,
+        )?,
+        CtlCommand::DlqPurge { batch, all } => control_message(
+            client
+                .purge_dead_letters(proto::PurgeDeadLettersRequest { batch, all })
+                .await,
+        )?,
     };
     Ok(text)
 }

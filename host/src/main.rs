@@ -91,7 +91,7 @@ enum Command {
         #[arg(long)]
         plugins: Option<PathBuf>,
     },
-    /// Read (and purge) the dead-letter store of a pipeline.
+    /// Read, replay and purge the dead-letter store of a pipeline.
     Dlq {
         #[command(subcommand)]
         command: dbmazz::dlq::DlqCommand,
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
             Command::Plugin {
                 command: PluginCommand::Inspect { file },
             } => inspect(&file),
-            Command::Dlq { command } => match dbmazz::dlq::run(&command) {
+            Command::Dlq { command } => match dbmazz::dlq::run(&command).await {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

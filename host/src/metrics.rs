@@ -25,6 +25,7 @@
 //! | `dbmazz_slot_wal_retained_bytes` | gauge | WAL the slot keeps on the server: WAL position minus `restart_lsn` (polled every `status_interval_ms`) |
 //! | `dbmazz_slot_wal_status` | gauge | the slot's `wal_status`: 1 reserved, 2 extended, 3 unreserved (WAL it needs may be removed), 4 lost; 0 unknown |
 //! | `dbmazz_dead_letters_total` | counter | changes sent to the dead-letter store |
+//! | `dbmazz_dead_letters_stored{table}` | gauge | dead letters in the store now (listed, not yet replayed or purged) |
 //! | `dbmazz_plugin_call_duration_seconds{plugin}` | histogram | each call into a plugin |
 //! | `dbmazz_plugin_errors_total{plugin,kind}` | counter | failed calls (see [`crate::plugin::ErrorKind`]) |
 //! | `dbmazz_plugin_counter_total{plugin,name}` | counter | a plugin's own counters (`metrics.counter-add`) |
@@ -315,6 +316,11 @@ pub fn registry(stats: &Arc<Stats>) -> Registry {
         "dbmazz_snapshot_rows",
         "rows copied by snapshots, per table",
         stats.snapshot_rows.clone(),
+    );
+    r.register(
+        "dbmazz_dead_letters_stored",
+        "dead letters in the store, per table (set at start, then kept current)",
+        stats.dead_letters_stored.clone(),
     );
     r.register_collector(Box::new(PipelineCollector(stats.clone())));
     r

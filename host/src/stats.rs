@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use crate::pipeline::change::Batch;
@@ -82,6 +83,8 @@ pub struct Stats {
     pub acked_commit_time_us: AtomicI64,
     /// Changes sent to the dead-letter store.
     pub dead_letters: AtomicU64,
+    /// Dead letters in the store now, per table.
+    pub dead_letters_stored: Family<TableLabels, Gauge>,
     /// Id of the last acknowledged batch.
     pub last_batch_id: AtomicU64,
     /// True once the replication stream is running (readiness); false again while
@@ -246,6 +249,7 @@ impl Default for Stats {
             confirmed_lsn: AtomicU64::new(0),
             acked_commit_time_us: AtomicI64::new(0),
             dead_letters: AtomicU64::new(0),
+            dead_letters_stored: Family::default(),
             last_batch_id: AtomicU64::new(0),
             streaming: AtomicBool::new(false),
             reconnecting: AtomicBool::new(false),
@@ -267,6 +271,15 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Moves `dbmazz_dead_letters_stored{table}` by `delta` letters.
+    pub fn dead_letters_stored(&self, table: &str, delta: i64) {
+        self.dead_letters_stored
+            .get_or_create(&TableLabels {
+                table: table.to_string(),
+            })
+            .inc_by(delta);
+    }
+
     /// Counts an acknowledged batch, and the commit-to-ack latency of the transactions
     /// it completes (now minus the Commit message's timestamp; PostgreSQL's clock and
     /// ours are the same machine's, or NTP-close). See [`CommitToAck`].

@@ -18,7 +18,7 @@ pub const SUPERUSER_PASSWORD: &str = "super-secret";
 pub const USER: &str = "cdc";
 pub const PASSWORD: &str = "cdc-pass";
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -533,6 +533,8 @@ pub struct Receiver {
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     pub script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<u16>>>,
     pub delay: std::sync::Arc<std::sync::Mutex<Duration>>,
+    /// Answer 400 to any request whose (decompressed) body contains this text.
+    pub refuse: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Receiver {
@@ -544,6 +546,7 @@ impl Receiver {
             requests: Default::default(),
             script: std::sync::Arc::new(std::sync::Mutex::new(script.iter().copied().collect())),
             delay: Default::default(),
+            refuse: Default::default(),
         };
         let rec = r.clone();
         tokio::spawn(async move {
@@ -593,7 +596,15 @@ impl Receiver {
                                 if !delay.is_zero() {
                                     tokio::time::sleep(delay).await;
                                 }
-                                let status = rec.script.lock().unwrap().pop_front().unwrap_or(200);
+                                let refused =
+                                    rec.refuse.lock().unwrap().as_ref().is_some_and(|r| {
+                                        String::from_utf8_lossy(&body).contains(r.as_str())
+                                    });
+                                let status = if refused {
+                                    400
+                                } else {
+                                    rec.script.lock().unwrap().pop_front().unwrap_or(200)
+                                };
                                 rec.requests.lock().unwrap().push(Received {
                                     method: parts.method.to_string(),
                                     path: parts.uri.path().to_string(),
@@ -629,6 +640,11 @@ impl Receiver {
     /// Answers every request after `d` from now on (zero: at once).
     pub fn set_delay(&self, d: Duration) {
         *self.delay.lock().unwrap() = d;
+    }
+
+    /// Answers 400 to requests whose body contains `text` (`None`: to none).
+    pub fn set_refuse(&self, text: Option<&str>) {
+        *self.refuse.lock().unwrap() = text.map(str::to_string);
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -8,6 +8,8 @@
 //! | `positions`     | `checkpoint`, `identity` | [`Checkpoint`], [`Identity`]           |
 //! | `batch_intents` | batch id (u64 BE)        | [`BatchIntent`] first/last positions   |
 //! | `dead_letters`  | batch id, index (u64 BE, u32 BE) | [`DeadLetter`]                 |
+//! | `dead_letter_records` | batch id, index (as `dead_letters`) | the change, replayable (`dlq::record`) |
+//! | `dead_letter_replays` | batch id (u64 BE); `next` | replay batch id (u64 BE) and the indices it carries (u32 BE each); the next replay id |
 //! | `plugin_kv`     | plugin name, 0, key      | plugin-defined bytes                   |
 //! | `snapshot`      | `table/<t>`, `requested/<t>`, `complete/<t>`, `done/<chunk id BE>`, `next_chunk` | [`TablePlan`] (JSON), markers, [`TableComplete`] (JSON), chunk done markers, u64 BE |
 //!
@@ -35,10 +37,23 @@ use crate::pipeline::change::{BatchId, BatchIntent, Position};
 const CF_POSITIONS: &str = "positions";
 const CF_INTENTS: &str = "batch_intents";
 const CF_DEAD: &str = "dead_letters";
+const CF_DEAD_RECORDS: &str = "dead_letter_records";
+const CF_REPLAYS: &str = "dead_letter_replays";
 const CF_KV: &str = "plugin_kv";
 const CF_SNAPSHOT: &str = "snapshot";
 /// Every column family, created at open.
-const COLUMN_FAMILIES: [&str; 5] = [CF_POSITIONS, CF_INTENTS, CF_DEAD, CF_KV, CF_SNAPSHOT];
+const COLUMN_FAMILIES: [&str; 7] = [
+    CF_POSITIONS,
+    CF_INTENTS,
+    CF_DEAD,
+    CF_DEAD_RECORDS,
+    CF_REPLAYS,
+    CF_KV,
+    CF_SNAPSHOT,
+];
+/// Replay batch ids live above snapshot ids: `2^63 | n`, `n` counting from 1 per store.
+pub const REPLAY_BATCH_ID_BASE: u64 = 1 << 63;
+const KEY_NEXT_REPLAY: &[u8] = b"next";
 const KEY_NEXT_CHUNK: &[u8] = b"next_chunk";
 const KEY_CHECKPOINT: &[u8] = b"checkpoint";
 const KEY_IDENTITY: &[u8] = b"identity";
@@ -112,8 +127,11 @@ pub struct DeadLetter {
     pub index: u32,
     /// Why it was dead-lettered (plugin name and error).
     pub reason: String,
-    /// The change, serialized by the caller (JSON).
+    /// The change, serialized by the caller (JSON), for people to read.
     pub payload: Vec<u8>,
+    /// The change in a form that can be delivered again (`dlq::record`); `None` when it
+    /// could not be kept that way (a store written before replay existed).
+    pub record: Option<Vec<u8>>,
 }
 
 /// One chunk of a table's snapshot: the rows a `WHERE` predicate selects.
@@ -261,11 +279,17 @@ impl Store {
     /// # Errors
     /// [`StoreError::Rocks`] when there is no store in `dir`, or it cannot be read.
     pub fn open_read_only(dir: &Path) -> Result<Self, StoreError> {
-        let db = DB::open_cf_for_read_only(&Options::default(), dir, COLUMN_FAMILIES, false)
-            .map_err(|source| StoreError::Rocks {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        let rocks = |source| StoreError::Rocks {
+            path: dir.to_path_buf(),
+            source,
+        };
+        // A store written by an older version lacks the newer column families: open
+        // the ones it has (reads of the others find nothing).
+        let existing = DB::list_cf(&Options::default(), dir).map_err(rocks)?;
+        let cfs = COLUMN_FAMILIES
+            .into_iter()
+            .filter(|n| existing.iter().any(|e| e == n));
+        let db = DB::open_cf_for_read_only(&Options::default(), dir, cfs, false).map_err(rocks)?;
         Ok(Store {
             db,
             path: dir.to_path_buf(),
@@ -291,6 +315,11 @@ impl Store {
         self.db
             .cf_handle(name)
             .unwrap_or_else(|| unreachable!("column family {name} is created at open"))
+    }
+
+    /// A column family a store opened read-only may lack (written by an older version).
+    fn cf_if_present(&self, name: &str) -> Option<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name)
     }
 
     fn synced() -> WriteOptions {
@@ -573,6 +602,13 @@ impl Store {
             .map_err(|e| self.rocks(e))
     }
 
+    fn dead_letter_key(batch: BatchId, index: u32) -> [u8; 12] {
+        let mut k = [0u8; 12];
+        k[..8].copy_from_slice(&batch.to_be_bytes());
+        k[8..].copy_from_slice(&index.to_be_bytes());
+        k
+    }
+
     /// Stores dead letters (synced).
     ///
     /// # Errors
@@ -580,12 +616,15 @@ impl Store {
     pub fn put_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
         for l in letters {
-            let mut k = l.batch_id.to_be_bytes().to_vec();
-            k.extend_from_slice(&l.index.to_be_bytes());
+            let k = Self::dead_letter_key(l.batch_id, l.index);
             let mut v = (l.reason.len() as u32).to_be_bytes().to_vec();
             v.extend_from_slice(l.reason.as_bytes());
             v.extend_from_slice(&l.payload);
             wb.put_cf(self.cf(CF_DEAD), k, v);
+            match &l.record {
+                Some(r) => wb.put_cf(self.cf(CF_DEAD_RECORDS), k, r),
+                None => wb.delete_cf(self.cf(CF_DEAD_RECORDS), k),
+            }
         }
         self.db
             .write_opt(wb, &Self::synced())
@@ -612,11 +651,16 @@ impl Store {
             let reason = rest
                 .get(..rlen as usize)
                 .ok_or_else(|| self.corrupt("dead letter"))?;
+            let record = match self.cf_if_present(CF_DEAD_RECORDS) {
+                Some(cf) => self.db.get_cf(cf, &k).map_err(|e| self.rocks(e))?,
+                None => None,
+            };
             out.push(DeadLetter {
                 batch_id,
                 index,
                 reason: String::from_utf8_lossy(reason).into_owned(),
                 payload: rest[rlen as usize..].to_vec(),
+                record,
             });
         }
         Ok(out)
@@ -637,13 +681,83 @@ impl Store {
             let (k, _) = item.map_err(|e| self.rocks(e))?;
             if batch.is_none() || get_u64(&k, 0) == batch {
                 wb.delete_cf(self.cf(CF_DEAD), &k);
+                wb.delete_cf(self.cf(CF_DEAD_RECORDS), &k);
                 n += 1;
+            }
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_REPLAYS), rocksdb::IteratorMode::Start)
+        {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            let id = (k.len() == 8).then(|| get_u64(&k, 0)).flatten();
+            if id.is_some() && (batch.is_none() || id == batch) {
+                wb.delete_cf(self.cf(CF_REPLAYS), &k);
             }
         }
         self.db
             .write_opt(wb, &Self::synced())
             .map_err(|e| self.rocks(e))?;
         Ok(n)
+    }
+
+    /// The batch id under which the dead letters `indices` of batch `batch` are replayed:
+    /// the same id as a previous replay of exactly these letters (an interrupted replay
+    /// sent again is deduplicated by sinks that key on the id), otherwise a new one
+    /// (`REPLAY_BATCH_ID_BASE | n`), stored (synced) before it is used. So a replay id
+    /// never names two different sets of changes.
+    ///
+    /// # Errors
+    /// RocksDB errors; [`StoreError::Corrupt`].
+    pub fn replay_batch_id(&self, batch: BatchId, indices: &[u32]) -> Result<BatchId, StoreError> {
+        let cf = self.cf(CF_REPLAYS);
+        let key = batch.to_be_bytes();
+        let mut planned = Vec::with_capacity(8 + 4 * indices.len());
+        if let Some(v) = self.db.get_cf(cf, key).map_err(|e| self.rocks(e))? {
+            let id = get_u64(&v, 0).ok_or_else(|| self.corrupt("dead letter replay"))?;
+            planned.extend_from_slice(&id.to_be_bytes());
+            planned.extend(indices.iter().flat_map(|i| i.to_be_bytes()));
+            if v == planned {
+                return Ok(id);
+            }
+        }
+        let next = match self
+            .db
+            .get_cf(cf, KEY_NEXT_REPLAY)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(v) => get_u64(&v, 0).ok_or_else(|| self.corrupt("dead letter replay"))?,
+            None => 1,
+        };
+        let id = REPLAY_BATCH_ID_BASE | next;
+        planned.clear();
+        planned.extend_from_slice(&id.to_be_bytes());
+        planned.extend(indices.iter().flat_map(|i| i.to_be_bytes()));
+        let mut wb = WriteBatch::default();
+        wb.put_cf(cf, key, &planned);
+        wb.put_cf(cf, KEY_NEXT_REPLAY, next.saturating_add(1).to_be_bytes());
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))?;
+        Ok(id)
+    }
+
+    /// Removes the dead letters `indices` of batch `batch` and its replay plan (synced):
+    /// their replay was acknowledged.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn finish_replay(&self, batch: BatchId, indices: &[u32]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        for &i in indices {
+            let k = Self::dead_letter_key(batch, i);
+            wb.delete_cf(self.cf(CF_DEAD), k);
+            wb.delete_cf(self.cf(CF_DEAD_RECORDS), k);
+        }
+        wb.delete_cf(self.cf(CF_REPLAYS), batch.to_be_bytes());
+        self.db
+            .write_opt(wb, &Self::synced())
+            .map_err(|e| self.rocks(e))
     }
 
     fn kv_key(namespace: &str, key: &[u8]) -> Vec<u8> {
@@ -775,9 +889,29 @@ mod tests {
             index: 2,
             reason: "sink-webhook: 400".into(),
             payload: b"{}".to_vec(),
+            record: Some(b"rec".to_vec()),
         };
-        s.put_dead_letters(std::slice::from_ref(&l)).unwrap();
-        assert_eq!(s.dead_letters().unwrap(), vec![l]);
+        let other = DeadLetter {
+            index: 3,
+            record: None,
+            ..l.clone()
+        };
+        s.put_dead_letters(&[l.clone(), other.clone()]).unwrap();
+        assert_eq!(s.dead_letters().unwrap(), vec![l.clone(), other.clone()]);
+
+        // a replay id is stable for the same letters, new for another set, and never
+        // reused once the replay is finished
+        let r1 = s.replay_batch_id(4, &[2, 3]).unwrap();
+        assert_eq!(r1, REPLAY_BATCH_ID_BASE | 1);
+        assert_eq!(s.replay_batch_id(4, &[2, 3]).unwrap(), r1);
+        let r2 = s.replay_batch_id(4, &[2]).unwrap();
+        assert_ne!(r2, r1);
+        s.finish_replay(4, &[2]).unwrap();
+        assert_eq!(s.dead_letters().unwrap(), vec![other]);
+        assert_ne!(s.replay_batch_id(4, &[2]).unwrap(), r2);
+        assert_eq!(s.purge_dead_letters(None).unwrap(), 1);
+        assert!(s.dead_letters().unwrap().is_empty());
+
         s.kv_put("filter", b"k", b"v").unwrap();
         assert_eq!(
             s.kv_get("filter", b"k").unwrap().as_deref(),

@@ -94,22 +94,45 @@ pub enum DeliveryError {
     },
 }
 
+/// What delivery works with besides its sink and its queue.
+#[derive(Debug)]
+pub struct Context {
+    /// The checkpoint store.
+    pub store: Arc<Store>,
+    /// Receives each durable checkpoint's LSN (the confirmable position).
+    pub confirmed: watch::Sender<Lsn>,
+    /// The pipeline's counters.
+    pub stats: Arc<Stats>,
+    /// Snapshot chunk bookkeeping.
+    pub tracker: Arc<Tracker>,
+    /// True: give up retrying (shutdown).
+    pub stop: watch::Receiver<bool>,
+    /// Dead-letter replays asked for while the pipeline runs (the control API); served
+    /// between two items, with the same sink.
+    pub replays: mpsc::UnboundedReceiver<crate::dlq::ReplayRequest>,
+}
+
 /// Runs delivery until the channel closes (the reader finished) or a fatal error.
 ///
-/// `confirmed` receives each durable checkpoint's LSN. Retryable sink errors are retried
-/// with exponential backoff (100 ms doubling to 30 s) until they succeed or `stop` is set.
+/// `ctx.confirmed` receives each durable checkpoint's LSN. Retryable sink errors are
+/// retried with exponential backoff (100 ms doubling to 30 s) until they succeed or
+/// `ctx.stop` is set.
 ///
 /// # Errors
 /// [`DeliveryError`].
 pub async fn run<S: Sink>(
     mut sink: S,
-    store: Arc<Store>,
     mut rx: mpsc::Receiver<Delivery>,
-    confirmed: watch::Sender<Lsn>,
-    stats: Arc<Stats>,
-    tracker: Arc<Tracker>,
-    mut stop: watch::Receiver<bool>,
+    ctx: Context,
 ) -> Result<(), DeliveryError> {
+    let Context {
+        store,
+        confirmed,
+        stats,
+        tracker,
+        mut stop,
+        mut replays,
+    } = ctx;
     let mut cp = store.checkpoint()?;
     // Chunks whose last `read` change is in a batch not yet acknowledged.
     let mut chunks_pending: Vec<(u64, Position)> = Vec::new();
@@ -119,9 +142,16 @@ pub async fn run<S: Sink>(
     loop {
         let item = match lookahead.take() {
             Some(item) => item,
-            None => match rx.recv().await {
-                Some(item) => item,
-                None => return Ok(()),
+            None => tokio::select! {
+                item = rx.recv() => match item {
+                    Some(item) => item,
+                    None => return Ok(()),
+                },
+                Some(req) = replays.recv() => {
+                    let report = crate::dlq::replay(&mut sink, &store, &stats, &req.selection).await;
+                    let _ = req.reply.send(report);
+                    continue;
+                }
             },
         };
         match item {
@@ -334,12 +364,15 @@ mod tests {
         let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
         let task = tokio::spawn(run(
             sink,
-            store.clone(),
             rx,
-            confirmed,
-            stats,
-            tracker,
-            stop,
+            Context {
+                store: store.clone(),
+                confirmed,
+                stats,
+                tracker,
+                stop,
+                replays: mpsc::unbounded_channel().1,
+            },
         ));
         let mut crx = confirmed_rx;
         crx.changed().await.unwrap();
@@ -375,12 +408,15 @@ mod tests {
                 store: store.clone(),
                 seen: seen.clone(),
             },
-            store.clone(),
             rx,
-            confirmed,
-            stats,
-            tracker,
-            stop,
+            Context {
+                store: store.clone(),
+                confirmed,
+                stats,
+                tracker,
+                stop,
+                replays: mpsc::unbounded_channel().1,
+            },
         ));
         // session 1: chunk 7's reads end at (100, 1), in a batch never handed on
         let first = batches.next().unwrap();

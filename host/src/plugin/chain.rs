@@ -116,7 +116,9 @@ enum Failure {
 /// typed records (after a plugin replaced the changes, or for plugins that want them).
 enum Repr {
     Host(Option<Vec<u32>>),
-    Typed(wit::Batch),
+    /// Typed records, and for each the index of the host change it was made from (`None`
+    /// once a transform replaced the changes: they are its own).
+    Typed(wit::Batch, Option<Vec<u32>>),
 }
 
 impl Repr {
@@ -124,7 +126,7 @@ impl Repr {
         match self {
             Repr::Host(None) => batch.changes.len(),
             Repr::Host(Some(sel)) => sel.len(),
-            Repr::Typed(wb) => wb.changes.len(),
+            Repr::Typed(wb, _) => wb.changes.len(),
         }
     }
 
@@ -133,10 +135,13 @@ impl Repr {
         if let Repr::Host(sel) = self {
             let wb = convert::batch_selected(batch, sel.as_deref())
                 .map_err(|e| format!("undecodable value: {e}"))?;
-            *self = Repr::Typed(wb);
+            let origin = sel
+                .take()
+                .unwrap_or_else(|| (0..batch.changes.len() as u32).collect());
+            *self = Repr::Typed(wb, Some(origin));
         }
         match self {
-            Repr::Typed(wb) => Ok(wb),
+            Repr::Typed(wb, _) => Ok(wb),
             Repr::Host(_) => unreachable!("just converted"),
         }
     }
@@ -158,42 +163,56 @@ impl Repr {
                 };
                 *sel = Some(picked);
             }
-            Repr::Typed(wb) => {
+            Repr::Typed(wb, origin) => {
                 let mut keep = vec![false; wb.changes.len()];
                 for &i in indices {
                     keep[i as usize] = true;
                 }
                 let mut it = keep.iter();
                 wb.changes.retain(|_| *it.next().unwrap_or(&false));
+                if let Some(o) = origin {
+                    *o = indices.iter().map(|&i| o[i as usize]).collect();
+                }
             }
         }
         Ok(())
     }
 
     /// Dead letters for changes at `indices` of the current view, keyed by their index in
-    /// the original batch when known. `None` when an index is out of range.
+    /// the original batch when known, each with its replayable record. `None` when an
+    /// index is out of range.
     fn letters(
         &self,
         batch: &Batch,
         indices: impl Iterator<Item = (u32, String)>,
     ) -> Option<Vec<DeadLetter>> {
+        let host = |h: u32, reason: String| -> Option<DeadLetter> {
+            let c = batch.changes.get(h as usize)?;
+            Some(DeadLetter {
+                batch_id: batch.id,
+                index: h,
+                reason,
+                payload: serde_json::to_vec(&host_change_json(batch, h as usize)?)
+                    .unwrap_or_default(),
+                record: Some(crate::dlq::record::of_change(c)),
+            })
+        };
         indices
-            .map(|(i, reason)| {
-                let (index, payload) = match self {
-                    Repr::Host(sel) => {
-                        let h = sel
-                            .as_ref()
-                            .map_or(Some(i), |s| s.get(i as usize).copied())?;
-                        (h, host_change_json(batch, h as usize)?)
-                    }
-                    Repr::Typed(wb) => (i, change_json(wb, wb.changes.get(i as usize)?)),
-                };
-                Some(DeadLetter {
-                    batch_id: batch.id,
-                    index,
-                    reason,
-                    payload: serde_json::to_vec(&payload).unwrap_or_default(),
-                })
+            .map(|(i, reason)| match self {
+                Repr::Host(None) => host(i, reason),
+                Repr::Host(Some(sel)) => host(*sel.get(i as usize)?, reason),
+                Repr::Typed(_, Some(origin)) => host(*origin.get(i as usize)?, reason),
+                Repr::Typed(wb, None) => {
+                    let c = wb.changes.get(i as usize)?;
+                    let rel = wb.relations.iter().find(|r| r.id == c.relation)?;
+                    Some(DeadLetter {
+                        batch_id: batch.id,
+                        index: i,
+                        reason,
+                        payload: serde_json::to_vec(&change_json(wb, c)).unwrap_or_default(),
+                        record: Some(crate::dlq::record::of_typed(rel, c, i)),
+                    })
+                }
             })
             .collect()
     }
@@ -259,6 +278,9 @@ impl PluginChain {
             }
         })?;
         self.stats.dead_letters.fetch_add(n, Ordering::Relaxed);
+        for l in &letters {
+            self.stats.dead_letters_stored(&crate::dlq::table_of(l), 1);
+        }
         if n > 0 {
             tracing::warn!(batch = letters[0].batch_id, changes = n, reason = %letters[0].reason, "changes sent to the dead-letter store");
         }
@@ -315,13 +337,16 @@ impl PluginChain {
                     }
                 }
                 Ok(transform_world::TransformResult::Replace((relations, changes))) => {
-                    repr = Repr::Typed(wit::Batch {
-                        id: batch.id,
-                        first_lsn: batch.first.commit_lsn.0,
-                        last_lsn: batch.last.commit_lsn.0,
-                        relations,
-                        changes,
-                    });
+                    repr = Repr::Typed(
+                        wit::Batch {
+                            id: batch.id,
+                            first_lsn: batch.first.commit_lsn.0,
+                            last_lsn: batch.last.commit_lsn.0,
+                            relations,
+                            changes,
+                        },
+                        None,
+                    );
                 }
                 Err(message) => {
                     return Ok(Err(Failure::Retry(

@@ -170,6 +170,12 @@ pub async fn run_with(
         snapshot_tables,
     } = setup_and_resume(cfg, opts, &conn, &stats).await?;
     let tracker = Arc::new(Tracker::new(store.clone(), stats.clone()));
+    if let Ok(mut slot) = control.store.lock() {
+        *slot = Some(store.clone());
+    }
+    if let Err(e) = crate::dlq::count_stored(&store, &stats) {
+        warn!(error = %e, "cannot count the stored dead letters; dbmazz_dead_letters_stored starts at 0");
+    }
 
     // Phase "delivery": the sink's side, alive across stream sessions.
     let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
@@ -298,8 +304,34 @@ fn control_plane(
         registry: crate::metrics::registry(stats),
         reloader: Default::default(),
         snapshot: Default::default(),
+        store: Default::default(),
+        replays: Default::default(),
     });
     (control, merged, pause_rx)
+}
+
+/// `dbmazz dlq replay` on a stopped pipeline: loads its plugins, starts its sink as a
+/// run would (same identity, so the same idempotency keys), and replays the dead
+/// letters `selection` picks from `store` (see [`crate::dlq::replay`]).
+///
+/// # Errors
+/// A plugin that does not load or start; the replay's own errors.
+pub async fn replay_stopped(
+    cfg: &Config,
+    store: Arc<Store>,
+    selection: &crate::dlq::Selection,
+) -> Result<crate::dlq::ReplayReport, String> {
+    let stats = Arc::new(Stats::default());
+    let (control, _, _) = control_plane(cfg, &stats, watch::channel(false).1);
+    let loaded = plugins::load(cfg, &control).map_err(|e| e.to_string())?;
+    let database = ConnectionConfig::parse(&cfg.source.url)
+        .map_err(|e| e.to_string())?
+        .dbname()
+        .to_string();
+    let mut opened = plugins::open_sink(cfg, loaded, &store, &stats, &database)
+        .await
+        .map_err(|e| e.to_string())?;
+    crate::dlq::replay(&mut opened.sink, &store, &stats, selection).await
 }
 
 /// What the setup and resume phases hand on.

@@ -190,25 +190,116 @@ fn stage_spec(
 /// The delivery task; its result is delivery's own (a fatal sink error, the store).
 pub(super) type DeliveryTask = JoinHandle<Result<(), DeliveryError>>;
 
-/// `delivery::run` on its own task, for either kind of sink.
+/// `delivery::run` on its own task, for either kind of sink; dead-letter replays asked
+/// for through the control API go to it.
 fn spawn<S: crate::delivery::Sink + 'static>(
     sink: S,
-    store: Arc<Store>,
-    rx: mpsc::Receiver<Delivery>,
-    confirmed_tx: watch::Sender<Lsn>,
-    stats: Arc<Stats>,
-    tracker: Arc<Tracker>,
-    stop_rx: watch::Receiver<bool>,
+    w: DeliveryWiring,
+    control: &Control,
 ) -> DeliveryTask {
+    let (replay_tx, replays) = mpsc::unbounded_channel();
+    if let Ok(mut slot) = control.replays.lock() {
+        *slot = Some(replay_tx);
+    }
     tokio::spawn(delivery::run(
         sink,
-        store,
-        rx,
-        confirmed_tx,
-        stats,
-        tracker,
-        stop_rx,
+        w.rx,
+        delivery::Context {
+            store: w.store,
+            confirmed: w.confirmed_tx,
+            stats: w.stats,
+            tracker: w.tracker,
+            stop: w.stop_rx,
+            replays,
+        },
     ))
+}
+
+/// The pipeline's sink: the built-in JSONL file, or the plugin chain.
+pub(crate) enum AnySink {
+    Jsonl(JsonlSink),
+    /// Boxed: a chain is much larger than a file handle.
+    Chain(Box<PluginChain>),
+}
+
+impl delivery::Sink for AnySink {
+    async fn write(
+        &mut self,
+        batch: &crate::pipeline::change::Batch,
+    ) -> Result<(), delivery::SinkError> {
+        match self {
+            AnySink::Jsonl(s) => s.write(batch).await,
+            AnySink::Chain(s) => s.write(batch).await,
+        }
+    }
+}
+
+/// An opened sink, with the plugin engine and the files to watch for hot reload.
+pub(crate) struct Opened {
+    pub sink: AnySink,
+    pub host: Option<Arc<PluginHost>>,
+    pub files: Vec<(std::path::PathBuf, World)>,
+}
+
+/// Opens the sink of `cfg`: the JSONL file, or the plugin chain with every stage
+/// instantiated and initialized (`init` called).
+///
+/// # Errors
+/// [`RunError::Io`] (the JSONL file), [`RunError::PluginStart`] (a plugin refused its
+/// configuration or trapped in `init`).
+pub(crate) async fn open_sink(
+    cfg: &Config,
+    loaded: Loaded,
+    store: &Arc<Store>,
+    stats: &Arc<Stats>,
+    database: &str,
+) -> Result<Opened, RunError> {
+    match sink_target(cfg)? {
+        SinkTarget::Jsonl(path) => {
+            let sink = JsonlSink::open(&path)
+                .map_err(io(format!("cannot open sink file {}", path.display())))?;
+            Ok(Opened {
+                sink: AnySink::Jsonl(sink),
+                host: None,
+                files: Vec::new(),
+            })
+        }
+        SinkTarget::Plugin(sink_cfg) => {
+            let mut identity = vec![
+                ("dbmazz.database".to_string(), database.to_string()),
+                ("dbmazz.slot".to_string(), cfg.source.slot.clone()),
+            ];
+            if let Some(id) = store.incarnation()? {
+                identity.push(("dbmazz.pipeline_id".to_string(), id));
+            }
+            let Loaded {
+                host,
+                stages: loaded,
+                files,
+            } = loaded;
+            let mut stages: Vec<Stage> = loaded
+                .into_iter()
+                .map(|(plugin, stage_cfg)| {
+                    let metrics = Arc::new(PluginMetrics::new(&plugin.name));
+                    if let Ok(mut all) = stats.plugins.lock() {
+                        all.push(metrics.clone());
+                    }
+                    Stage::new(stage_spec(plugin, &stage_cfg, &identity, store), metrics)
+                })
+                .collect();
+            let Some(sink_stage) = stages.pop() else {
+                unreachable!("the sink stage was loaded")
+            };
+            let mut chain = PluginChain::new(stages, sink_stage, store.clone(), stats.clone());
+            chain.max_attempts = sink_cfg.limits.max_attempts.max(1);
+            chain.start().await?;
+            Ok(Opened {
+                sink: AnySink::Chain(Box::new(chain)),
+                host,
+                files,
+            })
+        }
+    }
 }
 
 /// What delivery needs from the rest of the pipeline.
@@ -235,52 +326,11 @@ pub(super) async fn start_delivery(
     control: &Arc<Control>,
     w: DeliveryWiring,
 ) -> Result<(DeliveryTask, Option<Arc<PluginHost>>), RunError> {
-    let target = sink_target(cfg)?;
-    let DeliveryWiring {
-        store,
-        rx,
-        confirmed_tx,
-        stats,
-        tracker,
-        stop_rx,
-        database,
-    } = w;
-    match &target {
-        SinkTarget::Jsonl(path) => {
-            let sink = JsonlSink::open(path)
-                .map_err(io(format!("cannot open sink file {}", path.display())))?;
-            let task = spawn(sink, store, rx, confirmed_tx, stats, tracker, stop_rx);
-            Ok((task, None))
-        }
-        SinkTarget::Plugin(sink_cfg) => {
-            let mut identity = vec![
-                ("dbmazz.database".to_string(), database),
-                ("dbmazz.slot".to_string(), cfg.source.slot.clone()),
-            ];
-            if let Some(id) = store.incarnation()? {
-                identity.push(("dbmazz.pipeline_id".to_string(), id));
-            }
-            let Loaded {
-                host,
-                stages: loaded,
-                files,
-            } = loaded;
-            let mut stages: Vec<Stage> = loaded
-                .into_iter()
-                .map(|(plugin, stage_cfg)| {
-                    let metrics = Arc::new(PluginMetrics::new(&plugin.name));
-                    if let Ok(mut all) = stats.plugins.lock() {
-                        all.push(metrics.clone());
-                    }
-                    Stage::new(stage_spec(plugin, &stage_cfg, &identity, &store), metrics)
-                })
-                .collect();
-            let Some(sink_stage) = stages.pop() else {
-                unreachable!("the sink stage was loaded")
-            };
-            let mut chain = PluginChain::new(stages, sink_stage, store.clone(), stats.clone());
-            chain.max_attempts = sink_cfg.limits.max_attempts.max(1);
-            chain.start().await?;
+    let Opened { sink, host, files } =
+        open_sink(cfg, loaded, &w.store, &w.stats, &w.database).await?;
+    match sink {
+        AnySink::Jsonl(sink) => Ok((spawn(sink, w, control), host)),
+        AnySink::Chain(mut chain) => {
             if let Some(host) = &host {
                 let (reload_tx, reload_rx) = mpsc::unbounded_channel();
                 chain.watch_reloads(reload_rx);
@@ -289,7 +339,7 @@ pub(super) async fn start_delivery(
                     host.clone(),
                     files,
                     reload_tx,
-                    stats.clone(),
+                    w.stats.clone(),
                     move |p| {
                         if let Ok(mut all) = ctl.plugins.lock() {
                             for info in all
@@ -310,8 +360,7 @@ pub(super) async fn start_delivery(
                     Err(e) => warn!(error = %e, "cannot watch the plugin files; hot reload is off"),
                 }
             }
-            let task = spawn(chain, store, rx, confirmed_tx, stats, tracker, stop_rx);
-            Ok((task, host))
+            Ok((spawn(*chain, w, control), host))
         }
     }
 }

@@ -328,6 +328,24 @@ impl TupleData {
     pub fn value_bytes(&self) -> usize {
         self.value_bytes as usize
     }
+
+    /// A tuple from bytes [`TupleData::wire_bytes`] returned (kept elsewhere, e.g. with a
+    /// dead letter), validated as a received tuple is.
+    ///
+    /// # Errors
+    /// [`ParseError`] when `wire` is not exactly one well-formed TupleData.
+    pub fn from_wire(wire: Bytes) -> Result<TupleData, ParseError> {
+        let mut r = Reader {
+            buf: &wire,
+            pos: 0,
+            kind: None,
+        };
+        let t = r.tuple()?;
+        match wire.len() - r.pos {
+            0 => Ok(t),
+            n => Err(r.err(Problem::Trailing(n))),
+        }
+    }
 }
 
 /// Builds rows in pgoutput's TupleData wire format from text values, so rows that did not
@@ -339,11 +357,12 @@ impl TupleData {
 #[derive(Debug, Default)]
 pub struct TupleBuilder {
     buf: Vec<u8>,
-    /// Per row: (span start, span end, ncols, value bytes).
-    rows: Vec<(u32, u32, u16, u32)>,
+    /// Per row: (span start, span end, ncols, value bytes, has unchanged TOAST).
+    rows: Vec<(u32, u32, u16, u32, bool)>,
     row_start: usize,
     ncols: u16,
     value_bytes: u32,
+    unchanged_toast: bool,
 }
 
 impl TupleBuilder {
@@ -360,6 +379,7 @@ impl TupleBuilder {
         self.row_start = self.buf.len();
         self.ncols = 0;
         self.value_bytes = 0;
+        self.unchanged_toast = false;
         self.buf.extend_from_slice(&[0, 0]);
     }
 
@@ -367,6 +387,22 @@ impl TupleBuilder {
     pub fn push_null(&mut self) {
         self.ncols = self.ncols.saturating_add(1);
         self.buf.push(b'n');
+    }
+
+    /// Appends an unchanged TOAST value (`'u'`: not sent).
+    pub fn push_unchanged_toast(&mut self) {
+        self.ncols = self.ncols.saturating_add(1);
+        self.unchanged_toast = true;
+        self.buf.push(b'u');
+    }
+
+    /// Appends a binary-format value (`'b'`).
+    pub fn push_binary(&mut self, v: &[u8]) {
+        self.ncols = self.ncols.saturating_add(1);
+        self.buf.push(b'b');
+        self.buf.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(v);
+        self.value_bytes = self.value_bytes.saturating_add(v.len() as u32);
     }
 
     /// Appends a text-format value.
@@ -387,6 +423,7 @@ impl TupleBuilder {
             self.buf.len() as u32,
             self.ncols,
             self.value_bytes,
+            self.unchanged_toast,
         ));
     }
 
@@ -412,11 +449,11 @@ impl TupleBuilder {
         let buf = Bytes::from(self.buf);
         self.rows
             .into_iter()
-            .map(|(start, end, ncols, value_bytes)| TupleData {
+            .map(|(start, end, ncols, value_bytes, toast)| TupleData {
                 buf: buf.clone(),
                 span: (start, end),
                 ncols,
-                has_unchanged_toast: false,
+                has_unchanged_toast: toast,
                 value_bytes,
             })
             .collect()
