@@ -510,3 +510,57 @@ async fn rejected_rows_are_dead_lettered_and_replayed_once_the_receiver_is_fixed
         "{replayed}"
     );
 }
+
+/// A batch that does not fit the sink's `memory_mb` is written in halves (split again
+/// while a half does not fit), each under an id of its own: every row arrives once,
+/// nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_larger_than_the_sinks_memory_is_delivered_in_parts() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!(
+            "[pipeline]\nflush_interval_ms = 500\nflush_size = 100000\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\nlimits = {{ memory_mb = 12 }}\n",
+            plugins().webhook.display().to_string(),
+            rx.url(),
+            rx.addr.to_string()
+        ),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute("INSERT INTO t SELECT g, repeat('x', 300) FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "every row",
+        || d.log(),
+        || delivered(&rx).len() == 20_000,
+    );
+    let log = d.log();
+    assert!(log.contains("writing it in two parts"), "{log}");
+    assert_eq!(rx.events().len(), 20_000, "each row once");
+    let keys: Vec<String> = rx
+        .received()
+        .iter()
+        .filter(|r| r.status < 300)
+        .filter_map(|r| r.header("idempotency-key").map(str::to_string))
+        .collect();
+    let distinct: BTreeSet<&String> = keys.iter().collect();
+    assert!(keys.len() >= 2, "{keys:?}");
+    assert_eq!(
+        distinct.len(),
+        keys.len(),
+        "each part has an id of its own: {keys:?}"
+    );
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    assert!(pipe.dead_letters().is_empty());
+    assert_eq!(unconfirmed(&db).await, 0);
+}

@@ -456,6 +456,61 @@ impl PluginChain {
     }
 }
 
+/// Ids of the parts of a batch split because it did not fit a plugin's memory:
+/// `2^63 | 2^62 | h`, `h` a 62-bit hash of the batch's id and the half. Deterministic —
+/// a batch retried after a restart splits into the same ids, so sinks that deduplicate on
+/// ids stay exact — and apart from stream (`< 2^62`), snapshot (`2^62 | …`) and replay
+/// (`2^63 | n`, `n < 2^62`) ids.
+pub const SPLIT_BATCH_ID_BASE: u64 = 3 << 62;
+
+fn part_id(id: u64, half: u64) -> u64 {
+    // splitmix64's finalizer: a bijection, so distinct inputs give distinct hashes
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    SPLIT_BATCH_ID_BASE | (mix(mix(id) ^ (half + 1)) >> 2)
+}
+
+impl PluginChain {
+    /// Writes `batch` as two halves (each split again while it does not fit), after a
+    /// plugin ran out of memory on it. Schema changes go with the first half.
+    fn write_split<'a>(
+        &'a mut self,
+        batch: &'a Batch,
+        e: &'a CallError,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SinkError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let mid = batch.changes.len() / 2;
+            let halves = [&batch.changes[..mid], &batch.changes[mid..]];
+            let ids = [part_id(batch.id, 0), part_id(batch.id, 1)];
+            tracing::warn!(batch = batch.id, changes = batch.changes.len(), parts = ?ids, error = %e, "the batch does not fit a plugin's memory; writing it in two parts (raise limits.memory_mb or lower pipeline.flush_bytes / flush_size to avoid this)");
+            for (i, (part, id)) in halves.into_iter().zip(ids).enumerate() {
+                let (Some(first), Some(last)) = (part.first(), part.last()) else {
+                    continue;
+                };
+                let part = Batch {
+                    id,
+                    first: first.position,
+                    last: last.position,
+                    schema_changes: if i == 0 {
+                        batch.schema_changes.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    changes: part.to_vec(),
+                    watermark: None,
+                    replayed: batch.replayed,
+                };
+                self.write(&part).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Sink for PluginChain {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         // Swap only before a new batch: a retried batch (same id) sees the versions its
@@ -474,6 +529,7 @@ impl Sink for PluginChain {
         };
         let mut backoff = self.retry_backoff;
         let mut faulted: Option<Arc<str>>;
+        let mut out_of_memory = false;
         for attempt in 1..=self.max_attempts {
             let reason = match self.run_once(batch).await {
                 Ok(Ok(())) | Ok(Err(Failure::Partial)) => return Ok(()),
@@ -496,7 +552,12 @@ impl Sink for PluginChain {
                     faulted = Some(stage);
                     reason
                 }
+                // Deterministic: the same batch would run out again. Halves may fit.
+                Err(e) if e.is_out_of_memory() && batch.changes.len() > 1 => {
+                    return self.write_split(batch, &e).await;
+                }
                 Err(e) => {
+                    out_of_memory = e.is_out_of_memory();
                     faulted = match &e {
                         CallError::Trap { plugin, .. }
                         | CallError::OutputTooLarge { plugin, .. } => Some(plugin.clone()),
@@ -520,8 +581,14 @@ impl Sink for PluginChain {
                     crate::config::OnFault::DeadLetter => self.store_letters(everything(&reason)),
                     crate::config::OnFault::Stop => Err(SinkError {
                         message: format!(
-                            "{reason} ({} attempts on fresh instances); stopping with batch {} unconfirmed (limits.on_fault = \"stop\"): fix or replace the plugin and restart, or set limits.on_fault = \"dead_letter\" to set such batches aside",
-                            self.max_attempts, batch.id
+                            "{reason} ({} attempts on fresh instances); stopping with batch {} unconfirmed (limits.on_fault = \"stop\"): {}, or set limits.on_fault = \"dead_letter\" to set such batches aside",
+                            self.max_attempts,
+                            batch.id,
+                            if out_of_memory {
+                                "one change does not fit: raise the plugin's limits.memory_mb and restart"
+                            } else {
+                                "fix or replace the plugin and restart"
+                            }
                         ),
                         retryable: false,
                         retry_after: None,

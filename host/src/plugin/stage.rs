@@ -56,10 +56,18 @@ pub enum CallError {
     },
 }
 
+/// The start of [`CallError::Trap`]'s cause when the guest ran out of memory.
+const OUT_OF_MEMORY: &str = "ran out of memory";
+
 impl CallError {
     /// True when a retry on a fresh instance may succeed.
     pub fn is_trap(&self) -> bool {
         matches!(self, CallError::Trap { .. })
+    }
+
+    /// True when the guest ran out of memory (`limits.memory_mb`): a smaller batch may fit.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, CallError::Trap { cause, .. } if cause.starts_with(OUT_OF_MEMORY))
     }
 }
 
@@ -117,13 +125,13 @@ fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallErro
             format!("exceeded its {} ms deadline", limits.call_timeout_ms)
         }
         Some(wasmtime::Trap::AllocationTooLarge) => {
-            format!("ran out of memory (cap {} MiB)", limits.memory_bytes >> 20)
+            format!("{OUT_OF_MEMORY} (cap {} MiB)", limits.memory_bytes >> 20)
         }
         _ if text.contains("memory")
             && (text.contains("grow") || text.contains("limit") || text.contains("alloc")) =>
         {
             format!(
-                "ran out of memory (cap {} MiB): {text}",
+                "{OUT_OF_MEMORY} (cap {} MiB): {text}",
                 limits.memory_bytes >> 20
             )
         }
