@@ -140,6 +140,19 @@ async fn metrics_count_the_committed_changes_and_health_answers() {
         45.0
     );
     assert_eq!(get(&addr, "/nope").0, 404);
+    // a client that connects and never sends a request is dropped (header-read timeout)
+    let started = std::time::Instant::now();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut idle, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "closed after {:?}",
+        started.elapsed()
+    );
 }
 
 fn client_with(

@@ -44,6 +44,10 @@ use prometheus_client::registry::Registry;
 
 use crate::stats::Stats;
 
+/// How long the endpoint waits for a request's headers (also between two requests on a
+/// kept-alive connection) before closing the connection.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Upper bounds of `dbmazz_commit_to_ack_seconds`' buckets, seconds.
 const COMMIT_TO_ACK_BUCKETS_S: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
@@ -351,7 +355,11 @@ pub async fn serve(addr: &str, stats: Arc<Stats>) -> std::io::Result<SocketAddr>
                         }
                     },
                 );
+                // A client that opens a connection and sends nothing (or stops mid-headers,
+                // or idles between requests) is dropped after HEADER_READ_TIMEOUT.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
                     .await;
             });

@@ -155,6 +155,12 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
+/// Distinct metric names (counters and gauges together) one plugin may create.
+pub const MAX_METRIC_NAMES: usize = 100;
+
+/// Longest metric name a plugin may use, bytes.
+pub const MAX_METRIC_NAME_BYTES: usize = 128;
+
 /// A plugin's own counters and gauges: (name, value) pairs.
 pub type PluginReported = (Vec<(String, u64)>, Vec<(String, f64)>);
 
@@ -162,7 +168,8 @@ pub type PluginReported = (Vec<(String, u64)>, Vec<(String, f64)>);
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ErrorKind {
     /// `trap`, `timeout`, `memory`, `output_too_large`, `init` (the host contained the
-    /// plugin), `reload` (a new build was refused), or `retryable`, `fatal`,
+    /// plugin), `reload` (a new build was refused), `metric_dropped` (a metric name past
+    /// [`MAX_METRIC_NAMES`] or longer than [`MAX_METRIC_NAME_BYTES`]), or `retryable`, `fatal`,
     /// `dead_letter`, `error` (the plugin said so).
     pub kind: &'static str,
 }
@@ -261,15 +268,38 @@ impl PluginMetrics {
         (c, g)
     }
 
-    /// Adds to a counter.
+    /// True when a new metric `name` may be created: `MAX_METRIC_NAMES` names per plugin
+    /// (counters and gauges together), each at most `MAX_METRIC_NAME_BYTES` long, so a
+    /// plugin cannot flood `/metrics` with series. A refused name is counted as error kind
+    /// `metric_dropped`.
+    fn admit(&self, name: &str) -> bool {
+        let total =
+            self.gauges.lock().map_or(0, |g| g.len()) + self.counters.lock().map_or(0, |c| c.len());
+        let ok = name.len() <= MAX_METRIC_NAME_BYTES && total < MAX_METRIC_NAMES;
+        if !ok {
+            self.error("metric_dropped");
+        }
+        ok
+    }
+
+    /// Adds to a counter (a new name past the cap is dropped and counted).
     pub fn counter_add(&self, name: &str, delta: u64) {
+        let known = self.counters.lock().is_ok_and(|c| c.contains_key(name));
+        if !known && !self.admit(name) {
+            return;
+        }
         if let Ok(mut c) = self.counters.lock() {
-            *c.entry(name.to_string()).or_default() += delta;
+            let v = c.entry(name.to_string()).or_default();
+            *v = v.saturating_add(delta);
         }
     }
 
-    /// Sets a gauge.
+    /// Sets a gauge (a new name past the cap is dropped and counted).
     pub fn gauge_set(&self, name: &str, value: f64) {
+        let known = self.gauges.lock().is_ok_and(|g| g.contains_key(name));
+        if !known && !self.admit(name) {
+            return;
+        }
         if let Ok(mut g) = self.gauges.lock() {
             g.insert(name.to_string(), value);
         }
@@ -333,6 +363,55 @@ fn same_major(v: &str) -> bool {
     major == hm && (hm > 0 || minor == hn)
 }
 
+/// Creates `dir` (mode 0700) when missing; then it must be a directory owned by this
+/// user that no one else can write — otherwise someone else could plant native code in
+/// the compiled-plugin cache.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create it: {e}"))?;
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() {
+        return Err("not a directory (or a symbolic link)".into());
+    }
+    if m.uid() != me {
+        return Err(format!("owned by uid {}, not this user ({me})", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "writable by group or others (mode {:o}): chmod go-w it",
+            m.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// A cache entry may be deserialized: a regular file (not a link) owned by this user and
+/// writable by no one else.
+fn trusted_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_file() {
+        return Err("not a regular file".into());
+    }
+    if m.uid() != me {
+        return Err(format!("owned by uid {}", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!("mode {:o}", m.mode() & 0o777));
+    }
+    Ok(())
+}
+
 impl PluginHost {
     /// An engine (async, component model, epoch interruption) with its ticker, and the
     /// linkers of both worlds. Compiled plugins are cached in `cache_dir` when given.
@@ -365,9 +444,16 @@ impl PluginHost {
                     e.increment_epoch();
                 }
             })?;
-        if let Some(dir) = &cache_dir {
-            std::fs::create_dir_all(dir)?;
-        }
+        let cache_dir = match cache_dir {
+            Some(dir) => match private_dir(&dir) {
+                Ok(()) => Some(dir),
+                Err(why) => {
+                    tracing::warn!(dir = %dir.display(), "not using the compiled-plugin cache: {why}; plugins are compiled at every start");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok(PluginHost {
             engine,
             sink_linker,
@@ -394,10 +480,17 @@ impl PluginHost {
         self.engine.precompile_compatibility_hash().hash(&mut h);
         let key = format!("{:016x}-{:x}.cwasm", h.finish(), Sha256::digest(bytes));
         let cached = dir.join(&key);
-        if cached.exists() {
-            // SAFETY: the cache directory holds only artifacts this host wrote with
-            // `precompile_component` under a name that includes the engine's
-            // compatibility hash and the source file's SHA-256.
+        if let Err(why) = trusted_file(&cached) {
+            if cached.exists() {
+                tracing::warn!(file = %cached.display(), "compiled plugin cache entry not trusted ({why}); compiling again");
+            }
+        } else {
+            // SAFETY: deserializing runs the file as native code. It is trusted: a regular
+            // file owned by this user, writable by no one else, in a directory owned by
+            // this user that no one else can write (`private_dir`), named after the
+            // engine's compatibility hash and the source's SHA-256 — written by this
+            // host's `precompile_component` (or by someone who can already run code as
+            // this user).
             match unsafe { Component::deserialize_file(&self.engine, &cached) } {
                 Ok(c) => return Ok(c),
                 Err(e) => {
@@ -410,10 +503,18 @@ impl PluginHost {
             .precompile_component(bytes)
             .map_err(|e| invalid(e.into()))?;
         let tmp = dir.join(format!("{key}.tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &compiled)
-            .and_then(|()| std::fs::rename(&tmp, &cached))
-            .is_err()
-        {
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&compiled)?;
+            std::fs::rename(&tmp, &cached)
+        };
+        if write().is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         // SAFETY: `compiled` was produced just now by this engine's precompile.
@@ -558,6 +659,54 @@ fn add_dbmazz_imports(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compiled_cache_trusts_only_private_files_in_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("compiled");
+        let host = PluginHost::new(Some(dir.clone())).unwrap();
+        assert_eq!(host.cache_dir.as_deref(), Some(dir.as_path()));
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // entries: only a regular file of ours that no one else can write
+        let entry = dir.join("x.cwasm");
+        std::fs::write(&entry, b"native code").unwrap();
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(trusted_file(&entry).is_ok());
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(trusted_file(&entry).is_err());
+        let link = dir.join("link.cwasm");
+        std::os::unix::fs::symlink(&entry, &link).unwrap();
+        assert!(trusted_file(&link).is_err());
+        // a directory others can write is not used at all
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let host = PluginHost::new(Some(dir.clone())).unwrap();
+        assert_eq!(host.cache_dir, None);
+    }
+
+    #[test]
+    fn a_metric_name_flood_is_capped_and_counted() {
+        let m = PluginMetrics::new("flood");
+        for i in 0..10_000 {
+            m.counter_add(&format!("c{i}"), 1);
+            m.gauge_set(&format!("g{i}"), 1.0);
+        }
+        m.counter_add(&"x".repeat(MAX_METRIC_NAME_BYTES + 1), 1);
+        let (c, g) = m.snapshot();
+        assert_eq!(c.len() + g.len(), MAX_METRIC_NAMES);
+        // names already known keep counting
+        m.counter_add("c0", 5);
+        assert_eq!(m.counter("c0"), 6);
+        assert_eq!(
+            m.errors
+                .get_or_create(&ErrorKind {
+                    kind: "metric_dropped"
+                })
+                .get(),
+            20_000 - MAX_METRIC_NAMES as u64 + 1
+        );
+    }
 
     #[test]
     fn versions() {

@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
@@ -58,6 +57,86 @@ impl Default for Limits {
     }
 }
 
+/// Most elements one table of a plugin may hold (a Rust or Python component uses a few
+/// thousand); each element is also charged to `memory_mb` as [`TABLE_ELEMENT_BYTES`].
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// What one table element costs the host, bytes, as charged to the memory cap.
+pub const TABLE_ELEMENT_BYTES: usize = 16;
+
+/// The memory cap of one instance, over *all* its linear memories and tables together
+/// (wasmtime's `StoreLimits` caps each memory on its own, so four memories would get four
+/// times the cap), and the table size limit. A grow past either traps with a message that
+/// names the limit.
+#[derive(Debug)]
+pub struct InstanceLimits {
+    /// The cap, bytes (`limits.memory_mb`).
+    cap: usize,
+    /// Bytes reserved so far by memories and tables.
+    used: usize,
+}
+
+impl InstanceLimits {
+    /// A fresh instance's limits with a cap of `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        InstanceLimits { cap, used: 0 }
+    }
+
+    fn charge(&mut self, bytes: usize, what: &str) -> wasmtime::Result<bool> {
+        let used = self.used.saturating_add(bytes);
+        if used > self.cap {
+            return Err(wasmtime::Error::msg(format!(
+                "{what} would take the instance's memories and tables to {used} bytes, over its memory limit of {} MiB (limits.memory_mb)",
+                self.cap >> 20
+            )));
+        }
+        self.used = used;
+        Ok(true)
+    }
+}
+
+impl wasmtime::ResourceLimiter for InstanceLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.charge(desired.saturating_sub(current), "memory grow")
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::msg(format!(
+                "table grow to {desired} elements is over the limit of {MAX_TABLE_ELEMENTS} elements per table"
+            )));
+        }
+        self.charge(
+            desired
+                .saturating_sub(current)
+                .saturating_mul(TABLE_ELEMENT_BYTES),
+            "table grow",
+        )
+    }
+
+    fn instances(&self) -> usize {
+        16
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
 /// `Store` data of one plugin instance.
 pub struct PluginState {
     pub(crate) name: Arc<str>,
@@ -65,7 +144,7 @@ pub struct PluginState {
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: AllowListHooks,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: InstanceLimits,
     config: Vec<(String, String)>,
     kv: Option<Arc<CheckpointStore>>,
     metrics: Arc<PluginMetrics>,
@@ -104,13 +183,7 @@ impl PluginState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .instances(16)
-                .tables(64)
-                .memories(4)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: InstanceLimits::new(limits.memory_bytes),
             config,
             kv: grants.kv.clone(),
             metrics,
@@ -365,7 +438,65 @@ fn denied_kv() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::may_carry_credentials;
+    use super::{may_carry_credentials, InstanceLimits, MAX_TABLE_ELEMENTS};
+
+    /// Runs the core module `wat`'s export `run` under a 4 MiB [`InstanceLimits`] (real
+    /// wasmtime; the attacks need more than one memory or `table.grow`, which Rust plugins
+    /// cannot express).
+    fn run_limited(wat: &str) -> Result<i32, String> {
+        let engine = wasmtime::Engine::default();
+        let bytes = wat::parse_str(wat).map_err(|e| e.to_string())?;
+        let module = wasmtime::Module::new(&engine, bytes).map_err(|e| format!("{e:#}"))?;
+        let mut store = wasmtime::Store::new(&engine, InstanceLimits::new(4 << 20));
+        store.limiter(|l| l);
+        let instance =
+            wasmtime::Instance::new(&mut store, &module, &[]).map_err(|e| format!("{e:#}"))?;
+        let run = instance
+            .get_typed_func::<(), i32>(&mut store, "run")
+            .map_err(|e| format!("{e:#}"))?;
+        run.call(&mut store, ()).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn four_memories_share_one_cap() {
+        // each memory grows by 32 pages (2 MiB): the first fits, the second does not
+        let r = run_limited(
+            r#"(module
+                (memory $a 1) (memory $b 1) (memory $c 1) (memory $d 1)
+                (func (export "run") (result i32)
+                  (drop (memory.grow $a (i32.const 32)))
+                  (drop (memory.grow $b (i32.const 32)))
+                  (drop (memory.grow $c (i32.const 32)))
+                  (memory.grow $d (i32.const 32))))"#,
+        );
+        let e = r.expect_err("four memories cannot take four caps");
+        assert!(e.contains("over its memory limit of 4 MiB"), "{e}");
+        // one memory within the cap is fine
+        assert_eq!(
+            run_limited(
+                r#"(module (memory 1)
+                    (func (export "run") (result i32) (memory.grow (i32.const 32))))"#
+            ),
+            Ok(1)
+        );
+    }
+
+    #[test]
+    fn a_table_grow_bomb_is_stopped() {
+        let r = run_limited(&format!(
+            r#"(module (table 1 funcref)
+                (func (export "run") (result i32)
+                  (table.grow (ref.null func) (i32.const {}))))"#,
+            MAX_TABLE_ELEMENTS * 10
+        ));
+        let e = r.expect_err("a table bomb traps");
+        assert!(e.contains("elements per table"), "{e}");
+        // growing within the element limit but past the memory cap also traps
+        let mut limits = InstanceLimits::new(1 << 20);
+        let e = wasmtime::ResourceLimiter::table_growing(&mut limits, 0, 90_000, None)
+            .expect_err("90,000 elements are 1.4 MB");
+        assert!(e.to_string().contains("memory limit"), "{e}");
+    }
 
     #[test]
     fn credentials_go_only_over_tls_or_to_loopback() {

@@ -34,6 +34,8 @@ use super::pgoutput::PG_EPOCH_OFFSET_US;
 use crate::lsn::Lsn;
 
 const READ_CHUNK: usize = 128 * 1024;
+/// Most a partly received frame grows the read buffer by at a time, bytes.
+const MAX_RESERVE: usize = 8 << 20;
 
 /// Session settings sent at startup so pgoutput's text values have one known shape
 /// (see [`crate::source::value`]).
@@ -151,7 +153,9 @@ async fn read_message(
                     }
                 }
             } else {
-                rbuf.reserve(total - rbuf.len());
+                // Grow with what arrives, not by the announced length: a frame header
+                // claiming 1 GiB must not allocate it before a byte of it is here.
+                rbuf.reserve((total - rbuf.len()).min(MAX_RESERVE));
             }
         }
         if rbuf.capacity() - rbuf.len() < 4096 {
@@ -534,7 +538,7 @@ pub fn parse_frame(mut d: Bytes) -> Result<Frame, SourceError> {
         Some(b'w') if d.len() >= 25 => {
             let wal_start = Lsn(be_u64(&d, 1));
             let wal_end = Lsn(be_u64(&d, 9));
-            let send_time_us = be_u64(&d, 17) as i64 + PG_EPOCH_OFFSET_US;
+            let send_time_us = (be_u64(&d, 17) as i64).saturating_add(PG_EPOCH_OFFSET_US);
             d.advance(25);
             Ok(Frame::XLogData {
                 wal_start,
@@ -545,7 +549,7 @@ pub fn parse_frame(mut d: Bytes) -> Result<Frame, SourceError> {
         }
         Some(b'k') if d.len() >= 18 => Ok(Frame::Keepalive {
             wal_end: Lsn(be_u64(&d, 1)),
-            send_time_us: be_u64(&d, 9) as i64 + PG_EPOCH_OFFSET_US,
+            send_time_us: (be_u64(&d, 9) as i64).saturating_add(PG_EPOCH_OFFSET_US),
             reply_requested: d[17] == 1,
         }),
         Some(k) => Err(SourceError::Protocol(format!(
@@ -610,6 +614,19 @@ impl ReplicationWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame header announcing 1 GiB, then nothing: the read buffer grows with what
+    /// arrives, not by the announced length, and the end of input is an error.
+    #[tokio::test]
+    async fn an_announced_frame_length_is_not_reserved_up_front() {
+        let mut input: Vec<u8> = vec![b'd'];
+        input.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        input.extend_from_slice(&[0u8; 100]);
+        let mut rbuf = BytesMut::new();
+        let r = read_message(&mut &input[..], &mut rbuf).await;
+        assert!(r.is_err());
+        assert!(rbuf.capacity() <= 2 * MAX_RESERVE, "{}", rbuf.capacity());
+    }
 
     /// A server that asks for SCRAM-SHA-256 and then says AuthenticationOk without its
     /// signature (what a man in the middle who does not know the password would do).

@@ -313,7 +313,9 @@ fn parse_date(t: &str) -> Option<i32> {
 fn parse_ymd(b: &[u8], bc: bool) -> Option<i64> {
     // the year may have more than 4 digits
     let dash = b.iter().position(|&c| c == b'-')?;
-    if b.len() != dash + 6 || b[dash + 3] != b'-' {
+    // PostgreSQL's years end at 5874897 (dates); more digits are not a date it sends,
+    // and would overflow the day arithmetic
+    if dash > 7 || b.len() != dash + 6 || b[dash + 3] != b'-' {
         return None;
     }
     let mut y = digits(&b[..dash])?;
@@ -377,12 +379,16 @@ fn parse_timestamp(t: &str, with_zone: bool) -> Option<i64> {
 }
 
 fn parse_offset(t: &str) -> Option<i64> {
-    let b = t.as_bytes();
-    let sign = if b[0] == b'-' { -1 } else { 1 };
-    let mut parts = t[1..].split(':');
-    let h = digits(parts.next()?.as_bytes())?;
-    let m = parts.next().map_or(Some(0), |p| digits(p.as_bytes()))?;
-    let s = parts.next().map_or(Some(0), |p| digits(p.as_bytes()))?;
+    let sign = match t.as_bytes().first()? {
+        b'-' => -1,
+        _ => 1,
+    };
+    // each part is two digits (PostgreSQL's offsets are within ±15:59:59)
+    let part = |p: &str| (p.len() == 2).then(|| digits(p.as_bytes())).flatten();
+    let mut parts = t.get(1..)?.split(':');
+    let h = part(parts.next()?)?;
+    let m = parts.next().map_or(Some(0), part)?;
+    let s = parts.next().map_or(Some(0), part)?;
     Some(sign * (h * 3600 + m * 60 + s))
 }
 
@@ -443,6 +449,28 @@ mod tests {
 
     fn t(oid: Oid, s: &str) -> Value<'_> {
         decode(oid, RawDatum::Text(s)).unwrap()
+    }
+
+    /// Values no PostgreSQL sends (found reading for overflows): an error, not a panic
+    /// (debug builds check arithmetic) and not a wrapped-around value.
+    #[test]
+    fn hostile_dates_and_offsets_are_errors() {
+        for (o, s) in [
+            (oid::DATE, "999999999999999999-01-01"),
+            (oid::TIMESTAMP, "99999999999999-01-01 00:00:00"),
+            (oid::TIMESTAMPTZ, "2024-01-01 00:00:00+999999999999999999"),
+            (oid::TIMESTAMPTZ, "2024-01-01 00:00:00+"),
+            (oid::TIMESTAMPTZ, "2024-01-01 00:00:00-05:999999999999"),
+        ] {
+            assert!(decode(o, RawDatum::Text(s)).is_err(), "{s}");
+        }
+        // the largest year PostgreSQL has still parses
+        assert!(decode(oid::DATE, RawDatum::Text("5874897-12-31")).is_ok());
+        assert!(decode(
+            oid::TIMESTAMPTZ,
+            RawDatum::Text("2024-01-01 00:00:00-05:30")
+        )
+        .is_ok());
     }
 
     #[test]
