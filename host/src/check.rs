@@ -41,6 +41,9 @@ impl<W: Write> Checklist<'_, W> {
     fn todo(&mut self, step: &str, detail: &str) {
         self.line("[todo] ", step, detail);
     }
+    fn warn(&mut self, step: &str, detail: &str) {
+        self.line("[warn] ", step, detail);
+    }
     fn fail<T>(&mut self, step: &str, detail: impl std::fmt::Display) -> Result<T, Blocked> {
         self.line("[FAIL] ", step, &detail.to_string());
         Err(Blocked)
@@ -138,6 +141,16 @@ async fn steps<W: Write>(
         Err(e) => return list.fail("connect", e),
     };
     list.ok("connect", &conn.redacted());
+    if conn.password_may_travel_in_clear() {
+        list.warn(
+            "source TLS",
+            &format!(
+                "sslmode {:?} sends the password to {} without encryption when the server (or a man in the middle) declines TLS: set sslmode=verify-full (or require)",
+                conn.tls_mode(),
+                conn.addr()
+            ),
+        );
+    }
     let plan = crate::runtime::setup_plan(&cfg);
     match setup::run(&sql, &plan, true).await {
         Ok(outcome) => {

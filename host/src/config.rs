@@ -59,7 +59,8 @@
 //! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
 //! (`{ "host:port" = "Bearer ..." }`, added by the host, never shown to the plugin or
 //! logged), `kv` (bool). Per-stage `limits`: `memory_mb` (64), `call_timeout_ms` (5000),
-//! `max_output_mb` (64), `max_attempts` (3), `on_fault` (`stop` | `dead_letter`).
+//! `max_output_mb` (64), `max_attempts` (3), `on_fault` (`stop` | `dead_letter`),
+//! `kv_max_keys` (100000), `kv_max_mb` (64).
 //!
 //! Environment overrides, applied after the file: `DBMAZZ_<SECTION>__<KEY>` (for
 //! example `DBMAZZ_PIPELINE__FLUSH_SIZE=5000`; values parse as TOML, else as a string),
@@ -422,6 +423,12 @@ pub struct LimitsConfig {
     /// `dead_letter` its changes and go on.
     #[serde(default)]
     pub on_fault: OnFault,
+    /// Most keys the plugin's kv namespace may hold (with `capabilities.kv`).
+    #[serde(default = "default_kv_max_keys")]
+    pub kv_max_keys: u64,
+    /// Most bytes (keys plus values) its kv namespace may hold, MiB.
+    #[serde(default = "default_kv_max_mb")]
+    pub kv_max_mb: u64,
 }
 
 /// `limits.on_fault`.
@@ -443,8 +450,17 @@ impl Default for LimitsConfig {
             max_output_mb: default_max_output_mb(),
             max_attempts: default_max_attempts(),
             on_fault: OnFault::default(),
+            kv_max_keys: default_kv_max_keys(),
+            kv_max_mb: default_kv_max_mb(),
         }
     }
+}
+
+fn default_kv_max_keys() -> u64 {
+    100_000
+}
+fn default_kv_max_mb() -> u64 {
+    64
 }
 
 fn default_memory_mb() -> u64 {

@@ -789,6 +789,27 @@ impl Store {
             .map_err(|e| self.rocks(e))
     }
 
+    /// Keys and bytes (keys plus values) a plugin's `namespace` holds.
+    ///
+    /// # Errors
+    /// RocksDB errors.
+    pub fn kv_usage(&self, namespace: &str) -> Result<(u64, u64), StoreError> {
+        let prefix = Self::kv_key(namespace, b"");
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for item in self.db.iterator_cf(
+            self.cf(CF_KV),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            keys += 1;
+            bytes += (k.len() - prefix.len() + v.len()) as u64;
+        }
+        Ok((keys, bytes))
+    }
+
     /// Deletes a plugin's `key` in its `namespace`.
     ///
     /// # Errors
@@ -922,6 +943,9 @@ mod tests {
             None,
             "namespaces are separate"
         );
+        s.kv_put("filter", b"k2", b"value").unwrap();
+        s.kv_put("filter2", b"k3", b"value").unwrap();
+        assert_eq!(s.kv_usage("filter").unwrap(), (2, 1 + 1 + 2 + 5));
         s.kv_delete("filter", b"k").unwrap();
         assert_eq!(s.kv_get("filter", b"k").unwrap(), None);
     }

@@ -130,7 +130,9 @@ pub struct PluginInfo {
 /// A compiled, checked plugin, ready to instantiate.
 #[derive(Clone)]
 pub struct LoadedPlugin {
-    /// Stage name used in logs, metrics and the kv namespace (the file stem).
+    /// Stage name used in logs, metrics and the kv namespace: the file stem, with `_2`,
+    /// `_3`, ... added when the pipeline runs the same file in more than one stage
+    /// ([`stage_names`]).
     pub name: Arc<str>,
     /// The file it came from.
     pub path: PathBuf,
@@ -361,6 +363,26 @@ fn same_major(v: &str) -> bool {
     let (hm, hn, _) = WIT_VERSION;
     // Before 1.0 the minor number is the breaking one.
     major == hm && (hm > 0 || minor == hn)
+}
+
+/// Names for stages loaded from `stems` (file stems, in pipeline order): each stem, and
+/// for a stem seen before, `<stem>_2`, `<stem>_3`, ... (skipping names already taken), so
+/// two stages never share a kv namespace or metric labels. Stable while the config's
+/// stage order is.
+pub fn stage_names<'a>(stems: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for stem in stems {
+        let mut name = stem.to_string();
+        let mut n = 2;
+        while taken.contains(&name) {
+            name = format!("{stem}_{n}");
+            n += 1;
+        }
+        taken.insert(name.clone());
+        out.push(name);
+    }
+    out
 }
 
 /// Creates `dir` (mode 0700) when missing; then it must be a directory owned by this
@@ -683,6 +705,14 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let host = PluginHost::new(Some(dir.clone())).unwrap();
         assert_eq!(host.cache_dir, None);
+    }
+
+    #[test]
+    fn stages_of_one_file_get_names_of_their_own() {
+        assert_eq!(
+            stage_names(["filter", "filter", "filter_2", "sink", "filter"]),
+            ["filter", "filter_2", "filter_2_2", "sink", "filter_3"]
+        );
     }
 
     #[test]

@@ -146,8 +146,10 @@ fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallErro
 impl Stage {
     /// The same stage (configuration, grants, limits, metrics) running another build of
     /// its plugin; no instance until [`Stage::start`] or the first call.
-    pub fn with_plugin(&self, plugin: LoadedPlugin) -> Stage {
+    pub fn with_plugin(&self, mut plugin: LoadedPlugin) -> Stage {
         let mut spec = self.spec.clone();
+        // the stage keeps its name (its kv namespace and metric labels)
+        plugin.name = spec.plugin.name.clone();
         spec.plugin = plugin;
         Stage::new(spec, self.metrics.clone())
     }

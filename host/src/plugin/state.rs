@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
@@ -30,7 +30,90 @@ pub struct Grants {
     /// the plugin's config).
     pub http_auth: HashMap<String, String>,
     /// The plugin's durable key-value namespace, when granted.
-    pub kv: Option<Arc<CheckpointStore>>,
+    pub kv: Option<KvGrant>,
+}
+
+/// A stage's kv namespace: the store, its quota, and what it holds (shared by the
+/// stage's successive instances; counted from the store at first use).
+#[derive(Clone, Debug)]
+pub struct KvGrant {
+    /// The checkpoint store holding the namespace.
+    pub store: Arc<CheckpointStore>,
+    /// Most keys (`limits.kv_max_keys`).
+    pub max_keys: u64,
+    /// Most bytes, keys plus values (`limits.kv_max_mb`).
+    pub max_bytes: u64,
+    /// (keys, bytes) held, once counted.
+    pub usage: Arc<Mutex<Option<(u64, u64)>>>,
+}
+
+impl KvGrant {
+    /// A grant on `store` with the given quota.
+    pub fn new(store: Arc<CheckpointStore>, max_keys: u64, max_bytes: u64) -> Self {
+        KvGrant {
+            store,
+            max_keys,
+            max_bytes,
+            usage: Arc::default(),
+        }
+    }
+
+    fn usage(&self, namespace: &str) -> Result<(u64, u64), String> {
+        let mut u = self.usage.lock().map_err(|e| e.to_string())?;
+        if u.is_none() {
+            *u = Some(self.store.kv_usage(namespace).map_err(|e| e.to_string())?);
+        }
+        Ok(u.unwrap_or_default())
+    }
+
+    fn set_usage(&self, usage: (u64, u64)) {
+        if let Ok(mut u) = self.usage.lock() {
+            *u = Some(usage);
+        }
+    }
+
+    fn set(&self, namespace: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        let (keys, bytes) = self.usage(namespace)?;
+        let old = self
+            .store
+            .kv_get(namespace, key)
+            .map_err(|e| e.to_string())?;
+        let (keys, bytes) = match &old {
+            Some(v) => (
+                keys,
+                bytes - (v.len() as u64).min(bytes) + value.len() as u64,
+            ),
+            None => (keys + 1, bytes + (key.len() + value.len()) as u64),
+        };
+        if keys > self.max_keys || bytes > self.max_bytes {
+            return Err(format!(
+                "kv quota exceeded: the namespace would hold {keys} keys and {bytes} bytes; limits.kv_max_keys = {}, kv_max_mb = {}",
+                self.max_keys,
+                self.max_bytes >> 20
+            ));
+        }
+        self.store
+            .kv_put(namespace, key, value)
+            .map_err(|e| e.to_string())?;
+        self.set_usage((keys, bytes));
+        Ok(())
+    }
+
+    fn delete(&self, namespace: &str, key: &[u8]) -> Result<(), String> {
+        let (keys, bytes) = self.usage(namespace)?;
+        let old = self
+            .store
+            .kv_get(namespace, key)
+            .map_err(|e| e.to_string())?;
+        self.store
+            .kv_delete(namespace, key)
+            .map_err(|e| e.to_string())?;
+        if let Some(v) = old {
+            let freed = (key.len() + v.len()) as u64;
+            self.set_usage((keys.saturating_sub(1), bytes.saturating_sub(freed)));
+        }
+        Ok(())
+    }
 }
 
 /// Per-instance limits.
@@ -146,7 +229,7 @@ pub struct PluginState {
     hooks: AllowListHooks,
     pub(crate) limits: InstanceLimits,
     config: Vec<(String, String)>,
-    kv: Option<Arc<CheckpointStore>>,
+    kv: Option<KvGrant>,
     metrics: Arc<PluginMetrics>,
     /// Bytes the guest handed to the host in the current call (logs, metrics names).
     pub(crate) output_bytes: usize,
@@ -411,24 +494,22 @@ impl metrics::Host for PluginState {
 
 impl kv::Host for PluginState {
     fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
-        let Some(store) = &self.kv else {
+        let Some(kv) = &self.kv else {
             return Err(denied_kv());
         };
-        store.kv_get(&self.name, &key).map_err(|e| e.to_string())
+        kv.store.kv_get(&self.name, &key).map_err(|e| e.to_string())
     }
     fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
-        let Some(store) = &self.kv else {
+        let Some(kv) = &self.kv else {
             return Err(denied_kv());
         };
-        store
-            .kv_put(&self.name, &key, &value)
-            .map_err(|e| e.to_string())
+        kv.set(&self.name, &key, &value)
     }
     fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
-        let Some(store) = &self.kv else {
+        let Some(kv) = &self.kv else {
             return Err(denied_kv());
         };
-        store.kv_delete(&self.name, &key).map_err(|e| e.to_string())
+        kv.delete(&self.name, &key)
     }
 }
 
@@ -455,6 +536,34 @@ mod tests {
             .get_typed_func::<(), i32>(&mut store, "run")
             .map_err(|e| format!("{e:#}"))?;
         run.call(&mut store, ()).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn a_kv_flood_stops_at_the_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(crate::checkpoint::Store::open(dir.path()).unwrap());
+        // what an earlier run left counts
+        store.kv_put("p", b"old", b"v").unwrap();
+        let kv = super::KvGrant::new(store.clone(), 3, 1000);
+        kv.set("p", b"a", b"1").unwrap();
+        kv.set("p", b"b", b"2").unwrap();
+        let e = kv.set("p", b"c", b"3").unwrap_err();
+        assert!(
+            e.contains("kv quota exceeded") && e.contains("kv_max_keys = 3"),
+            "{e}"
+        );
+        kv.set("p", b"a", b"overwritten").unwrap();
+        kv.delete("p", b"old").unwrap();
+        kv.set("p", b"c", b"3").unwrap();
+        assert!(
+            kv.set("p", b"a", &[0u8; 2000]).is_err(),
+            "bytes are capped too"
+        );
+        assert_eq!(store.kv_usage("p").unwrap().0, 3);
+        // another namespace has its own count
+        super::KvGrant::new(store, 3, 1000)
+            .set("q", b"a", b"1")
+            .unwrap();
     }
 
     #[test]

@@ -176,7 +176,13 @@ fn stage_spec(
         grants: Grants {
             http: cfg.capabilities.http.clone(),
             http_auth: cfg.capabilities.http_auth.clone().into_iter().collect(),
-            kv: cfg.capabilities.kv.then(|| store.clone()),
+            kv: cfg.capabilities.kv.then(|| {
+                crate::plugin::state::KvGrant::new(
+                    store.clone(),
+                    cfg.limits.kv_max_keys,
+                    cfg.limits.kv_max_mb.saturating_mul(1 << 20),
+                )
+            }),
         },
         limits: Limits {
             memory_bytes: (cfg.limits.memory_mb as usize) << 20,
@@ -277,9 +283,12 @@ pub(crate) async fn open_sink(
                 stages: loaded,
                 files,
             } = loaded;
+            let names = crate::plugin::stage_names(loaded.iter().map(|(p, _)| &*p.name));
             let mut stages: Vec<Stage> = loaded
                 .into_iter()
-                .map(|(plugin, stage_cfg)| {
+                .zip(names)
+                .map(|((mut plugin, stage_cfg), name)| {
+                    plugin.name = name.into();
                     let metrics = Arc::new(PluginMetrics::new(&plugin.name));
                     if let Ok(mut all) = stats.plugins.lock() {
                         all.push(metrics.clone());

@@ -214,6 +214,20 @@ impl ConnectionConfig {
         }
     }
 
+    /// True when a password is set, the first host is reached over TCP and is not a
+    /// loopback address, and `sslmode` lets the connection go on without TLS (`disable`,
+    /// `allow`, `prefer`): whoever answers the `SSLRequest` with 'N' gets the password's
+    /// exchange in clear (PostgreSQL docs, "Protection Provided in Different Modes").
+    pub fn password_may_travel_in_clear(&self) -> bool {
+        let remote = match self.pg.get_hosts().first() {
+            Some(Host::Tcp(h)) => !crate::config::is_loopback_host(h),
+            _ => false,
+        };
+        remote
+            && self.password().is_some()
+            && matches!(self.tls, TlsMode::Disable | TlsMode::Prefer)
+    }
+
     /// The settings as text with the password left out, for logs and `check`.
     pub fn redacted(&self) -> String {
         format!(
@@ -385,6 +399,9 @@ impl ConnectionConfig {
         let answer = tcp.read_u8().await.map_err(connect_err)?;
         if answer != b'S' {
             if self.tls == TlsMode::Prefer {
+                if self.password_may_travel_in_clear() {
+                    tracing::warn!(server = %self.addr(), "the server declined TLS (sslmode prefer): the password exchange goes unencrypted; set sslmode=verify-full (or require) to refuse");
+                }
                 return Ok(Box::new(tcp));
             }
             return Err(self.tls_error(format!(
@@ -568,6 +585,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls_without_echoing_secrets() {
+        let clear = |u: &str| {
+            ConnectionConfig::parse(u)
+                .unwrap()
+                .password_may_travel_in_clear()
+        };
+        assert!(clear("postgres://a:pw@db.example/db"));
+        assert!(clear("postgres://a:pw@10.0.0.5/db?sslmode=disable"));
+        assert!(!clear("postgres://a:pw@db.example/db?sslmode=require"));
+        assert!(!clear("postgres://a:pw@127.0.0.1/db"));
+        assert!(!clear("postgres://a@db.example/db"));
         let e = ConnectionConfig::parse("postgres://a:pw@h/db?sslmode=maybe").unwrap_err();
         assert!(e.to_string().contains("sslmode=maybe"), "{e}");
         let e = ConnectionConfig::parse("postgres://h/db").unwrap_err();
