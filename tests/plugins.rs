@@ -297,7 +297,31 @@ async fn misbehaving_plugins_are_contained() {
         .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
         .collect();
     assert_eq!(delivered, [2, 4, 6, 8]);
+    // a log, stdout and metric-name flood is throttled and capped; the batch goes on
+    db.execute("INSERT INTO t VALUES (100, 'flood')", &[])
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "the flood's batch",
+        || d.log(),
+        || rx.events().len() == 5,
+    );
+    eventually(
+        T,
+        "the throttling reported",
+        || d.log(),
+        || {
+            d.log()
+                .contains("over its rate limit; lines dropped until the next second")
+        },
+    );
     let log = d.log();
+    let flooded = log.matches("flood line").count() + log.matches("flood stdout").count();
+    assert!(
+        flooded > 0 && flooded < 2_000,
+        "{flooded} of 40,000 lines logged"
+    );
     assert!(log.contains("trapped"), "{log}");
     assert!(log.contains("exceeded its 300 ms deadline"), "{log}");
     assert!(log.contains("ran out of memory"), "{log}");

@@ -157,6 +157,10 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
+/// Log output (the `log` interface, stdout and stderr together) one plugin may write per
+/// second, bytes.
+pub const LOG_BYTES_PER_SECOND: usize = 256 << 10;
+
 /// Distinct metric names (counters and gauges together) one plugin may create.
 pub const MAX_METRIC_NAMES: usize = 100;
 
@@ -170,7 +174,8 @@ pub type PluginReported = (Vec<(String, u64)>, Vec<(String, f64)>);
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ErrorKind {
     /// `trap`, `timeout`, `memory`, `output_too_large`, `init` (the host contained the
-    /// plugin), `reload` (a new build was refused), `metric_dropped` (a metric name past
+    /// plugin), `reload` (a new build was refused), `log_dropped` (a log line over
+    /// [`LOG_BYTES_PER_SECOND`]), `metric_dropped` (a metric name past
     /// [`MAX_METRIC_NAMES`] or longer than [`MAX_METRIC_NAME_BYTES`]), or `retryable`, `fatal`,
     /// `dead_letter`, `error` (the plugin said so).
     pub kind: &'static str,
@@ -194,6 +199,8 @@ pub struct PluginMetrics {
     error_total: std::sync::atomic::AtomicU64,
     call_total: std::sync::atomic::AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Log output this second: (window start, bytes admitted, lines dropped).
+    log_window: Mutex<(std::time::Instant, usize, u64)>,
 }
 
 impl Default for PluginMetrics {
@@ -217,6 +224,7 @@ impl PluginMetrics {
             error_total: Default::default(),
             call_total: Default::default(),
             last_error: Mutex::default(),
+            log_window: Mutex::new((std::time::Instant::now(), 0, 0)),
         }
     }
 
@@ -282,6 +290,34 @@ impl PluginMetrics {
             self.error("metric_dropped");
         }
         ok
+    }
+
+    /// True when a log line (the `log` interface, stdout or stderr) of `bytes` may be
+    /// written: each plugin gets [`LOG_BYTES_PER_SECOND`]; lines past it are dropped,
+    /// counted as error kind `log_dropped`, with a warning at the first drop of a second and
+    /// the count at the next line after it.
+    pub fn admit_log(&self, bytes: usize) -> bool {
+        let Ok(mut w) = self.log_window.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        if now.duration_since(w.0) >= std::time::Duration::from_secs(1) {
+            if w.2 > 0 {
+                tracing::warn!(plugin = %self.name, dropped_lines = w.2, "plugin log lines dropped over the rate limit");
+            }
+            *w = (now, 0, 0);
+        }
+        if w.1.saturating_add(bytes) > LOG_BYTES_PER_SECOND {
+            if w.2 == 0 {
+                tracing::warn!(plugin = %self.name, limit_bytes_per_s = LOG_BYTES_PER_SECOND, "plugin log output over its rate limit; lines dropped until the next second");
+            }
+            w.2 += 1;
+            drop(w);
+            self.error("log_dropped");
+            return false;
+        }
+        w.1 += bytes;
+        true
     }
 
     /// Adds to a counter (a new name past the cap is dropped and counted).
@@ -705,6 +741,21 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let host = PluginHost::new(Some(dir.clone())).unwrap();
         assert_eq!(host.cache_dir, None);
+    }
+
+    #[test]
+    fn log_output_is_rate_limited() {
+        let m = PluginMetrics::new("chatty");
+        let admitted = (0..10_000).filter(|_| m.admit_log(1000)).count();
+        assert_eq!(admitted, LOG_BYTES_PER_SECOND / 1000);
+        assert_eq!(
+            m.errors
+                .get_or_create(&ErrorKind {
+                    kind: "log_dropped"
+                })
+                .get(),
+            (10_000 - admitted) as u64
+        );
     }
 
     #[test]

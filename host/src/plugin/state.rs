@@ -247,11 +247,11 @@ impl PluginState {
     ) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(LogStream {
-                plugin: name.clone(),
+                metrics: metrics.clone(),
                 stream: "stdout",
             })
             .stderr(LogStream {
-                plugin: name.clone(),
+                metrics: metrics.clone(),
                 stream: "stderr",
             })
             .build();
@@ -393,7 +393,7 @@ impl WasiHttpHooks for AllowListHooks {
 /// A plugin's stdout or stderr: each line becomes a log event.
 #[derive(Clone)]
 struct LogStream {
-    plugin: Arc<str>,
+    metrics: Arc<PluginMetrics>,
     stream: &'static str,
 }
 
@@ -406,7 +406,7 @@ impl IsTerminal for LogStream {
 impl StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
         Box::new(LineLogger {
-            plugin: self.plugin.clone(),
+            metrics: self.metrics.clone(),
             stream: self.stream,
             buf: Vec::new(),
         })
@@ -414,20 +414,26 @@ impl StdoutStream for LogStream {
 }
 
 struct LineLogger {
-    plugin: Arc<str>,
+    metrics: Arc<PluginMetrics>,
     stream: &'static str,
     buf: Vec<u8>,
 }
 
 impl LineLogger {
+    fn line(&self, line: &[u8]) {
+        if self.metrics.admit_log(line.len()) {
+            tracing::info!(plugin = %self.metrics.name, stream = self.stream, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
     fn emit(&mut self, all: bool) {
         while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.buf.drain(..=i).collect();
-            tracing::info!(plugin = %self.plugin, stream = self.stream, "{}", String::from_utf8_lossy(&line[..line.len() - 1]));
+            self.line(&line[..line.len() - 1]);
         }
         if all && !self.buf.is_empty() || self.buf.len() > 16 * 1024 {
-            tracing::info!(plugin = %self.plugin, stream = self.stream, "{}", String::from_utf8_lossy(&self.buf));
-            self.buf.clear();
+            let rest = std::mem::take(&mut self.buf);
+            self.line(&rest);
         }
     }
 }
@@ -456,7 +462,7 @@ impl types::Host for PluginState {}
 impl log::Host for PluginState {
     fn write(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
         let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        if !self.charge(size) {
+        if !self.charge(size) || !self.metrics.admit_log(size) {
             return;
         }
         let fields: String = fields.iter().map(|(k, v)| format!(" {k}={v}")).collect();
