@@ -342,6 +342,19 @@ pub fn decode(bytes: &[u8]) -> Result<Record, String> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// A stored record is read back from disk: any bytes decode or err, no panic;
+        /// so do any tuple bytes.
+        #[test]
+        fn arbitrary_records_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let _ = decode(&bytes);
+            let _ = table(&bytes);
+            let _ = TupleData::from_wire(Bytes::from(bytes));
+        }
+    }
+
     #[test]
     fn a_typed_change_round_trips_through_its_record() {
         let rel = wit::Relation {

@@ -451,6 +451,26 @@ mod tests {
         decode(oid, RawDatum::Text(s)).unwrap()
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, .. Default::default() })]
+
+        /// Any text, and any date-shaped text, decodes or errs for every type: no panic.
+        #[test]
+        fn arbitrary_text_never_panics(
+            text in "\\PC{0,40}",
+            shaped in "[0-9]{1,12}-[0-9]{2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,8})?([+-][0-9]{1,4}(:[0-9]{1,4}){0,2})?)?( BC)?",
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            for o in [oid::BOOL, oid::BYTEA, oid::INT2, oid::INT4, oid::INT8, oid::OID, oid::FLOAT4,
+                      oid::FLOAT8, oid::NUMERIC, oid::DATE, oid::TIME, oid::TIMETZ, oid::TIMESTAMP,
+                      oid::TIMESTAMPTZ, oid::INTERVAL, oid::UUID, oid::JSON, oid::JSONB, oid::TEXT] {
+                let _ = decode(o, RawDatum::Text(&text));
+                let _ = decode(o, RawDatum::Text(&shaped));
+                let _ = decode(o, RawDatum::Binary(&bytes));
+            }
+        }
+    }
+
     /// Values no PostgreSQL sends (found reading for overflows): an error, not a panic
     /// (debug builds check arithmetic) and not a wrapped-around value.
     #[test]
