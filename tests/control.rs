@@ -639,3 +639,97 @@ async fn health_reports_a_failing_sink_until_it_recovers() {
     }
     assert_eq!(rx.events().len(), 1, "delivered after the sink recovered");
 }
+
+/// Every secret set — the source URL's password, `control.token`, a `capabilities.http_auth`
+/// value, the webhook's signing `secret` — and none of them appears in what dbmazz prints
+/// for a config error, a failed login, or a normal run, nor in `/metrics` or Status.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_appear_in_logs_errors_metrics_or_status() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let grpc = format!("127.0.0.1:{}", support::free_port());
+    let secrets = [
+        support::PASSWORD,
+        "tok-SECRET-2",
+        "auth-SECRET-3",
+        "hook-SECRET-4",
+        "wrong-SECRET-5",
+    ];
+    let leaks = |what: &str, text: &str| {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows {s:?}:\n{text}");
+        }
+    };
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!(
+            "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = {grpc:?}\ntoken = \"tok-SECRET-2\"\nmetrics = \"127.0.0.1:0\"\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?}, secret = \"hook-SECRET-4\" }}\ncapabilities = {{ http = [{:?}], http_auth = {{ {:?} = \"Bearer auth-SECRET-3\" }} }}\n",
+            plugins().webhook.display().to_string(),
+            rx.url(),
+            rx.addr.to_string(),
+            rx.addr.to_string()
+        ),
+    );
+
+    // a normal run
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.execute("INSERT INTO t VALUES (1, 'x')", &[])
+        .await
+        .unwrap();
+    eventually(T, "delivered", || d.log(), || rx.events().len() == 1);
+    let auth = rx.received()[0].header("authorization").map(str::to_string);
+    assert_eq!(
+        auth.as_deref(),
+        Some("Bearer auth-SECRET-3"),
+        "the host adds it"
+    );
+    let metrics_addr = d
+        .log()
+        .lines()
+        .find(|l| l.contains("metrics endpoint listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| a.trim().to_string())
+        .expect("metrics address");
+    leaks("/metrics", &get(&metrics_addr, "/metrics").1);
+    let (ok, status) = support::dbmazz(&[
+        "ctl".as_ref(),
+        "--addr".as_ref(),
+        format!("http://{grpc}").as_ref(),
+        "--token".as_ref(),
+        "tok-SECRET-2".as_ref(),
+        "status".as_ref(),
+    ]);
+    assert!(ok, "{status}");
+    leaks("Status", &status);
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    leaks("the log of a normal run", &d.log());
+
+    // a failed login
+    pipe.edit_config(support::PASSWORD, "wrong-SECRET-5");
+    let (status, log) = pipe.run_to_exit(T);
+    assert!(!status.success());
+    assert!(log.contains("password"), "{log}");
+    leaks("a failed login", &log);
+    let (ok, checked) = support::dbmazz(&[
+        "check".as_ref(),
+        "--config".as_ref(),
+        pipe.config.as_os_str(),
+    ]);
+    assert!(!ok);
+    leaks("check after a failed login", &checked);
+
+    // a config error
+    pipe.edit_config("wrong-SECRET-5", support::PASSWORD);
+    pipe.edit_config("[pipeline]", "[pipeline]\nflush_sise = 10");
+    let (status, log) = pipe.run_to_exit(T);
+    assert!(!status.success());
+    assert!(log.contains("flush_sise"), "{log}");
+    leaks("a config error", &log);
+}
