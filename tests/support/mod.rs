@@ -25,7 +25,33 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A PostgreSQL 15 cluster in a temporary directory, stopped on drop.
+/// Installs the PostgreSQL that `DBMAZZ_TEST_PG` names (16–18) when missing, once per
+/// test binary (`scripts/pg-install.sh`).
+fn install_pg() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if dbmazz::localpg::pg_bin().join("initdb").exists() {
+            return;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-install.sh");
+        let out = Command::new(script)
+            .arg(dbmazz::localpg::pg_major())
+            .output()
+            .expect("scripts/pg-install.sh");
+        assert!(
+            out.status.success(),
+            "scripts/pg-install.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// The PostgreSQL major version the tests run against (`DBMAZZ_TEST_PG`, default 15).
+pub fn pg_major() -> u32 {
+    dbmazz::localpg::pg_major().parse().unwrap_or(15)
+}
+
+/// A PostgreSQL cluster (version [`pg_major`]) in a temporary directory, stopped on drop.
 pub struct Pg {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -36,6 +62,7 @@ impl Pg {
     /// SCRAM authentication on TCP, a superuser `postgres` and a user `cdc` with
     /// REPLICATION.
     pub fn start(extra_conf: &str) -> Pg {
+        install_pg();
         let dir = tempfile::Builder::new()
             .prefix("dbmazz-pg-")
             .tempdir()
