@@ -671,3 +671,52 @@ async fn mode_always_copies_the_table_again_at_every_start_and_never_skips_it() 
         tail(&d.log())
     );
 }
+
+/// A partitioned table is one table to its consumers: dbmazz's publication sets
+/// `publish_via_partition_root`, so the snapshot (copied from the root) and the stream
+/// carry the root's name, also for a partition attached and one created while running;
+/// snapshot plus stream equal the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_table_arrives_under_its_roots_name() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE parts (id int PRIMARY KEY, v text NOT NULL) PARTITION BY RANGE (id);
+         CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE parts_2 PARTITION OF parts FOR VALUES FROM (1000) TO (2000);
+         INSERT INTO parts SELECT g, 'v' || g FROM generate_series(1, 1999, 7) g;",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(&pg.url(), &["parts"], "flush_interval_ms = 50", false);
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute(
+        "CREATE TABLE parts_3 (LIKE parts INCLUDING ALL);
+         ALTER TABLE parts ATTACH PARTITION parts_3 FOR VALUES FROM (2000) TO (3000);
+         CREATE TABLE parts_4 PARTITION OF parts FOR VALUES FROM (3000) TO (4000);
+         INSERT INTO parts VALUES (2500, 'attached'), (3500, 'created'), (5, 'five');
+         UPDATE parts SET v = 'updated' WHERE id = 8;
+         DELETE FROM parts WHERE id = 15;",
+    )
+    .await
+    .unwrap();
+    let want: BTreeMap<i64, String> = db
+        .query("SELECT id, v FROM parts", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (i64::from(r.get::<_, i32>(0)), r.get(1)))
+        .collect();
+    let lines = p.wait_for(&d, T, "the table", |c| {
+        keyed_view(c).get("public.parts") == Some(&want)
+    });
+    let tables: BTreeSet<&str> = lines.iter().filter_map(|l| l["table"].as_str()).collect();
+    assert_eq!(
+        tables,
+        BTreeSet::from(["public.parts"]),
+        "only the root's name"
+    );
+    assert!(lines.iter().any(|l| l["op"] == "read"));
+    assert!(lines.iter().any(|l| l["op"] == "delete"));
+}

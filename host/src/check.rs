@@ -157,6 +157,7 @@ async fn steps<W: Write>(
             for s in outcome.steps {
                 match s.status {
                     StepStatus::Ok => list.ok(s.step, &s.detail),
+                    StepStatus::Warn => list.warn(s.step, &s.detail),
                     _ => list.todo(s.step, &s.detail),
                 }
             }

@@ -364,7 +364,10 @@ async fn setup_and_resume(
     let sql = conn.connect_sql().await?;
     let outcome = setup::run(&sql, &setup_plan(cfg), false).await?;
     for step in &outcome.steps {
-        info!("setup {step}");
+        match step.status {
+            setup::StepStatus::Warn => warn!("setup {step}"),
+            _ => info!("setup {step}"),
+        }
     }
     let published = published_tables(&sql, &cfg.source.publication).await?;
 

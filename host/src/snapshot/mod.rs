@@ -72,7 +72,7 @@ pub enum SnapshotError {
         table: String,
     },
     /// A partitioned table was named: its partitions are what the stream carries.
-    #[error("snapshot: {table} is a partitioned table; pgoutput streams its partitions (unless the publication sets publish_via_partition_root), so snapshot those")]
+    #[error("snapshot: {table} is a partitioned table and the publication does not set publish_via_partition_root, so the stream carries its partitions: run ALTER PUBLICATION ... SET (publish_via_partition_root = true), or snapshot the partitions")]
     Partitioned {
         /// `schema.table`.
         table: String,

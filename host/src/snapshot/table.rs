@@ -100,9 +100,21 @@ async fn load(
     let pages: i64 = row.get(3);
     let kind: String = row.get(4);
     if kind == "p" {
-        // pgoutput names the leaf partitions (unless publish_via_partition_root), and each
-        // is copied as the table it is streamed as.
-        return Err(SnapshotError::Partitioned { table: qualified });
+        // Copied as one table only when the stream carries it as one: pgoutput names the
+        // leaf partitions unless the publication sets publish_via_partition_root (which
+        // dbmazz's own publications do). A partitioned table has no heap of its own
+        // (`pages` is 0), so without a key it is one chunk.
+        let via_root: bool = client
+            .query_opt(
+                "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(&sql)?
+            .is_some_and(|r| r.get(0));
+        if !via_root {
+            return Err(SnapshotError::Partitioned { table: qualified });
+        }
     }
     let replica_identity = replident
         .bytes()

@@ -127,6 +127,8 @@ pub enum StepStatus {
     Changed,
     /// Would be changed (dry run).
     WouldChange,
+    /// Left as it is, but not as dbmazz would make it: the detail says what to run.
+    Warn,
 }
 
 /// One step of setup, for reports.
@@ -146,6 +148,7 @@ impl fmt::Display for StepReport {
             StepStatus::Ok => "ok",
             StepStatus::Changed => "changed",
             StepStatus::WouldChange => "would change",
+            StepStatus::Warn => "warn",
         };
         write!(f, "[{mark}] {}: {}", self.step, self.detail)
     }
@@ -370,14 +373,14 @@ pub async fn run(
         let (schema, table) = split_table(t)?;
         let row = client
             .query_opt(
-                "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                "SELECT c.relreplident::text, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                 &[&schema, &table],
             )
             .await
             .map_err(step_err("tables"))?;
         match row {
-            Some(r) => found.push((schema, table, r.get::<_, String>(0))),
+            Some(r) => found.push((schema, table, r.get::<_, String>(0), r.get::<_, String>(1))),
             None => missing.push(format!("{schema}.{table}")),
         }
     }
@@ -425,7 +428,7 @@ pub async fn run(
 
     // 4. replica identity
     if plan.replica_identity_full {
-        let todo: Vec<_> = found.iter().filter(|(_, _, ri)| ri != "f").collect();
+        let todo: Vec<_> = found.iter().filter(|(_, _, ri, _)| ri != "f").collect();
         if todo.is_empty() {
             steps.push(StepReport {
                 step: "replica identity",
@@ -434,7 +437,7 @@ pub async fn run(
             });
         } else {
             if !dry_run {
-                for (s, t, _) in &todo {
+                for (s, t, _, _) in &todo {
                     client
                         .batch_execute(&format!(
                             "ALTER TABLE {}.{} REPLICA IDENTITY FULL",
@@ -451,7 +454,7 @@ pub async fn run(
                 detail: format!(
                     "REPLICA IDENTITY FULL on {}",
                     todo.iter()
-                        .map(|(s, t, _)| format!("{s}.{t}"))
+                        .map(|(s, t, _, _)| format!("{s}.{t}"))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -462,15 +465,36 @@ pub async fn run(
     // 5. publication
     let pub_row = client
         .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&plan.publication],
         )
         .await
         .map_err(step_err("publication"))?;
-    let table_list = |tables: &[&(String, String, String)]| {
+    // An existing publication that streams partitions under their own names: reported,
+    // not changed (other subscribers of it would see different table names).
+    if let Some(r) = &pub_row {
+        let partitioned: Vec<String> = found
+            .iter()
+            .filter(|(_, _, _, kind)| kind == "p")
+            .map(|(s, t, _, _)| format!("{s}.{t}"))
+            .collect();
+        if !r.get::<_, bool>(1) && !partitioned.is_empty() {
+            steps.push(StepReport {
+                step: "publication",
+                status: StepStatus::Warn,
+                detail: format!(
+                    "{} does not set publish_via_partition_root: rows of the partitioned {} arrive under their partitions' names and cannot be snapshotted as one table; run ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    plan.publication,
+                    partitioned.join(", "),
+                    quote_ident(&plan.publication)
+                ),
+            });
+        }
+    }
+    let table_list = |tables: &[&(String, String, String, String)]| {
         tables
             .iter()
-            .map(|(s, t, _)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+            .map(|(s, t, _, _)| format!("{}.{}", quote_ident(s), quote_ident(t)))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -478,11 +502,16 @@ pub async fn run(
         None => {
             if !dry_run {
                 let all: Vec<_> = found.iter().collect();
+                // Partitioned tables stream under their root's name, as configured
+                // (PostgreSQL docs, CREATE PUBLICATION, publish_via_partition_root).
                 let sql = if all.is_empty() {
-                    format!("CREATE PUBLICATION {}", quote_ident(&plan.publication))
+                    format!(
+                        "CREATE PUBLICATION {} WITH (publish_via_partition_root = true)",
+                        quote_ident(&plan.publication)
+                    )
                 } else {
                     format!(
-                        "CREATE PUBLICATION {} FOR TABLE {}",
+                        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
                         quote_ident(&plan.publication),
                         table_list(&all)
                     )
@@ -513,7 +542,7 @@ pub async fn run(
             let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             let add: Vec<_> = found
                 .iter()
-                .filter(|(s, t, _)| !have.iter().any(|(hs, ht)| hs == s && ht == t))
+                .filter(|(s, t, _, _)| !have.iter().any(|(hs, ht)| hs == s && ht == t))
                 .collect();
             if add.is_empty() {
                 steps.push(StepReport {
@@ -538,7 +567,7 @@ pub async fn run(
                     detail: format!(
                         "add {} to {}",
                         add.iter()
-                            .map(|(s, t, _)| format!("{s}.{t}"))
+                            .map(|(s, t, _, _)| format!("{s}.{t}"))
                             .collect::<Vec<_>>()
                             .join(", "),
                         plan.publication
