@@ -460,7 +460,7 @@ async fn sigterm_drains_and_confirms() {
         .await
         .unwrap();
     let lsn: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);

@@ -170,7 +170,9 @@ fn target_rows(sr: &StarRocksDouble, table: &str) -> BTreeSet<String> {
 /// before now was delivered.
 async fn wait_confirmed(pg: &Pg, db: &tokio_postgres::Client, d: &Dbmazz) {
     let lsn: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        // the insert position: with synchronous_commit = off the write position can
+        // still be behind the last commits
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
