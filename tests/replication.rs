@@ -597,7 +597,7 @@ async fn capture_pgoutput_fixture() {
     .unwrap();
     let cfg = ConnectionConfig::parse(&pg.url()).unwrap();
     let mut repl = ReplicationClient::connect(&cfg).await.unwrap();
-    repl.create_slot("capture", false).await.unwrap();
+    repl.create_slot("capture", false, false).await.unwrap();
     db.batch_execute(
         "INSERT INTO w1 SELECT g, g % 1000, g * 1.25, 'label ' || md5(g::text), now(), g % 2 = 0,
              jsonb_build_object('k', g, 'tag', 'x'), repeat(md5(g::text), 6)
@@ -755,4 +755,59 @@ async fn the_server_is_the_version_the_matrix_names() {
         .unwrap()
         .get(0);
     assert_eq!(v.parse::<u32>().unwrap() / 10_000, support::pg_major());
+}
+
+/// Version-gated source options: on PostgreSQL 18, `publish_generated_columns` brings a
+/// stored generated column into the snapshot and the stream, and `failover_slot` creates
+/// a failover slot; on older servers each key is refused with the version it needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn generated_columns_and_failover_slots_where_the_server_has_them() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE g (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) STORED);
+         INSERT INTO g VALUES (1, 10);",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(&pg.url(), &["g"], "flush_interval_ms = 20", false);
+    p.edit_config(
+        "replica_identity_full = false\n",
+        "replica_identity_full = false\nfailover_slot = true\npublish_generated_columns = true\n",
+    );
+    if support::pg_major() < 18 {
+        let (status, log) = p.run_to_exit(T);
+        assert!(!status.success());
+        let needs = if support::pg_major() < 17 { 17 } else { 18 };
+        assert!(
+            log.contains(&format!("needs PostgreSQL {needs} or later")),
+            "{log}"
+        );
+        return;
+    }
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    db.execute("INSERT INTO g (id, v) VALUES (2, 21)", &[])
+        .await
+        .unwrap();
+    let lines = p.wait_for(&d, T, "the read and the insert", |c| c.len() >= 2);
+    let twice: Vec<(String, i64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["op"].as_str().unwrap().to_string(),
+                l["new"]["twice"].as_i64().expect("the generated column"),
+            )
+        })
+        .collect();
+    assert_eq!(twice, [("read".into(), 20), ("insert".into(), 42)]);
+    let failover: bool = db
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failover, "a failover slot");
 }

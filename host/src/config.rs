@@ -196,6 +196,17 @@ pub struct SourceConfig {
     /// worker. Breaks bidirectional-replication loops. Default: empty, nothing dropped.
     #[serde(default)]
     pub skip_origins: Vec<String>,
+    /// Create the slot as a failover slot (PostgreSQL 17+: `FAILOVER` on
+    /// `CREATE_REPLICATION_SLOT`), so a standby with `sync_replication_slots = on` keeps a
+    /// copy of it and the pipeline resumes on the promoted standby. Refused on older
+    /// servers. Default false.
+    #[serde(default)]
+    pub failover_slot: bool,
+    /// Publish stored generated columns (PostgreSQL 18+: the publication's
+    /// `publish_generated_columns = stored`): they arrive like any other column, in the
+    /// stream and in the snapshot. Refused on older servers. Default false.
+    #[serde(default)]
+    pub publish_generated_columns: bool,
 }
 
 /// `[source.reconnect]`: a lost connection (reset, end of stream, timeout, the server

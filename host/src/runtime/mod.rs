@@ -585,7 +585,10 @@ async fn create_slot(
     snapshot_tables: &[String],
 ) -> Result<bool, RunError> {
     let export = !snapshot_tables.is_empty();
-    match repl.create_slot(&cfg.source.slot, export).await {
+    match repl
+        .create_slot(&cfg.source.slot, export, cfg.source.failover_slot)
+        .await
+    {
         Ok(created) => {
             info!(slot = %created.slot_name, consistent_point = %created.consistent_point, snapshot = ?created.snapshot_name, "created replication slot");
             let Some(name) = created.snapshot_name.filter(|_| export) else {
@@ -643,6 +646,8 @@ pub fn setup_plan(cfg: &Config) -> SetupPlan {
             .collect(),
         publication: cfg.source.publication.clone(),
         slot: cfg.source.slot.clone(),
+        failover_slot: cfg.source.failover_slot,
+        publish_generated_columns: cfg.source.publish_generated_columns,
     }
 }
 

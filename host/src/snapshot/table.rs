@@ -121,6 +121,17 @@ async fn load(
         .next()
         .and_then(ReplicaIdentity::from_byte)
         .unwrap_or(ReplicaIdentity::Default);
+    // Stored generated columns are in the stream only when the publication publishes them
+    // (PostgreSQL 18's publish_generated_columns = stored; read through to_jsonb, as the
+    // column does not exist before 18).
+    let gencols: bool = client
+        .query_one(
+            "SELECT coalesce((SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = $1), '') = 's'",
+            &[&publication],
+        )
+        .await
+        .map_err(&sql)?
+        .get(0);
     let cols = client
         .query(
             "SELECT a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
@@ -129,9 +140,10 @@ async fn load(
              FROM pg_attribute a \
              LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary \
              LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+               AND (a.attgenerated = '' OR (a.attgenerated = 's' AND $2)) \
              ORDER BY a.attnum",
-            &[&oid],
+            &[&oid, &gencols],
         )
         .await
         .map_err(&sql)?;

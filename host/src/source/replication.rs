@@ -403,7 +403,9 @@ impl ReplicationClient {
     }
 
     /// `CREATE_REPLICATION_SLOT name LOGICAL pgoutput`, exporting a snapshot when
-    /// `export_snapshot` (the snapshot lives until the next command on this connection).
+    /// `export_snapshot` (the snapshot lives until the next command on this connection),
+    /// as a failover slot when `failover` (PostgreSQL 17+, PostgreSQL docs "Streaming
+    /// Replication Protocol", CREATE_REPLICATION_SLOT).
     ///
     /// # Errors
     /// [`SourceError::Server`]: the slot exists (42710), `max_replication_slots` is
@@ -412,18 +414,27 @@ impl ReplicationClient {
         &mut self,
         name: &str,
         export_snapshot: bool,
+        failover: bool,
     ) -> Result<CreatedSlot, SourceError> {
-        let snapshot = if export_snapshot {
-            "EXPORT_SNAPSHOT"
+        let sql = if failover {
+            // the option list form (PostgreSQL 15+); FAILOVER is 17+
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{}', FAILOVER)",
+                quote_ident(name),
+                if export_snapshot { "export" } else { "nothing" }
+            )
         } else {
-            "NOEXPORT_SNAPSHOT"
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
+                quote_ident(name),
+                if export_snapshot {
+                    "EXPORT_SNAPSHOT"
+                } else {
+                    "NOEXPORT_SNAPSHOT"
+                }
+            )
         };
-        let rows = self
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snapshot}",
-                quote_ident(name)
-            ))
-            .await?;
+        let rows = self.simple_query(&sql).await?;
         let bad = || SourceError::Protocol("malformed CREATE_REPLICATION_SLOT answer".into());
         Ok(CreatedSlot {
             slot_name: rows.get(0, "slot_name").ok_or_else(bad)?.to_string(),

@@ -40,6 +40,16 @@ pub enum SetupError {
         /// The user.
         user: String,
     },
+    /// A configured feature needs a newer server.
+    #[error("{key} needs PostgreSQL {needs} or later; this server is {server}: remove the key or upgrade")]
+    NeedsVersion {
+        /// The config key.
+        key: &'static str,
+        /// The major version it needs.
+        needs: u32,
+        /// The server's `server_version`.
+        server: String,
+    },
     /// Configured tables do not exist.
     #[error("table{} not found: {}", if .tables.len() == 1 { "" } else { "s" }, .tables.join(", "))]
     MissingTables {
@@ -168,6 +178,11 @@ pub struct SetupPlan {
     pub publication: String,
     /// Slot name.
     pub slot: String,
+    /// Create the slot as a failover slot (PostgreSQL 17+, `source.failover_slot`).
+    pub failover_slot: bool,
+    /// Publish stored generated columns (PostgreSQL 18+,
+    /// `source.publish_generated_columns`).
+    pub publish_generated_columns: bool,
 }
 
 /// The slot as setup found it.
@@ -332,7 +347,8 @@ pub async fn run(
     // 1. wal_level
     let row = client
         .query_one(
-            "SELECT current_setting('wal_level'), current_user::text, current_database()::text",
+            "SELECT current_setting('wal_level'), current_user::text, current_database()::text, \
+                    current_setting('server_version_num')::int, current_setting('server_version')",
             &[],
         )
         .await
@@ -340,8 +356,22 @@ pub async fn run(
     let wal_level: String = row.get(0);
     let user: String = row.get(1);
     let database: String = row.get(2);
+    let version: i32 = row.get(3);
+    let server: String = row.get(4);
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { actual: wal_level });
+    }
+    for (wanted, key, needs) in [
+        (plan.failover_slot, "source.failover_slot", 17),
+        (
+            plan.publish_generated_columns,
+            "source.publish_generated_columns",
+            18,
+        ),
+    ] {
+        if wanted && version < needs as i32 * 10_000 {
+            return Err(SetupError::NeedsVersion { key, needs, server });
+        }
     }
     steps.push(StepReport {
         step: "wal_level",
@@ -470,6 +500,27 @@ pub async fn run(
         )
         .await
         .map_err(step_err("publication"))?;
+    if plan.publish_generated_columns && pub_row.is_some() {
+        let gencols: String = client
+            .query_one(
+                "SELECT pubgencols::text FROM pg_publication WHERE pubname = $1",
+                &[&plan.publication],
+            )
+            .await
+            .map_err(step_err("publication"))?
+            .get(0);
+        if gencols != "s" {
+            steps.push(StepReport {
+                step: "publication",
+                status: StepStatus::Warn,
+                detail: format!(
+                    "{} does not publish generated columns (source.publish_generated_columns): run ALTER PUBLICATION {} SET (publish_generated_columns = stored)",
+                    plan.publication,
+                    quote_ident(&plan.publication)
+                ),
+            });
+        }
+    }
     // An existing publication that streams partitions under their own names: reported,
     // not changed (other subscribers of it would see different table names).
     if let Some(r) = &pub_row {
@@ -504,14 +555,19 @@ pub async fn run(
                 let all: Vec<_> = found.iter().collect();
                 // Partitioned tables stream under their root's name, as configured
                 // (PostgreSQL docs, CREATE PUBLICATION, publish_via_partition_root).
+                let options = if plan.publish_generated_columns {
+                    "publish_via_partition_root = true, publish_generated_columns = stored"
+                } else {
+                    "publish_via_partition_root = true"
+                };
                 let sql = if all.is_empty() {
                     format!(
-                        "CREATE PUBLICATION {} WITH (publish_via_partition_root = true)",
+                        "CREATE PUBLICATION {} WITH ({options})",
                         quote_ident(&plan.publication)
                     )
                 } else {
                     format!(
-                        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                        "CREATE PUBLICATION {} FOR TABLE {} WITH ({options})",
                         quote_ident(&plan.publication),
                         table_list(&all)
                     )
