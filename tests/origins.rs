@@ -177,3 +177,39 @@ async fn skip_origins_drops_streamed_and_small_transactions_and_the_slot_moves_p
         d.log()
     );
 }
+
+/// `source.origin = "none"` (PostgreSQL 16+): the server itself leaves out what a session
+/// with a replication origin wrote; other writes arrive. Refused on 15 with the version
+/// it needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn origin_none_filters_at_the_server_where_it_exists() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE o (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let p = Pipeline::new(&pg.url(), &["o"], "flush_interval_ms = 20", false);
+    p.edit_config(
+        "replica_identity_full = false\n",
+        "replica_identity_full = false\norigin = \"none\"\n",
+    );
+    if support::pg_major() < 16 {
+        let (status, log) = p.run_to_exit(T);
+        assert!(!status.success());
+        assert!(log.contains("needs PostgreSQL 16 or later"), "{log}");
+        return;
+    }
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    let upstream = upstream_session(&pg).await;
+    upstream
+        .batch_execute("INSERT INTO o VALUES (1, 'replicated')")
+        .await
+        .unwrap();
+    db.execute("INSERT INTO o VALUES (2, 'local')", &[])
+        .await
+        .unwrap();
+    let lines = p.wait_for(&d, T, "the local row", |c| c.iter().any(|l| id(l) == 2));
+    let ids: Vec<i64> = lines.iter().map(id).collect();
+    assert_eq!(ids, [2], "the replicated row never arrives");
+}

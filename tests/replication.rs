@@ -608,7 +608,7 @@ async fn capture_pgoutput_fixture() {
     .await
     .unwrap();
     let (mut reader, _writer) = repl
-        .start_replication("capture", dbmazz::Lsn::ZERO, "dbmazz_pub")
+        .start_replication("capture", dbmazz::Lsn::ZERO, "dbmazz_pub", false)
         .await
         .unwrap();
     let mut out = Vec::new();

@@ -196,6 +196,13 @@ pub struct SourceConfig {
     /// worker. Breaks bidirectional-replication loops. Default: empty, nothing dropped.
     #[serde(default)]
     pub skip_origins: Vec<String>,
+    /// Which transactions PostgreSQL sends by replication origin (pgoutput's `origin`
+    /// option, PostgreSQL 16+): `any` (default) or `none` — only changes written without
+    /// an origin, so whatever a logical-replication subscriber (or any session with a
+    /// replication origin) wrote is filtered out at the server and never sent. The
+    /// client-side `skip_origins` works on every version and names origins one by one.
+    #[serde(default)]
+    pub origin: OriginFilter,
     /// Create the slot as a failover slot (PostgreSQL 17+: `FAILOVER` on
     /// `CREATE_REPLICATION_SLOT`), so a standby with `sync_replication_slots = on` keeps a
     /// copy of it and the pipeline resumes on the promoted standby. Refused on older
@@ -207,6 +214,17 @@ pub struct SourceConfig {
     /// stream and in the snapshot. Refused on older servers. Default false.
     #[serde(default)]
     pub publish_generated_columns: bool,
+}
+
+/// `source.origin`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginFilter {
+    /// Every transaction, whatever its origin.
+    #[default]
+    Any,
+    /// Only transactions without a replication origin (PostgreSQL 16+).
+    None,
 }
 
 /// `[source.reconnect]`: a lost connection (reset, end of stream, timeout, the server

@@ -646,6 +646,7 @@ pub fn setup_plan(cfg: &Config) -> SetupPlan {
             .collect(),
         publication: cfg.source.publication.clone(),
         slot: cfg.source.slot.clone(),
+        origin_none: cfg.source.origin == crate::config::OriginFilter::None,
         failover_slot: cfg.source.failover_slot,
         publish_generated_columns: cfg.source.publish_generated_columns,
     }

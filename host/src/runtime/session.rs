@@ -283,7 +283,12 @@ impl Sessions<'_> {
             );
         }
         let (reader, writer) = repl
-            .start_replication(slot, cp.confirmed_lsn, &cfg.source.publication)
+            .start_replication(
+                slot,
+                cp.confirmed_lsn,
+                &cfg.source.publication,
+                cfg.source.origin == crate::config::OriginFilter::None,
+            )
             .await
             .map_err(|e| match e.sqlstate() {
                 Some("55006") if !reconnect => RunError::from(SetupError::SlotInUse {

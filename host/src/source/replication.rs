@@ -447,7 +447,7 @@ impl ReplicationClient {
     }
 
     /// `START_REPLICATION SLOT slot LOGICAL start (proto_version '2', publication_names
-    /// '...', streaming 'on', messages 'true')`, then splits the connection into its
+    /// '...', streaming 'on', messages 'true'[, origin 'none'])`, then splits the connection into its
     /// reading and writing halves.
     ///
     /// `start` of `0/0` starts at the slot's `confirmed_flush_lsn`.
@@ -460,11 +460,13 @@ impl ReplicationClient {
         slot: &str,
         start: Lsn,
         publication: &str,
+        origin_none: bool,
     ) -> Result<(ReplicationReader, ReplicationWriter), SourceError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '2', publication_names {}, streaming 'on', messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '2', publication_names {}, streaming 'on', messages 'true'{})",
             quote_ident(slot),
             quote_literal(&quote_ident(publication)),
+            if origin_none { ", origin 'none'" } else { "" }
         );
         frontend::query(&sql, &mut self.wbuf)?;
         self.flush().await?;

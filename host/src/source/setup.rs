@@ -178,6 +178,9 @@ pub struct SetupPlan {
     pub publication: String,
     /// Slot name.
     pub slot: String,
+    /// Ask for changes without a replication origin only (PostgreSQL 16+,
+    /// `source.origin = "none"`).
+    pub origin_none: bool,
     /// Create the slot as a failover slot (PostgreSQL 17+, `source.failover_slot`).
     pub failover_slot: bool,
     /// Publish stored generated columns (PostgreSQL 18+,
@@ -362,6 +365,7 @@ pub async fn run(
         return Err(SetupError::WalLevel { actual: wal_level });
     }
     for (wanted, key, needs) in [
+        (plan.origin_none, "source.origin = \"none\"", 16),
         (plan.failover_slot, "source.failover_slot", 17),
         (
             plan.publish_generated_columns,
