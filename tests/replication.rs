@@ -785,7 +785,7 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
         );
         return;
     }
-    let d = p.spawn();
+    let mut d = p.spawn();
     d.wait_log("streaming", T);
     db.execute("INSERT INTO g (id, v) VALUES (2, 21)", &[])
         .await
@@ -810,4 +810,12 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
         .unwrap()
         .get(0);
     assert!(failover, "a failover slot");
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    let (_, checked) =
+        support::dbmazz(&["check".as_ref(), "--config".as_ref(), p.config.as_os_str()]);
+    assert!(
+        checked.contains("[warn] failover slot: synchronized_standby_slots is empty"),
+        "{checked}"
+    );
 }

@@ -164,6 +164,27 @@ async fn steps<W: Write>(
         }
         Err(e) => return list.fail("setup", e),
     }
+    // A failover slot is only kept by a standby that syncs slots, and only safe when the
+    // primary waits for that standby (PostgreSQL docs, "Logical Replication Failover").
+    if cfg.source.failover_slot {
+        match sql
+            .query_one("SELECT current_setting('synchronized_standby_slots', true)", &[])
+            .await
+        {
+            Ok(r) if !r.get::<_, Option<String>>(0).unwrap_or_default().is_empty() => list.ok(
+                "failover slot",
+                &format!(
+                    "synchronized_standby_slots = {}; on the standby set sync_replication_slots = on, hot_standby_feedback = on and a primary_slot_name listed here",
+                    r.get::<_, Option<String>>(0).unwrap_or_default()
+                ),
+            ),
+            Ok(_) => list.warn(
+                "failover slot",
+                "synchronized_standby_slots is empty on this server: dbmazz can receive changes the standby has not, and after a failover the sink would hold changes the new primary never had — list the standby's physical slot there; on the standby set sync_replication_slots = on and hot_standby_feedback = on",
+            ),
+            Err(e) => return list.fail("failover slot", e),
+        }
+    }
     // The slot's WAL health (an invalidated slot cannot stream).
     match setup::slot_health(&sql, &cfg.source.slot).await {
         Ok(Some(h)) => {
