@@ -689,13 +689,7 @@ async fn secrets_never_appear_in_logs_errors_metrics_or_status() {
         Some("Bearer auth-SECRET-3"),
         "the host adds it"
     );
-    let metrics_addr = d
-        .log()
-        .lines()
-        .find(|l| l.contains("metrics endpoint listening"))
-        .and_then(|l| l.split("addr=").nth(1))
-        .map(|a| a.trim().to_string())
-        .expect("metrics address");
+    let metrics_addr = support::metrics_addr(&d);
     leaks("/metrics", &get(&metrics_addr, "/metrics").1);
     let (ok, status) = support::dbmazz(&[
         "ctl".as_ref(),

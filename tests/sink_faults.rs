@@ -35,6 +35,16 @@ async fn webhook_behind_a_proxy(
     (pg, db, rx, proxy, sink)
 }
 
+/// The `[sink]` section of sink-webhook posting to `rx` directly, with `limits`.
+fn webhook(rx: &Receiver, limits: &str) -> String {
+    format!(
+        "[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\nlimits = {{ {limits} }}\n",
+        plugins().webhook.display().to_string(),
+        rx.url(),
+        rx.addr.to_string()
+    )
+}
+
 /// The ids of every row the receiver answered 2xx for.
 fn delivered(rx: &Receiver) -> BTreeSet<i64> {
     rx.events()
@@ -407,22 +417,13 @@ async fn rejected_rows_are_dead_lettered_and_replayed_once_the_receiver_is_fixed
         &pg.url(),
         &["good", "bad"],
         &format!(
-            "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = {grpc:?}\nmetrics = \"127.0.0.1:0\"\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
-            plugins().webhook.display().to_string(),
-            rx.url(),
-            rx.addr.to_string()
+            "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = {grpc:?}\nmetrics = \"127.0.0.1:0\"\n\n{}",
+            webhook(&rx, "")
         ),
     );
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
-    let log = d.log();
-    let metrics = log
-        .lines()
-        .find(|l| l.contains("metrics endpoint listening"))
-        .and_then(|l| l.split("addr=").nth(1))
-        .expect("the metrics address is logged")
-        .trim()
-        .to_string();
+    let metrics = support::metrics_addr(&d);
     let ids = |table: &str| -> Vec<i64> {
         rx.events()
             .iter()
@@ -526,10 +527,8 @@ async fn a_batch_larger_than_the_sinks_memory_is_delivered_in_parts() {
         &pg.url(),
         &["t"],
         &format!(
-            "[pipeline]\nflush_interval_ms = 500\nflush_size = 100000\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\nlimits = {{ memory_mb = 12 }}\n",
-            plugins().webhook.display().to_string(),
-            rx.url(),
-            rx.addr.to_string()
+            "[pipeline]\nflush_interval_ms = 500\nflush_size = 100000\n\n{}",
+            webhook(&rx, "memory_mb = 12")
         ),
     );
     let mut d = pipe.spawn();

@@ -886,6 +886,17 @@ pub fn logged_addr(d: &Dbmazz) -> String {
         .to_string()
 }
 
+/// The metrics endpoint's bound address, from its "listening" log line (the gRPC API's
+/// line comes first, so [`logged_addr`] names that one when both are configured).
+pub fn metrics_addr(d: &Dbmazz) -> String {
+    d.log()
+        .lines()
+        .find(|l| l.contains("metrics endpoint listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| a.trim().to_string())
+        .expect("the metrics endpoint's address is logged")
+}
+
 /// A counter's or gauge's value in `/metrics`, `None` when absent.
 pub fn metric(addr: &str, name: &str) -> Option<f64> {
     let (status, body) = http_get(addr, "/metrics");

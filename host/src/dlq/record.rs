@@ -88,16 +88,26 @@ fn encode(h: &Header, old: Option<&[u8]>, new: Option<&[u8]>) -> Vec<u8> {
     out
 }
 
-fn columns(r: &RelationInfo) -> Vec<Column> {
-    r.columns
-        .iter()
-        .map(|c| Column {
+impl From<&ColumnInfo> for Column {
+    fn from(c: &ColumnInfo) -> Self {
+        Column {
             name: c.name.clone(),
             type_oid: c.type_oid,
             type_modifier: c.type_modifier,
             key: c.key,
-        })
-        .collect()
+        }
+    }
+}
+
+impl From<&wit::Column> for Column {
+    fn from(c: &wit::Column) -> Self {
+        Column {
+            name: c.name.clone(),
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+            key: c.key,
+        }
+    }
 }
 
 fn old_kind_char(k: OldKind) -> char {
@@ -115,7 +125,7 @@ pub fn of_change(c: &Change) -> Vec<u8> {
         table: r.name.clone(),
         relation_id: r.id,
         replica_identity: r.replica_identity.as_char(),
-        columns: columns(r),
+        columns: r.columns.iter().map(Column::from).collect(),
         op: c.op.as_str().to_string(),
         commit_lsn: c.position.commit_lsn.0,
         seq: c.position.seq,
@@ -189,16 +199,7 @@ pub fn of_typed(rel: &wit::Relation, c: &wit::Change, seq: u32) -> Vec<u8> {
         } else {
             'n'
         },
-        columns: rel
-            .columns
-            .iter()
-            .map(|c| Column {
-                name: c.name.clone(),
-                type_oid: c.type_oid,
-                type_modifier: c.type_modifier,
-                key: c.key,
-            })
-            .collect(),
+        columns: rel.columns.iter().map(Column::from).collect(),
         op: op.into(),
         commit_lsn: c.commit_lsn,
         seq,
