@@ -819,3 +819,59 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
         "{checked}"
     );
 }
+
+/// An update that leaves a TOASTed column alone, under the default replica identity and
+/// under FULL: what the JSONL sink writes (and so what plugins get) on this version —
+/// the column is left out of `new` and listed in `unchanged`; with FULL, `old` carries
+/// its value (PostgreSQL sends the whole old row), so a consumer can fill it in.
+#[tokio::test(flavor = "multi_thread")]
+async fn unchanged_toast_under_both_replica_identities() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE td (id int PRIMARY KEY, n int, body text);
+         CREATE TABLE tf (id int PRIMARY KEY, n int, body text);
+         ALTER TABLE tf REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    let p = Pipeline::new(&pg.url(), &["td", "tf"], "flush_interval_ms = 20", false);
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    // ~6 kB that does not compress: stored out of line (TOAST)
+    db.batch_execute(
+        "INSERT INTO td SELECT 1, 0, string_agg(md5(g::text), '') FROM generate_series(1, 200) g;
+         INSERT INTO tf SELECT 1, 0, string_agg(md5(g::text), '') FROM generate_series(1, 200) g;
+         UPDATE td SET n = 1; UPDATE tf SET n = 1;",
+    )
+    .await
+    .unwrap();
+    let body: String = db
+        .query_one("SELECT body FROM td", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lines = p.wait_for(&d, T, "two inserts and two updates", |c| c.len() >= 4);
+    let update = |table: &str| {
+        lines
+            .iter()
+            .find(|l| l["op"] == "update" && l["table"] == table)
+            .cloned()
+            .expect("the update")
+    };
+    for table in ["public.td", "public.tf"] {
+        let u = update(table);
+        assert_eq!(u["new"]["n"], 1, "{u}");
+        assert!(u["new"].get("body").is_none(), "left out of new: {u}");
+        assert_eq!(u["unchanged"], serde_json::json!(["body"]), "{u}");
+    }
+    assert!(
+        update("public.td")["old"].is_null(),
+        "default identity: no old row"
+    );
+    assert_eq!(
+        update("public.tf")["old"]["body"].as_str(),
+        Some(body.as_str()),
+        "FULL: the old row has the value"
+    );
+}
