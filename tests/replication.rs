@@ -812,6 +812,26 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
     assert!(failover, "a failover slot");
     d.signal("TERM");
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
+    // an existing slot that is not a failover slot becomes one at the next start
+    db.batch_execute(
+        "SELECT pg_drop_replication_slot('dbmazz_slot');
+         SELECT pg_create_logical_replication_slot('dbmazz_slot', 'pgoutput');",
+    )
+    .await
+    .unwrap();
+    let mut d = p.spawn_with(&["--accept-slot-gap"]);
+    d.wait_log("streaming", T);
+    let failover: bool = db
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failover, "the existing slot was made a failover slot");
+    d.signal("TERM");
+    assert!(d.wait(T).expect("exits").success(), "{}", d.log());
     let (_, checked) =
         support::dbmazz(&["check".as_ref(), "--config".as_ref(), p.config.as_os_str()]);
     assert!(

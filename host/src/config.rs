@@ -205,7 +205,8 @@ pub struct SourceConfig {
     pub origin: OriginFilter,
     /// Create the slot as a failover slot (PostgreSQL 17+: `FAILOVER` on
     /// `CREATE_REPLICATION_SLOT`), so a standby with `sync_replication_slots = on` keeps a
-    /// copy of it and the pipeline resumes on the promoted standby. Refused on older
+    /// copy of it and the pipeline resumes on the promoted standby; an existing slot is
+    /// made one at start (`ALTER_REPLICATION_SLOT ... (FAILOVER true)`). Refused on older
     /// servers. Default false.
     #[serde(default)]
     pub failover_slot: bool,

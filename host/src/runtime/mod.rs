@@ -382,6 +382,10 @@ async fn setup_and_resume(
     let pending = store.pending_intents(cp.last_batch_id)?;
     store.forget_intents_through(cp.last_batch_id)?;
     let new_slot = outcome.slot == SlotState::Missing;
+    if cfg.source.failover_slot && !new_slot {
+        // An existing slot becomes a failover slot (PostgreSQL 17+; idempotent).
+        repl.alter_slot_failover(&cfg.source.slot).await?;
+    }
     if new_slot && (cp.last_batch_id != 0 || !cp.confirmed_lsn.is_zero() || !pending.is_empty()) {
         return Err(SetupError::SlotLost {
             slot: cfg.source.slot.clone(),

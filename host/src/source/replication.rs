@@ -446,6 +446,20 @@ impl ReplicationClient {
         })
     }
 
+    /// `ALTER_REPLICATION_SLOT name (FAILOVER true)` (PostgreSQL 17+, "Streaming
+    /// Replication Protocol"): makes an existing slot a failover slot; idempotent.
+    ///
+    /// # Errors
+    /// [`SourceError::Server`]: no such slot, or the slot is in use.
+    pub async fn alter_slot_failover(&mut self, name: &str) -> Result<(), SourceError> {
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+            quote_ident(name)
+        ))
+        .await
+        .map(|_| ())
+    }
+
     /// `START_REPLICATION SLOT slot LOGICAL start (proto_version '2', publication_names
     /// '...', streaming 'on', messages 'true'[, origin 'none'])`, then splits the connection into its
     /// reading and writing halves.
