@@ -721,4 +721,24 @@ async fn a_partitioned_table_arrives_under_its_roots_name() {
     );
     assert!(lines.iter().any(|l| l["op"] == "read"));
     assert!(lines.iter().any(|l| l["op"] == "delete"));
+
+    // A detached partition is a table of its own: its rows stay at the sink (PostgreSQL
+    // sends no deletes for a DETACH) and its later changes are not published; the root
+    // goes on.
+    let before = lines.len();
+    db.batch_execute(
+        "ALTER TABLE parts DETACH PARTITION parts_4;
+         INSERT INTO parts_4 VALUES (3600, 'detached');
+         INSERT INTO parts VALUES (10, 'after the detach');",
+    )
+    .await
+    .unwrap();
+    let lines = p.wait_for(&d, T, "the root's insert", |c| {
+        c.iter().any(|l| l["new"]["id"] == 10)
+    });
+    let after: Vec<i64> = lines[before..]
+        .iter()
+        .filter_map(|l| l["new"]["id"].as_i64())
+        .collect();
+    assert_eq!(after, [10], "nothing from the detached table");
 }
