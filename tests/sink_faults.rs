@@ -35,13 +35,14 @@ async fn webhook_behind_a_proxy(
     (pg, db, rx, proxy, sink)
 }
 
-/// The `[sink]` section of sink-webhook posting to `rx` directly, with `limits`.
+/// The `[sink]` section of sink-webhook posting to `rx` directly, with `limits`; the
+/// allow-list entry pins the scheme (`http://host:port`).
 fn webhook(rx: &Receiver, limits: &str) -> String {
     format!(
-        "[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\nlimits = {{ {limits} }}\n",
+        "[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [\"http://{}\"] }}\nlimits = {{ {limits} }}\n",
         plugins().webhook.display().to_string(),
         rx.url(),
-        rx.addr.to_string()
+        rx.addr
     )
 }
 

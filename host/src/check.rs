@@ -231,8 +231,14 @@ async fn steps<W: Write>(
     match &target {
         SinkTarget::Plugin(sink) => {
             for (key, url, authority) in config_urls(&sink.config) {
+                let allowed = url.parse::<http::Uri>().is_ok_and(|u| {
+                    sink.capabilities
+                        .http
+                        .iter()
+                        .any(|e| crate::plugin::state::allow_list_matches(e, &u))
+                });
                 match authority {
-                    Some(a) if sink.capabilities.http.contains(&a) => {}
+                    Some(_) if allowed => {}
                     Some(a) => {
                         return list.fail(
                             "sink allow-list",

@@ -416,7 +416,8 @@ impl StageConfig {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Capabilities {
-    /// `host:port` targets outgoing HTTP may reach (sinks only).
+    /// Targets outgoing HTTP may reach (sinks only): `host:port` (either scheme), or
+    /// `https://host:port` / `http://host:port` to pin the scheme too.
     #[serde(default)]
     pub http: Vec<String>,
     /// `Authorization` values the host adds to requests, per `host:port`; kept out of the

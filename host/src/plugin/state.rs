@@ -24,7 +24,8 @@ use crate::checkpoint::Store as CheckpointStore;
 /// What a plugin stage is allowed to do, from the pipeline config.
 #[derive(Clone, Debug, Default)]
 pub struct Grants {
-    /// `host:port` targets outgoing HTTP may reach.
+    /// Targets outgoing HTTP may reach: `host:port`, or `https://host:port` to pin the
+    /// scheme too ([`allow_list_matches`]).
     pub http: Vec<String>,
     /// `Authorization` header values the host adds per `host:port` (secrets stay out of
     /// the plugin's config).
@@ -310,6 +311,23 @@ pub struct AllowListHooks {
     timeout: std::time::Duration,
 }
 
+/// True when `uri` is allowed by the allow-list entry `entry`: `host:port` allows either
+/// scheme; `https://host:port` (or `http://host:port`) also pins the scheme. The port is
+/// the scheme's default when the URI names none; IP literals match only as written.
+pub fn allow_list_matches(entry: &str, uri: &http::Uri) -> bool {
+    let Some(target) = authority_of(uri) else {
+        return false;
+    };
+    match entry.split_once("://") {
+        Some((scheme, authority)) => {
+            uri.scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+                && authority.trim_end_matches('/') == target
+        }
+        None => entry == target,
+    }
+}
+
 /// True when host-injected credentials (`capabilities.http_auth`) may go with a request
 /// to `uri`: over `https://`, or over plain HTTP only to a loopback address (`localhost`,
 /// `127.0.0.0/8`, `::1`), which no one on the network can read.
@@ -352,9 +370,10 @@ impl WasiHttpHooks for AllowListHooks {
             > + Send,
     > {
         let target = authority_of(request.uri());
-        let allowed = target
-            .as_ref()
-            .is_some_and(|t| self.allow.iter().any(|a| a == t));
+        let allowed = self
+            .allow
+            .iter()
+            .any(|a| allow_list_matches(a, request.uri()));
         if !allowed {
             tracing::warn!(plugin = %self.plugin, target = target.as_deref().unwrap_or("?"), "outgoing HTTP refused: not on this plugin's allow-list");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
@@ -611,6 +630,29 @@ mod tests {
         let e = wasmtime::ResourceLimiter::table_growing(&mut limits, 0, 90_000, None)
             .expect_err("90,000 elements are 1.4 MB");
         assert!(e.to_string().contains("memory limit"), "{e}");
+    }
+
+    #[test]
+    fn allow_list_entries_match_host_port_and_an_optional_scheme() {
+        let m = |entry: &str, u: &str| super::allow_list_matches(entry, &u.parse().unwrap());
+        assert!(m("hooks.example.com:443", "https://hooks.example.com/x"));
+        assert!(m("hooks.example.com:443", "http://hooks.example.com:443/x"));
+        assert!(m(
+            "https://hooks.example.com:443",
+            "https://hooks.example.com/x"
+        ));
+        assert!(!m(
+            "https://hooks.example.com:443",
+            "http://hooks.example.com:443/x"
+        ));
+        assert!(!m(
+            "hooks.example.com:443",
+            "https://hooks.example.com:8443/x"
+        ));
+        assert!(!m("hooks.example.com:443", "https://evil.example.com/x"));
+        // an IP literal is its own entry, not the name that resolves to it
+        assert!(!m("hooks.example.com:80", "http://93.184.216.34/x"));
+        assert!(m("127.0.0.1:8080", "http://127.0.0.1:8080/x"));
     }
 
     #[test]
