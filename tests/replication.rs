@@ -757,6 +757,17 @@ async fn the_server_is_the_version_the_matrix_names() {
     assert_eq!(v.parse::<u32>().unwrap() / 10_000, support::pg_major());
 }
 
+/// `pg_replication_slots.failover` of `dbmazz_slot` (PostgreSQL 17+).
+async fn is_failover_slot(db: &tokio_postgres::Client) -> bool {
+    db.query_one(
+        "SELECT failover FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// Version-gated source options: on PostgreSQL 18, `publish_generated_columns` brings a
 /// stored generated column into the snapshot and the stream, and `failover_slot` creates
 /// a failover slot; on older servers each key is refused with the version it needs.
@@ -801,14 +812,7 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
         })
         .collect();
     assert_eq!(twice, [("read".into(), 20), ("insert".into(), 42)]);
-    let failover: bool = db
-        .query_one(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let failover = is_failover_slot(&db).await;
     assert!(failover, "a failover slot");
     d.signal("TERM");
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
@@ -821,14 +825,7 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
     .unwrap();
     let mut d = p.spawn_with(&["--accept-slot-gap"]);
     d.wait_log("streaming", T);
-    let failover: bool = db
-        .query_one(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let failover = is_failover_slot(&db).await;
     assert!(failover, "the existing slot was made a failover slot");
     d.signal("TERM");
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
