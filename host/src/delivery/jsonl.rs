@@ -13,8 +13,10 @@
 //! Values: NULL → `null`; bool, integers, finite floats → JSON scalars; NaN and infinities,
 //! numeric, text, uuid, arrays, other types → strings in PostgreSQL's text form; bytea →
 //! `"\\x..."` hex; date `YYYY-MM-DD`; time `HH:MM:SS[.ffffff]`; timestamp
-//! `YYYY-MM-DD HH:MM:SS[.ffffff]`; timestamptz the same in UTC with `+00`; json/jsonb →
-//! nested JSON. Unchanged TOAST columns are left out of `new` and listed in `unchanged`.
+//! `YYYY-MM-DD HH:MM:SS[.ffffff]`; timestamptz the same in UTC with `+00` (before a
+//! ` BC`); json/jsonb → nested JSON, every digit of its numbers kept (serde_json's
+//! `arbitrary_precision`). Each is exactly PostgreSQL's text output under the pinned
+//! settings (`tests/types.rs` checks every built-in type). Unchanged TOAST columns are left out of `new` and listed in `unchanged`.
 //! A schema change is a line `{"batch":..,"schema_change":{"table":..,"added":[..],
 //! "dropped":[..],"retyped":[..]}}` before the batch's changes.
 
@@ -27,7 +29,7 @@ use serde_json::{json, Map, Value as Json};
 use super::{Sink, SinkError};
 use crate::pipeline::change::{Batch, Change, SchemaChange};
 use crate::source::pgoutput::{OldKind, TupleData};
-use crate::source::value::{DateDisplay, TimestampDisplay, Value};
+use crate::source::value::{DateDisplay, TimeDisplay, TimestampDisplay, Value};
 
 /// Appends batches to a file as JSON lines.
 #[derive(Debug)]
@@ -116,19 +118,9 @@ pub fn value_json(v: &Value<'_>) -> Json {
             ))
         }
         Value::Date(d) => Json::String(DateDisplay(*d).to_string()),
-        Value::Time(us) => {
-            let s = TimestampDisplay(*us).to_string();
-            Json::String(s.split_once(' ').map_or(s.clone(), |(_, t)| t.to_string()))
-        }
+        Value::Time(us) => Json::String(TimeDisplay(*us).to_string()),
         Value::Timestamp(us) => Json::String(TimestampDisplay(*us).to_string()),
-        Value::TimestampTz(us) => {
-            let s = TimestampDisplay(*us).to_string();
-            Json::String(if matches!(*us, i64::MAX | i64::MIN) {
-                s
-            } else {
-                format!("{s}+00")
-            })
-        }
+        Value::TimestampTz(us) => Json::String(TimestampDisplay::utc(*us).to_string()),
         Value::Json(s) => {
             serde_json::from_str(s).unwrap_or_else(|_| Json::String((*s).to_string()))
         }

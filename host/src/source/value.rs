@@ -181,12 +181,16 @@ pub fn decode<'a>(type_oid: Oid, raw: RawDatum<'a>) -> Result<Value<'a>, ValueEr
         oid::UUID => Value::Uuid(parse_uuid(text).ok_or_else(|| bad("uuid"))?),
         oid::DATE => Value::Date(parse_date(text).ok_or_else(|| bad("date"))?),
         oid::TIME => Value::Time(parse_time(text).ok_or_else(|| bad("time"))?),
-        oid::TIMESTAMP => {
-            Value::Timestamp(parse_timestamp(text, false).ok_or_else(|| bad("timestamp"))?)
-        }
-        oid::TIMESTAMPTZ => {
-            Value::TimestampTz(parse_timestamp(text, true).ok_or_else(|| bad("timestamptz"))?)
-        }
+        // PostgreSQL's timestamps reach 294276 AD; microseconds since 1970 in an i64 end
+        // in 294247 AD. A valid timestamp past that stays text (nothing is lost).
+        oid::TIMESTAMP => match parse_timestamp(text, false).ok_or_else(|| bad("timestamp"))? {
+            Micros::Fits(us) => Value::Timestamp(us),
+            Micros::OutOfRange => Value::Other { type_oid, text },
+        },
+        oid::TIMESTAMPTZ => match parse_timestamp(text, true).ok_or_else(|| bad("timestamptz"))? {
+            Micros::Fits(us) => Value::TimestampTz(us),
+            Micros::OutOfRange => Value::Other { type_oid, text },
+        },
         oid::JSON | oid::JSONB => Value::Json(text),
         t if is_builtin_array(t) => Value::Array { type_oid, text },
         _ => Value::Other { type_oid, text },
@@ -353,11 +357,19 @@ fn parse_time(t: &str) -> Option<i64> {
     Some(((h * 60 + m) * 60 + s) * 1_000_000 + us)
 }
 
-/// `YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]][ BC]` → microseconds since the epoch.
-fn parse_timestamp(t: &str, with_zone: bool) -> Option<i64> {
+/// A well-formed timestamp's microseconds since the epoch, or the news that they do not
+/// fit an `i64` (other than as the infinity sentinels `i64::MIN`/`i64::MAX`).
+enum Micros {
+    Fits(i64),
+    OutOfRange,
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]][ BC]` → microseconds since the epoch;
+/// `None` when the text is not of that shape.
+fn parse_timestamp(t: &str, with_zone: bool) -> Option<Micros> {
     match t {
-        "infinity" => return Some(i64::MAX),
-        "-infinity" => return Some(i64::MIN),
+        "infinity" => return Some(Micros::Fits(i64::MAX)),
+        "-infinity" => return Some(Micros::Fits(i64::MIN)),
         _ => {}
     }
     let (t, bc) = match t.strip_suffix(" BC") {
@@ -373,9 +385,13 @@ fn parse_timestamp(t: &str, with_zone: bool) -> Option<i64> {
         (rest, 0)
     };
     let us = parse_time(time)?;
-    days.checked_mul(86_400_000_000)?
-        .checked_add(us)?
-        .checked_sub(offset_s * 1_000_000)
+    // years have at most 7 digits and offsets 2-digit parts: no i128 overflow
+    let total =
+        i128::from(days) * 86_400_000_000 + i128::from(us) - i128::from(offset_s) * 1_000_000;
+    Some(match i64::try_from(total) {
+        Ok(v) if v != i64::MAX && v != i64::MIN => Micros::Fits(v),
+        _ => Micros::OutOfRange,
+    })
 }
 
 fn parse_offset(t: &str) -> Option<i64> {
@@ -392,26 +408,60 @@ fn parse_offset(t: &str) -> Option<i64> {
     Some(sign * (h * 3600 + m * 60 + s))
 }
 
-/// Formats microseconds since the epoch as `YYYY-MM-DD HH:MM:SS[.ffffff]` (UTC), the
-/// form PostgreSQL prints with `DateStyle=ISO`.
+/// Formats microseconds since the epoch as `YYYY-MM-DD HH:MM:SS[.ffffff][+00][ BC]`
+/// (UTC), the form PostgreSQL prints with `DateStyle=ISO` for `timestamp`, or, with
+/// [`TimestampDisplay::utc`], for `timestamptz` under `TimeZone=UTC`.
 pub struct TimestampDisplay(pub i64);
+
+impl TimestampDisplay {
+    /// The `timestamptz` form: the zone `+00` before any ` BC`.
+    pub fn utc(us: i64) -> TimestampTzDisplay {
+        TimestampTzDisplay(us)
+    }
+}
+
+/// `timestamptz` under `TimeZone=UTC`: see [`TimestampDisplay::utc`].
+pub struct TimestampTzDisplay(i64);
+
+impl fmt::Display for TimestampTzDisplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_timestamp(f, self.0, "+00")
+    }
+}
 
 impl fmt::Display for TimestampDisplay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            i64::MAX => return f.write_str("infinity"),
-            i64::MIN => return f.write_str("-infinity"),
-            _ => {}
-        }
-        let days = self.0.div_euclid(86_400_000_000);
-        let us = self.0.rem_euclid(86_400_000_000);
-        let (y, m, d) = civil_from_days(days);
-        let secs = us / 1_000_000;
-        let frac = us % 1_000_000;
-        let (y, bc) = if y <= 0 { (1 - y, " BC") } else { (y, "") };
+        write_timestamp(f, self.0, "")
+    }
+}
+
+fn write_timestamp(f: &mut fmt::Formatter<'_>, us: i64, zone: &str) -> fmt::Result {
+    match us {
+        i64::MAX => return f.write_str("infinity"),
+        i64::MIN => return f.write_str("-infinity"),
+        _ => {}
+    }
+    let days = us.div_euclid(86_400_000_000);
+    let (y, m, d) = civil_from_days(days);
+    let (y, bc) = if y <= 0 { (1 - y, " BC") } else { (y, "") };
+    write!(
+        f,
+        "{y:04}-{m:02}-{d:02} {}{zone}{bc}",
+        TimeDisplay(us.rem_euclid(86_400_000_000))
+    )
+}
+
+/// Formats microseconds since midnight as `HH:MM:SS[.ffffff]`, as PostgreSQL prints a
+/// `time` (`24:00:00` included).
+pub struct TimeDisplay(pub i64);
+
+impl fmt::Display for TimeDisplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.div_euclid(1_000_000);
+        let frac = self.0.rem_euclid(1_000_000);
         write!(
             f,
-            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+            "{:02}:{:02}:{:02}",
             secs / 3600,
             secs / 60 % 60,
             secs % 60
@@ -420,7 +470,7 @@ impl fmt::Display for TimestampDisplay {
             let s = format!("{frac:06}");
             write!(f, ".{}", s.trim_end_matches('0'))?;
         }
-        f.write_str(bc)
+        Ok(())
     }
 }
 
@@ -578,6 +628,38 @@ mod tests {
             let (y, m, dd) = civil_from_days(d);
             assert_eq!(days_from_civil(y, m, dd), d);
         }
+    }
+
+    /// Values the type battery (tests/types.rs) found printed differently from
+    /// PostgreSQL: `24:00:00`, the zone of a BC timestamptz, PostgreSQL's last timestamps.
+    #[test]
+    fn edges_print_as_postgresql_prints_them() {
+        let Value::Time(us) = t(oid::TIME, "24:00:00") else {
+            panic!()
+        };
+        assert_eq!(TimeDisplay(us).to_string(), "24:00:00");
+        assert_eq!(TimeDisplay(500_000).to_string(), "00:00:00.5");
+        let text = "0044-03-15 12:00:00+00 BC";
+        let Value::TimestampTz(us) = t(oid::TIMESTAMPTZ, text) else {
+            panic!()
+        };
+        assert_eq!(TimestampDisplay::utc(us).to_string(), text);
+        assert_eq!(
+            TimestampDisplay::utc(0).to_string(),
+            "1970-01-01 00:00:00+00"
+        );
+        assert_eq!(TimestampDisplay::utc(i64::MAX).to_string(), "infinity");
+        // past i64 microseconds since 1970 (294247 AD) but valid in PostgreSQL: text
+        for (o, text) in [
+            (oid::TIMESTAMP, "294276-12-31 23:59:59.999999"),
+            (oid::TIMESTAMPTZ, "294276-12-31 23:59:59.999999+00"),
+        ] {
+            assert_eq!(t(o, text), Value::Other { type_oid: o, text });
+        }
+        let Value::Timestamp(us) = t(oid::TIMESTAMP, "294246-12-31 23:59:59") else {
+            panic!()
+        };
+        assert_eq!(TimestampDisplay(us).to_string(), "294246-12-31 23:59:59");
     }
 
     #[test]

@@ -122,6 +122,8 @@ struct State {
     ddl: bool,
     next_txn: u64,
     be: SocketAddr,
+    /// The filtered rows' reasons by transaction id, served as the load's error log.
+    error_logs: HashMap<u64, Vec<String>>,
 }
 
 /// A running double: an FE and a BE listener on 127.0.0.1, sharing in-memory tables.
@@ -164,6 +166,7 @@ impl StarRocksDouble {
                 delay: Duration::ZERO,
                 ddl: true,
                 next_txn: 1000,
+                error_logs: HashMap::new(),
                 be: be.local_addr()?,
             })),
         };
@@ -297,6 +300,25 @@ impl StarRocksDouble {
             .is_some_and(|v| v.as_bytes() == self.state().auth.as_bytes());
         let path = req.uri().path().to_string();
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        // A BE serves a failed load's error log (the answer's `ErrorURL`) without
+        // credentials: one line per filtered row.
+        if let (Role::Be, "GET", ["api", "_load_error_log"]) =
+            (role, req.method().as_str(), parts.as_slice())
+        {
+            let txn = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("file=error_log_"))
+                .and_then(|n| n.parse::<u64>().ok());
+            let log = txn.and_then(|t| self.state().error_logs.get(&t).cloned());
+            return Ok(match log {
+                Some(lines) => Response::new(Full::new(Bytes::from(lines.join("\n") + "\n"))),
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"Status": "Fail", "Message": "no such error log"}),
+                ),
+            });
+        }
         if !authorized {
             return Ok(reply(
                 StatusCode::UNAUTHORIZED,
@@ -474,6 +496,7 @@ impl StarRocksDouble {
         let prepared = match outcome {
             Ok(p) if p.filtered.is_empty() => p,
             Ok(p) => {
+                s.error_logs.insert(txn, p.filtered.clone());
                 let v = json!({
                     "TxnId": txn, "Label": label, "Status": "Fail",
                     "Message": "too many filtered rows",
