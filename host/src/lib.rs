@@ -14,7 +14,7 @@ pub mod control;
 pub mod delivery;
 pub mod dlq;
 pub mod localpg;
-pub mod lsn;
+pub use dbmazz_protocol::lsn;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin;

@@ -9,9 +9,8 @@
 
 pub mod conn;
 pub mod error;
-pub mod pgoutput;
 pub mod replication;
 pub mod setup;
-pub mod value;
 
+pub use dbmazz_protocol::{pgoutput, value};
 pub use error::{ServerError, SourceError};

@@ -66,32 +66,7 @@ pub struct CreatedSlot {
     pub snapshot_name: Option<String>,
 }
 
-/// One frame of the CopyBoth stream.
-#[derive(Clone, Debug)]
-pub enum Frame {
-    /// `'w'` XLogData.
-    XLogData {
-        /// WAL position of the data's start.
-        wal_start: Lsn,
-        /// Current end of WAL on the server.
-        wal_end: Lsn,
-        /// Server clock, µs since the Unix epoch.
-        send_time_us: i64,
-        /// The pgoutput message.
-        data: Bytes,
-    },
-    /// `'k'` primary keepalive.
-    Keepalive {
-        /// The server's sent position: everything before it was sent.
-        wal_end: Lsn,
-        /// Server clock, µs since the Unix epoch.
-        send_time_us: i64,
-        /// The server wants a status update now (or it will time out the connection).
-        reply_requested: bool,
-    },
-    /// The server ended the stream (CopyDone).
-    End,
-}
+pub use dbmazz_protocol::frame::Frame;
 
 /// A connection in replication mode, before streaming starts.
 pub struct ReplicationClient {
@@ -526,12 +501,6 @@ impl std::fmt::Debug for ReplicationReader {
     }
 }
 
-fn be_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 impl ReplicationReader {
     /// The next frame. Cancel-safe: a frame is never half-consumed.
     ///
@@ -556,35 +525,12 @@ impl ReplicationReader {
     }
 }
 
-/// Parses a CopyData payload of the replication stream.
+/// Parses a CopyData payload of the replication stream ([`dbmazz_protocol::frame::parse`]).
 ///
 /// # Errors
 /// [`SourceError::Protocol`] for a short frame or an unknown kind.
-pub fn parse_frame(mut d: Bytes) -> Result<Frame, SourceError> {
-    match d.first() {
-        Some(b'w') if d.len() >= 25 => {
-            let wal_start = Lsn(be_u64(&d, 1));
-            let wal_end = Lsn(be_u64(&d, 9));
-            let send_time_us = (be_u64(&d, 17) as i64).saturating_add(PG_EPOCH_OFFSET_US);
-            d.advance(25);
-            Ok(Frame::XLogData {
-                wal_start,
-                wal_end,
-                send_time_us,
-                data: d,
-            })
-        }
-        Some(b'k') if d.len() >= 18 => Ok(Frame::Keepalive {
-            wal_end: Lsn(be_u64(&d, 1)),
-            send_time_us: (be_u64(&d, 9) as i64).saturating_add(PG_EPOCH_OFFSET_US),
-            reply_requested: d[17] == 1,
-        }),
-        Some(k) => Err(SourceError::Protocol(format!(
-            "malformed replication frame: kind 0x{k:02x}, {} bytes",
-            d.len()
-        ))),
-        None => Err(SourceError::Protocol("empty replication frame".into())),
-    }
+pub fn parse_frame(d: Bytes) -> Result<Frame, SourceError> {
+    dbmazz_protocol::frame::parse(d).map_err(|e| SourceError::Protocol(e.to_string()))
 }
 
 /// The writing half of a streaming replication connection.

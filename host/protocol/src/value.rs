@@ -14,7 +14,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use super::pgoutput::{Oid, RawDatum};
+use crate::pgoutput::{Oid, RawDatum};
 
 /// Well-known type OIDs (PostgreSQL's `src/include/catalog/pg_type.dat`).
 pub mod oid {
@@ -245,17 +245,11 @@ fn parse_uuid(t: &str) -> Option<[u8; 16]> {
     if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
         return None;
     }
+    // 8-4-4-4-12 hex digits: each byte's two digits start at a fixed offset
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
     let mut out = [0u8; 16];
-    let mut i = 0;
-    let mut j = 0;
-    while i < 36 {
-        if b[i] == b'-' {
-            i += 1;
-            continue;
-        }
-        out[j] = (hex_val(b[i])? << 4) | hex_val(b[i + 1])?;
-        i += 2;
-        j += 1;
+    for (o, &i) in out.iter_mut().zip(&AT) {
+        *o = (hex_val(b[i])? << 4) | hex_val(b[i + 1])?;
     }
     Some(out)
 }
@@ -351,10 +345,13 @@ fn parse_time(t: &str) -> Option<i64> {
         let frac = &b[9..];
         us = digits(frac)? * 10i64.pow(6 - frac.len() as u32);
     }
-    if h > 24 || m > 59 || s > 60 {
+    // PostgreSQL prints 00:00:00 through 24:00:00 (a leap second never: 23:59:60 is
+    // read as 24:00:00)
+    let total = ((h * 60 + m) * 60 + s) * 1_000_000 + us;
+    if m > 59 || s > 59 || total > 86_400_000_000 {
         return None;
     }
-    Some(((h * 60 + m) * 60 + s) * 1_000_000 + us)
+    Some(total)
 }
 
 /// A well-formed timestamp's microseconds since the epoch, or the news that they do not
@@ -665,6 +662,11 @@ mod tests {
     #[test]
     fn bad_text_is_an_error_not_a_panic() {
         for (o, s) in [
+            // found by the `value` fuzz target: a fifth dash overran the 16 bytes
+            (oid::UUID, "a0eec9b9-9c0b-4efb-4ef8-bb6d-6bb9bd3"),
+            // and times past 24:00:00, which print back as something else
+            (oid::TIME, "24:59:60.999999"),
+            (oid::TIME, "24:00:00.000001"),
             (oid::BOOL, "yes"),
             (oid::INT4, "1.5"),
             (oid::NUMERIC, "1e5x"),

@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use dbmazz::source::pgoutput::{parse, Message};
+//! use dbmazz_protocol::pgoutput::{parse, Message};
 //! // Stream Stop is a single byte.
 //! let msg = parse(Bytes::from_static(b"E"), false).unwrap();
 //! assert!(matches!(msg, Message::StreamStop));
