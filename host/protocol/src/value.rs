@@ -4,7 +4,7 @@
 //! "Logical Replication Message Formats", TupleData). [`decode`] turns a [`RawDatum`] into
 //! a [`Value`] keyed by the column's type OID (`pg_type.oid`, from `pg_type.dat`). The
 //! replication connection pins `DateStyle=ISO`, `IntervalStyle=postgres`,
-//! `TimeZone=UTC` and `extra_float_digits=3` (see [`crate::source::replication`]), so
+//! `TimeZone=UTC` and `extra_float_digits=3` (see the host's `source::replication`), so
 //! dates and timestamps arrive in one known shape and floats round-trip exactly.
 //!
 //! Text borrows from the message; only `bytea` is decoded into a new buffer.
