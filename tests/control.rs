@@ -431,7 +431,8 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
         std::fs::rename(&tmp, &file).unwrap();
     };
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = \"127.0.0.1:0\"\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.t2\"] }}\n\n\
+        "[pipeline]\nflush_interval_ms = 20\n\n[control]\ngrpc = \"127.0.0.1:0\"\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.t2\"] }}\n\
+         limits = {{ memory_mb = 48, log_kib_per_second = 64 }}\n\n\
          [sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
         file.display().to_string(),
         p.webhook.display().to_string(),
@@ -525,6 +526,19 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
     );
     assert!(filter.calls > 0 && filter.loaded_at_ms > 0, "{filter:?}");
     assert!(!filter.last_error.is_empty(), "{filter:?}");
+    // the stage's limits: what its config set, defaults for the rest
+    let limits = filter.limits.as_ref().unwrap();
+    assert_eq!(
+        (
+            limits.memory_mb,
+            limits.log_kib_per_second,
+            limits.table_elements,
+            limits.metric_names,
+            limits.on_fault.as_str()
+        ),
+        (48, 64, 100_000, 100, "stop"),
+        "{limits:?}"
+    );
     db.batch_execute("INSERT INTO t2 VALUES (1000, 'still kept')")
         .await
         .unwrap();

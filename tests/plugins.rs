@@ -209,35 +209,45 @@ async fn a_host_not_on_the_allow_list_is_refused() {
         .await
         .unwrap();
     let rx = Receiver::start(&[]).await;
-    // the sink may only reach 127.0.0.1:1, but its URL points at the receiver
-    let pipe = Pipeline::with_toml(
-        &pg.url(),
-        &["t"],
-        &format!(
-            "[pipeline]\nflush_interval_ms = 20\n\n{}",
-            webhook_sink(&rx.url(), "127.0.0.1:1", "")
-        ),
-    );
-    let mut d = pipe.spawn();
-    d.wait_log("streaming", T);
-    pg.client()
-        .await
-        .batch_execute("INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
-    let status = d
-        .wait(T)
-        .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
-    assert!(!status.success());
-    let log = d.log();
-    assert!(
-        log.contains("not on this plugin's http allow-list"),
-        "{log}"
-    );
-    assert!(rx.received().is_empty(), "nothing reached the receiver");
-    // nothing was confirmed: the change is still in the slot
-    let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
-    assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
+    // the sink may only reach 127.0.0.1:1 but its URL points at the receiver; then it may
+    // reach the receiver's IP literal but names it `localhost` (a name is not its address)
+    let alias = format!("http://localhost:{}/", rx.addr.port());
+    for (id, (url, allow)) in [
+        (rx.url(), "127.0.0.1:1".to_string()),
+        (alias, rx.addr.to_string()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let pipe = Pipeline::with_toml(
+            &pg.url(),
+            &["t"],
+            &format!(
+                "[pipeline]\nflush_interval_ms = 20\n\n{}",
+                webhook_sink(&url, &allow, "")
+            ),
+        );
+        let mut d = pipe.spawn();
+        d.wait_log("streaming", T);
+        pg.client()
+            .await
+            .execute("INSERT INTO t VALUES ($1)", &[&(id as i32)])
+            .await
+            .unwrap();
+        let status = d
+            .wait(T)
+            .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
+        assert!(!status.success());
+        let log = d.log();
+        assert!(
+            log.contains("not on this plugin's http allow-list"),
+            "{url} with {allow}: {log}"
+        );
+        assert!(rx.received().is_empty(), "nothing reached the receiver");
+        // nothing was confirmed: the change is still in the slot
+        let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
+        assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -249,8 +259,20 @@ async fn misbehaving_plugins_are_contained() {
         .await
         .unwrap();
     let rx = Receiver::start(&[]).await;
+    // what `snoop` probes: PostgreSQL's port over a raw socket
+    let pg_addr = pg
+        .url()
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\nlimits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2, on_fault = \"dead_letter\" }}\n\n{}",
+        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\n\
+         config = {{ socket_addr = {pg_addr:?} }}\n\
+         limits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2, on_fault = \"dead_letter\" }}\n\n{}",
         p.misbehave.display().to_string(),
         webhook_sink(&rx.url(), &rx.addr.to_string(), "")
     );
@@ -322,6 +344,45 @@ async fn misbehaving_plugins_are_contained() {
         flooded > 0 && flooded < 2_000,
         "{flooded} of 40,000 lines logged"
     );
+    // what a sandbox must not give a plugin: no environment, no files, no sockets
+    db.execute("INSERT INTO t VALUES (101, 'snoop')", &[])
+        .await
+        .unwrap();
+    eventually(
+        T,
+        "the snoop's batch",
+        || d.log(),
+        || rx.events().len() == 6,
+    );
+    let log = d.log();
+    let snoop: Vec<&str> = log.lines().filter(|l| l.contains("snoop")).collect();
+    let said = |what: &str| {
+        snoop
+            .iter()
+            .find(|l| {
+                l.contains(&format!("what=\"{what}\"")) || l.contains(&format!("what={what} "))
+            })
+            .unwrap_or_else(|| panic!("no snoop line for {what}: {snoop:#?}"))
+            .to_string()
+    };
+    eprintln!("{}", snoop.join("\n"));
+    assert!(said("env").contains("0 variables"), "{snoop:#?}");
+    assert!(said("file").contains("error"), "{snoop:#?}");
+    assert!(said("dir").contains("error"), "{snoop:#?}");
+    assert!(said("socket").contains("error"), "{snoop:#?}");
+    // the host stayed within a bound through traps, loops, an allocation bomb and floods
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!(
+        "dbmazz peak RSS through the hostile cases: {} MB",
+        peak_kb / 1024
+    );
+    assert!(peak_kb < 200 * 1024, "peak RSS {peak_kb} kB");
+
     assert!(log.contains("trapped"), "{log}");
     assert!(log.contains("exceeded its 300 ms deadline"), "{log}");
     assert!(log.contains("ran out of memory"), "{log}");

@@ -460,6 +460,18 @@ pub struct LimitsConfig {
     /// Most bytes (keys plus values) its kv namespace may hold, MiB.
     #[serde(default = "default_kv_max_mb")]
     pub kv_max_mb: u64,
+    /// Most elements one table of an instance may hold (a Rust or Python component uses a
+    /// few thousand); each element is also charged 16 bytes against `memory_mb`.
+    #[serde(default = "default_table_elements")]
+    pub table_elements: u64,
+    /// Log output (the `log` interface, stdout and stderr together) the plugin may write
+    /// per second, KiB; lines past it are dropped and counted (`log_dropped`).
+    #[serde(default = "default_log_kib_per_second")]
+    pub log_kib_per_second: u64,
+    /// Distinct metric names (counters and gauges together) the plugin may create; names
+    /// past it (or longer than 128 bytes) are dropped and counted (`metric_dropped`).
+    #[serde(default = "default_metric_names")]
+    pub metric_names: u64,
 }
 
 /// `limits.on_fault`.
@@ -483,8 +495,21 @@ impl Default for LimitsConfig {
             on_fault: OnFault::default(),
             kv_max_keys: default_kv_max_keys(),
             kv_max_mb: default_kv_max_mb(),
+            table_elements: default_table_elements(),
+            log_kib_per_second: default_log_kib_per_second(),
+            metric_names: default_metric_names(),
         }
     }
+}
+
+fn default_table_elements() -> u64 {
+    crate::plugin::state::DEFAULT_TABLE_ELEMENTS as u64
+}
+fn default_log_kib_per_second() -> u64 {
+    (crate::plugin::DEFAULT_LOG_BYTES_PER_SECOND >> 10) as u64
+}
+fn default_metric_names() -> u64 {
+    crate::plugin::DEFAULT_METRIC_NAMES as u64
 }
 
 fn default_kv_max_keys() -> u64 {

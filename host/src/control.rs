@@ -42,6 +42,8 @@ pub struct PluginInfo {
     pub version: String,
     /// Unix time, ms.
     pub loaded_at_ms: i64,
+    /// The stage's limits (`limits = { ... }`, defaults filled in).
+    pub limits: crate::config::LimitsConfig,
 }
 
 /// What the API reads and commands.
@@ -241,6 +243,7 @@ impl Dbmazz for Arc<Control> {
                     world: p.world,
                     version: p.version,
                     loaded_at_ms: p.loaded_at_ms,
+                    limits: Some(limits_proto(&p.limits)),
                 }
             })
             .collect();
@@ -849,4 +852,24 @@ fn control_message(
     answer: Result<Response<proto::ControlResponse>, Status>,
 ) -> Result<String, String> {
     answer.map(|r| r.into_inner().message).map_err(refused)
+}
+
+/// A stage's limits as Status shows them.
+fn limits_proto(l: &crate::config::LimitsConfig) -> proto::PluginLimits {
+    proto::PluginLimits {
+        memory_mb: l.memory_mb,
+        call_timeout_ms: l.call_timeout_ms,
+        max_output_mb: l.max_output_mb,
+        max_attempts: l.max_attempts,
+        on_fault: match l.on_fault {
+            crate::config::OnFault::Stop => "stop",
+            crate::config::OnFault::DeadLetter => "dead_letter",
+        }
+        .into(),
+        kv_max_keys: l.kv_max_keys,
+        kv_max_mb: l.kv_max_mb,
+        table_elements: l.table_elements,
+        log_kib_per_second: l.log_kib_per_second,
+        metric_names: l.metric_names,
+    }
 }

@@ -306,6 +306,22 @@ fn inspect(file: &std::path::Path) -> ExitCode {
         };
         println!("  {i:<45} {what}");
     }
+    let l = dbmazz::config::LimitsConfig::default();
+    println!("limits:        defaults; a stage sets its own with `limits = {{ ... }}`");
+    for (key, value) in [
+        ("memory_mb", l.memory_mb.to_string()),
+        ("call_timeout_ms", l.call_timeout_ms.to_string()),
+        ("max_output_mb", l.max_output_mb.to_string()),
+        ("max_attempts", l.max_attempts.to_string()),
+        ("on_fault", "stop".to_string()),
+        ("kv_max_keys", l.kv_max_keys.to_string()),
+        ("kv_max_mb", l.kv_max_mb.to_string()),
+        ("table_elements", l.table_elements.to_string()),
+        ("log_kib_per_second", l.log_kib_per_second.to_string()),
+        ("metric_names", l.metric_names.to_string()),
+    ] {
+        println!("  {key:<20} {value}");
+    }
     if info.world.is_some() {
         ExitCode::SUCCESS
     } else {

@@ -158,11 +158,12 @@ impl std::fmt::Debug for LoadedPlugin {
 }
 
 /// Log output (the `log` interface, stdout and stderr together) one plugin may write per
-/// second, bytes.
-pub const LOG_BYTES_PER_SECOND: usize = 256 << 10;
+/// second unless `limits.log_kib_per_second` says otherwise, bytes.
+pub const DEFAULT_LOG_BYTES_PER_SECOND: usize = 256 << 10;
 
-/// Distinct metric names (counters and gauges together) one plugin may create.
-pub const MAX_METRIC_NAMES: usize = 100;
+/// Distinct metric names (counters and gauges together) one plugin may create unless
+/// `limits.metric_names` says otherwise.
+pub const DEFAULT_METRIC_NAMES: usize = 100;
 
 /// Longest metric name a plugin may use, bytes.
 pub const MAX_METRIC_NAME_BYTES: usize = 128;
@@ -175,8 +176,8 @@ pub type PluginReported = (Vec<(String, u64)>, Vec<(String, f64)>);
 pub struct ErrorKind {
     /// `trap`, `timeout`, `memory`, `output_too_large`, `init` (the host contained the
     /// plugin), `reload` (a new build was refused), `log_dropped` (a log line over
-    /// [`LOG_BYTES_PER_SECOND`]), `metric_dropped` (a metric name past
-    /// [`MAX_METRIC_NAMES`] or longer than [`MAX_METRIC_NAME_BYTES`]), or `retryable`, `fatal`,
+    /// `limits.log_kib_per_second`), `metric_dropped` (a metric name past
+    /// `limits.metric_names` or longer than [`MAX_METRIC_NAME_BYTES`]), or `retryable`, `fatal`,
     /// `dead_letter`, `error` (the plugin said so).
     pub kind: &'static str,
 }
@@ -201,6 +202,10 @@ pub struct PluginMetrics {
     last_error: Mutex<Option<String>>,
     /// Log output this second: (window start, bytes admitted, lines dropped).
     log_window: Mutex<(std::time::Instant, usize, u64)>,
+    /// Log bytes admitted per second (`limits.log_kib_per_second`).
+    log_bytes_per_second: usize,
+    /// Most distinct metric names (`limits.metric_names`).
+    metric_names: usize,
 }
 
 impl Default for PluginMetrics {
@@ -210,8 +215,14 @@ impl Default for PluginMetrics {
 }
 
 impl PluginMetrics {
-    /// Empty metrics of plugin `name`.
+    /// Empty metrics of plugin `name`, with the default log rate and metric-name cap.
     pub fn new(name: &str) -> Self {
+        Self::with_limits(name, DEFAULT_LOG_BYTES_PER_SECOND, DEFAULT_METRIC_NAMES)
+    }
+
+    /// Empty metrics of plugin `name` that admit `log_bytes_per_second` bytes of log
+    /// output per second and `metric_names` distinct metric names.
+    pub fn with_limits(name: &str, log_bytes_per_second: usize, metric_names: usize) -> Self {
         PluginMetrics {
             name: name.into(),
             counters: Mutex::default(),
@@ -225,6 +236,8 @@ impl PluginMetrics {
             call_total: Default::default(),
             last_error: Mutex::default(),
             log_window: Mutex::new((std::time::Instant::now(), 0, 0)),
+            log_bytes_per_second,
+            metric_names,
         }
     }
 
@@ -278,14 +291,14 @@ impl PluginMetrics {
         (c, g)
     }
 
-    /// True when a new metric `name` may be created: `MAX_METRIC_NAMES` names per plugin
+    /// True when a new metric `name` may be created: `limits.metric_names` names per plugin
     /// (counters and gauges together), each at most `MAX_METRIC_NAME_BYTES` long, so a
     /// plugin cannot flood `/metrics` with series. A refused name is counted as error kind
     /// `metric_dropped`.
     fn admit(&self, name: &str) -> bool {
         let total =
             self.gauges.lock().map_or(0, |g| g.len()) + self.counters.lock().map_or(0, |c| c.len());
-        let ok = name.len() <= MAX_METRIC_NAME_BYTES && total < MAX_METRIC_NAMES;
+        let ok = name.len() <= MAX_METRIC_NAME_BYTES && total < self.metric_names;
         if !ok {
             self.error("metric_dropped");
         }
@@ -293,7 +306,7 @@ impl PluginMetrics {
     }
 
     /// True when a log line (the `log` interface, stdout or stderr) of `bytes` may be
-    /// written: each plugin gets [`LOG_BYTES_PER_SECOND`]; lines past it are dropped,
+    /// written: each plugin gets `limits.log_kib_per_second`; lines past it are dropped,
     /// counted as error kind `log_dropped`, with a warning at the first drop of a second and
     /// the count at the next line after it.
     pub fn admit_log(&self, bytes: usize) -> bool {
@@ -307,9 +320,9 @@ impl PluginMetrics {
             }
             *w = (now, 0, 0);
         }
-        if w.1.saturating_add(bytes) > LOG_BYTES_PER_SECOND {
+        if w.1.saturating_add(bytes) > self.log_bytes_per_second {
             if w.2 == 0 {
-                tracing::warn!(plugin = %self.name, limit_bytes_per_s = LOG_BYTES_PER_SECOND, "plugin log output over its rate limit; lines dropped until the next second");
+                tracing::warn!(plugin = %self.name, limit_bytes_per_s = self.log_bytes_per_second, "plugin log output over its rate limit; lines dropped until the next second");
             }
             w.2 += 1;
             drop(w);
@@ -747,7 +760,7 @@ mod tests {
     fn log_output_is_rate_limited() {
         let m = PluginMetrics::new("chatty");
         let admitted = (0..10_000).filter(|_| m.admit_log(1000)).count();
-        assert_eq!(admitted, LOG_BYTES_PER_SECOND / 1000);
+        assert_eq!(admitted, DEFAULT_LOG_BYTES_PER_SECOND / 1000);
         assert_eq!(
             m.errors
                 .get_or_create(&ErrorKind {
@@ -775,7 +788,7 @@ mod tests {
         }
         m.counter_add(&"x".repeat(MAX_METRIC_NAME_BYTES + 1), 1);
         let (c, g) = m.snapshot();
-        assert_eq!(c.len() + g.len(), MAX_METRIC_NAMES);
+        assert_eq!(c.len() + g.len(), DEFAULT_METRIC_NAMES);
         // names already known keep counting
         m.counter_add("c0", 5);
         assert_eq!(m.counter("c0"), 6);
@@ -785,7 +798,7 @@ mod tests {
                     kind: "metric_dropped"
                 })
                 .get(),
-            20_000 - MAX_METRIC_NAMES as u64 + 1
+            20_000 - DEFAULT_METRIC_NAMES as u64 + 1
         );
     }
 

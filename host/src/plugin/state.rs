@@ -128,6 +128,8 @@ pub struct Limits {
     pub max_output_bytes: usize,
     /// What a batch this stage faulted on `max_attempts` times does (`limits.on_fault`).
     pub on_fault: crate::config::OnFault,
+    /// Most elements per table (`limits.table_elements`).
+    pub table_elements: usize,
 }
 
 impl Default for Limits {
@@ -137,13 +139,15 @@ impl Default for Limits {
             memory_bytes: 64 << 20,
             call_timeout_ms: 5_000,
             max_output_bytes: 64 << 20,
+            table_elements: DEFAULT_TABLE_ELEMENTS,
         }
     }
 }
 
-/// Most elements one table of a plugin may hold (a Rust or Python component uses a few
-/// thousand); each element is also charged to `memory_mb` as [`TABLE_ELEMENT_BYTES`].
-pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Most elements one table of a plugin may hold unless `limits.table_elements` says
+/// otherwise (a Rust or Python component uses a few thousand); each element is also
+/// charged to `memory_mb` as [`TABLE_ELEMENT_BYTES`].
+pub const DEFAULT_TABLE_ELEMENTS: usize = 100_000;
 
 /// What one table element costs the host, bytes, as charged to the memory cap.
 pub const TABLE_ELEMENT_BYTES: usize = 16;
@@ -158,12 +162,19 @@ pub struct InstanceLimits {
     cap: usize,
     /// Bytes reserved so far by memories and tables.
     used: usize,
+    /// Most elements per table (`limits.table_elements`).
+    table_elements: usize,
 }
 
 impl InstanceLimits {
-    /// A fresh instance's limits with a cap of `cap` bytes.
-    pub fn new(cap: usize) -> Self {
-        InstanceLimits { cap, used: 0 }
+    /// A fresh instance's limits: a cap of `cap` bytes, at most `table_elements` elements
+    /// per table.
+    pub fn new(cap: usize, table_elements: usize) -> Self {
+        InstanceLimits {
+            cap,
+            used: 0,
+            table_elements,
+        }
     }
 
     fn charge(&mut self, bytes: usize, what: &str) -> wasmtime::Result<bool> {
@@ -195,9 +206,9 @@ impl wasmtime::ResourceLimiter for InstanceLimits {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS {
+        if desired > self.table_elements {
             return Err(wasmtime::Error::msg(format!(
-                "table grow to {desired} elements is over the limit of {MAX_TABLE_ELEMENTS} elements per table"
+                "table grow to {desired} elements is over the limit of {} elements per table (limits.table_elements)", self.table_elements
             )));
         }
         self.charge(
@@ -267,7 +278,7 @@ impl PluginState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            limits: InstanceLimits::new(limits.memory_bytes),
+            limits: InstanceLimits::new(limits.memory_bytes, limits.table_elements),
             config,
             kv: grants.kv.clone(),
             metrics,
@@ -544,7 +555,7 @@ fn denied_kv() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{may_carry_credentials, InstanceLimits, MAX_TABLE_ELEMENTS};
+    use super::{may_carry_credentials, InstanceLimits, DEFAULT_TABLE_ELEMENTS};
 
     /// Runs the core module `wat`'s export `run` under a 4 MiB [`InstanceLimits`] (real
     /// wasmtime; the attacks need more than one memory or `table.grow`, which Rust plugins
@@ -553,7 +564,10 @@ mod tests {
         let engine = wasmtime::Engine::default();
         let bytes = wat::parse_str(wat).map_err(|e| e.to_string())?;
         let module = wasmtime::Module::new(&engine, bytes).map_err(|e| format!("{e:#}"))?;
-        let mut store = wasmtime::Store::new(&engine, InstanceLimits::new(4 << 20));
+        let mut store = wasmtime::Store::new(
+            &engine,
+            InstanceLimits::new(4 << 20, DEFAULT_TABLE_ELEMENTS),
+        );
         store.limiter(|l| l);
         let instance =
             wasmtime::Instance::new(&mut store, &module, &[]).map_err(|e| format!("{e:#}"))?;
@@ -621,12 +635,12 @@ mod tests {
             r#"(module (table 1 funcref)
                 (func (export "run") (result i32)
                   (table.grow (ref.null func) (i32.const {}))))"#,
-            MAX_TABLE_ELEMENTS * 10
+            DEFAULT_TABLE_ELEMENTS * 10
         ));
         let e = r.expect_err("a table bomb traps");
         assert!(e.contains("elements per table"), "{e}");
         // growing within the element limit but past the memory cap also traps
-        let mut limits = InstanceLimits::new(1 << 20);
+        let mut limits = InstanceLimits::new(1 << 20, DEFAULT_TABLE_ELEMENTS);
         let e = wasmtime::ResourceLimiter::table_growing(&mut limits, 0, 90_000, None)
             .expect_err("90,000 elements are 1.4 MB");
         assert!(e.to_string().contains("memory limit"), "{e}");

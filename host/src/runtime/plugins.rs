@@ -126,7 +126,7 @@ pub(super) fn load(cfg: &Config, control: &Control) -> Result<Loaded, RunError> 
             host.load(&canonical(&sink.plugin), World::Sink)?,
             sink.clone(),
         ));
-        for (p, _) in &stages {
+        for (p, stage_cfg) in &stages {
             info!(
                 plugin = %p.name,
                 world = p.info.world.map_or("?", |w| w.name()),
@@ -144,6 +144,7 @@ pub(super) fn load(cfg: &Config, control: &Control) -> Result<Loaded, RunError> 
                     world: p.info.world.map_or("?", |w| w.name()).to_string(),
                     version: p.info.version.clone().unwrap_or_default(),
                     loaded_at_ms: crate::metrics::now_us() / 1000,
+                    limits: stage_cfg.limits.clone(),
                 });
             }
         }
@@ -189,6 +190,7 @@ fn stage_spec(
             call_timeout_ms: cfg.limits.call_timeout_ms,
             max_output_bytes: (cfg.limits.max_output_mb as usize) << 20,
             on_fault: cfg.limits.on_fault,
+            table_elements: usize::try_from(cfg.limits.table_elements).unwrap_or(usize::MAX),
         },
     }
 }
@@ -289,7 +291,13 @@ pub(crate) async fn open_sink(
                 .zip(names)
                 .map(|((mut plugin, stage_cfg), name)| {
                     plugin.name = name.into();
-                    let metrics = Arc::new(PluginMetrics::new(&plugin.name));
+                    let l = &stage_cfg.limits;
+                    let metrics = Arc::new(PluginMetrics::with_limits(
+                        &plugin.name,
+                        usize::try_from(l.log_kib_per_second.saturating_mul(1024))
+                            .unwrap_or(usize::MAX),
+                        usize::try_from(l.metric_names).unwrap_or(usize::MAX),
+                    ));
                     if let Ok(mut all) = stats.plugins.lock() {
                         all.push(metrics.clone());
                     }
