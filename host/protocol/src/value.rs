@@ -71,7 +71,8 @@ pub enum Value<'a> {
     /// `time`: microseconds since midnight.
     Time(i64),
     /// `timestamp` (no time zone): microseconds since 1970-01-01 00:00:00;
-    /// `i64::MIN`/`i64::MAX` for `-infinity`/`infinity`.
+    /// `i64::MIN`/`i64::MAX` for `-infinity`/`infinity`. The few timestamps PostgreSQL
+    /// has past 294247 AD do not fit and arrive as [`Value::Other`] with their text.
     Timestamp(i64),
     /// `timestamptz`: microseconds since the Unix epoch, UTC; infinities as above.
     TimestampTz(i64),
