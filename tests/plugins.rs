@@ -250,6 +250,55 @@ async fn a_host_not_on_the_allow_list_is_refused() {
     }
 }
 
+/// A receiver that redirects elsewhere: the redirect is not followed (the target is not
+/// one the operator named), the pipeline stops naming it, nothing is confirmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_is_not_followed() {
+    let pg = Pg::start("");
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[307]).await;
+    let elsewhere = Receiver::start(&[]).await;
+    rx.set_location(&elsewhere.url());
+    // both are on the allow-list: even an allowed target is not followed to
+    let sink = webhook_sink(&rx.url(), &rx.addr.to_string(), "").replace(
+        &format!("{:?}]", rx.addr.to_string()),
+        &format!(
+            "{:?}, {:?}]",
+            rx.addr.to_string(),
+            elsewhere.addr.to_string()
+        ),
+    );
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &format!("[pipeline]\nflush_interval_ms = 20\n\n{sink}"),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    pg.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let status = d
+        .wait(T)
+        .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
+    assert!(!status.success());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("redirects to {}", elsewhere.url())),
+        "{log}"
+    );
+    assert_eq!(rx.received().len(), 1);
+    assert!(elsewhere.received().is_empty(), "the redirect was followed");
+    let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
+    assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_plugins_are_contained() {
     let p = plugins();

@@ -562,6 +562,8 @@ pub struct Receiver {
     pub delay: std::sync::Arc<std::sync::Mutex<Duration>>,
     /// Answer 400 to any request whose (decompressed) body contains this text.
     pub refuse: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The `Location` header of 3xx answers.
+    pub location: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Receiver {
@@ -574,6 +576,7 @@ impl Receiver {
             script: std::sync::Arc::new(std::sync::Mutex::new(script.iter().copied().collect())),
             delay: Default::default(),
             refuse: Default::default(),
+            location: Default::default(),
         };
         let rec = r.clone();
         tokio::spawn(async move {
@@ -640,8 +643,13 @@ impl Receiver {
                                     body,
                                     status,
                                 });
-                                let resp = hyper::Response::builder()
-                                    .status(status)
+                                let mut resp = hyper::Response::builder().status(status);
+                                if (300..400).contains(&status) {
+                                    if let Some(l) = rec.location.lock().unwrap().as_deref() {
+                                        resp = resp.header("location", l);
+                                    }
+                                }
+                                let resp = resp
                                     .header("retry-after", "0")
                                     .body(http_body_util::Full::new(bytes::Bytes::from(format!(
                                         "status {status}"
@@ -670,6 +678,10 @@ impl Receiver {
     }
 
     /// Answers 400 to requests whose body contains `text` (`None`: to none).
+    pub fn set_location(&self, url: &str) {
+        *self.location.lock().unwrap() = Some(url.to_string());
+    }
+
     pub fn set_refuse(&self, text: Option<&str>) {
         *self.refuse.lock().unwrap() = text.map(str::to_string);
     }

@@ -27,7 +27,8 @@
 //! Outcome: 2xx acknowledges the batch; 408, 429, 5xx, timeouts and connection errors are
 //! retried by the host with backoff (honouring `Retry-After` in seconds); any other 4xx
 //! sends the batch's changes to the dead-letter store with the status and response body
-//! as the reason; a URL not on the plugin's HTTP allow-list stops the pipeline.
+//! as the reason; a URL not on the plugin's HTTP allow-list, or a 3xx redirect (never
+//! followed), stops the pipeline.
 //!
 //! Config: `url` (required), `secret`, `gzip` (bool, default false), `timeout_ms`
 //! (default 10000), `source` (default `/dbmazz/<database>/<slot>`).
@@ -428,6 +429,14 @@ impl Webhook {
                 dbmazz_sdk::metrics::counter_add("events", changes as u64);
                 Ok(())
             }
+            // wasi:http never follows a redirect, and following it here would send the
+            // batch to a target the operator did not name: a configuration error
+            300..=399 => Err(SinkError::Fatal(format!(
+                "HTTP {} from {}: the receiver redirects to {}; redirects are not followed, set `url` to the target (and put it on the allow-list)",
+                resp.status,
+                self.url,
+                resp.header("location").unwrap_or("(no Location header)")
+            ))),
             408 | 429 | 500..=599 => Err(SinkError::Retryable {
                 message: format!("HTTP {} from {}", resp.status, self.url),
                 retry_after_ms: resp
@@ -552,12 +561,15 @@ mod tests {
     fn signature_and_outcomes() {
         testing::reset();
         let mut s = sink(&[("secret", "k")]);
-        let statuses = std::rc::Rc::new(std::cell::RefCell::new(vec![200u16, 400, 503]));
+        let statuses = std::rc::Rc::new(std::cell::RefCell::new(vec![200u16, 400, 307, 503]));
         let st = statuses.clone();
         testing::on_http(move |_req| {
             Ok(Response {
                 status: st.borrow_mut().pop().unwrap(),
-                headers: vec![("retry-after".into(), b"2".to_vec())],
+                headers: vec![
+                    ("retry-after".into(), b"2".to_vec()),
+                    ("location".into(), b"http://elsewhere:80/".to_vec()),
+                ],
                 body: b"nope".to_vec(),
             })
         });
@@ -568,6 +580,13 @@ mod tests {
                 retry_after_ms: Some(2000)
             })
         );
+        match s.write(&batch()) {
+            Err(SinkError::Fatal(m)) => assert!(
+                m.contains("HTTP 307") && m.contains("redirects to http://elsewhere:80/"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
         match s.write(&batch()) {
             Err(SinkError::DeadLetter(l)) => {
                 assert_eq!(l.len(), 2);
