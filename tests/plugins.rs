@@ -319,7 +319,8 @@ async fn misbehaving_plugins_are_contained() {
         .unwrap()
         .to_string();
     let toml = format!(
-        "[pipeline]\nflush_interval_ms = 20\n\n[[transforms]]\nplugin = {:?}\n\
+        "[pipeline]\nflush_interval_ms = 20\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
+         [[transforms]]\nplugin = {:?}\n\
          config = {{ socket_addr = {pg_addr:?} }}\n\
          limits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2, on_fault = \"dead_letter\" }}\n\n{}",
         p.misbehave.display().to_string(),
@@ -419,6 +420,27 @@ async fn misbehaving_plugins_are_contained() {
     assert!(said("file").contains("error"), "{snoop:#?}");
     assert!(said("dir").contains("error"), "{snoop:#?}");
     assert!(said("socket").contains("error"), "{snoop:#?}");
+    // through all of it the host kept serving health and metrics, and the faults were
+    // charged to the fixture alone: the sink stage behind it has no error
+    let addr = support::metrics_addr(&d);
+    assert_eq!(support::http_get(&addr, "/healthz").0, 200);
+    assert_eq!(support::http_get(&addr, "/readyz").0, 200);
+    let (status, scrape) = support::http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    let errors = |plugin: &str| -> f64 {
+        scrape
+            .lines()
+            .filter(|l| {
+                l.starts_with("dbmazz_plugin_errors_total{")
+                    && l.contains(&format!("plugin=\"{plugin}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(errors("fixture_misbehave") >= 4.0, "{scrape}");
+    assert!(scrape.contains("plugin=\"sink_webhook\""), "{scrape}");
+    assert_eq!(errors("sink_webhook"), 0.0, "{scrape}");
+
     // the host stayed within a bound through traps, loops, an allocation bomb and floods
     let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
     let peak_kb: u64 = status
