@@ -200,6 +200,21 @@ async fn webhook_retries_503_then_succeeds_and_400_goes_to_dead_letters() {
     assert_eq!(payload["table"], "public.t");
 }
 
+/// Starts `pipe`, runs `insert` once it streams, and returns the log after the pipeline
+/// stopped with a failure and confirmed nothing (the change is still in the slot).
+async fn insert_and_stop(pg: &Pg, pipe: &Pipeline, insert: &str) -> String {
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    pg.client().await.batch_execute(insert).await.unwrap();
+    let status = d
+        .wait(T)
+        .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
+    assert!(!status.success());
+    let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
+    assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
+    d.log()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_not_on_the_allow_list_is_refused() {
     let pg = Pg::start("");
@@ -227,26 +242,12 @@ async fn a_host_not_on_the_allow_list_is_refused() {
                 webhook_sink(&url, &allow, "")
             ),
         );
-        let mut d = pipe.spawn();
-        d.wait_log("streaming", T);
-        pg.client()
-            .await
-            .execute("INSERT INTO t VALUES ($1)", &[&(id as i32)])
-            .await
-            .unwrap();
-        let status = d
-            .wait(T)
-            .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
-        assert!(!status.success());
-        let log = d.log();
+        let log = insert_and_stop(&pg, &pipe, &format!("INSERT INTO t VALUES ({id})")).await;
         assert!(
             log.contains("not on this plugin's http allow-list"),
             "{url} with {allow}: {log}"
         );
         assert!(rx.received().is_empty(), "nothing reached the receiver");
-        // nothing was confirmed: the change is still in the slot
-        let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
-        assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
     }
 }
 
@@ -277,26 +278,13 @@ async fn a_redirect_is_not_followed() {
         &["t"],
         &format!("[pipeline]\nflush_interval_ms = 20\n\n{sink}"),
     );
-    let mut d = pipe.spawn();
-    d.wait_log("streaming", T);
-    pg.client()
-        .await
-        .batch_execute("INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
-    let status = d
-        .wait(T)
-        .unwrap_or_else(|| panic!("the pipeline stops:\n{}", d.log()));
-    assert!(!status.success());
-    let log = d.log();
+    let log = insert_and_stop(&pg, &pipe, "INSERT INTO t VALUES (1)").await;
     assert!(
         log.contains(&format!("redirects to {}", elsewhere.url())),
         "{log}"
     );
     assert_eq!(rx.received().len(), 1);
     assert!(elsewhere.received().is_empty(), "the redirect was followed");
-    let n: i64 = pg.client().await.query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[]).await.unwrap().get(0);
-    assert!(n >= 3, "begin, insert, commit still in the slot: {n}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -540,6 +540,15 @@ fn element(b: &[u8]) -> (String, bool, &[u8]) {
     }
 }
 
+/// Rows (JSON objects with an `id`) by id.
+fn by_id<'a>(rows: impl Iterator<Item = &'a Json>) -> BTreeMap<i32, Map<String, Json>> {
+    rows.map(|r| {
+        let r = r.as_object().unwrap().clone();
+        (r["id"].as_i64().unwrap() as i32, r)
+    })
+    .collect()
+}
+
 /// Polls `pred` every 50 ms until it holds (true) or `timeout` passes (false).
 fn within(timeout: Duration, pred: impl Fn() -> bool) -> bool {
     let start = std::time::Instant::now();
@@ -615,13 +624,18 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
     // the three consumers, each with its own slot and publication
     let source = |name: &str| format!("slot = \"{name}_slot\"\npublication = \"{name}_pub\"\n");
     let pipeline = "[pipeline]\nflush_interval_ms = 50\n\n";
-    let jl = Pipeline::with_source_toml(
-        &pg.url(),
-        &["battery"],
-        &source("jsonl"),
-        &format!("{pipeline}[sink]\nkind = \"jsonl\"\npath = \"OUT\"\n"),
-    );
-    jl.edit_config("\"OUT\"", &format!("{:?}", jl.output.display().to_string()));
+    // a pipeline into the JSONL sink, writing to its own `output`
+    let jsonl_pipeline = |name: &str| {
+        let p = Pipeline::with_source_toml(
+            &pg.url(),
+            &["battery"],
+            &source(name),
+            &format!("{pipeline}[sink]\nkind = \"jsonl\"\npath = \"OUT\"\n"),
+        );
+        p.edit_config("\"OUT\"", &format!("{:?}", p.output.display().to_string()));
+        p
+    };
+    let jl = jsonl_pipeline("jsonl");
 
     let rx = Receiver::start(&[]).await;
     let wh = Pipeline::with_source_toml(
@@ -682,13 +696,7 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
 
     // JSONL
     let lines = jl.wait_for(&running[0], T, "the battery rows", |c| c.len() >= rows());
-    let got: BTreeMap<i32, Map<String, Json>> = lines
-        .iter()
-        .map(|l| {
-            let new = l["new"].as_object().unwrap().clone();
-            (new["id"].as_i64().unwrap() as i32, new)
-        })
-        .collect();
+    let got = by_id(lines.iter().map(|l| &l["new"]));
     let mut problems = diff("jsonl", jsonl, &want, &got);
     // numbers beyond f64 inside a json document keep every digit
     let raw = std::fs::read_to_string(&jl.output).unwrap();
@@ -700,14 +708,8 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
     if !within(T, || rx.events().len() >= rows()) {
         problems.push(format!("webhook: rows missing\n{}", running[1].log()));
     }
-    let got: BTreeMap<i32, Map<String, Json>> = rx
-        .events()
-        .iter()
-        .map(|e| {
-            let after = e["data"]["after"].as_object().unwrap().clone();
-            (after["id"].as_i64().unwrap() as i32, after)
-        })
-        .collect();
+    let events = rx.events();
+    let got = by_id(events.iter().map(|e| &e["data"]["after"]));
     problems.extend(diff("webhook", webhook, &want, &got));
     let bodies: String = rx
         .received()
@@ -719,26 +721,11 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
     }
 
     // the initial snapshot (COPY, not the stream) of the same rows, into JSONL
-    let snap = Pipeline::with_source_toml(
-        &pg.url(),
-        &["battery"],
-        &source("snapshot"),
-        &format!("{pipeline}[sink]\nkind = \"jsonl\"\npath = \"OUT\"\n"),
-    );
-    snap.edit_config(
-        "\"OUT\"",
-        &format!("{:?}", snap.output.display().to_string()),
-    );
+    let snap = jsonl_pipeline("snapshot");
     let copying = snap.spawn();
     let lines = snap.wait_for(&copying, T, "the snapshot rows", |c| c.len() >= rows());
     assert!(lines.iter().all(|l| l["op"] == "read"), "{lines:?}");
-    let got: BTreeMap<i32, Map<String, Json>> = lines
-        .iter()
-        .map(|l| {
-            let new = l["new"].as_object().unwrap().clone();
-            (new["id"].as_i64().unwrap() as i32, new)
-        })
-        .collect();
+    let got = by_id(lines.iter().map(|l| &l["new"]));
     problems.extend(diff("snapshot", jsonl, &want, &got));
 
     // sink-starrocks
@@ -759,11 +746,12 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
             details.join("\n")
         ));
     }
-    let got: BTreeMap<i32, Map<String, Json>> = sr
+    let rows_sr: Vec<Json> = sr
         .rows("app", "battery")
         .into_iter()
-        .map(|r| (r["id"].as_i64().unwrap() as i32, r))
+        .map(Json::Object)
         .collect();
+    let got = by_id(rows_sr.iter());
     problems.extend(diff("starrocks", starrocks, &want, &got));
 
     assert!(

@@ -4,7 +4,9 @@
 #![no_main]
 
 use dbmazz_protocol::pgoutput::RawDatum;
-use dbmazz_protocol::value::{decode, oid, DateDisplay, TimeDisplay, TimestampDisplay, Value};
+use dbmazz_protocol::value::{
+    decode, oid, DateDisplay, TimeDisplay, TimestampDisplay, TimestampTzDisplay, Value,
+};
 use libfuzzer_sys::fuzz_target;
 
 const OIDS: [u32; 20] = [
@@ -46,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         Value::Date(d) => DateDisplay(d).to_string(),
         Value::Time(us) => TimeDisplay(us).to_string(),
         Value::Timestamp(us) => TimestampDisplay(us).to_string(),
-        Value::TimestampTz(us) => TimestampDisplay::utc(us).to_string(),
+        Value::TimestampTz(us) => TimestampTzDisplay(us).to_string(),
         _ => return,
     };
     let again = decode(type_oid, RawDatum::Text(&printed))

@@ -406,20 +406,13 @@ fn parse_offset(t: &str) -> Option<i64> {
     Some(sign * (h * 3600 + m * 60 + s))
 }
 
-/// Formats microseconds since the epoch as `YYYY-MM-DD HH:MM:SS[.ffffff][+00][ BC]`
-/// (UTC), the form PostgreSQL prints with `DateStyle=ISO` for `timestamp`, or, with
-/// [`TimestampDisplay::utc`], for `timestamptz` under `TimeZone=UTC`.
+/// Formats microseconds since the epoch as `YYYY-MM-DD HH:MM:SS[.ffffff][ BC]` (UTC), the
+/// form PostgreSQL prints a `timestamp` in with `DateStyle=ISO`.
 pub struct TimestampDisplay(pub i64);
 
-impl TimestampDisplay {
-    /// The `timestamptz` form: the zone `+00` before any ` BC`.
-    pub fn utc(us: i64) -> TimestampTzDisplay {
-        TimestampTzDisplay(us)
-    }
-}
-
-/// `timestamptz` under `TimeZone=UTC`: see [`TimestampDisplay::utc`].
-pub struct TimestampTzDisplay(i64);
+/// Formats microseconds since the epoch as a `timestamptz` under `TimeZone=UTC`:
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]+00[ BC]` (the zone before any ` BC`).
+pub struct TimestampTzDisplay(pub i64);
 
 impl fmt::Display for TimestampTzDisplay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -641,12 +634,9 @@ mod tests {
         let Value::TimestampTz(us) = t(oid::TIMESTAMPTZ, text) else {
             panic!()
         };
-        assert_eq!(TimestampDisplay::utc(us).to_string(), text);
-        assert_eq!(
-            TimestampDisplay::utc(0).to_string(),
-            "1970-01-01 00:00:00+00"
-        );
-        assert_eq!(TimestampDisplay::utc(i64::MAX).to_string(), "infinity");
+        assert_eq!(TimestampTzDisplay(us).to_string(), text);
+        assert_eq!(TimestampTzDisplay(0).to_string(), "1970-01-01 00:00:00+00");
+        assert_eq!(TimestampTzDisplay(i64::MAX).to_string(), "infinity");
         // past i64 microseconds since 1970 (294247 AD) but valid in PostgreSQL: text
         for (o, text) in [
             (oid::TIMESTAMP, "294276-12-31 23:59:59.999999"),

@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value as Json};
 use super::{Sink, SinkError};
 use crate::pipeline::change::{Batch, Change, SchemaChange};
 use crate::source::pgoutput::{OldKind, TupleData};
-use crate::source::value::{DateDisplay, TimeDisplay, TimestampDisplay, Value};
+use crate::source::value::{DateDisplay, TimeDisplay, TimestampDisplay, TimestampTzDisplay, Value};
 
 /// Appends batches to a file as JSON lines.
 #[derive(Debug)]
@@ -120,7 +120,7 @@ pub fn value_json(v: &Value<'_>) -> Json {
         Value::Date(d) => Json::String(DateDisplay(*d).to_string()),
         Value::Time(us) => Json::String(TimeDisplay(*us).to_string()),
         Value::Timestamp(us) => Json::String(TimestampDisplay(*us).to_string()),
-        Value::TimestampTz(us) => Json::String(TimestampDisplay::utc(*us).to_string()),
+        Value::TimestampTz(us) => Json::String(TimestampTzDisplay(*us).to_string()),
         Value::Json(s) => {
             serde_json::from_str(s).unwrap_or_else(|_| Json::String((*s).to_string()))
         }
