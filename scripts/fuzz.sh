@@ -8,9 +8,10 @@
 #   scripts/fuzz.sh 600 pgoutput    # one target for 10 minutes
 #   scripts/fuzz.sh 0 value         # one target until it finds a crash (Ctrl-C stops)
 #
-# Targets: pgoutput, frame, value, copy_text, encoded (fuzz/fuzz_targets/*.rs). Seeds are
-# in fuzz/seeds/<target> (made from the pgoutput stream captured from PostgreSQL in
-# host/benches/data and from the type battery's values); what a run learns is kept in
+# Targets: pgoutput, frame, value, copy_text, encoded, assembler, config
+# (fuzz/fuzz_targets/*.rs). Seeds are in fuzz/seeds/<target> (made from the pgoutput
+# stream captured from PostgreSQL in host/benches/data, from the type battery's values,
+# from the example configs, and from earlier runs); what a run learns is kept in
 # target/fuzz/corpus/<target>, so the next run starts from it. A crash is written to
 # target/fuzz/artifacts/<target>/ and fails the script: replay it with
 # `target/fuzz/<triple>/release/<target> FILE`, then make it a regression test next to
@@ -22,7 +23,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(pgoutput frame value copy_text encoded)
+  targets=(pgoutput frame value copy_text encoded assembler config)
 fi
 
 triple="$(rustc -vV | sed -n 's/^host: //p')"

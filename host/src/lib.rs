@@ -9,14 +9,14 @@
 
 pub mod check;
 pub mod checkpoint;
-pub mod config;
+pub use dbmazz_config as config;
 pub mod control;
 pub mod delivery;
 pub mod dlq;
 pub mod localpg;
 pub use dbmazz_protocol::lsn;
 pub mod metrics;
-pub mod pipeline;
+pub use dbmazz_pipeline as pipeline;
 pub mod plugin;
 pub mod quickstart;
 pub mod runtime;

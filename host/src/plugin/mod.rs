@@ -159,11 +159,12 @@ impl std::fmt::Debug for LoadedPlugin {
 
 /// Log output (the `log` interface, stdout and stderr together) one plugin may write per
 /// second unless `limits.log_kib_per_second` says otherwise, bytes.
-pub const DEFAULT_LOG_BYTES_PER_SECOND: usize = 256 << 10;
+pub const DEFAULT_LOG_BYTES_PER_SECOND: usize =
+    (crate::config::DEFAULT_LOG_KIB_PER_SECOND as usize) << 10;
 
 /// Distinct metric names (counters and gauges together) one plugin may create unless
 /// `limits.metric_names` says otherwise.
-pub const DEFAULT_METRIC_NAMES: usize = 100;
+pub const DEFAULT_METRIC_NAMES: usize = crate::config::DEFAULT_METRIC_NAMES as usize;
 
 /// Longest metric name a plugin may use, bytes.
 pub const MAX_METRIC_NAME_BYTES: usize = 128;

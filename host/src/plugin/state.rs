@@ -147,7 +147,7 @@ impl Default for Limits {
 /// Most elements one table of a plugin may hold unless `limits.table_elements` says
 /// otherwise (a Rust or Python component uses a few thousand); each element is also
 /// charged to `memory_mb` as [`TABLE_ELEMENT_BYTES`].
-pub const DEFAULT_TABLE_ELEMENTS: usize = 100_000;
+pub const DEFAULT_TABLE_ELEMENTS: usize = crate::config::DEFAULT_TABLE_ELEMENTS as usize;
 
 /// What one table element costs the host, bytes, as charged to the memory cap.
 pub const TABLE_ELEMENT_BYTES: usize = 16;

@@ -502,14 +502,21 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `limits.table_elements` unless set: most elements one table of an instance may hold.
+pub const DEFAULT_TABLE_ELEMENTS: u64 = 100_000;
+/// `limits.log_kib_per_second` unless set: log output per second, KiB.
+pub const DEFAULT_LOG_KIB_PER_SECOND: u64 = 256;
+/// `limits.metric_names` unless set: distinct metric names per plugin.
+pub const DEFAULT_METRIC_NAMES: u64 = 100;
+
 fn default_table_elements() -> u64 {
-    crate::plugin::state::DEFAULT_TABLE_ELEMENTS as u64
+    DEFAULT_TABLE_ELEMENTS
 }
 fn default_log_kib_per_second() -> u64 {
-    (crate::plugin::DEFAULT_LOG_BYTES_PER_SECOND >> 10) as u64
+    DEFAULT_LOG_KIB_PER_SECOND
 }
 fn default_metric_names() -> u64 {
-    crate::plugin::DEFAULT_METRIC_NAMES as u64
+    DEFAULT_METRIC_NAMES
 }
 
 fn default_kv_max_keys() -> u64 {
@@ -750,6 +757,43 @@ fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) {
     t.insert(last.clone(), value);
 }
 
+/// Whether a config key holds a secret (or a value that may embed one, like a URL with a
+/// password): its value never appears in an error.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key == "url"
+        || key == "pass"
+        || [
+            "password",
+            "passwd",
+            "secret",
+            "token",
+            "auth",
+            "credential",
+            "api_key",
+            "apikey",
+        ]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+/// A deserialization error with the offending value cut out when the key it names (the
+/// message's last line, ``in `a.b.c` ``) or one of its parents holds a secret: serde
+/// quotes the value (``invalid type: integer `123456`, expected a string``).
+fn without_secret_values(message: String) -> String {
+    let Some(at) = message.rfind("in `") else {
+        return message;
+    };
+    let path = message[at + 4..].trim_end().trim_end_matches('`');
+    if !path.split('.').any(is_secret_key) {
+        return message;
+    }
+    let (first, rest) = message.split_at(message.find('\n').unwrap_or(message.len()));
+    let (what, expected) = first.split_at(first.find(", expected").unwrap_or(first.len()));
+    let what = what[..what.find(['`', '"']).unwrap_or(what.len())].trim_end();
+    format!("{what} (value not shown: the key holds a secret){expected}{rest}")
+}
+
 impl Config {
     /// Reads `path` and applies the environment overrides from `env`.
     ///
@@ -841,10 +885,7 @@ impl Config {
                     // Keys that are text whatever they look like (a token of digits, a
                     // slot named 0x1F) are taken as given.
                     let text = path.last().is_some_and(|l| {
-                        matches!(
-                            l.as_str(),
-                            "url" | "token" | "password" | "secret" | "slot" | "publication"
-                        )
+                        is_secret_key(l) || matches!(l.as_str(), "slot" | "publication")
                     });
                     let value = if text {
                         toml::Value::String(v.clone())
@@ -857,7 +898,7 @@ impl Config {
         }
         let cfg: Config = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| e.to_string())?;
+            .map_err(|e: toml::de::Error| without_secret_values(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -1044,6 +1085,44 @@ mod tests {
         let e = Config::parse(&broken, []).unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted() {
+        for (doc, key) in [
+            (
+                MIN.replace("\"postgres://u:p@h/db\"", "987654321"),
+                "source.url",
+            ),
+            (
+                format!("{MIN}\n[control]\ntoken = 987654321"),
+                "control.token",
+            ),
+            (
+                format!("{MIN}\n[control]\ntoken = {{ a = \"987654321\" }}"),
+                "control.token",
+            ),
+            (
+                format!("{MIN}\n[sink.capabilities]\nhttp_auth = \"Bearer 987654321\""),
+                "sink.capabilities.http_auth",
+            ),
+            (
+                format!("{MIN}\n[sink.capabilities]\nhttp_auth = {{ \"h:1\" = 987654321 }}"),
+                "sink.capabilities.http_auth.h:1",
+            ),
+        ] {
+            assert!(doc.contains("987654321"), "{doc}");
+            let e = Config::parse(&doc, []).unwrap_err();
+            assert!(!e.contains("987654321"), "{e}");
+            assert!(e.contains(key) && e.contains("value not shown"), "{e}");
+        }
+        // Keys that hold no secret keep their value in the message.
+        let e = Config::parse(
+            &MIN.replace("[source]", "[snapshot]\nmode = \"sometimes\"\n[source]"),
+            [],
+        )
+        .unwrap_err();
+        assert!(e.contains("sometimes"), "{e}");
     }
 
     #[test]

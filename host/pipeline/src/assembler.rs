@@ -41,11 +41,11 @@ use bytes::Bytes;
 use hashbrown::{HashMap, HashSet};
 use tracing::debug;
 
-use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, ByteStr, LogicalMessage, Message, Oid, ParseError, Xid};
+use dbmazz_protocol::lsn::Lsn;
+use dbmazz_protocol::pgoutput::{self, ByteStr, LogicalMessage, Message, Oid, ParseError, Xid};
 
-use super::change::{Change, Op, Position, SchemaChange};
-use super::schema::{RelationInfo, SchemaCache};
+use crate::change::{Change, Op, Position, SchemaChange};
+use crate::schema::{RelationInfo, SchemaCache};
 
 /// An event of the assembled, commit-ordered stream.
 #[derive(Debug)]
@@ -493,6 +493,18 @@ impl Assembler {
             Message::StreamStop => Err(AssembleError::Protocol(
                 "Stream Stop outside a stream block".into(),
             )),
+            Message::StreamAbort(_) | Message::StreamCommit(_) if self.txn.is_some() => {
+                // A transaction that is not streamed arrives whole, Begin to Commit:
+                // nothing of another one can come between (found by the fuzz target).
+                Err(AssembleError::Protocol(format!(
+                    "{} inside a transaction",
+                    if matches!(msg, Message::StreamAbort(_)) {
+                        "Stream Abort"
+                    } else {
+                        "Stream Commit"
+                    }
+                )))
+            }
             Message::StreamAbort(a) => {
                 if a.xid == a.subxid {
                     if let Some(buf) = self.streams.remove(&a.xid) {
@@ -761,8 +773,8 @@ impl Assembler {
                           xid: Option<Xid>,
                           op,
                           old: Option<(
-            crate::source::pgoutput::OldKind,
-            crate::source::pgoutput::TupleData,
+            dbmazz_protocol::pgoutput::OldKind,
+            dbmazz_protocol::pgoutput::TupleData,
         )>,
                           new,
                           opts| {
@@ -835,9 +847,9 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::batcher::{Batcher, Resume};
-    use crate::pipeline::change::Batch;
-    use crate::source::pgoutput::encode::{self, Val};
+    use crate::batcher::{Batcher, Resume};
+    use crate::change::Batch;
+    use dbmazz_protocol::pgoutput::encode::{self, Val};
 
     const COLS: &[(bool, &str, u32, i32)] = &[(true, "id", 23, -1), (false, "v", 25, -1)];
 
@@ -873,7 +885,7 @@ mod tests {
                 } => format!("B{xid}@{o}"),
                 Event::Commit { .. } => "C".into(),
                 Event::Change(c) => match c.new.as_ref().and_then(|t| t.get(1)) {
-                    Some(crate::source::pgoutput::RawDatum::Text(s)) => s.to_string(),
+                    Some(dbmazz_protocol::pgoutput::RawDatum::Text(s)) => s.to_string(),
                     _ => c.op.as_str().into(),
                 },
                 Event::Schema(_) => "S".into(),
@@ -1062,7 +1074,7 @@ mod tests {
         b.changes
             .iter()
             .map(|c| match c.new.as_ref().and_then(|t| t.get(1)) {
-                Some(crate::source::pgoutput::RawDatum::Text(s)) => s.to_string(),
+                Some(dbmazz_protocol::pgoutput::RawDatum::Text(s)) => s.to_string(),
                 other => format!("{other:?}"),
             })
             .collect()
@@ -1287,5 +1299,25 @@ mod tests {
                 .contains("Origin after the first change of transaction xid 1"),
             "{e}"
         );
+
+        // A streamed transaction's end inside a plain transaction (found by the
+        // `assembler` fuzz target: its Begin went out inside the open transaction)
+        for (end, name) in [
+            (
+                encode::stream_commit(100, Lsn(9), Lsn(10), 0),
+                "Stream Commit",
+            ),
+            (encode::stream_abort(100, 100), "Stream Abort"),
+        ] {
+            let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+            a.handle(Lsn(1), Bytes::from(encode::begin(Lsn(5), 0, 1)), &mut out)
+                .unwrap();
+            let e = a.handle(Lsn(2), Bytes::from(end), &mut out).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("{name} inside a transaction")),
+                "{e}"
+            );
+        }
     }
 }

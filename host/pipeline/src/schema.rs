@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use crate::source::pgoutput::{Oid, Relation, ReplicaIdentity};
+use dbmazz_protocol::pgoutput::{Oid, Relation, ReplicaIdentity};
 
-use super::change::SchemaChange;
+use crate::change::SchemaChange;
 
 /// A column of a relation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,8 +156,8 @@ fn diff(before: Arc<RelationInfo>, after: Arc<RelationInfo>) -> SchemaChange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::pgoutput::{encode, parse, Message};
     use bytes::Bytes;
+    use dbmazz_protocol::pgoutput::{encode, parse, Message};
 
     fn rel(cols: &[(bool, &str, u32, i32)]) -> Relation {
         let Message::Relation(r) = parse(

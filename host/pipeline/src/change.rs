@@ -3,11 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::lsn::Lsn;
-use crate::source::pgoutput::{OldKind, RawDatum, TupleData, Xid};
-use crate::source::value::{self, Value, ValueError};
+use dbmazz_protocol::lsn::Lsn;
+use dbmazz_protocol::pgoutput::{OldKind, RawDatum, TupleData, Xid};
+use dbmazz_protocol::value::{self, Value, ValueError};
 
-use super::schema::{ColumnInfo, RelationInfo};
+use crate::schema::{ColumnInfo, RelationInfo};
 
 /// Where a change sits in the replicated history: its transaction's commit LSN and its
 /// ordinal within that transaction (0-based, in WAL order).

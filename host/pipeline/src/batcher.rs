@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::lsn::Lsn;
+use dbmazz_protocol::lsn::Lsn;
 
-use super::assembler::Event;
-use super::change::{Batch, BatchId, BatchIntent, Change, Position, SchemaChange};
+use crate::assembler::Event;
+use crate::change::{Batch, BatchId, BatchIntent, Change, Position, SchemaChange};
 
 /// Where a restarted pipeline resumes, from the checkpoint store.
 #[derive(Clone, Debug, Default)]
@@ -349,9 +349,9 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::assembler::{Assembler, Step};
-    use crate::source::pgoutput::encode::{self, Val};
+    use crate::assembler::{Assembler, Step};
     use bytes::Bytes;
+    use dbmazz_protocol::pgoutput::encode::{self, Val};
 
     type Cut = (BatchId, Vec<(u64, u32)>, Option<Lsn>);
 
