@@ -110,6 +110,26 @@ async fn metrics_count_the_committed_changes_and_health_answers() {
     }
     assert_eq!(value(&s, "dbmazz_batch_size_sum", &[]), 52.0);
     assert_eq!(value(&s, "dbmazz_batch_size_count", &[]), acked);
+    // each batch goes through each per-batch stage once; the receive stage counts the
+    // transaction (one: the four statements above ran in one)
+    let stage = |name: &str| value(&s, "dbmazz_stage_latency_seconds_count", &[("stage", name)]);
+    for name in ["batch", "queue", "sink", "checkpoint"] {
+        assert_eq!(stage(name), acked, "{name}");
+    }
+    assert!(stage("receive") >= 1.0);
+    eventually(
+        T,
+        "the confirmation reported",
+        || d.log(),
+        || {
+            let s = scrape(&addr);
+            value(
+                &s,
+                "dbmazz_stage_latency_seconds_count",
+                &[("stage", "confirm")],
+            ) >= 1.0
+        },
+    );
     assert!(value(&s, "dbmazz_bytes_received_total", &[]) > 0.0);
     assert!(value(&s, "dbmazz_checkpoint_lsn", &[]) > 0.0);
     assert_eq!(value(&s, "dbmazz_dead_letters_total", &[]), 0.0);
@@ -312,6 +332,32 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
         }
         assert!(start.elapsed() < T, "lag never fell: {st:?}\n{}", d.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The pause shows in the stage where the changes waited: the 20 transactions written
+    // while paused were read ~2 s after their commit; no later stage took that long.
+    let st = c
+        .status(proto::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = st.stages.iter().map(|s| s.stage.as_str()).collect();
+    assert_eq!(
+        names,
+        ["receive", "batch", "queue", "sink", "checkpoint", "confirm"]
+    );
+    let of = |name: &str| {
+        st.stages
+            .iter()
+            .find(|s| s.stage == name)
+            .and_then(|s| s.latency)
+            .unwrap_or_default()
+    };
+    let receive = of("receive");
+    assert!(receive.count >= 30, "one per transaction: {st:?}");
+    assert!(receive.max_ms >= 1500.0, "the pause: {st:?}");
+    for later in ["batch", "queue", "sink", "checkpoint", "confirm"] {
+        let l = of(later);
+        assert!(l.count >= 1 && l.max_ms < 1000.0, "{later}: {st:?}");
     }
 
     // the Metrics call carries the Prometheus counters

@@ -79,6 +79,19 @@ pub struct Steady {
     /// dbmazz's CPU while under this load, % of one core.
     pub cpu_percent: f64,
     pub peak_rss_mb: f64,
+    /// Where the time went, stage by stage (dbmazz's `Status.stages`).
+    pub stages: Vec<StageLatency>,
+}
+
+/// One stage's latencies over a steady-state run, ms.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageLatency {
+    pub stage: String,
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
 }
 
 /// Idle footprint.
@@ -167,6 +180,19 @@ pub fn print(r: &Report) {
                 s.cpu_percent,
                 s.peak_rss_mb
             );
+        }
+        for s in &r.steady {
+            println!(
+                "\n| {} changes/s: stage | count | p50 ms | p99 ms | p99.9 ms | max ms |",
+                s.target_changes_per_s
+            );
+            println!("|---|---:|---:|---:|---:|---:|");
+            for st in &s.stages {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    st.stage, st.count, st.p50_ms, st.p99_ms, st.p999_ms, st.max_ms
+                );
+            }
         }
     }
     if !r.snapshot.is_empty() {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 
 use crate::process::NEVER;
 use crate::process::{write_config, Dbmazz, RunConfig};
-use crate::report::{Idle, Steady};
+use crate::report::{Idle, StageLatency, Steady};
 use crate::{proc, workload, Env, MB};
 
 /// Idle footprint, then W2-shaped load at each rate for `seconds`.
@@ -158,6 +158,21 @@ pub async fn run(
             max_ms: l.max_ms,
             cpu_percent: (cpu_after - cpu_before).as_secs_f64() * 100.0 / elapsed,
             peak_rss_mb: peak as f64 / MB,
+            stages: s
+                .stages
+                .iter()
+                .map(|st| {
+                    let l = st.latency.unwrap_or_default();
+                    StageLatency {
+                        stage: st.stage.clone(),
+                        count: l.count,
+                        p50_ms: l.p50_ms,
+                        p99_ms: l.p99_ms,
+                        p999_ms: l.p999_ms,
+                        max_ms: l.max_ms,
+                    }
+                })
+                .collect(),
         };
         eprintln!(
             "bench: steady {rate}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -125,6 +125,7 @@ fn batch(dir: &Path) -> Batch {
         changes,
         watermark: None,
         replayed: false,
+        timing: None,
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::stats::Stats;
+use crate::stats::{Latency, Stage, Stats};
 use crate::Lsn;
 
 /// Generated types and services of `dbmazz.v1`.
@@ -280,17 +280,24 @@ impl Dbmazz for Arc<Control> {
             }
             .to_string(),
             slot_wal_retained_bytes: s.slot_wal_retained_bytes.load(Ordering::Relaxed),
-            commit_to_ack: s.commit_to_ack.lock().ok().map(|c| {
-                let l = &c.latency;
-                let ms = |us: u64| us as f64 / 1e3;
-                proto::Latency {
-                    count: l.count(),
-                    p50_ms: ms(l.quantile_us(0.5)),
-                    p99_ms: ms(l.quantile_us(0.99)),
-                    p999_ms: ms(l.quantile_us(0.999)),
-                    max_ms: ms(l.max_us()),
-                }
-            }),
+            commit_to_ack: s
+                .commit_to_ack
+                .lock()
+                .ok()
+                .map(|c| latency_proto(&c.latency)),
+            stages: s
+                .stages
+                .lock()
+                .map(|stages| {
+                    Stage::ALL
+                        .iter()
+                        .map(|&stage| proto::StageLatency {
+                            stage: stage.as_str().to_string(),
+                            latency: Some(latency_proto(&stages[stage as usize])),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             snapshot: s
                 .snapshot
                 .lock()
@@ -758,6 +765,14 @@ pub async fn ctl(
                     l.p50_ms, l.p99_ms, l.max_ms, l.count
                 ));
             }
+            for st in &s.stages {
+                if let Some(l) = st.latency.filter(|l| l.count > 0) {
+                    out.push_str(&format!(
+                        "  {:<11} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({})\n",
+                        st.stage, l.p50_ms, l.p99_ms, l.max_ms, l.count
+                    ));
+                }
+            }
             for t in &s.snapshot {
                 out.push_str(&format!(
                     "snapshot      {} ({}): {} of ~{} rows, chunks {}/{}{}\n",
@@ -855,6 +870,18 @@ fn control_message(
 }
 
 /// A stage's limits as Status shows them.
+/// Percentiles of `l` (µs) in ms.
+fn latency_proto(l: &Latency) -> proto::Latency {
+    let ms = |us: u64| us as f64 / 1e3;
+    proto::Latency {
+        count: l.count(),
+        p50_ms: ms(l.quantile_us(0.5)),
+        p99_ms: ms(l.quantile_us(0.99)),
+        p999_ms: ms(l.quantile_us(0.999)),
+        max_ms: ms(l.max_us()),
+    }
+}
+
 fn limits_proto(l: &crate::config::LimitsConfig) -> proto::PluginLimits {
     proto::PluginLimits {
         memory_mb: l.memory_mb,

@@ -17,6 +17,7 @@
 //! | `dbmazz_replication_lag_bytes` | gauge | server WAL end minus the confirmed LSN |
 //! | `dbmazz_replication_lag_seconds` | gauge | now minus the commit time of the last acknowledged change; 0 when caught up |
 //! | `dbmazz_commit_to_ack_seconds` | histogram | from each transaction's commit (the Commit message's timestamp) to the sink's ack |
+//! | `dbmazz_stage_latency_seconds{stage}` | histogram | where that time goes, and on to the confirmation: `receive` (commit → the reader reads the Commit), `batch` (first change → cut), `queue` (cut → the sink's call), `sink` (call → ack), `checkpoint` (ack → durable), `confirm` (durable → reported to the server); see [`crate::stats::Stage`] |
 //! | `dbmazz_checkpoint_lsn` | gauge | the durable, confirmed LSN |
 //! | `dbmazz_sink_retries_total` | counter | sink writes retried after a transient failure (a `retryable` error, a call blocked past its deadline) |
 //! | `dbmazz_sink_failing_seconds` | gauge | how long the batch being retried has been failing; 0 while the sink is healthy |
@@ -42,7 +43,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::stats::Stats;
+use crate::stats::{Latency, Stage, Stats};
 
 /// How long the endpoint waits for a request's headers (also between two requests on a
 /// kept-alive connection) before closing the connection.
@@ -52,6 +53,40 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 const COMMIT_TO_ACK_BUCKETS_S: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
 ];
+
+/// Upper bounds of `dbmazz_stage_latency_seconds`' buckets, seconds (stages take
+/// from microseconds to seconds).
+const STAGE_BUCKETS_S: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 60.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
+/// Encodes `latency` (µs) as a Prometheus histogram in seconds with buckets `le_s`.
+fn histogram(
+    mut m: prometheus_client::encoding::MetricEncoder<'_>,
+    latency: &Latency,
+    le_s: &[f64],
+) -> std::fmt::Result {
+    let mut buckets = Vec::with_capacity(le_s.len() + 1);
+    let mut below = 0;
+    for &le in le_s {
+        let n = latency.count_le((le * 1e6) as u64);
+        buckets.push((le, n - below));
+        below = n;
+    }
+    buckets.push((f64::INFINITY, latency.count() - below));
+    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        latency.sum_us() as f64 / 1e6,
+        latency.count(),
+        &buckets,
+        None,
+    )
+}
 
 /// Reads the pipeline's atomics and the plugins' metrics at scrape time.
 #[derive(Debug)]
@@ -180,27 +215,31 @@ impl Collector for PipelineCollector {
             lag_seconds,
         )?;
         if let Ok(c) = s.commit_to_ack.lock() {
-            let latency = &c.latency;
-            let mut buckets = Vec::with_capacity(COMMIT_TO_ACK_BUCKETS_S.len() + 1);
-            let mut below = 0;
-            for le in COMMIT_TO_ACK_BUCKETS_S {
-                let n = latency.count_le((le * 1e6) as u64);
-                buckets.push((le, n - below));
-                below = n;
-            }
-            buckets.push((f64::INFINITY, latency.count() - below));
-            let mut m = e.encode_descriptor(
+            let m = e.encode_descriptor(
                 "dbmazz_commit_to_ack_seconds",
                 "commit time of each acknowledged transaction to the sink's ack",
                 None,
                 prometheus_client::metrics::MetricType::Histogram,
             )?;
-            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                latency.sum_us() as f64 / 1e6,
-                latency.count(),
-                &buckets,
+            histogram(m, &c.latency, &COMMIT_TO_ACK_BUCKETS_S)?;
+        }
+        if let Ok(stages) = s.stages.lock() {
+            let mut m = e.encode_descriptor(
+                "dbmazz_stage_latency_seconds",
+                "time spent in each stage from a commit to its confirmation (receive, batch, queue, sink, checkpoint, confirm)",
                 None,
+                prometheus_client::metrics::MetricType::Histogram,
             )?;
+            for stage in Stage::ALL {
+                let label = StageLabel {
+                    stage: stage.as_str(),
+                };
+                histogram(
+                    m.encode_family(&label)?,
+                    &stages[stage as usize],
+                    &STAGE_BUCKETS_S,
+                )?;
+            }
         }
         let plugins = s.plugins.lock().map(|p| p.clone()).unwrap_or_default();
         {

@@ -117,6 +117,62 @@ pub struct Stats {
     pub sink_failing_since_us: AtomicI64,
     /// Commit-to-ack latency of every acknowledged transaction since start.
     pub commit_to_ack: Mutex<CommitToAck>,
+    /// Where the time between a commit and its confirmation goes, per [`Stage`].
+    pub stages: Mutex<[Latency; Stage::ALL.len()]>,
+    /// When the oldest checkpoint not yet reported to the server became durable, µs
+    /// since the Unix epoch (0: none waiting); the reader takes it when its standby status
+    /// update carries the LSN ([`Stage::Confirm`]).
+    pub confirm_pending_since_us: AtomicI64,
+}
+
+/// The stages of a change's way from its commit to its confirmation, each a latency
+/// histogram (`dbmazz_stage_latency_seconds{stage}`, `Status.stages`). Their sum over one
+/// transaction is its commit-to-confirm time; `Receive` through `Sink` make up
+/// commit-to-ack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The Commit message's timestamp to the reader reading that Commit (a Stream Commit
+    /// for a streamed transaction): PostgreSQL's WAL flush, the walsender's decoding, the
+    /// network, and the reader's own backlog. Per transaction.
+    Receive,
+    /// A batch's first change reaching the batcher to the batch's cut (waiting for more
+    /// changes: `flush_size`, `flush_interval_ms`, `flush_when_caught_up`). Per batch.
+    Batch,
+    /// The cut to the sink's call: the bounded channel (backpressure), and the batch's
+    /// intent written (synced) when it did not ride on the previous checkpoint. Per batch.
+    Queue,
+    /// The plugin chain's call (transforms and sink) to the sink's ack, retries
+    /// included. Per batch.
+    Sink,
+    /// The ack to the checkpoint durable (one synced RocksDB write). Per batch.
+    Checkpoint,
+    /// The checkpoint durable to the standby status update that reports it to the server.
+    /// Per status update that confirms something new.
+    Confirm,
+}
+
+impl Stage {
+    /// Every stage, in the order a change goes through them.
+    pub const ALL: [Stage; 6] = [
+        Stage::Receive,
+        Stage::Batch,
+        Stage::Queue,
+        Stage::Sink,
+        Stage::Checkpoint,
+        Stage::Confirm,
+    ];
+
+    /// The `stage` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Receive => "receive",
+            Stage::Batch => "batch",
+            Stage::Queue => "queue",
+            Stage::Sink => "sink",
+            Stage::Checkpoint => "checkpoint",
+            Stage::Confirm => "confirm",
+        }
+    }
 }
 
 /// Commit-to-ack latencies, one per transaction: its commit time (the Commit message's
@@ -266,6 +322,8 @@ impl Default for Stats {
             sink_retries: AtomicU64::new(0),
             sink_failing_since_us: AtomicI64::new(0),
             commit_to_ack: Mutex::new(CommitToAck::default()),
+            stages: Mutex::new(Default::default()),
+            confirm_pending_since_us: AtomicI64::new(0),
         }
     }
 }
@@ -382,6 +440,34 @@ impl Stats {
             0.0
         } else {
             (now_us - acked).max(0) as f64 / 1e6
+        }
+    }
+
+    /// Records one latency of `stage`.
+    pub fn record_stage(&self, stage: Stage, elapsed: std::time::Duration) {
+        if let Ok(mut stages) = self.stages.lock() {
+            stages[stage as usize].record(elapsed.as_micros() as u64);
+        }
+    }
+
+    /// A checkpoint became durable: its confirmation is pending from now on, unless an
+    /// older one still is.
+    pub fn checkpoint_durable(&self) {
+        let _ = self.confirm_pending_since_us.compare_exchange(
+            0,
+            crate::metrics::now_us(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A standby status update reported the confirmed LSN to the server: records
+    /// [`Stage::Confirm`] for the oldest checkpoint it covers.
+    pub fn confirm_reported(&self) {
+        let since = self.confirm_pending_since_us.swap(0, Ordering::Relaxed);
+        if since > 0 {
+            let us = (crate::metrics::now_us() - since).max(0) as u64;
+            self.record_stage(Stage::Confirm, std::time::Duration::from_micros(us));
         }
     }
 

@@ -22,7 +22,7 @@ use tracing::warn;
 use dbmazz_protocol::lsn::Lsn;
 
 use crate::assembler::Event;
-use crate::change::{Batch, BatchId, BatchIntent, Change, Position, SchemaChange};
+use crate::change::{Batch, BatchId, BatchIntent, BatchTiming, Change, Position, SchemaChange};
 
 /// Where a restarted pipeline resumes, from the checkpoint store.
 #[derive(Clone, Debug, Default)]
@@ -342,6 +342,10 @@ impl Batcher {
             changes: o.changes,
             watermark,
             replayed,
+            timing: Some(BatchTiming {
+                opened: o.opened,
+                cut: Instant::now(),
+            }),
         })
     }
 }

@@ -161,6 +161,19 @@ pub struct Batch {
     pub watermark: Option<Lsn>,
     /// True when this batch was rebuilt from a stored intent after a restart.
     pub replayed: bool,
+    /// When the batch formed (for the stage latencies); `None` for batches made outside
+    /// the batcher (snapshot chunks, dead-letter replays, parts of a split batch).
+    pub timing: Option<BatchTiming>,
+}
+
+/// When a batch formed, on the monotonic clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchTiming {
+    /// Its first change reached the batcher (the reader pushes each change as it is
+    /// assembled: for a transaction that is not streamed, when its message arrived).
+    pub opened: std::time::Instant,
+    /// The batch was cut.
+    pub cut: std::time::Instant,
 }
 
 impl Batch {

@@ -14,7 +14,7 @@
 pub mod jsonl;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -23,7 +23,7 @@ use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::lsn::Lsn;
 use crate::pipeline::change::{Batch, BatchId, Position};
 use crate::snapshot::Tracker;
-use crate::stats::Stats;
+use crate::stats::{Stage, Stats};
 
 /// An item handed from the reader to delivery, in stream order.
 #[derive(Debug)]
@@ -161,9 +161,16 @@ pub async fn run<S: Sink>(
                     let intent = batch.intent();
                     tokio::task::block_in_place(|| store.put_intent(&intent))?;
                 }
+                let handed = Instant::now();
+                if let Some(t) = batch.timing {
+                    stats.record_stage(Stage::Batch, t.cut.saturating_duration_since(t.opened));
+                    stats.record_stage(Stage::Queue, handed.saturating_duration_since(t.cut));
+                }
                 if !write_with_retries(&mut sink, &stats, &batch, &mut stop).await? {
                     return Ok(());
                 }
+                let acked = Instant::now();
+                stats.record_stage(Stage::Sink, acked - handed);
                 stats.record_batch(&batch);
                 cp = Checkpoint {
                     confirmed_lsn: batch
@@ -190,6 +197,8 @@ pub async fn run<S: Sink>(
                     !acked
                 });
                 tokio::task::block_in_place(|| store.commit(&cp, next_intent.as_ref(), &done))?;
+                stats.record_stage(Stage::Checkpoint, acked.elapsed());
+                stats.checkpoint_durable();
                 if !done.is_empty() {
                     tracker.chunks_done(&done)?;
                 }
@@ -233,6 +242,7 @@ pub async fn run<S: Sink>(
                 if w > cp.confirmed_lsn {
                     cp.confirmed_lsn = w;
                     tokio::task::block_in_place(|| store.commit(&cp, None, &[]))?;
+                    stats.checkpoint_durable();
                     confirmed.send_replace(cp.confirmed_lsn);
                 }
             }

@@ -264,6 +264,7 @@ pub async fn replay<S: Sink>(
             changes,
             watermark: None,
             replayed: false,
+            timing: None,
         };
         let before = stats.dead_letters.load(Ordering::Relaxed);
         write(sink, &batch, original).await?;

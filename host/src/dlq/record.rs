@@ -427,6 +427,7 @@ mod tests {
                 changes: vec![r.change],
                 watermark: None,
                 replayed: false,
+                timing: None,
             },
             None,
         )

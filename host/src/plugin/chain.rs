@@ -503,6 +503,7 @@ impl PluginChain {
                     changes: part.to_vec(),
                     watermark: None,
                     replayed: batch.replayed,
+                    timing: None,
                 };
                 self.write(&part).await?;
             }

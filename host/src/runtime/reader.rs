@@ -27,7 +27,7 @@ use crate::pipeline::batcher::Batcher;
 use crate::snapshot::reconcile::{Reconciler, TxnInfo};
 use crate::source::replication::{Frame, ReplicationReader, ReplicationWriter};
 use crate::source::SourceError;
-use crate::stats::Stats;
+use crate::stats::{Stage, Stats};
 
 /// One session's reader (see the module docs).
 pub(super) struct Reader {
@@ -47,6 +47,8 @@ pub(super) struct Reader {
     pub(super) confirmed_rx: watch::Receiver<Lsn>,
     pub(super) status_tick: Interval,
     pub(super) received: Lsn,
+    /// The confirmed LSN the last standby status update carried.
+    pub(super) reported: Lsn,
     pub(super) events: Vec<Event>,
     pub(super) stats: Arc<Stats>,
     pub(super) watermark_every: Duration,
@@ -79,7 +81,12 @@ impl Reader {
             .store(confirmed.0, Ordering::Relaxed);
         self.writer
             .send_status(self.received.max(confirmed), confirmed, reply)
-            .await
+            .await?;
+        if confirmed > self.reported {
+            self.reported = confirmed;
+            self.stats.confirm_reported();
+        }
+        Ok(())
     }
 
     /// Hands an item to delivery, waiting for room (backpressure) while keeping the
@@ -146,6 +153,11 @@ impl Reader {
                         xid: *xid,
                         commit_time_us: *commit_time_us,
                     }
+                }
+                Event::Commit { .. } => {
+                    let us = crate::metrics::now_us().saturating_sub(self.txn.commit_time_us);
+                    self.stats
+                        .record_stage(Stage::Receive, Duration::from_micros(us.max(0) as u64));
                 }
                 Event::Change(c) if self.reconciler.active() => {
                     self.reconciler.on_change(c, self.txn)

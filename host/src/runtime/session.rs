@@ -421,6 +421,7 @@ impl Sessions<'_> {
             confirmed_rx: self.confirmed_rx.clone(),
             status_tick,
             received: cp.confirmed_lsn,
+            reported: cp.confirmed_lsn,
             events: Vec::with_capacity(64),
             stats: self.stats.clone(),
             watermark_every: flush_interval,

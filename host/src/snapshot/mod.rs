@@ -470,6 +470,7 @@ fn snapshot_batch(id: u64, changes: Vec<crate::pipeline::change::Change>) -> Bat
         changes,
         watermark: None,
         replayed: false,
+        timing: None,
     }
 }
 
