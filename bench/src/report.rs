@@ -79,6 +79,9 @@ pub struct Steady {
     /// dbmazz's CPU while under this load, % of one core.
     pub cpu_percent: f64,
     pub peak_rss_mb: f64,
+    /// Commit-to-ack without PostgreSQL's share (`Status.sent_to_ack`): p99 and p99.9, ms.
+    pub sent_to_ack_p99_ms: f64,
+    pub sent_to_ack_p999_ms: f64,
     /// Where the time went, stage by stage (dbmazz's `Status.stages`).
     pub stages: Vec<StageLatency>,
 }
@@ -165,11 +168,11 @@ pub fn print(r: &Report) {
         }
     }
     if !r.steady.is_empty() {
-        println!("\n| steady state (null sink) | achieved changes/s | p50 ms | p99 ms | p99.9 ms | max ms | CPU % of a core | peak RSS MB |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("\n| steady state (null sink) | achieved changes/s | p50 ms | p99 ms | p99.9 ms | max ms | without PostgreSQL's share: p99 ms | p99.9 ms | CPU % of a core | peak RSS MB |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for s in &r.steady {
             println!(
-                "| {} changes/s for {} s | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {} changes/s for {} s | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
                 s.target_changes_per_s,
                 s.seconds,
                 s.achieved_changes_per_s,
@@ -177,6 +180,8 @@ pub fn print(r: &Report) {
                 s.p99_ms,
                 s.p999_ms,
                 s.max_ms,
+                s.sent_to_ack_p99_ms,
+                s.sent_to_ack_p999_ms,
                 s.cpu_percent,
                 s.peak_rss_mb
             );

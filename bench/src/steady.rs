@@ -158,6 +158,8 @@ pub async fn run(
             max_ms: l.max_ms,
             cpu_percent: (cpu_after - cpu_before).as_secs_f64() * 100.0 / elapsed,
             peak_rss_mb: peak as f64 / MB,
+            sent_to_ack_p99_ms: s.sent_to_ack.unwrap_or_default().p99_ms,
+            sent_to_ack_p999_ms: s.sent_to_ack.unwrap_or_default().p999_ms,
             stages: s
                 .stages
                 .iter()
@@ -175,8 +177,8 @@ pub async fn run(
                 .collect(),
         };
         eprintln!(
-            "bench: steady {rate}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            r.p50_ms, r.p99_ms, r.max_ms
+            "bench: steady {rate}/s: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; without PostgreSQL's share p99 {:.2} ms, p99.9 {:.2} ms",
+            r.p50_ms, r.p99_ms, r.max_ms, r.sent_to_ack_p99_ms, r.sent_to_ack_p999_ms
         );
         // Every transaction is measured once, in the batch holding its Commit; one whose
         // last change closed a batch cut by size just before its Commit is not measured.

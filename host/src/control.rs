@@ -280,6 +280,11 @@ impl Dbmazz for Arc<Control> {
             }
             .to_string(),
             slot_wal_retained_bytes: s.slot_wal_retained_bytes.load(Ordering::Relaxed),
+            sent_to_ack: s
+                .commit_to_ack
+                .lock()
+                .ok()
+                .map(|c| latency_proto(&c.sent_to_ack)),
             commit_to_ack: s
                 .commit_to_ack
                 .lock()
@@ -763,6 +768,12 @@ pub async fn ctl(
                 out.push_str(&format!(
                     "commit→ack    p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} transactions)\n",
                     l.p50_ms, l.p99_ms, l.max_ms, l.count
+                ));
+            }
+            if let Some(l) = s.sent_to_ack.filter(|l| l.count > 0) {
+                out.push_str(&format!(
+                    "sent→ack      p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (without PostgreSQL's share)\n",
+                    l.p50_ms, l.p99_ms, l.max_ms
                 ));
             }
             for st in &s.stages {

@@ -17,7 +17,8 @@
 //! | `dbmazz_replication_lag_bytes` | gauge | server WAL end minus the confirmed LSN |
 //! | `dbmazz_replication_lag_seconds` | gauge | now minus the commit time of the last acknowledged change; 0 when caught up |
 //! | `dbmazz_commit_to_ack_seconds` | histogram | from each transaction's commit (the Commit message's timestamp) to the sink's ack |
-//! | `dbmazz_stage_latency_seconds{stage}` | histogram | where that time goes, and on to the confirmation: `receive` (commit → the reader reads the Commit), `batch` (first change → cut), `queue` (cut → the sink's call), `sink` (call → ack), `checkpoint` (ack → durable), `confirm` (durable → reported to the server); see [`crate::stats::Stage`] |
+//! | `dbmazz_sent_to_ack_seconds` | histogram | the same minus PostgreSQL's share: from the walsender sending the Commit (the XLogData's send time) to the sink's ack — what dbmazz adds |
+//! | `dbmazz_stage_latency_seconds{stage}` | histogram | where that time goes, and on to the confirmation: `server` (commit → the walsender sends the Commit), `receive` (sent → read by the reader), `batch` (first change → cut), `queue` (cut → the sink's call), `sink` (call → ack), `checkpoint` (ack → durable), `confirm` (durable → reported to the server); see [`crate::stats::Stage`] |
 //! | `dbmazz_checkpoint_lsn` | gauge | the durable, confirmed LSN |
 //! | `dbmazz_sink_retries_total` | counter | sink writes retried after a transient failure (a `retryable` error, a call blocked past its deadline) |
 //! | `dbmazz_sink_failing_seconds` | gauge | how long the batch being retried has been failing; 0 while the sink is healthy |
@@ -222,11 +223,18 @@ impl Collector for PipelineCollector {
                 prometheus_client::metrics::MetricType::Histogram,
             )?;
             histogram(m, &c.latency, &COMMIT_TO_ACK_BUCKETS_S)?;
+            let m = e.encode_descriptor(
+                "dbmazz_sent_to_ack_seconds",
+                "commit-to-ack without PostgreSQL's share: from the walsender sending each acknowledged transaction's Commit to the sink's ack",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            histogram(m, &c.sent_to_ack, &COMMIT_TO_ACK_BUCKETS_S)?;
         }
         if let Ok(stages) = s.stages.lock() {
             let mut m = e.encode_descriptor(
                 "dbmazz_stage_latency_seconds",
-                "time spent in each stage from a commit to its confirmation (receive, batch, queue, sink, checkpoint, confirm)",
+                "time spent in each stage from a commit to its confirmation (server, receive, batch, queue, sink, checkpoint, confirm)",
                 None,
                 prometheus_client::metrics::MetricType::Histogram,
             )?;

@@ -131,9 +131,14 @@ pub struct Stats {
 /// commit-to-ack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    /// The Commit message's timestamp to the reader reading that Commit (a Stream Commit
-    /// for a streamed transaction): PostgreSQL's WAL flush, the walsender's decoding, the
-    /// network, and the reader's own backlog. Per transaction.
+    /// The Commit message's timestamp to the walsender writing that Commit (a Stream
+    /// Commit for a streamed transaction; the XLogData's send time): PostgreSQL's share —
+    /// the commit's WAL flush, the walsender waking up and decoding. Per transaction.
+    Server,
+    /// The walsender writing the Commit to the reader reading it: the network, socket
+    /// buffers, and the reader's own backlog (a busy reader, or backpressure from a full
+    /// channel). Per transaction. Both ends use the server's and this machine's clocks:
+    /// the same clock when they share a machine, NTP-close otherwise.
     Receive,
     /// A batch's first change reaching the batcher to the batch's cut (waiting for more
     /// changes: `flush_size`, `flush_interval_ms`, `flush_when_caught_up`). Per batch.
@@ -153,7 +158,8 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in the order a change goes through them.
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 7] = [
+        Stage::Server,
         Stage::Receive,
         Stage::Batch,
         Stage::Queue,
@@ -165,6 +171,7 @@ impl Stage {
     /// The `stage` label.
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::Server => "server",
             Stage::Receive => "receive",
             Stage::Batch => "batch",
             Stage::Queue => "queue",
@@ -182,18 +189,55 @@ impl Stage {
 /// cut): whether that change was the last is known only from what follows — the next
 /// batch starting with another transaction, or a watermark past its commit LSN — so that
 /// transaction is kept aside with its ack time until then.
+///
+/// Also kept: `sent_to_ack`, the same latency minus PostgreSQL's share ([`Stage::Server`]:
+/// the commit to the walsender sending the Commit), which the reader reports per
+/// transaction with [`CommitToAck::server_share`]: what dbmazz itself adds.
 #[derive(Debug, Default)]
 pub struct CommitToAck {
     /// The recorded latencies.
     pub latency: Latency,
+    /// Commit-to-ack minus the transaction's [`Stage::Server`] time.
+    pub sent_to_ack: Latency,
     /// (commit LSN, commit time µs, ack time µs) of a transaction that ended a batch.
     trailing: Option<(crate::lsn::Lsn, i64, i64)>,
+    /// (commit LSN, server share µs) of transactions read and not yet recorded, in
+    /// commit order.
+    server: std::collections::VecDeque<(crate::lsn::Lsn, u64)>,
 }
 
+/// Most transactions whose server share waits for their ack (a bound, not a size: the
+/// batches in flight hold far fewer).
+const SERVER_SHARES_MAX: usize = 1 << 20;
+
 impl CommitToAck {
-    fn record(&mut self, commit_time_us: i64, acked_us: i64) {
-        self.latency
-            .record(acked_us.saturating_sub(commit_time_us).max(0) as u64);
+    /// The reader read the Commit of the transaction committed at `commit_lsn`, `us` µs
+    /// after its commit ([`Stage::Server`]).
+    pub fn server_share(&mut self, commit_lsn: crate::lsn::Lsn, us: u64) {
+        if self.server.len() >= SERVER_SHARES_MAX {
+            self.server.pop_front();
+        }
+        self.server.push_back((commit_lsn, us));
+    }
+
+    fn record(&mut self, commit_lsn: crate::lsn::Lsn, commit_time_us: i64, acked_us: i64) {
+        let us = acked_us.saturating_sub(commit_time_us).max(0) as u64;
+        self.latency.record(us);
+        // Transactions are acknowledged in commit order; older entries had no change
+        // in any batch (or were confirmed before a restart).
+        while self
+            .server
+            .front()
+            .is_some_and(|&(lsn, _)| lsn < commit_lsn)
+        {
+            self.server.pop_front();
+        }
+        if let Some(&(lsn, server)) = self.server.front() {
+            if lsn == commit_lsn {
+                self.server.pop_front();
+                self.sent_to_ack.record(us.saturating_sub(server));
+            }
+        }
     }
 
     /// Records the transactions `batch` completes; `now_us` is its ack time.
@@ -204,7 +248,7 @@ impl CommitToAck {
                 .first()
                 .is_some_and(|c| c.position.commit_lsn == lsn);
             if !continues {
-                self.record(commit, acked);
+                self.record(lsn, commit, acked);
             }
         }
         let mut runs = batch
@@ -214,7 +258,7 @@ impl CommitToAck {
         while let Some(run) = runs.next() {
             let c = &run[0];
             if runs.peek().is_some() || batch.watermark.is_some_and(|w| w > c.position.commit_lsn) {
-                self.record(c.commit_time_us, now_us);
+                self.record(c.position.commit_lsn, c.commit_time_us, now_us);
             } else {
                 self.trailing = Some((c.position.commit_lsn, c.commit_time_us, now_us));
             }
@@ -227,7 +271,7 @@ impl CommitToAck {
         if let Some((lsn, commit, acked)) = self.trailing {
             if lsn < watermark {
                 self.trailing = None;
-                self.record(commit, acked);
+                self.record(lsn, commit, acked);
             }
         }
     }
@@ -536,6 +580,12 @@ mod tests {
         );
 
         let stats = Stats::default();
+        // the reader's report of PostgreSQL's share: a transaction without changes
+        // (commit LSN 40), A (1.5 ms); none for B (read before a restart)
+        if let Ok(mut c) = stats.commit_to_ack.lock() {
+            c.server_share(Lsn(40), 100);
+            c.server_share(Lsn(50), 1_500);
+        }
         stats.record_batch(&batches[0]);
         let count = |s: &Stats| s.commit_to_ack.lock().unwrap().latency.count();
         assert_eq!(count(&stats), 1, "A; B's Commit is not in this batch");
@@ -548,6 +598,14 @@ mod tests {
             "about 2 ms: {} µs",
             l.max_us()
         );
+        // A's latency less its 1.5 ms server share; nothing for B
+        assert_eq!(c.sent_to_ack.count(), 1);
+        let (all, own) = (l.quantile_us(0.0), c.sent_to_ack.max_us());
+        assert!(
+            own + 1_500 >= all * 99 / 100 && own + 1_500 <= all * 101 / 100 + 10,
+            "{own} µs of {all} µs"
+        );
+        assert!(c.server.is_empty());
     }
 
     #[test]

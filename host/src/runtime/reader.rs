@@ -47,6 +47,9 @@ pub(super) struct Reader {
     pub(super) confirmed_rx: watch::Receiver<Lsn>,
     pub(super) status_tick: Interval,
     pub(super) received: Lsn,
+    /// The send time of the XLogData frame being handled, µs since the Unix epoch (the
+    /// server's clock).
+    pub(super) frame_sent_us: i64,
     /// The confirmed LSN the last standby status update carried.
     pub(super) reported: Lsn,
     pub(super) events: Vec<Event>,
@@ -154,10 +157,19 @@ impl Reader {
                         commit_time_us: *commit_time_us,
                     }
                 }
-                Event::Commit { .. } => {
-                    let us = crate::metrics::now_us().saturating_sub(self.txn.commit_time_us);
+                Event::Commit { commit_lsn, .. } => {
+                    let (commit, sent) = (self.txn.commit_time_us, self.frame_sent_us);
+                    let us = |from: i64, to: i64| to.saturating_sub(from).max(0) as u64;
+                    let server = us(commit, sent);
                     self.stats
-                        .record_stage(Stage::Receive, Duration::from_micros(us.max(0) as u64));
+                        .record_stage(Stage::Server, Duration::from_micros(server));
+                    self.stats.record_stage(
+                        Stage::Receive,
+                        Duration::from_micros(us(sent, crate::metrics::now_us())),
+                    );
+                    if let Ok(mut c) = self.stats.commit_to_ack.lock() {
+                        c.server_share(*commit_lsn, server);
+                    }
                 }
                 Event::Change(c) if self.reconciler.active() => {
                     self.reconciler.on_change(c, self.txn)
@@ -205,9 +217,10 @@ impl Reader {
             Frame::XLogData {
                 wal_start,
                 wal_end,
+                send_time_us,
                 data,
-                ..
             } => {
+                self.frame_sent_us = send_time_us;
                 self.stats
                     .server_wal_end
                     .fetch_max(wal_end.0, Ordering::Relaxed);

@@ -422,6 +422,7 @@ impl Sessions<'_> {
             status_tick,
             received: cp.confirmed_lsn,
             reported: cp.confirmed_lsn,
+            frame_sent_us: 0,
             events: Vec::with_capacity(64),
             stats: self.stats.clone(),
             watermark_every: flush_interval,
