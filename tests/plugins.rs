@@ -310,7 +310,7 @@ async fn misbehaving_plugins_are_contained() {
         "[pipeline]\nflush_interval_ms = 20\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
          [[transforms]]\nplugin = {:?}\n\
          config = {{ socket_addr = {pg_addr:?} }}\n\
-         limits = {{ call_timeout_ms = 300, memory_mb = 32, max_attempts = 2, on_fault = \"dead_letter\" }}\n\n{}",
+         limits = {{ call_timeout_ms = 300, memory_mb = 32, max_output_mb = 1, max_attempts = 2, on_fault = \"dead_letter\" }}\n\n{}",
         p.misbehave.display().to_string(),
         webhook_sink(&rx.url(), &rx.addr.to_string(), "")
     );
@@ -318,7 +318,10 @@ async fn misbehaving_plugins_are_contained() {
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
     let mut id = 0;
-    for (n, bad) in ["trap", "loop", "oom", "error"].into_iter().enumerate() {
+    for (n, bad) in ["trap", "loop", "oom", "recurse", "huge", "error"]
+        .into_iter()
+        .enumerate()
+    {
         id += 1;
         db.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &bad])
             .await
@@ -356,7 +359,8 @@ async fn misbehaving_plugins_are_contained() {
         .iter()
         .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
         .collect();
-    assert_eq!(delivered, [2, 4, 6, 8]);
+    assert_eq!(delivered, [2, 4, 6, 8, 10, 12]);
+    let before = delivered.len();
     // a log, stdout and metric-name flood is throttled and capped; the batch goes on
     db.execute("INSERT INTO t VALUES (100, 'flood')", &[])
         .await
@@ -365,7 +369,7 @@ async fn misbehaving_plugins_are_contained() {
         T,
         "the flood's batch",
         || d.log(),
-        || rx.events().len() == 5,
+        || rx.events().len() == before + 1,
     );
     eventually(
         T,
@@ -390,7 +394,7 @@ async fn misbehaving_plugins_are_contained() {
         T,
         "the snoop's batch",
         || d.log(),
-        || rx.events().len() == 6,
+        || rx.events().len() == before + 2,
     );
     let log = d.log();
     let snoop: Vec<&str> = log.lines().filter(|l| l.contains("snoop")).collect();
@@ -449,15 +453,20 @@ async fn misbehaving_plugins_are_contained() {
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
     let dead = pipe.dead_letters();
     let reasons: Vec<&str> = dead.iter().map(|l| l.reason.as_str()).collect();
-    assert_eq!(dead.len(), 4, "{reasons:?}");
+    assert_eq!(dead.len(), 6, "{reasons:?}");
     assert!(reasons[0].contains("trapped"), "{reasons:?}");
     assert!(reasons[1].contains("deadline"), "{reasons:?}");
     assert!(reasons[2].contains("memory"), "{reasons:?}");
+    assert!(reasons[3].contains("trapped"), "{reasons:?}");
+    assert!(reasons[4].contains("limits.max_output_mb"), "{reasons:?}");
     assert!(
-        reasons[3].contains("transform fixture_misbehave failed: fixture asked to fail"),
+        reasons[5].contains("transform fixture_misbehave failed: fixture asked to fail"),
         "{reasons:?}"
     );
-    for (l, v) in dead.iter().zip(["trap", "loop", "oom", "error"]) {
+    for (l, v) in dead
+        .iter()
+        .zip(["trap", "loop", "oom", "recurse", "huge", "error"])
+    {
         let payload: serde_json::Value = serde_json::from_slice(&l.payload).unwrap();
         assert_eq!(payload["new"]["v"], v);
     }

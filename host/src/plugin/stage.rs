@@ -45,7 +45,7 @@ pub enum CallError {
         message: String,
     },
     /// The result was larger than the stage's `max_output_bytes`.
-    #[error("plugin {plugin} returned {bytes} bytes, more than its limit of {limit}")]
+    #[error("plugin {plugin} returned {bytes} bytes, more than its limit of {limit} bytes (limits.max_output_mb)")]
     OutputTooLarge {
         /// The plugin.
         plugin: Arc<str>,

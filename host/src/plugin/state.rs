@@ -492,7 +492,12 @@ impl types::Host for PluginState {}
 impl log::Host for PluginState {
     fn write(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
         let size = message.len() + fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        if !self.charge(size) || !self.metrics.admit_log(size) {
+        if !self.charge(size) {
+            // over `max_output_mb` for this call: dropped, and counted like the rate limit's
+            self.metrics.error("log_dropped");
+            return;
+        }
+        if !self.metrics.admit_log(size) {
             return;
         }
         let fields: String = fields.iter().map(|(k, v)| format!(" {k}={v}")).collect();
