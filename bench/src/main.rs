@@ -23,6 +23,7 @@
 //! run; `--json FILE` to keep the results. See docs/performance.md.
 
 mod catchup;
+mod probe;
 mod proc;
 mod process;
 mod receiver;
@@ -69,6 +70,11 @@ struct Cli {
     /// Steady-state rates, changes/s (default 5000,20000; 2000 with --quick).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<u64>,
+    /// Also run pg_recvlogical (test_decoding, its own slot) during each steady-state run
+    /// and report its commit-to-read lag next to dbmazz's stages. It adds a second
+    /// walsender to the load, so the other figures are not comparable with runs without.
+    #[arg(long)]
+    probe_recvlogical: bool,
 }
 
 /// What the bench runs against.
@@ -170,7 +176,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             cli.rates.clone()
         };
-        let (idle, steady) = steady::run(&env, &rates, seconds, cli.quick).await?;
+        let (idle, steady) =
+            steady::run(&env, &rates, seconds, cli.quick, cli.probe_recvlogical).await?;
         report.idle = Some(idle);
         report.steady = steady;
     }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::probe::LagProbe;
 use crate::process::NEVER;
 use crate::process::{write_config, Dbmazz, RunConfig};
 use crate::report::{Idle, StageLatency, Steady};
@@ -17,6 +18,7 @@ pub async fn run(
     rates: &[u64],
     seconds: u64,
     quick: bool,
+    probe: bool,
 ) -> anyhow::Result<(Idle, Vec<Steady>)> {
     const CONNECTIONS: u64 = 4;
     let db = &env.db;
@@ -84,6 +86,12 @@ pub async fn run(
             continue;
         };
         eprintln!("bench: steady state at {rate} changes/s for {seconds} s");
+        let probe_slot = format!("probe_{n}");
+        let lag_probe = if probe {
+            Some(LagProbe::start(env, &probe_slot).await?)
+        } else {
+            None
+        };
         let cpu_before = proc::usage(pid)?.cpu;
         let started = Instant::now();
         let end = started + Duration::from_secs(seconds);
@@ -142,6 +150,16 @@ pub async fn run(
         }
         let s = d.status().await?;
         let l = s.commit_to_ack.unwrap_or_default();
+        let recvlogical = match lag_probe {
+            Some(p) => {
+                let lag = p.finish(txns);
+                db.execute("SELECT pg_drop_replication_slot($1)", &[&probe_slot])
+                    .await
+                    .ok();
+                Some(lag?)
+            }
+            None => None,
+        };
         let peak = proc::usage(pid).map_or(0, |u| u.peak_rss_bytes);
         d.stop()?;
         db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
@@ -174,6 +192,7 @@ pub async fn run(
                         max_ms: l.max_ms,
                     }
                 })
+                .chain(recvlogical)
                 .collect(),
         };
         eprintln!(
