@@ -11,7 +11,10 @@
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dbmazz::localpg::PG_BIN;
@@ -25,6 +28,8 @@ use crate::Env;
 pub struct LagProbe {
     child: Child,
     reader: JoinHandle<Vec<u64>>,
+    /// COMMIT lines read so far.
+    read: Arc<AtomicU64>,
 }
 
 /// `2026-12-01 09:00:00.123456+00` from `COMMIT 123 (at 2026-12-01 09:00:00.123456+00)`,
@@ -57,6 +62,8 @@ impl LagProbe {
             .spawn()
             .context("starting pg_recvlogical")?;
         let out = child.stdout.take().context("pg_recvlogical's stdout")?;
+        let read = Arc::new(AtomicU64::new(0));
+        let counted = read.clone();
         let reader = std::thread::spawn(move || {
             let mut lags = Vec::new();
             for line in std::io::BufReader::new(out).lines() {
@@ -64,16 +71,25 @@ impl LagProbe {
                 if let Some(commit) = commit_time_us(&line) {
                     let now = dbmazz::metrics::now_us();
                     lags.push(now.saturating_sub(commit).max(0) as u64);
+                    counted.fetch_add(1, Ordering::Relaxed);
                 }
             }
             lags
         });
-        Ok(LagProbe { child, reader })
+        Ok(LagProbe {
+            child,
+            reader,
+            read,
+        })
     }
 
-    /// Stops pg_recvlogical and summarizes its lags; `expected` is the number of
-    /// transactions committed, checked like dbmazz's count.
-    pub fn finish(mut self, expected: u64) -> anyhow::Result<StageLatency> {
+    /// Waits (up to 120 s) until pg_recvlogical has read `expected` commits (the
+    /// transactions committed; it may be behind dbmazz), stops it and summarizes its lags.
+    pub async fn finish(mut self, expected: u64) -> anyhow::Result<StageLatency> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.read.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         extern "C" {
             fn kill(pid: i32, sig: i32) -> i32;
         }

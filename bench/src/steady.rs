@@ -152,7 +152,7 @@ pub async fn run(
         let l = s.commit_to_ack.unwrap_or_default();
         let recvlogical = match lag_probe {
             Some(p) => {
-                let lag = p.finish(txns);
+                let lag = p.finish(txns).await;
                 db.execute("SELECT pg_drop_replication_slot($1)", &[&probe_slot])
                     .await
                     .ok();
