@@ -48,6 +48,10 @@ const SHAPES: [&[(bool, &str, u32, i32)]; 4] = [
 struct Txn {
     tags: Vec<(u64, u32)>,
     skip: bool,
+    /// Subtransactions aborted so far: the assembler drops their frames at the replay,
+    /// also frames that came after the abort (PostgreSQL never sends any; the program
+    /// may).
+    aborted_subs: HashSet<u32>,
 }
 
 #[derive(Default)]
@@ -202,7 +206,12 @@ impl Run {
                 None => return,
             },
         };
-        txn.tags.push((tag, xid.unwrap_or(0)));
+        let sub = xid.unwrap_or(0);
+        if txn.aborted_subs.contains(&sub) {
+            self.model.aborted.insert(tag);
+        } else {
+            txn.tags.push((tag, sub));
+        }
     }
 
     fn finish(&mut self, txn: Txn) {
@@ -323,6 +332,7 @@ impl Run {
                             self.model.aborted.extend(txn.tags.iter().map(|(t, _)| *t));
                         }
                     } else if let Some(txn) = self.model.streams.get_mut(&xid) {
+                        txn.aborted_subs.insert(sub);
                         let (gone, kept) = txn.tags.iter().partition(|(_, x)| *x == sub);
                         txn.tags = kept;
                         let gone: Vec<(u64, u32)> = gone;
