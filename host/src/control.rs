@@ -247,6 +247,13 @@ impl Dbmazz for Arc<Control> {
                 }
             })
             .collect();
+        // Both latencies from one look at the histograms.
+        let (commit_to_ack, sent_to_ack) = s
+            .commit_to_ack
+            .lock()
+            .map(|c| (latency_proto(&c.latency), latency_proto(&c.sent_to_ack)))
+            .ok()
+            .unzip();
         Ok(Response::new(proto::StatusResponse {
             stage: self.stage() as i32,
             slot: self.slot.clone(),
@@ -280,16 +287,8 @@ impl Dbmazz for Arc<Control> {
             }
             .to_string(),
             slot_wal_retained_bytes: s.slot_wal_retained_bytes.load(Ordering::Relaxed),
-            sent_to_ack: s
-                .commit_to_ack
-                .lock()
-                .ok()
-                .map(|c| latency_proto(&c.sent_to_ack)),
-            commit_to_ack: s
-                .commit_to_ack
-                .lock()
-                .ok()
-                .map(|c| latency_proto(&c.latency)),
+            sent_to_ack,
+            commit_to_ack,
             stages: s
                 .stages
                 .lock()
