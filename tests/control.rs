@@ -584,7 +584,7 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
     let filter = st.plugins.iter().find(|p| p.name == "filter").unwrap();
     assert_eq!(
         (filter.world.as_str(), filter.version.as_str()),
-        ("transform", "0.2.0")
+        ("transform", "0.3.0")
     );
     assert!(filter.calls > 0 && filter.loaded_at_ms > 0, "{filter:?}");
     assert!(!filter.last_error.is_empty(), "{filter:?}");

@@ -14,15 +14,42 @@ use support::{eventually, plugins, Pg, Pipeline, Receiver};
 const T: Duration = Duration::from_secs(90);
 
 fn webhook_sink(url: &str, allow: &str, extra: &str) -> String {
+    webhook_sink_of(&plugins().webhook, url, allow, extra)
+}
+
+fn webhook_sink_of(plugin: &std::path::Path, url: &str, allow: &str, extra: &str) -> String {
     format!(
         "[sink]\nplugin = {:?}\nconfig = {{ url = {url:?}{extra} }}\ncapabilities = {{ http = [{allow:?}] }}\n",
-        plugins().webhook.display().to_string()
+        plugin.display().to_string()
     )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn filter_then_webhook_delivers_exact_cloudevents() {
     let p = plugins();
+    filter_then_webhook(&p.filter, &p.webhook).await;
+}
+
+/// Plugins built against contract 0.2.0 by the release before it (binaries kept in
+/// `tests/binaries/`, built from commit 0b2e22a) load through the host's adapter and
+/// deliver exactly what the current builds deliver.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_of_contract_0_2_still_load_and_deliver() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/binaries");
+    let (filter, webhook) = (
+        dir.join("transform-filter-0.2.0.wasm"),
+        dir.join("sink-webhook-0.2.0.wasm"),
+    );
+    let (ok, out) = inspect(&webhook);
+    assert!(ok && out.contains("wit version:   0.2.0"), "{out}");
+    assert!(
+        out.contains("contract 0.2 plugins do not describe themselves"),
+        "{out}"
+    );
+    filter_then_webhook(&filter, &webhook).await;
+}
+
+async fn filter_then_webhook(filter: &std::path::Path, webhook: &std::path::Path) {
     let pg = Pg::start("");
     let db = pg.client().await;
     db.batch_execute(
@@ -34,8 +61,13 @@ async fn filter_then_webhook_delivers_exact_cloudevents() {
     let rx = Receiver::start(&[]).await;
     let toml = format!(
         "[pipeline]\nflush_interval_ms = 50\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.audit_*\"], mask_columns = [\"email\"], mask = \"sha256\" }}\n\n{}",
-        p.filter.display().to_string(),
-        webhook_sink(&rx.url(), &rx.addr.to_string(), ", secret = \"s3cret\", gzip = true")
+        filter.display().to_string(),
+        webhook_sink_of(
+            webhook,
+            &rx.url(),
+            &rx.addr.to_string(),
+            ", secret = \"s3cret\", gzip = true"
+        )
     );
     let pipe = Pipeline::with_toml(&pg.url(), &["orders", "audit_log"], &toml);
     let d = pipe.spawn();
@@ -514,13 +546,24 @@ async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
     let (ok, out) = inspect(&p.webhook);
     assert!(ok, "{out}");
     assert!(out.contains("world:         dbmazz:plugin/sink"), "{out}");
-    assert!(out.contains("wit version:   0.2.0"), "{out}");
+    assert!(out.contains("wit version:   0.3.0"), "{out}");
     assert!(out.contains("wasi:http/outgoing-handler@0.2.12"), "{out}");
+    // what the plugin says about itself
+    assert!(out.contains("plugin:        sink-webhook 0.1.0"), "{out}");
+    assert!(out.contains("(no others are accepted)"), "{out}");
+    assert!(
+        out.contains("  url                  string   required  where batches are POSTed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  timeout_ms           integer  default \"10000\"  per request, ms"),
+        "{out}"
+    );
     assert!(out.contains("componentized: no"), "{out}");
     // every import of the first-party plugins is one the host provides
     for file in [&p.webhook, &p.filter, &p.starrocks, &p.null_core_module] {
         let (ok, out) = inspect(file);
-        assert!(ok && out.contains("dbmazz:plugin/types@0.2.0"), "{out}");
+        assert!(ok && out.contains("dbmazz:plugin/data@0.3.0"), "{out}");
         assert!(!out.contains("unknown to this host"), "{out}");
     }
     let (ok, out) = inspect(&p.filter);
@@ -568,10 +611,29 @@ async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
     assert!(!status.success());
     assert!(
         log.contains(
-            "is not a component of the world dbmazz:plugin/sink@0.2.0: it is a transform plugin"
+            "is not a component of the world dbmazz:plugin/sink@0.3.0: it is a transform plugin"
         ),
         "{log}"
     );
+    // a config key the plugin does not declare, and a value of the wrong type, are
+    // refused before `init`, naming the key the operator meant
+    let typo = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &webhook_sink(
+            "http://127.0.0.1:9/x",
+            "127.0.0.1:9",
+            ", timeout = 5, gzip = \"yes\"",
+        ),
+    );
+    let (status, log) = typo.run_to_exit(T);
+    assert!(!status.success());
+    for want in [
+        "config.timeout is not a key of sink-webhook: did you mean `timeout_ms`?",
+        "config.gzip is a string, but sink-webhook takes a boolean",
+    ] {
+        assert!(log.contains(want), "{want:?} not in {log}");
+    }
     // a missing plugin file is named
     let missing = Pipeline::with_toml(&pg.url(), &["t"], "[sink]\nplugin = \"nope/sink.wasm\"\n");
     let (status, log) = missing.run_to_exit(T);

@@ -19,6 +19,7 @@ use dbmazz::lsn::Lsn;
 use dbmazz::pipeline::assembler::{Assembler, Event};
 use dbmazz::pipeline::change::{Batch, Position};
 use dbmazz::plugin::chain::PluginChain;
+use dbmazz::plugin::contract::ConfigValue;
 use dbmazz::plugin::stage::{Stage, StageSpec};
 use dbmazz::plugin::state::{Grants, Limits};
 use dbmazz::plugin::{convert, PluginHost, PluginMetrics, World};
@@ -148,7 +149,14 @@ fn main() {
         plugin: host.load(path, world).unwrap(),
         config: config
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| {
+                let v = match *v {
+                    "true" => ConfigValue::Boolean(true),
+                    "false" => ConfigValue::Boolean(false),
+                    v => ConfigValue::Text(v.to_string()),
+                };
+                (k.to_string(), v)
+            })
             .collect(),
         grants: Grants::default(),
         limits: Limits {

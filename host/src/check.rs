@@ -15,10 +15,13 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, SinkTarget};
-use crate::plugin::{PluginHost, World};
+use crate::plugin::stage::{Stage, StageSpec};
+use crate::plugin::state::Grants;
+use crate::plugin::{PluginHost, PluginMetrics, World};
 use crate::source::conn::ConnectionConfig;
 use crate::source::replication::ReplicationClient;
 use crate::source::setup::{self, StepStatus};
@@ -114,21 +117,41 @@ async fn steps<W: Write>(
         let stages = cfg
             .transforms
             .iter()
-            .map(|t| (&t.plugin, World::Transform))
-            .chain(std::iter::once((&sink.plugin, World::Sink)));
-        for (file, world) in stages {
-            match host.load(file, world) {
-                Ok(p) => list.ok(
-                    "plugin",
-                    &format!(
-                        "{} ({} {})",
-                        file.display(),
-                        world.name(),
-                        p.info.version.as_deref().unwrap_or("?")
-                    ),
-                ),
+            .map(|t| (t, World::Transform))
+            .chain(std::iter::once((sink, World::Sink)));
+        for (stage_cfg, world) in stages {
+            let file = &stage_cfg.plugin;
+            let plugin = match host.load(file, world) {
+                Ok(p) => p,
                 Err(e) => return list.fail("plugin", e),
-            }
+            };
+            let version = plugin.info.version.clone().unwrap_or_else(|| "?".into());
+            // The plugin's own description, and the stage's config checked against it
+            // (as every start does before `init`).
+            let mut stage = Stage::new(
+                StageSpec {
+                    plugin,
+                    config: crate::runtime::stage_config(stage_cfg),
+                    grants: Grants::default(),
+                    limits: crate::runtime::stage_limits(stage_cfg),
+                },
+                Arc::new(PluginMetrics::default()),
+            );
+            let described = match stage.describe().await {
+                Ok((Some(m), Ok(()))) => format!(", {} {}, config fits", m.name, m.version),
+                Ok((None, _)) => ", contract 0.2: its config is not checked".into(),
+                Ok((Some(m), Err(problems))) => {
+                    return list.fail(
+                        "plugin config",
+                        format!("{} ({}): {problems}", file.display(), m.name),
+                    )
+                }
+                Err(e) => return list.fail("plugin", e),
+            };
+            list.ok(
+                "plugin",
+                &format!("{} ({} {version}{described})", file.display(), world.name(),),
+            );
         }
     }
 

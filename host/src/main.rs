@@ -200,7 +200,7 @@ fn main() -> ExitCode {
             }
             Command::Plugin {
                 command: PluginCommand::Inspect { file },
-            } => inspect(&file),
+            } => inspect(&file).await,
             Command::Dlq { command } => match dbmazz::dlq::run(&command).await {
                 Ok(text) => {
                     print!("{text}");
@@ -252,7 +252,65 @@ async fn run(path: PathBuf, opts: dbmazz::runtime::RunOptions) -> ExitCode {
     }
 }
 
-fn inspect(file: &std::path::Path) -> ExitCode {
+/// Prints what the plugin says about itself (`describe`): its name, version, config keys
+/// and memory need.
+async fn print_metadata(
+    host: &dbmazz::plugin::PluginHost,
+    file: &std::path::Path,
+    world: dbmazz::plugin::World,
+) {
+    use dbmazz::plugin::stage::{Stage, StageSpec};
+    let plugin = match host.load(file, world) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("metadata:      not loadable: {e}");
+            return;
+        }
+    };
+    let mut stage = Stage::new(
+        StageSpec {
+            plugin,
+            config: Vec::new(),
+            grants: Default::default(),
+            limits: Default::default(),
+        },
+        std::sync::Arc::new(dbmazz::plugin::PluginMetrics::default()),
+    );
+    match stage.describe().await {
+        Ok((None, _)) => {
+            println!("metadata:      none (contract 0.2 plugins do not describe themselves)")
+        }
+        Ok((Some(m), _)) => {
+            println!("plugin:        {} {}", m.name, m.version);
+            if !m.description.is_empty() {
+                println!("description:   {}", m.description);
+            }
+            if let Some(mb) = m.memory_mb {
+                println!("memory need:   {mb} MiB (limits.memory_mb must be at least this)");
+            }
+            println!(
+                "config keys:{}",
+                if m.other_keys {
+                    "   (other keys are passed through unchecked)"
+                } else {
+                    "   (no others are accepted)"
+                }
+            );
+            for k in &m.config {
+                let mut line = format!("  {:<20} {:<8}", k.name, k.value_type.name());
+                if k.required {
+                    line.push_str(" required");
+                } else if let Some(d) = &k.default_value {
+                    line.push_str(&format!(" default {d:?}"));
+                }
+                println!("{line}  {}", k.description);
+            }
+        }
+        Err(e) => println!("metadata:      describe failed: {e}"),
+    }
+}
+
+async fn inspect(file: &std::path::Path) -> ExitCode {
     let host = match dbmazz::plugin::PluginHost::new(None) {
         Ok(h) => h,
         Err(e) => {
@@ -294,7 +352,10 @@ fn inspect(file: &std::path::Path) -> ExitCode {
     println!("imports:");
     for i in &info.imports {
         let what = match i.split('@').next().unwrap_or(i) {
-            "dbmazz:plugin/types" => "the contract's data types (batches, changes, errors)",
+            "dbmazz:plugin/data" | "dbmazz:plugin/types" => {
+                "the contract's data types (batches, changes, values)"
+            }
+            "dbmazz:plugin/metadata" => "the contract's plugin-description types",
             "dbmazz:plugin/log" => "logging (always granted)",
             "dbmazz:plugin/config" => "its configuration (always granted)",
             "dbmazz:plugin/metrics" => "metrics (always granted)",
@@ -305,6 +366,9 @@ fn inspect(file: &std::path::Path) -> ExitCode {
             _ => "unknown to this host: loading will fail",
         };
         println!("  {i:<45} {what}");
+    }
+    if let Some(world) = info.world {
+        print_metadata(&host, file, world).await;
     }
     let l = dbmazz::config::LimitsConfig::default();
     println!("limits:        defaults; a stage sets its own with `limits = {{ ... }}`");

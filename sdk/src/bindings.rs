@@ -1,4 +1,4 @@
-//! Generated bindings of the `dbmazz:plugin@0.2.0` worlds (see `wit/` at the repository
+//! Generated bindings of the `dbmazz:plugin@0.3.0` worlds (see `wit/` at the repository
 //! root). Plugin authors use the re-exports at the crate root instead.
 
 #![allow(missing_docs, clippy::all)]
@@ -33,11 +33,12 @@ pub mod transform {
         export_macro_name: "__export_transform_world",
         default_bindings_module: "dbmazz_sdk::bindings::transform",
         with: {
-            "dbmazz:plugin/types@0.2.0": crate::bindings::sink::dbmazz::plugin::types,
-            "dbmazz:plugin/log@0.2.0": crate::bindings::sink::dbmazz::plugin::log,
-            "dbmazz:plugin/config@0.2.0": crate::bindings::sink::dbmazz::plugin::config,
-            "dbmazz:plugin/metrics@0.2.0": crate::bindings::sink::dbmazz::plugin::metrics,
-            "dbmazz:plugin/kv@0.2.0": crate::bindings::sink::dbmazz::plugin::kv,
+            "dbmazz:plugin/data@0.3.0": crate::bindings::sink::dbmazz::plugin::data,
+            "dbmazz:plugin/log@0.3.0": crate::bindings::sink::dbmazz::plugin::log,
+            "dbmazz:plugin/config@0.3.0": crate::bindings::sink::dbmazz::plugin::config,
+            "dbmazz:plugin/metrics@0.3.0": crate::bindings::sink::dbmazz::plugin::metrics,
+            "dbmazz:plugin/kv@0.3.0": crate::bindings::sink::dbmazz::plugin::kv,
+            "dbmazz:plugin/metadata@0.3.0": crate::bindings::sink::dbmazz::plugin::metadata,
         },
     });
 }

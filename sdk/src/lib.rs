@@ -31,7 +31,7 @@
 //! ```
 //!
 //! The result, `target/wasm32-wasip2/release/<crate>.wasm`, is a component of the world
-//! `dbmazz:plugin/sink@0.2.0` (or `transform`). `dbmazz plugin inspect FILE.wasm` shows
+//! `dbmazz:plugin/sink@0.3.0` (or `transform`). `dbmazz plugin inspect FILE.wasm` shows
 //! its world, version and imports.
 //!
 //! ## Shapes
@@ -46,7 +46,11 @@
 //!
 //! ## Configuration and capabilities
 //!
-//! The stage's `config` table arrives in `init` as a [`Config`]. Everything else a plugin
+//! The stage's `config` table arrives in `init` as a [`Config`]: typed values
+//! ([`Config::value`]) and their text ([`Config::get`]). A plugin declares the keys it
+//! takes in [`Sink::metadata`] / [`Transform::metadata`]; the host checks the stage's
+//! table against them (unknown keys, wrong types, missing required keys) before `init`,
+//! and `dbmazz plugin inspect` prints them. Everything else a plugin
 //! can reach is a capability the operator grants in the pipeline config: [`log`] (always),
 //! [`metrics`] (always), [`kv`] (`capabilities = { kv = true }`), and for sinks [`http`]
 //! (`capabilities = { http = ["host:port"] }`, others are refused). There are no files,
@@ -88,31 +92,40 @@ mod row;
 
 pub use row::Row;
 
+mod metadata;
+
+pub use metadata::{ConfigType, Metadata};
+
 use bindings::sink::dbmazz::plugin as wit;
+use bindings::sink::exports::dbmazz::plugin::sink_plugin;
+use bindings::transform::exports::dbmazz::plugin::transform_plugin;
 
 /// A batch of changes (see the crate docs for its shape).
-pub type Batch = wit::types::Batch;
+pub type Batch = wit::data::Batch;
 /// One committed row change.
-pub type Change = wit::types::Change;
+pub type Change = wit::data::Change;
 /// A table as the source announced it.
-pub type Relation = wit::types::Relation;
+pub type Relation = wit::data::Relation;
 /// A column of a relation.
-pub type Column = wit::types::Column;
+pub type Column = wit::data::Column;
 /// One column value.
-pub type Datum = wit::types::Datum;
+pub type Datum = wit::data::Datum;
 /// insert, update, delete, truncate, or read: a row copied by a snapshot, not a change,
 /// which a sink applies as an upsert (Debezium's `r`).
-pub type Op = wit::types::Op;
+pub type Op = wit::data::Op;
 /// A relation's shape changed.
-pub type SchemaChange = wit::types::SchemaChange;
+pub type SchemaChange = wit::data::SchemaChange;
 /// A batch in the compact encoding (see [`encoded`]).
-pub type EncodedBatch = wit::types::EncodedBatch;
+pub type EncodedBatch = wit::data::EncodedBatch;
+/// A configuration value as the operator wrote it in TOML: text, integer, float,
+/// boolean, or JSON (arrays and tables).
+pub type ConfigValue = wit::config::ConfigValue;
 /// What a sink wants from the host.
-pub type SinkInfo = bindings::sink::SinkInfo;
+pub type SinkInfo = sink_plugin::SinkInfo;
 /// A change a sink refuses for good.
-pub type Rejected = bindings::sink::Rejected;
+pub type Rejected = sink_plugin::Rejected;
 /// What a transform lets through.
-pub type TransformResult = bindings::transform::TransformResult;
+pub type TransformResult = transform_plugin::TransformResult;
 
 // The generated type cannot take a derive of its own.
 #[allow(clippy::derivable_impls)]
@@ -152,7 +165,7 @@ impl SinkError {
     }
 }
 
-impl From<SinkError> for bindings::sink::SinkError {
+impl From<SinkError> for sink_plugin::SinkError {
     fn from(e: SinkError) -> Self {
         match e {
             SinkError::Retryable {
@@ -169,20 +182,57 @@ impl From<SinkError> for bindings::sink::SinkError {
     }
 }
 
-/// A plugin's configuration: the `config` table of its pipeline stage, as text values
-/// (arrays and tables as JSON).
+/// A plugin's configuration: the `config` table of its pipeline stage, then the host's
+/// `dbmazz.*` keys (`dbmazz.pipeline_id`, `dbmazz.database`, `dbmazz.slot`). Each value
+/// is kept typed ([`Config::value`]) and as text ([`Config::get`]: strings as they are,
+/// other scalars as TOML prints them, arrays and tables as JSON).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     entries: Vec<(String, String)>,
+    values: Vec<ConfigValue>,
+}
+
+/// The text of a configuration value (see [`Config`]).
+pub fn config_text(value: &ConfigValue) -> String {
+    match value {
+        ConfigValue::Text(s) | ConfigValue::Json(s) => s.clone(),
+        ConfigValue::Integer(i) => i.to_string(),
+        ConfigValue::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 => {
+            format!("{f:.1}")
+        }
+        ConfigValue::Float(f) => f.to_string(),
+        ConfigValue::Boolean(b) => b.to_string(),
+    }
 }
 
 impl Config {
-    /// Wraps key/value pairs.
+    /// Wraps text key/value pairs (each value a [`ConfigValue::Text`]); for tests.
     pub fn new(entries: Vec<(String, String)>) -> Self {
-        Config { entries }
+        let values = entries
+            .iter()
+            .map(|(_, v)| ConfigValue::Text(v.clone()))
+            .collect();
+        Config { entries, values }
     }
 
-    /// The value of `key`.
+    /// Wraps typed key/value pairs, as the host passes them to `init`.
+    pub fn from_values(entries: Vec<(String, ConfigValue)>) -> Self {
+        let (entries, values) = entries
+            .into_iter()
+            .map(|(k, v)| ((k, config_text(&v)), v))
+            .unzip();
+        Config { entries, values }
+    }
+
+    /// The typed value of `key`.
+    pub fn value(&self, key: &str) -> Option<&ConfigValue> {
+        self.entries
+            .iter()
+            .position(|(k, _)| k == key)
+            .map(|i| &self.values[i])
+    }
+
+    /// The value of `key` as text.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.entries
             .iter()
@@ -196,7 +246,7 @@ impl Config {
             .ok_or_else(|| format!("config key {key:?} is required"))
     }
 
-    /// The value of `key` parsed as `T`, or `default` when absent.
+    /// The value of `key` parsed as `T` from its text, or `default` when absent.
     pub fn parse_or<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
         match self.get(key) {
             None => Ok(default),
@@ -223,7 +273,7 @@ impl Config {
         }
     }
 
-    /// Every key and value.
+    /// Every key and its value as text.
     pub fn entries(&self) -> &[(String, String)] {
         &self.entries
     }
@@ -272,6 +322,12 @@ fn json_strings(inner: &str) -> Vec<String> {
 
 /// A sink plugin. Implement it and call [`export_sink!`].
 pub trait Sink: Sized + 'static {
+    /// What the plugin says about itself: its configuration keys, the memory it needs.
+    /// The host checks the stage's configuration against it before [`Sink::init`].
+    /// Default: [`Metadata::any`] (any key; name and version from `Cargo.toml`).
+    fn metadata() -> Metadata {
+        Metadata::any()
+    }
     /// Builds the sink from its configuration; called once after loading.
     fn init(config: &Config) -> Result<(Self, SinkInfo), String>;
     /// Writes a batch; `Ok` acknowledges it.
@@ -293,6 +349,10 @@ pub trait Sink: Sized + 'static {
 
 /// A transform plugin. Implement it and call [`export_transform!`].
 pub trait Transform: Sized + 'static {
+    /// As [`Sink::metadata`].
+    fn metadata() -> Metadata {
+        Metadata::any()
+    }
     /// Builds the transform from its configuration; called once after loading.
     fn init(config: &Config) -> Result<Self, String>;
     /// Decides what goes on from a batch.
@@ -319,34 +379,38 @@ macro_rules! export_sink {
                 static STATE: ::core::cell::RefCell<::core::option::Option<$t>> =
                     const { ::core::cell::RefCell::new(::core::option::Option::None) };
             }
-            impl $crate::bindings::sink::Guest for __DbmazzSink {
-                fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
+            impl $crate::bindings::sink::exports::dbmazz::plugin::sink_plugin::Guest for __DbmazzSink {
+                fn describe() -> $crate::__PluginMetadataWit {
+                    <$t as $crate::Sink>::metadata()
+                        .or_package(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_DESCRIPTION"))
+                        .into()
+                }
+                fn init(config: ::std::vec::Vec<(::std::string::String, $crate::ConfigValue)>)
                     -> ::core::result::Result<$crate::SinkInfo, ::std::string::String> {
-                    let (sink, info) = <$t as $crate::Sink>::init(&$crate::Config::new(config))?;
+                    let (sink, info) = <$t as $crate::Sink>::init(&$crate::Config::from_values(config))?;
                     STATE.with(|s| *s.borrow_mut() = ::core::option::Option::Some(sink));
                     ::core::result::Result::Ok(info)
                 }
-                fn write(batch: $crate::Batch) -> ::core::result::Result<(), $crate::bindings::sink::SinkError> {
+                fn write(batch: $crate::Batch) -> ::core::result::Result<(), $crate::__SinkErrorWit> {
                     STATE.with(|s| match s.borrow_mut().as_mut() {
                         ::core::option::Option::Some(sink) => $crate::Sink::write(sink, &batch).map_err(::core::convert::Into::into),
                         ::core::option::Option::None => ::core::result::Result::Err($crate::SinkError::Fatal("write before init".into()).into()),
                     })
                 }
-                fn write_encoded(batch: $crate::EncodedBatch) -> ::core::result::Result<(), $crate::bindings::sink::SinkError> {
+                fn write_encoded(batch: $crate::EncodedBatch) -> ::core::result::Result<(), $crate::__SinkErrorWit> {
                     STATE.with(|s| match s.borrow_mut().as_mut() {
                         ::core::option::Option::Some(sink) => $crate::Sink::write_encoded(sink, &batch).map_err(::core::convert::Into::into),
                         ::core::option::Option::None => ::core::result::Result::Err($crate::SinkError::Fatal("write before init".into()).into()),
                     })
                 }
-                fn apply_schema_change(change: $crate::SchemaChange) -> ::core::result::Result<(), $crate::bindings::sink::SinkError> {
+                fn apply_schema_change(change: $crate::SchemaChange) -> ::core::result::Result<(), $crate::__SinkErrorWit> {
                     STATE.with(|s| match s.borrow_mut().as_mut() {
                         ::core::option::Option::Some(sink) => $crate::Sink::apply_schema_change(sink, &change).map_err(::core::convert::Into::into),
                         ::core::option::Option::None => ::core::result::Result::Err($crate::SinkError::Fatal("schema change before init".into()).into()),
                     })
                 }
             }
-            // Only on wasm: natively these exports would be C symbols named `init` and
-            // `write`, shadowing libc's `write` in test binaries.
+            // Only on wasm: natively the exports are not needed (tests call the trait).
             #[cfg(target_arch = "wasm32")]
             $crate::bindings::sink::__export_sink_world!(__DbmazzSink with_types_in $crate::bindings::sink);
         };
@@ -364,11 +428,16 @@ macro_rules! export_transform {
                 static STATE: ::core::cell::RefCell<::core::option::Option<$t>> =
                     const { ::core::cell::RefCell::new(::core::option::Option::None) };
             }
-            impl $crate::bindings::transform::Guest for __DbmazzTransform {
-                fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::core::result::Result<$crate::bindings::transform::TransformInfo, ::std::string::String> {
-                    let t = <$t as $crate::Transform>::init(&$crate::Config::new(config))?;
-                    let info = $crate::bindings::transform::TransformInfo { prefers_encoded: $crate::Transform::prefers_encoded(&t) };
+            impl $crate::bindings::transform::exports::dbmazz::plugin::transform_plugin::Guest for __DbmazzTransform {
+                fn describe() -> $crate::__PluginMetadataWit {
+                    <$t as $crate::Transform>::metadata()
+                        .or_package(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_DESCRIPTION"))
+                        .into()
+                }
+                fn init(config: ::std::vec::Vec<(::std::string::String, $crate::ConfigValue)>)
+                    -> ::core::result::Result<$crate::__TransformInfoWit, ::std::string::String> {
+                    let t = <$t as $crate::Transform>::init(&$crate::Config::from_values(config))?;
+                    let info = $crate::__TransformInfoWit { prefers_encoded: $crate::Transform::prefers_encoded(&t) };
                     STATE.with(|s| *s.borrow_mut() = ::core::option::Option::Some(t));
                     ::core::result::Result::Ok(info)
                 }
@@ -390,6 +459,13 @@ macro_rules! export_transform {
         };
     };
 }
+
+#[doc(hidden)]
+pub type __SinkErrorWit = sink_plugin::SinkError;
+#[doc(hidden)]
+pub type __PluginMetadataWit = wit::metadata::PluginMetadata;
+#[doc(hidden)]
+pub type __TransformInfoWit = transform_plugin::TransformInfo;
 
 /// Logging into the host's log (always granted).
 pub mod log {

@@ -3,7 +3,9 @@
 //! logging, metrics, HTTP, and the three kinds of errors.
 
 use dbmazz_sdk::http::{self, HttpError, Request};
-use dbmazz_sdk::{export_sink, Batch, Config, Datum, Row, Sink, SinkError, SinkInfo};
+use dbmazz_sdk::{
+    export_sink, Batch, Config, ConfigType, Datum, Metadata, Row, Sink, SinkError, SinkInfo,
+};
 
 pub struct Lines {
     url: String,
@@ -52,6 +54,18 @@ impl Lines {
 }
 
 impl Sink for Lines {
+    /// The keys this sink takes; the host refuses a stage that sets any other.
+    fn metadata() -> Metadata {
+        Metadata::keys()
+            .required("url", ConfigType::Text, "where lines are POSTed")
+            .key(
+                "only_table",
+                ConfigType::Text,
+                None,
+                "send only this table's changes",
+            )
+    }
+
     fn init(config: &Config) -> Result<(Self, SinkInfo), String> {
         Ok((
             Lines {

@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value as Json};
 
-use super::bindings::{sink as sink_world, transform as transform_world, wit};
+use super::bindings::wit;
+use super::contract::{SinkError as PluginSinkError, TransformResult};
 use super::convert;
 use super::stage::{CallError, Stage};
 use crate::checkpoint::{DeadLetter, Store};
@@ -299,7 +300,7 @@ impl PluginChain {
             {
                 Ok(()) => {}
                 // Not a rejection of the batch's rows: the stage's on_fault decides.
-                Err(sink_world::SinkError::DeadLetter(_)) => {
+                Err(PluginSinkError::DeadLetter(_)) => {
                     return Ok(Err(Failure::Retry(
                         self.sink.name().clone(),
                         format!(
@@ -327,8 +328,8 @@ impl PluginChain {
                 },
             };
             match result {
-                Ok(transform_world::TransformResult::KeepAll) => {}
-                Ok(transform_world::TransformResult::Keep(indices)) => {
+                Ok(TransformResult::KeepAll) => {}
+                Ok(TransformResult::Keep(indices)) => {
                     if let Err(e) = repr.keep(batch, &indices) {
                         return Ok(Err(Failure::Retry(
                             t.name().clone(),
@@ -336,7 +337,7 @@ impl PluginChain {
                         )));
                     }
                 }
-                Ok(transform_world::TransformResult::Replace((relations, changes))) => {
+                Ok(TransformResult::Replace((relations, changes))) => {
                     repr = Repr::Typed(
                         wit::Batch {
                             id: batch.id,
@@ -376,19 +377,19 @@ impl PluginChain {
         }
     }
 
-    fn sink_failure(&self, batch: &Batch, repr: &Repr, e: sink_world::SinkError) -> Failure {
+    fn sink_failure(&self, batch: &Batch, repr: &Repr, e: PluginSinkError) -> Failure {
         match e {
-            sink_world::SinkError::Retryable((message, after)) => Failure::Sink(SinkError {
+            PluginSinkError::Retryable((message, after)) => Failure::Sink(SinkError {
                 message: format!("sink {}: {message}", self.sink.name()),
                 retryable: true,
                 retry_after: after.map(|ms| Duration::from_millis(ms.into())),
             }),
-            sink_world::SinkError::Fatal(message) => Failure::Sink(SinkError {
+            PluginSinkError::Fatal(message) => Failure::Sink(SinkError {
                 message: format!("sink {}: {message}", self.sink.name()),
                 retryable: false,
                 retry_after: None,
             }),
-            sink_world::SinkError::DeadLetter(list) => {
+            PluginSinkError::DeadLetter(list) => {
                 let n = list.len();
                 let reasons = list
                     .into_iter()

@@ -1,7 +1,9 @@
 //! The plugin host: WebAssembly components that transform and deliver batches.
 //!
-//! A plugin is a component of the world `dbmazz:plugin/sink@0.2.0` or
-//! `dbmazz:plugin/transform@0.2.0` (`wit/dbmazz-plugin.wit`). The host:
+//! A plugin is a component of the world `dbmazz:plugin/sink@0.3.0` or
+//! `dbmazz:plugin/transform@0.3.0` (`wit/dbmazz-plugin.wit`), or of the same worlds of
+//! contract 0.2.0 (`wit/since_v0.2.0/`), which the host still loads ([`contract`]). The
+//! host:
 //!
 //! - keeps **one [`wasmtime::Engine`]** per process, with epoch interruption driven by a
 //!   ticker thread (every [`EPOCH_TICK`]);
@@ -11,8 +13,10 @@
 //! - accepts components built for `wasm32-wasip2`, and core modules built for
 //!   `wasm32-unknown-unknown` with wit-bindgen's component-type section, which it
 //!   componentizes on load (`wit-component`);
-//! - checks the world and the WIT version, and refuses another world or major version
-//!   with a message naming what it expected and what it found;
+//! - checks the world and the WIT version, and refuses another world or a version it
+//!   does not load with a message naming what it expected and what it found;
+//! - asks a 0.3 plugin to describe itself ([`metadata`]) and checks the stage's
+//!   configuration and memory limit against it before `init`;
 //! - runs one `Store` + instance per pipeline stage ([`stage`]), calls serialized, each
 //!   call under a memory cap and a wall-clock deadline; a trap, a deadline or running out
 //!   of memory drops the instance, and the next call gets a fresh one ([`chain`] retries
@@ -25,7 +29,9 @@
 
 pub mod bindings;
 pub mod chain;
+pub mod contract;
 pub mod convert;
+pub mod metadata;
 pub mod reload;
 pub mod stage;
 pub mod state;
@@ -41,11 +47,14 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-use self::bindings::{sink as sink_world, transform as transform_world};
+use self::bindings::{sink as sink_world, transform as transform_world, v0_2};
+use self::contract::Contract;
+pub(crate) use self::contract::Pre;
 use self::state::PluginState;
 
-/// The WIT package version this host implements.
-pub const WIT_VERSION: (u64, u64, u64) = (0, 2, 0);
+/// The WIT package version this host implements natively (it also loads 0.2, see
+/// [`contract`]).
+pub const WIT_VERSION: (u64, u64, u64) = (0, 3, 0);
 
 /// How often the epoch advances; call deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -93,18 +102,20 @@ pub enum LoadError {
     WrongWorld {
         /// The file.
         path: PathBuf,
-        /// The world the stage needs (`dbmazz:plugin/sink@0.2.0`).
+        /// The world the stage needs (`dbmazz:plugin/sink@0.3.0`).
         expected: String,
         /// What the file is.
         found: String,
     },
-    /// Built against an incompatible version of the WIT package.
-    #[error("plugin {path} was built against dbmazz:plugin@{found}, but this host implements dbmazz:plugin@{expected}: rebuild it with this release's dbmazz-sdk (its WIT is wit/dbmazz-plugin.wit)")]
+    /// Built against a version of the WIT package this host does not load.
+    #[error("plugin {path} was built against dbmazz:plugin@{found}, but this host implements dbmazz:plugin@{expected} and loads {supported}: rebuild it with this release's dbmazz-sdk (its WIT is wit/dbmazz-plugin.wit)")]
     WrongVersion {
         /// The file.
         path: PathBuf,
         /// The host's version.
         expected: String,
+        /// The versions the host loads (`0.3.x and 0.2.x`).
+        supported: &'static str,
         /// The plugin's version.
         found: String,
     },
@@ -116,10 +127,10 @@ pub enum LoadError {
 pub struct PluginInfo {
     /// The world, when recognized.
     pub world: Option<World>,
-    /// `dbmazz:plugin` version from the imports (`0.2.0`), when the plugin imports any
-    /// dbmazz interface.
+    /// `dbmazz:plugin` version from the exports or imports (`0.3.0`), when the plugin
+    /// names any dbmazz interface.
     pub version: Option<String>,
-    /// Imported interfaces (`dbmazz:plugin/log@0.2.0`, `wasi:http/outgoing-handler@0.2.12`, ...).
+    /// Imported interfaces (`dbmazz:plugin/log@0.3.0`, `wasi:http/outgoing-handler@0.2.12`, ...).
     pub imports: Vec<String>,
     /// Exported names.
     pub exports: Vec<String>,
@@ -139,12 +150,6 @@ pub struct LoadedPlugin {
     /// What it is.
     pub info: PluginInfo,
     pub(crate) pre: Pre,
-}
-
-#[derive(Clone)]
-pub(crate) enum Pre {
-    Sink(sink_world::SinkPre<PluginState>),
-    Transform(transform_world::TransformPre<PluginState>),
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -405,16 +410,6 @@ fn dbmazz_version(import: &str) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
-fn same_major(v: &str) -> bool {
-    let mut parts = v.split('.').map(|p| p.parse::<u64>().ok());
-    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    let (hm, hn, _) = WIT_VERSION;
-    // Before 1.0 the minor number is the breaking one.
-    major == hm && (hm > 0 || minor == hn)
-}
-
 /// Names for stages loaded from `stems` (file stems, in pipeline order): each stem, and
 /// for a stem seen before, `<stem>_2`, `<stem>_3`, ... (skipping names already taken), so
 /// two stages never share a kv namespace or metric labels. Stable while the config's
@@ -501,10 +496,12 @@ impl PluginHost {
         wasmtime_wasi::p2::add_to_linker_async(&mut sink_linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut sink_linker)?;
         add_dbmazz_imports(&mut sink_linker)?;
+        add_dbmazz_imports_v0_2(&mut sink_linker)?;
 
         let mut transform_linker = Linker::<PluginState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut transform_linker)?;
         add_dbmazz_imports(&mut transform_linker)?;
+        add_dbmazz_imports_v0_2(&mut transform_linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), stop_ticker.clone());
@@ -629,15 +626,22 @@ impl PluginHost {
             .map(|(n, _)| n.to_string())
             .collect();
         let has = |n: &str| exports.iter().any(|e| e == n);
-        let world = if has("write") && has("init") {
+        // 0.3 exports interfaces; 0.2 (and 0.1) bare functions
+        let exports_iface = |iface: &str| {
+            exports
+                .iter()
+                .any(|e| e.split('@').next() == Some(&format!("dbmazz:plugin/{iface}")[..]))
+        };
+        let world = if exports_iface("sink-plugin") || (has("write") && has("init")) {
             Some(World::Sink)
-        } else if has("process") && has("init") {
+        } else if exports_iface("transform-plugin") || (has("process") && has("init")) {
             Some(World::Transform)
         } else {
             None
         };
-        let version = imports
+        let version = exports
             .iter()
+            .chain(imports.iter())
             .find_map(|i| dbmazz_version(i))
             .map(str::to_string);
         Ok((
@@ -661,15 +665,17 @@ impl PluginHost {
         let (component, info) = self.inspect(path)?;
         let (maj, min, patch) = WIT_VERSION;
         let expected = format!("dbmazz:plugin/{}@{maj}.{min}.{patch}", world.name());
-        if let Some(v) = &info.version {
-            if !same_major(v) {
-                return Err(LoadError::WrongVersion {
-                    path: path.to_path_buf(),
-                    expected: format!("{maj}.{min}.{patch}"),
-                    found: v.clone(),
-                });
-            }
-        }
+        // A plugin naming no dbmazz interface at all is type-checked as the current
+        // contract, which then names what is missing.
+        let contract = match &info.version {
+            None => Contract::V0_3,
+            Some(v) => Contract::of_version(v).ok_or_else(|| LoadError::WrongVersion {
+                path: path.to_path_buf(),
+                expected: format!("{maj}.{min}.{patch}"),
+                supported: Contract::SUPPORTED,
+                found: v.clone(),
+            })?,
+        };
         if info.world != Some(world) {
             let found = match info.world {
                 Some(w) => format!("it is a {} plugin (dbmazz:plugin/{})", w.name(), w.name()),
@@ -686,23 +692,24 @@ impl PluginHost {
             expected: expected.clone(),
             found: format!("{e:#}"),
         };
-        let pre = match world {
-            World::Sink => Pre::Sink(
-                sink_world::SinkPre::new(
-                    self.sink_linker
-                        .instantiate_pre(&component)
-                        .map_err(wrong)?,
-                )
-                .map_err(wrong)?,
-            ),
-            World::Transform => Pre::Transform(
-                transform_world::TransformPre::new(
-                    self.transform_linker
-                        .instantiate_pre(&component)
-                        .map_err(wrong)?,
-                )
-                .map_err(wrong)?,
-            ),
+        let linker = match world {
+            World::Sink => &self.sink_linker,
+            World::Transform => &self.transform_linker,
+        };
+        let pre = linker.instantiate_pre(&component).map_err(wrong)?;
+        let pre = match (world, contract) {
+            (World::Sink, Contract::V0_3) => {
+                Pre::Sink(sink_world::SinkPre::new(pre).map_err(wrong)?)
+            }
+            (World::Transform, Contract::V0_3) => {
+                Pre::Transform(transform_world::TransformPre::new(pre).map_err(wrong)?)
+            }
+            (World::Sink, Contract::V0_2) => {
+                Pre::SinkV0_2(v0_2::sink::SinkPre::new(pre).map_err(wrong)?)
+            }
+            (World::Transform, Contract::V0_2) => {
+                Pre::TransformV0_2(v0_2::transform::TransformPre::new(pre).map_err(wrong)?)
+            }
         };
         let name: Arc<str> = path
             .file_stem()
@@ -719,8 +726,20 @@ impl PluginHost {
 }
 
 fn add_dbmazz_imports(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
-    use sink_world::dbmazz::plugin::{config, kv, log, metrics, types};
-    types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    use sink_world::dbmazz::plugin::{config, data, kv, log, metrics};
+    data::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    metrics::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    kv::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
+/// The host interfaces of contract 0.2, answered by the same state (`state.rs`); its
+/// `types` interface holds types only.
+fn add_dbmazz_imports_v0_2(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
+    use v0_2::sink::dbmazz::plugin::{config, kv, log, metrics};
+    linker.instance("dbmazz:plugin/types@0.2.0")?;
     log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     metrics::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
@@ -806,10 +825,11 @@ mod tests {
     #[test]
     fn versions() {
         assert_eq!(dbmazz_version("dbmazz:plugin/log@0.2.0"), Some("0.2.0"));
+        assert_eq!(
+            dbmazz_version("dbmazz:plugin/sink-plugin@0.3.0"),
+            Some("0.3.0")
+        );
         assert_eq!(dbmazz_version("wasi:io/streams@0.2.12"), None);
-        assert!(same_major("0.2.0") && same_major("0.2.7"));
-        assert!(!same_major("0.1.0") && !same_major("0.3.0") && !same_major("1.0.0"));
-        assert!(!same_major("x"));
     }
 
     #[test]
@@ -826,6 +846,8 @@ mod version_tests {
 
     /// The current contract.
     const CURRENT: &str = "dbmazz-plugin.wit";
+    /// The 0.2.0 contract.
+    const V0_2_0: &str = "since_v0.2.0/dbmazz-plugin.wit";
     /// The 0.1.0 contract, kept as history.
     const V0_1_0: &str = "since_v0.1.0/dbmazz-plugin.wit";
 
@@ -876,37 +898,41 @@ mod version_tests {
     }
 
     #[test]
-    fn another_major_version_is_refused_by_name() {
+    fn every_released_contract_loads_and_others_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let host = PluginHost::new(None).unwrap();
-        let ok = component_of_version(dir.path(), CURRENT, "0.2.3");
+        let ok = component_of_version(dir.path(), CURRENT, "0.3.3");
         let loaded = host.load(&ok, World::Sink).unwrap();
         assert_eq!(
             loaded.info.version.as_deref(),
-            Some("0.2.3"),
+            Some("0.3.3"),
             "a newer patch of the same minor loads"
         );
+        assert!(matches!(loaded.pre, Pre::Sink(_)));
+        // a plugin of the 0.2.0 contract, through the adapter
+        let v2 = component_of_version(dir.path(), V0_2_0, "0.2.0");
+        let loaded = host.load(&v2, World::Sink).unwrap();
+        assert!(matches!(loaded.pre, Pre::SinkV0_2(_)));
+        assert_eq!(loaded.info.world, Some(World::Sink));
         // a plugin built against the 0.1.0 contract (no `op.read`)
         let older = component_of_version(dir.path(), V0_1_0, "0.1.0");
         let e = host.load(&older, World::Sink).unwrap_err().to_string();
         assert!(
             e.contains("built against dbmazz:plugin@0.1.0")
-                && e.contains("implements dbmazz:plugin@0.2.0"),
+                && e.contains("implements dbmazz:plugin@0.3.0 and loads 0.3.x and 0.2.x"),
             "{e}"
         );
-        let newer = component_of_version(dir.path(), CURRENT, "0.3.0");
+        let newer = component_of_version(dir.path(), CURRENT, "0.4.0");
         let e = host.load(&newer, World::Sink).unwrap_err().to_string();
-        assert!(
-            e.contains("built against dbmazz:plugin@0.3.0")
-                && e.contains("implements dbmazz:plugin@0.2.0"),
-            "{e}"
-        );
+        assert!(e.contains("built against dbmazz:plugin@0.4.0"), "{e}");
         let e = host.load(&ok, World::Transform).unwrap_err().to_string();
         assert!(
             e.contains(
-                "not a component of the world dbmazz:plugin/transform@0.2.0: it is a sink plugin"
+                "not a component of the world dbmazz:plugin/transform@0.3.0: it is a sink plugin"
             ),
             "{e}"
         );
+        let e = host.load(&v2, World::Transform).unwrap_err().to_string();
+        assert!(e.contains("it is a sink plugin"), "{e}");
     }
 }

@@ -11,9 +11,11 @@ use std::time::Instant;
 
 use wasmtime::Store;
 
-use super::bindings::{sink as sink_world, transform as transform_world, wit};
+use super::bindings::wit;
+use super::contract::{ConfigValue, Instance, SinkError, SinkInfo, TransformInfo, TransformResult};
+use super::metadata::PluginMetadata;
 use super::state::{Grants, Limits, PluginState};
-use super::{LoadedPlugin, PluginMetrics, Pre, EPOCH_TICK};
+use super::{LoadedPlugin, PluginMetrics, EPOCH_TICK};
 
 /// A call that did not return normally.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,9 @@ pub enum CallError {
         /// `limits.call_timeout_ms`.
         ms: u64,
     },
-    /// `init` refused the configuration.
+    /// `init` refused the configuration, or the host did: a key the plugin does not
+    /// declare, a value of another type, a missing required key, `limits.memory_mb` below
+    /// the plugin's need ([`PluginMetadata::check`]).
     #[error("plugin {plugin} refused its configuration: {message}")]
     Init {
         /// The plugin.
@@ -76,28 +80,26 @@ impl CallError {
 pub struct StageSpec {
     /// The loaded plugin.
     pub plugin: LoadedPlugin,
-    /// Its configuration.
-    pub config: Vec<(String, String)>,
+    /// Its configuration: the stage's `config` table, then the host's `dbmazz.*` keys.
+    pub config: Vec<(String, ConfigValue)>,
     /// Its capabilities.
     pub grants: Grants,
     /// Its limits.
     pub limits: Limits,
 }
 
-enum Live {
-    Sink(sink_world::Sink),
-    Transform(transform_world::Transform),
-}
-
 /// A stage with at most one live instance.
 pub struct Stage {
     spec: StageSpec,
     metrics: Arc<PluginMetrics>,
-    live: Option<(Store<PluginState>, Live)>,
+    live: Option<(Store<PluginState>, Instance)>,
+    /// What the plugin said about itself, once instantiated (`None` for a plugin of
+    /// contract 0.2, which says nothing).
+    pub metadata: Option<PluginMetadata>,
     /// What the sink asked for in `init`, once initialized.
-    pub sink_info: Option<sink_world::SinkInfo>,
+    pub sink_info: Option<SinkInfo>,
     /// What the transform asked for in `init`, once initialized.
-    pub transform_info: Option<transform_world::TransformInfo>,
+    pub transform_info: Option<TransformInfo>,
     /// Calls made.
     pub calls: u64,
     /// Instances dropped after a trap.
@@ -165,6 +167,7 @@ impl Stage {
             spec,
             metrics,
             live: None,
+            metadata: None,
             sink_info: None,
             transform_info: None,
             calls: 0,
@@ -237,61 +240,106 @@ impl Stage {
         err
     }
 
+    /// A fresh store (state, memory cap, deadline) and instance.
+    async fn instantiate(&mut self) -> Result<(Store<PluginState>, Instance), CallError> {
+        let state = PluginState::new(
+            self.spec.plugin.name.clone(),
+            self.spec
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), super::contract::config_text(v)))
+                .collect(),
+            &self.spec.grants,
+            &self.spec.limits,
+            self.metrics.clone(),
+        );
+        let pre = self.spec.plugin.pre.clone();
+        let mut store = Store::new(pre.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        match pre.instantiate(&mut store).await {
+            Ok(i) => Ok((store, i)),
+            Err(e) => Err(self.trap(e)),
+        }
+    }
+
+    /// What the plugin says about itself (`describe` on a fresh instance, which is then
+    /// dropped; `init` is not called), and whether the stage's configuration and memory
+    /// limit fit it: `Ok((metadata, Err(problems)))` when they do not. `None` for a
+    /// plugin of contract 0.2.
+    ///
+    /// # Errors
+    /// A trap or the deadline in `describe`.
+    pub async fn describe(
+        &mut self,
+    ) -> Result<(Option<PluginMetadata>, Result<(), String>), CallError> {
+        let (mut store, inst) = self.instantiate().await?;
+        let metadata = match self.init_timed(inst.describe(&mut store)).await? {
+            Ok(m) => m,
+            Err(e) => return Err(self.trap(e)),
+        };
+        let fits = match &metadata {
+            Some(m) => m.check(
+                &self.spec.config,
+                (self.spec.limits.memory_bytes >> 20) as u64,
+            ),
+            None => Ok(()),
+        };
+        Ok((metadata, fits))
+    }
+
     /// Instantiates and initializes a fresh instance when none is live.
     async fn ensure(&mut self) -> Result<(), CallError> {
         if self.live.is_some() {
             return Ok(());
         }
-        let state = PluginState::new(
-            self.spec.plugin.name.clone(),
-            self.spec.config.clone(),
-            &self.spec.grants,
-            &self.spec.limits,
-            self.metrics.clone(),
-        );
-        let engine = match &self.spec.plugin.pre {
-            Pre::Sink(p) => p.engine().clone(),
-            Pre::Transform(p) => p.engine().clone(),
-        };
-        let mut store = Store::new(&engine, state);
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        let (mut store, inst) = self.instantiate().await?;
         let config = self.spec.config.clone();
         let plugin = self.spec.plugin.name.clone();
-        let live = match self.spec.plugin.pre.clone() {
-            Pre::Sink(pre) => {
-                let inst = match pre.instantiate_async(&mut store).await {
-                    Ok(i) => i,
-                    Err(e) => return Err(self.trap(e)),
-                };
-                match self.init_timed(inst.call_init(&mut store, &config)).await? {
-                    Ok(Ok(info)) => self.sink_info = Some(info),
-                    Ok(Err(message)) => {
-                        self.metrics.error("init");
-                        return Err(CallError::Init { plugin, message });
-                    }
-                    Err(e) => return Err(self.trap(e)),
-                }
-                Live::Sink(inst)
+        let metadata = match self.init_timed(inst.describe(&mut store)).await? {
+            Ok(m) => m,
+            Err(e) => return Err(self.trap(e)),
+        };
+        if let Some(m) = &metadata {
+            let memory_mb = (self.spec.limits.memory_bytes >> 20) as u64;
+            if let Err(message) = m.check(&config, memory_mb) {
+                self.metrics.error("init");
+                return Err(CallError::Init { plugin, message });
             }
-            Pre::Transform(pre) => {
-                let inst = match pre.instantiate_async(&mut store).await {
-                    Ok(i) => i,
-                    Err(e) => return Err(self.trap(e)),
-                };
-                match self.init_timed(inst.call_init(&mut store, &config)).await? {
-                    Ok(Ok(info)) => self.transform_info = Some(info),
-                    Ok(Err(message)) => {
-                        self.metrics.error("init");
-                        return Err(CallError::Init { plugin, message });
+        }
+        self.metadata = metadata;
+        store.set_epoch_deadline(self.deadline_ticks());
+        let refused = match &inst {
+            Instance::Sink(_) | Instance::SinkV0_2(_) => {
+                match self.init_timed(inst.init_sink(&mut store, &config)).await? {
+                    Ok(Ok(info)) => {
+                        self.sink_info = Some(info);
+                        None
                     }
+                    Ok(Err(message)) => Some(message),
                     Err(e) => return Err(self.trap(e)),
                 }
-                Live::Transform(inst)
+            }
+            Instance::Transform(_) | Instance::TransformV0_2(_) => {
+                match self
+                    .init_timed(inst.init_transform(&mut store, &config))
+                    .await?
+                {
+                    Ok(Ok(info)) => {
+                        self.transform_info = Some(info);
+                        None
+                    }
+                    Ok(Err(message)) => Some(message),
+                    Err(e) => return Err(self.trap(e)),
+                }
             }
         };
-        self.live = Some((store, live));
+        if let Some(message) = refused {
+            self.metrics.error("init");
+            return Err(CallError::Init { plugin, message });
+        }
+        self.live = Some((store, inst));
         Ok(())
     }
 
@@ -317,18 +365,15 @@ impl Stage {
     ///
     /// # Errors
     /// [`CallError`]; the sink's own error is the inner `Result`.
-    pub async fn write(
-        &mut self,
-        batch: &wit::Batch,
-    ) -> Result<Result<(), sink_world::SinkError>, CallError> {
+    pub async fn write(&mut self, batch: &wit::Batch) -> Result<Result<(), SinkError>, CallError> {
         self.ensure().await?;
         self.arm()?;
         let deadline = self.deadline();
-        let Some((store, Live::Sink(inst))) = &mut self.live else {
-            unreachable!("ensure made a sink instance")
+        let Some((store, inst)) = &mut self.live else {
+            unreachable!("ensure made an instance")
         };
         let started = Instant::now();
-        let r = tokio::time::timeout(deadline, inst.call_write(&mut *store, batch)).await;
+        let r = tokio::time::timeout(deadline, inst.write(store, batch)).await;
         self.metrics.observe_call(started.elapsed());
         let Ok(r) = r else {
             return Err(self.timed_out());
@@ -358,15 +403,15 @@ impl Stage {
     pub async fn write_encoded(
         &mut self,
         batch: &wit::EncodedBatch,
-    ) -> Result<Result<(), sink_world::SinkError>, CallError> {
+    ) -> Result<Result<(), SinkError>, CallError> {
         self.ensure().await?;
         self.arm()?;
         let deadline = self.deadline();
-        let Some((store, Live::Sink(inst))) = &mut self.live else {
-            unreachable!("ensure made a sink instance")
+        let Some((store, inst)) = &mut self.live else {
+            unreachable!("ensure made an instance")
         };
         let started = Instant::now();
-        let r = tokio::time::timeout(deadline, inst.call_write_encoded(&mut *store, batch)).await;
+        let r = tokio::time::timeout(deadline, inst.write_encoded(store, batch)).await;
         self.metrics.observe_call(started.elapsed());
         let Ok(r) = r else {
             return Err(self.timed_out());
@@ -387,15 +432,15 @@ impl Stage {
     pub async fn process_encoded(
         &mut self,
         batch: &wit::EncodedBatch,
-    ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
+    ) -> Result<Result<TransformResult, String>, CallError> {
         self.ensure().await?;
         self.arm()?;
         let deadline = self.deadline();
-        let Some((store, Live::Transform(inst))) = &mut self.live else {
-            unreachable!("ensure made a transform instance")
+        let Some((store, inst)) = &mut self.live else {
+            unreachable!("ensure made an instance")
         };
         let started = Instant::now();
-        let r = tokio::time::timeout(deadline, inst.call_process_encoded(&mut *store, batch)).await;
+        let r = tokio::time::timeout(deadline, inst.process_encoded(store, batch)).await;
         self.metrics.observe_call(started.elapsed());
         let Ok(r) = r else {
             return Err(self.timed_out());
@@ -418,16 +463,15 @@ impl Stage {
     pub async fn apply_schema_change(
         &mut self,
         change: &wit::SchemaChange,
-    ) -> Result<Result<(), sink_world::SinkError>, CallError> {
+    ) -> Result<Result<(), SinkError>, CallError> {
         self.ensure().await?;
         self.arm()?;
         let deadline = self.deadline();
-        let Some((store, Live::Sink(inst))) = &mut self.live else {
-            unreachable!("ensure made a sink instance")
+        let Some((store, inst)) = &mut self.live else {
+            unreachable!("ensure made an instance")
         };
         let started = Instant::now();
-        let r = tokio::time::timeout(deadline, inst.call_apply_schema_change(&mut *store, change))
-            .await;
+        let r = tokio::time::timeout(deadline, inst.apply_schema_change(store, change)).await;
         self.metrics.observe_call(started.elapsed());
         let Ok(r) = r else {
             return Err(self.timed_out());
@@ -448,15 +492,15 @@ impl Stage {
     pub async fn process(
         &mut self,
         batch: &wit::Batch,
-    ) -> Result<Result<transform_world::TransformResult, String>, CallError> {
+    ) -> Result<Result<TransformResult, String>, CallError> {
         self.ensure().await?;
         self.arm()?;
         let deadline = self.deadline();
-        let Some((store, Live::Transform(inst))) = &mut self.live else {
-            unreachable!("ensure made a transform instance")
+        let Some((store, inst)) = &mut self.live else {
+            unreachable!("ensure made an instance")
         };
         let started = Instant::now();
-        let r = tokio::time::timeout(deadline, inst.call_process(&mut *store, batch)).await;
+        let r = tokio::time::timeout(deadline, inst.process(store, batch)).await;
         self.metrics.observe_call(started.elapsed());
         let Ok(r) = r else {
             return Err(self.timed_out());
@@ -475,25 +519,20 @@ impl Stage {
 
 impl Stage {
     /// Counts a sink's own error by kind.
-    fn count_sink_error(&self, r: &Result<(), sink_world::SinkError>) {
+    fn count_sink_error(&self, r: &Result<(), SinkError>) {
         match r {
             Ok(()) => {}
-            Err(sink_world::SinkError::Retryable((m, _))) => {
-                self.metrics.fail("retryable", m.clone())
-            }
-            Err(sink_world::SinkError::Fatal(m)) => self.metrics.fail("fatal", m.clone()),
-            Err(sink_world::SinkError::DeadLetter(list)) => self
+            Err(SinkError::Retryable((m, _))) => self.metrics.fail("retryable", m.clone()),
+            Err(SinkError::Fatal(m)) => self.metrics.fail("fatal", m.clone()),
+            Err(SinkError::DeadLetter(list)) => self
                 .metrics
                 .fail("dead_letter", format!("{} changes refused", list.len())),
         }
     }
 
     /// Refuses a `replace` result larger than the stage's `max_output_bytes`.
-    fn check_output(
-        &self,
-        r: &Result<transform_world::TransformResult, String>,
-    ) -> Result<(), CallError> {
-        if let Ok(transform_world::TransformResult::Replace((rels, changes))) = r {
+    fn check_output(&self, r: &Result<TransformResult, String>) -> Result<(), CallError> {
+        if let Ok(TransformResult::Replace((rels, changes))) = r {
             let (bytes, limit) = (
                 approx_size(rels, changes),
                 self.spec.limits.max_output_bytes,

@@ -17,7 +17,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use super::bindings::sink::dbmazz::plugin::{config, kv, log, metrics, types};
+use super::bindings::sink::dbmazz::plugin::{config, data, kv, log, metrics};
+use super::bindings::v0_2::sink::dbmazz::plugin as v0_2;
 use super::PluginMetrics;
 use crate::checkpoint::Store as CheckpointStore;
 
@@ -487,7 +488,7 @@ impl AsyncWrite for LineLogger {
     }
 }
 
-impl types::Host for PluginState {}
+impl data::Host for PluginState {}
 
 impl log::Host for PluginState {
     fn write(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
@@ -551,6 +552,52 @@ impl kv::Host for PluginState {
             return Err(denied_kv());
         };
         kv.delete(&self.name, &key)
+    }
+}
+
+// Contract 0.2: the same host interfaces under their 0.2 names, answered by the 0.3
+// implementations above.
+
+impl v0_2::log::Host for PluginState {
+    fn write(&mut self, level: v0_2::log::Level, message: String, fields: Vec<(String, String)>) {
+        let level = match level {
+            v0_2::log::Level::Trace => log::Level::Trace,
+            v0_2::log::Level::Debug => log::Level::Debug,
+            v0_2::log::Level::Info => log::Level::Info,
+            v0_2::log::Level::Warn => log::Level::Warn,
+            v0_2::log::Level::Error => log::Level::Error,
+        };
+        log::Host::write(self, level, message, fields);
+    }
+}
+
+impl v0_2::config::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        config::Host::get(self, key)
+    }
+    fn all(&mut self) -> Vec<(String, String)> {
+        config::Host::all(self)
+    }
+}
+
+impl v0_2::metrics::Host for PluginState {
+    fn counter_add(&mut self, name: String, delta: u64) {
+        metrics::Host::counter_add(self, name, delta);
+    }
+    fn gauge_set(&mut self, name: String, value: f64) {
+        metrics::Host::gauge_set(self, name, value);
+    }
+}
+
+impl v0_2::kv::Host for PluginState {
+    fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+        kv::Host::get(self, key)
+    }
+    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
+        kv::Host::set(self, key, value)
+    }
+    fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
+        kv::Host::delete(self, key)
     }
 }
 

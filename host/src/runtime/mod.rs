@@ -14,6 +14,7 @@
 //! lost connection; the reading loop is [`reader`]) → **drain**.
 
 mod plugins;
+pub(crate) use plugins::{stage_config, stage_limits};
 mod reader;
 pub mod session;
 

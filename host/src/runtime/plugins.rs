@@ -15,6 +15,7 @@ use crate::control::{Control, PluginInfo};
 use crate::delivery::{self, jsonl::JsonlSink, Delivery, DeliveryError};
 use crate::lsn::Lsn;
 use crate::plugin::chain::PluginChain;
+use crate::plugin::contract::ConfigValue;
 use crate::plugin::stage::{Stage, StageSpec};
 use crate::plugin::state::{Grants, Limits};
 use crate::plugin::{LoadedPlugin, PluginHost, PluginMetrics, World};
@@ -163,14 +164,37 @@ fn sink_target(cfg: &Config) -> Result<SinkTarget, RunError> {
     })
 }
 
+/// A stage's configuration as the contract carries it: its `config` table, typed.
+pub(crate) fn stage_config(cfg: &StageConfig) -> Vec<(String, ConfigValue)> {
+    cfg.config
+        .iter()
+        .map(|(k, v)| (k.clone(), crate::plugin::contract::config_value(v)))
+        .collect()
+}
+
+/// A stage's limits from its `limits` table.
+pub(crate) fn stage_limits(cfg: &StageConfig) -> Limits {
+    Limits {
+        memory_bytes: (cfg.limits.memory_mb as usize) << 20,
+        call_timeout_ms: cfg.limits.call_timeout_ms,
+        max_output_bytes: (cfg.limits.max_output_mb as usize) << 20,
+        on_fault: cfg.limits.on_fault,
+        table_elements: usize::try_from(cfg.limits.table_elements).unwrap_or(usize::MAX),
+    }
+}
+
 fn stage_spec(
     plugin: LoadedPlugin,
     cfg: &StageConfig,
     identity: &[(String, String)],
     store: &Arc<Store>,
 ) -> StageSpec {
-    let mut config = cfg.plugin_config();
-    config.extend(identity.iter().cloned());
+    let mut config = stage_config(cfg);
+    config.extend(
+        identity
+            .iter()
+            .map(|(k, v)| (k.clone(), ConfigValue::Text(v.clone()))),
+    );
     StageSpec {
         plugin,
         config,
@@ -185,13 +209,7 @@ fn stage_spec(
                 )
             }),
         },
-        limits: Limits {
-            memory_bytes: (cfg.limits.memory_mb as usize) << 20,
-            call_timeout_ms: cfg.limits.call_timeout_ms,
-            max_output_bytes: (cfg.limits.max_output_mb as usize) << 20,
-            on_fault: cfg.limits.on_fault,
-            table_elements: usize::try_from(cfg.limits.table_elements).unwrap_or(usize::MAX),
-        },
+        limits: stage_limits(cfg),
     }
 }
 

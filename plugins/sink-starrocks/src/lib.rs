@@ -21,7 +21,8 @@ use std::collections::{HashMap, HashSet};
 
 use dbmazz_sdk::encoded::TupleView;
 use dbmazz_sdk::{
-    export_sink, Batch, Config, EncodedBatch, Op, Relation, SchemaChange, Sink, SinkError, SinkInfo,
+    export_sink, Batch, Config, ConfigType, EncodedBatch, Metadata, Op, Relation, SchemaChange,
+    Sink, SinkError, SinkInfo,
 };
 
 use client::{Client, LoadError, Loaded, SqlError};
@@ -426,6 +427,82 @@ fn invalid(key: &str, value: &str, expected: &str) -> String {
 }
 
 impl Sink for StarRocks {
+    fn metadata() -> Metadata {
+        use ConfigType::{Boolean, Integer, Table, Text};
+        Metadata::keys()
+            .required("url", Text, "the FE's HTTP address (http://fe:8030)")
+            .required("database", Text, "the StarRocks database")
+            .key("user", Text, None, "user for Stream Load (Basic auth)")
+            .key("password", Text, Some(""), "its password")
+            .key(
+                "mode",
+                Text,
+                Some("soft_delete"),
+                "soft_delete or hard_delete",
+            )
+            .key("bytea", Text, Some("base64"), "bytea as base64 or hex")
+            .key(
+                "tables",
+                Table,
+                None,
+                "\"schema.table\" = \"target\" mappings",
+            )
+            .key(
+                "table",
+                Text,
+                None,
+                "one target table for every source table",
+            )
+            .key(
+                "audit_columns",
+                Boolean,
+                Some("true"),
+                "write dbmazz_op, dbmazz_is_deleted, dbmazz_synced_at, dbmazz_cdc_version",
+            )
+            .key(
+                "merge_condition",
+                Boolean,
+                Some("false"),
+                "only apply a row newer than the stored one (compares dbmazz_cdc_version)",
+            )
+            .key(
+                "max_load_mb",
+                Integer,
+                Some("64"),
+                "largest Stream Load body, MiB (1..=4096)",
+            )
+            .key(
+                "timeout_ms",
+                Integer,
+                Some("30000"),
+                "per Stream Load request, ms",
+            )
+            .key(
+                "rewrite_loopback_be",
+                Boolean,
+                Some("false"),
+                "send a BE redirect to 127.0.0.1 to the FE's host instead",
+            )
+            .key(
+                "label_prefix",
+                Text,
+                None,
+                "Stream Load label prefix (default dbmazz_<database>_<slot>)",
+            )
+            .key(
+                "setup",
+                Boolean,
+                Some("true"),
+                "create missing audit columns at start",
+            )
+            .key(
+                "schema_evolution",
+                Boolean,
+                Some("true"),
+                "apply added and dropped columns to the target",
+            )
+    }
+
     fn init(config: &Config) -> Result<(Self, SinkInfo), String> {
         let fe = config.required("url")?.trim_end_matches('/').to_string();
         dbmazz_sdk::http::split_url(&fe).map_err(|e| format!("config key \"url\": {e}"))?;

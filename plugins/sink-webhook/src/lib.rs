@@ -38,7 +38,8 @@ use std::io::Write;
 use dbmazz_sdk::encoded::{RawValue, TupleView};
 use dbmazz_sdk::http::{self, HttpError, Request};
 use dbmazz_sdk::{
-    export_sink, Batch, Config, Datum, EncodedBatch, Op, Relation, Sink, SinkError, SinkInfo,
+    export_sink, Batch, Config, ConfigType, Datum, EncodedBatch, Metadata, Op, Relation, Sink,
+    SinkError, SinkInfo,
 };
 use hmac::{Hmac, Mac};
 use serde::ser::{SerializeMap, Serializer};
@@ -373,6 +374,30 @@ impl Webhook {
 }
 
 impl Sink for Webhook {
+    fn metadata() -> Metadata {
+        use ConfigType::{Boolean, Integer, Text};
+        Metadata::keys()
+            .required(
+                "url",
+                Text,
+                "where batches are POSTed (http(s)://host:port/path)",
+            )
+            .key(
+                "source",
+                Text,
+                None,
+                "the CloudEvents source (default /dbmazz/<database>/<slot>)",
+            )
+            .key(
+                "secret",
+                Text,
+                None,
+                "HMAC-SHA256 key for the X-Dbmazz-Signature header",
+            )
+            .key("gzip", Boolean, Some("false"), "gzip request bodies")
+            .key("timeout_ms", Integer, Some("10000"), "per request, ms")
+    }
+
     fn init(config: &Config) -> Result<(Self, SinkInfo), String> {
         let url = config.required("url")?.to_string();
         http::split_url(&url).map_err(|e| format!("config key \"url\": {e}"))?;

@@ -17,7 +17,8 @@
 use dbmazz_sdk::encoded::{self, ChangeView};
 use dbmazz_sdk::EncodedBatch;
 use dbmazz_sdk::{
-    export_transform, Batch, Change, Config, Datum, Relation, Row, Transform, TransformResult,
+    export_transform, Batch, Change, Config, ConfigType, Datum, Metadata, Relation, Row, Transform,
+    TransformResult,
 };
 use sha2::{Digest, Sha256};
 
@@ -360,6 +361,42 @@ impl Filter {
 }
 
 impl Transform for Filter {
+    fn metadata() -> Metadata {
+        use ConfigType::{Any, Text};
+        Metadata::keys()
+            .key(
+                "include_tables",
+                Any,
+                None,
+                "only these tables: globs on schema.table, an array or comma-separated text",
+            )
+            .key(
+                "exclude_tables",
+                Any,
+                None,
+                "not these tables: an array or comma-separated text",
+            )
+            .key(
+                "where",
+                Text,
+                None,
+                "keep rows matching column = 'value' [and ...]",
+            )
+            .key(
+                "drop_columns",
+                Any,
+                None,
+                "columns removed: col (every table) or schema.table.col",
+            )
+            .key("mask_columns", Any, None, "columns masked")
+            .key(
+                "mask",
+                Text,
+                Some("***"),
+                "\"sha256\" (hex SHA-256 of the text) or a fixed replacement",
+            )
+    }
+
     fn init(config: &Config) -> Result<Self, String> {
         let mask = match config.get("mask") {
             None => None,
