@@ -29,3 +29,14 @@ while read -r t; do
         exit 1
     }
 done < scripts/wasm-targets
+
+# Python plugins: a venv in target/python with componentize-py and pytest (from PyPI, once),
+# and this checkout's Python SDK (sdk/python, installed again every time: it is small).
+py=target/python
+if [ ! -x "$py/bin/componentize-py" ] || ! "$py/bin/python" -c "import pytest" 2>/dev/null; then
+    echo "==> creating $py (componentize-py 0.25.1, pytest)"
+    python3 -m venv "$py"
+    "$py/bin/pip" install -q --disable-pip-version-check componentize-py==0.25.1 pytest
+fi
+"$py/bin/pip" install -q --disable-pip-version-check --no-deps ./sdk/python
+rm -rf sdk/python/build sdk/python/src/*.egg-info
