@@ -487,6 +487,11 @@ async fn misbehaving_plugins_are_contained() {
     let reasons: Vec<&str> = dead.iter().map(|l| l.reason.as_str()).collect();
     assert_eq!(dead.len(), 6, "{reasons:?}");
     assert!(reasons[0].contains("trapped"), "{reasons:?}");
+    // the panic message the guest printed to stderr is in the error
+    assert!(
+        reasons[0].contains("its stderr: ") && reasons[0].contains("fixture asked to trap"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].contains("deadline"), "{reasons:?}");
     assert!(reasons[2].contains("memory"), "{reasons:?}");
     assert!(reasons[3].contains("trapped"), "{reasons:?}");

@@ -148,3 +148,57 @@ async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_o
         assert!(r.header("idempotency-key").is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_transform_template_drops_what_it_says_and_keeps_the_rest_in_order() {
+    let example = root().join("examples/transform-python");
+    let out = run(Command::new(python_bin("python"))
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .current_dir(&example));
+    assert!(out.contains("2 passed"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("transform-python.wasm");
+    run(Command::new(python_bin("dbmazz-plugin-build"))
+        .args(["transform", "app", "-o"])
+        .arg(&wasm)
+        .current_dir(&example));
+    let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
+    assert!(
+        ok && out.contains("world:         dbmazz:plugin/transform"),
+        "{out}"
+    );
+
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 50\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ column = \"status\", equals = \"test\" }}\nlimits = {{ memory_mb = 128, call_timeout_ms = 20000 }}\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+        wasm.display().to_string(),
+        support::plugins().webhook.display().to_string(),
+        rx.url(),
+        rx.addr.to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["orders"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    // every third row is test traffic
+    db.batch_execute(
+        "INSERT INTO orders SELECT g, CASE WHEN g % 3 = 0 THEN 'test' ELSE 'ok' END FROM generate_series(1, 300) g",
+    )
+    .await
+    .unwrap();
+    eventually(T, "200 events", || d.log(), || rx.events().len() >= 200);
+    let ids: Vec<i64> = rx
+        .events()
+        .iter()
+        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    let want: Vec<i64> = (1..=300).filter(|g| g % 3 != 0).collect();
+    assert_eq!(
+        ids, want,
+        "the test rows dropped, the rest once and in order"
+    );
+}

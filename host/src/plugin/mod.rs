@@ -212,7 +212,13 @@ pub struct PluginMetrics {
     log_bytes_per_second: usize,
     /// Most distinct metric names (`limits.metric_names`).
     metric_names: usize,
+    /// The last lines the plugin wrote to stderr in the current call (a trap's error
+    /// quotes them: a panic message, a Python traceback).
+    stderr_tail: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Lines of stderr a trap's error quotes.
+pub const STDERR_TAIL_LINES: usize = 12;
 
 impl Default for PluginMetrics {
     fn default() -> Self {
@@ -244,7 +250,30 @@ impl PluginMetrics {
             log_window: Mutex::new((std::time::Instant::now(), 0, 0)),
             log_bytes_per_second,
             metric_names,
+            stderr_tail: Mutex::default(),
         }
+    }
+
+    /// Remembers a stderr line (the last [`STDERR_TAIL_LINES`], each cut at 500 bytes).
+    pub fn note_stderr(&self, line: &str) {
+        if let Ok(mut t) = self.stderr_tail.lock() {
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            let mut end = line.len().min(500);
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            t.push_back(line[..end].to_string());
+        }
+    }
+
+    /// Takes the stderr lines remembered since the last call started.
+    pub fn take_stderr_tail(&self) -> Vec<String> {
+        self.stderr_tail
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default()
     }
 
     /// Calls so far.

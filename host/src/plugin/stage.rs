@@ -227,7 +227,13 @@ impl Stage {
     fn trap(&mut self, e: wasmtime::Error) -> CallError {
         self.live = None;
         self.traps += 1;
-        let err = describe(&self.spec.plugin.name, &self.spec.limits, &e);
+        let mut err = describe(&self.spec.plugin.name, &self.spec.limits, &e);
+        // what the guest said on stderr before it trapped (a panic message, a traceback)
+        let tail = self.metrics.take_stderr_tail();
+        if let (CallError::Trap { cause, .. }, false) = (&mut err, tail.is_empty()) {
+            cause.push_str("; its stderr: ");
+            cause.push_str(&tail.join(" | "));
+        }
         self.metrics.fail(
             match &err {
                 CallError::Trap { cause, .. } if cause.starts_with("exceeded") => "timeout",
@@ -242,6 +248,7 @@ impl Stage {
 
     /// A fresh store (state, memory cap, deadline) and instance.
     async fn instantiate(&mut self) -> Result<(Store<PluginState>, Instance), CallError> {
+        self.metrics.take_stderr_tail();
         let state = PluginState::new(
             self.spec.plugin.name.clone(),
             self.spec
@@ -344,6 +351,7 @@ impl Stage {
     }
 
     fn arm(&mut self) -> Result<(), CallError> {
+        self.metrics.take_stderr_tail();
         let ticks = self.deadline_ticks();
         if let Some((store, _)) = &mut self.live {
             store.set_epoch_deadline(ticks);

@@ -259,14 +259,8 @@ impl PluginState {
         metrics: Arc<PluginMetrics>,
     ) -> Self {
         let wasi = WasiCtx::builder()
-            .stdout(LogStream {
-                metrics: metrics.clone(),
-                stream: "stdout",
-            })
-            .stderr(LogStream {
-                metrics: metrics.clone(),
-                stream: "stderr",
-            })
+            .stdout(LogStream::new(&metrics, "stdout"))
+            .stderr(LogStream::new(&metrics, "stderr"))
             .build();
         PluginState {
             hooks: AllowListHooks {
@@ -421,11 +415,25 @@ impl WasiHttpHooks for AllowListHooks {
     }
 }
 
-/// A plugin's stdout or stderr: each line becomes a log event.
+/// A plugin's stdout or stderr: each line becomes a log event (stdout at INFO, stderr at
+/// WARN), whatever pieces the guest writes it in. The partial line is shared by every
+/// stream handle of the instance: a guest may open a new handle per write (CPython
+/// does), and a line written in three writes is still one event.
 #[derive(Clone)]
 struct LogStream {
     metrics: Arc<PluginMetrics>,
     stream: &'static str,
+    partial: Arc<Mutex<Vec<u8>>>,
+}
+
+impl LogStream {
+    fn new(metrics: &Arc<PluginMetrics>, stream: &'static str) -> Self {
+        LogStream {
+            metrics: metrics.clone(),
+            stream,
+            partial: Arc::default(),
+        }
+    }
 }
 
 impl IsTerminal for LogStream {
@@ -436,35 +444,58 @@ impl IsTerminal for LogStream {
 
 impl StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineLogger {
-            metrics: self.metrics.clone(),
-            stream: self.stream,
-            buf: Vec::new(),
-        })
+        Box::new(LineLogger(self.clone()))
     }
 }
 
-struct LineLogger {
-    metrics: Arc<PluginMetrics>,
-    stream: &'static str,
-    buf: Vec<u8>,
+impl Drop for LogStream {
+    fn drop(&mut self) {
+        // the instance's last handle: a line without its newline is still logged
+        if Arc::strong_count(&self.partial) == 1 {
+            LineLogger(self.clone()).emit(true);
+        }
+    }
 }
+
+/// Longest partial line kept before it is logged as it is, bytes.
+const MAX_LINE_BYTES: usize = 16 * 1024;
+
+struct LineLogger(LogStream);
 
 impl LineLogger {
     fn line(&self, line: &[u8]) {
-        if self.metrics.admit_log(line.len()) {
-            tracing::info!(plugin = %self.metrics.name, stream = self.stream, "{}", String::from_utf8_lossy(line));
+        let s = &self.0;
+        let text = String::from_utf8_lossy(line);
+        if s.stream == "stderr" {
+            s.metrics.note_stderr(&text);
+        }
+        if s.metrics.admit_log(line.len()) {
+            if s.stream == "stderr" {
+                tracing::warn!(plugin = %s.metrics.name, stream = s.stream, "{text}");
+            } else {
+                tracing::info!(plugin = %s.metrics.name, stream = s.stream, "{text}");
+            }
         }
     }
 
     fn emit(&mut self, all: bool) {
-        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=i).collect();
-            self.line(&line[..line.len() - 1]);
-        }
-        if all && !self.buf.is_empty() || self.buf.len() > 16 * 1024 {
-            let rest = std::mem::take(&mut self.buf);
-            self.line(&rest);
+        let lines: Vec<Vec<u8>> = {
+            let Ok(mut buf) = self.0.partial.lock() else {
+                return;
+            };
+            let mut lines = Vec::new();
+            while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = buf.drain(..=i).collect();
+                line.pop();
+                lines.push(line);
+            }
+            if all && !buf.is_empty() || buf.len() > MAX_LINE_BYTES {
+                lines.push(std::mem::take(&mut *buf));
+            }
+            lines
+        };
+        for line in lines {
+            self.line(&line);
         }
     }
 }
@@ -475,16 +506,20 @@ impl AsyncWrite for LineLogger {
         _cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.buf.extend_from_slice(data);
+        if let Ok(mut buf) = self.0.partial.lock() {
+            buf.extend_from_slice(data);
+        }
         self.emit(false);
         Poll::Ready(Ok(data.len()))
     }
     fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.emit(true);
+        // a flush does not end a line (CPython flushes stderr after every write)
+        self.emit(false);
         Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_flush(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.emit(true);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -607,7 +642,11 @@ fn denied_kv() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{may_carry_credentials, InstanceLimits, DEFAULT_TABLE_ELEMENTS};
+    use super::{
+        may_carry_credentials, InstanceLimits, LogStream, PluginMetrics, DEFAULT_TABLE_ELEMENTS,
+    };
+    use std::sync::Arc;
+    use wasmtime_wasi::cli::StdoutStream as _;
 
     /// Runs the core module `wat`'s export `run` under a 4 MiB [`InstanceLimits`] (real
     /// wasmtime; the attacks need more than one memory or `table.grow`, which Rust plugins
@@ -627,6 +666,35 @@ mod tests {
             .get_typed_func::<(), i32>(&mut store, "run")
             .map_err(|e| format!("{e:#}"))?;
         run.call(&mut store, ()).map_err(|e| format!("{e:?}"))
+    }
+
+    #[tokio::test]
+    async fn a_line_written_in_pieces_through_several_handles_is_one_stderr_line() {
+        use tokio::io::AsyncWriteExt as _;
+        let metrics = Arc::new(PluginMetrics::new("py"));
+        let stderr = LogStream::new(&metrics, "stderr");
+        // CPython opens a handle per write and flushes after each
+        for piece in [
+            "Traceback ",
+            "(most recent",
+            " call last):\n  File",
+            " \"x.py\"\n",
+        ] {
+            let mut h = Box::into_pin(stderr.async_stream());
+            h.write_all(piece.as_bytes()).await.unwrap();
+            h.flush().await.unwrap();
+        }
+        assert_eq!(
+            metrics.take_stderr_tail(),
+            ["Traceback (most recent call last):", "  File \"x.py\""]
+        );
+        // an unterminated line is logged when the instance's streams go away
+        let mut h = Box::into_pin(stderr.async_stream());
+        h.write_all(b"no newline").await.unwrap();
+        drop(h);
+        assert!(metrics.take_stderr_tail().is_empty());
+        drop(stderr);
+        assert_eq!(metrics.take_stderr_tail(), ["no newline"]);
     }
 
     #[test]

@@ -19,8 +19,12 @@ if IN_COMPONENT:
     # while it builds, and a component cannot read module files at run time (the host
     # gives it no file system).
     from componentize_py_types import Err
-    from wit_world.imports import outgoing_handler, streams
-    from wit_world.imports import types as wasi_http
+
+    try:
+        from wit_world.imports import outgoing_handler, streams
+        from wit_world.imports import types as wasi_http
+    except ImportError:  # the transform world has no wasi:http
+        outgoing_handler = None
 
 #: Bytes written to the request body stream per call (wasi:io's limit is 4096).
 _CHUNK = 4096
@@ -65,6 +69,8 @@ def send(request: Request) -> Response:
 
 
 def _send_wasi(request: Request) -> Response:
+    if outgoing_handler is None:
+        raise HttpError("outgoing HTTP is for sinks only: a transform's world has no wasi:http")
     http = wasi_http
     parts = urlsplit(request.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
