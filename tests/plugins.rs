@@ -541,6 +541,62 @@ fn setup_installs_every_target_the_tests_build_for() {
     );
 }
 
+/// `dbmazz plugin test`: the first-party plugins and a 0.2 binary pass the conformance
+/// suite; a broken plugin fails it, naming the case and the fault.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_conformance_suite_passes_working_plugins_and_names_a_broken_ones_faults() {
+    let p = plugins();
+    let test = |file: &std::path::Path, extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["plugin".as_ref(), "test".as_ref(), file.as_os_str()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        support::dbmazz(&args)
+    };
+    let v02 = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/binaries/sink-webhook-0.2.0.wasm");
+    for file in [&p.webhook, &v02, &p.null] {
+        let (ok, out) = test(file, &[]);
+        assert!(ok && out.contains("all 12 cases passed"), "{out}");
+        for case in [
+            "empty",
+            "insert",
+            "update-old-row",
+            "update-key",
+            "unchanged-toast",
+            "delete",
+            "truncate",
+            "read",
+            "every-value",
+            "schema-change",
+            "large",
+        ] {
+            assert!(out.contains(&format!("\n{case} ")), "{case}: {out}");
+        }
+    }
+    // the webhook POSTs to the runner's endpoint (its `url`), one request per batch
+    let (_, out) = test(&p.webhook, &[]);
+    let insert = out.lines().find(|l| l.starts_with("insert ")).unwrap();
+    assert!(
+        insert.split_whitespace().nth(3) == Some("1") && insert.ends_with("ack"),
+        "{out}"
+    );
+    // a transform
+    let (ok, out) = test(&p.filter, &["-c", "exclude_tables=[\"public.other\"]"]);
+    assert!(ok && out.contains("keep all"), "{out}");
+    // a broken one: every batch with changes panics
+    let (ok, out) = test(&p.misbehave, &["-c", "always=trap"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("11 of 12 cases failed"), "{out}");
+    let insert = out.lines().find(|l| l.starts_with("insert ")).unwrap();
+    assert!(
+        insert.contains("FAIL fault: plugin fixture_misbehave trapped")
+            && insert.contains("fixture asked to trap"),
+        "{out}"
+    );
+    let empty = out.lines().find(|l| l.starts_with("empty ")).unwrap();
+    assert!(empty.ends_with("keep all"), "{out}");
+}
+
 fn inspect(file: &std::path::Path) -> (bool, String) {
     support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()])
 }

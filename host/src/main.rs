@@ -110,6 +110,25 @@ enum PluginCommand {
         /// The `.wasm` file.
         file: PathBuf,
     },
+    /// Run a plugin (any language, any contract the host loads) in the real host against a
+    /// built-in suite of batches — every op, old rows, unchanged TOAST, every value kind,
+    /// an empty batch, a schema change, 50,000 changes — with a local HTTP endpoint (set as
+    /// `url` when the plugin takes one and none is given), and print what it did per case.
+    /// Exits non-zero when a case faults (trap, deadline, memory) or answers fatal.
+    Test {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// A configuration value, `key=value` (TOML: `n=5`, `on=true`, `s="text"`; a
+        /// value that is not TOML is a string). Repeatable.
+        #[arg(long = "config", short = 'c', value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// `limits.memory_mb` of the stage.
+        #[arg(long, default_value_t = dbmazz::config::LimitsConfig::default().memory_mb)]
+        memory_mb: u64,
+        /// `limits.call_timeout_ms` of the stage.
+        #[arg(long, default_value_t = 30_000)]
+        call_timeout_ms: u64,
+    },
 }
 
 fn init_logs(format: LogFormat, default_level: &str) {
@@ -201,6 +220,15 @@ fn main() -> ExitCode {
             Command::Plugin {
                 command: PluginCommand::Inspect { file },
             } => inspect(&file).await,
+            Command::Plugin {
+                command:
+                    PluginCommand::Test {
+                        file,
+                        config,
+                        memory_mb,
+                        call_timeout_ms,
+                    },
+            } => plugin_test(&file, &config, memory_mb, call_timeout_ms).await,
             Command::Dlq { command } => match dbmazz::dlq::run(&command).await {
                 Ok(text) => {
                     print!("{text}");
@@ -249,6 +277,83 @@ async fn run(path: PathBuf, opts: dbmazz::runtime::RunOptions) -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `dbmazz plugin test`: the conformance suite, a line per case.
+async fn plugin_test(
+    file: &std::path::Path,
+    config: &[String],
+    memory_mb: u64,
+    call_timeout_ms: u64,
+) -> ExitCode {
+    use dbmazz::plugin::contract::{config_value, ConfigValue};
+    let mut values = Vec::new();
+    for kv in config {
+        let Some((k, v)) = kv.split_once('=') else {
+            eprintln!("error: --config {kv:?} is not key=value");
+            return ExitCode::FAILURE;
+        };
+        let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+            Ok(t) => t.get("v").map(config_value),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| ConfigValue::Text(v.to_string()));
+        values.push((k.trim().to_string(), value));
+    }
+    let host = match dbmazz::plugin::PluginHost::new(None) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: plugin engine: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let limits = dbmazz::plugin::state::Limits {
+        memory_bytes: usize::try_from(memory_mb << 20).unwrap_or(usize::MAX),
+        call_timeout_ms,
+        ..Default::default()
+    };
+    let outcomes = match dbmazz::plugin::conformance::run(&host, file, values, limits).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{:<16} {:>7} {:>9} {:>5} {:>8}  answer",
+        "case", "changes", "ms", "http", "mem MiB"
+    );
+    let mut failed = 0;
+    for o in &outcomes {
+        if !o.passed {
+            failed += 1;
+        }
+        let mut answer = o.answer.replace('\n', " | ");
+        if answer.len() > 300 {
+            let mut end = 300;
+            while !answer.is_char_boundary(end) {
+                end -= 1;
+            }
+            answer.truncate(end);
+            answer.push('…');
+        }
+        println!(
+            "{:<16} {:>7} {:>9.1} {:>5} {:>8.1}  {}{answer}",
+            o.case,
+            o.changes,
+            o.ms,
+            o.http_requests,
+            o.memory_bytes as f64 / f64::from(1 << 20),
+            if o.passed { "" } else { "FAIL " },
+        );
+    }
+    if failed == 0 {
+        println!("all {} cases passed", outcomes.len());
+        ExitCode::SUCCESS
+    } else {
+        println!("{failed} of {} cases failed", outcomes.len());
+        ExitCode::FAILURE
     }
 }
 

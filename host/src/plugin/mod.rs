@@ -29,6 +29,7 @@
 
 pub mod bindings;
 pub mod chain;
+pub mod conformance;
 pub mod contract;
 pub mod convert;
 pub mod metadata;

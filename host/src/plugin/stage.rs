@@ -395,6 +395,13 @@ impl Stage {
         }
     }
 
+    /// The live instance's memories and tables, bytes (0 when none is live).
+    pub fn memory_bytes(&self) -> usize {
+        self.live
+            .as_ref()
+            .map_or(0, |(store, _)| store.data().limits.used())
+    }
+
     /// True when the plugin asked for the compact encoding in `init`.
     pub fn prefers_encoded(&self) -> bool {
         self.sink_info.as_ref().is_some_and(|i| i.prefers_encoded)

@@ -178,6 +178,11 @@ impl InstanceLimits {
         }
     }
 
+    /// Bytes reserved so far by the instance's memories and tables.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
     fn charge(&mut self, bytes: usize, what: &str) -> wasmtime::Result<bool> {
         let used = self.used.saturating_add(bytes);
         if used > self.cap {
