@@ -489,7 +489,6 @@ pub async fn run(
             ms: started.elapsed().as_secs_f64() * 1000.0,
             memory_bytes: stage.memory_bytes(),
         });
-        let _ = case.what;
     }
     Ok(out)
 }
@@ -519,13 +518,4 @@ async fn write(stage: &mut Stage, batch: &Batch) -> Result<Result<(), SinkError>
             Err(e) => Ok(Err(SinkError::Fatal(format!("host conversion: {e}")))),
         }
     }
-}
-
-/// The suite's cases and what each holds, for `--help`-like listings.
-pub fn case_descriptions() -> Vec<(&'static str, &'static str)> {
-    let dir = tempfile::tempdir();
-    dir.ok()
-        .and_then(|d| suite(d.path()).ok())
-        .map(|s| s.iter().map(|c| (c.name, c.what)).collect())
-        .unwrap_or_default()
 }
