@@ -2,7 +2,8 @@
 # Installs what building, running and testing dbmazz needs, when missing (quietly
 # succeeds when it is all there): libclang (bindgen for RocksDB), PostgreSQL 15 server and
 # client (the quickstart, the benchmark and the tests start throwaway clusters from its
-# binaries), and the WebAssembly targets listed in scripts/wasm-targets. Used by
+# binaries), Node.js and npm (JavaScript plugins), the WebAssembly targets listed in
+# scripts/wasm-targets, and the Python and JavaScript SDKs' toolchains. Used by
 # quickstart.sh, test.sh, bench.sh and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ need=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -40,3 +42,13 @@ if [ ! -x "$py/bin/componentize-py" ] || ! "$py/bin/python" -c "import pytest" 2
 fi
 "$py/bin/pip" install -q --disable-pip-version-check --no-deps ./sdk/python
 rm -rf sdk/python/build sdk/python/src/*.egg-info
+
+# JavaScript plugins: the SDK's dependencies (ComponentizeJS 0.23.0, esbuild; from the npm
+# registry, once, as its package-lock.json pins them) and the template's link to the SDK.
+if [ ! -d sdk/js/node_modules/@bytecodealliance/componentize-js ] || [ sdk/js/package-lock.json -nt sdk/js/node_modules/.package-lock.json ]; then
+    echo "==> installing the JavaScript SDK's dependencies (sdk/js/node_modules)"
+    (cd sdk/js && npm install --no-audit --no-fund --loglevel=error)
+fi
+if [ ! -e examples/sink-js/node_modules/@dbmazz/sdk ]; then
+    (cd examples/sink-js && npm install --no-audit --no-fund --loglevel=error)
+fi

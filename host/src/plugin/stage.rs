@@ -145,6 +145,13 @@ fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallErro
     }
 }
 
+/// True when a line a guest wrote to stderr says its allocator failed: SpiderMonkey's
+/// `out of memory` (ComponentizeJS), Rust's `memory allocation of N bytes failed`.
+fn reports_out_of_memory(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    l.contains("out of memory") || (l.contains("memory allocation of") && l.contains("failed"))
+}
+
 impl Stage {
     /// The same stage (configuration, grants, limits, metrics) running another build of
     /// its plugin; no instance until [`Stage::start`] or the first call.
@@ -231,6 +238,16 @@ impl Stage {
         // what the guest said on stderr before it trapped (a panic message, a traceback)
         let tail = self.metrics.take_stderr_tail();
         if let (CallError::Trap { cause, .. }, false) = (&mut err, tail.is_empty()) {
+            // A language runtime whose own allocator failed (SpiderMonkey's GC heap is
+            // capped below limits.memory_mb; Rust's alloc error) aborts with a trap that
+            // says nothing of memory: its last words do, and a smaller batch may fit.
+            if cause.starts_with("trapped") && tail.iter().any(|l| reports_out_of_memory(l)) {
+                *cause = format!(
+                    "{OUT_OF_MEMORY} (its own allocator failed, cap {} MiB): {}",
+                    self.spec.limits.memory_bytes >> 20,
+                    &cause["trapped: ".len()..]
+                );
+            }
             cause.push_str("; its stderr: ");
             cause.push_str(&tail.join(" | "));
         }

@@ -1,0 +1,404 @@
+/**
+ * @dbmazz/sdk for JavaScript: write dbmazz sinks and transforms as WebAssembly components.
+ *
+ * A sink is a class with `write(batch)` (may be `async`: `fetch` works inside the
+ * component); a transform one with `process(batch)`. The same class runs under Node in
+ * your tests (`@dbmazz/sdk/testing`, `node --test`) and inside the component that
+ * `dbmazz-plugin-build` makes with ComponentizeJS:
+ *
+ *     import { Sink, exportSink, changes, log } from '@dbmazz/sdk';
+ *
+ *     class Printer extends Sink {
+ *       static metadata = { name: 'printer', config: [key('prefix', 'text', { doc: 'log prefix' })] };
+ *       write(batch) {
+ *         for (const c of changes(batch)) log.info(`${c.op} ${c.table}`, { id: c.new?.id });
+ *       }
+ *     }
+ *     export const sinkPlugin = exportSink(Printer);   // the component's export
+ *
+ * Shapes (contract `dbmazz:plugin@0.3.0`, `wit/dbmazz-plugin.wit`, as ComponentizeJS
+ * lifts them: record fields in camelCase, u64/s64 as BigInt, variants as `{ tag, val }`):
+ * a batch is `{ id, firstLsn, lastLsn, relations, changes }` (`id` is stable across
+ * replays: an idempotency key); `changes(batch)` gives each change as a {@link ChangeView}
+ * with the op name (`insert`, `update`, `delete`, `truncate`, `read`), `schema.table`, and
+ * `old`/`new` as objects by column name with JavaScript values ({@link value}).
+ *
+ * Errors: throw {@link Retryable} (the host retries the batch with backoff), {@link Fatal}
+ * (the pipeline stops) or {@link DeadLetter} (these changes go to the dead-letter store,
+ * the rest counts as written). Anything else thrown is retryable, with its stack in the
+ * error the host logs and shows in Status.
+ */
+
+import { logWrite } from '#host';
+
+/** The contract this SDK builds against. */
+export const CONTRACT = '0.3.0';
+
+/** The value of a column whose TOASTed value the update did not send: the stored value
+ * stays. Never a NULL. */
+export const UNCHANGED_TOAST = Object.freeze({
+  toString() {
+    return 'UNCHANGED_TOAST';
+  },
+});
+
+/** A transient failure: the host retries the whole batch, after `retryAfterMs` (ms) when
+ * given. */
+export class Retryable extends Error {
+  constructor(message, retryAfterMs = undefined) {
+    super(message);
+    this.name = 'Retryable';
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
+/** The sink cannot work (bad credentials, a missing table): the pipeline stops. */
+export class Fatal extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'Fatal';
+  }
+}
+
+/** The batch was written except these changes: `[[index, reason], ...]`, indices into
+ * `batch.changes`. */
+export class DeadLetter extends Error {
+  constructor(rejected) {
+    super(`${rejected.length} changes rejected`);
+    this.name = 'DeadLetter';
+    this.rejected = rejected.map(([index, reason]) => [index, String(reason)]);
+  }
+}
+
+/** The types a configuration key may declare (`metadata.config-type`). */
+export const CONFIG_TYPES = ['text', 'integer', 'float', 'boolean', 'array', 'table', 'any'];
+
+/**
+ * A configuration key the plugin takes; the host refuses other keys, wrong types and
+ * missing required keys before `init`, with a message naming them.
+ *
+ * @param {string} name
+ * @param {string} type one of {@link CONFIG_TYPES}
+ * @param {{required?: boolean, default?: string, doc?: string}} [options]
+ */
+export function key(name, type = 'text', { required = false, default: def, doc = '' } = {}) {
+  if (!CONFIG_TYPES.includes(type)) {
+    throw new TypeError(`key ${name}: type ${type} is not one of ${CONFIG_TYPES.join(', ')}`);
+  }
+  return { name, type, required, default: def === undefined ? undefined : String(def), doc };
+}
+
+/** The stage's `config` table (then the host's `dbmazz.*` keys), typed: strings, numbers
+ * (BigInt for an integer beyond 2^53), booleans, and arrays/objects for TOML arrays and
+ * tables. */
+export class Config {
+  constructor(values = {}) {
+    this.values = { ...values };
+  }
+
+  /** The value of `name`, or `fallback` when the key is absent. */
+  get(name, fallback = undefined) {
+    return Object.hasOwn(this.values, name) ? this.values[name] : fallback;
+  }
+
+  /** The value of `name`; throws {@link Fatal} when it is absent. */
+  required(name) {
+    if (!Object.hasOwn(this.values, name)) throw new Fatal(`config key ${name} is required`);
+    return this.values[name];
+  }
+
+  has(name) {
+    return Object.hasOwn(this.values, name);
+  }
+}
+
+class Plugin {
+  /**
+   * What `dbmazz plugin inspect` shows and `dbmazz check` validates: `{ name, version,
+   * description, config: [key(...)], memoryMb }`. `config` empty or absent: any key is
+   * passed through unchecked. `memoryMb`: linear memory the plugin needs (MiB); the host
+   * refuses a stage whose `limits.memory_mb` is lower.
+   */
+  static metadata = {};
+
+  constructor(config) {
+    this.config = config;
+  }
+}
+
+/** Extend and implement `write(batch)` (sync or async). */
+export class Sink extends Plugin {
+  // eslint-disable-next-line no-unused-vars
+  write(batch) {
+    throw new Fatal(`${this.constructor.name} does not implement write`);
+  }
+
+  /** A relation's shape changed (`{ relation, added, dropped, retyped }`), before the
+   * next batch that uses it. */
+  // eslint-disable-next-line no-unused-vars
+  applySchemaChange(change) {}
+}
+
+/** Extend and implement `process(batch)`: return nothing to keep every change, or the
+ * array of indices to keep. */
+export class Transform extends Plugin {
+  // eslint-disable-next-line no-unused-vars
+  process(batch) {
+    throw new Error(`${this.constructor.name} does not implement process`);
+  }
+}
+
+// --- values ---------------------------------------------------------------------------
+
+function int(v) {
+  return typeof v === 'bigint' && v >= Number.MIN_SAFE_INTEGER && v <= Number.MAX_SAFE_INTEGER
+    ? Number(v)
+    : v;
+}
+
+/**
+ * A column value (`datum`) as JavaScript: `null` (NULL), {@link UNCHANGED_TOAST}, boolean,
+ * number (int2/4/8 — a BigInt beyond 2^53 — and float4/8), string (text, and numeric as
+ * PostgreSQL prints it, to keep every digit), Uint8Array (bytea), or the parsed document
+ * for json/jsonb.
+ */
+export function value(datum) {
+  switch (datum.tag) {
+    case 'null':
+      return null;
+    case 'unchanged-toast':
+      return UNCHANGED_TOAST;
+    case 'int':
+      return int(datum.val);
+    case 'json':
+      return JSON.parse(datum.val);
+    default:
+      return datum.val;
+  }
+}
+
+/**
+ * One change, convenient: `op` name, `table` as `schema.table`, `key` (the key column
+ * names), `old`/`new` objects by column name (`null` when absent), `lsn`/`commitLsn`
+ * (BigInt), `xid`, `commitTimeUs` (BigInt, µs since the Unix epoch), `oldIsKey`; `raw` is
+ * the change as the host sent it and `relation` its relation.
+ *
+ * @typedef {object} ChangeView
+ */
+
+/** The batch's changes as {@link ChangeView}s, in commit order. */
+export function* changes(batch) {
+  const relations = new Map(batch.relations.map((r) => [r.id, r]));
+  for (let index = 0; index < batch.changes.length; index++) {
+    const c = batch.changes[index];
+    const relation = relations.get(c.relation);
+    const names = relation ? relation.columns.map((col) => col.name) : [];
+    const row = (values) => {
+      if (values === undefined || values === null) return null;
+      const out = {};
+      values.forEach((d, i) => {
+        out[names[i] ?? `column${i}`] = value(d);
+      });
+      return out;
+    };
+    yield {
+      index,
+      op: c.op,
+      table: relation ? `${relation.schema}.${relation.table}` : String(c.relation),
+      key: relation ? relation.columns.filter((col) => col.key).map((col) => col.name) : [],
+      old: row(c.old),
+      new: row(c.new),
+      lsn: c.lsn,
+      commitLsn: c.commitLsn,
+      xid: c.xid,
+      commitTimeUs: c.commitTimeUs,
+      oldIsKey: c.oldIsKey,
+      raw: c,
+      relation,
+    };
+  }
+}
+
+const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
+
+function datumJson(d) {
+  switch (d.tag) {
+    case 'null':
+      return 'null';
+    case 'unchanged-toast':
+      return '{"unchanged_toast":true}';
+    case 'boolean':
+      return d.val ? 'true' : 'false';
+    case 'int':
+      return String(d.val);
+    case 'float':
+      return Number.isFinite(d.val) ? String(d.val) : JSON.stringify(String(d.val));
+    case 'json':
+      return d.val; // PostgreSQL's own text of the document: every digit kept
+    case 'bytes': {
+      let s = '"';
+      for (const b of d.val) s += HEX[b];
+      return s + '"';
+    }
+    default: // numeric, text
+      return JSON.stringify(d.val);
+  }
+}
+
+/**
+ * One change as a JSON object (text): `op`, `table`, `lsn`, `commit_lsn`, `xid`, `old`,
+ * `new`; int8 and LSNs with every digit, numeric as a string, json/jsonb as the document,
+ * bytea as hex, a non-finite float as a string, an unchanged TOAST value as
+ * `{"unchanged_toast":true}` — the same lines as the Python SDK's `to_json`.
+ */
+export function toJson(change) {
+  const names = change.relation ? change.relation.columns.map((col) => col.name) : [];
+  const row = (values) => {
+    if (values === undefined || values === null) return 'null';
+    return `{${values.map((d, i) => `${JSON.stringify(names[i] ?? `column${i}`)}:${datumJson(d)}`).join(',')}}`;
+  };
+  const c = change.raw;
+  return (
+    `{"op":"${c.op}","table":${JSON.stringify(change.table)},"lsn":${c.lsn},` +
+    `"commit_lsn":${c.commitLsn},"xid":${c.xid},"old":${row(c.old)},"new":${row(c.new)}}`
+  );
+}
+
+// --- logging ----------------------------------------------------------------------------
+
+function logAt(level) {
+  return (message, fields = {}) =>
+    logWrite(
+      level,
+      String(message),
+      Object.entries(fields).map(([k, v]) => [k, String(v)]),
+    );
+}
+
+/** Logging into the host's log (always granted), with the plugin's name:
+ * `log.info('sent', { id: batch.id })`. Under Node the events are recorded
+ * (`testing.logs()`). `console.log` also works (stdout at INFO, stderr at WARN). */
+export const log = {
+  trace: logAt('trace'),
+  debug: logAt('debug'),
+  info: logAt('info'),
+  warn: logAt('warn'),
+  error: logAt('error'),
+};
+
+// --- the component's exports ---------------------------------------------------------------
+
+function configFromWit(entries) {
+  const values = {};
+  for (const [name, v] of entries) {
+    values[name] = v.tag === 'json' ? JSON.parse(v.val) : v.tag === 'integer' ? int(v.val) : v.val;
+  }
+  return new Config(values);
+}
+
+/** The thrown value and its stack, one string (what the host logs and shows). */
+export function errorText(e) {
+  if (e instanceof Error) {
+    const stack = e.stack ? `\n${String(e.stack).trim()}` : '';
+    return `${e.name}: ${e.message}${stack}`;
+  }
+  return String(e);
+}
+
+function describe(cls) {
+  const m = cls.metadata ?? {};
+  const keys = m.config ?? [];
+  return {
+    name: m.name ?? cls.name,
+    version: m.version ?? '0.1.0',
+    description: m.description ?? '',
+    config: keys.map((k) => ({
+      name: k.name,
+      valueType: k.type,
+      required: k.required,
+      defaultValue: k.default,
+      description: k.doc,
+    })),
+    otherKeys: keys.length === 0,
+    memoryMb: m.memoryMb,
+  };
+}
+
+function sinkError(e) {
+  if (e instanceof Retryable) return { tag: 'retryable', val: [e.message, e.retryAfterMs] };
+  if (e instanceof Fatal) return { tag: 'fatal', val: e.message };
+  if (e instanceof DeadLetter) {
+    return { tag: 'dead-letter', val: e.rejected.map(([index, reason]) => ({ index, reason })) };
+  }
+  // anything else: transient, with the stack for the operator
+  return { tag: 'retryable', val: [errorText(e), undefined] };
+}
+
+/**
+ * The component's `sink-plugin` export for a {@link Sink} subclass:
+ * `export const sinkPlugin = exportSink(MySink);` in the entry module.
+ */
+export function exportSink(cls) {
+  let instance;
+  const call = async (method, arg) => {
+    if (!instance) throw { tag: 'fatal', val: `${method} before init` };
+    try {
+      await instance[method](arg);
+    } catch (e) {
+      throw sinkError(e);
+    }
+  };
+  return {
+    describe: () => describe(cls),
+    init(config) {
+      try {
+        instance = new cls(configFromWit(config));
+      } catch (e) {
+        throw errorText(e);
+      }
+      return {
+        preferredBatchSize: cls.metadata?.preferredBatchSize,
+        needsFullRows: false,
+        prefersEncoded: false,
+      };
+    },
+    write: (batch) => call('write', batch),
+    writeEncoded() {
+      throw { tag: 'fatal', val: 'the JavaScript SDK does not ask for the compact encoding' };
+    },
+    applySchemaChange: (change) => call('applySchemaChange', change),
+  };
+}
+
+/**
+ * The component's `transform-plugin` export for a {@link Transform} subclass:
+ * `export const transformPlugin = exportTransform(MyTransform);`.
+ */
+export function exportTransform(cls) {
+  let instance;
+  return {
+    describe: () => describe(cls),
+    init(config) {
+      try {
+        instance = new cls(configFromWit(config));
+      } catch (e) {
+        throw errorText(e);
+      }
+      return { prefersEncoded: false };
+    },
+    async process(batch) {
+      if (!instance) throw 'process before init';
+      let keep;
+      try {
+        keep = await instance.process(batch);
+      } catch (e) {
+        throw errorText(e);
+      }
+      if (keep === undefined || keep === null) return { tag: 'keep-all' };
+      return { tag: 'keep', val: [...keep].map(Number).sort((a, b) => a - b) };
+    },
+    processEncoded() {
+      throw 'the JavaScript SDK does not ask for the compact encoding';
+    },
+  };
+}

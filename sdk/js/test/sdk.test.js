@@ -1,0 +1,115 @@
+// The SDK under Node: values, JSON lines, and the adapters a component exports (what the
+// host receives for each outcome). `npm test` in sdk/js.
+import assert from 'node:assert/strict';
+import { beforeEach, test } from 'node:test';
+
+import {
+  DeadLetter, Fatal, Retryable, Sink, Transform, UNCHANGED_TOAST, changes, exportSink,
+  exportTransform, key, log, toJson, value,
+} from '../src/index.js';
+import { BatchBuilder, config, logs, reset } from '../src/testing.js';
+
+beforeEach(reset);
+
+const orders = () =>
+  new BatchBuilder(7).table(3, 'public', 'orders', [['id', 20, true], ['amount', 1700, false], ['doc', 3802, false], ['raw', 17, false], ['f', 701, false]]);
+
+test('values: int8 beyond 2^53 stays exact, numeric a string, json parsed, bytea bytes', () => {
+  const b = orders().insert(3, [2n ** 63n - 1n, { tag: 'numeric', val: '12345678901234567890.5' }, { a: [1] }, new Uint8Array([0, 255]), NaN]).build();
+  const [c] = changes(b);
+  assert.equal(c.op, 'insert');
+  assert.equal(c.table, 'public.orders');
+  assert.deepEqual(c.key, ['id']);
+  assert.equal(c.new.id, 9223372036854775807n);
+  assert.equal(c.new.amount, '12345678901234567890.5');
+  assert.deepEqual(c.new.doc, { a: [1] });
+  assert.deepEqual(c.new.raw, new Uint8Array([0, 255]));
+  assert.equal(c.old, null);
+  assert.equal(value({ tag: 'int', val: 5n }), 5);
+  assert.equal(value({ tag: 'unchanged-toast' }), UNCHANGED_TOAST);
+});
+
+test('toJson keeps every digit and writes what JSON cannot hold as strings', () => {
+  const b = orders()
+    .insert(3, [2n ** 63n - 1n, { tag: 'numeric', val: '1.10' }, { tag: 'json', val: '{"big": 123456789012345678901234567890}' }, new Uint8Array([0, 255]), Infinity])
+    .update(3, [1, UNCHANGED_TOAST, null, null, 1.5], [1, null, null, null, 0])
+    .build();
+  const [a, u] = [...changes(b)].map(toJson);
+  assert.equal(
+    a,
+    '{"op":"insert","table":"public.orders","lsn":4104,"commit_lsn":4104,"xid":700,"old":null,' +
+      '"new":{"id":9223372036854775807,"amount":"1.10","doc":{"big": 123456789012345678901234567890},"raw":"00ff","f":"Infinity"}}',
+  );
+  const parsed = JSON.parse(u);
+  assert.deepEqual(parsed.new, { id: 1, amount: { unchanged_toast: true }, doc: null, raw: null, f: 1.5 });
+  assert.equal(parsed.old.f, 0);
+});
+
+test('a sink export answers with the error variant the host expects for each outcome', async () => {
+  let outcome;
+  class S extends Sink {
+    static metadata = { name: 's', version: '1.2.3', memoryMb: 96, config: [key('url', 'text', { required: true, doc: 'where' }), key('n', 'integer', { default: 5 })] };
+    constructor(c) {
+      super(c);
+      this.url = c.required('url');
+      this.n = c.get('n', 5);
+    }
+    async write() {
+      log.info('writing', { n: this.n });
+      if (outcome) throw outcome;
+    }
+  }
+  const p = exportSink(S);
+  assert.deepEqual(p.describe(), {
+    name: 's', version: '1.2.3', description: '', memoryMb: 96, otherKeys: false,
+    config: [
+      { name: 'url', valueType: 'text', required: true, defaultValue: undefined, description: 'where' },
+      { name: 'n', valueType: 'integer', required: false, defaultValue: '5', description: '' },
+    ],
+  });
+  await assert.rejects(p.write(orders().build()), (e) => e.tag === 'fatal' && /before init/.test(e.val));
+  assert.throws(() => p.init([]), (e) => typeof e === 'string' && /config key url is required/.test(e));
+  assert.deepEqual(p.init([['url', { tag: 'text', val: 'http://x/' }], ['n', { tag: 'integer', val: 9n }]]), {
+    preferredBatchSize: undefined, needsFullRows: false, prefersEncoded: false,
+  });
+  const b = orders().build();
+  outcome = undefined;
+  assert.equal(await p.write(b), undefined);
+  assert.deepEqual(logs()[0], { level: 'info', message: 'writing', fields: [['n', '9']] });
+  outcome = new Retryable('busy', 250);
+  await assert.rejects(p.write(b), { tag: 'retryable', val: ['busy', 250] });
+  outcome = new Fatal('no table');
+  await assert.rejects(p.write(b), { tag: 'fatal', val: 'no table' });
+  outcome = new DeadLetter([[2, 'too long']]);
+  await assert.rejects(p.write(b), { tag: 'dead-letter', val: [{ index: 2, reason: 'too long' }] });
+  outcome = new TypeError('oops');
+  await assert.rejects(p.write(b), (e) => e.tag === 'retryable' && e.val[0].startsWith('TypeError: oops\n') && e.val[1] === undefined);
+});
+
+test('a transform export keeps all, keeps indices in order, or reports the error', async () => {
+  let answer;
+  class T extends Transform {
+    process() {
+      if (answer instanceof Error) throw answer;
+      return answer;
+    }
+  }
+  const p = exportTransform(T);
+  assert.equal(p.describe().otherKeys, true);
+  assert.deepEqual(p.init([]), { prefersEncoded: false });
+  const b = orders().build();
+  answer = undefined;
+  assert.deepEqual(await p.process(b), { tag: 'keep-all' });
+  answer = new Set([3, 1]);
+  assert.deepEqual(await p.process(b), { tag: 'keep', val: [1, 3] });
+  answer = new Error('bad rule');
+  await assert.rejects(p.process(b), (e) => typeof e === 'string' && e.startsWith('Error: bad rule'));
+});
+
+test('config: typed values, json parsed, required names the key', () => {
+  const c = config({ url: 'u' });
+  assert.equal(c.get('missing', 3), 3);
+  assert.ok(c.has('url'));
+  assert.throws(() => c.required('token'), (e) => e instanceof Fatal && /token/.test(e.message));
+  assert.throws(() => key('x', 'date'), /not one of/);
+});
