@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use dbmazz::localpg::PG_BIN;
 
 use crate::process::NEVER;
-use crate::process::{write_config, Dbmazz, RunConfig};
+use crate::process::{self, write_config, Dbmazz, HttpSink, RunConfig};
 use crate::report::{CatchUp, Consumer};
 use crate::workload::Workload;
 use crate::{proc, receiver, Env, MB};
@@ -93,6 +93,7 @@ pub async fn run(env: &Env, w: &Workload, consumers: &[Consumer]) -> anyhow::Res
             walsender_cpu_s_per_million: m.walsender_cpu_s.map(|s| s * 1e6 / w.changes as f64),
             peak_rss_mb: m.peak_rss_bytes as f64 / MB,
             batches: m.batches,
+            compile_s: m.compile_s,
         });
         db.execute("SELECT pg_drop_replication_slot($1)", &[&slot(c)])
             .await
@@ -126,6 +127,8 @@ pub struct Measured {
     pub bytes: u64,
     /// Batches delivered (dbmazz only).
     pub batches: Option<u64>,
+    /// Seconds spent compiling plugins before streaming (dbmazz only).
+    pub compile_s: Option<f64>,
 }
 
 /// How often a run's end is polled (both consumers).
@@ -243,6 +246,7 @@ pub async fn ceiling(
         peak_rss_bytes: me.last.map_or(0, |u| u.peak_rss_bytes),
         bytes: 0,
         batches: None,
+        compile_s: None,
     })
 }
 
@@ -253,9 +257,17 @@ pub async fn dbmazz_catch_up(
     slot: &str,
     publication: &str,
 ) -> anyhow::Result<Measured> {
-    let receiver = match c {
-        Consumer::FilterWebhook => Some(receiver::start(Duration::ZERO).await?),
+    // (sink file, limits.memory_mb, what one change looks like at the receiver)
+    let http = match c {
+        Consumer::FilterWebhook => Some(("sink_webhook.wasm", 64, receiver::CLOUDEVENTS)),
+        // CPython in the component needs 128 MiB (its metadata says so)
+        Consumer::FilterPython => Some(("sink_python.wasm", 128, receiver::JSON_LINES)),
+        Consumer::FilterJs => Some(("sink_js.wasm", 64, receiver::JSON_LINES)),
         _ => None,
+    };
+    let receiver = match http {
+        Some((_, _, marker)) => Some(receiver::start(Duration::ZERO, marker).await?),
+        None => None,
     };
     let table = format!("public.{}", w.table);
     let config = write_config(
@@ -266,7 +278,13 @@ pub async fn dbmazz_catch_up(
             publication,
             tables: &[&table],
             filter: c != Consumer::Null,
-            webhook: receiver.as_ref().map(|r| r.addr),
+            webhook: http
+                .zip(receiver.as_ref())
+                .map(|((plugin, memory_mb, _), r)| HttpSink {
+                    plugin,
+                    addr: r.addr,
+                    memory_mb,
+                }),
             null_delay_ms: if c == Consumer::Buffered { 100 } else { 0 },
             // Buffered: batches of 10,000; 7 in the channel, 2 in delivery (the one
             // being written and the next, taken to store its intent with the
@@ -278,6 +296,9 @@ pub async fn dbmazz_catch_up(
             },
         },
     )?;
+    // `dbmazz check` compiles the plugins into the cache the run uses: the compile is timed
+    // here, and the run's peak RSS is the pipeline's, not the compiler's.
+    let compile_ms = process::check(&env.dbmazz, &config)?;
     let mut d = Dbmazz::spawn(&env.dbmazz, &config)?;
     let started = d.wait_streaming().await?;
     let mut me = CpuWatch {
@@ -340,5 +361,6 @@ pub async fn dbmazz_catch_up(
         peak_rss_bytes: peak,
         bytes,
         batches: Some(batches),
+        compile_s: Some(compile_ms as f64 / 1000.0),
     })
 }

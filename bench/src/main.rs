@@ -11,7 +11,10 @@
 //! - dbmazz with the null sink, with `transform-filter` + null sink, and with
 //!   `transform-filter` + `sink-webhook` to a local receiver that only counts, timed from
 //!   its `streaming` log line (after START_REPLICATION) to the moment the control API
-//!   reports every change acknowledged by the sink.
+//!   reports every change acknowledged by the sink;
+//! - on W1 also with `transform-filter` + the Python and the JavaScript template sinks
+//!   (`examples/sink-python`, `examples/sink-js`: JSON lines) to the same kind of receiver,
+//!   with the plugins' first-load compile time.
 //!
 //! Then steady state: W2-shaped transactions committed at a fixed rate while dbmazz
 //! delivers to the null sink; commit-to-ack latency percentiles come from dbmazz's own
@@ -57,8 +60,9 @@ struct Cli {
     /// The dbmazz binary (default: `cargo build --release -p dbmazz`, then target/release).
     #[arg(long)]
     dbmazz: Option<PathBuf>,
-    /// A directory holding transform_filter.wasm, sink_null.wasm and sink_webhook.wasm
-    /// (default: build them with cargo for wasm32-wasip2).
+    /// A directory holding transform_filter.wasm, sink_null.wasm, sink_webhook.wasm,
+    /// sink_python.wasm and sink_js.wasm (default: build them with cargo for wasm32-wasip2
+    /// and the SDKs' build commands from examples/sink-python and examples/sink-js).
     #[arg(long)]
     plugins: Option<PathBuf>,
     /// Only these consumers (for profiling one of them).
@@ -147,6 +151,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Consumer::FilterNull,
                 Consumer::FilterWebhook,
             ]);
+        }
+        if w.name == "W1" && wants(&cli, w.name) {
+            // plugins in other languages, next to sink-webhook (no target: where the time
+            // goes is in docs/performance.md)
+            consumers.extend([Consumer::FilterPython, Consumer::FilterJs]);
         }
         if memory {
             consumers.push(Consumer::Buffered);
@@ -241,13 +250,45 @@ fn build(
                 "-p",
                 "sink-webhook",
             ])?;
-            target.join("wasm32-wasip2/release")
+            let dir = target.join("wasm32-wasip2/release");
+            // the SDK templates, with their SDKs' build commands (scripts/setup.sh installs
+            // their toolchains in target/python and sdk/js/node_modules)
+            let sdk_build = |program: PathBuf, args: &[&str], example: &str, out: &str| {
+                eprintln!("bench: building {out} from {example}");
+                let status = Command::new(&program)
+                    .args(args)
+                    .arg(dir.join(out))
+                    .current_dir(root.join(example))
+                    .status()
+                    .with_context(|| {
+                        format!("running {} (run scripts/setup.sh)", program.display())
+                    })?;
+                if !status.success() {
+                    bail!("building {out} from {example} failed");
+                }
+                anyhow::Ok(())
+            };
+            sdk_build(
+                target.join("python/bin/dbmazz-plugin-build"),
+                &["sink", "app", "-o"],
+                "examples/sink-python",
+                "sink_python.wasm",
+            )?;
+            sdk_build(
+                root.join("examples/sink-js/node_modules/.bin/dbmazz-plugin-build"),
+                &["sink", "index.js", "-o"],
+                "examples/sink-js",
+                "sink_js.wasm",
+            )?;
+            dir
         }
     };
     for f in [
         "transform_filter.wasm",
         "sink_null.wasm",
         "sink_webhook.wasm",
+        "sink_python.wasm",
+        "sink_js.wasm",
     ] {
         if !plugins.join(f).is_file() {
             bail!("{} not found", plugins.join(f).display());

@@ -70,6 +70,7 @@ impl Dbmazz {
             if message == "streaming" {
                 self.streaming_at = Some(at);
             }
+
             self.log.push(v.to_string());
         }
         if let Some(status) = self.child.try_wait()? {
@@ -178,14 +179,56 @@ pub struct Progress {
 /// `[snapshot]` of runs that must not copy the table (its rows are the slot's backlog).
 pub const NEVER: &str = "mode = \"never\"";
 
+/// Runs `dbmazz check` on `config`, which compiles its plugins into the compiled-plugin
+/// cache; returns the milliseconds the compiles took (the host's "plugin compiled" events;
+/// 0 when every plugin came from the cache).
+///
+/// # Errors
+/// The check failed (its output in the error).
+pub fn check(bin: &Path, config: &Path) -> anyhow::Result<u64> {
+    let out = Command::new(bin)
+        .args(["--log-format", "json", "check", "--config"])
+        .arg(config)
+        .env("DBMAZZ_LOG", "info")
+        .output()
+        .context("running dbmazz check")?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!(
+            "dbmazz check failed:\n{}{text}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("plugin compiled"))
+        })
+        .filter_map(|v| v["fields"]["ms"].as_u64())
+        .sum())
+}
+
+/// A sink that POSTs to a receiver.
+pub struct HttpSink {
+    /// Its file in the plugin directory (`sink_webhook.wasm`, `sink_python.wasm`, ...).
+    pub plugin: &'static str,
+    /// The receiver.
+    pub addr: std::net::SocketAddr,
+    /// Its `limits.memory_mb`.
+    pub memory_mb: u32,
+}
+
 /// The config of one dbmazz run.
 pub struct RunConfig<'a> {
     pub slot: &'a str,
     pub publication: &'a str,
     pub tables: &'a [&'a str],
     pub filter: bool,
-    /// The receiver's address; None: the null sink.
-    pub webhook: Option<std::net::SocketAddr>,
+    /// An HTTP sink and its receiver; None: the null sink.
+    pub webhook: Option<HttpSink>,
     /// The null sink waits this long in each write (a slow sink).
     pub null_delay_ms: u64,
     pub pipeline: &'a str,
@@ -212,10 +255,14 @@ pub fn write_config(env: &Env, c: &RunConfig) -> anyhow::Result<PathBuf> {
             plugin("transform_filter.wasm")
         ));
     }
-    match c.webhook {
-        Some(addr) => toml.push_str(&format!(
-            "[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{addr}/events\" }}\ncapabilities = {{ http = [\"{addr}\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n\n",
-            plugin("sink_webhook.wasm")
+    match &c.webhook {
+        Some(HttpSink {
+            plugin: file,
+            addr,
+            memory_mb,
+        }) => toml.push_str(&format!(
+            "[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{addr}/events\" }}\ncapabilities = {{ http = [\"{addr}\"] }}\nlimits = {{ call_timeout_ms = 60000, memory_mb = {memory_mb} }}\n\n",
+            plugin(file)
         )),
         None => toml.push_str(&format!(
             "[sink]\nplugin = {:?}\nconfig = {{ delay_ms = {} }}\n\n",

@@ -1,6 +1,7 @@
-//! A webhook receiver that only counts: each POST's CloudEvents are counted (occurrences of
-//! `"specversion"` in the JSON array sink-webhook sends) and answered 200, after an
-//! optional delay (to hold the pipeline's buffers full).
+//! A receiver that only counts: each POST's changes are counted (occurrences of a marker
+//! that each change's JSON holds once: `"specversion"` in sink-webhook's CloudEvents,
+//! `"commit_lsn"` in the SDK templates' JSON lines) and answered 200, after an optional
+//! delay (to hold the pipeline's buffers full).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,14 +19,20 @@ pub struct Receiver {
     pub events: Arc<AtomicU64>,
 }
 
-/// Starts a receiver on 127.0.0.1 (a free port); each answer waits `delay`.
-pub async fn start(delay: Duration) -> anyhow::Result<Receiver> {
+/// sink-webhook's marker: one per CloudEvent.
+pub const CLOUDEVENTS: &str = "\"specversion\"";
+/// The SDK templates' marker: one per JSON line.
+pub const JSON_LINES: &str = "\"commit_lsn\"";
+
+/// Starts a receiver on 127.0.0.1 (a free port) counting `marker`; each answer waits
+/// `delay`.
+pub async fn start(delay: Duration, marker: &'static str) -> anyhow::Result<Receiver> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let events = Arc::new(AtomicU64::new(0));
     let counted = events.clone();
     tokio::spawn(async move {
-        let finder = memchr::memmem::Finder::new(b"\"specversion\"").into_owned();
+        let finder = memchr::memmem::Finder::new(marker.as_bytes()).into_owned();
         let finder = Arc::new(finder);
         while let Ok((stream, _)) = listener.accept().await {
             let counted = counted.clone();

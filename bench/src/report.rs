@@ -17,6 +17,12 @@ pub enum Consumer {
     FilterWebhook,
     /// dbmazz, transform-filter, a null sink taking 100 ms per batch; up to 100k changes held.
     Buffered,
+    /// dbmazz, transform-filter, the Python template sink (examples/sink-python: JSON lines)
+    /// to a counting receiver.
+    FilterPython,
+    /// dbmazz, transform-filter, the JavaScript template sink (examples/sink-js: JSON
+    /// lines) to a counting receiver.
+    FilterJs,
 }
 
 impl Consumer {
@@ -28,6 +34,8 @@ impl Consumer {
             Consumer::FilterNull => "filter_null",
             Consumer::FilterWebhook => "filter_webhook",
             Consumer::Buffered => "buffered",
+            Consumer::FilterPython => "filter_python",
+            Consumer::FilterJs => "filter_js",
         }
     }
 
@@ -39,6 +47,8 @@ impl Consumer {
             Consumer::FilterNull => "dbmazz: filter + null sink",
             Consumer::FilterWebhook => "dbmazz: filter + webhook",
             Consumer::Buffered => "dbmazz: filter + slow null sink, 100k buffered",
+            Consumer::FilterPython => "dbmazz: filter + Python sink (template)",
+            Consumer::FilterJs => "dbmazz: filter + JavaScript sink (template)",
         }
     }
 }
@@ -63,6 +73,9 @@ pub struct CatchUp {
     pub peak_rss_mb: f64,
     /// Batches dbmazz delivered.
     pub batches: Option<u64>,
+    /// Seconds dbmazz spent compiling plugins at this start (a plugin's first load; later
+    /// starts take it from the compiled-plugin cache).
+    pub compile_s: Option<f64>,
 }
 
 /// One steady-state measurement.
@@ -148,12 +161,12 @@ pub fn print(r: &Report) {
     }
     if !r.catch_up.is_empty() {
         println!(
-            "\n| workload | consumer | changes/s | MB/s | × ceiling | CPU s / M changes | walsender CPU s / M | peak RSS MB | batches |"
+            "\n| workload | consumer | changes/s | MB/s | × ceiling | CPU s / M changes | walsender CPU s / M | peak RSS MB | batches | first-load compile s |"
         );
-        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for c in &r.catch_up {
             println!(
-                "| {} | {} | {:.0} | {:.1} | {} | {:.2} | {} | {:.1} | {} |",
+                "| {} | {} | {:.0} | {:.1} | {} | {:.2} | {} | {:.1} | {} | {} |",
                 c.workload,
                 c.consumer.label(),
                 c.changes_per_s,
@@ -163,7 +176,10 @@ pub fn print(r: &Report) {
                 c.walsender_cpu_s_per_million
                     .map_or("-".into(), |x| format!("{x:.2}")),
                 c.peak_rss_mb,
-                c.batches.map_or("-".into(), |b| b.to_string())
+                c.batches.map_or("-".into(), |b| b.to_string()),
+                c.compile_s
+                    .filter(|s| *s > 0.0)
+                    .map_or("-".into(), |s| format!("{s:.1}"))
             );
         }
     }

@@ -43,9 +43,13 @@ fn quick_run_completes_and_counts_every_change() {
             assert!(consumers.contains(&c), "{w}: no {c} row in {consumers:?}");
         }
     }
-    assert!(rows
-        .iter()
-        .any(|r| r["workload"] == "W1" && r["consumer"] == "Buffered"));
+    for c in ["Buffered", "FilterPython", "FilterJs"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["workload"] == "W1" && r["consumer"] == c),
+            "W1: no {c} row"
+        );
+    }
     for r in rows {
         assert!(r["changes"].as_u64().unwrap() > 0, "{r}");
         assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");

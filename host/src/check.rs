@@ -110,7 +110,13 @@ async fn steps<W: Write>(
         Err(e) => return list.fail("sink", e),
     };
     if let SinkTarget::Plugin(sink) = &target {
-        let host = match PluginHost::new(None) {
+        // the cache `run` uses: what check compiles, the next start loads ready-made
+        let cache = cfg
+            .plugins
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| cfg.state.dir.join("compiled"));
+        let host = match PluginHost::new(Some(cache)) {
             Ok(h) => h,
             Err(e) => return list.fail("plugin engine", format!("{e:#}")),
         };

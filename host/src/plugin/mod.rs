@@ -597,10 +597,17 @@ impl PluginHost {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let compiled = self
             .engine
             .precompile_component(bytes)
             .map_err(|e| invalid(e.into()))?;
+        tracing::info!(
+            file = %path.display(),
+            ms = started.elapsed().as_millis() as u64,
+            bytes = bytes.len(),
+            "plugin compiled (cached for the next start)"
+        );
         let tmp = dir.join(format!("{key}.tmp{}", std::process::id()));
         let write = || -> std::io::Result<()> {
             use std::io::Write as _;
