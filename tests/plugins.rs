@@ -43,10 +43,88 @@ async fn plugins_of_contract_0_2_still_load_and_deliver() {
     let (ok, out) = inspect(&webhook);
     assert!(ok && out.contains("wit version:   0.2.0"), "{out}");
     assert!(
-        out.contains("contract 0.2 plugins do not describe themselves"),
+        out.contains("plugins of contracts before 0.3 do not describe themselves"),
         "{out}"
     );
     filter_then_webhook(&filter, &webhook).await;
+}
+
+/// Plugins built against contract 0.1.0 (binaries kept in `tests/binaries/`, built from
+/// commit d2a41b2) load through the host's adapter: snapshot rows (`read`, which 0.1 does
+/// not know) arrive as inserts, live changes as they are, and the suite passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_of_contract_0_1_still_load_and_deliver() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/binaries");
+    let (filter, webhook) = (
+        dir.join("transform-filter-0.1.0.wasm"),
+        dir.join("sink-webhook-0.1.0.wasm"),
+    );
+    let (ok, out) = inspect(&webhook);
+    assert!(ok && out.contains("wit version:   0.1.0"), "{out}");
+    let (ok, out) = support::dbmazz(&["plugin".as_ref(), "test".as_ref(), webhook.as_os_str()]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
+
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, meta jsonb);
+         CREATE TABLE audit_log (id int PRIMARY KEY);
+         INSERT INTO orders SELECT g, 'old', '{\"n\": 1}' FROM generate_series(1, 3) g;
+         INSERT INTO audit_log VALUES (1);",
+    )
+    .await
+    .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 50\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"public.audit_*\"] }}\n\n{}",
+        filter.display().to_string(),
+        webhook_sink_of(&webhook, &rx.url(), &rx.addr.to_string(), "")
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["orders", "audit_log"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    eventually(
+        T,
+        "the 3 snapshot rows",
+        || d.log(),
+        || rx.events().len() >= 3,
+    );
+    db.batch_execute(
+        "INSERT INTO orders VALUES (4, 'new', null); UPDATE orders SET status = 'paid' WHERE id = 1;
+         DELETE FROM orders WHERE id = 2; INSERT INTO audit_log VALUES (2);",
+    )
+    .await
+    .unwrap();
+    eventually(T, "6 events", || d.log(), || rx.events().len() >= 6);
+    let events = rx.events();
+    let seen: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| {
+            let row = if e["data"]["after"].is_null() {
+                &e["data"]["before"]
+            } else {
+                &e["data"]["after"]
+            };
+            (
+                e["type"].as_str().unwrap().to_string(),
+                row["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let kind = |k: &str, id: i64| (format!("io.dbmazz.change.{k}"), id);
+    assert_eq!(
+        seen,
+        [
+            kind("insert", 1),
+            kind("insert", 2),
+            kind("insert", 3),
+            kind("insert", 4),
+            kind("update", 1),
+            kind("delete", 2),
+        ],
+        "snapshot rows as inserts, then the live changes, audit_log filtered out: {events:#?}"
+    );
+    assert_eq!(events[0]["data"]["after"]["meta"], json!({"n": 1}));
 }
 
 async fn filter_then_webhook(filter: &std::path::Path, webhook: &std::path::Path) {

@@ -383,7 +383,9 @@ async fn print_metadata(
     );
     match stage.describe().await {
         Ok((None, _)) => {
-            println!("metadata:      none (contract 0.2 plugins do not describe themselves)")
+            println!(
+                "metadata:      none (plugins of contracts before 0.3 do not describe themselves)"
+            )
         }
         Ok((Some(m), _)) => {
             println!("plugin:        {} {}", m.name, m.version);

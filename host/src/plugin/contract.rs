@@ -1,17 +1,22 @@
 //! The contract versions the host loads, behind one API.
 //!
 //! A plugin is built against one version of `dbmazz:plugin` (`wit/`). The host speaks
-//! 0.3.0 natively and 0.2.0 through an adapter, the way Zed keeps `since_v*` bindings for
+//! 0.3.0 natively and 0.2.0 and 0.1.0 through adapters, the way Zed keeps `since_v*` bindings for
 //! old extensions: the rest of the host sees [`Pre`] and [`Instance`] and the 0.3 types
 //! ([`SinkInfo`], [`SinkError`], [`TransformResult`], ...) whatever the plugin's version.
 //!
 //! What 0.2 lacks, the adapter supplies: no `describe` (the plugin describes nothing: [`Instance::describe`] answers `None`, and its configuration is not checked
 //! against declared keys), and text configuration (typed values are passed as their text,
 //! as 0.2 hosts did). Batches cross unchanged: 0.2's data types have 0.3's shapes.
+//!
+//! 0.1 is 0.2 without `op.read`: its batches are converted (a snapshot row's `read`
+//! arrives as `insert`, as before 0.2 named it; the values are copied), and it is never
+//! offered the compact encoding (whose op bytes would include `read`): its `init` answer's
+//! `prefers-encoded` is taken as false.
 
 use wasmtime::{Engine, Store};
 
-use super::bindings::{sink as s3, transform as t3, v0_2, wit};
+use super::bindings::{sink as s3, transform as t3, v0_1, v0_2, wit};
 use super::metadata::PluginMetadata;
 use super::state::PluginState;
 
@@ -35,6 +40,8 @@ pub enum Contract {
     V0_3,
     /// `dbmazz:plugin@0.2.x` (`wit/since_v0.2.0/`), through the adapter.
     V0_2,
+    /// `dbmazz:plugin@0.1.x` (`wit/since_v0.1.0/`), through the adapter.
+    V0_1,
 }
 
 impl Contract {
@@ -45,12 +52,13 @@ impl Contract {
         match (parts.next(), parts.next()) {
             (Some(Some(0)), Some(Some(3))) => Some(Contract::V0_3),
             (Some(Some(0)), Some(Some(2))) => Some(Contract::V0_2),
+            (Some(Some(0)), Some(Some(1))) => Some(Contract::V0_1),
             _ => None,
         }
     }
 
-    /// The versions the host loads, for messages: `0.3, 0.2`.
-    pub const SUPPORTED: &'static str = "0.3.x and 0.2.x";
+    /// The versions the host loads, for messages.
+    pub const SUPPORTED: &'static str = "0.3.x, 0.2.x and 0.1.x";
 }
 
 /// A plugin compiled and linked, ready to instantiate.
@@ -60,6 +68,8 @@ pub(crate) enum Pre {
     Transform(t3::TransformPre<PluginState>),
     SinkV0_2(v0_2::sink::SinkPre<PluginState>),
     TransformV0_2(v0_2::transform::TransformPre<PluginState>),
+    SinkV0_1(v0_1::sink::SinkPre<PluginState>),
+    TransformV0_1(v0_1::transform::TransformPre<PluginState>),
 }
 
 /// A live instance of any contract version.
@@ -68,6 +78,8 @@ pub(crate) enum Instance {
     Transform(t3::Transform),
     SinkV0_2(v0_2::sink::Sink),
     TransformV0_2(v0_2::transform::Transform),
+    SinkV0_1(v0_1::sink::Sink),
+    TransformV0_1(v0_1::transform::Transform),
 }
 
 type Call<T> = wasmtime::Result<T>;
@@ -84,6 +96,8 @@ impl Pre {
             Pre::Transform(p) => p.engine(),
             Pre::SinkV0_2(p) => p.engine(),
             Pre::TransformV0_2(p) => p.engine(),
+            Pre::SinkV0_1(p) => p.engine(),
+            Pre::TransformV0_1(p) => p.engine(),
         }
     }
 
@@ -94,6 +108,8 @@ impl Pre {
             Pre::Transform(p) => Instance::Transform(p.instantiate_async(store).await?),
             Pre::SinkV0_2(p) => Instance::SinkV0_2(p.instantiate_async(store).await?),
             Pre::TransformV0_2(p) => Instance::TransformV0_2(p.instantiate_async(store).await?),
+            Pre::SinkV0_1(p) => Instance::SinkV0_1(p.instantiate_async(store).await?),
+            Pre::TransformV0_1(p) => Instance::TransformV0_1(p.instantiate_async(store).await?),
         })
     }
 }
@@ -132,8 +148,16 @@ fn texts(config: &[(String, ConfigValue)]) -> Vec<(String, String)> {
 }
 
 impl Instance {
-    /// The plugin's description of itself (`metadata.describe`); `None` for a 0.2 plugin,
-    /// which has none.
+    /// True for a sink (of any contract version), false for a transform.
+    pub fn is_sink(&self) -> bool {
+        matches!(
+            self,
+            Instance::Sink(_) | Instance::SinkV0_2(_) | Instance::SinkV0_1(_)
+        )
+    }
+
+    /// The plugin's description of itself (`metadata.describe`); `None` for a 0.2 or 0.1
+    /// plugin, which has none.
     pub async fn describe(&self, store: &mut Store<PluginState>) -> Call<Option<PluginMetadata>> {
         Ok(match self {
             Instance::Sink(i) => Some(
@@ -148,7 +172,10 @@ impl Instance {
                     .await?
                     .into(),
             ),
-            Instance::SinkV0_2(_) | Instance::TransformV0_2(_) => None,
+            Instance::SinkV0_2(_)
+            | Instance::TransformV0_2(_)
+            | Instance::SinkV0_1(_)
+            | Instance::TransformV0_1(_) => None,
         })
     }
 
@@ -165,6 +192,13 @@ impl Instance {
                     preferred_batch_size: s.preferred_batch_size,
                     needs_full_rows: s.needs_full_rows,
                     prefers_encoded: s.prefers_encoded,
+                }))
+            }
+            Instance::SinkV0_1(i) => {
+                Ok(i.call_init(store, &texts(config)).await?.map(|s| SinkInfo {
+                    preferred_batch_size: s.preferred_batch_size,
+                    needs_full_rows: s.needs_full_rows,
+                    prefers_encoded: false,
                 }))
             }
             _ => Err(not_a("sink")),
@@ -190,6 +224,13 @@ impl Instance {
                         prefers_encoded: t.prefers_encoded,
                     }))
             }
+            Instance::TransformV0_1(i) => {
+                Ok(i.call_init(store, &texts(config))
+                    .await?
+                    .map(|_| TransformInfo {
+                        prefers_encoded: false,
+                    }))
+            }
             _ => Err(not_a("transform")),
         }
     }
@@ -203,6 +244,10 @@ impl Instance {
         match self {
             Instance::Sink(i) => i.dbmazz_plugin_sink_plugin().call_write(store, batch).await,
             Instance::SinkV0_2(i) => Ok(i.call_write(store, batch).await?.map_err(sink_error)),
+            Instance::SinkV0_1(i) => Ok(i
+                .call_write(store, &to_v0_1::batch(batch))
+                .await?
+                .map_err(sink_error_v0_1)),
             _ => Err(not_a("sink")),
         }
     }
@@ -223,6 +268,9 @@ impl Instance {
                 .call_write_encoded(store, batch)
                 .await?
                 .map_err(sink_error)),
+            Instance::SinkV0_1(_) => Err(wasmtime::Error::msg(
+                "host bug: a 0.1 plugin is never offered the compact encoding",
+            )),
             _ => Err(not_a("sink")),
         }
     }
@@ -243,6 +291,10 @@ impl Instance {
                 .call_apply_schema_change(store, change)
                 .await?
                 .map_err(sink_error)),
+            Instance::SinkV0_1(i) => Ok(i
+                .call_apply_schema_change(store, &to_v0_1::schema_change(change))
+                .await?
+                .map_err(sink_error_v0_1)),
             _ => Err(not_a("sink")),
         }
     }
@@ -262,6 +314,10 @@ impl Instance {
             Instance::TransformV0_2(i) => {
                 Ok(i.call_process(store, batch).await?.map(transform_result))
             }
+            Instance::TransformV0_1(i) => Ok(i
+                .call_process(store, &to_v0_1::batch(batch))
+                .await?
+                .map(transform_result_v0_1)),
             _ => Err(not_a("transform")),
         }
     }
@@ -282,6 +338,9 @@ impl Instance {
                 .call_process_encoded(store, batch)
                 .await?
                 .map(transform_result)),
+            Instance::TransformV0_1(_) => Err(wasmtime::Error::msg(
+                "host bug: a 0.1 plugin is never offered the compact encoding",
+            )),
             _ => Err(not_a("transform")),
         }
     }
@@ -302,6 +361,174 @@ fn sink_error(e: v0_2::sink::SinkError) -> SinkError {
     }
 }
 
+/// Conversions between 0.3's data types and 0.1's (the same shapes, but 0.1's `op` has no
+/// `read`, so wasmtime cannot share the Rust types). Only the typed batch path needs them:
+/// 0.1 plugins are never offered the compact encoding.
+mod to_v0_1 {
+    use super::v0_1::sink::dbmazz::plugin::types as t1;
+    use super::wit;
+
+    pub fn datum(d: &wit::Datum) -> t1::Datum {
+        match d {
+            wit::Datum::Null => t1::Datum::Null,
+            wit::Datum::UnchangedToast => t1::Datum::UnchangedToast,
+            wit::Datum::Boolean(b) => t1::Datum::Boolean(*b),
+            wit::Datum::Int(i) => t1::Datum::Int(*i),
+            wit::Datum::Float(f) => t1::Datum::Float(*f),
+            wit::Datum::Numeric(s) => t1::Datum::Numeric(s.clone()),
+            wit::Datum::Text(s) => t1::Datum::Text(s.clone()),
+            wit::Datum::Bytes(b) => t1::Datum::Bytes(b.clone()),
+            wit::Datum::Json(s) => t1::Datum::Json(s.clone()),
+        }
+    }
+
+    pub fn datum_back(d: t1::Datum) -> wit::Datum {
+        match d {
+            t1::Datum::Null => wit::Datum::Null,
+            t1::Datum::UnchangedToast => wit::Datum::UnchangedToast,
+            t1::Datum::Boolean(b) => wit::Datum::Boolean(b),
+            t1::Datum::Int(i) => wit::Datum::Int(i),
+            t1::Datum::Float(f) => wit::Datum::Float(f),
+            t1::Datum::Numeric(s) => wit::Datum::Numeric(s),
+            t1::Datum::Text(s) => wit::Datum::Text(s),
+            t1::Datum::Bytes(b) => wit::Datum::Bytes(b),
+            t1::Datum::Json(s) => wit::Datum::Json(s),
+        }
+    }
+
+    pub fn column(c: &wit::Column) -> t1::Column {
+        t1::Column {
+            name: c.name.clone(),
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+            key: c.key,
+        }
+    }
+
+    pub fn column_back(c: t1::Column) -> wit::Column {
+        wit::Column {
+            name: c.name,
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+            key: c.key,
+        }
+    }
+
+    pub fn relation(r: &wit::Relation) -> t1::Relation {
+        t1::Relation {
+            id: r.id,
+            schema: r.schema.clone(),
+            table: r.table.clone(),
+            columns: r.columns.iter().map(column).collect(),
+        }
+    }
+
+    pub fn relation_back(r: t1::Relation) -> wit::Relation {
+        wit::Relation {
+            id: r.id,
+            schema: r.schema,
+            table: r.table,
+            columns: r.columns.into_iter().map(column_back).collect(),
+        }
+    }
+
+    fn row(values: &Option<Vec<wit::Datum>>) -> Option<Vec<t1::Datum>> {
+        values.as_ref().map(|v| v.iter().map(datum).collect())
+    }
+
+    /// A batch as a 0.1 plugin takes it: `read` becomes `insert`.
+    pub fn batch(b: &wit::Batch) -> t1::Batch {
+        t1::Batch {
+            id: b.id,
+            first_lsn: b.first_lsn,
+            last_lsn: b.last_lsn,
+            relations: b.relations.iter().map(relation).collect(),
+            changes: b
+                .changes
+                .iter()
+                .map(|c| t1::Change {
+                    op: match c.op {
+                        wit::Op::Insert | wit::Op::Read => t1::Op::Insert,
+                        wit::Op::Update => t1::Op::Update,
+                        wit::Op::Delete => t1::Op::Delete,
+                        wit::Op::Truncate => t1::Op::Truncate,
+                    },
+                    relation: c.relation,
+                    lsn: c.lsn,
+                    commit_lsn: c.commit_lsn,
+                    xid: c.xid,
+                    commit_time_us: c.commit_time_us,
+                    old: row(&c.old),
+                    old_is_key: c.old_is_key,
+                    new: row(&c.new),
+                })
+                .collect(),
+        }
+    }
+
+    /// A change a 0.1 transform put in its `replace` answer.
+    pub fn change_back(c: t1::Change) -> wit::Change {
+        let row = |v: Option<Vec<t1::Datum>>| v.map(|v| v.into_iter().map(datum_back).collect());
+        wit::Change {
+            op: match c.op {
+                t1::Op::Insert => wit::Op::Insert,
+                t1::Op::Update => wit::Op::Update,
+                t1::Op::Delete => wit::Op::Delete,
+                t1::Op::Truncate => wit::Op::Truncate,
+            },
+            relation: c.relation,
+            lsn: c.lsn,
+            commit_lsn: c.commit_lsn,
+            xid: c.xid,
+            commit_time_us: c.commit_time_us,
+            old: row(c.old),
+            old_is_key: c.old_is_key,
+            new: row(c.new),
+        }
+    }
+
+    pub fn schema_change(c: &wit::SchemaChange) -> t1::SchemaChange {
+        t1::SchemaChange {
+            relation: relation(&c.relation),
+            added: c.added.iter().map(column).collect(),
+            dropped: c.dropped.iter().map(column).collect(),
+            retyped: c
+                .retyped
+                .iter()
+                .map(|(a, b)| (column(a), column(b)))
+                .collect(),
+        }
+    }
+}
+
+fn sink_error_v0_1(e: v0_1::sink::SinkError) -> SinkError {
+    match e {
+        v0_1::sink::SinkError::Retryable(r) => SinkError::Retryable(r),
+        v0_1::sink::SinkError::Fatal(m) => SinkError::Fatal(m),
+        v0_1::sink::SinkError::DeadLetter(list) => SinkError::DeadLetter(
+            list.into_iter()
+                .map(|r| Rejected {
+                    index: r.index,
+                    reason: r.reason,
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn transform_result_v0_1(r: v0_1::transform::TransformResult) -> TransformResult {
+    match r {
+        v0_1::transform::TransformResult::KeepAll => TransformResult::KeepAll,
+        v0_1::transform::TransformResult::Keep(k) => TransformResult::Keep(k),
+        v0_1::transform::TransformResult::Replace((relations, changes)) => {
+            TransformResult::Replace((
+                relations.into_iter().map(to_v0_1::relation_back).collect(),
+                changes.into_iter().map(to_v0_1::change_back).collect(),
+            ))
+        }
+    }
+}
+
 fn transform_result(r: v0_2::transform::TransformResult) -> TransformResult {
     match r {
         v0_2::transform::TransformResult::KeepAll => TransformResult::KeepAll,
@@ -319,7 +546,8 @@ mod tests {
         assert_eq!(Contract::of_version("0.3.0"), Some(Contract::V0_3));
         assert_eq!(Contract::of_version("0.3.9"), Some(Contract::V0_3));
         assert_eq!(Contract::of_version("0.2.0"), Some(Contract::V0_2));
-        assert_eq!(Contract::of_version("0.1.0"), None);
+        assert_eq!(Contract::of_version("0.1.0"), Some(Contract::V0_1));
+        assert_eq!(Contract::of_version("0.0.1"), None);
         assert_eq!(Contract::of_version("0.4.0"), None);
         assert_eq!(Contract::of_version("1.0.0"), None);
         assert_eq!(Contract::of_version("x"), None);

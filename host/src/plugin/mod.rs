@@ -48,7 +48,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-use self::bindings::{sink as sink_world, transform as transform_world, v0_2};
+use self::bindings::{sink as sink_world, transform as transform_world, v0_1, v0_2};
 use self::contract::Contract;
 pub(crate) use self::contract::Pre;
 use self::state::PluginState;
@@ -115,7 +115,7 @@ pub enum LoadError {
         path: PathBuf,
         /// The host's version.
         expected: String,
-        /// The versions the host loads (`0.3.x and 0.2.x`).
+        /// The versions the host loads (`0.3.x, 0.2.x and 0.1.x`).
         supported: &'static str,
         /// The plugin's version.
         found: String,
@@ -527,11 +527,13 @@ impl PluginHost {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut sink_linker)?;
         add_dbmazz_imports(&mut sink_linker)?;
         add_dbmazz_imports_v0_2(&mut sink_linker)?;
+        add_dbmazz_imports_v0_1(&mut sink_linker)?;
 
         let mut transform_linker = Linker::<PluginState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut transform_linker)?;
         add_dbmazz_imports(&mut transform_linker)?;
         add_dbmazz_imports_v0_2(&mut transform_linker)?;
+        add_dbmazz_imports_v0_1(&mut transform_linker)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), stop_ticker.clone());
@@ -747,6 +749,12 @@ impl PluginHost {
             (World::Transform, Contract::V0_2) => {
                 Pre::TransformV0_2(v0_2::transform::TransformPre::new(pre).map_err(wrong)?)
             }
+            (World::Sink, Contract::V0_1) => {
+                Pre::SinkV0_1(v0_1::sink::SinkPre::new(pre).map_err(wrong)?)
+            }
+            (World::Transform, Contract::V0_1) => {
+                Pre::TransformV0_1(v0_1::transform::TransformPre::new(pre).map_err(wrong)?)
+            }
         };
         let name: Arc<str> = path
             .file_stem()
@@ -777,6 +785,17 @@ fn add_dbmazz_imports(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
 fn add_dbmazz_imports_v0_2(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
     use v0_2::sink::dbmazz::plugin::{config, kv, log, metrics};
     linker.instance("dbmazz:plugin/types@0.2.0")?;
+    log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    metrics::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    kv::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
+/// The host interfaces of contract 0.1 (`types` again holds types only).
+fn add_dbmazz_imports_v0_1(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
+    use v0_1::sink::dbmazz::plugin::{config, kv, log, metrics};
+    linker.instance("dbmazz:plugin/types@0.1.0")?;
     log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     metrics::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
@@ -885,7 +904,7 @@ mod version_tests {
     const CURRENT: &str = "dbmazz-plugin.wit";
     /// The 0.2.0 contract.
     const V0_2_0: &str = "since_v0.2.0/dbmazz-plugin.wit";
-    /// The 0.1.0 contract, kept as history.
+    /// The 0.1.0 contract.
     const V0_1_0: &str = "since_v0.1.0/dbmazz-plugin.wit";
 
     /// Builds a real component of the sink world of `dbmazz:plugin@<version>` (a dummy
@@ -953,15 +972,15 @@ mod version_tests {
         assert_eq!(loaded.info.world, Some(World::Sink));
         // a plugin built against the 0.1.0 contract (no `op.read`)
         let older = component_of_version(dir.path(), V0_1_0, "0.1.0");
-        let e = host.load(&older, World::Sink).unwrap_err().to_string();
-        assert!(
-            e.contains("built against dbmazz:plugin@0.1.0")
-                && e.contains("implements dbmazz:plugin@0.3.0 and loads 0.3.x and 0.2.x"),
-            "{e}"
-        );
+        let loaded = host.load(&older, World::Sink).unwrap();
+        assert!(matches!(loaded.pre, Pre::SinkV0_1(_)));
         let newer = component_of_version(dir.path(), CURRENT, "0.4.0");
         let e = host.load(&newer, World::Sink).unwrap_err().to_string();
-        assert!(e.contains("built against dbmazz:plugin@0.4.0"), "{e}");
+        assert!(
+            e.contains("built against dbmazz:plugin@0.4.0")
+                && e.contains("implements dbmazz:plugin@0.3.0 and loads 0.3.x, 0.2.x and 0.1.x"),
+            "{e}"
+        );
         let e = host.load(&ok, World::Transform).unwrap_err().to_string();
         assert!(
             e.contains(

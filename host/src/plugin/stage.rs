@@ -334,18 +334,16 @@ impl Stage {
         }
         self.metadata = metadata;
         store.set_epoch_deadline(self.deadline_ticks());
-        let refused = match &inst {
-            Instance::Sink(_) | Instance::SinkV0_2(_) => {
-                match self.init_timed(inst.init_sink(&mut store, &config)).await? {
-                    Ok(Ok(info)) => {
-                        self.sink_info = Some(info);
-                        None
-                    }
-                    Ok(Err(message)) => Some(message),
-                    Err(e) => return Err(self.trap(e)),
+        let refused = match inst.is_sink() {
+            true => match self.init_timed(inst.init_sink(&mut store, &config)).await? {
+                Ok(Ok(info)) => {
+                    self.sink_info = Some(info);
+                    None
                 }
-            }
-            Instance::Transform(_) | Instance::TransformV0_2(_) => {
+                Ok(Err(message)) => Some(message),
+                Err(e) => return Err(self.trap(e)),
+            },
+            false => {
                 match self
                     .init_timed(inst.init_transform(&mut store, &config))
                     .await?

@@ -18,6 +18,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use super::bindings::sink::dbmazz::plugin::{config, data, kv, log, metrics};
+use super::bindings::v0_1::sink::dbmazz::plugin as v0_1;
 use super::bindings::v0_2::sink::dbmazz::plugin as v0_2;
 use super::PluginMetrics;
 use crate::checkpoint::Store as CheckpointStore;
@@ -630,6 +631,51 @@ impl v0_2::metrics::Host for PluginState {
 }
 
 impl v0_2::kv::Host for PluginState {
+    fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+        kv::Host::get(self, key)
+    }
+    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
+        kv::Host::set(self, key, value)
+    }
+    fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
+        kv::Host::delete(self, key)
+    }
+}
+
+// Contract 0.1: the same again under 0.1's names (0.1 and 0.2 differ only in `op`).
+
+impl v0_1::log::Host for PluginState {
+    fn write(&mut self, level: v0_1::log::Level, message: String, fields: Vec<(String, String)>) {
+        let level = match level {
+            v0_1::log::Level::Trace => log::Level::Trace,
+            v0_1::log::Level::Debug => log::Level::Debug,
+            v0_1::log::Level::Info => log::Level::Info,
+            v0_1::log::Level::Warn => log::Level::Warn,
+            v0_1::log::Level::Error => log::Level::Error,
+        };
+        log::Host::write(self, level, message, fields);
+    }
+}
+
+impl v0_1::config::Host for PluginState {
+    fn get(&mut self, key: String) -> Option<String> {
+        config::Host::get(self, key)
+    }
+    fn all(&mut self) -> Vec<(String, String)> {
+        config::Host::all(self)
+    }
+}
+
+impl v0_1::metrics::Host for PluginState {
+    fn counter_add(&mut self, name: String, delta: u64) {
+        metrics::Host::counter_add(self, name, delta);
+    }
+    fn gauge_set(&mut self, name: String, value: f64) {
+        metrics::Host::gauge_set(self, name, value);
+    }
+}
+
+impl v0_1::kv::Host for PluginState {
     fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
         kv::Host::get(self, key)
     }
