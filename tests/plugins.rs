@@ -619,8 +619,9 @@ fn setup_installs_every_target_the_tests_build_for() {
     );
 }
 
-/// `dbmazz plugin test`: the first-party plugins and a 0.2 binary pass the conformance
-/// suite; a broken plugin fails it, naming the case and the fault.
+/// `dbmazz plugin test`: the first-party plugins, the Rust template and a 0.2 binary pass
+/// the conformance suite; a broken plugin fails it, naming the case and the fault. (The
+/// Python and JavaScript templates: `tests/python.rs`, `tests/js.rs`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_conformance_suite_passes_working_plugins_and_names_a_broken_ones_faults() {
     let p = plugins();
@@ -632,7 +633,7 @@ async fn the_conformance_suite_passes_working_plugins_and_names_a_broken_ones_fa
     };
     let v02 = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/binaries/sink-webhook-0.2.0.wasm");
-    for file in [&p.webhook, &v02, &p.null] {
+    for file in [&p.webhook, &v02, &p.null, &p.template] {
         let (ok, out) = test(file, &[]);
         assert!(ok && out.contains("all 12 cases passed"), "{out}");
         for case in [

@@ -63,6 +63,14 @@ async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_o
     assert!(out.contains("wit version:   0.3.0"), "{out}");
     assert!(out.contains("plugin:        sink-python 0.1.0"), "{out}");
     assert!(out.contains("memory need:   128 MiB"), "{out}");
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        "--memory-mb".as_ref(),
+        "128".as_ref(),
+    ]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
 
     let pg = Pg::start("");
     let db = pg.client().await;
@@ -167,6 +175,18 @@ async fn the_python_transform_template_drops_what_it_says_and_keeps_the_rest_in_
         ok && out.contains("world:         dbmazz:plugin/transform"),
         "{out}"
     );
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        "--memory-mb".as_ref(),
+        "128".as_ref(),
+        "-c".as_ref(),
+        "column=status".as_ref(),
+        "-c".as_ref(),
+        "equals=test".as_ref(),
+    ]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
 
     let pg = Pg::start("");
     let db = pg.client().await;

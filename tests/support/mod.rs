@@ -450,6 +450,8 @@ pub struct Plugins {
     pub null: PathBuf,
     pub null_core_module: PathBuf,
     pub starrocks: PathBuf,
+    /// The Rust template, `examples/sink-template`.
+    pub template: PathBuf,
 }
 
 /// What the tests build, per WebAssembly target. Every target here must be listed in
@@ -464,6 +466,7 @@ pub const PLUGIN_BUILDS: &[(&str, &[&str])] = &[
             "fixture-misbehave",
             "sink-null",
             "sink-starrocks",
+            "sink-template",
         ],
     ),
     ("wasm32-unknown-unknown", &["sink-null"]),
@@ -516,6 +519,7 @@ pub fn plugins() -> &'static Plugins {
             null: w("sink_null"),
             null_core_module: t.join("wasm32-unknown-unknown/release/sink_null.wasm"),
             starrocks: w("sink_starrocks"),
+            template: w("sink_template"),
         }
     })
 }
