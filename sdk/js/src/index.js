@@ -177,45 +177,93 @@ export function value(datum) {
   }
 }
 
+/** What `changes()` keeps per relation: names, key names, `schema.table`, and each
+ * column name as JSON text (for {@link toJson}). */
+function relationInfo(relation, id) {
+  if (!relation) return { table: String(id), names: [], key: [], quoted: [], relation };
+  const names = relation.columns.map((col) => col.name);
+  return {
+    table: `${relation.schema}.${relation.table}`,
+    names,
+    key: relation.columns.filter((col) => col.key).map((col) => col.name),
+    quoted: names.map((n) => JSON.stringify(n)),
+    relation,
+  };
+}
+
+function rowObject(info, values) {
+  if (values === undefined || values === null) return null;
+  const out = {};
+  for (let i = 0; i < values.length; i++) out[info.names[i] ?? `column${i}`] = value(values[i]);
+  return out;
+}
+
 /**
  * One change, convenient: `op` name, `table` as `schema.table`, `key` (the key column
- * names), `old`/`new` objects by column name (`null` when absent), `lsn`/`commitLsn`
- * (BigInt), `xid`, `commitTimeUs` (BigInt, µs since the Unix epoch), `oldIsKey`; `raw` is
- * the change as the host sent it and `relation` its relation.
- *
- * @typedef {object} ChangeView
+ * names), `old`/`new` objects by column name (`null` when absent; built when first read),
+ * `lsn`/`commitLsn` (BigInt), `xid`, `commitTimeUs` (BigInt, µs since the Unix epoch),
+ * `oldIsKey`; `raw` is the change as the host sent it and `relation` its relation.
  */
+export class ChangeView {
+  constructor(index, raw, info) {
+    this.index = index;
+    this.raw = raw;
+    this.info = info;
+  }
+
+  get op() {
+    return this.raw.op;
+  }
+
+  get table() {
+    return this.info.table;
+  }
+
+  get key() {
+    return this.info.key;
+  }
+
+  get relation() {
+    return this.info.relation;
+  }
+
+  get old() {
+    return rowObject(this.info, this.raw.old);
+  }
+
+  get new() {
+    return rowObject(this.info, this.raw.new);
+  }
+
+  get lsn() {
+    return this.raw.lsn;
+  }
+
+  get commitLsn() {
+    return this.raw.commitLsn;
+  }
+
+  get xid() {
+    return this.raw.xid;
+  }
+
+  get commitTimeUs() {
+    return this.raw.commitTimeUs;
+  }
+
+  get oldIsKey() {
+    return this.raw.oldIsKey;
+  }
+}
 
 /** The batch's changes as {@link ChangeView}s, in commit order. */
 export function* changes(batch) {
-  const relations = new Map(batch.relations.map((r) => [r.id, r]));
+  const infos = new Map(batch.relations.map((r) => [r.id, relationInfo(r, r.id)]));
   for (let index = 0; index < batch.changes.length; index++) {
     const c = batch.changes[index];
-    const relation = relations.get(c.relation);
-    const names = relation ? relation.columns.map((col) => col.name) : [];
-    const row = (values) => {
-      if (values === undefined || values === null) return null;
-      const out = {};
-      values.forEach((d, i) => {
-        out[names[i] ?? `column${i}`] = value(d);
-      });
-      return out;
-    };
-    yield {
-      index,
-      op: c.op,
-      table: relation ? `${relation.schema}.${relation.table}` : String(c.relation),
-      key: relation ? relation.columns.filter((col) => col.key).map((col) => col.name) : [],
-      old: row(c.old),
-      new: row(c.new),
-      lsn: c.lsn,
-      commitLsn: c.commitLsn,
-      xid: c.xid,
-      commitTimeUs: c.commitTimeUs,
-      oldIsKey: c.oldIsKey,
-      raw: c,
-      relation,
-    };
+    let info = infos.get(c.relation);
+    if (!info) infos.set(c.relation, (info = relationInfo(undefined, c.relation)));
+    yield new ChangeView(index, c, info);
   }
 }
 
@@ -245,22 +293,29 @@ function datumJson(d) {
   }
 }
 
+function rowJson(quoted, values) {
+  if (values === undefined || values === null) return 'null';
+  let s = '{';
+  for (let i = 0; i < values.length; i++) {
+    if (i > 0) s += ',';
+    s += (quoted[i] ?? `"column${i}"`) + ':' + datumJson(values[i]);
+  }
+  return s + '}';
+}
+
 /**
- * One change as a JSON object (text): `op`, `table`, `lsn`, `commit_lsn`, `xid`, `old`,
- * `new`; int8 and LSNs with every digit, numeric as a string, json/jsonb as the document,
- * bytea as hex, a non-finite float as a string, an unchanged TOAST value as
- * `{"unchanged_toast":true}` — the same lines as the Python SDK's `to_json`.
+ * One change (a {@link ChangeView}) as a JSON object (text): `op`, `table`, `lsn`,
+ * `commit_lsn`, `xid`, `old`, `new`; int8 and LSNs with every digit, numeric as a
+ * string, json/jsonb as the document, bytea as hex, a non-finite float as a string, an
+ * unchanged TOAST value as `{"unchanged_toast":true}` — the same lines as the Python SDK's
+ * `to_json`.
  */
 export function toJson(change) {
-  const names = change.relation ? change.relation.columns.map((col) => col.name) : [];
-  const row = (values) => {
-    if (values === undefined || values === null) return 'null';
-    return `{${values.map((d, i) => `${JSON.stringify(names[i] ?? `column${i}`)}:${datumJson(d)}`).join(',')}}`;
-  };
   const c = change.raw;
+  const { quoted, table } = change.info;
   return (
-    `{"op":"${c.op}","table":${JSON.stringify(change.table)},"lsn":${c.lsn},` +
-    `"commit_lsn":${c.commitLsn},"xid":${c.xid},"old":${row(c.old)},"new":${row(c.new)}}`
+    `{"op":"${c.op}","table":${JSON.stringify(table)},"lsn":${c.lsn},` +
+    `"commit_lsn":${c.commitLsn},"xid":${c.xid},"old":${rowJson(quoted, c.old)},"new":${rowJson(quoted, c.new)}}`
   );
 }
 
