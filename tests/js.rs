@@ -40,6 +40,47 @@ fn template() -> PathBuf {
     example
 }
 
+/// `dbmazz plugin new --lang js` writes a project that installs, tests and builds.
+#[test]
+fn plugin_new_writes_a_javascript_sink_that_tests_and_builds() {
+    template();
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("orders-sink");
+    let sdk = root().join("sdk");
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "new".as_ref(),
+        "--lang".as_ref(),
+        "js".as_ref(),
+        "orders-sink".as_ref(),
+        "--dir".as_ref(),
+        project.as_os_str(),
+        "--sdk".as_ref(),
+        sdk.as_os_str(),
+    ]);
+    assert!(ok && out.contains("npm run build"), "{out}");
+    // the SDK from this checkout: a link, nothing downloaded
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--offline"])
+        .current_dir(&project));
+    let out = run(Command::new("npm")
+        .args(["test", "--silent"])
+        .current_dir(&project));
+    assert!(
+        out.contains("# pass 3") && out.contains("# fail 0"),
+        "{out}"
+    );
+    run(Command::new("npm")
+        .args(["run", "build", "--silent"])
+        .current_dir(&project));
+    let wasm = project.join("orders-sink.wasm");
+    let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
+    assert!(
+        ok && out.contains("plugin:        orders-sink 0.1.0"),
+        "{out}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_in_order() {
     let example = template();

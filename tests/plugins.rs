@@ -676,6 +676,66 @@ async fn the_conformance_suite_passes_working_plugins_and_names_a_broken_ones_fa
     assert!(empty.ends_with("keep all"), "{out}");
 }
 
+/// `dbmazz plugin new --lang rust` writes a project that builds (against this checkout's
+/// SDK) and passes the conformance suite.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_new_writes_a_rust_sink_that_builds_and_passes_the_suite() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("orders-sink");
+    let sdk = root.join("sdk");
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "new".as_ref(),
+        "--lang".as_ref(),
+        "rust".as_ref(),
+        "orders-sink".as_ref(),
+        "--dir".as_ref(),
+        project.as_os_str(),
+        "--sdk".as_ref(),
+        sdk.as_os_str(),
+    ]);
+    assert!(
+        ok && out.contains("cargo build --release --target wasm32-wasip2"),
+        "{out}"
+    );
+    // a second time: the directory exists
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "new".as_ref(),
+        "--lang".as_ref(),
+        "rust".as_ref(),
+        "orders-sink".as_ref(),
+        "--dir".as_ref(),
+        project.as_os_str(),
+    ]);
+    assert!(!ok && out.contains("already exists"), "{out}");
+    // the tests' target directory: the SDK's dependencies are built there already
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&project)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let wasm = target.join("wasm32-wasip2/release/orders_sink.wasm");
+    let (ok, out) = inspect(&wasm);
+    assert!(
+        ok && out.contains("plugin:        orders-sink 0.1.0"),
+        "{out}"
+    );
+    let (ok, out) = support::dbmazz(&["plugin".as_ref(), "test".as_ref(), wasm.as_os_str()]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
+}
+
 fn inspect(file: &std::path::Path) -> (bool, String) {
     support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()])
 }

@@ -157,6 +157,40 @@ async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_o
     }
 }
 
+/// `dbmazz plugin new --lang python` writes a project whose tests pass and which builds.
+#[test]
+fn plugin_new_writes_a_python_sink_that_tests_and_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("orders-sink");
+    let sdk = root().join("sdk");
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "new".as_ref(),
+        "--lang".as_ref(),
+        "python".as_ref(),
+        "orders-sink".as_ref(),
+        "--dir".as_ref(),
+        project.as_os_str(),
+        "--sdk".as_ref(),
+        sdk.as_os_str(),
+    ]);
+    assert!(ok && out.contains("dbmazz-plugin-build sink app"), "{out}");
+    let out = run(Command::new(python_bin("python"))
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .current_dir(&project));
+    assert!(out.contains("3 passed"), "{out}");
+    let wasm = project.join("orders-sink.wasm");
+    run(Command::new(python_bin("dbmazz-plugin-build"))
+        .args(["sink", "app", "-o"])
+        .arg(&wasm)
+        .current_dir(&project));
+    let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
+    assert!(
+        ok && out.contains("plugin:        orders-sink 0.1.0"),
+        "{out}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_transform_template_drops_what_it_says_and_keeps_the_rest_in_order() {
     let example = root().join("examples/transform-python");

@@ -20,6 +20,7 @@ pub use dbmazz_pipeline as pipeline;
 pub mod plugin;
 pub mod quickstart;
 pub mod runtime;
+pub mod scaffold;
 pub mod snapshot;
 pub mod source;
 pub mod stats;

@@ -129,6 +129,21 @@ enum PluginCommand {
         #[arg(long, default_value_t = 30_000)]
         call_timeout_ms: u64,
     },
+    /// Write a working sink project (the sink, its unit tests, a README with the build
+    /// command) from the template of a language.
+    New {
+        /// The language.
+        #[arg(long, value_enum)]
+        lang: dbmazz::scaffold::Lang,
+        /// The plugin's name (lowercase letters, digits, '-'), also its directory.
+        name: String,
+        /// Write it here instead of ./NAME.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Depend on this dbmazz checkout's `sdk/` directory instead of the published SDK.
+        #[arg(long, value_name = "PATH")]
+        sdk: Option<PathBuf>,
+    },
 }
 
 fn init_logs(format: LogFormat, default_level: &str) {
@@ -229,6 +244,25 @@ fn main() -> ExitCode {
                         call_timeout_ms,
                     },
             } => plugin_test(&file, &config, memory_mb, call_timeout_ms).await,
+            Command::Plugin {
+                command:
+                    PluginCommand::New {
+                        lang,
+                        name,
+                        dir,
+                        sdk,
+                    },
+            } => match dbmazz::scaffold::new_project(lang, &name, dir.as_deref(), sdk.as_deref()) {
+                Ok((root, files)) => {
+                    println!("wrote {} ({})\n", root.display(), files.join(", "));
+                    println!("{}", dbmazz::scaffold::next_steps(lang, &root, &name));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dbmazz plugin new: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Dlq { command } => match dbmazz::dlq::run(&command).await {
                 Ok(text) => {
                     print!("{text}");

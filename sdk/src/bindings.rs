@@ -6,7 +6,7 @@
 /// The `sink` world. Owns the shared types and host interfaces.
 pub mod sink {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "dbmazz:plugin/sink",
         pub_export_macro: true,
         additional_derives: [PartialEq],
@@ -26,7 +26,7 @@ pub mod sink {
 /// The `transform` world; shares the types and host interfaces of [`sink`].
 pub mod transform {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "dbmazz:plugin/transform",
         pub_export_macro: true,
         additional_derives: [PartialEq],
