@@ -736,6 +736,93 @@ async fn plugin_new_writes_a_rust_sink_that_builds_and_passes_the_suite() {
     assert!(ok && out.contains("all 12 cases passed"), "{out}");
 }
 
+/// `dbmazz run --record FILE` keeps the pgoutput stream it received; `dbmazz plugin test
+/// --replay FILE` runs that stream's batches through any plugin: the current webhook and
+/// its 0.2 and 0.1 builds take every recorded change, cut around the schema change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recorded_stream_replays_through_any_plugin_version() {
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, note text, meta jsonb)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["orders"],
+        &format!(
+            "[pipeline]\nflush_interval_ms = 50\n\n{}",
+            webhook_sink_of(&p.webhook, &rx.url(), &rx.addr.to_string(), "")
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("stream.rec");
+    let mut d = pipe.spawn_with(&["--record", rec.to_str().unwrap()]);
+    d.wait_log("streaming", T);
+    db.batch_execute(
+        "INSERT INTO orders SELECT g, 'n' || g, jsonb_build_object('g', g) FROM generate_series(1, 2500) g;
+         UPDATE orders SET note = 'x' WHERE id <= 10;
+         ALTER TABLE orders ADD COLUMN extra int;
+         INSERT INTO orders VALUES (9999, 'late', null, 7);
+         DELETE FROM orders WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    eventually(T, "2,512 events", || d.log(), || rx.events().len() >= 2512);
+    // a clean stop writes what the recorder buffered
+    d.signal("TERM");
+    assert!(d.wait(T).is_some_and(|s| s.success()), "{}", d.log());
+
+    let v02 = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/binaries");
+    for file in [
+        p.webhook.clone(),
+        v02.join("sink-webhook-0.2.0.wasm"),
+        v02.join("sink-webhook-0.1.0.wasm"),
+    ] {
+        let (ok, out) = support::dbmazz(&[
+            "plugin".as_ref(),
+            "test".as_ref(),
+            file.as_os_str(),
+            "--replay".as_ref(),
+            rec.as_os_str(),
+            "--flush-size".as_ref(),
+            "1000".as_ref(),
+        ]);
+        assert!(
+            ok && out.contains("cases passed"),
+            "{}: {out}",
+            file.display()
+        );
+        let batches: Vec<(usize, u64)> = out
+            .lines()
+            .filter(|l| l.starts_with("batch "))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[2].parse().unwrap(), f[4].parse().unwrap())
+            })
+            .collect();
+        let total: usize = batches.iter().map(|b| b.0).sum();
+        assert_eq!(total, 2512, "every recorded change, once: {out}");
+        // 2,510 changes before the schema change in batches of at most 1,000, then 2
+        assert_eq!(
+            batches.iter().map(|b| b.0).collect::<Vec<_>>(),
+            [1000, 1000, 510, 2],
+            "{out}"
+        );
+        assert!(batches.iter().all(|b| b.1 >= 1), "a POST per batch: {out}");
+    }
+    // not a recording
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        p.webhook.as_os_str(),
+        "--replay".as_ref(),
+        p.webhook.as_os_str(),
+    ]);
+    assert!(!ok && out.contains("not a dbmazz recording"), "{out}");
+}
+
 fn inspect(file: &std::path::Path) -> (bool, String) {
     support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()])
 }

@@ -65,6 +65,10 @@ enum Command {
         /// start (or re-snapshots, with snapshot.on_slot_ahead = "resnapshot").
         #[arg(long)]
         accept_slot_gap: bool,
+        /// Append every pgoutput message received to FILE (created if missing), to replay
+        /// real data through a plugin later: `dbmazz plugin test PLUGIN.wasm --replay FILE`.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
     },
     /// Check a pipeline without changing anything: config, plugins, connection, setup
     /// (dry run), replication, sink reachability. Exits non-zero on the first problem.
@@ -128,6 +132,13 @@ enum PluginCommand {
         /// `limits.call_timeout_ms` of the stage.
         #[arg(long, default_value_t = 30_000)]
         call_timeout_ms: u64,
+        /// Instead of the built-in suite, the batches of a recording made by `dbmazz run
+        /// --record FILE` (real data, through this plugin or any other version of it).
+        #[arg(long, value_name = "FILE")]
+        replay: Option<PathBuf>,
+        /// With --replay: changes per batch (as `pipeline.flush_size`).
+        #[arg(long, default_value_t = 10_000, requires = "replay")]
+        flush_size: usize,
     },
     /// Write a working sink project (the sink, its unit tests, a README with the build
     /// command) from the template of a language.
@@ -184,7 +195,17 @@ fn main() -> ExitCode {
             Command::Run {
                 config,
                 accept_slot_gap,
-            } => run(config, dbmazz::runtime::RunOptions { accept_slot_gap }).await,
+                record,
+            } => {
+                run(
+                    config,
+                    dbmazz::runtime::RunOptions {
+                        accept_slot_gap,
+                        record,
+                    },
+                )
+                .await
+            }
             Command::Quickstart {
                 sink,
                 seconds,
@@ -242,8 +263,18 @@ fn main() -> ExitCode {
                         config,
                         memory_mb,
                         call_timeout_ms,
+                        replay,
+                        flush_size,
                     },
-            } => plugin_test(&file, &config, memory_mb, call_timeout_ms).await,
+            } => {
+                let limits = dbmazz::plugin::state::Limits {
+                    memory_bytes: usize::try_from(memory_mb << 20).unwrap_or(usize::MAX),
+                    call_timeout_ms,
+                    ..Default::default()
+                };
+                let replay = replay.map(|path| (path, flush_size));
+                plugin_test(&file, &config, limits, replay.as_ref()).await
+            }
             Command::Plugin {
                 command:
                     PluginCommand::New {
@@ -318,8 +349,8 @@ async fn run(path: PathBuf, opts: dbmazz::runtime::RunOptions) -> ExitCode {
 async fn plugin_test(
     file: &std::path::Path,
     config: &[String],
-    memory_mb: u64,
-    call_timeout_ms: u64,
+    limits: dbmazz::plugin::state::Limits,
+    replay: Option<&(PathBuf, usize)>,
 ) -> ExitCode {
     use dbmazz::plugin::contract::{config_value, ConfigValue};
     let mut values = Vec::new();
@@ -342,12 +373,27 @@ async fn plugin_test(
             return ExitCode::FAILURE;
         }
     };
-    let limits = dbmazz::plugin::state::Limits {
-        memory_bytes: usize::try_from(memory_mb << 20).unwrap_or(usize::MAX),
-        call_timeout_ms,
-        ..Default::default()
+    let spill = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: a temporary directory: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    let outcomes = match dbmazz::plugin::conformance::run(&host, file, values, limits).await {
+    let cases = match replay {
+        None => None,
+        Some((path, flush_size)) => {
+            match dbmazz::plugin::conformance::replay(path, *flush_size, spill.path()) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let outcomes = match dbmazz::plugin::conformance::run(&host, file, values, limits, cases).await
+    {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");

@@ -12,6 +12,10 @@
 //! A case *fails* when the plugin trapped, ran past its deadline or out of memory, or
 //! answered `fatal`; retryable answers and dead letters are reported but are the plugin's
 //! to choose.
+//!
+//! With `--replay FILE` the cases are a recording's batches instead ([`replay`]): the
+//! pgoutput messages a pipeline received (`dbmazz run --record FILE`) through the same
+//! assembler, cut every `flush_size` changes and before each schema change.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,18 +29,18 @@ use super::stage::{CallError, Stage, StageSpec};
 use super::state::{Grants, Limits};
 use super::{convert, PluginHost, PluginMetrics, World};
 use crate::lsn::Lsn;
-use crate::pipeline::assembler::{Assembler, Event};
-use crate::pipeline::change::{Batch, Op as ChangeOp, SchemaChange};
+use crate::pipeline::assembler::{Assembler, Event, Step};
+use crate::pipeline::change::{Batch, Change, Op as ChangeOp, SchemaChange};
 use crate::source::pgoutput::encode::{self, Val};
 use crate::source::pgoutput::OldKind;
 
 /// Changes in the `large` case.
 pub const LARGE_CHANGES: usize = 50_000;
 
-/// One case of the suite.
+/// One case of the suite, or one batch of a replayed recording.
 pub struct Case {
-    /// Short name (`insert`, `unchanged-toast`, ...).
-    pub name: &'static str,
+    /// Short name (`insert`, `unchanged-toast`, ..., `batch 7`).
+    pub name: String,
     /// What it holds.
     pub what: &'static str,
     schema_changes: Vec<SchemaChange>,
@@ -47,7 +51,7 @@ pub struct Case {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     /// The case.
-    pub case: &'static str,
+    pub case: String,
     /// Changes in the batch.
     pub changes: usize,
     /// What the plugin answered: `ack`, `retryable: ...`, `fatal: ...`,
@@ -179,7 +183,7 @@ pub fn suite(spill_dir: &Path) -> Result<Vec<Case>, String> {
     let mut cases = Vec::new();
     let mut case = |name, what, (schema, batch): (Vec<SchemaChange>, Batch)| {
         cases.push(Case {
-            name,
+            name: String::from(name),
             what,
             schema_changes: schema,
             batch,
@@ -313,6 +317,83 @@ pub fn suite(spill_dir: &Path) -> Result<Vec<Case>, String> {
     Ok(cases)
 }
 
+/// The batches of a recording (`dbmazz run --record FILE`), as cases named `batch 1`,
+/// `batch 2`, ...: its pgoutput messages through the assembler (streamed transactions
+/// replayed at their commit), cut every `flush_size` changes, before each schema change
+/// and at the end. `spill_dir` is the assembler's. A recording whose last frame was cut
+/// short (its process was killed) replays what came before it.
+///
+/// # Errors
+/// The file is not a recording, or the assembler refused a message (the error names it).
+pub fn replay(path: &Path, flush_size: usize, spill_dir: &Path) -> Result<Vec<Case>, String> {
+    let (messages, cut_short) = crate::source::recording::read(path).map_err(|e| e.to_string())?;
+    if cut_short {
+        tracing::warn!(file = %path.display(), "the recording's last message was cut short (its process was killed while writing); replaying what came before it");
+    }
+    let mut assembler = Assembler::new(spill_dir, 64 << 20).map_err(|e| e.to_string())?;
+    let flush_size = flush_size.max(1);
+    let mut cases = Vec::new();
+    let mut schema: Vec<SchemaChange> = Vec::new();
+    let mut changes: Vec<Change> = Vec::new();
+    let mut cut = |schema: &mut Vec<SchemaChange>, changes: &mut Vec<Change>| {
+        let id = cases.len() as u64 + 1;
+        cases.push(Case {
+            name: format!("batch {id}"),
+            what: "recorded",
+            schema_changes: std::mem::take(schema),
+            batch: Batch {
+                id,
+                first: changes.first().map(|c| c.position).unwrap_or_default(),
+                last: changes.last().map(|c| c.position).unwrap_or_default(),
+                schema_changes: Vec::new(),
+                changes: std::mem::take(changes),
+                watermark: None,
+                replayed: false,
+                timing: None,
+            },
+        });
+    };
+    let mut events = Vec::new();
+    // what the assembler emitted, into batches (drained after each step: a streamed
+    // transaction's replay emits at most a few dozen events per call)
+    let mut take = |events: &mut Vec<Event>| {
+        for e in events.drain(..) {
+            match e {
+                Event::Schema(s) => {
+                    if !changes.is_empty() {
+                        cut(&mut schema, &mut changes);
+                    }
+                    schema.push(s);
+                }
+                Event::Change(c) => {
+                    changes.push(c);
+                    if changes.len() >= flush_size {
+                        cut(&mut schema, &mut changes);
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    for (lsn, data) in messages {
+        let at = |e: crate::pipeline::assembler::AssembleError| {
+            format!("{}: the message at {lsn}: {e}", path.display())
+        };
+        let step = assembler.handle(lsn, data, &mut events).map_err(at)?;
+        take(&mut events);
+        if let Step::Replay(mut txn) = step {
+            while assembler.replay(&mut txn, &mut events).map_err(at)? {
+                take(&mut events);
+            }
+        }
+    }
+    drop(take);
+    if !changes.is_empty() || !schema.is_empty() {
+        cut(&mut schema, &mut changes);
+    }
+    Ok(cases)
+}
+
 /// A local HTTP endpoint that answers every request `200 OK` and counts them.
 async fn endpoint() -> std::io::Result<(std::net::SocketAddr, Arc<AtomicU64>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -376,8 +457,9 @@ fn transform_answer(
     }
 }
 
-/// Runs the suite through the plugin at `file` (a sink or a transform, any contract the
-/// host loads) with `config`; unless `config` sets `url` or the plugin's declared keys
+/// Runs `cases` (the [`suite`], or a recording's batches: [`replay`]; `None`: the suite)
+/// through the plugin at `file` (a sink or a transform, any contract the host loads) with
+/// `config`; unless `config` sets `url` or the plugin's declared keys
 /// leave it out, `url` is the local endpoint. The plugin may reach the endpoint over HTTP; its
 /// limits are `limits` (the defaults of a pipeline stage unless given).
 ///
@@ -389,6 +471,7 @@ pub async fn run(
     file: &Path,
     mut config: Vec<(String, ConfigValue)>,
     limits: Limits,
+    cases: Option<Vec<Case>>,
 ) -> Result<Vec<Outcome>, String> {
     let (_, info) = host.inspect(file).map_err(|e| e.to_string())?;
     let world = info
@@ -423,7 +506,11 @@ pub async fn run(
     stage.start().await.map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for case in suite(dir.path())? {
+    let cases = match cases {
+        Some(c) => c,
+        None => suite(dir.path())?,
+    };
+    for case in cases {
         let before = requests.load(Ordering::Relaxed);
         let started = Instant::now();
         let n = case.batch.changes.len();

@@ -119,6 +119,9 @@ pub struct RunOptions {
     /// slot's position, accepting that the changes in between are lost (logged as a
     /// warning with both LSNs).
     pub accept_slot_gap: bool,
+    /// `--record FILE`: append every pgoutput message received to this recording
+    /// ([`crate::source::recording`]), for `dbmazz plugin test --replay`.
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// Runs the pipeline described by `cfg` with default [`RunOptions`]; see [`run_with`].
@@ -243,6 +246,7 @@ pub async fn run_with(
         handed_batches: 0,
         last_handed_id: 0,
         system_id,
+        record: opts.record.clone(),
     };
     let ended = match sessions.run(repl, watermark_tables).await {
         Ok(end) => end,

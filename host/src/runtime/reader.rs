@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Interval};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::RunError;
 use crate::delivery::Delivery;
@@ -72,6 +72,9 @@ pub(super) struct Reader {
     pub(super) pinged: bool,
     /// host:port, for the timeout's message.
     pub(super) addr: String,
+    /// `--record FILE`: every pgoutput message is appended (flushed at each status
+    /// tick); dropped, with a warning, when a write fails.
+    pub(super) recorder: Option<crate::source::recording::Recorder>,
 }
 
 impl Reader {
@@ -232,6 +235,12 @@ impl Reader {
                 self.stats
                     .received_lsn
                     .store(self.received.0, Ordering::Relaxed);
+                if let Some(rec) = &mut self.recorder {
+                    if let Err(e) = rec.record(wal_start, &data) {
+                        warn!(file = %rec.path().display(), error = %e, "recording stopped");
+                        self.recorder = None;
+                    }
+                }
                 let step = self.assembler.handle(wal_start, data, &mut self.events)?;
                 self.drain_events().await?;
                 if let Step::Replay(mut txn) = step {
@@ -317,7 +326,15 @@ impl Reader {
                 () = std::future::ready(()), if cut_now => Wake::CaughtUp,
             };
             match wake {
-                Wake::Status => self.send_status(false).await?,
+                Wake::Status => {
+                    if let Some(rec) = &mut self.recorder {
+                        if let Err(e) = rec.flush() {
+                            warn!(file = %rec.path().display(), error = %e, "recording stopped");
+                            self.recorder = None;
+                        }
+                    }
+                    self.send_status(false).await?
+                }
                 Wake::Silence if !self.pinged => {
                     // Halfway: ask for a reply (a keepalive) before giving up.
                     self.send_status(true).await?;

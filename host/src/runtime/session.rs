@@ -75,6 +75,8 @@ pub(super) struct Sessions<'a> {
     pub last_handed_id: u64,
     /// The system identifier the store belongs to.
     pub system_id: String,
+    /// `--record FILE` (each session appends to it).
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Sessions<'_> {
@@ -435,6 +437,15 @@ impl Sessions<'_> {
             last_heard: Instant::now(),
             pinged: false,
             addr: self.conn.addr(),
+            recorder: self.record.as_deref().and_then(|path| {
+                match crate::source::recording::Recorder::append(path) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        warn!(file = %path.display(), error = %e, "not recording the stream");
+                        None
+                    }
+                }
+            }),
         });
         // (Ending the session cancels the reader: what it had not handed on is read
         // again by the next session.)

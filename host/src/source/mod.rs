@@ -9,6 +9,7 @@
 
 pub mod conn;
 pub mod error;
+pub mod recording;
 pub mod replication;
 pub mod setup;
 
