@@ -18,6 +18,15 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The `memory at load` figure `dbmazz plugin inspect` printed, MiB.
+fn memory_at_load(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("memory at load: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory at load in {out}"))
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
     let text = format!(
@@ -113,6 +122,11 @@ async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_
     assert!(out.contains("wit version:   0.3.0"), "{out}");
     assert!(out.contains("plugin:        sink-js 0.1.0"), "{out}");
     assert!(out.contains("only_table"), "{out}");
+    let mib = memory_at_load(&out);
+    assert!(
+        (2.0..64.0).contains(&mib),
+        "SpiderMonkey's baseline, measured: {out}"
+    );
 
     // The conformance suite at 256 MiB: SpiderMonkey's heap is full before the host's cap
     // on the 50,000-change batch, it aborts saying "out of memory", and the batch is split.

@@ -847,6 +847,7 @@ async fn inspect_worlds_componentized_modules_and_wrong_worlds() {
         "{out}"
     );
     assert!(out.contains("componentized: no"), "{out}");
+    assert!(out.contains("memory at load: "), "{out}");
     // every import of the first-party plugins is one the host provides
     for file in [&p.webhook, &p.filter, &p.starrocks, &p.null_core_module] {
         let (ok, out) = inspect(file);

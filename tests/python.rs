@@ -32,6 +32,15 @@ fn python_bin(name: &str) -> PathBuf {
     p
 }
 
+/// The `memory at load` figure `dbmazz plugin inspect` printed, MiB.
+fn memory_at_load(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("memory at load: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory at load in {out}"))
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
     let text = format!(
@@ -63,6 +72,11 @@ async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_o
     assert!(out.contains("wit version:   0.3.0"), "{out}");
     assert!(out.contains("plugin:        sink-python 0.1.0"), "{out}");
     assert!(out.contains("memory need:   128 MiB"), "{out}");
+    let mib = memory_at_load(&out);
+    assert!(
+        (5.0..64.0).contains(&mib),
+        "CPython's baseline, measured: {out}"
+    );
     let (ok, out) = support::dbmazz(&[
         "plugin".as_ref(),
         "test".as_ref(),

@@ -461,7 +461,14 @@ async fn print_metadata(
         },
         std::sync::Arc::new(dbmazz::plugin::PluginMetrics::default()),
     );
-    match stage.describe().await {
+    let described = stage.describe().await;
+    if let Some(bytes) = stage.baseline_bytes {
+        println!(
+            "memory at load: {:.1} MiB (measured: a fresh instance; each batch adds to it, see `dbmazz plugin test`)",
+            bytes as f64 / f64::from(1 << 20)
+        );
+    }
+    match described {
         Ok((None, _)) => {
             println!(
                 "metadata:      none (plugins of contracts before 0.3 do not describe themselves)"

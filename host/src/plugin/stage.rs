@@ -104,6 +104,9 @@ pub struct Stage {
     pub calls: u64,
     /// Instances dropped after a trap.
     pub traps: u64,
+    /// Bytes of memory and tables a fresh instance held after `describe` (the plugin's
+    /// baseline, before any configuration or batch), from the last [`Stage::describe`].
+    pub baseline_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for Stage {
@@ -179,6 +182,7 @@ impl Stage {
             transform_info: None,
             calls: 0,
             traps: 0,
+            baseline_bytes: None,
         }
     }
 
@@ -303,6 +307,7 @@ impl Stage {
             Ok(m) => m,
             Err(e) => return Err(self.trap(e)),
         };
+        self.baseline_bytes = Some(store.data().limits.used());
         let fits = match &metadata {
             Some(m) => m.check(
                 &self.spec.config,
