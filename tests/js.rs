@@ -10,32 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{eventually, Pg, Pipeline, Receiver};
+use support::{eventually, memory_at_load, run_ok, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The `memory at load` figure `dbmazz plugin inspect` printed, MiB.
-fn memory_at_load(out: &str) -> f64 {
-    out.lines()
-        .find_map(|l| l.strip_prefix("memory at load: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no memory at load in {out}"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
 }
 
 /// The template, with its dependencies installed (`scripts/setup.sh` does it).
@@ -69,19 +49,25 @@ fn plugin_new_writes_a_javascript_sink_that_tests_and_builds() {
     ]);
     assert!(ok && out.contains("npm run build"), "{out}");
     // the SDK from this checkout: a link, nothing downloaded
-    run(Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--offline"])
-        .current_dir(&project));
-    let out = run(Command::new("npm")
-        .args(["test", "--silent"])
-        .current_dir(&project));
+    run_ok(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--offline"])
+            .current_dir(&project),
+    );
+    let out = run_ok(
+        Command::new("npm")
+            .args(["test", "--silent"])
+            .current_dir(&project),
+    );
     assert!(
         out.contains("# pass 3") && out.contains("# fail 0"),
         "{out}"
     );
-    run(Command::new("npm")
-        .args(["run", "build", "--silent"])
-        .current_dir(&project));
+    run_ok(
+        Command::new("npm")
+            .args(["run", "build", "--silent"])
+            .current_dir(&project),
+    );
     let wasm = project.join("orders-sink.wasm");
     let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
     assert!(
@@ -94,16 +80,20 @@ fn plugin_new_writes_a_javascript_sink_that_tests_and_builds() {
 async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_in_order() {
     let example = template();
     // the SDK's and the template's unit tests, under Node
-    let out = run(Command::new("npm")
-        .args(["test", "--silent"])
-        .current_dir(root().join("sdk/js")));
+    let out = run_ok(
+        Command::new("npm")
+            .args(["test", "--silent"])
+            .current_dir(root().join("sdk/js")),
+    );
     assert!(
         out.contains("# pass 5") && out.contains("# fail 0"),
         "{out}"
     );
-    let out = run(Command::new("npm")
-        .args(["test", "--silent"])
-        .current_dir(&example));
+    let out = run_ok(
+        Command::new("npm")
+            .args(["test", "--silent"])
+            .current_dir(&example),
+    );
     assert!(
         out.contains("# pass 3") && out.contains("# fail 0"),
         "{out}"
@@ -111,7 +101,7 @@ async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_
     // the component, with the SDK's build command
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("sink-js.wasm");
-    run(
+    run_ok(
         Command::new(example.join("node_modules/.bin/dbmazz-plugin-build"))
             .args(["sink", "index.js", "-o"])
             .arg(&wasm)
@@ -178,18 +168,7 @@ async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_
     )
     .await
     .unwrap();
-    let lines = || -> Vec<serde_json::Value> {
-        rx.received()
-            .iter()
-            .filter(|r| r.status < 300)
-            .flat_map(|r| {
-                String::from_utf8_lossy(&r.body)
-                    .lines()
-                    .map(|l| serde_json::from_str(l).expect("a JSON line"))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
+    let lines = || rx.json_lines();
     eventually(T, "1,003 changes", || d.log(), || lines().len() >= 1003);
     let got = lines();
     assert_eq!(got.len(), 1003, "every change once");

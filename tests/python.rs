@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{eventually, Pg, Pipeline, Receiver};
+use support::{eventually, memory_at_load, run_ok, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -32,41 +32,25 @@ fn python_bin(name: &str) -> PathBuf {
     p
 }
 
-/// The `memory at load` figure `dbmazz plugin inspect` printed, MiB.
-fn memory_at_load(out: &str) -> f64 {
-    out.lines()
-        .find_map(|l| l.strip_prefix("memory at load: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no memory at load in {out}"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_order() {
     let example = root().join("examples/sink-python");
     // its unit tests, under plain CPython
-    let out = run(Command::new(python_bin("python"))
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .current_dir(&example));
+    let out = run_ok(
+        Command::new(python_bin("python"))
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .current_dir(&example),
+    );
     assert!(out.contains("3 passed"), "{out}");
     // the component, with the SDK's build command
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("sink-python.wasm");
-    run(Command::new(python_bin("dbmazz-plugin-build"))
-        .args(["sink", "app", "-o"])
-        .arg(&wasm)
-        .current_dir(&example));
+    run_ok(
+        Command::new(python_bin("dbmazz-plugin-build"))
+            .args(["sink", "app", "-o"])
+            .arg(&wasm)
+            .current_dir(&example),
+    );
     let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
     assert!(ok, "{out}");
     assert!(out.contains("wit version:   0.3.0"), "{out}");
@@ -137,18 +121,7 @@ async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_o
     )
     .await
     .unwrap();
-    let lines = || -> Vec<serde_json::Value> {
-        rx.received()
-            .iter()
-            .filter(|r| r.status < 300)
-            .flat_map(|r| {
-                String::from_utf8_lossy(&r.body)
-                    .lines()
-                    .map(|l| serde_json::from_str(l).expect("a JSON line"))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
+    let lines = || rx.json_lines();
     eventually(T, "1,002 changes", || d.log(), || lines().len() >= 1002);
     let got = lines();
     assert_eq!(got.len(), 1002, "every change once");
@@ -189,15 +162,19 @@ fn plugin_new_writes_a_python_sink_that_tests_and_builds() {
         sdk.as_os_str(),
     ]);
     assert!(ok && out.contains("dbmazz-plugin-build sink app"), "{out}");
-    let out = run(Command::new(python_bin("python"))
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .current_dir(&project));
+    let out = run_ok(
+        Command::new(python_bin("python"))
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .current_dir(&project),
+    );
     assert!(out.contains("3 passed"), "{out}");
     let wasm = project.join("orders-sink.wasm");
-    run(Command::new(python_bin("dbmazz-plugin-build"))
-        .args(["sink", "app", "-o"])
-        .arg(&wasm)
-        .current_dir(&project));
+    run_ok(
+        Command::new(python_bin("dbmazz-plugin-build"))
+            .args(["sink", "app", "-o"])
+            .arg(&wasm)
+            .current_dir(&project),
+    );
     let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
     assert!(
         ok && out.contains("plugin:        orders-sink 0.1.0"),
@@ -208,16 +185,20 @@ fn plugin_new_writes_a_python_sink_that_tests_and_builds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_transform_template_drops_what_it_says_and_keeps_the_rest_in_order() {
     let example = root().join("examples/transform-python");
-    let out = run(Command::new(python_bin("python"))
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .current_dir(&example));
+    let out = run_ok(
+        Command::new(python_bin("python"))
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .current_dir(&example),
+    );
     assert!(out.contains("2 passed"), "{out}");
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("transform-python.wasm");
-    run(Command::new(python_bin("dbmazz-plugin-build"))
-        .args(["transform", "app", "-o"])
-        .arg(&wasm)
-        .current_dir(&example));
+    run_ok(
+        Command::new(python_bin("dbmazz-plugin-build"))
+            .args(["transform", "app", "-o"])
+            .arg(&wasm)
+            .current_dir(&example),
+    );
     let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
     assert!(
         ok && out.contains("world:         dbmazz:plugin/transform"),

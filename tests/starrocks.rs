@@ -653,3 +653,66 @@ async fn rows_starrocks_refuses_are_dead_lettered_alone() {
         assert_eq!(payload["new"]["id"], id, "{payload}");
     }
 }
+
+/// `dbmazz plugin test` runs sink-starrocks through the conformance suite against the
+/// double (its FE and BE granted with `--allow`): every case acknowledged, through the
+/// schema change (an ALTER TABLE on the SQL API), and the 50,000 rows of the large case in
+/// the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_starrocks_passes_the_conformance_suite_against_the_double() {
+    let sr = StarRocksDouble::start("root", "pw").await.unwrap();
+    sr.create_table(
+        DB,
+        "conformance",
+        &[
+            ("id", "BIGINT"),
+            ("n", "INT"),
+            ("amount", "DECIMAL(10,2)"),
+            ("note", "STRING"),
+            ("at", "DATETIME"),
+            ("ok", "BOOLEAN"),
+            ("meta", "JSON"),
+            ("data", "STRING"),
+            ("ratio", "DOUBLE"),
+            ("code", "VARCHAR(14)"),
+            ("tags", "ARRAY<STRING>"),
+            ("day", "DATE"),
+            ("u", "STRING"),
+        ],
+        &["id"],
+    );
+    let url = format!("url={}", sr.fe_url());
+    let database = format!("database={DB}");
+    let (fe, be) = (sr.fe_addr().to_string(), sr.be_addr().to_string());
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        plugins().starrocks.as_os_str(),
+        "-c".as_ref(),
+        url.as_ref(),
+        "-c".as_ref(),
+        database.as_ref(),
+        "-c".as_ref(),
+        "user=root".as_ref(),
+        "-c".as_ref(),
+        "password=pw".as_ref(),
+        "--allow".as_ref(),
+        fe.as_ref(),
+        "--allow".as_ref(),
+        be.as_ref(),
+    ]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
+    let large = sr
+        .rows(DB, "conformance")
+        .iter()
+        .filter(|r| r["id"].as_i64().is_some_and(|id| id >= 100_000))
+        .count();
+    assert_eq!(large, 50_000, "{out}");
+    assert!(
+        sr.columns(DB, "conformance")
+            .unwrap()
+            .iter()
+            .any(|c| c.name == "added"),
+        "the schema change's column was added"
+    );
+}

@@ -139,6 +139,10 @@ enum PluginCommand {
         /// With --replay: changes per batch (as `pipeline.flush_size`).
         #[arg(long, default_value_t = 10_000, requires = "replay")]
         flush_size: usize,
+        /// Let the plugin reach this `host:port` too (a real service it writes to, or a
+        /// test double of one). Repeatable.
+        #[arg(long, value_name = "HOST:PORT")]
+        allow: Vec<String>,
     },
     /// Write a working sink project (the sink, its unit tests, a README with the build
     /// command) from the template of a language.
@@ -265,6 +269,7 @@ fn main() -> ExitCode {
                         call_timeout_ms,
                         replay,
                         flush_size,
+                        allow,
                     },
             } => {
                 let limits = dbmazz::plugin::state::Limits {
@@ -273,7 +278,7 @@ fn main() -> ExitCode {
                     ..Default::default()
                 };
                 let replay = replay.map(|path| (path, flush_size));
-                plugin_test(&file, &config, limits, replay.as_ref()).await
+                plugin_test(&file, &config, limits, replay.as_ref(), allow).await
             }
             Command::Plugin {
                 command:
@@ -351,6 +356,7 @@ async fn plugin_test(
     config: &[String],
     limits: dbmazz::plugin::state::Limits,
     replay: Option<&(PathBuf, usize)>,
+    allow: Vec<String>,
 ) -> ExitCode {
     use dbmazz::plugin::contract::{config_value, ConfigValue};
     let mut values = Vec::new();
@@ -392,8 +398,13 @@ async fn plugin_test(
             }
         }
     };
-    let outcomes = match dbmazz::plugin::conformance::run(&host, file, values, limits, cases).await
-    {
+    let opts = dbmazz::plugin::conformance::Options {
+        config: values,
+        limits,
+        cases,
+        allow,
+    };
+    let outcomes = match dbmazz::plugin::conformance::run(&host, file, opts).await {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");

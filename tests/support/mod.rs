@@ -702,6 +702,42 @@ impl Receiver {
             .flat_map(|r| r.json().as_array().cloned().unwrap_or_default())
             .collect()
     }
+
+    /// Every line of every 2xx-answered request whose body is JSON lines (the SDK
+    /// templates' sinks), in order.
+    pub fn json_lines(&self) -> Vec<Json> {
+        self.received()
+            .iter()
+            .filter(|r| r.status < 300)
+            .flat_map(|r| {
+                String::from_utf8_lossy(&r.body)
+                    .lines()
+                    .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// Runs `cmd`, asserting it succeeds; its stdout and stderr.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// The `memory at load` figure `dbmazz plugin inspect` printed, MiB.
+pub fn memory_at_load(out: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("memory at load: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory at load in {out}"))
 }
 
 impl Pipeline {

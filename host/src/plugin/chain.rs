@@ -464,7 +464,7 @@ impl PluginChain {
 /// (`2^63 | n`, `n < 2^62`) ids.
 pub const SPLIT_BATCH_ID_BASE: u64 = 3 << 62;
 
-fn part_id(id: u64, half: u64) -> u64 {
+pub(crate) fn part_id(id: u64, half: u64) -> u64 {
     // splitmix64's finalizer: a bijection, so distinct inputs give distinct hashes
     fn mix(mut z: u64) -> u64 {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::chain::part_id;
 use super::contract::{ConfigValue, SinkError, TransformResult};
 use super::stage::{CallError, Stage, StageSpec};
 use super::state::{Grants, Limits};
@@ -387,7 +388,6 @@ pub fn replay(path: &Path, flush_size: usize, spill_dir: &Path) -> Result<Vec<Ca
             }
         }
     }
-    drop(take);
     if !changes.is_empty() || !schema.is_empty() {
         cut(&mut schema, &mut changes);
     }
@@ -457,22 +457,34 @@ fn transform_answer(
     }
 }
 
-/// Runs `cases` (the [`suite`], or a recording's batches: [`replay`]; `None`: the suite)
-/// through the plugin at `file` (a sink or a transform, any contract the host loads) with
-/// `config`; unless `config` sets `url` or the plugin's declared keys
-/// leave it out, `url` is the local endpoint. The plugin may reach the endpoint over HTTP; its
-/// limits are `limits` (the defaults of a pipeline stage unless given).
+/// How [`run`] runs a plugin.
+#[derive(Default)]
+pub struct Options {
+    /// The stage's `config` (`url` is added unless given, see [`run`]).
+    pub config: Vec<(String, ConfigValue)>,
+    /// The stage's limits.
+    pub limits: Limits,
+    /// The cases: `None` for the [`suite`], or a recording's batches ([`replay`]).
+    pub cases: Option<Vec<Case>>,
+    /// `host:port`s the plugin may reach besides the local endpoint (`--allow`: a real
+    /// service or a test double of one, e.g. a StarRocks FE and BE).
+    pub allow: Vec<String>,
+}
+
+/// Runs the cases through the plugin at `file` (a sink or a transform, any contract the
+/// host loads); unless the config sets `url` or the plugin's declared keys leave it out,
+/// `url` is the local endpoint. The plugin may reach the endpoint, and `allow`, over HTTP.
 ///
 /// # Errors
 /// The file does not load, the suite cannot be built, the endpoint cannot be bound, or the
 /// plugin refuses its configuration (`init`); faults in the cases are outcomes, not errors.
-pub async fn run(
-    host: &PluginHost,
-    file: &Path,
-    mut config: Vec<(String, ConfigValue)>,
-    limits: Limits,
-    cases: Option<Vec<Case>>,
-) -> Result<Vec<Outcome>, String> {
+pub async fn run(host: &PluginHost, file: &Path, opts: Options) -> Result<Vec<Outcome>, String> {
+    let Options {
+        mut config,
+        limits,
+        cases,
+        allow,
+    } = opts;
     let (_, info) = host.inspect(file).map_err(|e| e.to_string())?;
     let world = info
         .world
@@ -483,7 +495,9 @@ pub async fn run(
         plugin: plugin.clone(),
         config,
         grants: Grants {
-            http: vec![addr.to_string()],
+            http: std::iter::once(addr.to_string())
+                .chain(allow.iter().cloned())
+                .collect(),
             ..Grants::default()
         },
         limits: limits.clone(),
@@ -527,15 +541,17 @@ pub async fn run(
                 let mut split = false;
                 if matches!(r, Ok(Ok(()))) {
                     // as the plugin chain does: a batch that runs out of the plugin's
-                    // memory is written in halves
-                    let mut queue = std::collections::VecDeque::from([(0, n)]);
-                    while let Some((a, b)) = queue.pop_front() {
-                        let part = sub_batch(&case.batch, a, b);
+                    // memory is written in halves, with the chain's part ids (a sink
+                    // that deduplicates on batch ids must see each part as new)
+                    let mut queue = std::collections::VecDeque::from([(0, n, case.batch.id)]);
+                    while let Some((a, b, id)) = queue.pop_front() {
+                        let part = sub_batch(&case.batch, a, b, id);
                         r = write(&mut stage, &part).await;
                         if matches!(&r, Err(e) if e.is_out_of_memory()) && b - a > 1 {
                             split = true;
-                            queue.push_front(((a + b) / 2, b));
-                            queue.push_front((a, (a + b) / 2));
+                            let mid = a + (b - a) / 2;
+                            queue.push_front((mid, b, part_id(id, 1)));
+                            queue.push_front((a, mid, part_id(id, 0)));
                             continue;
                         }
                         parts += 1;
@@ -580,11 +596,11 @@ pub async fn run(
     Ok(out)
 }
 
-/// Changes `a..b` of `batch` as a batch of their own.
-fn sub_batch(batch: &Batch, a: usize, b: usize) -> Batch {
+/// Changes `a..b` of `batch` as a batch of their own, `id`.
+fn sub_batch(batch: &Batch, a: usize, b: usize, id: u64) -> Batch {
     let changes = batch.changes[a..b].to_vec();
     Batch {
-        id: batch.id,
+        id,
         first: changes.first().map_or(batch.first, |c| c.position),
         last: changes.last().map_or(batch.last, |c| c.position),
         schema_changes: Vec::new(),

@@ -596,96 +596,63 @@ impl kv::Host for PluginState {
     }
 }
 
-// Contract 0.2: the same host interfaces under their 0.2 names, answered by the 0.3
-// implementations above.
+// Contracts 0.2 and 0.1: the same host interfaces under their older names (0.2's and 0.1's
+// log, config, metrics and kv are 0.3's, text configuration included), answered by the
+// 0.3 implementations above.
+macro_rules! older_host_interfaces {
+    ($v:ident) => {
+        impl $v::log::Host for PluginState {
+            fn write(
+                &mut self,
+                level: $v::log::Level,
+                message: String,
+                fields: Vec<(String, String)>,
+            ) {
+                let level = match level {
+                    $v::log::Level::Trace => log::Level::Trace,
+                    $v::log::Level::Debug => log::Level::Debug,
+                    $v::log::Level::Info => log::Level::Info,
+                    $v::log::Level::Warn => log::Level::Warn,
+                    $v::log::Level::Error => log::Level::Error,
+                };
+                log::Host::write(self, level, message, fields);
+            }
+        }
 
-impl v0_2::log::Host for PluginState {
-    fn write(&mut self, level: v0_2::log::Level, message: String, fields: Vec<(String, String)>) {
-        let level = match level {
-            v0_2::log::Level::Trace => log::Level::Trace,
-            v0_2::log::Level::Debug => log::Level::Debug,
-            v0_2::log::Level::Info => log::Level::Info,
-            v0_2::log::Level::Warn => log::Level::Warn,
-            v0_2::log::Level::Error => log::Level::Error,
-        };
-        log::Host::write(self, level, message, fields);
-    }
+        impl $v::config::Host for PluginState {
+            fn get(&mut self, key: String) -> Option<String> {
+                config::Host::get(self, key)
+            }
+            fn all(&mut self) -> Vec<(String, String)> {
+                config::Host::all(self)
+            }
+        }
+
+        impl $v::metrics::Host for PluginState {
+            fn counter_add(&mut self, name: String, delta: u64) {
+                metrics::Host::counter_add(self, name, delta);
+            }
+            fn gauge_set(&mut self, name: String, value: f64) {
+                metrics::Host::gauge_set(self, name, value);
+            }
+        }
+
+        impl $v::kv::Host for PluginState {
+            fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
+                kv::Host::get(self, key)
+            }
+            fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
+                kv::Host::set(self, key, value)
+            }
+            fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
+                kv::Host::delete(self, key)
+            }
+        }
+    };
 }
 
-impl v0_2::config::Host for PluginState {
-    fn get(&mut self, key: String) -> Option<String> {
-        config::Host::get(self, key)
-    }
-    fn all(&mut self) -> Vec<(String, String)> {
-        config::Host::all(self)
-    }
-}
-
-impl v0_2::metrics::Host for PluginState {
-    fn counter_add(&mut self, name: String, delta: u64) {
-        metrics::Host::counter_add(self, name, delta);
-    }
-    fn gauge_set(&mut self, name: String, value: f64) {
-        metrics::Host::gauge_set(self, name, value);
-    }
-}
-
-impl v0_2::kv::Host for PluginState {
-    fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
-        kv::Host::get(self, key)
-    }
-    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
-        kv::Host::set(self, key, value)
-    }
-    fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
-        kv::Host::delete(self, key)
-    }
-}
-
-// Contract 0.1: the same again under 0.1's names (0.1 and 0.2 differ only in `op`).
-
-impl v0_1::log::Host for PluginState {
-    fn write(&mut self, level: v0_1::log::Level, message: String, fields: Vec<(String, String)>) {
-        let level = match level {
-            v0_1::log::Level::Trace => log::Level::Trace,
-            v0_1::log::Level::Debug => log::Level::Debug,
-            v0_1::log::Level::Info => log::Level::Info,
-            v0_1::log::Level::Warn => log::Level::Warn,
-            v0_1::log::Level::Error => log::Level::Error,
-        };
-        log::Host::write(self, level, message, fields);
-    }
-}
-
-impl v0_1::config::Host for PluginState {
-    fn get(&mut self, key: String) -> Option<String> {
-        config::Host::get(self, key)
-    }
-    fn all(&mut self) -> Vec<(String, String)> {
-        config::Host::all(self)
-    }
-}
-
-impl v0_1::metrics::Host for PluginState {
-    fn counter_add(&mut self, name: String, delta: u64) {
-        metrics::Host::counter_add(self, name, delta);
-    }
-    fn gauge_set(&mut self, name: String, value: f64) {
-        metrics::Host::gauge_set(self, name, value);
-    }
-}
-
-impl v0_1::kv::Host for PluginState {
-    fn get(&mut self, key: Vec<u8>) -> Result<Option<Vec<u8>>, String> {
-        kv::Host::get(self, key)
-    }
-    fn set(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
-        kv::Host::set(self, key, value)
-    }
-    fn delete(&mut self, key: Vec<u8>) -> Result<(), String> {
-        kv::Host::delete(self, key)
-    }
-}
+older_host_interfaces!(v0_2);
+older_host_interfaces!(v0_1);
 
 fn denied_kv() -> String {
     "capability kv is not granted to this plugin (capabilities = { kv = true })".into()
