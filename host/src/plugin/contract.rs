@@ -346,19 +346,26 @@ impl Instance {
     }
 }
 
+/// 0.2's or 0.1's `sink-error` as 0.3's: the same variants, in other Rust types.
+macro_rules! older_sink_error {
+    ($old:ident, $e:expr) => {
+        match $e {
+            $old::sink::SinkError::Retryable(r) => SinkError::Retryable(r),
+            $old::sink::SinkError::Fatal(m) => SinkError::Fatal(m),
+            $old::sink::SinkError::DeadLetter(list) => SinkError::DeadLetter(
+                list.into_iter()
+                    .map(|r| Rejected {
+                        index: r.index,
+                        reason: r.reason,
+                    })
+                    .collect(),
+            ),
+        }
+    };
+}
+
 fn sink_error(e: v0_2::sink::SinkError) -> SinkError {
-    match e {
-        v0_2::sink::SinkError::Retryable(r) => SinkError::Retryable(r),
-        v0_2::sink::SinkError::Fatal(m) => SinkError::Fatal(m),
-        v0_2::sink::SinkError::DeadLetter(list) => SinkError::DeadLetter(
-            list.into_iter()
-                .map(|r| Rejected {
-                    index: r.index,
-                    reason: r.reason,
-                })
-                .collect(),
-        ),
-    }
+    older_sink_error!(v0_2, e)
 }
 
 /// Conversions between 0.3's data types and 0.1's (the same shapes, but 0.1's `op` has no
@@ -502,18 +509,7 @@ mod to_v0_1 {
 }
 
 fn sink_error_v0_1(e: v0_1::sink::SinkError) -> SinkError {
-    match e {
-        v0_1::sink::SinkError::Retryable(r) => SinkError::Retryable(r),
-        v0_1::sink::SinkError::Fatal(m) => SinkError::Fatal(m),
-        v0_1::sink::SinkError::DeadLetter(list) => SinkError::DeadLetter(
-            list.into_iter()
-                .map(|r| Rejected {
-                    index: r.index,
-                    reason: r.reason,
-                })
-                .collect(),
-        ),
-    }
+    older_sink_error!(v0_1, e)
 }
 
 fn transform_result_v0_1(r: v0_1::transform::TransformResult) -> TransformResult {

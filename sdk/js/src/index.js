@@ -379,6 +379,15 @@ function describe(cls) {
   };
 }
 
+/** A plugin instance for `init`; a failure is the thrown value's text (`init`'s error). */
+function instantiate(cls, config) {
+  try {
+    return new cls(configFromWit(config));
+  } catch (e) {
+    throw errorText(e);
+  }
+}
+
 function sinkError(e) {
   if (e instanceof Retryable) return { tag: 'retryable', val: [e.message, e.retryAfterMs] };
   if (e instanceof Fatal) return { tag: 'fatal', val: e.message };
@@ -406,11 +415,7 @@ export function exportSink(cls) {
   return {
     describe: () => describe(cls),
     init(config) {
-      try {
-        instance = new cls(configFromWit(config));
-      } catch (e) {
-        throw errorText(e);
-      }
+      instance = instantiate(cls, config);
       return {
         preferredBatchSize: cls.metadata?.preferredBatchSize,
         needsFullRows: false,
@@ -434,11 +439,7 @@ export function exportTransform(cls) {
   return {
     describe: () => describe(cls),
     init(config) {
-      try {
-        instance = new cls(configFromWit(config));
-      } catch (e) {
-        throw errorText(e);
-      }
+      instance = instantiate(cls, config);
       return { prefersEncoded: false };
     },
     async process(batch) {
