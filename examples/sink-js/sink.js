@@ -5,6 +5,8 @@
 import { Fatal, Retryable, Sink, changes, key, log, toJson } from '@dbmazz/sdk';
 
 export class JsonLines extends Sink {
+  static prefersEncoded = true;
+
   static metadata = {
     name: 'sink-js',
     version: '0.1.0',

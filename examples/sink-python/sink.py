@@ -20,6 +20,8 @@ class JsonLines(dbmazz.Sink):
     # CPython and a batch of a few thousand changes; the stage's limits.memory_mb must
     # be at least this.
     memory_mb = 128
+    # the compact encoding: one buffer per batch instead of an object per value
+    prefers_encoded = True
 
     def __init__(self, config: dbmazz.Config):
         self.url = config.required("url")

@@ -30,6 +30,9 @@
  */
 
 import { logWrite } from '#host';
+import { BINARY, NULL, Reader, TEXT, UNCHANGED, isEncoded } from './encoded.js';
+
+export { DecodeError, isEncoded } from './encoded.js';
 
 /** The contract this SDK builds against. */
 export const CONTRACT = '0.3.0';
@@ -128,6 +131,12 @@ class Plugin {
 
 /** Extend and implement `write(batch)` (sync or async). */
 export class Sink extends Plugin {
+  /** True: the host sends batches in the compact encoding (`encoded-batch`: one byte
+   * buffer instead of an object per value, so crossing into the component is one copy);
+   * {@link changes} and {@link toJson} read both forms the same way, so the plugin's code
+   * does not change. Such a batch has `count` and `data` instead of `changes`. */
+  static prefersEncoded = false;
+
   // eslint-disable-next-line no-unused-vars
   write(batch) {
     throw new Fatal(`${this.constructor.name} does not implement write`);
@@ -142,6 +151,9 @@ export class Sink extends Plugin {
 /** Extend and implement `process(batch)`: return nothing to keep every change, or the
  * array of indices to keep. */
 export class Transform extends Plugin {
+  /** As {@link Sink.prefersEncoded}; the indices `process` returns are the same. */
+  static prefersEncoded = false;
+
   // eslint-disable-next-line no-unused-vars
   process(batch) {
     throw new Error(`${this.constructor.name} does not implement process`);
@@ -180,11 +192,12 @@ export function value(datum) {
 /** What `changes()` keeps per relation: names, key names, `schema.table`, and each
  * column name as JSON text (for {@link toJson}). */
 function relationInfo(relation, id) {
-  if (!relation) return { table: String(id), names: [], key: [], quoted: [], relation };
+  if (!relation) return { table: String(id), names: [], key: [], quoted: [], types: [], relation };
   const names = relation.columns.map((col) => col.name);
   return {
     table: `${relation.schema}.${relation.table}`,
     names,
+    types: relation.columns.map((col) => col.typeOid),
     key: relation.columns.filter((col) => col.key).map((col) => col.name),
     quoted: names.map((n) => JSON.stringify(n)),
     relation,
@@ -254,17 +267,199 @@ export class ChangeView {
   get oldIsKey() {
     return this.raw.oldIsKey;
   }
+
+  /** The `old` / `new` row as JSON text (see {@link toJson}). */
+  rowJson(which) {
+    return rowJson(this.info.quoted, which === 'old' ? this.raw.old : this.raw.new);
+  }
 }
 
-/** The batch's changes as {@link ChangeView}s, in commit order. */
+/**
+ * A change of an encoded batch: the same getters as {@link ChangeView}, with values read
+ * from the batch's buffer when first asked for; `raw` is null (there is no record per
+ * change) and `header` holds the fixed fields.
+ */
+class EncodedChangeView extends ChangeView {
+  constructor(index, header, info, reader) {
+    super(index, null, info);
+    this.header = header;
+    this.reader = reader;
+  }
+
+  get op() {
+    return this.header.op;
+  }
+
+  get old() {
+    return this.header.oldAt < 0 ? null : encodedRow(this.reader, this.info, this.header.oldAt);
+  }
+
+  get new() {
+    return this.header.newAt < 0 ? null : encodedRow(this.reader, this.info, this.header.newAt);
+  }
+
+  get lsn() {
+    return this.header.lsn;
+  }
+
+  get commitLsn() {
+    return this.header.commitLsn;
+  }
+
+  get xid() {
+    return this.header.xid;
+  }
+
+  get commitTimeUs() {
+    return this.header.commitTimeUs;
+  }
+
+  get oldIsKey() {
+    return this.header.oldIsKey;
+  }
+
+  rowJson(which) {
+    const at = which === 'old' ? this.header.oldAt : this.header.newAt;
+    return at < 0 ? 'null' : encodedRowJson(this.reader, this.info, at);
+  }
+}
+
+/**
+ * The batch's changes as {@link ChangeView}s, in commit order — of a typed batch or of an
+ * encoded one (a plugin with `static prefersEncoded = true`). A malformed encoded buffer
+ * throws {@link DecodeError}.
+ */
 export function* changes(batch) {
   const infos = new Map(batch.relations.map((r) => [r.id, relationInfo(r, r.id)]));
+  const infoOf = (id) => {
+    let info = infos.get(id);
+    if (!info) infos.set(id, (info = relationInfo(undefined, id)));
+    return info;
+  };
+  if (isEncoded(batch)) {
+    const reader = new Reader(batch.data);
+    let at = 0;
+    for (let index = 0; index < batch.count; index++) {
+      const header = reader.change(at);
+      at = header.end;
+      yield new EncodedChangeView(index, header, infoOf(header.relation), reader);
+    }
+    return;
+  }
   for (let index = 0; index < batch.changes.length; index++) {
     const c = batch.changes[index];
-    let info = infos.get(c.relation);
-    if (!info) infos.set(c.relation, (info = relationInfo(undefined, c.relation)));
-    yield new ChangeView(index, c, info);
+    yield new ChangeView(index, c, infoOf(c.relation));
   }
+}
+
+/** Number of changes in a typed or an encoded batch. */
+export function changeCount(batch) {
+  return isEncoded(batch) ? batch.count : batch.changes.length;
+}
+
+// --- values of the compact encoding (PostgreSQL's text form, by column type OID) ---------
+// The same mapping as the host's for typed batches (dbmazz-sdk `encoded::datum`): bool,
+// int2/4/8 and oid, float4/8, numeric, bytea, json/jsonb; everything else stays text.
+
+/** An integer as PostgreSQL prints it. */
+const INTEGER = /^-?[0-9]+$/;
+
+/** bytea's hex output format (PostgreSQL docs, "Binary Data Types"). */
+const BYTEA_HEX = /^\\x(?:[0-9a-fA-F]{2})*$/;
+
+function hexBytes(t) {
+  if (!BYTEA_HEX.test(t)) return undefined;
+  const out = new Uint8Array((t.length - 2) / 2);
+  for (let i = 0; i < out.length; i++) {
+    const b = Number.parseInt(t.substr(2 + 2 * i, 2), 16);
+    if (Number.isNaN(b)) return undefined;
+    out[i] = b;
+  }
+  return out;
+}
+
+function encodedValue(reader, oid, kind, start, end) {
+  if (kind === NULL) return null;
+  if (kind === UNCHANGED) return UNCHANGED_TOAST;
+  if (kind === BINARY) return reader.bytes.slice(start, end);
+  const t = reader.text(start, end);
+  switch (oid) {
+    case 16:
+      return t === 't';
+    case 20:
+    case 21:
+    case 23:
+    case 26: {
+      if (!INTEGER.test(t)) return t;
+      const n = Number(t);
+      return Number.isSafeInteger(n) ? n : BigInt(t);
+    }
+    case 700:
+    case 701: {
+      const n = Number(t);
+      return Number.isNaN(n) && t !== 'NaN' ? t : n;
+    }
+    case 17:
+      return hexBytes(t) ?? t;
+    case 114:
+    case 3802:
+      return JSON.parse(t);
+    default: // numeric (a string keeps every digit), text and the rest
+      return t;
+  }
+}
+
+function encodedRow(reader, info, at) {
+  const out = {};
+  const types = info.types;
+  reader.eachValue(at, (i, kind, start, end) => {
+    out[info.names[i] ?? `column${i}`] = encodedValue(reader, types[i], kind, start, end);
+  });
+  return out;
+}
+
+function encodedJson(reader, oid, kind, start, end) {
+  if (kind === NULL) return 'null';
+  if (kind === UNCHANGED) return '{"unchanged_toast":true}';
+  const b = reader.bytes;
+  if (kind === BINARY) {
+    let s = '"';
+    for (let i = start; i < end; i++) s += HEX[b[i]];
+    return s + '"';
+  }
+  const t = reader.text(start, end);
+  switch (oid) {
+    case 20:
+    case 21:
+    case 23:
+    case 26:
+      return INTEGER.test(t) ? t : JSON.stringify(t); // as PostgreSQL prints it: already JSON
+    case 16:
+      return t === 't' ? 'true' : 'false';
+    case 700:
+    case 701: {
+      const n = Number(t);
+      if (Number.isNaN(n) && t !== 'NaN') return JSON.stringify(t);
+      return Number.isFinite(n) ? String(n) : `"${n}"`;
+    }
+    case 17:
+      return BYTEA_HEX.test(t) ? `"${t.slice(2).toLowerCase()}"` : JSON.stringify(t);
+    case 114:
+    case 3802:
+      return t; // PostgreSQL's own text of the document: every digit kept
+    default: // numeric, text
+      return JSON.stringify(t);
+  }
+}
+
+function encodedRowJson(reader, info, at) {
+  let s = '{';
+  const { quoted, types } = info;
+  reader.eachValue(at, (i, kind, start, end) => {
+    if (i > 0) s += ',';
+    s += (quoted[i] ?? `"column${i}"`) + ':' + encodedJson(reader, types[i], kind, start, end);
+  });
+  return s + '}';
 }
 
 const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
@@ -311,11 +506,10 @@ function rowJson(quoted, values) {
  * `to_json`.
  */
 export function toJson(change) {
-  const c = change.raw;
-  const { quoted, table } = change.info;
   return (
-    `{"op":"${c.op}","table":${JSON.stringify(table)},"lsn":${c.lsn},` +
-    `"commit_lsn":${c.commitLsn},"xid":${c.xid},"old":${rowJson(quoted, c.old)},"new":${rowJson(quoted, c.new)}}`
+    `{"op":"${change.op}","table":${JSON.stringify(change.info.table)},"lsn":${change.lsn},` +
+    `"commit_lsn":${change.commitLsn},"xid":${change.xid},"old":${change.rowJson('old')},` +
+    `"new":${change.rowJson('new')}}`
   );
 }
 
@@ -388,7 +582,26 @@ function instantiate(cls, config) {
   }
 }
 
+/** SpiderMonkey's exception when its heap is exhausted: the string `out of memory`
+ * (an `InternalError` in some paths), catchable, unlike Rust's allocation failure. */
+function isOutOfMemory(e) {
+  return e === 'out of memory' || (e instanceof Error && /^out of memory/.test(e.message));
+}
+
+/**
+ * Ends the call with a trap whose stderr says "out of memory": the host then knows the
+ * batch did not fit (`limits.memory_mb`) and splits it, as for a Rust plugin whose
+ * allocator failed. Answering `retryable` instead would retry the same batch forever.
+ * The thrown value is not a `{ tag, val }` variant, so the export's glue cannot lift it
+ * and traps.
+ */
+function outOfMemory() {
+  console.error('out of memory: the batch does not fit in the JavaScript heap');
+  throw new Error('out of memory');
+}
+
 function sinkError(e) {
+  if (isOutOfMemory(e)) outOfMemory();
   if (e instanceof Retryable) return { tag: 'retryable', val: [e.message, e.retryAfterMs] };
   if (e instanceof Fatal) return { tag: 'fatal', val: e.message };
   if (e instanceof DeadLetter) {
@@ -419,13 +632,12 @@ export function exportSink(cls) {
       return {
         preferredBatchSize: cls.metadata?.preferredBatchSize,
         needsFullRows: false,
-        prefersEncoded: false,
+        prefersEncoded: Boolean(cls.prefersEncoded),
       };
     },
     write: (batch) => call('write', batch),
-    writeEncoded() {
-      throw { tag: 'fatal', val: 'the JavaScript SDK does not ask for the compact encoding' };
-    },
+    // the same method: changes() reads both forms
+    writeEncoded: (batch) => call('write', batch),
     applySchemaChange: (change) => call('applySchemaChange', change),
   };
 }
@@ -436,25 +648,26 @@ export function exportSink(cls) {
  */
 export function exportTransform(cls) {
   let instance;
+  const process = async (batch) => {
+    if (!instance) throw 'process before init';
+    let keep;
+    try {
+      keep = await instance.process(batch);
+    } catch (e) {
+      if (isOutOfMemory(e)) outOfMemory();
+      throw errorText(e);
+    }
+    if (keep === undefined || keep === null) return { tag: 'keep-all' };
+    return { tag: 'keep', val: [...keep].map(Number).sort((a, b) => a - b) };
+  };
   return {
     describe: () => describe(cls),
     init(config) {
       instance = instantiate(cls, config);
-      return { prefersEncoded: false };
+      return { prefersEncoded: Boolean(cls.prefersEncoded) };
     },
-    async process(batch) {
-      if (!instance) throw 'process before init';
-      let keep;
-      try {
-        keep = await instance.process(batch);
-      } catch (e) {
-        throw errorText(e);
-      }
-      if (keep === undefined || keep === null) return { tag: 'keep-all' };
-      return { tag: 'keep', val: [...keep].map(Number).sort((a, b) => a - b) };
-    },
-    processEncoded() {
-      throw 'the JavaScript SDK does not ask for the compact encoding';
-    },
+    process,
+    // the same method: changes() reads both forms
+    processEncoded: process,
   };
 }

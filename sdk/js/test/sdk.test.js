@@ -4,10 +4,10 @@ import assert from 'node:assert/strict';
 import { beforeEach, test } from 'node:test';
 
 import {
-  DeadLetter, Fatal, Retryable, Sink, Transform, UNCHANGED_TOAST, changes, exportSink,
-  exportTransform, key, log, toJson, value,
+  DeadLetter, DecodeError, Fatal, Retryable, Sink, Transform, UNCHANGED_TOAST, changeCount, changes,
+  exportSink, exportTransform, key, log, toJson, value,
 } from '../src/index.js';
-import { BatchBuilder, config, logs, reset } from '../src/testing.js';
+import { BatchBuilder, config, encode, logs, reset } from '../src/testing.js';
 
 beforeEach(reset);
 
@@ -112,4 +112,79 @@ test('config: typed values, json parsed, required names the key', () => {
   assert.ok(c.has('url'));
   assert.throws(() => c.required('token'), (e) => e instanceof Fatal && /token/.test(e.message));
   assert.throws(() => key('x', 'date'), /not one of/);
+});
+
+// every column type the host maps, every op, NULL, unchanged TOAST, a key-only old row
+const everything = () =>
+  new BatchBuilder(9)
+    .table(4, 'public', 'all', [['id', 20, true], ['ok', 16, false], ['n', 23, false], ['f', 701, false],
+      ['amount', 1700, false], ['raw', 17, false], ['doc', 3802, false], ['note', 25, false]])
+    .insert(4, [2n ** 63n - 1n, true, -5, 1.5, { tag: 'numeric', val: '12345678901234567890.5' },
+      new Uint8Array([0, 255]), { tag: 'json', val: '{"big": 123456789012345678901234567890}' }, 'héllo "q"\n'])
+    .insert(4, [-(2n ** 63n), false, 0, NaN, { tag: 'numeric', val: 'NaN' }, new Uint8Array([]), [1, 2], 'x'.repeat(100) + '€'])
+    .update(4, [1, null, 7, -Infinity, null, null, null, UNCHANGED_TOAST], [1, true, 6, 0, null, null, null, 'old'])
+    .delete(4, [2, null, null, null, null, null, null, null])
+    .read(4, [3, true, 1, Infinity, { tag: 'numeric', val: '0.10' }, null, { tag: 'json', val: 'null' }, ''])
+    .change('truncate', 4, {})
+    .build();
+
+test('an encoded batch reads as the same changes, values and JSON lines as the typed one', () => {
+  const typed = everything();
+  const enc = encode(typed);
+  assert.ok(enc.data instanceof Uint8Array && enc.changes === undefined);
+  assert.equal(changeCount(enc), 6);
+  const a = [...changes(typed)];
+  const b = [...changes(enc)];
+  assert.equal(b.length, a.length);
+  for (let i = 0; i < a.length; i++) {
+    for (const f of ['index', 'op', 'table', 'lsn', 'commitLsn', 'xid', 'commitTimeUs', 'oldIsKey']) {
+      assert.deepEqual(b[i][f], a[i][f], `change ${i} ${f}`);
+    }
+    assert.deepEqual(b[i].key, ['id']);
+    assert.deepEqual(b[i].old, a[i].old, `change ${i} old`);
+    assert.deepEqual(b[i].new, a[i].new, `change ${i} new`);
+    assert.equal(toJson(b[i]), toJson(a[i]), `change ${i} JSON`);
+    JSON.parse(toJson(b[i]));
+  }
+  assert.equal(b[0].new.id, 9223372036854775807n);
+  assert.equal(b[0].new.note, 'héllo "q"\n');
+  assert.equal(b[1].new.note.length, 101);
+  assert.equal(b[2].new.note, UNCHANGED_TOAST);
+  assert.equal(b[2].raw, null);
+  assert.equal(b[5].op, 'truncate');
+  assert.equal(b[5].new, null);
+});
+
+test('a malformed encoded buffer is a DecodeError naming the byte', () => {
+  const enc = encode(everything());
+  const cut = { ...enc, data: enc.data.subarray(0, 40) };
+  assert.throws(() => [...changes(cut)], (e) => e instanceof DecodeError && /at byte \d+: (truncated|value past the end)/.test(e.message));
+  const badOp = { ...enc, data: Uint8Array.from(enc.data, (x, i) => (i === 0 ? 0x58 : x)) };
+  assert.throws(() => [...changes(badOp)], (e) => e instanceof DecodeError && e.offset === 0 && /unknown op/.test(e.message));
+});
+
+test('a plugin that prefers the encoding says so at init and gets encoded batches in write / process', async () => {
+  const seen = [];
+  class S extends Sink {
+    static prefersEncoded = true;
+    write(batch) {
+      for (const c of changes(batch)) seen.push(toJson(c));
+      if (changeCount(batch) > 5) throw new DeadLetter([[5, 'no truncate here']]);
+    }
+  }
+  const p = exportSink(S);
+  assert.equal(p.init([]).prefersEncoded, true);
+  const typed = everything();
+  await assert.rejects(p.writeEncoded(encode(typed)), { tag: 'dead-letter', val: [{ index: 5, reason: 'no truncate here' }] });
+  assert.deepEqual(seen, [...changes(typed)].map(toJson));
+
+  class T extends Transform {
+    static prefersEncoded = true;
+    process(batch) {
+      return [...changes(batch)].filter((c) => c.op === 'insert').map((c) => c.index);
+    }
+  }
+  const t = exportTransform(T);
+  assert.deepEqual(t.init([]), { prefersEncoded: true });
+  assert.deepEqual(await t.processEncoded(encode(typed)), { tag: 'keep', val: [0, 1] });
 });

@@ -39,7 +39,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from . import _runtime, http, log  # noqa: F401  (re-exported: dbmazz.log.info(...))
+from . import _encoded, _runtime, http, log  # noqa: F401  (re-exported: dbmazz.log.info(...))
+from ._encoded import DecodeError, is_encoded
 
 __all__ = [
     "Sink",
@@ -51,6 +52,9 @@ __all__ = [
     "DeadLetter",
     "ChangeView",
     "changes",
+    "change_count",
+    "is_encoded",
+    "DecodeError",
     "value",
     "op_name",
     "to_json",
@@ -153,6 +157,12 @@ class Sink(_Plugin):
     """Subclass and implement ``write``; ``__init__(self, config)`` receives the
     :class:`Config`."""
 
+    #: True: the host sends batches in the compact encoding (``encoded-batch``: one
+    #: ``bytes`` buffer instead of an object per value, so crossing into the component
+    #: is one copy). :func:`changes` reads both forms into the same values, so ``write``
+    #: does not change; such a batch has ``count`` and ``data`` instead of ``changes``.
+    prefers_encoded: bool = False
+
     #: Preferred number of changes per batch (a hint to the host).
     preferred_batch_size: Optional[int] = None
 
@@ -169,6 +179,9 @@ class Sink(_Plugin):
 class Transform(_Plugin):
     """Subclass and implement ``process``: return ``None`` to keep every change, or the
     list of indices to keep."""
+
+    #: As :attr:`Sink.prefers_encoded`; the indices ``process`` returns are the same.
+    prefers_encoded: bool = False
 
     def __init__(self, config: Config):
         self.config = config
@@ -222,8 +235,54 @@ class ChangeView:
     raw: Any = field(default=None, repr=False)
 
 
+def change_count(batch: Any) -> int:
+    """Number of changes in a typed or an encoded batch."""
+    return batch.count if is_encoded(batch) else len(batch.changes)
+
+
+def _encoded_changes(batch: Any) -> Iterator[ChangeView]:
+    relations = {r.id: r for r in batch.relations}
+    shapes: dict[int, tuple[list[str], list, str, list[str]]] = {}
+
+    def shape(rel_id: int) -> tuple[list[str], list]:
+        s = shapes.get(rel_id)
+        if s is None:
+            rel = relations.get(rel_id)
+            cols = rel.columns if rel else []
+            s = shapes[rel_id] = (
+                [c.name for c in cols],
+                _encoded.converters([c.type_oid for c in cols]),
+                f"{rel.schema}.{rel.table}" if rel else str(rel_id),
+                [c.name for c in cols if c.key],
+            )
+        return s[0], s[1]
+
+    for i, (op, rel_id, lsn, commit_lsn, xid, time_us, old_is_key, old, new) in enumerate(
+        _encoded.read(batch.data, batch.count, shape, UNCHANGED_TOAST)
+    ):
+        _, _, table, key = shapes[rel_id]
+        yield ChangeView(
+            index=i,
+            op=op,
+            table=table,
+            key=key,
+            old=old,
+            new=new,
+            lsn=lsn,
+            commit_lsn=commit_lsn,
+            xid=xid,
+            commit_time_us=time_us,
+            old_is_key=old_is_key,
+        )
+
+
 def changes(batch: Any) -> Iterator[ChangeView]:
-    """The batch's changes as :class:`ChangeView`, in commit order."""
+    """The batch's changes as :class:`ChangeView`, in commit order — of a typed batch or
+    of an encoded one (a plugin with ``prefers_encoded = True``; ``raw`` is then None). A
+    malformed encoded buffer raises :class:`DecodeError`."""
+    if is_encoded(batch):
+        yield from _encoded_changes(batch)
+        return
     relations = {r.id: r for r in batch.relations}
     for i, c in enumerate(batch.changes):
         rel = relations.get(c.relation)

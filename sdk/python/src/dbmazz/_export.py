@@ -10,7 +10,21 @@ from wit_world import exports
 from wit_world.imports import metadata as wit_meta
 from componentize_py_types import Err
 
+import sys
+
 from . import DeadLetter, Fatal, Retryable, _config_from_wit, _error_text
+
+
+class _OutOfMemory(Exception):
+    """Not an ``Err``: raised out of an export, componentize-py traps."""
+
+
+def _out_of_memory() -> None:
+    """Ends the call with a trap whose stderr says "out of memory": the host then knows
+    the batch did not fit (``limits.memory_mb``) and splits it, as for a Rust plugin
+    whose allocator failed. Answering ``retryable`` would retry the same batch forever."""
+    print("out of memory: the batch does not fit in the plugin's memory", file=sys.stderr, flush=True)
+    raise _OutOfMemory("out of memory")
 
 _TYPES = {
     "text": wit_meta.ConfigType.TEXT,
@@ -46,6 +60,8 @@ def _describe(cls: type) -> Any:
 def _sink_error(e: BaseException) -> Any:
     from wit_world.exports import sink_plugin as wit_sink
 
+    if isinstance(e, MemoryError):
+        _out_of_memory()
     if isinstance(e, Retryable):
         return wit_sink.SinkError_Retryable((str(e), e.retry_after_ms))
     if isinstance(e, Fatal):
@@ -76,7 +92,7 @@ def sink_plugin(cls: type) -> type:
             return wit_sink.SinkInfo(
                 preferred_batch_size=cls.preferred_batch_size,
                 needs_full_rows=False,
-                prefers_encoded=False,
+                prefers_encoded=bool(cls.prefers_encoded),
             )
 
         def _call(self, method: str, arg: Any) -> None:
@@ -91,7 +107,8 @@ def sink_plugin(cls: type) -> type:
             self._call("write", batch)
 
         def write_encoded(self, batch: Any) -> None:
-            raise Err(wit_sink.SinkError_Fatal("the Python SDK does not ask for the compact encoding"))
+            # the same method: dbmazz.changes reads both forms
+            self._call("write", batch)
 
         def apply_schema_change(self, change: Any) -> None:
             self._call("apply_schema_change", change)
@@ -113,13 +130,15 @@ def transform_plugin(cls: type) -> type:
                 TransformPlugin.instance = cls(_config_from_wit(config))
             except Exception as e:  # noqa: BLE001
                 raise Err(_error_text(e))
-            return wit_transform.TransformInfo(prefers_encoded=False)
+            return wit_transform.TransformInfo(prefers_encoded=bool(cls.prefers_encoded))
 
         def process(self, batch: Any) -> Any:
             if TransformPlugin.instance is None:
                 raise Err("process before init")
             try:
                 keep = TransformPlugin.instance.process(batch)
+            except MemoryError:
+                _out_of_memory()
             except Exception as e:  # noqa: BLE001
                 raise Err(_error_text(e))
             if keep is None:
@@ -127,6 +146,7 @@ def transform_plugin(cls: type) -> type:
             return wit_transform.TransformResult_Keep(sorted(int(i) for i in keep))
 
         def process_encoded(self, batch: Any) -> Any:
-            raise Err("the Python SDK does not ask for the compact encoding")
+            # the same method: dbmazz.changes reads both forms
+            return self.process(batch)
 
     return TransformPlugin
