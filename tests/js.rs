@@ -6,17 +6,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{eventually, memory_at_load, run_ok, Pg, Pipeline, Receiver};
+use support::{eventually, memory_at_load, root, run_ok, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The template, with its dependencies installed (`scripts/setup.sh` does it).
 fn template() -> PathBuf {
@@ -86,7 +82,7 @@ async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_
             .current_dir(root().join("sdk/js")),
     );
     assert!(
-        out.contains("# pass 5") && out.contains("# fail 0"),
+        out.contains("# pass 8") && out.contains("# fail 0"),
         "{out}"
     );
     let out = run_ok(

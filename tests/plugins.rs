@@ -659,6 +659,24 @@ async fn the_conformance_suite_passes_working_plugins_and_names_a_broken_ones_fa
         insert.split_whitespace().nth(3) == Some("1") && insert.ends_with("ack"),
         "{out}"
     );
+    // a sink that cannot deliver (its `url` refuses connections) answers retryable: each
+    // case with changes fails, since a pipeline would be stuck on that batch
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (ok, out) = test(
+        &p.webhook,
+        &[
+            "-c",
+            &format!("url=\"http://{down}/in\""),
+            "--allow",
+            &down.to_string(),
+        ],
+    );
+    assert!(!ok && out.contains("11 of 12 cases failed"), "{out}");
+    let insert = out.lines().find(|l| l.starts_with("insert ")).unwrap();
+    assert!(insert.contains("FAIL retryable:"), "{out}");
     // a transform
     let (ok, out) = test(&p.filter, &["-c", "exclude_tables=[\"public.other\"]"]);
     assert!(ok && out.contains("keep all"), "{out}");
@@ -680,7 +698,7 @@ async fn the_conformance_suite_passes_working_plugins_and_names_a_broken_ones_fa
 /// SDK) and passes the conformance suite.
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_new_writes_a_rust_sink_that_builds_and_passes_the_suite() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = support::root();
     let dir = tempfile::tempdir().unwrap();
     let project = dir.path().join("orders-sink");
     let sdk = root.join("sdk");

@@ -5,17 +5,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{eventually, memory_at_load, run_ok, Pg, Pipeline, Receiver};
+use support::{eventually, memory_at_load, root, run_ok, Pg, Pipeline, Receiver};
 
 const T: Duration = Duration::from_secs(120);
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The venv `scripts/setup.sh` makes (the README's test command runs it first).
 fn python_bin(name: &str) -> PathBuf {
@@ -35,6 +31,13 @@ fn python_bin(name: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_template_is_tested_built_and_delivers_every_change_once_in_order() {
     let example = root().join("examples/sink-python");
+    // the SDK's own tests (the compact-encoding reader against the typed path)
+    let out = run_ok(
+        Command::new(python_bin("python"))
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"])
+            .current_dir(root().join("sdk/python")),
+    );
+    assert!(out.contains("2 passed"), "{out}");
     // its unit tests, under plain CPython
     let out = run_ok(
         Command::new(python_bin("python"))

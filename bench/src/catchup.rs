@@ -10,9 +10,12 @@ use anyhow::{bail, Context};
 use dbmazz::localpg::PG_BIN;
 
 use crate::process::NEVER;
-use crate::process::{self, write_config, Dbmazz, HttpSink, RunConfig};
-use crate::report::{CatchUp, Consumer};
-use crate::workload::Workload;
+use crate::process::{
+    self, write_config, Dbmazz, HttpSink, RunConfig, SinkSpec, StarRocksSink, STARROCKS_PASSWORD,
+    STARROCKS_USER,
+};
+use crate::report::{CatchUp, Consumer, EndpointLoad};
+use crate::workload::{self, Workload};
 use crate::{proc, receiver, Env, MB};
 
 /// Generates `w`'s WAL into one slot per consumer, then lets each consumer catch up.
@@ -94,6 +97,7 @@ pub async fn run(env: &Env, w: &Workload, consumers: &[Consumer]) -> anyhow::Res
             peak_rss_mb: m.peak_rss_bytes as f64 / MB,
             batches: m.batches,
             compile_s: m.compile_s,
+            endpoint: m.endpoint,
         });
         db.execute("SELECT pg_drop_replication_slot($1)", &[&slot(c)])
             .await
@@ -129,6 +133,8 @@ pub struct Measured {
     pub batches: Option<u64>,
     /// Seconds spent compiling plugins before streaming (dbmazz only).
     pub compile_s: Option<f64>,
+    /// What the sink's endpoint received, when the benchmark runs it.
+    pub endpoint: Option<EndpointLoad>,
 }
 
 /// How often a run's end is polled (both consumers).
@@ -247,6 +253,7 @@ pub async fn ceiling(
         bytes: 0,
         batches: None,
         compile_s: None,
+        endpoint: None,
     })
 }
 
@@ -269,6 +276,35 @@ pub async fn dbmazz_catch_up(
         Some((_, _, marker)) => Some(receiver::start(Duration::ZERO, marker).await?),
         None => None,
     };
+    let starrocks = if c == Consumer::FilterStarrocks {
+        let sr = starrocks_double::StarRocksDouble::start(STARROCKS_USER, STARROCKS_PASSWORD)
+            .await
+            .context("starting the StarRocks double")?;
+        sr.create_table(
+            "bench",
+            w.table,
+            &workload::starrocks_columns(w.table),
+            &["id"],
+        );
+        Some(sr)
+    } else {
+        None
+    };
+    let sink = match (http.zip(receiver.as_ref()), &starrocks) {
+        (Some(((plugin, memory_mb, _), r)), _) => SinkSpec::Http(HttpSink {
+            plugin,
+            addr: r.addr,
+            memory_mb,
+        }),
+        (None, Some(sr)) => SinkSpec::StarRocks(StarRocksSink {
+            url: sr.fe_url(),
+            fe: sr.fe_addr(),
+            be: sr.be_addr(),
+        }),
+        (None, None) => SinkSpec::Null {
+            delay_ms: if c == Consumer::Buffered { 100 } else { 0 },
+        },
+    };
     let table = format!("public.{}", w.table);
     let config = write_config(
         env,
@@ -278,21 +314,18 @@ pub async fn dbmazz_catch_up(
             publication,
             tables: &[&table],
             filter: c != Consumer::Null,
-            webhook: http
-                .zip(receiver.as_ref())
-                .map(|((plugin, memory_mb, _), r)| HttpSink {
-                    plugin,
-                    addr: r.addr,
-                    memory_mb,
-                }),
-            null_delay_ms: if c == Consumer::Buffered { 100 } else { 0 },
-            // Buffered: batches of 10,000; 7 in the channel, 2 in delivery (the one
-            // being written and the next, taken to store its intent with the
-            // checkpoint), 1 held by the reader waiting for room: up to 100,000 changes.
-            pipeline: if c == Consumer::Buffered {
-                "flush_size = 10000\nmax_inflight_batches = 7"
-            } else {
-                ""
+            sink,
+            pipeline: match c {
+                // Buffered: batches of 10,000; 7 in the channel, 2 in delivery (the one
+                // being written and the next, taken to store its intent with the
+                // checkpoint), 1 held by the reader waiting for room: up to 100,000
+                // changes.
+                Consumer::Buffered => "flush_size = 10000\nmax_inflight_batches = 7",
+                // what plugins/sink-starrocks/README.md recommends
+                Consumer::FilterStarrocks => {
+                    "flush_when_caught_up = false\nflush_interval_ms = 5000"
+                }
+                _ => "",
             },
         },
     )?;
@@ -306,17 +339,26 @@ pub async fn dbmazz_catch_up(
         ..CpuWatch::default()
     };
     me.sample();
+    // the endpoint runs in this process
+    let mut endpoint_cpu = CpuWatch {
+        pid: starrocks.as_ref().map(|_| std::process::id()),
+        ..CpuWatch::default()
+    };
+    endpoint_cpu.sample();
     let mut ws = CpuWatch::default();
     let deadline = Instant::now() + Duration::from_secs(3600);
     let (ended, bytes, batches) = loop {
         d.pump().await?;
         let progress = d.progress().await?;
         let (acked, bytes) = (progress.acked, progress.bytes);
-        let received = receiver
-            .as_ref()
-            .map_or(acked, |r| r.events.load(Ordering::Relaxed));
+        let received = match (&receiver, &starrocks) {
+            (Some(r), _) => r.events.load(Ordering::Relaxed),
+            (None, Some(sr)) => sr.totals().applied_rows,
+            (None, None) => acked,
+        };
         let now = Instant::now();
         me.sample();
+        endpoint_cpu.sample();
         if ws.pid.is_none() {
             ws.pid = walsender_pid(&env.db, slot).await;
         }
@@ -352,15 +394,38 @@ pub async fn dbmazz_catch_up(
             );
         }
     }
+    let seconds = ended.duration_since(started).as_secs_f64();
+    let endpoint = match &starrocks {
+        Some(sr) => {
+            let t = sr.totals();
+            if t.applied_rows != w.changes {
+                bail!(
+                    "{}: the StarRocks double applied {} rows, expected {}",
+                    w.name,
+                    t.applied_rows,
+                    w.changes
+                );
+            }
+            Some(EndpointLoad {
+                loads_per_s: t.loads as f64 / seconds,
+                changes_per_load: w.changes as f64 / t.applied_loads.max(1) as f64,
+                mb_sent: t.bytes as f64 / 1e6,
+                bytes_per_change: t.bytes as f64 / w.changes as f64,
+                cpu_s_per_million: endpoint_cpu.cpu_s().unwrap_or(0.0) * 1e6 / w.changes as f64,
+            })
+        }
+        None => None,
+    };
     let peak = proc::usage(d.child.id()).map_or(0, |u| u.peak_rss_bytes);
     d.stop()?;
     Ok(Measured {
-        seconds: ended.duration_since(started).as_secs_f64(),
+        seconds,
         cpu_s: me.cpu_s().unwrap_or(0.0),
         walsender_cpu_s: ws.cpu_s(),
         peak_rss_bytes: peak,
         bytes,
         batches: Some(batches),
         compile_s: Some(compile_ms as f64 / 1000.0),
+        endpoint,
     })
 }

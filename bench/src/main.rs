@@ -12,6 +12,11 @@
 //!   `transform-filter` + `sink-webhook` to a local receiver that only counts, timed from
 //!   its `streaming` log line (after START_REPLICATION) to the moment the control API
 //!   reports every change acknowledged by the sink;
+//! - on W1–W3 also with `transform-filter` + `sink-starrocks` (the settings its README
+//!   recommends) into the Stream Load test double running in this process, which parses
+//!   every body and applies it to in-memory Primary Key tables: loads/s, bytes sent and the
+//!   endpoint's CPU are reported too, and the run fails unless the double applied every
+//!   change;
 //! - on W1 also with `transform-filter` + the Python and the JavaScript template sinks
 //!   (`examples/sink-python`, `examples/sink-js`: JSON lines) to the same kind of receiver,
 //!   with the plugins' first-load compile time.
@@ -61,7 +66,7 @@ struct Cli {
     #[arg(long)]
     dbmazz: Option<PathBuf>,
     /// A directory holding transform_filter.wasm, sink_null.wasm, sink_webhook.wasm,
-    /// sink_python.wasm and sink_js.wasm (default: build them with cargo for wasm32-wasip2
+    /// sink_starrocks.wasm, sink_python.wasm and sink_js.wasm (default: build them with cargo for wasm32-wasip2
     /// and the SDKs' build commands from examples/sink-python and examples/sink-js).
     #[arg(long)]
     plugins: Option<PathBuf>,
@@ -151,6 +156,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Consumer::FilterNull,
                 Consumer::FilterWebhook,
             ]);
+        }
+        if matches!(w.name, "W1" | "W2" | "W3") && wants(&cli, w.name) {
+            consumers.push(Consumer::FilterStarrocks);
         }
         if w.name == "W1" && wants(&cli, w.name) {
             // plugins in other languages, next to sink-webhook (no target: where the time
@@ -249,6 +257,8 @@ fn build(
                 "sink-null",
                 "-p",
                 "sink-webhook",
+                "-p",
+                "sink-starrocks",
             ])?;
             let dir = target.join("wasm32-wasip2/release");
             // the SDK templates, with their SDKs' build commands (scripts/setup.sh installs
@@ -287,6 +297,7 @@ fn build(
         "transform_filter.wasm",
         "sink_null.wasm",
         "sink_webhook.wasm",
+        "sink_starrocks.wasm",
         "sink_python.wasm",
         "sink_js.wasm",
     ] {

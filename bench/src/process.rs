@@ -221,16 +221,35 @@ pub struct HttpSink {
     pub memory_mb: u32,
 }
 
+/// sink-starrocks loading into the Stream Load double (database `bench`).
+pub struct StarRocksSink {
+    /// The FE's URL and the FE and BE addresses (its `capabilities.http`).
+    pub url: String,
+    pub fe: std::net::SocketAddr,
+    pub be: std::net::SocketAddr,
+}
+
+/// The sink of one run.
+pub enum SinkSpec {
+    /// sink-null, waiting `delay_ms` in each write (a slow sink when above 0).
+    Null { delay_ms: u64 },
+    /// A sink that POSTs to a receiver.
+    Http(HttpSink),
+    /// sink-starrocks.
+    StarRocks(StarRocksSink),
+}
+
+/// The double's credentials.
+pub const STARROCKS_USER: &str = "bench";
+pub const STARROCKS_PASSWORD: &str = "bench-password";
+
 /// The config of one dbmazz run.
 pub struct RunConfig<'a> {
     pub slot: &'a str,
     pub publication: &'a str,
     pub tables: &'a [&'a str],
     pub filter: bool,
-    /// An HTTP sink and its receiver; None: the null sink.
-    pub webhook: Option<HttpSink>,
-    /// The null sink waits this long in each write (a slow sink).
-    pub null_delay_ms: u64,
+    pub sink: SinkSpec,
     pub pipeline: &'a str,
     /// The `[snapshot]` section (catch-up runs on a slot filled beforehand: `mode = "never"`).
     pub snapshot: &'a str,
@@ -255,8 +274,8 @@ pub fn write_config(env: &Env, c: &RunConfig) -> anyhow::Result<PathBuf> {
             plugin("transform_filter.wasm")
         ));
     }
-    match &c.webhook {
-        Some(HttpSink {
+    match &c.sink {
+        SinkSpec::Http(HttpSink {
             plugin: file,
             addr,
             memory_mb,
@@ -264,10 +283,14 @@ pub fn write_config(env: &Env, c: &RunConfig) -> anyhow::Result<PathBuf> {
             "[sink]\nplugin = {:?}\nconfig = {{ url = \"http://{addr}/events\" }}\ncapabilities = {{ http = [\"{addr}\"] }}\nlimits = {{ call_timeout_ms = 60000, memory_mb = {memory_mb} }}\n\n",
             plugin(file)
         )),
-        None => toml.push_str(&format!(
-            "[sink]\nplugin = {:?}\nconfig = {{ delay_ms = {} }}\n\n",
+        // as plugins/sink-starrocks/README.md shows it
+        SinkSpec::StarRocks(StarRocksSink { url, fe, be }) => toml.push_str(&format!(
+            "[sink]\nplugin = {:?}\nconfig = {{ url = {url:?}, database = \"bench\", user = {STARROCKS_USER:?}, password = {STARROCKS_PASSWORD:?} }}\ncapabilities = {{ http = [\"{fe}\", \"{be}\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n\n",
+            plugin("sink_starrocks.wasm")
+        )),
+        SinkSpec::Null { delay_ms } => toml.push_str(&format!(
+            "[sink]\nplugin = {:?}\nconfig = {{ delay_ms = {delay_ms} }}\n\n",
             plugin("sink_null.wasm"),
-            c.null_delay_ms
         )),
     }
     toml.push_str(&format!("[snapshot]\n{}\n\n", c.snapshot));

@@ -23,6 +23,10 @@ pub enum Consumer {
     /// dbmazz, transform-filter, the JavaScript template sink (examples/sink-js: JSON
     /// lines) to a counting receiver.
     FilterJs,
+    /// dbmazz, transform-filter, sink-starrocks with its README's pipeline settings, into
+    /// the Stream Load test double (tests/starrocks-double: parses each JSON body and
+    /// applies it to in-memory Primary Key tables, in the benchmark's process).
+    FilterStarrocks,
 }
 
 impl Consumer {
@@ -36,6 +40,7 @@ impl Consumer {
             Consumer::Buffered => "buffered",
             Consumer::FilterPython => "filter_python",
             Consumer::FilterJs => "filter_js",
+            Consumer::FilterStarrocks => "filter_starrocks",
         }
     }
 
@@ -49,6 +54,7 @@ impl Consumer {
             Consumer::Buffered => "dbmazz: filter + slow null sink, 100k buffered",
             Consumer::FilterPython => "dbmazz: filter + Python sink (template)",
             Consumer::FilterJs => "dbmazz: filter + JavaScript sink (template)",
+            Consumer::FilterStarrocks => "dbmazz: filter + sink-starrocks (Stream Load double)",
         }
     }
 }
@@ -76,6 +82,23 @@ pub struct CatchUp {
     /// Seconds dbmazz spent compiling plugins at this start (a plugin's first load; later
     /// starts take it from the compiled-plugin cache).
     pub compile_s: Option<f64>,
+    /// The sink's endpoint, when it is one the benchmark runs (StarRocks' double).
+    pub endpoint: Option<EndpointLoad>,
+}
+
+/// What a sink's endpoint received during a catch-up.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EndpointLoad {
+    /// Requests (Stream Loads) per second.
+    pub loads_per_s: f64,
+    /// Changes per request.
+    pub changes_per_load: f64,
+    /// Request bodies, MB (10^6 bytes), and bytes per change.
+    pub mb_sent: f64,
+    pub bytes_per_change: f64,
+    /// CPU seconds of the endpoint (the benchmark's own process, which runs it) per
+    /// million changes.
+    pub cpu_s_per_million: f64,
 }
 
 /// One steady-state measurement.
@@ -181,6 +204,24 @@ pub fn print(r: &Report) {
                     .filter(|s| *s > 0.0)
                     .map_or("-".into(), |s| format!("{s:.1}"))
             );
+        }
+    }
+    if r.catch_up.iter().any(|c| c.endpoint.is_some()) {
+        println!("\n| workload | consumer | loads/s | changes / load | MB sent | bytes / change | endpoint CPU s / M changes |");
+        println!("|---|---|---:|---:|---:|---:|---:|");
+        for c in &r.catch_up {
+            if let Some(e) = &c.endpoint {
+                println!(
+                    "| {} | {} | {:.1} | {:.0} | {:.1} | {:.0} | {:.2} |",
+                    c.workload,
+                    c.consumer.label(),
+                    e.loads_per_s,
+                    e.changes_per_load,
+                    e.mb_sent,
+                    e.bytes_per_change,
+                    e.cpu_s_per_million
+                );
+            }
         }
     }
     if !r.steady.is_empty() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
 
-use crate::process::{write_config, Dbmazz, RunConfig};
+use crate::process::{write_config, Dbmazz, RunConfig, SinkSpec};
 use crate::report::SnapshotRun;
 use crate::Env;
 
@@ -108,8 +108,7 @@ async fn dbmazz(env: &Env, rows: u64, workers: usize) -> anyhow::Result<(f64, f6
             publication: "snap_pub",
             tables: &["snap"],
             filter: false,
-            webhook: None,
-            null_delay_ms: 0,
+            sink: SinkSpec::Null { delay_ms: 0 },
             pipeline: "",
             snapshot: &snapshot,
         },

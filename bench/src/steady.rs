@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 
 use crate::probe::LagProbe;
 use crate::process::NEVER;
-use crate::process::{write_config, Dbmazz, RunConfig};
+use crate::process::{write_config, Dbmazz, RunConfig, SinkSpec};
 use crate::report::{Idle, StageLatency, Steady};
 use crate::{proc, workload, Env, MB};
 
@@ -46,8 +46,7 @@ pub async fn run(
                 publication: "bench_steady",
                 tables: &["public.steady"],
                 filter: false,
-                webhook: None,
-                null_delay_ms: 0,
+                sink: SinkSpec::Null { delay_ms: 0 },
                 pipeline: "",
             },
         )?;

@@ -7,6 +7,24 @@ pub const COLUMNS: &str =
     "id bigint PRIMARY KEY, n int NOT NULL, amount numeric(12,2), label text, \
                        at timestamptz, flag bool, doc jsonb, body text";
 
+/// The target table of `table` (a workload's) in StarRocks, for sink-starrocks: (column,
+/// DDL type), key `id`; the sink adds its audit columns itself.
+pub fn starrocks_columns(table: &str) -> Vec<(&'static str, &'static str)> {
+    if table == "w3" {
+        return vec![("id", "BIGINT"), ("n", "INT"), ("body", "STRING")];
+    }
+    vec![
+        ("id", "BIGINT"),
+        ("n", "INT"),
+        ("amount", "DECIMAL(12,2)"),
+        ("label", "STRING"),
+        ("at", "DATETIME"),
+        ("flag", "BOOLEAN"),
+        ("doc", "JSON"),
+        ("body", "STRING"),
+    ]
+}
+
 /// One row of [`COLUMNS`] from `g` (a bigint expression).
 pub fn row(g: &str) -> String {
     format!(

@@ -118,7 +118,7 @@ enum PluginCommand {
     /// built-in suite of batches — every op, old rows, unchanged TOAST, every value kind,
     /// an empty batch, a schema change, 50,000 changes — with a local HTTP endpoint (set as
     /// `url` when the plugin takes one and none is given), and print what it did per case.
-    /// Exits non-zero when a case faults (trap, deadline, memory) or answers fatal.
+    /// Exits non-zero when a case faults (trap, deadline, memory) or answers fatal or retryable.
     Test {
         /// The `.wasm` file.
         file: PathBuf,

@@ -472,12 +472,14 @@ pub const PLUGIN_BUILDS: &[(&str, &[&str])] = &[
     ("wasm32-unknown-unknown", &["sink-null"]),
 ];
 
+/// The repository's root directory.
+pub fn root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// The targets `scripts/setup.sh` installs (`scripts/wasm-targets`, comments left out).
 pub fn setup_wasm_targets() -> Vec<String> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap();
-    std::fs::read_to_string(root.join("scripts/wasm-targets"))
+    std::fs::read_to_string(root().join("scripts/wasm-targets"))
         .expect("scripts/wasm-targets")
         .lines()
         .map(str::trim)
@@ -489,10 +491,7 @@ pub fn setup_wasm_targets() -> Vec<String> {
 pub fn plugins() -> &'static Plugins {
     static PLUGINS: std::sync::OnceLock<Plugins> = std::sync::OnceLock::new();
     PLUGINS.get_or_init(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
+        let root = root();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         for &(target, pkgs) in PLUGIN_BUILDS {
             let mut c = Command::new(&cargo);

@@ -177,6 +177,23 @@ pub struct BatchTiming {
 }
 
 impl Batch {
+    /// A batch of `changes` made outside the batcher (a snapshot chunk, a part of a split
+    /// batch, a conformance case): `first` / `last` are the positions of its first and
+    /// last change (the default position when it has none); no schema changes, watermark
+    /// or timing, not replayed.
+    pub fn of_changes(id: BatchId, changes: Vec<Change>) -> Batch {
+        Batch {
+            id,
+            first: changes.first().map(|c| c.position).unwrap_or_default(),
+            last: changes.last().map(|c| c.position).unwrap_or_default(),
+            schema_changes: Vec::new(),
+            changes,
+            watermark: None,
+            replayed: false,
+            timing: None,
+        }
+    }
+
     /// The batch's intent record.
     pub fn intent(&self) -> BatchIntent {
         BatchIntent {

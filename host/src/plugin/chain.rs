@@ -489,23 +489,14 @@ impl PluginChain {
             let ids = [part_id(batch.id, 0), part_id(batch.id, 1)];
             tracing::warn!(batch = batch.id, changes = batch.changes.len(), parts = ?ids, error = %e, "the batch does not fit a plugin's memory; writing it in two parts (raise limits.memory_mb or lower pipeline.flush_bytes / flush_size to avoid this)");
             for (i, (part, id)) in halves.into_iter().zip(ids).enumerate() {
-                let (Some(first), Some(last)) = (part.first(), part.last()) else {
+                if part.is_empty() {
                     continue;
-                };
-                let part = Batch {
-                    id,
-                    first: first.position,
-                    last: last.position,
-                    schema_changes: if i == 0 {
-                        batch.schema_changes.clone()
-                    } else {
-                        Vec::new()
-                    },
-                    changes: part.to_vec(),
-                    watermark: None,
-                    replayed: batch.replayed,
-                    timing: None,
-                };
+                }
+                let mut part = Batch::of_changes(id, part.to_vec());
+                if i == 0 {
+                    part.schema_changes = batch.schema_changes.clone();
+                }
+                part.replayed = batch.replayed;
                 self.write(&part).await?;
             }
             Ok(())

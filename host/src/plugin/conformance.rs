@@ -10,8 +10,9 @@
 //! the endpoint, the call's duration and the instance's memory.
 //!
 //! A case *fails* when the plugin trapped, ran past its deadline or out of memory, or
-//! answered `fatal`; retryable answers and dead letters are reported but are the plugin's
-//! to choose.
+//! answered `fatal` or `retryable`: the endpoint answers every request, so a sink that
+//! asks for a retry here would hold a pipeline on that batch. Dead letters (explicit
+//! rejections) are reported but are the plugin's to choose.
 //!
 //! With `--replay FILE` the cases are a recording's batches instead ([`replay`]): the
 //! pgoutput messages a pipeline received (`dbmazz run --record FILE`) through the same
@@ -58,7 +59,8 @@ pub struct Outcome {
     /// What the plugin answered: `ack`, `retryable: ...`, `fatal: ...`,
     /// `dead letters: N`, `trap: ...`, `keep all`, `keep N`, `replace with N`.
     pub answer: String,
-    /// False when the plugin trapped, timed out, ran out of memory or answered fatal.
+    /// False when the plugin trapped, timed out, ran out of memory or answered fatal or
+    /// retryable.
     pub passed: bool,
     /// HTTP requests the endpoint received during the case.
     pub http_requests: u64,
@@ -150,21 +152,7 @@ impl Feeder {
                 _ => {}
             }
         }
-        let first = changes.first().map(|c| c.position).unwrap_or_default();
-        let last = changes.last().map(|c| c.position).unwrap_or_default();
-        Ok((
-            schema,
-            Batch {
-                id: u64::from(self.xid),
-                first,
-                last,
-                schema_changes: Vec::new(),
-                changes,
-                watermark: None,
-                replayed: false,
-                timing: None,
-            },
-        ))
+        Ok((schema, Batch::of_changes(u64::from(self.xid), changes)))
     }
 }
 
@@ -342,16 +330,7 @@ pub fn replay(path: &Path, flush_size: usize, spill_dir: &Path) -> Result<Vec<Ca
             name: format!("batch {id}"),
             what: "recorded",
             schema_changes: std::mem::take(schema),
-            batch: Batch {
-                id,
-                first: changes.first().map(|c| c.position).unwrap_or_default(),
-                last: changes.last().map(|c| c.position).unwrap_or_default(),
-                schema_changes: Vec::new(),
-                changes: std::mem::take(changes),
-                watermark: None,
-                replayed: false,
-                timing: None,
-            },
+            batch: Batch::of_changes(id, std::mem::take(changes)),
         });
     };
     let mut events = Vec::new();
@@ -429,7 +408,7 @@ async fn endpoint() -> std::io::Result<(std::net::SocketAddr, Arc<AtomicU64>)> {
 fn sink_answer(r: &Result<Result<(), SinkError>, CallError>) -> (String, bool) {
     match r {
         Ok(Ok(())) => ("ack".into(), true),
-        Ok(Err(SinkError::Retryable((m, _)))) => (format!("retryable: {m}"), true),
+        Ok(Err(SinkError::Retryable((m, _)))) => (format!("retryable: {m}"), false),
         Ok(Err(SinkError::Fatal(m))) => (format!("fatal: {m}"), false),
         Ok(Err(SinkError::DeadLetter(l))) => (
             format!(
@@ -598,17 +577,11 @@ pub async fn run(host: &PluginHost, file: &Path, opts: Options) -> Result<Vec<Ou
 
 /// Changes `a..b` of `batch` as a batch of their own, `id`.
 fn sub_batch(batch: &Batch, a: usize, b: usize, id: u64) -> Batch {
-    let changes = batch.changes[a..b].to_vec();
-    Batch {
-        id,
-        first: changes.first().map_or(batch.first, |c| c.position),
-        last: changes.last().map_or(batch.last, |c| c.position),
-        schema_changes: Vec::new(),
-        changes,
-        watermark: None,
-        replayed: false,
-        timing: None,
+    let mut part = Batch::of_changes(id, batch.changes[a..b].to_vec());
+    if part.changes.is_empty() {
+        (part.first, part.last) = (batch.first, batch.last);
     }
+    part
 }
 
 /// One `write` (or `write-encoded`, as the plugin asked) of `batch`.

@@ -427,7 +427,7 @@ pub async fn copy_exported(
                         .collect();
                     rows_in_chunk += n;
                     part += 1;
-                    let batch = snapshot_batch(id, changes);
+                    let batch = Batch::of_changes(id, changes);
                     send(&tx, Delivery::Snapshot(batch), &mut shutdown).await?;
                 }
                 info!(table = %shape.table, chunk = chunk.id, index = chunk.index, rows = rows_in_chunk, "snapshot chunk copied");
@@ -457,21 +457,6 @@ pub async fn copy_exported(
         "exported snapshot read; the stream starts at its consistent point"
     );
     Ok(())
-}
-
-fn snapshot_batch(id: u64, changes: Vec<crate::pipeline::change::Change>) -> Batch {
-    let first = changes.first().map(|c| c.position).unwrap_or_default();
-    let last = changes.last().map(|c| c.position).unwrap_or_default();
-    Batch {
-        id,
-        first,
-        last,
-        schema_changes: Vec::new(),
-        changes,
-        watermark: None,
-        replayed: false,
-        timing: None,
-    }
 }
 
 async fn send(

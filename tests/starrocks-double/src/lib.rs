@@ -95,8 +95,23 @@ pub struct LoadRecord {
     pub applied: bool,
     /// Rows in the body.
     pub rows: u64,
+    /// Size of the body, bytes.
+    pub bytes: u64,
     /// Request headers, names lower case.
     pub headers: Vec<(String, String)>,
+}
+
+/// What [`StarRocksDouble::totals`] counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadTotals {
+    /// Loads the BE answered or dropped.
+    pub loads: u64,
+    /// Of which changed a table.
+    pub applied_loads: u64,
+    /// Rows of the loads that changed a table.
+    pub applied_rows: u64,
+    /// Bytes of every load's body.
+    pub bytes: u64,
 }
 
 #[derive(Default)]
@@ -234,6 +249,21 @@ impl StarRocksDouble {
     /// Every load the BE answered or dropped, in order.
     pub fn loads(&self) -> Vec<LoadRecord> {
         self.state().loads.clone()
+    }
+
+    /// Totals over the loads so far (cheaper than [`loads`](Self::loads) for polling).
+    pub fn totals(&self) -> LoadTotals {
+        let s = self.state();
+        let mut t = LoadTotals::default();
+        for l in &s.loads {
+            t.loads += 1;
+            t.bytes += l.bytes;
+            if l.applied {
+                t.applied_loads += 1;
+                t.applied_rows += l.rows;
+            }
+        }
+        t
     }
 
     /// How many times each label's load changed a table (1 when exactly once).
@@ -441,6 +471,7 @@ impl StarRocksDouble {
             status: String::new(),
             applied: false,
             rows: 0,
+            bytes: body.len() as u64,
             headers: headers.clone(),
         };
         let answer = |s: &mut State, record: &mut LoadRecord, v: Value| {
