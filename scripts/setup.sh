@@ -44,11 +44,13 @@ fi
 rm -rf sdk/python/build sdk/python/src/*.egg-info
 
 # JavaScript plugins: the SDK's dependencies (ComponentizeJS 0.23.0, esbuild; from the npm
-# registry, once, as its package-lock.json pins them) and the template's link to the SDK.
+# registry, once, as its package-lock.json pins them) and the templates' links to the SDK.
 if [ ! -d sdk/js/node_modules/@bytecodealliance/componentize-js ] || [ sdk/js/package-lock.json -nt sdk/js/node_modules/.package-lock.json ]; then
     echo "==> installing the JavaScript SDK's dependencies (sdk/js/node_modules)"
     (cd sdk/js && npm install --no-audit --no-fund --loglevel=error)
 fi
-if [ ! -e examples/sink-js/node_modules/@dbmazz/sdk ]; then
-    (cd examples/sink-js && npm install --no-audit --no-fund --loglevel=error)
-fi
+for t in sink-js transform-js; do
+    if [ ! -e examples/$t/node_modules/@dbmazz/sdk ]; then
+        (cd examples/$t && npm install --no-audit --no-fund --loglevel=error)
+    fi
+done

@@ -2,7 +2,7 @@
 //! built with the SDK's one command (ComponentizeJS, installed by `scripts/setup.sh`), the
 //! component through the conformance suite (where SpiderMonkey's own out-of-memory is
 //! split like the host's) and in a real pipeline: PostgreSQL → dbmazz → the JavaScript
-//! sink → a local HTTP receiver.
+//! sink → a local HTTP receiver; the transform template the same way.
 
 mod support;
 
@@ -191,4 +191,85 @@ async fn the_javascript_template_is_tested_built_and_delivers_every_change_once_
         assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
         assert!(r.header("idempotency-key").is_some());
     }
+}
+
+/// The transform template (`examples/transform-js`, compact encoding): its unit tests, the
+/// SDK's build command for a transform (no `wasi:http`: the host gives none to transforms),
+/// the conformance suite, and a real pipeline where it drops the test rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_javascript_transform_template_drops_what_it_says_and_keeps_the_rest_in_order() {
+    template();
+    let example = root().join("examples/transform-js");
+    assert!(
+        example.join("node_modules/@dbmazz/sdk").exists(),
+        "run the tests with ./scripts/test.sh, which installs the template's link to the SDK"
+    );
+    let out = run_ok(
+        Command::new("npm")
+            .args(["test", "--silent"])
+            .current_dir(&example),
+    );
+    assert!(
+        out.contains("# pass 2") && out.contains("# fail 0"),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("transform-js.wasm");
+    run_ok(
+        Command::new(example.join("node_modules/.bin/dbmazz-plugin-build"))
+            .args(["transform", "index.js", "-o"])
+            .arg(&wasm)
+            .current_dir(&example),
+    );
+    let (ok, out) = support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), wasm.as_os_str()]);
+    assert!(
+        ok && out.contains("world:         dbmazz:plugin/transform"),
+        "{out}"
+    );
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        "--memory-mb".as_ref(),
+        "256".as_ref(),
+        "-c".as_ref(),
+        "column=status".as_ref(),
+        "-c".as_ref(),
+        "equals=test".as_ref(),
+    ]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
+
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let toml = format!(
+        "[pipeline]\nflush_interval_ms = 50\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ column = \"status\", equals = \"test\" }}\nlimits = {{ memory_mb = 256, call_timeout_ms = 20000 }}\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
+        wasm.display().to_string(),
+        support::plugins().webhook.display().to_string(),
+        rx.url(),
+        rx.addr.to_string()
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["orders"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    // every third row is test traffic
+    db.batch_execute(
+        "INSERT INTO orders SELECT g, CASE WHEN g % 3 = 0 THEN 'test' ELSE 'ok' END FROM generate_series(1, 300) g",
+    )
+    .await
+    .unwrap();
+    eventually(T, "200 events", || d.log(), || rx.events().len() >= 200);
+    let ids: Vec<i64> = rx
+        .events()
+        .iter()
+        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    let want: Vec<i64> = (1..=300).filter(|g| g % 3 != 0).collect();
+    assert_eq!(
+        ids, want,
+        "the test rows dropped, the rest once and in order"
+    );
 }

@@ -254,3 +254,51 @@ async fn the_python_transform_template_drops_what_it_says_and_keeps_the_rest_in_
         "the test rows dropped, the rest once and in order"
     );
 }
+
+/// A Python plugin whose batch does not fit, as CPython says it: `MemoryError` (an
+/// exception like any other, which the SDK would answer as retryable: the same batch
+/// again). The SDK turns it into a trap that says "out of memory" on stderr, and the host
+/// splits the batch. (A grow past `limits.memory_mb` traps in the host before CPython can
+/// raise anything, so the plugin raises it itself.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_memory_error_splits_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.py"),
+        r#"import dbmazz
+
+class Hog(dbmazz.Sink):
+    """Cannot hold a batch of more than 30,000 changes."""
+    name = "hog"
+    memory_mb = 128
+
+    def write(self, batch):
+        if dbmazz.change_count(batch) > 30000:
+            raise MemoryError()
+
+SinkPlugin = dbmazz.export_sink(Hog)
+"#,
+    )
+    .unwrap();
+    let wasm = dir.path().join("hog.wasm");
+    run_ok(
+        Command::new(python_bin("dbmazz-plugin-build"))
+            .args(["sink", "app", "-o"])
+            .arg(&wasm)
+            .current_dir(dir.path()),
+    );
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        wasm.as_os_str(),
+        "--memory-mb".as_ref(),
+        "128".as_ref(),
+    ]);
+    assert!(ok && out.contains("all 12 cases passed"), "{out}");
+    assert!(
+        out.contains("out of memory: the batch does not fit"),
+        "the SDK's line on stderr: {out}"
+    );
+    let large = out.lines().find(|l| l.starts_with("large ")).unwrap();
+    assert!(large.contains("ack (in 2 parts"), "{out}");
+}

@@ -407,7 +407,7 @@ pub async fn dbmazz_catch_up(
                 );
             }
             Some(EndpointLoad {
-                loads_per_s: t.loads as f64 / seconds,
+                loads_per_s: t.applied_loads as f64 / seconds,
                 changes_per_load: w.changes as f64 / t.applied_loads.max(1) as f64,
                 mb_sent: t.bytes as f64 / 1e6,
                 bytes_per_change: t.bytes as f64 / w.changes as f64,

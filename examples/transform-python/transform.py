@@ -27,4 +27,4 @@ class DropWhere(dbmazz.Transform):
                 continue
             keep.append(c.index)
         # None keeps the whole batch without sending indices back
-        return None if len(keep) == len(batch.changes) else keep
+        return None if len(keep) == dbmazz.change_count(batch) else keep

@@ -47,7 +47,14 @@ try {
     external: ['dbmazz:*', 'wasi:*'],
     logLevel: 'warning',
   });
-  const { component } = await componentize({ sourcePath: bundle, witPath: WIT, worldName: world });
+  const { component } = await componentize({
+    sourcePath: bundle,
+    witPath: WIT,
+    worldName: world,
+    // a transform gets no wasi:http from the host (only sinks may reach the network):
+    // without this, ComponentizeJS imports it for `fetch` and the host refuses the file
+    disableFeatures: world === 'transform' ? ['http', 'fetch-event'] : [],
+  });
   await writeFile(values.output, component);
   const mb = (component.length / 1048576).toFixed(1);
   console.log(`built ${values.output} (${world}, ${mb} MiB) in ${((Date.now() - started) / 1000).toFixed(1)} s`);

@@ -446,7 +446,7 @@ function encodedJson(reader, oid, kind, start, end) {
       return BYTEA_HEX.test(t) ? `"${t.slice(2).toLowerCase()}"` : JSON.stringify(t);
     case 114:
     case 3802:
-      return t; // PostgreSQL's own text of the document: every digit kept
+      return jsonText(t);
     default: // numeric, text
       return JSON.stringify(t);
   }
@@ -460,6 +460,13 @@ function encodedRowJson(reader, info, at) {
     s += (quoted[i] ?? `"column${i}"`) + ':' + encodedJson(reader, types[i], kind, start, end);
   });
   return s + '}';
+}
+
+/** A json/jsonb value's text as it goes into a JSON line: PostgreSQL's own text of the
+ * document (every digit kept), with line breaks — only possible between tokens of a
+ * `json` value — turned into spaces, so that a line stays one line. */
+function jsonText(t) {
+  return t.includes('\n') || t.includes('\r') ? t.replace(/[\r\n]/g, ' ') : t;
 }
 
 const HEX = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
@@ -477,7 +484,7 @@ function datumJson(d) {
     case 'float':
       return Number.isFinite(d.val) ? String(d.val) : JSON.stringify(String(d.val));
     case 'json':
-      return d.val; // PostgreSQL's own text of the document: every digit kept
+      return jsonText(d.val);
     case 'bytes': {
       let s = '"';
       for (const b of d.val) s += HEX[b];
@@ -502,8 +509,8 @@ function rowJson(quoted, values) {
  * One change (a {@link ChangeView}) as a JSON object (text): `op`, `table`, `lsn`,
  * `commit_lsn`, `xid`, `old`, `new`; int8 and LSNs with every digit, numeric as a
  * string, json/jsonb as the document, bytea as hex, a non-finite float as a string, an
- * unchanged TOAST value as `{"unchanged_toast":true}` — the same lines as the Python SDK's
- * `to_json`.
+ * unchanged TOAST value as `{"unchanged_toast":true}` — the same fields and values as the
+ * Python SDK's `to_json` (floats formatted as JavaScript prints numbers).
  */
 export function toJson(change) {
   return (
@@ -585,7 +592,7 @@ function instantiate(cls, config) {
 /** SpiderMonkey's exception when its heap is exhausted: the string `out of memory`
  * (an `InternalError` in some paths), catchable, unlike Rust's allocation failure. */
 function isOutOfMemory(e) {
-  return e === 'out of memory' || (e instanceof Error && /^out of memory/.test(e.message));
+  return e === 'out of memory' || (e?.name === 'InternalError' && /^out of memory/.test(e.message));
 }
 
 /**

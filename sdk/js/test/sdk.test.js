@@ -126,13 +126,14 @@ const everything = () =>
     .delete(4, [2, null, null, null, null, null, null, null])
     .read(4, [3, true, 1, Infinity, { tag: 'numeric', val: '0.10' }, null, { tag: 'json', val: 'null' }, ''])
     .change('truncate', 4, {})
+    .insert(4, [4, null, null, null, null, null, { tag: 'json', val: '{"a":\n 1}' }, null])
     .build();
 
 test('an encoded batch reads as the same changes, values and JSON lines as the typed one', () => {
   const typed = everything();
   const enc = encode(typed);
   assert.ok(enc.data instanceof Uint8Array && enc.changes === undefined);
-  assert.equal(changeCount(enc), 6);
+  assert.equal(changeCount(enc), 7);
   const a = [...changes(typed)];
   const b = [...changes(enc)];
   assert.equal(b.length, a.length);
@@ -153,6 +154,9 @@ test('an encoded batch reads as the same changes, values and JSON lines as the t
   assert.equal(b[2].raw, null);
   assert.equal(b[5].op, 'truncate');
   assert.equal(b[5].new, null);
+  // a json value's line breaks (between tokens) do not break the line
+  assert.ok(!toJson(b[6]).includes('\n') && !toJson(a[6]).includes('\n'));
+  assert.deepEqual(JSON.parse(toJson(b[6])).new.doc, { a: 1 });
 });
 
 test('a malformed encoded buffer is a DecodeError naming the byte', () => {
@@ -186,5 +190,5 @@ test('a plugin that prefers the encoding says so at init and gets encoded batche
   }
   const t = exportTransform(T);
   assert.deepEqual(t.init([]), { prefersEncoded: true });
-  assert.deepEqual(await t.processEncoded(encode(typed)), { tag: 'keep', val: [0, 1] });
+  assert.deepEqual(await t.processEncoded(encode(typed)), { tag: 'keep', val: [0, 1, 6] });
 });

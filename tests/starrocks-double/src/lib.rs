@@ -804,10 +804,26 @@ fn prepare(
         }
         None => None,
     };
-    let types: HashMap<&str, &str> = t
-        .columns
+    let types: Vec<&str> = targets
         .iter()
-        .map(|c| (c.name.as_str(), c.type_name.as_str()))
+        .map(|c| {
+            t.columns
+                .iter()
+                .find(|col| &col.name == c)
+                .map_or("", |col| col.type_name.as_str())
+        })
+        .collect();
+    // where each named value goes: the target's index by its lower-case name (StarRocks
+    // compares column names case-insensitively)
+    let slots: HashMap<String, usize> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_ascii_lowercase(), i))
+        .collect();
+    let key_slots: Vec<usize> = t
+        .key
+        .iter()
+        .filter_map(|k| targets.iter().position(|c| c == k))
         .collect();
     let mut out = Prepared {
         rows: Vec::with_capacity(rows.len()),
@@ -820,40 +836,42 @@ fn prepare(
             out.filtered.push(format!("row {i}: not a JSON object"));
             continue;
         };
-        let get = |name: &str| {
-            obj.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
-                .unwrap_or(Value::Null)
-        };
+        let mut cells = vec![Value::Null; targets.len()];
+        let mut op = Value::Null;
+        for (name, v) in obj {
+            if name.eq_ignore_ascii_case("__op") {
+                op = v;
+            } else if let Some(&at) = slots
+                .get(&name)
+                .or_else(|| slots.get(&name.to_ascii_lowercase()))
+            {
+                cells[at] = v;
+            }
+        }
         let delete = has_op
-            && match get("__op") {
+            && match &op {
                 Value::Number(n) => n.as_i64() == Some(1),
                 Value::String(s) => s == "1",
                 _ => false,
             };
-        let mut values = Map::new();
         let mut bad = None;
-        for c in &targets {
-            let v = get(c);
-            if !delete && !fits(types[c.as_str()], &v) {
-                bad = Some(format!(
-                    "row {i}: value {v} does not fit column {c} {}",
-                    types[c.as_str()]
-                ));
+        if !delete {
+            for ((c, ty), v) in targets.iter().zip(&types).zip(&cells) {
+                if !fits(ty, v) {
+                    bad = Some(format!("row {i}: value {v} does not fit column {c} {ty}"));
+                }
             }
-            values.insert(c.clone(), v);
         }
-        let key: Vec<Value> = t.key.iter().map(|k| values[k].clone()).collect();
-        if key.iter().any(Value::is_null) {
+        if key_slots.iter().any(|&k| cells[k].is_null()) {
             bad = Some(format!("row {i}: NULL in the primary key"));
         }
-        match bad {
-            Some(reason) => out.filtered.push(reason),
-            None => out
-                .rows
-                .push((Value::Array(key).to_string(), delete, values)),
+        if let Some(reason) = bad {
+            out.filtered.push(reason);
+            continue;
         }
+        let key = Value::Array(key_slots.iter().map(|&k| cells[k].clone()).collect()).to_string();
+        let values: Map<String, Value> = targets.iter().cloned().zip(cells).collect();
+        out.rows.push((key, delete, values));
     }
     Ok(out)
 }

@@ -35,6 +35,7 @@ the error the host logs and shows in Status.
 from __future__ import annotations
 
 import json
+import math
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -314,12 +315,16 @@ def _jsonable(v: Any) -> Any:
         return {"unchanged_toast": True}
     if isinstance(v, bytes):
         return v.hex()
+    if isinstance(v, float) and not math.isfinite(v):
+        # JSON has no NaN or Infinity: as strings, as PostgreSQL prints them
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
     return v
 
 
 def to_json(change: ChangeView) -> str:
     """One change as a JSON object: op, table, lsn, commit_lsn, xid, old, new (bytea as
-    hex, an unchanged TOAST value as ``{"unchanged_toast": true}``)."""
+    hex, an unchanged TOAST value as ``{"unchanged_toast": true}``, a non-finite float as
+    the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``)."""
     row = lambda r: None if r is None else {k: _jsonable(v) for k, v in r.items()}  # noqa: E731
     return json.dumps(
         {
