@@ -226,50 +226,5 @@ async fn the_javascript_transform_template_drops_what_it_says_and_keeps_the_rest
         ok && out.contains("world:         dbmazz:plugin/transform"),
         "{out}"
     );
-    let (ok, out) = support::dbmazz(&[
-        "plugin".as_ref(),
-        "test".as_ref(),
-        wasm.as_os_str(),
-        "--memory-mb".as_ref(),
-        "256".as_ref(),
-        "-c".as_ref(),
-        "column=status".as_ref(),
-        "-c".as_ref(),
-        "equals=test".as_ref(),
-    ]);
-    assert!(ok && out.contains("all 12 cases passed"), "{out}");
-
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
-        .await
-        .unwrap();
-    let rx = Receiver::start(&[]).await;
-    let toml = format!(
-        "[pipeline]\nflush_interval_ms = 50\n\n[[transforms]]\nplugin = {:?}\nconfig = {{ column = \"status\", equals = \"test\" }}\nlimits = {{ memory_mb = 256, call_timeout_ms = 20000 }}\n\n[sink]\nplugin = {:?}\nconfig = {{ url = {:?} }}\ncapabilities = {{ http = [{:?}] }}\n",
-        wasm.display().to_string(),
-        support::plugins().webhook.display().to_string(),
-        rx.url(),
-        rx.addr.to_string()
-    );
-    let pipe = Pipeline::with_toml(&pg.url(), &["orders"], &toml);
-    let d = pipe.spawn();
-    d.wait_log("streaming", T);
-    // every third row is test traffic
-    db.batch_execute(
-        "INSERT INTO orders SELECT g, CASE WHEN g % 3 = 0 THEN 'test' ELSE 'ok' END FROM generate_series(1, 300) g",
-    )
-    .await
-    .unwrap();
-    eventually(T, "200 events", || d.log(), || rx.events().len() >= 200);
-    let ids: Vec<i64> = rx
-        .events()
-        .iter()
-        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
-        .collect();
-    let want: Vec<i64> = (1..=300).filter(|g| g % 3 != 0).collect();
-    assert_eq!(
-        ids, want,
-        "the test rows dropped, the rest once and in order"
-    );
+    support::drop_where_passes_the_suite_and_a_pipeline(&wasm, 256).await;
 }
