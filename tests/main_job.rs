@@ -393,3 +393,30 @@ fn quickstart_with_the_starrocks_sink_loads_the_test_double() {
     assert!(text.contains("\"dbmazz_is_deleted\":true"), "{text}");
     assert_cleaned_up(&text);
 }
+
+#[test]
+fn quickstart_with_the_postgres_sink_replicates_into_a_second_database() {
+    let text = quickstart(&["--sink", "postgres"]);
+    assert!(
+        text.contains("sink-postgres into database \"replica\""),
+        "{text}"
+    );
+    // the pipeline drained before the counts were printed: both sides hold the same rows
+    // (orders: one inserted per transaction, all but the last three deleted)
+    let counts = |side: &str| -> (u64, u64) {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(side))
+            .unwrap_or_else(|| panic!("no {side} line: {text}"));
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (nums[0], nums[1])
+    };
+    let (source, replica) = (counts("source   shop"), counts("replica  shop"));
+    assert!(source.0 >= 10 && source.1 == 3, "{text}");
+    assert_eq!(replica, source, "{text}");
+    assert!(text.contains("[connections.replica]"), "{text}");
+    assert_cleaned_up(&text);
+}

@@ -10,8 +10,9 @@
 //! 5. a replication connection opens (`IDENTIFY_SYSTEM`);
 //! 6. the sink is reachable: every `http://`/`https://` URL in the sink's config is on its
 //!    `capabilities.http` allow-list (else the first batch would be refused), and a TCP
-//!    connection opens to each allow-listed target; or a writable directory for the JSONL
-//!    sink.
+//!    connection opens to each allow-listed target; each granted `[connections.<name>]`
+//!    (`capabilities.postgres`) accepts a connection; or a writable directory for the
+//!    JSONL sink.
 
 use std::io::Write;
 use std::path::Path;
@@ -283,6 +284,33 @@ async fn steps<W: Write>(
                             format!("sink.config.{key} = {url:?} has no host"),
                         )
                     }
+                }
+            }
+            let pools = match crate::runtime::postgres_grants(sink, &cfg.connections) {
+                Ok(p) => p,
+                Err(e) => return list.fail("sink connections", e),
+            };
+            for (name, pool) in &pools {
+                let version = match pool.connect().await {
+                    Ok(client) => client
+                        .query_one(
+                            "SELECT current_setting('server_version'), current_user",
+                            &[],
+                        )
+                        .await
+                        .map(|r| {
+                            format!(
+                                "PostgreSQL {} as {}",
+                                r.get::<_, String>(0),
+                                r.get::<_, String>(1)
+                            )
+                        })
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match version {
+                    Ok(v) => list.ok("sink connection", &format!("{name}: {v}")),
+                    Err(e) => return list.fail("sink connection", format!("{name}: {e}")),
                 }
             }
             for t in &sink.capabilities.http {

@@ -80,8 +80,9 @@ enum Command {
     /// A throwaway PostgreSQL, a pipeline through the filter and webhook plugins, a local
     /// receiver printing what it gets, and a stream of changes. Ctrl-C cleans up.
     Quickstart {
-        /// Where changes go: a local webhook receiver, or the StarRocks test double (in
-        /// memory, not a StarRocks) through sink-starrocks.
+        /// Where changes go: a local webhook receiver, the StarRocks test double (in
+        /// memory, not a StarRocks) through sink-starrocks, or a second database of the
+        /// throwaway cluster through sink-postgres.
         #[arg(long, value_enum, default_value_t = dbmazz::quickstart::QuickstartSink::Webhook)]
         sink: dbmazz::quickstart::QuickstartSink,
         /// Seconds of generated changes (0: until Ctrl-C).

@@ -10,7 +10,9 @@
 //! Sinks (`--sink`): `webhook` (default) — `sink-webhook` to a local receiver that prints
 //! every CloudEvent it gets; `starrocks` — `sink-starrocks` to the StarRocks **test
 //! double** (`tests/starrocks-double`, in memory; not a StarRocks), whose tables are
-//! printed at the end.
+//! printed at the end; `postgres` — `sink-postgres` into a second database (`replica`) of
+//! the same throwaway cluster, through the host's `postgres` capability
+//! (`[connections.replica]`), with both sides' row counts printed at the end.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +36,8 @@ pub enum QuickstartSink {
     Webhook,
     /// `sink-starrocks` to the in-memory StarRocks test double.
     Starrocks,
+    /// `sink-postgres` into a second database of the throwaway cluster.
+    Postgres,
 }
 
 /// Options of `dbmazz quickstart`.
@@ -114,6 +118,21 @@ async fn receiver(bar: ProgressBar, events: Arc<AtomicU64>) -> anyhow::Result<So
 enum Target {
     Webhook(SocketAddr),
     StarRocks(starrocks_double::StarRocksDouble),
+    /// A client of the `replica` database.
+    Postgres(tokio_postgres::Client),
+}
+
+/// `(customers, orders)` row counts of the `shop` tables through `db`, `None` while the
+/// tables do not exist yet.
+async fn shop_counts(db: &tokio_postgres::Client) -> Option<(i64, i64)> {
+    let r = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM shop.customers), (SELECT count(*) FROM shop.orders)",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some((r.get(0), r.get(1)))
 }
 
 /// Prints the last rows of the double's tables (long `notes` shortened).
@@ -160,6 +179,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (sink_file, sink_package) = match opts.sink {
         QuickstartSink::Webhook => ("sink_webhook.wasm", "sink-webhook"),
         QuickstartSink::Starrocks => ("sink_starrocks.wasm", "sink-starrocks"),
+        QuickstartSink::Postgres => ("sink_postgres.wasm", "sink-postgres"),
     };
     let sink_wasm = plugins.join(sink_file);
     for p in [&filter, &sink_wasm] {
@@ -231,6 +251,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 Target::StarRocks(sr),
             )
         }
+        QuickstartSink::Postgres => {
+            db.batch_execute("CREATE DATABASE replica").await?;
+            let replica_url = cluster.url("replica");
+            let (replica, conn) =
+                tokio_postgres::connect(&replica_url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            replica.batch_execute("CREATE SCHEMA shop").await?;
+            (
+                format!(
+                    "[sink]\nplugin = {:?}\nconfig = {{ connection = \"replica\", create_tables = true }}\ncapabilities = {{ postgres = [\"replica\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n\n\
+                     [connections.replica]\nurl = {replica_url:?}\n",
+                    sink_wasm.display().to_string(),
+                ),
+                Target::Postgres(replica),
+            )
+        }
     };
 
     let config_path = work.path().join("dbmazz.toml");
@@ -252,6 +288,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             sr.fe_addr(),
             sr.be_addr()
         ),
+        Target::Postgres(_) => format!(
+            "sink-postgres into database \"replica\" of the same cluster ({})",
+            cluster.url("replica")
+        ),
     };
     bar.suspend(|| {
         println!(
@@ -265,6 +305,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bar.suspend(|| match &target {
         Target::Webhook(_) => println!("events as the receiver gets them (id = batch:index; shop.audit_log is filtered out, e-mails masked):"),
         Target::StarRocks(_) => println!("loading shop.customers and shop.orders with Stream Load (shop.audit_log is filtered out, e-mails masked; deletes are soft: dbmazz_is_deleted)"),
+        Target::Postgres(_) => println!("replicating shop.customers and shop.orders into replica.shop (tables created by the sink; shop.audit_log is filtered out, e-mails masked); one transaction per batch"),
     });
 
     let stats = Arc::new(Stats::default());
@@ -331,6 +372,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 sr.loads().len(),
                 sr.rows("shop", "orders").len()
             ),
+            Target::Postgres(replica) => match shop_counts(replica).await {
+                Some((c, o)) => format!("replica: {c} customers, {o} orders"),
+                None => "replica: tables not created yet".into(),
+            },
         };
         let counts = format!(
             "{n} transactions committed · {read} messages read · {delivered} changes delivered · {arrived} · lag {lag} bytes"
@@ -354,8 +399,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let result = pipeline.await;
     bar.finish_and_clear();
-    if let Target::StarRocks(sr) = &target {
-        print_tables(sr);
+    match &target {
+        Target::StarRocks(sr) => print_tables(sr),
+        Target::Postgres(replica) => {
+            let source = shop_counts(&db).await.unwrap_or_default();
+            let copy = shop_counts(replica).await.unwrap_or_default();
+            println!(
+                "source   shop: {} customers, {} orders\nreplica  shop: {} customers, {} orders{}",
+                source.0,
+                source.1,
+                copy.0,
+                copy.1,
+                if source == copy {
+                    " (the same)"
+                } else {
+                    " (differ: the pipeline did not drain)"
+                }
+            );
+        }
+        Target::Webhook(_) => {}
     }
     println!(
         "\nthe config this run used (its PostgreSQL, receiver and state directory were throwaways;\n\

@@ -53,8 +53,9 @@
 //! and `dbmazz plugin inspect` prints them. Everything else a plugin
 //! can reach is a capability the operator grants in the pipeline config: [`log`] (always),
 //! [`metrics`] (always), [`kv`] (`capabilities = { kv = true }`), and for sinks [`http`]
-//! (`capabilities = { http = ["host:port"] }`, others are refused). There are no files,
-//! sockets or environment variables.
+//! (`capabilities = { http = ["host:port"] }`, others are refused) and [`postgres`]
+//! (`capabilities = { postgres = ["name"] }`: databases the operator named in the host
+//! config). There are no files, sockets or environment variables.
 //!
 //! ## Errors
 //!
@@ -84,6 +85,7 @@
 pub mod bindings;
 pub mod encoded;
 pub mod http;
+pub mod postgres;
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 pub mod testing;
 pub mod time;

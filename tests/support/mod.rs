@@ -450,6 +450,7 @@ pub struct Plugins {
     pub null: PathBuf,
     pub null_core_module: PathBuf,
     pub starrocks: PathBuf,
+    pub postgres: PathBuf,
     /// The Rust template, `examples/sink-template`.
     pub template: PathBuf,
 }
@@ -466,6 +467,7 @@ pub const PLUGIN_BUILDS: &[(&str, &[&str])] = &[
             "fixture-misbehave",
             "sink-null",
             "sink-starrocks",
+            "sink-postgres",
             "sink-template",
         ],
     ),
@@ -518,6 +520,7 @@ pub fn plugins() -> &'static Plugins {
             null: w("sink_null"),
             null_core_module: t.join("wasm32-unknown-unknown/release/sink_null.wasm"),
             starrocks: w("sink_starrocks"),
+            postgres: w("sink_postgres"),
             template: w("sink_template"),
         }
     })

@@ -43,6 +43,10 @@
 //! on_slot_ahead = "fail"            # fail (default) | resnapshot: the slot moved past
 //!                                   # the checkpoint while dbmazz was not looking
 //!
+//! [connections.analytics]          # optional: a database plugins open by name through
+//! url = "postgres://..."            # the postgres capability (sink.capabilities.postgres
+//!                                   # = ["analytics"]); the URL stays in the host
+//!
 //! [state]
 //! dir = "./dbmazz-data"             # RocksDB checkpoints, spill files, compiled plugins
 //!
@@ -58,7 +62,7 @@
 //!
 //! Per-stage `capabilities`: `http` (allow-listed `host:port`s, sinks only), `http_auth`
 //! (`{ "host:port" = "Bearer ..." }`, added by the host, never shown to the plugin or
-//! logged), `kv` (bool). Per-stage `limits`: `memory_mb` (64), `call_timeout_ms` (5000),
+//! logged), `kv` (bool), `postgres` (names of `[connections.<name>]`, sinks only). Per-stage `limits`: `memory_mb` (64), `call_timeout_ms` (5000),
 //! `max_output_mb` (64), `max_attempts` (3), `on_fault` (`stop` | `dead_letter`),
 //! `kv_max_keys` (100000), `kv_max_mb` (64).
 //!
@@ -101,6 +105,37 @@ pub struct Config {
     /// `[snapshot]`: the copy of existing rows.
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    /// `[connections.<name>]`: databases plugins may reach by name, through the
+    /// `postgres` capability (`capabilities = { postgres = ["<name>"] }`).
+    #[serde(default)]
+    pub connections: std::collections::BTreeMap<String, ConnectionConfig>,
+}
+
+/// `[connections.<name>]`: a PostgreSQL database a plugin may open by `name`. The URL
+/// (credentials, `sslmode`, `sslrootcert`, `connect_timeout`, as for `source.url`) is used
+/// by the host only: the plugin, its logs and its errors never see it.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// libpq connection URI or key/value string; holds the password, never logged.
+    pub url: String,
+    /// Most connections the host keeps open for this name per stage (idle ones are
+    /// reused). Default 2.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionConfig")
+            .field("url", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+fn default_pool_size() -> usize {
+    2
 }
 
 /// `[control]`: endpoints for operators.
@@ -427,6 +462,10 @@ pub struct Capabilities {
     /// A durable key-value namespace of the plugin's own.
     #[serde(default)]
     pub kv: bool,
+    /// Names of `[connections.<name>]` the plugin may open through the `postgres`
+    /// interface (sinks only).
+    #[serde(default)]
+    pub postgres: Vec<String>,
 }
 
 /// Per-instance limits of a plugin stage.
@@ -903,6 +942,31 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every `capabilities.postgres` name has its `[connections.<name>]`, and only sinks
+    /// ask for one.
+    fn check_connection_grants(&self) -> Result<(), String> {
+        for (i, t) in self.transforms.iter().enumerate() {
+            if !t.capabilities.postgres.is_empty() {
+                return Err(format!("transforms[{i}].capabilities.postgres: only sinks may open PostgreSQL connections"));
+            }
+        }
+        for name in &self.sink.capabilities.postgres {
+            if !self.connections.contains_key(name) {
+                let known: Vec<&str> = self.connections.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "sink.capabilities.postgres names the connection {name:?}, but there is no [connections.{name}] (defined: {})",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ));
+            }
+        }
+        for (name, c) in &self.connections {
+            if c.pool_size == 0 {
+                return Err(format!("connections.{name}.pool_size must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), String> {
         self.sink.target()?;
         if self
@@ -919,6 +983,7 @@ impl Config {
                 return Err(format!("control.grpc = {addr:?} is reachable from other hosts but has neither control.token nor TLS: anyone who reaches it could stop or pause the pipeline or snapshot tables. Set control.token (and tls_cert/tls_key), bind 127.0.0.1, or set control.insecure = true to accept it"));
             }
         }
+        self.check_connection_grants()?;
         if self.pipeline.flush_size == 0 {
             return Err("pipeline.flush_size must be at least 1".into());
         }

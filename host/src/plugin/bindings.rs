@@ -16,11 +16,14 @@ pub mod sink {
         path: "../wit",
         world: "dbmazz:plugin/sink",
         exports: { default: async },
+        // PostgreSQL calls do I/O (tokio-postgres); the rest answer at once.
+        imports: { "dbmazz:plugin/postgres": async },
         require_store_data_send: true,
         with: {
             "wasi:http": wasmtime_wasi_http::p2::bindings::http,
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+            "dbmazz:plugin/postgres.connection": crate::plugin::postgres::Connection,
         },
     });
 }

@@ -33,6 +33,7 @@ pub mod conformance;
 pub mod contract;
 pub mod convert;
 pub mod metadata;
+pub mod postgres;
 pub mod reload;
 pub mod stage;
 pub mod state;
@@ -773,6 +774,9 @@ impl PluginHost {
 fn add_dbmazz_imports(linker: &mut Linker<PluginState>) -> anyhow::Result<()> {
     use sink_world::dbmazz::plugin::{config, data, kv, log, metrics};
     data::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    // Transforms do not import it (their world has no `postgres`); a sink without the
+    // grant gets `denied` from `open`.
+    sink_world::dbmazz::plugin::postgres::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
     metrics::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;

@@ -4,7 +4,8 @@
 //! files, sockets, environment or arguments; stdout and stderr become log lines), `kv`
 //! answers with an error unless `capabilities.kv = true`, and outgoing HTTP goes through
 //! [`AllowListHooks::send_request`], which refuses any `host:port` not on the plugin's
-//! allow-list and adds configured credentials to requests that are on it.
+//! allow-list and adds configured credentials to requests that are on it. PostgreSQL
+//! connections (`postgres.rs`) open only under a granted name.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -34,6 +35,9 @@ pub struct Grants {
     pub http_auth: HashMap<String, String>,
     /// The plugin's durable key-value namespace, when granted.
     pub kv: Option<KvGrant>,
+    /// The PostgreSQL connections the plugin may open, by name (`capabilities.postgres`;
+    /// sinks only).
+    pub postgres: HashMap<String, Arc<super::postgres::Pool>>,
 }
 
 /// A stage's kv namespace: the store, its quota, and what it holds (shared by the
@@ -244,11 +248,13 @@ pub struct PluginState {
     pub(crate) name: Arc<str>,
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     hooks: AllowListHooks,
     pub(crate) limits: InstanceLimits,
     config: Vec<(String, String)>,
     kv: Option<KvGrant>,
+    /// Granted PostgreSQL connections by name (`postgres.rs`).
+    pub(super) postgres: HashMap<String, Arc<super::postgres::Pool>>,
     metrics: Arc<PluginMetrics>,
     /// Bytes the guest handed to the host in the current call (logs, metrics names).
     pub(crate) output_bytes: usize,
@@ -282,6 +288,7 @@ impl PluginState {
             limits: InstanceLimits::new(limits.memory_bytes, limits.table_elements),
             config,
             kv: grants.kv.clone(),
+            postgres: grants.postgres.clone(),
             metrics,
             output_bytes: 0,
             max_output_bytes: limits.max_output_bytes,

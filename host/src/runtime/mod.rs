@@ -14,7 +14,7 @@
 //! lost connection; the reading loop is [`reader`]) → **drain**.
 
 mod plugins;
-pub(crate) use plugins::{stage_config, stage_limits};
+pub(crate) use plugins::{postgres_grants, stage_config, stage_limits};
 mod reader;
 pub mod session;
 
@@ -71,6 +71,10 @@ pub enum RunError {
     /// The plugin engine could not be created.
     #[error("plugin engine: {0}")]
     Engine(String),
+    /// A `[connections.<name>]` a plugin is granted cannot be used (its URL does not
+    /// parse; the message never holds the password).
+    #[error("{0}")]
+    Connection(String),
     /// The snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),

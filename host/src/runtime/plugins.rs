@@ -183,22 +183,51 @@ pub(crate) fn stage_limits(cfg: &StageConfig) -> Limits {
     }
 }
 
+/// The pools of the `[connections.<name>]` a stage is granted (`capabilities.postgres`);
+/// each stage has its own.
+///
+/// # Errors
+/// A granted name without its section (the config check refuses that first), or a URL
+/// that does not parse.
+pub(crate) fn postgres_grants(
+    cfg: &StageConfig,
+    connections: &std::collections::BTreeMap<String, crate::config::ConnectionConfig>,
+) -> Result<std::collections::HashMap<String, Arc<crate::plugin::postgres::Pool>>, String> {
+    cfg.capabilities
+        .postgres
+        .iter()
+        .map(|name| {
+            let c = connections.get(name).ok_or_else(|| {
+                format!(
+                    "capabilities.postgres names {name:?}, but there is no [connections.{name}]"
+                )
+            })?;
+            Ok((
+                name.clone(),
+                Arc::new(crate::plugin::postgres::Pool::new(name, c)?),
+            ))
+        })
+        .collect()
+}
+
 fn stage_spec(
     plugin: LoadedPlugin,
     cfg: &StageConfig,
     identity: &[(String, String)],
     store: &Arc<Store>,
-) -> StageSpec {
+    connections: &std::collections::BTreeMap<String, crate::config::ConnectionConfig>,
+) -> Result<StageSpec, RunError> {
     let mut config = stage_config(cfg);
     config.extend(
         identity
             .iter()
             .map(|(k, v)| (k.clone(), ConfigValue::Text(v.clone()))),
     );
-    StageSpec {
+    Ok(StageSpec {
         plugin,
         config,
         grants: Grants {
+            postgres: postgres_grants(cfg, connections).map_err(RunError::Connection)?,
             http: cfg.capabilities.http.clone(),
             http_auth: cfg.capabilities.http_auth.clone().into_iter().collect(),
             kv: cfg.capabilities.kv.then(|| {
@@ -210,7 +239,7 @@ fn stage_spec(
             }),
         },
         limits: stage_limits(cfg),
-    }
+    })
 }
 
 /// The delivery task; its result is delivery's own (a fatal sink error, the store).
@@ -319,9 +348,12 @@ pub(crate) async fn open_sink(
                     if let Ok(mut all) = stats.plugins.lock() {
                         all.push(metrics.clone());
                     }
-                    Stage::new(stage_spec(plugin, &stage_cfg, &identity, store), metrics)
+                    Ok(Stage::new(
+                        stage_spec(plugin, &stage_cfg, &identity, store, &cfg.connections)?,
+                        metrics,
+                    ))
                 })
-                .collect();
+                .collect::<Result<_, RunError>>()?;
             let Some(sink_stage) = stages.pop() else {
                 unreachable!("the sink stage was loaded")
             };

@@ -1,0 +1,1123 @@
+//! `sink-postgres`: applies each batch to PostgreSQL tables in **one target transaction**
+//! that also records the batch in an offsets row, so a batch is applied exactly once
+//! without idempotency keys. See README.md for configuration, the type mapping and
+//! failure behaviour.
+//!
+//! Per batch:
+//!
+//! 1. A stream batch whose id is at or below the offsets row's `batch_id` was applied
+//!    before (a replay after a crash, or a sink restarted from an older checkpoint): it
+//!    is acknowledged without writing. The row is read whenever a connection opens.
+//! 2. `BEGIN`; per segment (the changes between TRUNCATEs) and target table, the
+//!    changes collapse to one final action per primary key ([`plan`]), go into a
+//!    temporary staging table with one `COPY`, and are applied by one set-based statement
+//!    per kind: `DELETE ... USING`, `INSERT ... ON CONFLICT DO UPDATE`, and an `UPDATE
+//!    ... FROM` per set of unchanged TOAST columns; a TRUNCATE is applied at its place.
+//! 3. The offsets row is upserted and the transaction commits.
+//!
+//! When a row breaks a target constraint or a value does not fit its column, the batch
+//! is applied again change by change under savepoints: the failing changes are
+//! dead-lettered, the rest committed with the offsets row.
+
+pub mod plan;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use dbmazz_sdk::encoded::RawValue;
+use dbmazz_sdk::postgres::{quote_ident, quote_literal, Connection, ErrorKind, PgError, PgValue};
+use dbmazz_sdk::{
+    export_sink, Batch, Config, ConfigType, Datum, EncodedBatch, Metadata, Op, Relation,
+    SchemaChange, Sink, SinkError, SinkInfo,
+};
+
+use plan::{unchanged_of, Cell, ChangeIn, Kind, TablePlan};
+
+/// Batch ids at or above this are snapshot chunks and split parts (the host's
+/// `SNAPSHOT_BATCH_ID_BASE` and `SPLIT_BATCH_ID_BASE`): not ordered with stream batches,
+/// so they are always applied (as idempotent upserts) and never move the offsets row.
+const STREAM_IDS_BELOW: u64 = 1 << 62;
+
+/// What the sink knows of one target table.
+#[derive(Clone, Debug)]
+struct Target {
+    /// `"schema"."table"`, quoted.
+    name: String,
+    /// The staging table's name (unquoted; a temporary table of this session).
+    stage: String,
+    /// Source column positions written, in staging order.
+    columns: Vec<usize>,
+    /// Their names (target = source names).
+    names: Vec<String>,
+    /// Source positions of the target's primary key columns.
+    key: Vec<usize>,
+    /// The relation's column names and types when this was worked out.
+    signature: Vec<(String, u32)>,
+}
+
+/// The PostgreSQL sink.
+#[derive(Debug)]
+pub struct Postgres {
+    connection_name: String,
+    pipeline: String,
+    offsets_table: String,
+    schema: Option<String>,
+    tables: HashMap<String, String>,
+    create_tables: bool,
+    schema_evolution: bool,
+    truncate: bool,
+    db: Option<Db>,
+}
+
+/// An open connection and what belongs to its session.
+struct Db {
+    conn: Connection,
+    /// The offsets row's batch id when the connection opened, then as written.
+    last_id: Option<u64>,
+    user: String,
+    targets: HashMap<u32, Target>,
+    next_stage: usize,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("last_id", &self.last_id)
+            .finish()
+    }
+}
+
+/// How a failed statement ends the batch.
+fn sink_error(what: &str, e: &PgError, user: &str, table: Option<&str>) -> SinkError {
+    let text = format!("{what}: {}", e.describe());
+    match e.kind {
+        ErrorKind::Connection | ErrorKind::Serialization => SinkError::retryable(text),
+        ErrorKind::Permission => SinkError::Fatal(format!(
+            "{text}; run as a superuser or the table's owner: GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {} TO {};",
+            table.unwrap_or("<the table>"),
+            quote_ident(user)
+        )),
+        _ => SinkError::Fatal(text),
+    }
+}
+
+/// A change's row as text cells, from the compact encoding.
+fn raw_cells<'a>(
+    t: Option<dbmazz_sdk::encoded::TupleView<'a>>,
+) -> Result<Option<Vec<Cell<'a>>>, SinkError> {
+    let Some(t) = t else { return Ok(None) };
+    t.iter()
+        .map(|v| {
+            Ok(match v.map_err(|e| SinkError::Fatal(e.to_string()))? {
+                RawValue::Null => Cell::Null,
+                RawValue::UnchangedToast => Cell::Unchanged,
+                RawValue::Text(s) => Cell::Value(Cow::Borrowed(s)),
+                RawValue::Binary(_) => {
+                    return Err(SinkError::Fatal(
+                        "a value in binary form (the host sends text)".into(),
+                    ))
+                }
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// A typed value in PostgreSQL's text form (what COPY and text parameters take).
+fn datum_text(d: &Datum) -> Cell<'_> {
+    match d {
+        Datum::Null => Cell::Null,
+        Datum::UnchangedToast => Cell::Unchanged,
+        Datum::Boolean(b) => Cell::Value(Cow::Borrowed(if *b { "t" } else { "f" })),
+        Datum::Int(i) => Cell::Value(Cow::Owned(i.to_string())),
+        Datum::Float(f) if f.is_nan() => Cell::Value(Cow::Borrowed("NaN")),
+        Datum::Float(f) if f.is_infinite() => Cell::Value(Cow::Borrowed(if *f > 0.0 {
+            "Infinity"
+        } else {
+            "-Infinity"
+        })),
+        Datum::Float(f) => Cell::Value(Cow::Owned(f.to_string())),
+        Datum::Numeric(s) | Datum::Text(s) | Datum::Json(s) => Cell::Value(Cow::Borrowed(s)),
+        Datum::Bytes(b) => {
+            let mut s = String::with_capacity(2 + 2 * b.len());
+            s.push_str("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            Cell::Value(Cow::Owned(s))
+        }
+    }
+}
+
+/// One change of the batch, either representation.
+struct In<'a> {
+    op: Op,
+    relation: &'a Relation,
+    change: ChangeIn<'a>,
+}
+
+fn kind_of(op: Op) -> Kind {
+    match op {
+        Op::Insert | Op::Read => Kind::Upsert,
+        Op::Update => Kind::Update,
+        Op::Delete | Op::Truncate => Kind::Delete,
+    }
+}
+
+impl Postgres {
+    /// The target table of a source relation: `tables` mapping, else `schema` (or the
+    /// source's schema) and the source's table name.
+    fn target_name(&self, rel: &Relation) -> (String, String) {
+        if let Some(t) = self.tables.get(&rel.qualified_name()) {
+            return match t.split_once('.') {
+                Some((s, t)) => (s.to_string(), t.to_string()),
+                None => (
+                    self.schema.clone().unwrap_or_else(|| rel.schema.clone()),
+                    t.clone(),
+                ),
+            };
+        }
+        (
+            self.schema.clone().unwrap_or_else(|| rel.schema.clone()),
+            rel.table.clone(),
+        )
+    }
+
+    /// The open connection, opening it (and reading the offsets row) when needed.
+    fn db(&mut self) -> Result<&mut Db, SinkError> {
+        if self.db.is_none() {
+            let conn = Connection::open(&self.connection_name).map_err(|e| match e.kind {
+                ErrorKind::Denied => SinkError::Fatal(e.describe()),
+                _ => SinkError::retryable(e.describe()),
+            })?;
+            let fail = |what: &str, e: PgError| sink_error(what, &e, "<the sink's user>", None);
+            conn.batch_execute(&format!(
+                "SET TimeZone = 'UTC'; CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, batch_id bigint NOT NULL, last_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+                self.offsets_table
+            ))
+            .map_err(|e| fail("creating the offsets table", e))?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT current_user::text, (SELECT batch_id FROM {} WHERE pipeline = $1)",
+                        self.offsets_table
+                    ),
+                    &[PgValue::Text(self.pipeline.clone())],
+                )
+                .map_err(|e| fail("reading the offsets row", e))?;
+            let row = rows.rows.first();
+            let user = match row.and_then(|r| r.first()) {
+                Some(PgValue::Text(u)) => u.clone(),
+                _ => "?".into(),
+            };
+            let last_id = match row.and_then(|r| r.get(1)) {
+                Some(PgValue::Int(i)) => Some(*i as u64),
+                _ => None,
+            };
+            dbmazz_sdk::info!(
+                "connected to the target",
+                connection = self.connection_name,
+                pipeline = self.pipeline,
+                last_batch = last_id.map_or("none".into(), |i| i.to_string())
+            );
+            self.db = Some(Db {
+                conn,
+                last_id,
+                user,
+                targets: HashMap::new(),
+                next_stage: 0,
+            });
+        }
+        self.db
+            .as_mut()
+            .ok_or_else(|| SinkError::retryable("no connection"))
+    }
+
+    /// Works out (once per relation shape and session) where a relation's rows go:
+    /// the target's columns and primary key, creating the table or adding columns when
+    /// allowed, and the staging table.
+    fn target(&mut self, rel: &Relation) -> Result<Target, SinkError> {
+        let signature: Vec<(String, u32)> = rel
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect();
+        if let Some(t) = self.db()?.targets.get(&rel.id) {
+            if t.signature == signature {
+                return Ok(t.clone());
+            }
+        }
+        let (schema, table) = self.target_name(rel);
+        let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let (create, evolve) = (self.create_tables, self.schema_evolution);
+        let db = self.db()?;
+        let user = db.user.clone();
+        let fail = |what: &str, e: PgError| sink_error(what, &e, &user, Some(&name));
+        let mut existing =
+            read_table(&db.conn, &name).map_err(|e| fail("reading the target table", e))?;
+        if existing.is_none() {
+            let stmt = create_statement(&db.conn, &name, rel)
+                .map_err(|e| fail("reading the source's types", e))?;
+            if !create {
+                return Err(SinkError::Fatal(format!(
+                    "table {name} does not exist in the target: create it, or set create_tables = true; for example: {stmt}"
+                )));
+            }
+            db.conn
+                .batch_execute(&stmt)
+                .map_err(|e| fail("creating the table", e))?;
+            dbmazz_sdk::info!("created a target table", table = name);
+            existing =
+                read_table(&db.conn, &name).map_err(|e| fail("reading the target table", e))?;
+        }
+        let Some(TableInfo { mut columns, key }) = existing else {
+            return Err(SinkError::Fatal(format!(
+                "table {name} is not visible after creating it"
+            )));
+        };
+        let missing: Vec<&dbmazz_sdk::Column> = rel
+            .columns
+            .iter()
+            .filter(|c| !columns.contains(&c.name))
+            .collect();
+        if !missing.is_empty() {
+            let types = format_types(&db.conn, &missing)
+                .map_err(|e| fail("reading the source's types", e))?;
+            let adds: Vec<String> = missing
+                .iter()
+                .zip(&types)
+                .map(|(c, t)| {
+                    format!(
+                        "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {} {t}",
+                        quote_ident(&c.name)
+                    )
+                })
+                .collect();
+            if !evolve {
+                return Err(SinkError::Fatal(format!(
+                    "table {name} lacks source columns; add them (or set schema_evolution = true): {};",
+                    adds.join("; ")
+                )));
+            }
+            db.conn
+                .batch_execute(&adds.join("; "))
+                .map_err(|e| fail("adding columns", e))?;
+            for c in &missing {
+                dbmazz_sdk::info!(
+                    "added a column to the target",
+                    table = name,
+                    column = c.name
+                );
+                columns.push(c.name.clone());
+            }
+        }
+        if key.is_empty() {
+            return Err(SinkError::Fatal(format!(
+                "table {name} has no primary key: upserts and deletes need one; add it: ALTER TABLE {name} ADD PRIMARY KEY (...)"
+            )));
+        }
+        let position = |n: &str| rel.columns.iter().position(|c| c.name == n);
+        let mut key_at = Vec::new();
+        for k in &key {
+            match position(k) {
+                Some(i) => key_at.push(i),
+                None => {
+                    return Err(SinkError::Fatal(format!(
+                        "the primary key of {name} has the column {k:?}, which the source table {} does not have",
+                        rel.qualified_name()
+                    )))
+                }
+            }
+        }
+        let identity_full = rel.columns.iter().all(|c| c.key);
+        if !identity_full {
+            if let Some(k) = key_at.iter().find(|&&i| !rel.columns[i].key) {
+                return Err(SinkError::Fatal(format!(
+                    "the primary key of {name} has the column {:?}, which is not in the replica identity of {}: deletes and key changes could not find their rows; use the same primary key, or ALTER TABLE {} REPLICA IDENTITY FULL on the source",
+                    rel.columns[*k].name,
+                    rel.qualified_name(),
+                    rel.qualified_name()
+                )));
+            }
+        }
+        let written: Vec<usize> = (0..rel.columns.len()).collect();
+        let names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        let stage = format!("dbmazz_stage_{}", db.next_stage);
+        db.next_stage += 1;
+        let cols = names
+            .iter()
+            .map(|n| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        db.conn
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMPORARY TABLE {stage} AS SELECT {cols}, ''::text AS dbmazz_op FROM {name} WITH NO DATA"
+            ))
+            .map_err(|e| fail("creating the staging table", e))?;
+        let t = Target {
+            name,
+            stage,
+            columns: written,
+            names,
+            key: key_at,
+            signature,
+        };
+        db.targets.insert(rel.id, t.clone());
+        Ok(t)
+    }
+
+    /// Applies one batch's changes; `Err` leaves the transaction for the caller to
+    /// roll back.
+    fn apply<'b>(
+        &mut self,
+        changes: Vec<In<'b>>,
+        set_based: bool,
+    ) -> Result<Vec<(u32, String)>, Applied> {
+        let mut dead = Vec::new();
+        let mut plans: Vec<(Target, TablePlan<'b>)> = Vec::new();
+        for c in changes {
+            if c.op == Op::Truncate {
+                self.flush(&mut plans).map_err(Applied::Failed)?;
+                if self.truncate {
+                    let t = self.target(c.relation).map_err(Applied::Sink)?;
+                    let db = self.db().map_err(Applied::Sink)?;
+                    db.conn
+                        .batch_execute(&format!("TRUNCATE {}", t.name))
+                        .map_err(|e| Applied::Failed(failure(e, &t.name, vec![c.change.index])))?;
+                }
+                continue;
+            }
+            let t = self.target(c.relation).map_err(Applied::Sink)?;
+            if !set_based {
+                self.apply_one(&t, c.change, &mut dead)
+                    .map_err(Applied::Failed)?;
+                continue;
+            }
+            let at = match plans.iter().position(|(p, _)| p.name == t.name) {
+                Some(i) => i,
+                None => {
+                    plans.push((t.clone(), TablePlan::default()));
+                    plans.len() - 1
+                }
+            };
+            if let Err(u) = plans[at].1.add(c.change, &t.key) {
+                dead.push((u.index, u.reason));
+            }
+        }
+        self.flush(&mut plans).map_err(Applied::Failed)?;
+        Ok(dead)
+    }
+
+    /// Applies the planned tables set-based and empties `plans`.
+    fn flush(&mut self, plans: &mut Vec<(Target, TablePlan<'_>)>) -> Result<(), Box<Failure>> {
+        let Some(db) = self.db.as_mut() else {
+            return Ok(());
+        };
+        for (t, p) in plans.drain(..) {
+            if p.is_empty() {
+                continue;
+            }
+            let fail = |e: PgError| failure(e, &t.name, p.changes.clone());
+            let (rows, partials) = p.copy_rows(&t.columns);
+            let cols: Vec<String> = t.names.iter().map(|n| quote_ident(n)).collect();
+            db.conn
+                .copy_in(
+                    &format!(
+                        "COPY {} ({}, dbmazz_op) FROM STDIN",
+                        t.stage,
+                        cols.join(", ")
+                    ),
+                    &rows,
+                )
+                .map_err(fail)?;
+            db.conn
+                .batch_execute(&set_statements(&t, &partials))
+                .map_err(fail)?;
+            dbmazz_sdk::metrics::counter_add("rows_applied", p.actions().len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Applies one change under a savepoint; a row fault rolls back to it and is
+    /// dead-lettered.
+    fn apply_one(
+        &mut self,
+        t: &Target,
+        c: ChangeIn<'_>,
+        dead: &mut Vec<(u32, String)>,
+    ) -> Result<(), Box<Failure>> {
+        let Some(db) = self.db.as_mut() else {
+            return Ok(());
+        };
+        let index = c.index;
+        let fail = |e: PgError| failure(e, &t.name, vec![index]);
+        db.conn
+            .batch_execute("SAVEPOINT dbmazz_change")
+            .map_err(fail)?;
+        let mut plan = TablePlan::default();
+        let result = match plan.add(c, &t.key) {
+            Err(u) => Err(u.reason),
+            Ok(()) => {
+                let mut r = Ok(());
+                for a in plan.actions() {
+                    let (stmt, params) = single_statement(t, a);
+                    if let Err(e) = db.conn.execute(&stmt, &params) {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                match r {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_row_fault() => Err(e.describe()),
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+        };
+        match result {
+            Ok(()) => db
+                .conn
+                .batch_execute("RELEASE SAVEPOINT dbmazz_change")
+                .map_err(fail),
+            Err(reason) => {
+                dbmazz_sdk::warn!(
+                    "the target refused a change",
+                    table = t.name,
+                    reason = reason
+                );
+                dbmazz_sdk::metrics::counter_add("changes_refused", 1);
+                dead.push((index, reason));
+                db.conn
+                    .batch_execute(
+                        "ROLLBACK TO SAVEPOINT dbmazz_change; RELEASE SAVEPOINT dbmazz_change",
+                    )
+                    .map_err(fail)
+            }
+        }
+    }
+
+    /// Writes a batch: skip if applied before, else one transaction with the offsets
+    /// row; a row fault makes a second, change-by-change pass.
+    fn write_changes<'b>(
+        &mut self,
+        id: u64,
+        last_lsn: u64,
+        changes: impl Fn() -> Result<Vec<In<'b>>, SinkError>,
+    ) -> Result<(), SinkError> {
+        let stream = id < STREAM_IDS_BELOW;
+        if stream && self.db()?.last_id.is_some_and(|last| id <= last) {
+            dbmazz_sdk::debug!("batch applied before (replay): acknowledged", batch = id);
+            dbmazz_sdk::metrics::counter_add("batches_skipped", 1);
+            return Ok(());
+        }
+        let mut set_based = true;
+        loop {
+            let input = changes()?;
+            let db = self.db()?;
+            let user = db.user.clone();
+            if let Err(e) = db.conn.begin() {
+                return Err(self.lost(sink_error("BEGIN", &e, &user, None)));
+            }
+            let result = match self.apply(input, set_based) {
+                Ok(dead) => self.commit(id, last_lsn, stream).map(|()| dead),
+                Err(Applied::Sink(e)) => Err(e),
+                Err(Applied::Failed(f)) => {
+                    let Failure {
+                        error: e,
+                        table,
+                        changes: indices,
+                    } = *f;
+                    if set_based && e.is_row_fault() {
+                        dbmazz_sdk::info!(
+                            "a row was refused; applying the batch change by change to find it",
+                            batch = id,
+                            table = table,
+                            error = e.describe()
+                        );
+                        self.rollback();
+                        set_based = false;
+                        continue;
+                    }
+                    if e.is_row_fault() {
+                        // A TRUNCATE refused by a constraint (foreign keys): its change.
+                        self.rollback();
+                        return Err(SinkError::DeadLetter(
+                            indices.into_iter().map(|i| (i, e.describe())).collect(),
+                        ));
+                    }
+                    Err(sink_error(
+                        &format!("applying batch {id} to {table}"),
+                        &e,
+                        &user,
+                        Some(&table),
+                    ))
+                }
+            };
+            return match result {
+                Ok(dead) if dead.is_empty() => Ok(()),
+                Ok(dead) => Err(SinkError::DeadLetter(dead)),
+                Err(e) => {
+                    self.rollback();
+                    Err(self.lost(e))
+                }
+            };
+        }
+    }
+
+    /// A retryable error drops the connection: the next attempt opens a new one and
+    /// reads the offsets row again (a COMMIT whose answer was lost may have landed).
+    fn lost(&mut self, e: SinkError) -> SinkError {
+        if matches!(e, SinkError::Retryable { .. }) {
+            self.db = None;
+        }
+        e
+    }
+
+    /// Rolls the batch's transaction back; what it created (staging tables, a new target
+    /// table, added columns) is gone too, so targets are worked out again.
+    fn rollback(&mut self) {
+        if let Some(db) = self.db.as_mut() {
+            db.targets.clear();
+            if db.conn.rollback().is_err() {
+                self.db = None;
+            }
+        }
+    }
+
+    /// Upserts the offsets row and commits.
+    fn commit(&mut self, id: u64, last_lsn: u64, stream: bool) -> Result<(), SinkError> {
+        let pipeline = quote_literal(&self.pipeline);
+        let table = self.offsets_table.clone();
+        let db = self.db()?;
+        let user = db.user.clone();
+        let batch_id = if stream { id } else { db.last_id.unwrap_or(0) };
+        let stmt = format!(
+            "INSERT INTO {table} AS o (pipeline, batch_id, last_lsn, updated_at) VALUES ({pipeline}, {batch_id}, '{:X}/{:X}', now()) \
+             ON CONFLICT (pipeline) DO UPDATE SET batch_id = GREATEST(o.batch_id, EXCLUDED.batch_id), last_lsn = EXCLUDED.last_lsn, updated_at = now()",
+            last_lsn >> 32,
+            last_lsn & 0xFFFF_FFFF
+        );
+        db.conn
+            .batch_execute(&stmt)
+            .map_err(|e| sink_error("updating the offsets row", &e, &user, Some(&table)))?;
+        db.conn
+            .commit()
+            .map_err(|e| sink_error("COMMIT", &e, &user, None))?;
+        if stream {
+            db.last_id = Some(db.last_id.map_or(id, |l| l.max(id)));
+        }
+        dbmazz_sdk::metrics::counter_add("transactions", 1);
+        Ok(())
+    }
+}
+
+/// Why applying stopped.
+enum Applied {
+    /// A sink error decided before any statement failed (a missing table).
+    Sink(SinkError),
+    /// A statement failed: the error, the table, the changes it carried.
+    Failed(Box<Failure>),
+}
+
+/// A failed statement: the error, the target table, the changes it carried.
+struct Failure {
+    error: PgError,
+    table: String,
+    changes: Vec<u32>,
+}
+
+fn failure(error: PgError, table: &str, changes: Vec<u32>) -> Box<Failure> {
+    Box::new(Failure {
+        error,
+        table: table.to_string(),
+        changes,
+    })
+}
+
+/// A target table's columns and primary key columns, by name.
+struct TableInfo {
+    columns: Vec<String>,
+    key: Vec<String>,
+}
+
+/// The target's columns and primary key, `None` when the table does not exist.
+fn read_table(conn: &Connection, name: &str) -> Result<Option<TableInfo>, PgError> {
+    let exists = conn.query(
+        "SELECT to_regclass($1) IS NOT NULL",
+        &[PgValue::Text(name.to_string())],
+    )?;
+    if !matches!(
+        exists.rows.first().and_then(|r| r.first()),
+        Some(PgValue::Boolean(true))
+    ) {
+        return Ok(None);
+    }
+    let rows = conn.query(
+        "SELECT a.attname::text, COALESCE(a.attnum = ANY(i.indkey::int2[]), false) \
+         FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        &[PgValue::Text(name.to_string())],
+    )?;
+    let mut columns = Vec::new();
+    let mut key = Vec::new();
+    for r in rows.rows {
+        if let [PgValue::Text(n), PgValue::Boolean(k)] = r.as_slice() {
+            if *k {
+                key.push(n.clone());
+            }
+            columns.push(n.clone());
+        }
+    }
+    Ok(Some(TableInfo { columns, key }))
+}
+
+/// The target's names of the source columns' types (`format_type` of their OIDs and
+/// modifiers: the same for built-in types on every PostgreSQL).
+fn format_types(
+    conn: &Connection,
+    columns: &[&dbmazz_sdk::Column],
+) -> Result<Vec<String>, PgError> {
+    let oids: Vec<String> = columns.iter().map(|c| c.type_oid.to_string()).collect();
+    let mods: Vec<String> = columns
+        .iter()
+        .map(|c| c.type_modifier.to_string())
+        .collect();
+    let rows = conn.query(
+        "SELECT format_type(t.o, t.m) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(o, m, n) ORDER BY t.n",
+        &[
+            PgValue::Text(format!("{{{}}}", oids.join(","))),
+            PgValue::Text(format!("{{{}}}", mods.join(","))),
+        ],
+    )?;
+    Ok(rows
+        .rows
+        .into_iter()
+        .map(|r| match r.into_iter().next() {
+            Some(PgValue::Text(t)) => t,
+            _ => "text".into(),
+        })
+        .collect())
+}
+
+/// `CREATE TABLE` for a source relation: its columns with their types, its key columns
+/// (the replica identity) as the primary key.
+fn create_statement(conn: &Connection, name: &str, rel: &Relation) -> Result<String, PgError> {
+    let all: Vec<&dbmazz_sdk::Column> = rel.columns.iter().collect();
+    let types = format_types(conn, &all)?;
+    let cols: Vec<String> = rel
+        .columns
+        .iter()
+        .zip(&types)
+        .map(|(c, t)| format!("{} {t}", quote_ident(&c.name)))
+        .collect();
+    let key: Vec<String> = rel
+        .columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let pk = if key.is_empty() || key.len() == rel.columns.len() {
+        String::new()
+    } else {
+        format!(", PRIMARY KEY ({})", key.join(", "))
+    };
+    Ok(format!(
+        "CREATE TABLE IF NOT EXISTS {name} ({}{pk})",
+        cols.join(", ")
+    ))
+}
+
+/// The set-based statements of one table's staged rows, then the staging table emptied.
+fn set_statements(t: &Target, partials: &[String]) -> String {
+    let q = |i: usize| quote_ident(&t.names[i]);
+    let key_names: Vec<String> = t.key.iter().map(|&i| quote_ident(&t.names[i])).collect();
+    let on_key = |a: &str, b: &str| {
+        key_names
+            .iter()
+            .map(|k| format!("{a}.{k} = {b}.{k}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let all: Vec<String> = (0..t.names.len()).map(q).collect();
+    let non_key: Vec<usize> = (0..t.names.len()).filter(|i| !t.key.contains(i)).collect();
+    let mut s = format!(
+        "DELETE FROM {n} t USING {st} s WHERE s.dbmazz_op = 'D' AND {on}; ",
+        n = t.name,
+        st = t.stage,
+        on = on_key("t", "s")
+    );
+    let conflict = if non_key.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!(
+            "DO UPDATE SET {}",
+            non_key
+                .iter()
+                .map(|&i| format!("{c} = EXCLUDED.{c}", c = q(i)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    s.push_str(&format!(
+        "INSERT INTO {n} ({cols}) SELECT {cols} FROM {st} WHERE dbmazz_op = 'U' ON CONFLICT ({keys}) {conflict}; ",
+        n = t.name,
+        cols = all.join(", "),
+        st = t.stage,
+        keys = key_names.join(", ")
+    ));
+    for p in partials {
+        let keep = unchanged_of(p);
+        let set: Vec<String> = non_key
+            .iter()
+            .filter(|i| !keep.contains(i))
+            .map(|&i| format!("{c} = s.{c}", c = q(i)))
+            .collect();
+        if set.is_empty() {
+            continue;
+        }
+        s.push_str(&format!(
+            "UPDATE {n} t SET {set} FROM {st} s WHERE s.dbmazz_op = {p} AND {on}; ",
+            n = t.name,
+            set = set.join(", "),
+            st = t.stage,
+            p = quote_literal(p),
+            on = on_key("t", "s")
+        ));
+    }
+    s.push_str(&format!("TRUNCATE {}", t.stage));
+    s
+}
+
+/// One action as a parameterized statement (values as text parameters).
+fn single_statement(t: &Target, a: &plan::Action<'_>) -> (String, Vec<PgValue>) {
+    let param = |c: &Cell<'_>| match c {
+        Cell::Value(v) => PgValue::Text(v.to_string()),
+        _ => PgValue::Null,
+    };
+    let q = |i: usize| quote_ident(&t.names[i]);
+    match a {
+        plan::Action::Delete(row) => {
+            let cond: Vec<String> = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| format!("{} = ${}", q(i), n + 1))
+                .collect();
+            (
+                format!("DELETE FROM {} WHERE {}", t.name, cond.join(" AND ")),
+                t.key.iter().map(|&i| param(&row[i])).collect(),
+            )
+        }
+        plan::Action::Upsert(row) if row.contains(&Cell::Unchanged) => {
+            let changed: Vec<usize> = (0..t.names.len())
+                .filter(|i| !t.key.contains(i) && row.get(*i) != Some(&Cell::Unchanged))
+                .collect();
+            let mut params: Vec<PgValue> = changed.iter().map(|&i| param(&row[i])).collect();
+            let set: Vec<String> = changed
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| format!("{} = ${}", q(i), n + 1))
+                .collect();
+            let cond: Vec<String> = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| format!("{} = ${}", q(i), changed.len() + n + 1))
+                .collect();
+            params.extend(t.key.iter().map(|&i| param(&row[i])));
+            if set.is_empty() {
+                return ("SELECT 1".into(), Vec::new());
+            }
+            (
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    t.name,
+                    set.join(", "),
+                    cond.join(" AND ")
+                ),
+                params,
+            )
+        }
+        plan::Action::Upsert(row) => {
+            let cols: Vec<String> = (0..t.names.len()).map(q).collect();
+            let vals: Vec<String> = (1..=t.names.len()).map(|n| format!("${n}")).collect();
+            let keys: Vec<String> = t.key.iter().map(|&i| q(i)).collect();
+            let non_key: Vec<String> = (0..t.names.len())
+                .filter(|i| !t.key.contains(i))
+                .map(|i| format!("{c} = EXCLUDED.{c}", c = q(i)))
+                .collect();
+            let conflict = if non_key.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", non_key.join(", "))
+            };
+            (
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {conflict}",
+                    t.name,
+                    cols.join(", "),
+                    vals.join(", "),
+                    keys.join(", ")
+                ),
+                row.iter().map(param).collect(),
+            )
+        }
+    }
+}
+
+fn invalid(key: &str, value: &str, expected: &str) -> String {
+    format!("config key {key:?}: {value:?} is not one of {expected}")
+}
+
+impl Sink for Postgres {
+    fn metadata() -> Metadata {
+        use ConfigType::{Boolean, Table, Text};
+        Metadata::keys()
+            .required(
+                "connection",
+                Text,
+                "the name of the [connections.<name>] the stage grants (capabilities.postgres)",
+            )
+            .key(
+                "schema",
+                Text,
+                None,
+                "target schema for every table (default: the source table's schema)",
+            )
+            .key(
+                "tables",
+                Table,
+                None,
+                "\"schema.table\" = \"schema.target\" mappings",
+            )
+            .key(
+                "create_tables",
+                Boolean,
+                Some("false"),
+                "create a missing target table from the source's columns, types and key",
+            )
+            .key(
+                "schema_evolution",
+                Boolean,
+                Some("true"),
+                "add source columns the target lacks (ALTER TABLE ... ADD COLUMN)",
+            )
+            .key(
+                "truncate",
+                Boolean,
+                Some("true"),
+                "apply TRUNCATE to the target table",
+            )
+            .key(
+                "offsets_table",
+                Text,
+                Some("dbmazz_sink_offsets"),
+                "the table holding each pipeline's last applied batch",
+            )
+            .key(
+                "pipeline",
+                Text,
+                None,
+                "the offsets row's key (default: the pipeline id of the state directory)",
+            )
+    }
+
+    fn init(config: &Config) -> Result<(Self, SinkInfo), String> {
+        let connection_name = config.required("connection")?.to_string();
+        let tables: HashMap<String, String> = match config.get("tables") {
+            Some(t) => sonic_rs::from_str(t).map_err(|e| {
+                format!(
+                    "config key \"tables\": a table of \"schema.table\" = \"schema.target\" ({e})"
+                )
+            })?,
+            None => HashMap::new(),
+        };
+        let offsets_table = match config.get("offsets_table") {
+            None => quote_ident("dbmazz_sink_offsets"),
+            Some(t) => match t.split_once('.') {
+                Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
+                None => quote_ident(t),
+            },
+        };
+        let pipeline = match (config.get("pipeline"), config.get("dbmazz.pipeline_id")) {
+            (Some(p), _) | (None, Some(p)) => p.to_string(),
+            (None, None) => format!(
+                "{}/{}",
+                config.get("dbmazz.database").unwrap_or("db"),
+                config.get("dbmazz.slot").unwrap_or("slot")
+            ),
+        };
+        if let Some(s) = config.get("schema") {
+            if s.is_empty() {
+                return Err(invalid("schema", s, "a schema name"));
+            }
+        }
+        Ok((
+            Postgres {
+                connection_name,
+                pipeline,
+                offsets_table,
+                schema: config.get("schema").map(str::to_string),
+                tables,
+                create_tables: config.parse_or("create_tables", false)?,
+                schema_evolution: config.parse_or("schema_evolution", true)?,
+                truncate: config.parse_or("truncate", true)?,
+                db: None,
+            },
+            SinkInfo {
+                preferred_batch_size: Some(10_000),
+                needs_full_rows: false,
+                prefers_encoded: true,
+            },
+        ))
+    }
+
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let changes = || {
+            batch
+                .changes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let relation = batch.relation_of(c).ok_or_else(|| {
+                        SinkError::Fatal(format!("change {i} names an unknown relation"))
+                    })?;
+                    Ok(In {
+                        op: c.op,
+                        relation,
+                        change: ChangeIn {
+                            index: i as u32,
+                            kind: kind_of(c.op),
+                            old: c.old.as_ref().map(|r| r.iter().map(datum_text).collect()),
+                            new: c.new.as_ref().map(|r| r.iter().map(datum_text).collect()),
+                        },
+                    })
+                })
+                .collect()
+        };
+        self.write_changes(batch.id, batch.last_lsn, changes)
+    }
+
+    fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
+        let changes = || {
+            batch
+                .changes()
+                .enumerate()
+                .map(|(i, c)| {
+                    let c = c.map_err(|e| SinkError::Fatal(e.to_string()))?;
+                    let relation = batch.relation(c.relation).ok_or_else(|| {
+                        SinkError::Fatal(format!("change {i} names an unknown relation"))
+                    })?;
+                    Ok(In {
+                        op: c.op,
+                        relation,
+                        change: ChangeIn {
+                            index: i as u32,
+                            kind: kind_of(c.op),
+                            old: raw_cells(c.old)?,
+                            new: raw_cells(c.new)?,
+                        },
+                    })
+                })
+                .collect()
+        };
+        self.write_changes(batch.id, batch.last_lsn, changes)
+    }
+
+    fn apply_schema_change(&mut self, change: &SchemaChange) -> Result<(), SinkError> {
+        // The next batch works the table out again (added columns are added there).
+        if let Some(db) = self.db.as_mut() {
+            db.targets.remove(&change.relation.id);
+        }
+        if let Some((before, after)) = change.retyped.first() {
+            let (schema, table) = self.target_name(&change.relation);
+            let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+            let db = self.db()?;
+            let ty = format_types(&db.conn, &[after])
+                .map_err(|e| sink_error("reading the new type", &e, &db.user, None))?
+                .pop()
+                .unwrap_or_else(|| "text".into());
+            return Err(SinkError::Fatal(format!(
+                "column {:?} of {} changed type (OID {} to {}): change the target to match, then restart: ALTER TABLE {name} ALTER COLUMN {} TYPE {ty} USING {}::{ty};",
+                after.name,
+                change.relation.qualified_name(),
+                before.type_oid,
+                after.type_oid,
+                quote_ident(&after.name),
+                quote_ident(&after.name)
+            )));
+        }
+        for d in &change.dropped {
+            dbmazz_sdk::info!(
+                "a source column was dropped; the target keeps it (drop it yourself when no longer needed)",
+                table = change.relation.qualified_name(),
+                column = d.name
+            );
+        }
+        Ok(())
+    }
+}
+
+export_sink!(Postgres);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target {
+        Target {
+            name: "\"public\".\"t\"".into(),
+            stage: "dbmazz_stage_0".into(),
+            columns: vec![0, 1, 2],
+            names: vec!["id".into(), "a".into(), "b".into()],
+            key: vec![0],
+            signature: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn set_statements_delete_upsert_and_update_partials_by_key() {
+        let s = set_statements(&target(), &["P1".to_string()]);
+        assert_eq!(
+            s,
+            "DELETE FROM \"public\".\"t\" t USING dbmazz_stage_0 s WHERE s.dbmazz_op = 'D' AND t.\"id\" = s.\"id\"; \
+             INSERT INTO \"public\".\"t\" (\"id\", \"a\", \"b\") SELECT \"id\", \"a\", \"b\" FROM dbmazz_stage_0 WHERE dbmazz_op = 'U' ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"b\" = EXCLUDED.\"b\"; \
+             UPDATE \"public\".\"t\" t SET \"b\" = s.\"b\" FROM dbmazz_stage_0 s WHERE s.dbmazz_op = 'P1' AND t.\"id\" = s.\"id\"; \
+             TRUNCATE dbmazz_stage_0"
+        );
+    }
+
+    #[test]
+    fn single_statements_take_text_parameters() {
+        let v = |s: &'static str| Cell::Value(Cow::Borrowed(s));
+        let (stmt, params) = single_statement(
+            &target(),
+            &plan::Action::Upsert(vec![v("1"), Cell::Unchanged, v("x")]),
+        );
+        assert_eq!(
+            stmt,
+            "UPDATE \"public\".\"t\" SET \"b\" = $1 WHERE \"id\" = $2"
+        );
+        assert_eq!(
+            params,
+            [PgValue::Text("x".into()), PgValue::Text("1".into())]
+        );
+        let (stmt, _) = single_statement(
+            &target(),
+            &plan::Action::Delete(vec![v("1"), Cell::Null, Cell::Null]),
+        );
+        assert_eq!(stmt, "DELETE FROM \"public\".\"t\" WHERE \"id\" = $1");
+    }
+
+    #[test]
+    fn typed_values_take_postgresqls_text_form() {
+        assert_eq!(
+            datum_text(&Datum::Float(f64::NEG_INFINITY)),
+            Cell::Value("-Infinity".into())
+        );
+        assert_eq!(
+            datum_text(&Datum::Bytes(vec![0, 255])),
+            Cell::Value("\\x00ff".into())
+        );
+        assert_eq!(datum_text(&Datum::Boolean(true)), Cell::Value("t".into()));
+    }
+}
