@@ -405,6 +405,18 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
         .await
         .unwrap();
 
+    // inspect names the capability the plugin imports
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "inspect".as_ref(),
+        plugins().postgres.as_os_str(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("dbmazz:plugin/postgres@0.3.0") && out.contains("needs capabilities.postgres"),
+        "{out}"
+    );
+
     // a connection name the config does not define is a config error
     let toml = sink_toml(&url_of(&pg, "replica"), "", 100)
         .replace("postgres = [\"target\"]", "postgres = [\"elsewhere\"]");

@@ -566,6 +566,9 @@ async fn inspect(file: &std::path::Path) -> ExitCode {
             "dbmazz:plugin/config" => "its configuration (always granted)",
             "dbmazz:plugin/metrics" => "metrics (always granted)",
             "dbmazz:plugin/kv" => "key-value store (needs capabilities.kv = true)",
+            "dbmazz:plugin/postgres" => {
+                "PostgreSQL connections by name (needs capabilities.postgres and [connections.<name>])"
+            }
             "wasi:http/outgoing-handler" => "outgoing HTTP (needs capabilities.http allow-list)",
             "wasi:http/types" => "HTTP types",
             w if w.starts_with("wasi:") => "WASI (empty context: no files, sockets or environment)",

@@ -269,9 +269,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
 
+    // Old rows on UPDATE and DELETE for the event sinks. sink-postgres creates the
+    // replica's tables from the Relation messages, whose key flags mark the primary key
+    // only without REPLICA IDENTITY FULL (with it, pgoutput flags every column).
+    let identity_full = opts.sink != QuickstartSink::Postgres;
     let config_path = work.path().join("dbmazz.toml");
     let toml = format!(
-        "[source]\nurl = {url:?}\ntables = [\"shop.customers\", \"shop.orders\", \"shop.audit_log\"]\nreplica_identity_full = true\n\n\
+        "[source]\nurl = {url:?}\ntables = [\"shop.customers\", \"shop.orders\", \"shop.audit_log\"]\nreplica_identity_full = {identity_full}\n\n\
          [pipeline]\nflush_interval_ms = 50\n\n\
          [[transforms]]\nplugin = {:?}\nconfig = {{ exclude_tables = [\"shop.audit_*\"], mask_columns = [\"email\"], mask = \"sha256\" }}\n\n\
          {sink_toml}\n\

@@ -255,9 +255,19 @@ impl Postgres {
         let fail = |what: &str, e: PgError| sink_error(what, &e, &user, Some(&name));
         let mut existing =
             read_table(&db.conn, &name).map_err(|e| fail("reading the target table", e))?;
+        // pgoutput flags every column as key under REPLICA IDENTITY FULL (PostgreSQL's
+        // `logicalrep_write_attrs`): then the stream does not say which is the primary key.
+        let identity_full = rel.columns.iter().all(|c| c.key);
         if existing.is_none() {
             let stmt = create_statement(&db.conn, &name, rel)
                 .map_err(|e| fail("reading the source's types", e))?;
+            if create && identity_full && rel.columns.len() > 1 {
+                return Err(SinkError::Fatal(format!(
+                    "table {name} does not exist in the target, and {} has REPLICA IDENTITY FULL, so the stream does not say which columns are its primary key: create the target table yourself with its primary key, for example: {}, PRIMARY KEY (...))",
+                    rel.qualified_name(),
+                    stmt.strip_suffix(')').unwrap_or(&stmt)
+                )));
+            }
             if !create {
                 return Err(SinkError::Fatal(format!(
                     "table {name} does not exist in the target: create it, or set create_tables = true; for example: {stmt}"
@@ -329,7 +339,6 @@ impl Postgres {
                 }
             }
         }
-        let identity_full = rel.columns.iter().all(|c| c.key);
         if !identity_full {
             if let Some(k) = key_at.iter().find(|&&i| !rel.columns[i].key) {
                 return Err(SinkError::Fatal(format!(
