@@ -42,11 +42,19 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 
 /// The offsets row's batch id (one pipeline per test target), `None` before the first.
 async fn offsets(c: &tokio_postgres::Client) -> Option<i64> {
-    c.query_opt("SELECT batch_id FROM dbmazz_sink_offsets", &[])
+    match c
+        .query_opt("SELECT batch_id FROM dbmazz_sink_offsets", &[])
         .await
-        .ok()
-        .flatten()
-        .map(|r| r.get::<_, i64>(0))
+    {
+        Ok(row) => row.map(|r| r.get::<_, i64>(0)),
+        Err(e) if undefined_table(&e) => None,
+        Err(e) => panic!("reading the offsets row: {e}"),
+    }
+}
+
+/// True for "relation does not exist" (42P01): the sink has not created it yet.
+fn undefined_table(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
 }
 
 /// `[pipeline]`, `[sink]` for sink-postgres on connection `target`, `[connections.target]`.
@@ -68,7 +76,8 @@ async fn rows(db: &tokio_postgres::Client, table: &str) -> BTreeSet<String> {
         .await
     {
         Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
-        Err(_) => BTreeSet::new(),
+        Err(e) if undefined_table(&e) => BTreeSet::new(),
+        Err(e) => panic!("reading {table}: {e}"),
     }
 }
 
@@ -128,6 +137,24 @@ async fn workload(db: &tokio_postgres::Client, round: i32) {
     ))
     .await
     .unwrap();
+    // key changes that leave the TOASTed `notes` alone, in a transaction of their own (a
+    // value inserted in the same transaction is sent whole): the new row arrives with
+    // notes as unchanged TOAST
+    db.batch_execute(&format!(
+        "UPDATE customers SET id = id + 50000, score = -score WHERE id > {base} AND id <= {base} + 2000 AND (id - {base}) % 13 = 0"
+    ))
+    .await
+    .unwrap();
+    // a row inserted and moved to another key in one transaction, its TOASTed value
+    // untouched (sent as unchanged TOAST with the new key)
+    db.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO customers (id, name, notes) VALUES ({base} + 60000, 'moving', repeat('toast', 2000));
+         UPDATE customers SET id = {base} + 60001, name = 'moved in the same transaction' WHERE id = {base} + 60000;
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
     for chunk in 0..4 {
         let o = round * 10_000 + chunk * 1000;
         db.batch_execute(&format!(
@@ -154,6 +181,14 @@ async fn sigkill_five_times_the_target_equals_the_source_and_the_offsets_row_the
     let source = pg.client().await;
     source.batch_execute(TABLES).await.unwrap();
     let target = connect(&url_of(&pg, "replica")).await;
+    // rows before the first start: the initial snapshot copies them (batches of their own)
+    source
+        .batch_execute(
+            "INSERT INTO customers (id, name, notes) SELECT -g, 'before', repeat('x', 3000) FROM generate_series(1, 500) g;
+             INSERT INTO lines SELECT -1, g, g, 'before' FROM generate_series(1, 2000) g;",
+        )
+        .await
+        .unwrap();
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["customers", "lines", "events"],
@@ -488,4 +523,58 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
 /// Runs a future to completion from synchronous code (the `eventually` checks).
 fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_change_that_leaves_a_toasted_value_unchanged_moves_the_whole_row() {
+    let pg = Pg::start("");
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
+    let source = pg.client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE c (id int PRIMARY KEY, s int, notes text);
+             ALTER TABLE c ALTER notes SET STORAGE EXTERNAL;
+             INSERT INTO c VALUES (1, 1, repeat('x', 5000));",
+        )
+        .await
+        .unwrap();
+    let target = connect(&url_of(&pg, "replica")).await;
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["c"],
+        &sink_toml(&url_of(&pg, "replica"), ", create_tables = true", 500),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    // a row the target has (from the snapshot) moves; `notes` arrives as unchanged TOAST
+    source
+        .batch_execute("UPDATE c SET id = 10, s = 5 WHERE id = 1")
+        .await
+        .unwrap();
+    wait_equal(&source, &target, &["c"], || d.log()).await;
+    d.kill();
+    // while dbmazz is down: a row inserted, then moved in a later transaction, then
+    // updated again; caught up in one batch with the insert before the move
+    source
+        .batch_execute("INSERT INTO c VALUES (2, 2, repeat('y', 5000))")
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE c SET id = 20 WHERE id = 2")
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE c SET s = 21 WHERE id = 20; UPDATE c SET id = 11 WHERE id = 10")
+        .await
+        .unwrap();
+    let d = pipe.spawn();
+    wait_equal(&source, &target, &["c"], || d.log()).await;
+    let ids: Vec<i32> = target
+        .query("SELECT id FROM c ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [11, 20]);
 }

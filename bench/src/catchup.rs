@@ -71,6 +71,9 @@ pub async fn run(env: &Env, w: &Workload, consumers: &[Consumer]) -> anyhow::Res
             Consumer::Ceiling | Consumer::CeilingLast => {
                 ceiling(env, &slot(c), &publication, &end_lsn).await?
             }
+            Consumer::Subscription => {
+                subscription(env, w, &slot(c), &publication, &end_lsn).await?
+            }
             _ => {
                 let m = dbmazz_catch_up(env, w, c, &slot(c), &publication).await?;
                 pgoutput_bytes.get_or_insert(m.bytes);
@@ -98,6 +101,7 @@ pub async fn run(env: &Env, w: &Workload, consumers: &[Consumer]) -> anyhow::Res
             batches: m.batches,
             compile_s: m.compile_s,
             endpoint: m.endpoint,
+            target_cpu_s_per_million: m.target_cpu_s.map(|s| s * 1e6 / w.changes as f64),
         });
         db.execute("SELECT pg_drop_replication_slot($1)", &[&slot(c)])
             .await
@@ -135,6 +139,180 @@ pub struct Measured {
     pub compile_s: Option<f64>,
     /// What the sink's endpoint received, when the benchmark runs it.
     pub endpoint: Option<EndpointLoad>,
+    /// CPU seconds of the target database's backend applying the changes (sink-postgres).
+    pub target_cpu_s: Option<f64>,
+}
+
+/// A client of database `db` of the benchmark's cluster (as the superuser).
+async fn connect(env: &Env, db: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(&env.pg.url(db), tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to database {db}"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// A new database `db` holding the workload's tables as `setup` leaves them (the rows
+/// that exist before the slots were created included).
+async fn target_database(
+    env: &Env,
+    w: &Workload,
+    db: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
+    env.db
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db}"
+        ))
+        .await?;
+    let client = connect(env, db).await?;
+    for sql in &w.setup {
+        client
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("{db}: {sql}"))?;
+    }
+    Ok(client)
+}
+
+/// (rows, sum of a hash of each row's text) of the workload's table through `db`.
+async fn table_digest(db: &tokio_postgres::Client, table: &str) -> anyhow::Result<(i64, i64)> {
+    let r = db
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(hashtext(t::text)::int8), 0)::int8 FROM {table} t"
+            ),
+            &[],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// Fails unless the target's table holds what the source's does.
+async fn check_applied(
+    env: &Env,
+    w: &Workload,
+    target: &tokio_postgres::Client,
+) -> anyhow::Result<()> {
+    let (source, applied) = (
+        table_digest(&env.db, w.table).await?,
+        table_digest(target, w.table).await?,
+    );
+    if source != applied {
+        bail!(
+            "{}: the target table differs from the source: {} rows (hash {}) against {} (hash {})",
+            w.name,
+            applied.0,
+            applied.1,
+            source.0,
+            source.1
+        );
+    }
+    Ok(())
+}
+
+/// PostgreSQL's own logical replication on the same WAL: a subscription in a second
+/// database on the pre-created `slot` (PostgreSQL docs, CREATE SUBSCRIPTION: with both
+/// sides in one cluster, create the slot beforehand and use `create_slot = false`), timed
+/// from the slot turning active to the last commit its apply worker applied (the
+/// subscription's replication origin, `pg_replication_origin_status.remote_lsn`, moves at
+/// each applied commit). Fails unless the table then equals the source's.
+pub async fn subscription(
+    env: &Env,
+    w: &Workload,
+    slot: &str,
+    publication: &str,
+    end_lsn: &str,
+) -> anyhow::Result<Measured> {
+    let db = format!("bench_{}_subscription", w.table);
+    let target = target_database(env, w, &db).await?;
+    target
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' \
+             PUBLICATION {publication} WITH (create_slot = false, slot_name = '{slot}', copy_data = false)",
+            env.pg.port()
+        ))
+        .await
+        .context("CREATE SUBSCRIPTION")?;
+    let mut ws = CpuWatch::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ws.pid.is_none() && Instant::now() < deadline {
+        ws.pid = walsender_pid(&env.db, slot).await;
+    }
+    let started = Instant::now();
+    let mut apply = CpuWatch::default();
+    let end: i64 = env
+        .db
+        .query_one(
+            "SELECT ($1::text::pg_lsn - '0/0'::pg_lsn)::int8",
+            &[&end_lsn],
+        )
+        .await?
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut last = (0i64, started);
+    let ended = loop {
+        if apply.pid.is_none() {
+            apply.pid = target
+                .query_opt("SELECT pid FROM pg_stat_subscription WHERE subname = 'bench_sub' AND relid IS NULL AND pid IS NOT NULL", &[])
+                .await?
+                .map(|r| r.get::<_, i32>(0) as u32);
+        }
+        apply.sample();
+        ws.sample();
+        let applied: Option<i64> = target
+            .query_opt(
+                "SELECT (remote_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_origin_status o \
+                 JOIN pg_subscription s ON o.external_id = 'pg_' || s.oid WHERE s.subname = 'bench_sub'",
+                &[],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        let now = Instant::now();
+        if let Some(a) = applied {
+            if a > last.0 {
+                last = (a, now);
+            }
+            if a >= end {
+                break now;
+            }
+        }
+        // the last commit can end before `end_lsn` (WAL written after it): once the
+        // origin has not moved for a second and the table is complete, it ended then
+        if now.duration_since(last.1) > Duration::from_secs(1)
+            && last.0 > 0
+            && check_applied(env, w, &target).await.is_ok()
+        {
+            break last.1;
+        }
+        if now > deadline {
+            bail!(
+                "{}: the subscription had not applied the workload after an hour",
+                w.name
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let seconds = ended.duration_since(started).as_secs_f64();
+    check_applied(env, w, &target).await?;
+    let peak = apply.last.map_or(0, |u| u.peak_rss_bytes);
+    target
+        .batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE; ALTER SUBSCRIPTION bench_sub SET (slot_name = NONE); DROP SUBSCRIPTION bench_sub")
+        .await?;
+    drop(target);
+    env.db
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await?;
+    Ok(Measured {
+        seconds,
+        cpu_s: apply.cpu_s().unwrap_or(0.0),
+        walsender_cpu_s: ws.cpu_s(),
+        peak_rss_bytes: peak,
+        bytes: 0,
+        batches: None,
+        compile_s: None,
+        endpoint: None,
+        target_cpu_s: None,
+    })
 }
 
 /// How often a run's end is polled (both consumers).
@@ -254,6 +432,7 @@ pub async fn ceiling(
         batches: None,
         compile_s: None,
         endpoint: None,
+        target_cpu_s: None,
     })
 }
 
@@ -290,7 +469,16 @@ pub async fn dbmazz_catch_up(
     } else {
         None
     };
+    let target_db = format!("bench_{}_filter_postgres", w.table);
+    let target = if c == Consumer::FilterPostgres {
+        Some(target_database(env, w, &target_db).await?)
+    } else {
+        None
+    };
     let sink = match (http.zip(receiver.as_ref()), &starrocks) {
+        _ if target.is_some() => SinkSpec::Postgres {
+            url: env.pg.url(&target_db),
+        },
         (Some(((plugin, memory_mb, _), r)), _) => SinkSpec::Http(HttpSink {
             plugin,
             addr: r.addr,
@@ -346,8 +534,20 @@ pub async fn dbmazz_catch_up(
     };
     endpoint_cpu.sample();
     let mut ws = CpuWatch::default();
+    // sink-postgres' backend in the target database
+    let mut backend = CpuWatch::default();
     let deadline = Instant::now() + Duration::from_secs(3600);
     let (ended, bytes, batches) = loop {
+        if let (Some(t), None) = (&target, backend.pid) {
+            backend.pid = t
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'dbmazz' AND pid <> pg_backend_pid() LIMIT 1",
+                    &[],
+                )
+                .await?
+                .map(|r| r.get::<_, i32>(0) as u32);
+        }
+        backend.sample();
         d.pump().await?;
         let progress = d.progress().await?;
         let (acked, bytes) = (progress.acked, progress.bytes);
@@ -416,8 +616,17 @@ pub async fn dbmazz_catch_up(
         }
         None => None,
     };
+    if let Some(t) = &target {
+        check_applied(env, w, t).await?;
+    }
     let peak = proc::usage(d.child.id()).map_or(0, |u| u.peak_rss_bytes);
     d.stop()?;
+    if let Some(t) = target {
+        drop(t);
+        env.db
+            .batch_execute(&format!("DROP DATABASE {target_db} WITH (FORCE)"))
+            .await?;
+    }
     Ok(Measured {
         seconds,
         cpu_s: me.cpu_s().unwrap_or(0.0),
@@ -427,5 +636,6 @@ pub async fn dbmazz_catch_up(
         batches: Some(batches),
         compile_s: Some(compile_ms as f64 / 1000.0),
         endpoint,
+        target_cpu_s: backend.cpu_s(),
     })
 }

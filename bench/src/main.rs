@@ -17,6 +17,11 @@
 //!   every body and applies it to in-memory Primary Key tables: loads/s, bytes sent and the
 //!   endpoint's CPU are reported too, and the run fails unless the double applied every
 //!   change;
+//! - on W1 and W2 also into PostgreSQL: `transform-filter` + `sink-postgres` into a second
+//!   database of the same cluster, next to PostgreSQL's own logical replication (`CREATE
+//!   SUBSCRIPTION` in a third database on a pre-created slot), both timed until the
+//!   workload is applied and checked equal to the source (row count and a hash of every
+//!   row);
 //! - on W1 also with `transform-filter` + the Python and the JavaScript template sinks
 //!   (`examples/sink-python`, `examples/sink-js`: JSON lines) to the same kind of receiver,
 //!   with the plugins' first-load compile time.
@@ -66,7 +71,7 @@ struct Cli {
     #[arg(long)]
     dbmazz: Option<PathBuf>,
     /// A directory holding transform_filter.wasm, sink_null.wasm, sink_webhook.wasm,
-    /// sink_starrocks.wasm, sink_python.wasm and sink_js.wasm (default: build them with cargo for wasm32-wasip2
+    /// sink_starrocks.wasm, sink_postgres.wasm, sink_python.wasm and sink_js.wasm (default: build them with cargo for wasm32-wasip2
     /// and the SDKs' build commands from examples/sink-python and examples/sink-js).
     #[arg(long)]
     plugins: Option<PathBuf>,
@@ -159,6 +164,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         if matches!(w.name, "W1" | "W2" | "W3") && wants(&cli, w.name) {
             consumers.push(Consumer::FilterStarrocks);
+        }
+        if matches!(w.name, "W1" | "W2") && wants(&cli, w.name) {
+            // into PostgreSQL: sink-postgres next to PostgreSQL's own apply worker
+            consumers.extend([Consumer::FilterPostgres, Consumer::Subscription]);
         }
         if w.name == "W1" && wants(&cli, w.name) {
             // plugins in other languages, next to sink-webhook (no target: where the time
@@ -259,6 +268,8 @@ fn build(
                 "sink-webhook",
                 "-p",
                 "sink-starrocks",
+                "-p",
+                "sink-postgres",
             ])?;
             let dir = target.join("wasm32-wasip2/release");
             // the SDK templates, with their SDKs' build commands (scripts/setup.sh installs
@@ -298,6 +309,7 @@ fn build(
         "sink_null.wasm",
         "sink_webhook.wasm",
         "sink_starrocks.wasm",
+        "sink_postgres.wasm",
         "sink_python.wasm",
         "sink_js.wasm",
     ] {

@@ -237,6 +237,8 @@ pub enum SinkSpec {
     Http(HttpSink),
     /// sink-starrocks.
     StarRocks(StarRocksSink),
+    /// sink-postgres into the database at this URL (connection `target`).
+    Postgres { url: String },
 }
 
 /// The double's credentials.
@@ -287,6 +289,10 @@ pub fn write_config(env: &Env, c: &RunConfig) -> anyhow::Result<PathBuf> {
         SinkSpec::StarRocks(StarRocksSink { url, fe, be }) => toml.push_str(&format!(
             "[sink]\nplugin = {:?}\nconfig = {{ url = {url:?}, database = \"bench\", user = {STARROCKS_USER:?}, password = {STARROCKS_PASSWORD:?} }}\ncapabilities = {{ http = [\"{fe}\", \"{be}\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n\n",
             plugin("sink_starrocks.wasm")
+        )),
+        SinkSpec::Postgres { url } => toml.push_str(&format!(
+            "[sink]\nplugin = {:?}\nconfig = {{ connection = \"target\" }}\ncapabilities = {{ postgres = [\"target\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n\n[connections.target]\nurl = {url:?}\n\n",
+            plugin("sink_postgres.wasm")
         )),
         SinkSpec::Null { delay_ms } => toml.push_str(&format!(
             "[sink]\nplugin = {:?}\nconfig = {{ delay_ms = {delay_ms} }}\n\n",

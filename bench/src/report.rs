@@ -27,6 +27,14 @@ pub enum Consumer {
     /// the Stream Load test double (tests/starrocks-double: parses each JSON body and
     /// applies it to in-memory Primary Key tables, in the benchmark's process).
     FilterStarrocks,
+    /// dbmazz, transform-filter, sink-postgres into a second database of the same cluster
+    /// (the workload's tables created there first): one target transaction per batch.
+    FilterPostgres,
+    /// PostgreSQL's own logical replication: `CREATE SUBSCRIPTION` in a second database of
+    /// the same cluster on the pre-created slot (`create_slot = false`, `copy_data =
+    /// false`, other options default), timed until its apply worker has applied the
+    /// workload.
+    Subscription,
 }
 
 impl Consumer {
@@ -41,6 +49,8 @@ impl Consumer {
             Consumer::FilterPython => "filter_python",
             Consumer::FilterJs => "filter_js",
             Consumer::FilterStarrocks => "filter_starrocks",
+            Consumer::FilterPostgres => "filter_postgres",
+            Consumer::Subscription => "subscription",
         }
     }
 
@@ -55,6 +65,8 @@ impl Consumer {
             Consumer::FilterPython => "dbmazz: filter + Python sink (template)",
             Consumer::FilterJs => "dbmazz: filter + JavaScript sink (template)",
             Consumer::FilterStarrocks => "dbmazz: filter + sink-starrocks (Stream Load double)",
+            Consumer::FilterPostgres => "dbmazz: filter + sink-postgres (second database)",
+            Consumer::Subscription => "PostgreSQL subscription (apply worker, second database)",
         }
     }
 }
@@ -84,6 +96,10 @@ pub struct CatchUp {
     pub compile_s: Option<f64>,
     /// The sink's endpoint, when it is one the benchmark runs (StarRocks' double).
     pub endpoint: Option<EndpointLoad>,
+    /// CPU seconds per million changes of the target database's backend that applied
+    /// them (sink-postgres' connection); for a subscription the apply worker is the
+    /// consumer itself.
+    pub target_cpu_s_per_million: Option<f64>,
 }
 
 /// What a sink's endpoint received during a catch-up.
@@ -223,6 +239,37 @@ pub fn print(r: &Report) {
                     e.cpu_s_per_million
                 );
             }
+        }
+    }
+    let pg: Vec<&CatchUp> = r
+        .catch_up
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.consumer,
+                Consumer::FilterPostgres | Consumer::Subscription
+            )
+        })
+        .collect();
+    if !pg.is_empty() {
+        println!("\n| workload | into PostgreSQL | changes/s | × subscription | consumer CPU s / M | target backend CPU s / M | peak RSS MB |");
+        println!("|---|---|---:|---:|---:|---:|---:|");
+        for c in &pg {
+            let native = pg
+                .iter()
+                .find(|n| n.workload == c.workload && n.consumer == Consumer::Subscription)
+                .map(|n| c.changes_per_s / n.changes_per_s);
+            println!(
+                "| {} | {} | {:.0} | {} | {:.2} | {} | {:.1} |",
+                c.workload,
+                c.consumer.label(),
+                c.changes_per_s,
+                native.map_or("-".into(), |x| format!("{x:.2}")),
+                c.cpu_s_per_million,
+                c.target_cpu_s_per_million
+                    .map_or("-".into(), |x| format!("{x:.2}")),
+                c.peak_rss_mb
+            );
         }
     }
     if !r.steady.is_empty() {

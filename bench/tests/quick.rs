@@ -1,7 +1,8 @@
 //! `dbmazz-bench --quick` still works end to end: every workload, consumer and the steady
 //! state run, and every change is counted (the bench fails when dbmazz, the webhook
 //! receiver, the StarRocks double or the latency histogram count a different number of
-//! changes or transactions than were committed). It asserts no performance figure: that is the benchmark's job.
+//! changes or transactions than were committed, or a PostgreSQL target's table differs
+//! from the source's). It asserts no performance figure: that is the benchmark's job.
 
 use std::path::Path;
 use std::process::Command;
@@ -58,6 +59,16 @@ fn quick_run_completes_and_counts_every_change() {
         // the double applied every change (the bench fails otherwise) in some loads
         assert!(r["endpoint"]["loads_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["endpoint"]["mb_sent"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for w in ["W1", "W2"] {
+        for c in ["FilterPostgres", "Subscription"] {
+            // the target table equalled the source's (the bench fails otherwise)
+            let r = rows
+                .iter()
+                .find(|r| r["workload"] == w && r["consumer"] == c)
+                .unwrap_or_else(|| panic!("{w}: no {c} row"));
+            assert!(r["cpu_s_per_million"].as_f64().unwrap() > 0.0, "{r}");
+        }
     }
     for r in rows {
         assert!(r["changes"].as_u64().unwrap() > 0, "{r}");

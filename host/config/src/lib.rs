@@ -119,8 +119,8 @@ pub struct Config {
 pub struct ConnectionConfig {
     /// libpq connection URI or key/value string; holds the password, never logged.
     pub url: String,
-    /// Most connections the host keeps open for this name per stage (idle ones are
-    /// reused). Default 2.
+    /// Most idle connections the host keeps for this name per stage, for reuse when a
+    /// plugin instance opens one again (after a restart of the instance). Default 2.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
 }

@@ -71,7 +71,13 @@ impl Pool {
         loop {
             let c = self.idle.lock().ok().and_then(|mut v| v.pop());
             match c {
-                Some(c) if !c.is_closed() => return Ok(c),
+                // A fresh session for the next user: no temporary tables, settings or
+                // prepared statements of the last one. DISCARD ALL fails inside a
+                // transaction block (one a plugin opened with a plain BEGIN): such a
+                // client is closed, and the server rolls it back.
+                Some(c) if !c.is_closed() && c.batch_execute("DISCARD ALL").await.is_ok() => {
+                    return Ok(c)
+                }
                 Some(_) => continue,
                 None => break,
             }
@@ -474,8 +480,22 @@ impl wit::HostConnection for PluginState {
     }
 
     async fn commit(&mut self, r: Resource<Connection>) -> Result<(), PgError> {
+        // COMMIT of a transaction an error aborted answers ROLLBACK, not an error
+        // (PostgreSQL docs, COMMIT): a statement first tells the two apart, so `ok`
+        // always means committed.
         let result = self
             .on_client(&r, async |c| {
+                if let Err(e) = c.batch_execute("SELECT 1").await {
+                    let e = pg_error(e);
+                    if e.code == "25P02" {
+                        c.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+                        return Err(PgError {
+                            message: "the transaction was aborted by an earlier error and has been rolled back; nothing was committed".into(),
+                            ..e
+                        });
+                    }
+                    return Err(e);
+                }
                 c.batch_execute("COMMIT").await.map_err(pg_error)
             })
             .await;

@@ -31,7 +31,7 @@ use dbmazz_sdk::{
     SchemaChange, Sink, SinkError, SinkInfo,
 };
 
-use plan::{unchanged_of, Cell, ChangeIn, Kind, TablePlan};
+use plan::{is_move, unchanged_of, Cell, ChangeIn, Kind, TablePlan};
 
 /// Batch ids at or above this are snapshot chunks and split parts (the host's
 /// `SNAPSHOT_BATCH_ID_BASE` and `SPLIT_BATCH_ID_BASE`): not ordered with stream batches,
@@ -41,6 +41,8 @@ const STREAM_IDS_BELOW: u64 = 1 << 62;
 /// What the sink knows of one target table.
 #[derive(Clone, Debug)]
 struct Target {
+    /// The source relation's id.
+    relation: u32,
     /// `"schema"."table"`, quoted.
     name: String,
     /// The staging table's name (unquoted; a temporary table of this session).
@@ -192,7 +194,7 @@ impl Postgres {
             })?;
             let fail = |what: &str, e: PgError| sink_error(what, &e, "<the sink's user>", None);
             conn.batch_execute(&format!(
-                "SET TimeZone = 'UTC'; CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, batch_id bigint NOT NULL, last_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
+                "SET TimeZone = 'UTC'; SET standard_conforming_strings = on; CREATE TABLE IF NOT EXISTS {} (pipeline text PRIMARY KEY, batch_id bigint NOT NULL, last_lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())",
                 self.offsets_table
             ))
             .map_err(|e| fail("creating the offsets table", e))?;
@@ -351,7 +353,7 @@ impl Postgres {
         }
         let written: Vec<usize> = (0..rel.columns.len()).collect();
         let names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
-        let stage = format!("dbmazz_stage_{}", db.next_stage);
+        let stage = format!("pg_temp.dbmazz_stage_{}", db.next_stage);
         db.next_stage += 1;
         let cols = names
             .iter()
@@ -360,10 +362,11 @@ impl Postgres {
             .join(", ");
         db.conn
             .batch_execute(&format!(
-                "DROP TABLE IF EXISTS pg_temp.{stage}; CREATE TEMPORARY TABLE {stage} AS SELECT {cols}, ''::text AS dbmazz_op FROM {name} WITH NO DATA"
+                "DROP TABLE IF EXISTS {stage}; CREATE TEMPORARY TABLE {stage} AS SELECT {cols}, ''::text AS dbmazz_op FROM {name} WITH NO DATA"
             ))
             .map_err(|e| fail("creating the staging table", e))?;
         let t = Target {
+            relation: rel.id,
             name,
             stage,
             columns: written,
@@ -384,15 +387,31 @@ impl Postgres {
     ) -> Result<Vec<(u32, String)>, Applied> {
         let mut dead = Vec::new();
         let mut plans: Vec<(Target, TablePlan<'b>)> = Vec::new();
-        for c in changes {
+        let mut changes = changes.into_iter().peekable();
+        while let Some(c) = changes.next() {
             if c.op == Op::Truncate {
+                // One source TRUNCATE of several tables arrives as consecutive changes:
+                // applied as one statement, so foreign keys between them hold.
+                let mut relations = vec![c.relation];
+                while let Some(next) = changes.next_if(|n| n.op == Op::Truncate) {
+                    relations.push(next.relation);
+                }
                 self.flush(&mut plans).map_err(Applied::Failed)?;
                 if self.truncate {
-                    let t = self.target(c.relation).map_err(Applied::Sink)?;
+                    let mut names = Vec::new();
+                    for r in relations {
+                        let t = self.target(r).map_err(Applied::Sink)?;
+                        if !names.contains(&t.name) {
+                            names.push(t.name);
+                        }
+                    }
+                    let stmt = format!("TRUNCATE {}", names.join(", "));
                     let db = self.db().map_err(Applied::Sink)?;
-                    db.conn
-                        .batch_execute(&format!("TRUNCATE {}", t.name))
-                        .map_err(|e| Applied::Failed(failure(e, &t.name, vec![c.change.index])))?;
+                    if let Err(e) = db.conn.batch_execute(&stmt) {
+                        // never one row's fault: the pipeline stops (or retries)
+                        let names = names.join(", ");
+                        return Err(Applied::Sink(sink_error(&stmt, &e, &db.user, Some(&names))));
+                    }
                 }
                 continue;
             }
@@ -402,7 +421,17 @@ impl Postgres {
                     .map_err(Applied::Failed)?;
                 continue;
             }
-            let at = match plans.iter().position(|(p, _)| p.name == t.name) {
+            if is_move(&c.change, &t.key) {
+                // the row moves in place: what was planned before it goes first
+                self.flush(&mut plans).map_err(Applied::Failed)?;
+                let (stmt, params) = move_statement(&t, &c.change);
+                let db = self.db().map_err(Applied::Sink)?;
+                db.conn
+                    .execute(&stmt, &params)
+                    .map_err(|e| Applied::Failed(failure(e, &t.name)))?;
+                continue;
+            }
+            let at = match plans.iter().position(|(p, _)| p.relation == t.relation) {
                 Some(i) => i,
                 None => {
                     plans.push((t.clone(), TablePlan::default()));
@@ -426,7 +455,7 @@ impl Postgres {
             if p.is_empty() {
                 continue;
             }
-            let fail = |e: PgError| failure(e, &t.name, p.changes.clone());
+            let fail = |e: PgError| failure(e, &t.name);
             let (rows, partials) = p.copy_rows(&t.columns);
             let cols: Vec<String> = t.names.iter().map(|n| quote_ident(n)).collect();
             db.conn
@@ -459,17 +488,26 @@ impl Postgres {
             return Ok(());
         };
         let index = c.index;
-        let fail = |e: PgError| failure(e, &t.name, vec![index]);
+        let fail = |e: PgError| failure(e, &t.name);
         db.conn
             .batch_execute("SAVEPOINT dbmazz_change")
             .map_err(fail)?;
         let mut plan = TablePlan::default();
-        let result = match plan.add(c, &t.key) {
+        let planned = if is_move(&c, &t.key) {
+            Ok(vec![move_statement(t, &c)])
+        } else {
+            plan.add(c, &t.key).map(|()| {
+                plan.actions()
+                    .iter()
+                    .map(|a| single_statement(t, a))
+                    .collect()
+            })
+        };
+        let result = match planned {
             Err(u) => Err(u.reason),
-            Ok(()) => {
+            Ok(statements) => {
                 let mut r = Ok(());
-                for a in plan.actions() {
-                    let (stmt, params) = single_statement(t, a);
+                for (stmt, params) in statements {
                     if let Err(e) = db.conn.execute(&stmt, &params) {
                         r = Err(e);
                         break;
@@ -523,18 +561,20 @@ impl Postgres {
             let input = changes()?;
             let db = self.db()?;
             let user = db.user.clone();
-            if let Err(e) = db.conn.begin() {
+            // deferred constraints checked per statement, so a row that breaks one is
+            // found by the change-by-change pass instead of failing the COMMIT
+            if let Err(e) = db
+                .conn
+                .begin()
+                .and_then(|()| db.conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE"))
+            {
                 return Err(self.lost(sink_error("BEGIN", &e, &user, None)));
             }
             let result = match self.apply(input, set_based) {
                 Ok(dead) => self.commit(id, last_lsn, stream).map(|()| dead),
                 Err(Applied::Sink(e)) => Err(e),
                 Err(Applied::Failed(f)) => {
-                    let Failure {
-                        error: e,
-                        table,
-                        changes: indices,
-                    } = *f;
+                    let Failure { error: e, table } = *f;
                     if set_based && e.is_row_fault() {
                         dbmazz_sdk::info!(
                             "a row was refused; applying the batch change by change to find it",
@@ -545,13 +585,6 @@ impl Postgres {
                         self.rollback();
                         set_based = false;
                         continue;
-                    }
-                    if e.is_row_fault() {
-                        // A TRUNCATE refused by a constraint (foreign keys): its change.
-                        self.rollback();
-                        return Err(SinkError::DeadLetter(
-                            indices.into_iter().map(|i| (i, e.describe())).collect(),
-                        ));
                     }
                     Err(sink_error(
                         &format!("applying batch {id} to {table}"),
@@ -601,7 +634,8 @@ impl Postgres {
         let batch_id = if stream { id } else { db.last_id.unwrap_or(0) };
         let stmt = format!(
             "INSERT INTO {table} AS o (pipeline, batch_id, last_lsn, updated_at) VALUES ({pipeline}, {batch_id}, '{:X}/{:X}', now()) \
-             ON CONFLICT (pipeline) DO UPDATE SET batch_id = GREATEST(o.batch_id, EXCLUDED.batch_id), last_lsn = EXCLUDED.last_lsn, updated_at = now()",
+             ON CONFLICT (pipeline) DO UPDATE SET batch_id = GREATEST(o.batch_id, EXCLUDED.batch_id), \
+             last_lsn = CASE WHEN EXCLUDED.batch_id > o.batch_id THEN EXCLUDED.last_lsn ELSE o.last_lsn END, updated_at = now()",
             last_lsn >> 32,
             last_lsn & 0xFFFF_FFFF
         );
@@ -627,18 +661,16 @@ enum Applied {
     Failed(Box<Failure>),
 }
 
-/// A failed statement: the error, the target table, the changes it carried.
+/// A failed statement: the error and the target table.
 struct Failure {
     error: PgError,
     table: String,
-    changes: Vec<u32>,
 }
 
-fn failure(error: PgError, table: &str, changes: Vec<u32>) -> Box<Failure> {
+fn failure(error: PgError, table: &str) -> Box<Failure> {
     Box::new(Failure {
         error,
         table: table.to_string(),
-        changes,
     })
 }
 
@@ -794,6 +826,43 @@ fn set_statements(t: &Target, partials: &[String]) -> String {
     }
     s.push_str(&format!("TRUNCATE {}", t.stage));
     s
+}
+
+/// A key-changing update without its unchanged TOAST values as one statement: `UPDATE
+/// ... SET <key> = new, <changed columns> WHERE <key> = old`, so the untouched columns
+/// move with the row.
+fn move_statement(t: &Target, c: &ChangeIn<'_>) -> (String, Vec<PgValue>) {
+    let param = |c: Option<&Cell<'_>>| match c {
+        Some(Cell::Value(v)) => PgValue::Text(v.to_string()),
+        _ => PgValue::Null,
+    };
+    let old = c.old.as_deref().unwrap_or(&[]);
+    let new = c.new.as_deref().unwrap_or(&[]);
+    let set: Vec<usize> = (0..t.names.len())
+        .filter(|&i| t.key.contains(&i) || new.get(i) != Some(&Cell::Unchanged))
+        .collect();
+    let mut params: Vec<PgValue> = set.iter().map(|&i| param(new.get(i))).collect();
+    params.extend(t.key.iter().map(|&i| param(old.get(i))));
+    let assignments: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), n + 1))
+        .collect();
+    let cond: Vec<String> = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), set.len() + n + 1))
+        .collect();
+    (
+        format!(
+            "UPDATE {} SET {} WHERE {}",
+            t.name,
+            assignments.join(", "),
+            cond.join(" AND ")
+        ),
+        params,
+    )
 }
 
 /// One action as a parameterized statement (values as text parameters).
@@ -1074,6 +1143,7 @@ mod tests {
 
     fn target() -> Target {
         Target {
+            relation: 1,
             name: "\"public\".\"t\"".into(),
             stage: "dbmazz_stage_0".into(),
             columns: vec![0, 1, 2],

@@ -204,6 +204,21 @@ impl<'a> TablePlan<'a> {
     }
 }
 
+/// True for an update that changes the key and left unchanged TOAST columns out: the
+/// batch does not hold the whole row, so it is moved in place (an UPDATE that sets the
+/// key, [`TablePlan`] cannot express it as a delete and an upsert).
+pub fn is_move(change: &ChangeIn<'_>, key: &[usize]) -> bool {
+    change.kind == Kind::Update
+        && change
+            .new
+            .as_ref()
+            .is_some_and(|n| n.contains(&Cell::Unchanged))
+        && match (&change.old, &change.new) {
+            (Some(old), Some(new)) => key.iter().any(|&i| old.get(i) != new.get(i)),
+            _ => false,
+        }
+}
+
 /// The staging columns a partial marker leaves alone (`P1,3` → {1, 3}).
 pub fn unchanged_of(marker: &str) -> Vec<usize> {
     marker
@@ -352,6 +367,31 @@ mod tests {
             .unwrap_err();
         assert!(e.reason.contains("NULL"), "{}", e.reason);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_key_change_without_the_toasted_value_is_a_move() {
+        let moved = change(
+            0,
+            Kind::Update,
+            Some(vec![v("1"), Cell::Null]),
+            Some(vec![v("2"), Cell::Unchanged]),
+        );
+        assert!(is_move(&moved, &[0]));
+        let whole = change(
+            0,
+            Kind::Update,
+            Some(vec![v("1"), Cell::Null]),
+            Some(vec![v("2"), v("x")]),
+        );
+        assert!(!is_move(&whole, &[0]));
+        let same_key = change(
+            0,
+            Kind::Update,
+            Some(vec![v("1"), Cell::Null]),
+            Some(vec![v("1"), Cell::Unchanged]),
+        );
+        assert!(!is_move(&same_key, &[0]));
     }
 
     #[test]
