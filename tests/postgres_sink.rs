@@ -312,7 +312,8 @@ async fn a_refused_row_is_dead_lettered_a_restarted_target_is_waited_for_a_missi
     let admin = connect(&target_pg.super_url()).await;
     admin
         .batch_execute(&format!(
-            "CREATE TABLE items (id int PRIMARY KEY, score int CHECK (score >= 0), label text); ALTER TABLE items OWNER TO {USER};"
+            "CREATE TABLE items (id int PRIMARY KEY, score int CHECK (score >= 0), label text); ALTER TABLE items OWNER TO {USER};
+             INSERT INTO items VALUES (1, 0, 'stale: the target had it before');"
         ))
         .await
         .unwrap();
@@ -342,6 +343,10 @@ async fn a_refused_row_is_dead_lettered_a_restarted_target_is_waited_for_a_missi
             })
         },
     );
+    // an inserted key the target already had: the straight COPY of new rows failed, and
+    // the batch was applied with upserts instead
+    let r = target.query_one("SELECT label FROM items WHERE id = 1", &[]).await.unwrap();
+    assert_eq!(r.get::<_, String>(0), "x1");
     // row 77 keeps its last good state; only its refused update was dead-lettered
     let r = target
         .query_one("SELECT score FROM items WHERE id = 77", &[])

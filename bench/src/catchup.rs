@@ -159,10 +159,12 @@ async fn target_database(
     w: &Workload,
     db: &str,
 ) -> anyhow::Result<tokio_postgres::Client> {
+    // one statement per call: neither may run inside a transaction block
     env.db
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {db} WITH (FORCE); CREATE DATABASE {db}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await?;
+    env.db
+        .batch_execute(&format!("CREATE DATABASE {db}"))
         .await?;
     let client = connect(env, db).await?;
     for sql in &w.setup {

@@ -383,8 +383,9 @@ impl Postgres {
     fn apply<'b>(
         &mut self,
         changes: Vec<In<'b>>,
-        set_based: bool,
+        mode: Mode,
     ) -> Result<Vec<(u32, String)>, Applied> {
+        let direct = mode == Mode::Direct;
         let mut dead = Vec::new();
         let mut plans: Vec<(Target, TablePlan<'b>)> = Vec::new();
         let mut changes = changes.into_iter().peekable();
@@ -396,7 +397,7 @@ impl Postgres {
                 while let Some(next) = changes.next_if(|n| n.op == Op::Truncate) {
                     relations.push(next.relation);
                 }
-                self.flush(&mut plans).map_err(Applied::Failed)?;
+                self.flush(&mut plans, direct).map_err(Applied::Failed)?;
                 if self.truncate {
                     let mut names = Vec::new();
                     for r in relations {
@@ -416,14 +417,14 @@ impl Postgres {
                 continue;
             }
             let t = self.target(c.relation).map_err(Applied::Sink)?;
-            if !set_based {
+            if mode == Mode::OneByOne {
                 self.apply_one(&t, c.change, &mut dead)
                     .map_err(Applied::Failed)?;
                 continue;
             }
             if is_move(&c.change, &t.key) {
                 // the row moves in place: what was planned before it goes first
-                self.flush(&mut plans).map_err(Applied::Failed)?;
+                self.flush(&mut plans, direct).map_err(Applied::Failed)?;
                 let (stmt, params) = move_statement(&t, &c.change);
                 let db = self.db().map_err(Applied::Sink)?;
                 db.conn
@@ -442,12 +443,16 @@ impl Postgres {
                 dead.push((u.index, u.reason));
             }
         }
-        self.flush(&mut plans).map_err(Applied::Failed)?;
+        self.flush(&mut plans, direct).map_err(Applied::Failed)?;
         Ok(dead)
     }
 
     /// Applies the planned tables set-based and empties `plans`.
-    fn flush(&mut self, plans: &mut Vec<(Target, TablePlan<'_>)>) -> Result<(), Box<Failure>> {
+    fn flush(
+        &mut self,
+        plans: &mut Vec<(Target, TablePlan<'_>)>,
+        direct: bool,
+    ) -> Result<(), Box<Failure>> {
         let Some(db) = self.db.as_mut() else {
             return Ok(());
         };
@@ -456,8 +461,22 @@ impl Postgres {
                 continue;
             }
             let fail = |e: PgError| failure(e, &t.name);
-            let (rows, partials) = p.copy_rows(&t.columns);
             let cols: Vec<String> = t.names.iter().map(|n| quote_ident(n)).collect();
+            if direct && p.inserts_only() {
+                // new rows only: straight into the table, no staging, no conflict checks
+                // beyond the primary key's (a key already there fails the COPY, and the
+                // batch is applied again in Staged mode)
+                let (rows, _) = p.copy_rows(&t.columns, false);
+                db.conn
+                    .copy_in(
+                        &format!("COPY {} ({}) FROM STDIN", t.name, cols.join(", ")),
+                        &rows,
+                    )
+                    .map_err(fail)?;
+                dbmazz_sdk::metrics::counter_add("rows_applied", p.actions().len() as u64);
+                continue;
+            }
+            let (rows, partials) = p.copy_rows(&t.columns, true);
             db.conn
                 .copy_in(
                     &format!(
@@ -556,7 +575,7 @@ impl Postgres {
             dbmazz_sdk::metrics::counter_add("batches_skipped", 1);
             return Ok(());
         }
-        let mut set_based = true;
+        let mut mode = Mode::Direct;
         loop {
             let input = changes()?;
             let db = self.db()?;
@@ -570,12 +589,23 @@ impl Postgres {
             {
                 return Err(self.lost(sink_error("BEGIN", &e, &user, None)));
             }
-            let result = match self.apply(input, set_based) {
+            let result = match self.apply(input, mode) {
                 Ok(dead) => self.commit(id, last_lsn, stream).map(|()| dead),
                 Err(Applied::Sink(e)) => Err(e),
                 Err(Applied::Failed(f)) => {
                     let Failure { error: e, table } = *f;
-                    if set_based && e.is_row_fault() {
+                    if mode == Mode::Direct && e.is_row_fault() {
+                        dbmazz_sdk::debug!(
+                            "copying new rows failed; applying the batch with upserts",
+                            batch = id,
+                            table = table,
+                            error = e.describe()
+                        );
+                        self.rollback();
+                        mode = Mode::Staged;
+                        continue;
+                    }
+                    if mode == Mode::Staged && e.is_row_fault() {
                         dbmazz_sdk::info!(
                             "a row was refused; applying the batch change by change to find it",
                             batch = id,
@@ -583,7 +613,7 @@ impl Postgres {
                             error = e.describe()
                         );
                         self.rollback();
-                        set_based = false;
+                        mode = Mode::OneByOne;
                         continue;
                     }
                     Err(sink_error(
@@ -651,6 +681,18 @@ impl Postgres {
         dbmazz_sdk::metrics::counter_add("transactions", 1);
         Ok(())
     }
+}
+
+/// How a batch is applied; a row fault moves to the next, more careful mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// A table's changes that are all inserts are copied straight into it; others as
+    /// in `Staged`.
+    Direct,
+    /// Through the staging table and set-based upserts and deletes.
+    Staged,
+    /// Change by change under savepoints: refused changes are dead-lettered.
+    OneByOne,
 }
 
 /// Why applying stopped.
@@ -1065,6 +1107,7 @@ impl Sink for Postgres {
                         change: ChangeIn {
                             index: i as u32,
                             kind: kind_of(c.op),
+                            insert: c.op == Op::Insert,
                             old: c.old.as_ref().map(|r| r.iter().map(datum_text).collect()),
                             new: c.new.as_ref().map(|r| r.iter().map(datum_text).collect()),
                         },
@@ -1091,6 +1134,7 @@ impl Sink for Postgres {
                         change: ChangeIn {
                             index: i as u32,
                             kind: kind_of(c.op),
+                            insert: c.op == Op::Insert,
                             old: raw_cells(c.old)?,
                             new: raw_cells(c.new)?,
                         },

@@ -33,6 +33,8 @@ pub struct ChangeIn<'a> {
     pub index: u32,
     /// Insert, update, delete or read (truncates are cut out before planning).
     pub kind: Kind,
+    /// True for an insert (not a snapshot read, which may find its row in the target).
+    pub insert: bool,
     /// Old key or old row (delete; update with a changed key or REPLICA IDENTITY FULL).
     pub old: Option<Vec<Cell<'a>>>,
     /// New row (insert, update, read).
@@ -67,6 +69,8 @@ pub struct TablePlan<'a> {
     by_key: HashMap<Vec<Cell<'a>>, usize>,
     /// Indices of the changes folded into this plan.
     pub changes: Vec<u32>,
+    /// Changes folded in that were not inserts.
+    not_inserts: usize,
 }
 
 /// A change that cannot be planned (a key value missing): dead-letter it.
@@ -102,6 +106,9 @@ impl<'a> TablePlan<'a> {
                     reason,
                 })
         };
+        if !change.insert {
+            self.not_inserts += 1;
+        }
         let missing = |what: &str| Unplannable {
             index: change.index,
             reason: format!("the change has no {what} row"),
@@ -151,6 +158,13 @@ impl<'a> TablePlan<'a> {
         }
     }
 
+    /// True when every change folded in was an insert: the rows can be copied straight
+    /// into the target (a key that is already there makes that fail, and the caller falls
+    /// back to upserts).
+    pub fn inserts_only(&self) -> bool {
+        !self.changes.is_empty() && self.not_inserts == 0
+    }
+
     /// True when no change was folded in.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
@@ -165,7 +179,7 @@ impl<'a> TablePlan<'a> {
     /// in the staging table's column order), then the `dbmazz_op` column: `D` delete,
     /// `U` full upsert, `P<i>,<j>` a partial update leaving staging columns i, j (0-based)
     /// as they are. Also returns the distinct partial markers.
-    pub fn copy_rows(&self, columns: &[usize]) -> (Vec<u8>, Vec<String>) {
+    pub fn copy_rows(&self, columns: &[usize], with_op: bool) -> (Vec<u8>, Vec<String>) {
         let mut out = Vec::with_capacity(self.actions.len() * 64);
         let mut partials: Vec<String> = Vec::new();
         for a in &self.actions {
@@ -189,15 +203,20 @@ impl<'a> TablePlan<'a> {
                     }
                 }
             };
-            for &c in columns {
+            for (n, &c) in columns.iter().enumerate() {
+                if n > 0 {
+                    out.push(b'\t');
+                }
                 match row.get(c) {
                     Some(Cell::Value(v)) => copy_text::push_escaped(&mut out, v.as_bytes()),
                     // A delete's non-key columns, and unchanged ones, are not read.
                     _ => out.extend_from_slice(copy_text::NULL),
                 }
-                out.push(b'\t');
             }
-            out.extend_from_slice(op.as_bytes());
+            if with_op {
+                out.push(b'\t');
+                out.extend_from_slice(op.as_bytes());
+            }
             out.push(b'\n');
         }
         (out, partials)
@@ -245,6 +264,7 @@ mod tests {
         ChangeIn {
             index,
             kind,
+            insert: false,
             old,
             new,
         }
@@ -343,7 +363,7 @@ mod tests {
             p.actions()[0],
             Action::Upsert(vec![v("1"), v("big"), v("b")])
         );
-        let (copy, partials) = p.copy_rows(&[0, 1, 2]);
+        let (copy, partials) = p.copy_rows(&[0, 1, 2], true);
         assert_eq!(
             String::from_utf8(copy).unwrap(),
             "1\tbig\tb\tU\n2\t\\N\tc\tP1\n"
@@ -402,7 +422,7 @@ mod tests {
             &[0],
         )
         .unwrap();
-        let (copy, _) = p.copy_rows(&[0, 1]);
+        let (copy, _) = p.copy_rows(&[0, 1], true);
         assert_eq!(String::from_utf8(copy).unwrap(), "1\ta\\tb\\\\c\\nd\tU\n");
     }
 }
