@@ -345,7 +345,10 @@ async fn a_refused_row_is_dead_lettered_a_restarted_target_is_waited_for_a_missi
     );
     // an inserted key the target already had: the straight COPY of new rows failed, and
     // the batch was applied with upserts instead
-    let r = target.query_one("SELECT label FROM items WHERE id = 1", &[]).await.unwrap();
+    let r = target
+        .query_one("SELECT label FROM items WHERE id = 1", &[])
+        .await
+        .unwrap();
     assert_eq!(r.get::<_, String>(0), "x1");
     // row 77 keeps its last good state; only its refused update was dead-lettered
     let r = target

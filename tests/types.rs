@@ -8,7 +8,9 @@
 //! - `sink-webhook` (built from source) into a real HTTP receiver,
 //! - `sink-starrocks` (built from source) into the StarRocks test double
 //!   (`tests/starrocks-double`: the documented Stream Load protocol, in memory, typed
-//!   columns that refuse values a real StarRocks column would filter).
+//!   columns that refuse values a real StarRocks column would filter),
+//! - `sink-postgres` (built from source) into a second database with the same table:
+//!   there every value must read back as the same text.
 //!
 //! Where a sink writes something other than PostgreSQL's text, the expectation functions
 //! below ([`jsonl`], [`webhook`], [`starrocks`]) state the mapping; everything else must be
@@ -668,7 +670,36 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
             sr.be_addr(),
         ),
     );
-    let running = [jl.spawn(), wh.spawn(), srp.spawn()];
+    // sink-postgres into database `replica`, holding the same types and table
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {}", support::USER));
+    let replica_url = format!(
+        "postgres://{}:{}@127.0.0.1:{}/replica?sslmode=disable",
+        support::USER,
+        support::PASSWORD,
+        pg.port
+    );
+    let (replica, conn) = tokio_postgres::connect(&replica_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    replica
+        .batch_execute(&format!(
+            "{TYPES_SQL}\nCREATE TABLE battery (id int PRIMARY KEY, {});",
+            cols.join(", ")
+        ))
+        .await
+        .unwrap();
+    let pgp = Pipeline::with_source_toml(
+        &pg.url(),
+        &["battery"],
+        &source("postgres"),
+        &format!(
+            "{pipeline}[sink]\nplugin = {:?}\nconfig = {{ connection = \"replica\" }}\n\
+             capabilities = {{ postgres = [\"replica\"] }}\n\n[connections.replica]\nurl = {replica_url:?}\n",
+            plugins().postgres.display().to_string(),
+        ),
+    );
+    let running = [jl.spawn(), wh.spawn(), srp.spawn(), pgp.spawn()];
     for d in &running {
         d.wait_log("streaming", T);
     }
@@ -753,6 +784,42 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
         .collect();
     let got = by_id(rows_sr.iter());
     problems.extend(diff("starrocks", starrocks, &want, &got));
+
+    // sink-postgres: the same text, byte for byte
+    let count = || async {
+        replica
+            .query_one("SELECT count(*) FROM battery", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let start = std::time::Instant::now();
+    while count().await < rows() as i64 && start.elapsed() < T {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let copied = psql_text(&replica).await;
+    if copied != want {
+        for (id, row) in &want {
+            let other = copied.get(id);
+            for (i, c) in COLS.iter().enumerate() {
+                let theirs = other.and_then(|r| r[i].as_ref());
+                if theirs != row[i].as_ref() {
+                    problems.push(format!(
+                        "postgres: row {id} {} ({}): {:?} read back as {:?}",
+                        c.name, c.pg, row[i], theirs
+                    ));
+                }
+            }
+        }
+        if copied.len() != want.len() {
+            problems.push(format!(
+                "postgres: {} rows of {}\n{}",
+                copied.len(),
+                want.len(),
+                running[3].log()
+            ));
+        }
+    }
 
     assert!(
         problems.is_empty(),
