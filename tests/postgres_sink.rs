@@ -586,3 +586,65 @@ async fn a_key_change_that_leaves_a_toasted_value_unchanged_moves_the_whole_row(
         .collect();
     assert_eq!(ids, [11, 20]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_and_schema_map_source_tables_to_other_targets() {
+    let pg = Pg::start("");
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
+    let source = pg.client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric(10,2));
+             CREATE TABLE notes (id int PRIMARY KEY, body text);",
+        )
+        .await
+        .unwrap();
+    let target = connect(&url_of(&pg, "replica")).await;
+    target
+        .batch_execute("CREATE SCHEMA archive; CREATE SCHEMA mirror;")
+        .await
+        .unwrap();
+    // orders → archive.orders_copy (the mapping), notes → mirror.notes (`schema`)
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["orders", "notes"],
+        &sink_toml(
+            &url_of(&pg, "replica"),
+            ", create_tables = true, schema = \"mirror\", tables = { \"public.orders\" = \"archive.orders_copy\" }",
+            100,
+        ),
+    );
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    source
+        .batch_execute(
+            "INSERT INTO orders SELECT g, g * 1.5 FROM generate_series(1, 50) g;
+             INSERT INTO notes VALUES (1, 'a'), (2, 'b');
+             DELETE FROM orders WHERE id > 40;
+             UPDATE notes SET body = 'c' WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let copied: (BTreeSet<String>, BTreeSet<String>) = (
+            rows(&target, "archive.orders_copy").await,
+            rows(&target, "mirror.notes").await,
+        );
+        let wanted = (rows(&source, "orders").await, rows(&source, "notes").await);
+        if copied == wanted {
+            break;
+        }
+        assert!(start.elapsed() < T, "{copied:?} != {wanted:?}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // nothing went to the source's own names
+    let stray = target
+        .query_one(
+            "SELECT to_regclass('public.orders') IS NULL AND to_regclass('public.notes') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(stray.get::<_, bool>(0));
+}
