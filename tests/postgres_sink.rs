@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{eventually, plugins, Pg, Pipeline, PASSWORD, USER};
+use support::{connect, eventually, plugins, Pg, Pipeline, PASSWORD, USER};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -19,26 +19,6 @@ const TABLES: &str = "CREATE TABLE customers (
     ALTER TABLE customers ALTER COLUMN notes SET STORAGE EXTERNAL;
     CREATE TABLE lines (order_id int, line int, qty int, note varchar(20), PRIMARY KEY (order_id, line));
     CREATE TABLE events (id int PRIMARY KEY, kind text, at timestamp);";
-
-/// The URL of database `db` of `pg` as the replication user.
-fn url_of(pg: &Pg, db: &str) -> String {
-    format!(
-        "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable",
-        pg.port
-    )
-}
-
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    client
-        .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 3")
-        .await
-        .unwrap();
-    client
-}
 
 /// The offsets row's batch id (one pipeline per test target), `None` before the first.
 async fn offsets(c: &tokio_postgres::Client) -> Option<i64> {
@@ -180,7 +160,7 @@ async fn sigkill_five_times_the_target_equals_the_source_and_the_offsets_row_the
     pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
     let source = pg.client().await;
     source.batch_execute(TABLES).await.unwrap();
-    let target = connect(&url_of(&pg, "replica")).await;
+    let target = connect(&pg.url_of("replica")).await;
     // rows before the first start: the initial snapshot copies them (batches of their own)
     source
         .batch_execute(
@@ -192,7 +172,7 @@ async fn sigkill_five_times_the_target_equals_the_source_and_the_offsets_row_the
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["customers", "lines", "events"],
-        &sink_toml(&url_of(&pg, "replica"), ", create_tables = true", 500),
+        &sink_toml(&pg.url_of("replica"), ", create_tables = true", 500),
     );
     let d = pipe.spawn();
     d.wait_log("streaming", T);
@@ -325,11 +305,11 @@ async fn a_refused_row_is_dead_lettered_a_restarted_target_is_waited_for_a_missi
         ))
         .await
         .unwrap();
-    let target = connect(&url_of(&target_pg, "app")).await;
+    let target = connect(&target_pg.url_of("app")).await;
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["items"],
-        &sink_toml(&url_of(&target_pg, "app"), "", 100),
+        &sink_toml(&target_pg.url_of("app"), "", 100),
     );
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
@@ -386,7 +366,7 @@ async fn a_refused_row_is_dead_lettered_a_restarted_target_is_waited_for_a_missi
         || d.log().contains("sink write failed; retrying"),
     );
     target_pg.start_again();
-    let target = connect(&url_of(&target_pg, "app")).await;
+    let target = connect(&target_pg.url_of("app")).await;
     eventually(
         T,
         "rows written after the restart",
@@ -424,7 +404,7 @@ async fn a_refused_row_is_dead_lettered_a_restarted_target_is_waited_for_a_missi
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["locked"],
-        &sink_toml(&url_of(&target_pg, "app"), "", 100)
+        &sink_toml(&target_pg.url_of("app"), "", 100)
             .replace("[sink]", "[snapshot]\nmode = \"never\"\n\n[sink]"),
     );
     let mut d = pipe.spawn();
@@ -469,7 +449,7 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
     );
 
     // a connection name the config does not define is a config error
-    let toml = sink_toml(&url_of(&pg, "replica"), "", 100)
+    let toml = sink_toml(&pg.url_of("replica"), "", 100)
         .replace("postgres = [\"target\"]", "postgres = [\"elsewhere\"]");
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
     let (status, log) = pipe.run_to_exit(T);
@@ -480,7 +460,7 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
     );
 
     // a plugin naming a connection it was not granted is refused, and the pipeline stops
-    let toml = sink_toml(&url_of(&pg, "replica"), "", 100)
+    let toml = sink_toml(&pg.url_of("replica"), "", 100)
         .replace("connection = \"target\"", "connection = \"other\"");
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
     let (status, log) = pipe.run_to_exit(T);
@@ -492,7 +472,7 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
 
     // wrong credentials: the pipeline waits and says so, never showing the password
     let secret = "not-the-password-4711";
-    let wrong = url_of(&pg, "replica").replace(PASSWORD, secret);
+    let wrong = pg.url_of("replica").replace(PASSWORD, secret);
     let toml = format!(
         "{}\n[control]\nmetrics = \"127.0.0.1:0\"\n",
         sink_toml(&wrong, "", 100)
@@ -554,11 +534,11 @@ async fn a_key_change_that_leaves_a_toasted_value_unchanged_moves_the_whole_row(
         )
         .await
         .unwrap();
-    let target = connect(&url_of(&pg, "replica")).await;
+    let target = connect(&pg.url_of("replica")).await;
     let pipe = Pipeline::with_toml(
         &pg.url(),
         &["c"],
-        &sink_toml(&url_of(&pg, "replica"), ", create_tables = true", 500),
+        &sink_toml(&pg.url_of("replica"), ", create_tables = true", 500),
     );
     let mut d = pipe.spawn();
     d.wait_log("streaming", T);
@@ -607,7 +587,7 @@ async fn tables_and_schema_map_source_tables_to_other_targets() {
         )
         .await
         .unwrap();
-    let target = connect(&url_of(&pg, "replica")).await;
+    let target = connect(&pg.url_of("replica")).await;
     target
         .batch_execute("CREATE SCHEMA archive; CREATE SCHEMA mirror;")
         .await
@@ -617,7 +597,7 @@ async fn tables_and_schema_map_source_tables_to_other_targets() {
         &pg.url(),
         &["orders", "notes"],
         &sink_toml(
-            &url_of(&pg, "replica"),
+            &pg.url_of("replica"),
             ", create_tables = true, schema = \"mirror\", tables = { \"public.orders\" = \"archive.orders_copy\" }",
             100,
         ),

@@ -672,16 +672,8 @@ async fn every_builtin_type_arrives_as_postgresql_prints_it() {
     );
     // sink-postgres into database `replica`, holding the same types and table
     pg.psql_super(&format!("CREATE DATABASE replica OWNER {}", support::USER));
-    let replica_url = format!(
-        "postgres://{}:{}@127.0.0.1:{}/replica?sslmode=disable",
-        support::USER,
-        support::PASSWORD,
-        pg.port
-    );
-    let (replica, conn) = tokio_postgres::connect(&replica_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let replica_url = pg.url_of("replica");
+    let replica = support::connect(&replica_url).await;
     replica
         .batch_execute(&format!(
             "{TYPES_SQL}\nCREATE TABLE battery (id int PRIMARY KEY, {});",

@@ -140,10 +140,7 @@ impl Pg {
     }
 
     pub fn url(&self) -> String {
-        format!(
-            "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
-            self.port
-        )
+        self.url_of("app")
     }
 
     pub fn super_url(&self) -> String {
@@ -180,15 +177,15 @@ impl Pg {
 
     /// Connects to database `app` as `cdc`.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        tokio::spawn(conn);
-        client
-            .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 3")
-            .await
-            .unwrap();
-        client
+        connect(&self.url()).await
+    }
+
+    /// The URL of database `db` of this cluster as `cdc` (the replication user).
+    pub fn url_of(&self, db: &str) -> String {
+        format!(
+            "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     pub fn log(&self) -> String {
@@ -206,6 +203,20 @@ impl Drop for Pg {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// A client of `url` (driven on a task), with the session settings the replication
+/// connection pins for text values (UTC, every float digit).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 3")
+        .await
+        .unwrap();
+    client
 }
 
 /// A pipeline directory: config, state and output of one `dbmazz` instance.

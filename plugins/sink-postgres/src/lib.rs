@@ -47,8 +47,6 @@ struct Target {
     name: String,
     /// The staging table's name (unquoted; a temporary table of this session).
     stage: String,
-    /// Source column positions written, in staging order.
-    columns: Vec<usize>,
     /// Their names (target = source names).
     names: Vec<String>,
     /// Source positions of the target's primary key columns.
@@ -351,7 +349,6 @@ impl Postgres {
                 )));
             }
         }
-        let written: Vec<usize> = (0..rel.columns.len()).collect();
         let names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
         let stage = format!("pg_temp.dbmazz_stage_{}", db.next_stage);
         db.next_stage += 1;
@@ -369,7 +366,6 @@ impl Postgres {
             relation: rel.id,
             name,
             stage,
-            columns: written,
             names,
             key: key_at,
             signature,
@@ -461,12 +457,14 @@ impl Postgres {
                 continue;
             }
             let fail = |e: PgError| failure(e, &t.name);
+            // every source column, in order: the staging table's and the COPY's columns
+            let all: Vec<usize> = (0..t.names.len()).collect();
             let cols: Vec<String> = t.names.iter().map(|n| quote_ident(n)).collect();
             if direct && p.inserts_only() {
                 // new rows only: straight into the table, no staging, no conflict checks
                 // beyond the primary key's (a key already there fails the COPY, and the
                 // batch is applied again in Staged mode)
-                let (rows, _) = p.copy_rows(&t.columns, false);
+                let (rows, _) = p.copy_rows(&all, false);
                 db.conn
                     .copy_in(
                         &format!("COPY {} ({}) FROM STDIN", t.name, cols.join(", ")),
@@ -476,7 +474,7 @@ impl Postgres {
                 dbmazz_sdk::metrics::counter_add("rows_applied", p.actions().len() as u64);
                 continue;
             }
-            let (rows, partials) = p.copy_rows(&t.columns, true);
+            let (rows, partials) = p.copy_rows(&all, true);
             db.conn
                 .copy_in(
                     &format!(
@@ -594,26 +592,10 @@ impl Postgres {
                 Err(Applied::Sink(e)) => Err(e),
                 Err(Applied::Failed(f)) => {
                     let Failure { error: e, table } = *f;
-                    if mode == Mode::Direct && e.is_row_fault() {
-                        dbmazz_sdk::debug!(
-                            "copying new rows failed; applying the batch with upserts",
-                            batch = id,
-                            table = table,
-                            error = e.describe()
-                        );
+                    if let Some((next, why)) = mode.after_row_fault().filter(|_| e.is_row_fault()) {
+                        dbmazz_sdk::info!(why, batch = id, table = table, error = e.describe());
                         self.rollback();
-                        mode = Mode::Staged;
-                        continue;
-                    }
-                    if mode == Mode::Staged && e.is_row_fault() {
-                        dbmazz_sdk::info!(
-                            "a row was refused; applying the batch change by change to find it",
-                            batch = id,
-                            table = table,
-                            error = e.describe()
-                        );
-                        self.rollback();
-                        mode = Mode::OneByOne;
+                        mode = next;
                         continue;
                     }
                     Err(sink_error(
@@ -693,6 +675,24 @@ enum Mode {
     Staged,
     /// Change by change under savepoints: refused changes are dead-lettered.
     OneByOne,
+}
+
+impl Mode {
+    /// The mode to try after a row fault, and why; `None` when changes are already
+    /// applied one by one (the fault is then dead-lettered there, or is no row's).
+    fn after_row_fault(self) -> Option<(Mode, &'static str)> {
+        match self {
+            Mode::Direct => Some((
+                Mode::Staged,
+                "copying new rows failed; applying the batch with upserts",
+            )),
+            Mode::Staged => Some((
+                Mode::OneByOne,
+                "a row was refused; applying the batch change by change to find it",
+            )),
+            Mode::OneByOne => None,
+        }
+    }
 }
 
 /// Why applying stopped.
@@ -1190,7 +1190,6 @@ mod tests {
             relation: 1,
             name: "\"public\".\"t\"".into(),
             stage: "dbmazz_stage_0".into(),
-            columns: vec![0, 1, 2],
             names: vec!["id".into(), "a".into(), "b".into()],
             key: vec![0],
             signature: Vec::new(),
