@@ -171,21 +171,50 @@ pub mod copy_text {
     /// Appends `value` to `out` escaped for a COPY text field: backslash, newline,
     /// carriage return and tab become `\\`, `\n`, `\r`, `\t`.
     pub fn push_escaped(out: &mut Vec<u8>, value: &[u8]) {
+        out.reserve(value.len());
         let mut start = 0;
-        for (i, &b) in value.iter().enumerate() {
-            let esc = match b {
+        let mut i = 0;
+        while i < value.len() {
+            // eight bytes at a time while none of them needs escaping (most text)
+            if let Some(word) = value.get(i..i + 8) {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(word);
+                if !may_need_escape(u64::from_le_bytes(w)) {
+                    i += 8;
+                    continue;
+                }
+            }
+            let esc = match value[i] {
                 b'\\' => b'\\',
                 b'\n' => b'n',
                 b'\r' => b'r',
                 b'\t' => b't',
-                _ => continue,
+                _ => {
+                    i += 1;
+                    continue;
+                }
             };
             out.extend_from_slice(&value[start..i]);
             out.push(b'\\');
             out.push(esc);
-            start = i + 1;
+            i += 1;
+            start = i;
         }
         out.extend_from_slice(&value[start..]);
+    }
+
+    /// True when a byte of `w` is a backslash or below 0x0E (where tab, newline and
+    /// carriage return are): the "determine if a word has a byte less than n" and "has a
+    /// zero byte" tests of Bit Twiddling Hacks (S. E. Anderson). A word holding 0x00-0x08
+    /// or 0x0B-0x0C also says true (the byte loop then finds nothing to escape).
+    #[inline]
+    fn may_need_escape(w: u64) -> bool {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGHS: u64 = 0x8080_8080_8080_8080;
+        let below_0e = w.wrapping_sub(ONES * 0x0E) & !w & HIGHS;
+        let x = w ^ (ONES * u64::from(b'\\'));
+        let backslash = x.wrapping_sub(ONES) & !x & HIGHS;
+        below_0e | backslash != 0
     }
 
     /// A NULL field: `\N`.
@@ -201,6 +230,31 @@ pub mod copy_text {
             let mut plain = Vec::new();
             super::push_escaped(&mut plain, b"plain");
             assert_eq!(plain, b"plain");
+        }
+
+        #[test]
+        fn escapes_at_every_position_of_the_word_scan() {
+            // every special byte at every offset of a 19-byte value, next to bytes
+            // that are close to them (0x08, 0x0E, 0x5B, 0x5D, UTF-8 continuation bytes)
+            for special in [b'\\', b'\n', b'\r', b'\t'] {
+                for at in 0..19 {
+                    let mut value: Vec<u8> = b"\x08\x0e[]\xc3\xa9abcdefghijklm".to_vec();
+                    value[at] = special;
+                    let mut expected = Vec::new();
+                    for &b in &value {
+                        match b {
+                            b'\\' => expected.extend_from_slice(b"\\\\"),
+                            b'\n' => expected.extend_from_slice(b"\\n"),
+                            b'\r' => expected.extend_from_slice(b"\\r"),
+                            b'\t' => expected.extend_from_slice(b"\\t"),
+                            _ => expected.push(b),
+                        }
+                    }
+                    let mut out = Vec::new();
+                    super::push_escaped(&mut out, &value);
+                    assert_eq!(out, expected, "{special:#x} at {at}");
+                }
+            }
         }
     }
 }

@@ -521,6 +521,13 @@ impl PluginHost {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        // `DBMAZZ_WASM_PROFILER=perfmap` writes /tmp/perf-<pid>.map, so `perf report`
+        // names the plugins' functions (docs/performance.md, "Profiling"); the map only
+        // covers code compiled in this process, so the compiled-plugin cache is not used.
+        let perfmap = std::env::var_os("DBMAZZ_WASM_PROFILER").is_some_and(|v| v == "perfmap");
+        if perfmap {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
 
         let mut sink_linker = Linker::<PluginState>::new(&engine);
@@ -547,6 +554,7 @@ impl PluginHost {
                 }
             })?;
         let cache_dir = match cache_dir {
+            Some(_) if perfmap => None,
             Some(dir) => match private_dir(&dir) {
                 Ok(()) => Some(dir),
                 Err(why) => {

@@ -23,6 +23,7 @@ pub mod plan;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use dbmazz_sdk::encoded::RawValue;
 use dbmazz_sdk::postgres::{quote_ident, quote_literal, Connection, ErrorKind, PgError, PgValue};
@@ -75,7 +76,7 @@ struct Db {
     /// The offsets row's batch id when the connection opened, then as written.
     last_id: Option<u64>,
     user: String,
-    targets: HashMap<u32, Target>,
+    targets: HashMap<u32, Rc<Target>>,
     next_stage: usize,
 }
 
@@ -236,17 +237,22 @@ impl Postgres {
     /// Works out (once per relation shape and session) where a relation's rows go:
     /// the target's columns and primary key, creating the table or adding columns when
     /// allowed, and the staging table.
-    fn target(&mut self, rel: &Relation) -> Result<Target, SinkError> {
+    fn target(&mut self, rel: &Relation) -> Result<Rc<Target>, SinkError> {
+        if let Some(t) = self.db()?.targets.get(&rel.id) {
+            let same = t.signature.len() == rel.columns.len()
+                && t.signature
+                    .iter()
+                    .zip(&rel.columns)
+                    .all(|((n, o), c)| *n == c.name && *o == c.type_oid);
+            if same {
+                return Ok(t.clone());
+            }
+        }
         let signature: Vec<(String, u32)> = rel
             .columns
             .iter()
             .map(|c| (c.name.clone(), c.type_oid))
             .collect();
-        if let Some(t) = self.db()?.targets.get(&rel.id) {
-            if t.signature == signature {
-                return Ok(t.clone());
-            }
-        }
         let (schema, table) = self.target_name(rel);
         let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
         let (create, evolve) = (self.create_tables, self.schema_evolution);
@@ -362,14 +368,14 @@ impl Postgres {
                 "DROP TABLE IF EXISTS {stage}; CREATE TEMPORARY TABLE {stage} AS SELECT {cols}, ''::text AS dbmazz_op FROM {name} WITH NO DATA"
             ))
             .map_err(|e| fail("creating the staging table", e))?;
-        let t = Target {
+        let t = Rc::new(Target {
             relation: rel.id,
             name,
             stage,
             names,
             key: key_at,
             signature,
-        };
+        });
         db.targets.insert(rel.id, t.clone());
         Ok(t)
     }
@@ -383,7 +389,10 @@ impl Postgres {
     ) -> Result<Vec<(u32, String)>, Applied> {
         let direct = mode == Mode::Direct;
         let mut dead = Vec::new();
-        let mut plans: Vec<(Target, TablePlan<'b>)> = Vec::new();
+        let mut plans: Vec<(Rc<Target>, TablePlan<'b>)> = Vec::new();
+        // the last change's relation and target: a batch's changes come in runs of one
+        // relation, and the relation is one object per batch
+        let mut last: Option<(&'b Relation, Rc<Target>)> = None;
         let mut changes = changes.into_iter().peekable();
         while let Some(c) = changes.next() {
             if c.op == Op::Truncate {
@@ -399,7 +408,7 @@ impl Postgres {
                     for r in relations {
                         let t = self.target(r).map_err(Applied::Sink)?;
                         if !names.contains(&t.name) {
-                            names.push(t.name);
+                            names.push(t.name.clone());
                         }
                     }
                     let stmt = format!("TRUNCATE {}", names.join(", "));
@@ -410,9 +419,17 @@ impl Postgres {
                         return Err(Applied::Sink(sink_error(&stmt, &e, &db.user, Some(&names))));
                     }
                 }
+                last = None;
                 continue;
             }
-            let t = self.target(c.relation).map_err(Applied::Sink)?;
+            let t = match &last {
+                Some((r, t)) if std::ptr::eq(*r, c.relation) => t.clone(),
+                _ => {
+                    let t = self.target(c.relation).map_err(Applied::Sink)?;
+                    last = Some((c.relation, t.clone()));
+                    t
+                }
+            };
             if mode == Mode::OneByOne {
                 self.apply_one(&t, c.change, &mut dead)
                     .map_err(Applied::Failed)?;
@@ -446,7 +463,7 @@ impl Postgres {
     /// Applies the planned tables set-based and empties `plans`.
     fn flush(
         &mut self,
-        plans: &mut Vec<(Target, TablePlan<'_>)>,
+        plans: &mut Vec<(Rc<Target>, TablePlan<'_>)>,
         direct: bool,
     ) -> Result<(), Box<Failure>> {
         let Some(db) = self.db.as_mut() else {

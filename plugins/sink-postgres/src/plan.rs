@@ -11,7 +11,8 @@
 //! partial update that leaves those columns as the target has them.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+
+use hashbrown::HashMap;
 
 use dbmazz_sdk::postgres::copy_text;
 
@@ -63,9 +64,16 @@ pub enum Action<'a> {
 }
 
 /// The final actions of one table's changes in a segment, in first-seen order of keys.
+///
+/// While every change is an insert (a bulk load, the common catch-up) the actions are
+/// only appended: a source table's inserts cannot repeat a key without a change between
+/// them (a delete or a key change), so there is nothing to collapse, and a target whose
+/// key differs from the source's is caught by the COPY failing. The key index is built
+/// at the first change that is not an insert.
 #[derive(Debug, Default)]
 pub struct TablePlan<'a> {
     actions: Vec<Action<'a>>,
+    /// Position of each key's action; empty while only inserts were folded in.
     by_key: HashMap<Vec<Cell<'a>>, usize>,
     /// Indices of the changes folded into this plan.
     pub changes: Vec<u32>,
@@ -106,13 +114,29 @@ impl<'a> TablePlan<'a> {
                     reason,
                 })
         };
-        if !change.insert {
-            self.not_inserts += 1;
-        }
         let missing = |what: &str| Unplannable {
             index: change.index,
             reason: format!("the change has no {what} row"),
         };
+        if change.insert && self.not_inserts == 0 {
+            let new = change.new.ok_or_else(|| missing("new"))?;
+            // the key is checked, not built: nothing is looked up while only inserts come
+            if key
+                .iter()
+                .any(|&i| !matches!(new.get(i), Some(Cell::Value(_))))
+            {
+                key_of(&new)?;
+            }
+            self.actions.push(Action::Upsert(new));
+            self.changes.push(change.index);
+            return Ok(());
+        }
+        if !change.insert {
+            if self.not_inserts == 0 {
+                self.index(key);
+            }
+            self.not_inserts += 1;
+        }
         match change.kind {
             Kind::Delete => {
                 let old = change.old.as_deref().ok_or_else(|| missing("old"))?;
@@ -146,6 +170,21 @@ impl<'a> TablePlan<'a> {
         }
         self.changes.push(change.index);
         Ok(())
+    }
+
+    /// Builds the key index over the actions appended so far (all inserts), the later
+    /// of two with one key replacing the earlier.
+    fn index(&mut self, key: &[usize]) {
+        for a in std::mem::take(&mut self.actions) {
+            let row = match &a {
+                Action::Delete(r) | Action::Upsert(r) => r,
+            };
+            let k = key
+                .iter()
+                .map(|&i| row.get(i).cloned().unwrap_or(Cell::Null))
+                .collect();
+            self.set(k, a);
+        }
     }
 
     fn set(&mut self, key: Vec<Cell<'a>>, action: Action<'a>) {
@@ -370,6 +409,42 @@ mod tests {
         );
         assert_eq!(partials, ["P1"]);
         assert_eq!(unchanged_of("P1,3"), [1, 3]);
+    }
+
+    #[test]
+    fn inserts_are_appended_until_a_change_needs_the_key_index() {
+        let insert = |index, row| ChangeIn {
+            insert: true,
+            ..change(index, Kind::Upsert, None, Some(row))
+        };
+        let mut p = TablePlan::default();
+        p.add(insert(0, vec![v("1"), v("a")]), &[0]).unwrap();
+        p.add(insert(1, vec![v("2"), v("b")]), &[0]).unwrap();
+        // a target keyed differently from the source can see one key twice
+        p.add(insert(2, vec![v("1"), v("c")]), &[0]).unwrap();
+        assert!(p.inserts_only());
+        assert_eq!(p.actions().len(), 3);
+        let e = p
+            .add(insert(3, vec![Cell::Null, v("d")]), &[0])
+            .unwrap_err();
+        assert_eq!((e.index, e.reason.contains("NULL")), (3, true));
+        // the first other change builds the index: the later insert of key 1 won
+        p.add(
+            change(4, Kind::Delete, Some(vec![v("2"), Cell::Null]), None),
+            &[0],
+        )
+        .unwrap();
+        assert!(!p.inserts_only());
+        assert_eq!(
+            p.actions(),
+            [
+                Action::Upsert(vec![v("1"), v("c")]),
+                Action::Delete(vec![v("2"), Cell::Null])
+            ]
+        );
+        p.add(insert(5, vec![v("2"), v("e")]), &[0]).unwrap();
+        assert_eq!(p.actions()[1], Action::Upsert(vec![v("2"), v("e")]));
+        assert_eq!(p.changes, [0, 1, 2, 4, 5]);
     }
 
     #[test]
