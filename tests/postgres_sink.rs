@@ -636,3 +636,117 @@ async fn tables_and_schema_map_source_tables_to_other_targets() {
         .unwrap();
     assert!(stray.get::<_, bool>(0));
 }
+
+/// `table`'s rows in the target as `(id, deleted, op type, the source's columns as JSON)`,
+/// ordered by id.
+async fn flagged(
+    db: &tokio_postgres::Client,
+    table: &str,
+    cols: &str,
+) -> Vec<(i32, bool, i16, String)> {
+    db.query(
+        &format!(
+            "SELECT id, dbmazz_is_deleted, dbmazz_op_type, (SELECT row_to_json(r)::text FROM (SELECT {cols}) r) \
+             FROM {table} ORDER BY id"
+        ),
+        &[],
+    )
+    .await
+    .unwrap_or_default()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_deletes_keep_every_row_flagged_with_its_last_values() {
+    let pg = Pg::start("");
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
+    let source = pg.client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE c (id int PRIMARY KEY, s int, notes text, doc jsonb);
+             ALTER TABLE c ALTER notes SET STORAGE EXTERNAL;
+             INSERT INTO c SELECT g, g, repeat(g::text, 5000), jsonb_build_object('g', g) FROM generate_series(1, 3) g;
+             CREATE TABLE p (id int PRIMARY KEY, v text);
+             INSERT INTO p VALUES (1, 'a'), (2, 'b');",
+        )
+        .await
+        .unwrap();
+    let target = connect(&pg.url_of("replica")).await;
+    // p exists in the target without the audit columns: the sink adds them
+    target
+        .batch_execute("CREATE TABLE p (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["c", "p"],
+        &sink_toml(
+            &pg.url_of("replica"),
+            ", create_tables = true, mode = \"soft_delete\"",
+            500,
+        ),
+    );
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    source
+        .batch_execute(
+            "DELETE FROM c WHERE id = 1;
+             BEGIN; INSERT INTO c VALUES (4, 4, 'four', '[4]'); DELETE FROM c WHERE id = 4; COMMIT;
+             UPDATE c SET id = 20, s = 9 WHERE id = 2;
+             UPDATE c SET s = 33 WHERE id = 3;
+             TRUNCATE p;
+             INSERT INTO p VALUES (3, 'c');",
+        )
+        .await
+        .unwrap();
+    let cols = "id, s, length(notes) AS len, left(notes, 2) AS head, doc";
+    let want = |id: i32, s: i32, len: usize, head: &str, doc: &str| {
+        format!("{{\"id\":{id},\"s\":{s},\"len\":{len},\"head\":\"{head}\",\"doc\":{doc}}}")
+    };
+    let expected_c = vec![
+        (1, true, 2, want(1, 1, 5000, "11", "{\"g\": 1}")),
+        (2, true, 2, want(2, 2, 5000, "22", "{\"g\": 2}")),
+        (3, false, 1, want(3, 33, 5000, "33", "{\"g\": 3}")),
+        // inserted and deleted in one transaction (one batch): kept, flagged
+        (4, true, 2, want(4, 4, 4, "fo", "[4]")),
+        // the key change: the old key's row flagged, the new one with the untouched
+        // TOASTed value the target had
+        (20, false, 1, want(20, 9, 5000, "22", "{\"g\": 2}")),
+    ];
+    let mut last = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < T {
+        last = flagged(&target, "c", cols).await;
+        if last == expected_c {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, expected_c, "{}", d.log());
+    let expected_p = vec![
+        (1, true, 2, "{\"id\":1,\"v\":\"a\"}".to_string()),
+        (2, true, 2, "{\"id\":2,\"v\":\"b\"}".to_string()),
+        (3, false, 0, "{\"id\":3,\"v\":\"c\"}".to_string()),
+    ];
+    let start = std::time::Instant::now();
+    while start.elapsed() < T {
+        last = flagged(&target, "p", "id, v").await;
+        if last == expected_p {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, expected_p, "{}", d.log());
+    // every row carries the LSN and the time it was written with
+    let audit = target
+        .query_one(
+            "SELECT count(*) FILTER (WHERE dbmazz_cdc_version > 0 AND dbmazz_synced_at > now() - interval '10 minutes') FROM c",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.get::<_, i64>(0), 5);
+    assert!(d.log().contains("added the audit columns"), "{}", d.log());
+}

@@ -39,6 +39,25 @@ use plan::{is_move, unchanged_of, Cell, ChangeIn, Kind, TablePlan};
 /// so they are always applied (as idempotent upserts) and never move the offsets row.
 const STREAM_IDS_BELOW: u64 = 1 << 62;
 
+/// Audit columns and their PostgreSQL types: the names and meanings of sink-starrocks'
+/// (its README, "Audit columns"), so both targets read alike.
+const AUDIT_COLUMNS: [(&str, &str); 4] = [
+    ("dbmazz_op_type", "smallint"),
+    ("dbmazz_is_deleted", "boolean"),
+    ("dbmazz_synced_at", "timestamptz"),
+    ("dbmazz_cdc_version", "bigint"),
+];
+
+/// How a source delete (and TRUNCATE) reaches the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deletes {
+    /// The row is deleted (a TRUNCATE truncates).
+    Hard,
+    /// The row stays, flagged `dbmazz_is_deleted = true`, `dbmazz_op_type = 2` (a
+    /// TRUNCATE flags every row of the table).
+    Soft,
+}
+
 /// What the sink knows of one target table.
 #[derive(Clone, Debug)]
 struct Target {
@@ -48,12 +67,26 @@ struct Target {
     name: String,
     /// The staging table's name (unquoted; a temporary table of this session).
     stage: String,
-    /// Their names (target = source names).
+    /// The columns written: the source's (target = source names), then the audit
+    /// columns when they are written.
     names: Vec<String>,
+    /// True when the audit columns are written (the last four of `names`).
+    audit: bool,
+    /// Whether a delete removes the row or flags it (then `audit` is true).
+    deletes: Deletes,
+    /// Source positions of json and jsonb columns.
+    json: Vec<usize>,
     /// Source positions of the target's primary key columns.
     key: Vec<usize>,
     /// The relation's column names and types when this was worked out.
     signature: Vec<(String, u32)>,
+}
+
+impl Target {
+    /// Where the audit columns start when deletes are soft (see [`TablePlan::new`]).
+    fn flags_at(&self) -> Option<usize> {
+        (self.deletes == Deletes::Soft).then(|| self.names.len() - AUDIT_COLUMNS.len())
+    }
 }
 
 /// The PostgreSQL sink.
@@ -67,6 +100,8 @@ pub struct Postgres {
     create_tables: bool,
     schema_evolution: bool,
     truncate: bool,
+    deletes: Deletes,
+    audit: bool,
     db: Option<Db>,
 }
 
@@ -153,8 +188,35 @@ fn datum_text(d: &Datum) -> Cell<'_> {
 /// One change of the batch, either representation.
 struct In<'a> {
     op: Op,
+    /// The change's LSN (`dbmazz_cdc_version`).
+    lsn: u64,
     relation: &'a Relation,
     change: ChangeIn<'a>,
+}
+
+/// Appends the audit columns' values to a change's rows: the new row is live
+/// (`dbmazz_op_type` 0 insert or snapshot read, 1 update), an old row is the deleted
+/// state of its key (2); `synced_at` is the batch's time, `lsn` the change's.
+fn add_audit<'a>(op: Op, lsn: u64, synced_at: &str, c: &mut ChangeIn<'a>) {
+    let version: Cow<'a, str> = Cow::Owned(lsn.to_string());
+    let at: Cow<'a, str> = Cow::Owned(synced_at.to_string());
+    let live = if op == Op::Update { "1" } else { "0" };
+    if let Some(new) = c.new.as_mut() {
+        new.extend([
+            Cell::Value(Cow::Borrowed(live)),
+            Cell::Value(Cow::Borrowed("f")),
+            Cell::Value(at.clone()),
+            Cell::Value(version.clone()),
+        ]);
+    }
+    if let Some(old) = c.old.as_mut() {
+        old.extend([
+            Cell::Value(Cow::Borrowed("2")),
+            Cell::Value(Cow::Borrowed("t")),
+            Cell::Value(at),
+            Cell::Value(version),
+        ]);
+    }
 }
 
 fn kind_of(op: Op) -> Kind {
@@ -255,7 +317,12 @@ impl Postgres {
             .collect();
         let (schema, table) = self.target_name(rel);
         let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-        let (create, evolve) = (self.create_tables, self.schema_evolution);
+        let (create, evolve, audit, deletes) = (
+            self.create_tables,
+            self.schema_evolution,
+            self.audit,
+            self.deletes,
+        );
         let db = self.db()?;
         let user = db.user.clone();
         let fail = |what: &str, e: PgError| sink_error(what, &e, &user, Some(&name));
@@ -265,7 +332,7 @@ impl Postgres {
         // `logicalrep_write_attrs`): then the stream does not say which is the primary key.
         let identity_full = rel.columns.iter().all(|c| c.key);
         if existing.is_none() {
-            let stmt = create_statement(&db.conn, &name, rel)
+            let stmt = create_statement(&db.conn, &name, rel, audit)
                 .map_err(|e| fail("reading the source's types", e))?;
             if create && identity_full && rel.columns.len() > 1 {
                 return Err(SinkError::Fatal(format!(
@@ -327,6 +394,23 @@ impl Postgres {
                 columns.push(c.name.clone());
             }
         }
+        if audit {
+            let adds: Vec<String> = AUDIT_COLUMNS
+                .iter()
+                .filter(|(c, _)| !columns.iter().any(|n| n == c))
+                .map(|(c, t)| format!("ADD COLUMN IF NOT EXISTS {c} {t}"))
+                .collect();
+            if !adds.is_empty() {
+                let stmt = format!("ALTER TABLE {name} {}", adds.join(", "));
+                if let Err(e) = db.conn.batch_execute(&stmt) {
+                    return Err(SinkError::Fatal(format!(
+                        "table {name} lacks the audit columns and adding them failed ({}); run: {stmt}; (or set mode = \"hard_delete\" and audit_columns = false)",
+                        e.describe()
+                    )));
+                }
+                dbmazz_sdk::info!("added the audit columns to the target", table = name);
+            }
+        }
         if key.is_empty() {
             return Err(SinkError::Fatal(format!(
                 "table {name} has no primary key: upserts and deletes need one; add it: ALTER TABLE {name} ADD PRIMARY KEY (...)"
@@ -355,7 +439,10 @@ impl Postgres {
                 )));
             }
         }
-        let names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        let mut names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        if audit {
+            names.extend(AUDIT_COLUMNS.iter().map(|(c, _)| c.to_string()));
+        }
         let stage = format!("pg_temp.dbmazz_stage_{}", db.next_stage);
         db.next_stage += 1;
         let cols = names
@@ -373,6 +460,15 @@ impl Postgres {
             name,
             stage,
             names,
+            audit,
+            deletes,
+            json: rel
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| matches!(c.type_oid, 114 | 3802))
+                .map(|(i, _)| i)
+                .collect(),
             key: key_at,
             signature,
         });
@@ -382,10 +478,12 @@ impl Postgres {
 
     /// Applies one batch's changes; `Err` leaves the transaction for the caller to
     /// roll back.
+    /// `synced_at` is the `dbmazz_synced_at` of this attempt's rows.
     fn apply<'b>(
         &mut self,
         changes: Vec<In<'b>>,
         mode: Mode,
+        synced_at: &str,
     ) -> Result<Vec<(u32, String)>, Applied> {
         let direct = mode == Mode::Direct;
         let mut dead = Vec::new();
@@ -411,7 +509,21 @@ impl Postgres {
                             names.push(t.name.clone());
                         }
                     }
-                    let stmt = format!("TRUNCATE {}", names.join(", "));
+                    let stmt = match self.deletes {
+                        Deletes::Hard => format!("TRUNCATE {}", names.join(", ")),
+                        // every live row flagged, in one statement per table
+                        Deletes::Soft => names
+                            .iter()
+                            .map(|n| {
+                                format!(
+                                    "UPDATE {n} SET dbmazz_op_type = 2, dbmazz_is_deleted = true, dbmazz_synced_at = {}, dbmazz_cdc_version = {} WHERE dbmazz_is_deleted IS NOT TRUE",
+                                    quote_literal(synced_at),
+                                    c.lsn
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    };
                     let db = self.db().map_err(Applied::Sink)?;
                     if let Err(e) = db.conn.batch_execute(&stmt) {
                         // never one row's fault: the pipeline stops (or retries)
@@ -430,29 +542,34 @@ impl Postgres {
                     t
                 }
             };
+            let mut change = c.change;
+            if t.audit {
+                add_audit(c.op, c.lsn, synced_at, &mut change);
+            }
             if mode == Mode::OneByOne {
-                self.apply_one(&t, c.change, &mut dead)
+                self.apply_one(&t, change, &mut dead)
                     .map_err(Applied::Failed)?;
                 continue;
             }
-            if is_move(&c.change, &t.key) {
+            if is_move(&change, &t.key) {
                 // the row moves in place: what was planned before it goes first
                 self.flush(&mut plans, direct).map_err(Applied::Failed)?;
-                let (stmt, params) = move_statement(&t, &c.change);
                 let db = self.db().map_err(Applied::Sink)?;
-                db.conn
-                    .execute(&stmt, &params)
-                    .map_err(|e| Applied::Failed(failure(e, &t.name)))?;
+                for (stmt, params) in move_statements(&t, &change) {
+                    db.conn
+                        .execute(&stmt, &params)
+                        .map_err(|e| Applied::Failed(failure(e, &t.name)))?;
+                }
                 continue;
             }
             let at = match plans.iter().position(|(p, _)| p.relation == t.relation) {
                 Some(i) => i,
                 None => {
-                    plans.push((t.clone(), TablePlan::default()));
+                    plans.push((t.clone(), TablePlan::new(t.flags_at())));
                     plans.len() - 1
                 }
             };
-            if let Err(u) = plans[at].1.add(c.change, &t.key) {
+            if let Err(u) = plans[at].1.add(change, &t.key) {
                 dead.push((u.index, u.reason));
             }
         }
@@ -526,9 +643,9 @@ impl Postgres {
         db.conn
             .batch_execute("SAVEPOINT dbmazz_change")
             .map_err(fail)?;
-        let mut plan = TablePlan::default();
+        let mut plan = TablePlan::new(t.flags_at());
         let planned = if is_move(&c, &t.key) {
-            Ok(vec![move_statement(t, &c)])
+            Ok(move_statements(t, &c))
         } else {
             plan.add(c, &t.key).map(|()| {
                 plan.actions()
@@ -604,7 +721,11 @@ impl Postgres {
             {
                 return Err(self.lost(sink_error("BEGIN", &e, &user, None)));
             }
-            let result = match self.apply(input, mode) {
+            let synced_at = format!(
+                "{}+00",
+                dbmazz_sdk::time::sql_datetime(dbmazz_sdk::time::now_us())
+            );
+            let result = match self.apply(input, mode, &synced_at) {
                 Ok(dead) => self.commit(id, last_lsn, stream).map(|()| dead),
                 Err(Applied::Sink(e)) => Err(e),
                 Err(Applied::Failed(f)) => {
@@ -800,15 +921,23 @@ fn format_types(
 
 /// `CREATE TABLE` for a source relation: its columns with their types, its key columns
 /// (the replica identity) as the primary key.
-fn create_statement(conn: &Connection, name: &str, rel: &Relation) -> Result<String, PgError> {
+fn create_statement(
+    conn: &Connection,
+    name: &str,
+    rel: &Relation,
+    audit: bool,
+) -> Result<String, PgError> {
     let all: Vec<&dbmazz_sdk::Column> = rel.columns.iter().collect();
     let types = format_types(conn, &all)?;
-    let cols: Vec<String> = rel
+    let mut cols: Vec<String> = rel
         .columns
         .iter()
         .zip(&types)
         .map(|(c, t)| format!("{} {t}", quote_ident(&c.name)))
         .collect();
+    if audit {
+        cols.extend(AUDIT_COLUMNS.iter().map(|(c, t)| format!("{c} {t}")));
+    }
     let key: Vec<String> = rel
         .columns
         .iter()
@@ -839,12 +968,25 @@ fn set_statements(t: &Target, partials: &[String]) -> String {
     };
     let all: Vec<String> = (0..t.names.len()).map(q).collect();
     let non_key: Vec<usize> = (0..t.names.len()).filter(|i| !t.key.contains(i)).collect();
-    let mut s = format!(
-        "DELETE FROM {n} t USING {st} s WHERE s.dbmazz_op = 'D' AND {on}; ",
-        n = t.name,
-        st = t.stage,
-        on = on_key("t", "s")
-    );
+    let mut s = match t.deletes {
+        Deletes::Hard => format!(
+            "DELETE FROM {n} t USING {st} s WHERE s.dbmazz_op = 'D' AND {on}; ",
+            n = t.name,
+            st = t.stage,
+            on = on_key("t", "s")
+        ),
+        Deletes::Soft => format!(
+            "UPDATE {n} t SET {set} FROM {st} s WHERE s.dbmazz_op = 'D' AND {on}; ",
+            n = t.name,
+            set = AUDIT_COLUMNS
+                .iter()
+                .map(|(c, _)| format!("{c} = s.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            st = t.stage,
+            on = on_key("t", "s")
+        ),
+    };
     let conflict = if non_key.is_empty() {
         "DO NOTHING".to_string()
     } else {
@@ -887,10 +1029,18 @@ fn set_statements(t: &Target, partials: &[String]) -> String {
     s
 }
 
-/// A key-changing update without its unchanged TOAST values as one statement: `UPDATE
-/// ... SET <key> = new, <changed columns> WHERE <key> = old`, so the untouched columns
-/// move with the row.
-fn move_statement(t: &Target, c: &ChangeIn<'_>) -> (String, Vec<PgValue>) {
+/// A key-changing update without its unchanged TOAST values: the batch does not hold
+/// the whole row, so the target's row supplies the columns left out.
+///
+/// Hard deletes: one `UPDATE ... SET <key> = new, <changed columns> WHERE <key> = old`,
+/// so the untouched columns move with the row. Soft deletes: the old key's row stays,
+/// flagged deleted, so the new key's row is made from it — `INSERT ... SELECT r.* FROM t
+/// o, LATERAL jsonb_populate_record(o, $1) r WHERE <key> = old ON CONFLICT (key) DO
+/// UPDATE` (the record's columns picked by name), where `$1` holds the new key and the changed columns (PostgreSQL docs,
+/// "JSON Processing Functions": the base record's values fill the columns the object
+/// lacks, each value goes through its column type's input function) — then the old row
+/// is flagged.
+fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> {
     let param = |c: Option<&Cell<'_>>| match c {
         Some(Cell::Value(v)) => PgValue::Text(v.to_string()),
         _ => PgValue::Null,
@@ -900,28 +1050,97 @@ fn move_statement(t: &Target, c: &ChangeIn<'_>) -> (String, Vec<PgValue>) {
     let set: Vec<usize> = (0..t.names.len())
         .filter(|&i| t.key.contains(&i) || new.get(i) != Some(&Cell::Unchanged))
         .collect();
-    let mut params: Vec<PgValue> = set.iter().map(|&i| param(new.get(i))).collect();
-    params.extend(t.key.iter().map(|&i| param(old.get(i))));
-    let assignments: Vec<String> = set
-        .iter()
-        .enumerate()
-        .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), n + 1))
+    let key_is = |first: usize, alias: &str| -> String {
+        t.key
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| format!("{alias}{} = ${}", quote_ident(&t.names[i]), first + n))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let old_key: Vec<PgValue> = t.key.iter().map(|&i| param(old.get(i))).collect();
+    if t.deletes == Deletes::Hard {
+        let mut params: Vec<PgValue> = set.iter().map(|&i| param(new.get(i))).collect();
+        params.extend(old_key);
+        let assignments: Vec<String> = set
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), n + 1))
+            .collect();
+        return vec![(
+            format!(
+                "UPDATE {} SET {} WHERE {}",
+                t.name,
+                assignments.join(", "),
+                key_is(set.len() + 1, "")
+            ),
+            params,
+        )];
+    }
+    // the new row's values as a JSON object of text (json and jsonb values as they are)
+    let mut object = String::from("{");
+    for (n, &i) in set.iter().enumerate() {
+        if n > 0 {
+            object.push(',');
+        }
+        object.push_str(&json_string(&t.names[i]));
+        object.push(':');
+        match new.get(i) {
+            Some(Cell::Value(v)) if t.json.contains(&i) => object.push_str(v),
+            Some(Cell::Value(v)) => object.push_str(&json_string(v)),
+            _ => object.push_str("null"),
+        }
+    }
+    object.push('}');
+    let cols: Vec<String> = t.names.iter().map(|n| quote_ident(n)).collect();
+    let keys: Vec<String> = t.key.iter().map(|&i| quote_ident(&t.names[i])).collect();
+    let non_key: Vec<String> = (0..t.names.len())
+        .filter(|i| !t.key.contains(i))
+        .map(|i| format!("{c} = EXCLUDED.{c}", c = quote_ident(&t.names[i])))
         .collect();
-    let cond: Vec<String> = t
-        .key
-        .iter()
-        .enumerate()
-        .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), set.len() + n + 1))
+    let mut params = vec![PgValue::Text(object)];
+    params.extend(old_key.iter().cloned());
+    let copy = (
+        format!(
+            "INSERT INTO {n} ({cols}) SELECT {picked} FROM {n} o CROSS JOIN LATERAL jsonb_populate_record(o, $1::jsonb) r WHERE {on} ON CONFLICT ({keys}) DO UPDATE SET {set}",
+            n = t.name,
+            cols = cols.join(", "),
+            picked = cols
+                .iter()
+                .map(|c| format!("r.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            on = key_is(2, "o."),
+            keys = keys.join(", "),
+            set = non_key.join(", ")
+        ),
+        params,
+    );
+    let audit_at = t.names.len() - AUDIT_COLUMNS.len();
+    let mut params: Vec<PgValue> = (audit_at..t.names.len())
+        .map(|i| param(old.get(i)))
         .collect();
-    (
+    params.extend(old_key);
+    let flag = (
         format!(
             "UPDATE {} SET {} WHERE {}",
             t.name,
-            assignments.join(", "),
-            cond.join(" AND ")
+            AUDIT_COLUMNS
+                .iter()
+                .enumerate()
+                .map(|(n, (c, _))| format!("{c} = ${}", n + 1))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key_is(AUDIT_COLUMNS.len() + 1, "")
         ),
         params,
-    )
+    );
+    vec![copy, flag]
+}
+
+/// `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    sonic_rs::to_string(text).unwrap_or_else(|_| "null".into())
 }
 
 /// One action as a parameterized statement (values as text parameters).
@@ -932,6 +1151,40 @@ fn single_statement(t: &Target, a: &plan::Action<'_>) -> (String, Vec<PgValue>) 
     };
     let q = |i: usize| quote_ident(&t.names[i]);
     match a {
+        plan::Action::Delete(row) if t.deletes == Deletes::Soft => {
+            // the row is flagged: the audit columns set to the delete's values
+            let audit_at = t.names.len() - AUDIT_COLUMNS.len();
+            let set: Vec<String> = (audit_at..t.names.len())
+                .enumerate()
+                .map(|(n, i)| format!("{} = ${}", q(i), n + 1))
+                .collect();
+            let cond: Vec<String> = t
+                .key
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| format!("{} = ${}", q(i), set.len() + n + 1))
+                .collect();
+            let mut params: Vec<PgValue> = row
+                .get(audit_at..)
+                .unwrap_or(&[])
+                .iter()
+                .map(param)
+                .collect();
+            params.extend(
+                t.key
+                    .iter()
+                    .map(|&i| row.get(i).map_or(PgValue::Null, param)),
+            );
+            (
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    t.name,
+                    set.join(", "),
+                    cond.join(" AND ")
+                ),
+                params,
+            )
+        }
         plan::Action::Delete(row) => {
             let cond: Vec<String> = t
                 .key
@@ -1042,7 +1295,19 @@ impl Sink for Postgres {
                 "truncate",
                 Boolean,
                 Some("true"),
-                "apply TRUNCATE to the target table",
+                "apply TRUNCATE to the target table (soft_delete: flag its rows deleted)",
+            )
+            .key(
+                "mode",
+                Text,
+                Some("hard_delete"),
+                "hard_delete: a delete removes the row; soft_delete: it stays, flagged dbmazz_is_deleted = true, dbmazz_op_type = 2",
+            )
+            .key(
+                "audit_columns",
+                Boolean,
+                None,
+                "write dbmazz_op_type, dbmazz_is_deleted, dbmazz_synced_at, dbmazz_cdc_version (default: true with soft_delete)",
             )
             .key(
                 "offsets_table",
@@ -1088,6 +1353,17 @@ impl Sink for Postgres {
                 return Err(invalid("schema", s, "a schema name"));
             }
         }
+        let deletes = match config.get("mode").unwrap_or("hard_delete") {
+            "hard_delete" => Deletes::Hard,
+            "soft_delete" => Deletes::Soft,
+            other => return Err(invalid("mode", other, "hard_delete, soft_delete")),
+        };
+        let audit = config.parse_or("audit_columns", deletes == Deletes::Soft)?;
+        if deletes == Deletes::Soft && !audit {
+            return Err(
+                "config key \"audit_columns\": mode = \"soft_delete\" flags deleted rows in the audit columns, so it needs audit_columns = true".into(),
+            );
+        }
         Ok((
             Postgres {
                 connection_name,
@@ -1098,6 +1374,8 @@ impl Sink for Postgres {
                 create_tables: config.parse_or("create_tables", false)?,
                 schema_evolution: config.parse_or("schema_evolution", true)?,
                 truncate: config.parse_or("truncate", true)?,
+                deletes,
+                audit,
                 db: None,
             },
             SinkInfo {
@@ -1120,6 +1398,7 @@ impl Sink for Postgres {
                     })?;
                     Ok(In {
                         op: c.op,
+                        lsn: c.lsn,
                         relation,
                         change: ChangeIn {
                             index: i as u32,
@@ -1147,6 +1426,7 @@ impl Sink for Postgres {
                     })?;
                     Ok(In {
                         op: c.op,
+                        lsn: c.lsn,
                         relation,
                         change: ChangeIn {
                             index: i as u32,
@@ -1208,9 +1488,94 @@ mod tests {
             name: "\"public\".\"t\"".into(),
             stage: "dbmazz_stage_0".into(),
             names: vec!["id".into(), "a".into(), "b".into()],
+            audit: false,
+            deletes: Deletes::Hard,
+            json: Vec::new(),
             key: vec![0],
             signature: Vec::new(),
         }
+    }
+
+    /// `target()` with soft deletes: the audit columns after the source's.
+    fn soft_target() -> Target {
+        let mut t = target();
+        t.names
+            .extend(AUDIT_COLUMNS.iter().map(|(c, _)| c.to_string()));
+        t.audit = true;
+        t.deletes = Deletes::Soft;
+        t.json = vec![2];
+        t
+    }
+
+    #[test]
+    fn soft_deletes_flag_rows_instead_of_deleting_them() {
+        let s = set_statements(&soft_target(), &[]);
+        assert!(
+            s.starts_with(
+                "UPDATE \"public\".\"t\" t SET dbmazz_op_type = s.dbmazz_op_type, dbmazz_is_deleted = s.dbmazz_is_deleted, \
+                 dbmazz_synced_at = s.dbmazz_synced_at, dbmazz_cdc_version = s.dbmazz_cdc_version \
+                 FROM dbmazz_stage_0 s WHERE s.dbmazz_op = 'D' AND t.\"id\" = s.\"id\"; "
+            ),
+            "{s}"
+        );
+        assert!(!s.contains("DELETE"), "{s}");
+        let v = |s: &'static str| Cell::Value(Cow::Borrowed(s));
+        let (stmt, params) = single_statement(
+            &soft_target(),
+            &plan::Action::Delete(vec![
+                v("1"),
+                Cell::Null,
+                Cell::Null,
+                v("2"),
+                v("t"),
+                v("2026-01-01 00:00:00+00"),
+                v("42"),
+            ]),
+        );
+        assert_eq!(
+            stmt,
+            "UPDATE \"public\".\"t\" SET \"dbmazz_op_type\" = $1, \"dbmazz_is_deleted\" = $2, \"dbmazz_synced_at\" = $3, \"dbmazz_cdc_version\" = $4 WHERE \"id\" = $5"
+        );
+        assert_eq!(params.len(), 5);
+    }
+
+    #[test]
+    fn a_soft_move_copies_the_old_row_under_the_new_key_then_flags_the_old_one() {
+        let v = |s: &'static str| Cell::Value(Cow::Borrowed(s));
+        let audit = |op: &'static str, deleted: &'static str| {
+            [v(op), v(deleted), v("2026-01-01 00:00:00+00"), v("42")]
+        };
+        let mut old = vec![v("1"), Cell::Null, Cell::Null];
+        old.extend(audit("2", "t"));
+        let mut new = vec![v("2"), Cell::Unchanged, v("{\"k\": 1}")];
+        new.extend(audit("1", "f"));
+        let change = ChangeIn {
+            index: 0,
+            kind: Kind::Update,
+            insert: false,
+            old: Some(old),
+            new: Some(new),
+        };
+        let statements = move_statements(&soft_target(), &change);
+        assert_eq!(statements.len(), 2);
+        let (copy, params) = &statements[0];
+        assert!(
+            copy.contains("CROSS JOIN LATERAL jsonb_populate_record(o, $1::jsonb) r WHERE o.\"id\" = $2 ON CONFLICT (\"id\") DO UPDATE"),
+            "{copy}"
+        );
+        // the unchanged column `a` is not in the object: the old row supplies it; the
+        // jsonb column `b` is embedded as JSON, not as a string
+        assert_eq!(
+            params[0],
+            PgValue::Text(
+                "{\"id\":\"2\",\"b\":{\"k\": 1},\"dbmazz_op_type\":\"1\",\"dbmazz_is_deleted\":\"f\",\"dbmazz_synced_at\":\"2026-01-01 00:00:00+00\",\"dbmazz_cdc_version\":\"42\"}".into()
+            )
+        );
+        assert_eq!(
+            statements[1].0,
+            "UPDATE \"public\".\"t\" SET dbmazz_op_type = $1, dbmazz_is_deleted = $2, dbmazz_synced_at = $3, dbmazz_cdc_version = $4 WHERE \"id\" = $5"
+        );
+        assert_eq!(statements[1].1[1], PgValue::Text("t".into()));
     }
 
     #[test]

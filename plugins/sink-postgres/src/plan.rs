@@ -79,6 +79,11 @@ pub struct TablePlan<'a> {
     pub changes: Vec<u32>,
     /// Changes folded in that were not inserts.
     not_inserts: usize,
+    /// Soft deletes: where a row's audit columns start. A delete then keeps the row
+    /// (flagged by the audit values its old row carries), also when the batch upserted it
+    /// before: the upsert becomes the flagged row, as if the batch had been cut between
+    /// the two.
+    flags_at: Option<usize>,
 }
 
 /// A change that cannot be planned (a key value missing): dead-letter it.
@@ -91,6 +96,14 @@ pub struct Unplannable {
 }
 
 impl<'a> TablePlan<'a> {
+    /// An empty plan; `flags_at` is where the audit columns start when deletes are soft.
+    pub fn new(flags_at: Option<usize>) -> Self {
+        TablePlan {
+            flags_at,
+            ..TablePlan::default()
+        }
+    }
+
     /// Folds one change in. `key` holds the source column positions of the target's
     /// primary key.
     ///
@@ -141,7 +154,7 @@ impl<'a> TablePlan<'a> {
             Kind::Delete => {
                 let old = change.old.as_deref().ok_or_else(|| missing("old"))?;
                 let k = key_of(old)?;
-                self.set(k, Action::Delete(old.to_vec()));
+                self.delete(k, old);
             }
             Kind::Upsert => {
                 let new = change.new.ok_or_else(|| missing("new"))?;
@@ -154,7 +167,7 @@ impl<'a> TablePlan<'a> {
                 if let Some(old) = change.old.as_deref() {
                     let old_key = key_of(old)?;
                     if old_key != k {
-                        self.set(old_key, Action::Delete(old.to_vec()));
+                        self.delete(old_key, old);
                     }
                 }
                 let merged = match self.by_key.get(&k).map(|&i| &self.actions[i]) {
@@ -185,6 +198,21 @@ impl<'a> TablePlan<'a> {
                 .collect();
             self.set(k, a);
         }
+    }
+
+    /// A key's delete: a hard delete replaces what the batch had for the key; a soft one
+    /// turns an earlier upsert of the key into the flagged row.
+    fn delete(&mut self, key: Vec<Cell<'a>>, old: &[Cell<'a>]) {
+        if let Some(at) = self.flags_at {
+            if let Some(Action::Upsert(prev)) = self.by_key.get(&key).map(|&i| &self.actions[i]) {
+                let mut row = prev.clone();
+                row.truncate(at);
+                row.extend(old.get(at..).unwrap_or(&[]).iter().cloned());
+                self.set(key, Action::Upsert(row));
+                return;
+            }
+        }
+        self.set(key, Action::Delete(old.to_vec()));
     }
 
     fn set(&mut self, key: Vec<Cell<'a>>, action: Action<'a>) {
@@ -445,6 +473,50 @@ mod tests {
         p.add(insert(5, vec![v("2"), v("e")]), &[0]).unwrap();
         assert_eq!(p.actions()[1], Action::Upsert(vec![v("2"), v("e")]));
         assert_eq!(p.changes, [0, 1, 2, 4, 5]);
+    }
+
+    #[test]
+    fn a_soft_delete_after_an_upsert_in_the_batch_keeps_the_row_flagged() {
+        // columns: id, a, then the audit values (op type, deleted)
+        let mut p = TablePlan::new(Some(2));
+        p.add(
+            change(
+                0,
+                Kind::Upsert,
+                None,
+                Some(vec![v("1"), v("a"), v("0"), v("f")]),
+            ),
+            &[0],
+        )
+        .unwrap();
+        p.add(
+            change(
+                1,
+                Kind::Delete,
+                Some(vec![v("1"), Cell::Null, v("2"), v("t")]),
+                None,
+            ),
+            &[0],
+        )
+        .unwrap();
+        // a key the batch did not upsert: a delete, which the sink turns into a flag
+        p.add(
+            change(
+                2,
+                Kind::Delete,
+                Some(vec![v("9"), Cell::Null, v("2"), v("t")]),
+                None,
+            ),
+            &[0],
+        )
+        .unwrap();
+        assert_eq!(
+            p.actions(),
+            [
+                Action::Upsert(vec![v("1"), v("a"), v("2"), v("t")]),
+                Action::Delete(vec![v("9"), Cell::Null, v("2"), v("t")])
+            ]
+        );
     }
 
     #[test]
