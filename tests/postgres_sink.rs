@@ -750,3 +750,90 @@ async fn soft_deletes_keep_every_row_flagged_with_its_last_values() {
     assert_eq!(audit.get::<_, i64>(0), 5);
     assert!(d.log().contains("added the audit columns"), "{}", d.log());
 }
+
+/// The target column's type (`format_type`), `None` when it has no such column.
+async fn column_type(db: &tokio_postgres::Client, table: &str, column: &str) -> Option<String> {
+    db.query_opt(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+        &[&table, &column],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_ddl_added_columns_follow_dropped_ones_follow_the_policy_retypes_stop() {
+    let pg = Pg::start("");
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
+    let source = pg.client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE e (id int PRIMARY KEY, a int, b text, c int);
+             INSERT INTO e VALUES (1, 1, 'one', 1), (2, 2, 'two', 2);",
+        )
+        .await
+        .unwrap();
+    let target = connect(&pg.url_of("replica")).await;
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["e"],
+        &sink_toml(
+            &pg.url_of("replica"),
+            ", create_tables = true, drop_columns = \"stop\"",
+            100,
+        ),
+    );
+    let mut d = pipe.spawn();
+    d.wait_log("streaming", T);
+    // an added column: added to the target with the source's type, and filled
+    source
+        .batch_execute(
+            "ALTER TABLE e ADD COLUMN d numeric(6,2); INSERT INTO e VALUES (3, 3, 'three', 3, 1.5)",
+        )
+        .await
+        .unwrap();
+    wait_equal(&source, &target, &["e"], || d.log()).await;
+    assert_eq!(
+        column_type(&target, "e", "d").await.as_deref(),
+        Some("numeric(6,2)")
+    );
+
+    // a dropped column under drop_columns = "stop": the pipeline stops with the statement
+    source
+        .batch_execute("ALTER TABLE e DROP COLUMN b; INSERT INTO e VALUES (4, 4, 4, 2.5)")
+        .await
+        .unwrap();
+    let status = d.wait(T).expect("the pipeline stops");
+    assert!(!status.success());
+    assert!(
+        d.log()
+            .contains("run ALTER TABLE IF EXISTS \"public\".\"e\" DROP COLUMN IF EXISTS \"b\""),
+        "{}",
+        d.log()
+    );
+    assert!(column_type(&target, "e", "b").await.is_some());
+    // restarted with drop_columns = "drop": the sink drops it and goes on from there
+    pipe.edit_config("drop_columns = \"stop\"", "drop_columns = \"drop\"");
+    let mut d = pipe.spawn();
+    wait_equal(&source, &target, &["e"], || d.log()).await;
+    assert_eq!(column_type(&target, "e", "b").await, None);
+
+    // a retyped column: the pipeline stops with the ALTER to run
+    source
+        .batch_execute(
+            "ALTER TABLE e ALTER COLUMN c TYPE bigint; INSERT INTO e VALUES (5, 5, 5, 3.5)",
+        )
+        .await
+        .unwrap();
+    let status = d.wait(T).expect("the pipeline stops");
+    assert!(!status.success());
+    assert!(
+        d.log().contains(
+            "ALTER TABLE \"public\".\"e\" ALTER COLUMN \"c\" TYPE bigint USING \"c\"::bigint"
+        ),
+        "{}",
+        d.log()
+    );
+}

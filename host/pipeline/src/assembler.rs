@@ -348,6 +348,17 @@ impl Assembler {
         })
     }
 
+    /// Starts the schema cache with `shapes` (the relation shapes of the checkpoint the
+    /// stream resumes from, `Store::relations` in the host): a Relation message that
+    /// differs from its relation's shape there is a schema change, also as the first
+    /// message of a session.
+    pub fn with_relations(mut self, shapes: impl IntoIterator<Item = RelationInfo>) -> Self {
+        for s in shapes {
+            self.schema.seed(s);
+        }
+        self
+    }
+
     /// Drops every transaction whose replication origin (the name in its Origin message,
     /// as created with `pg_replication_origin_create` or by a subscription, `pg_<oid>`)
     /// is one of `names`: no change or logical message of it is emitted, but its Begin
@@ -918,6 +929,51 @@ mod tests {
             }
         );
         assert!(a.is_idle());
+    }
+
+    #[test]
+    fn a_first_relation_message_is_compared_with_the_seeded_shapes() {
+        let shape = |cols| {
+            RelationInfo::from_message(&match pgoutput::parse(
+                Bytes::from(encode::relation(None, 1, "public", "t", b'd', cols)),
+                false,
+            )
+            .unwrap()
+            {
+                Message::Relation(r) => r,
+                _ => unreachable!(),
+            })
+        };
+        let txn = |cols| {
+            vec![
+                encode::begin(Lsn(500), 0, 7),
+                encode::relation(None, 1, "public", "t", b'd', cols),
+                encode::insert(None, 1, &[Val::Text("1"), Val::Text("a")]),
+                encode::commit(Lsn(500), Lsn(510), 0),
+            ]
+        };
+        const WIDER: &[(bool, &str, u32, i32)] = &[
+            (true, "id", 23, -1),
+            (false, "v", 25, -1),
+            (false, "w", 25, -1),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        // unseeded: the first Relation message only teaches the cache
+        let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
+        assert_eq!(ids(&feed(&mut a, txn(WIDER))), ["B7", "a", "C"]);
+        // seeded with the checkpoint's shape: the column added since is a schema change
+        let mut a = Assembler::new(dir.path(), 1 << 20)
+            .unwrap()
+            .with_relations([shape(COLS)]);
+        let evs = feed(&mut a, txn(WIDER));
+        assert_eq!(ids(&evs), ["B7", "S", "a", "C"]);
+        let Event::Schema(sc) = &evs[1] else { panic!() };
+        assert_eq!(sc.added.len(), 1);
+        // the same shape: nothing
+        let mut a = Assembler::new(dir.path(), 1 << 20)
+            .unwrap()
+            .with_relations([shape(COLS)]);
+        assert_eq!(ids(&feed(&mut a, txn(COLS))), ["B7", "a", "C"]);
     }
 
     fn streamed(spill_threshold: usize) {

@@ -90,6 +90,12 @@ impl SchemaCache {
         Self::default()
     }
 
+    /// Knows `shape` as relation `shape.id`'s last shape, as if its Relation message had
+    /// been read: how a restart resumes comparing with the shapes of its checkpoint.
+    pub fn seed(&mut self, shape: RelationInfo) {
+        self.relations.insert(shape.id, Arc::new(shape));
+    }
+
     /// Records a Relation message. Returns the schema change when the relation was known
     /// and its shape differs (columns added, dropped or retyped, key or replica identity
     /// changed, or renamed).

@@ -12,7 +12,15 @@
 //! | `dead_letter_replays` | batch id (u64 BE); `next` | replay batch id (u64 BE) and the indices it carries (u32 BE each); the next replay id |
 //! | `plugin_kv`     | plugin name, 0, key      | plugin-defined bytes                   |
 //! | `snapshot`      | `table/<t>`, `requested/<t>`, `complete/<t>`, `done/<chunk id BE>`, `next_chunk` | [`TablePlan`] (JSON), markers, [`TableComplete`] (JSON), chunk done markers, u64 BE |
+//! | `relations`     | relation OID (u32 BE)    | the relation's shape as of the checkpoint (JSON) |
 //!
+//! Relation shapes: pgoutput announces a relation's shape once per session, so after a
+//! restart the first Relation message has nothing to be compared with, and a schema
+//! change that was read but never acknowledged would be lost with the restart. The
+//! shapes of the relations in an acknowledged stream batch are written with its
+//! checkpoint (the same atomic write), and the next start compares the stream's Relation
+//! messages with them ([`Store::relations`]): a schema change is delivered until a batch
+//! after it is acknowledged (maybe twice, as `apply-schema-change` allows).
 //! The ordering rule that makes a crash lose nothing (invariant 1 in
 //! `docs/architecture.md`): a batch's intent is written, synced, before the batch is handed
 //! to the plugin chain; the checkpoint after an acknowledgement is written, synced, before
@@ -33,6 +41,8 @@ use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use crate::lsn::Lsn;
 use crate::pipeline::change::{BatchId, BatchIntent, Position};
+use crate::pipeline::schema::{ColumnInfo, RelationInfo};
+use dbmazz_protocol::pgoutput::ReplicaIdentity;
 
 const CF_POSITIONS: &str = "positions";
 const CF_INTENTS: &str = "batch_intents";
@@ -41,8 +51,9 @@ const CF_DEAD_RECORDS: &str = "dead_letter_records";
 const CF_REPLAYS: &str = "dead_letter_replays";
 const CF_KV: &str = "plugin_kv";
 const CF_SNAPSHOT: &str = "snapshot";
+const CF_RELATIONS: &str = "relations";
 /// Every column family, created at open.
-const COLUMN_FAMILIES: [&str; 7] = [
+const COLUMN_FAMILIES: [&str; 8] = [
     CF_POSITIONS,
     CF_INTENTS,
     CF_DEAD,
@@ -50,6 +61,7 @@ const COLUMN_FAMILIES: [&str; 7] = [
     CF_REPLAYS,
     CF_KV,
     CF_SNAPSHOT,
+    CF_RELATIONS,
 ];
 /// Replay batch ids live above snapshot ids: `2^63 | n`, `n` counting from 1 per store.
 pub const REPLAY_BATCH_ID_BASE: u64 = 1 << 63;
@@ -453,13 +465,23 @@ impl Store {
     ///
     /// # Errors
     /// RocksDB errors.
+    /// `relations` are the shapes of the acknowledged batch's relations that differ from
+    /// what the store holds (see the module docs).
     pub fn commit(
         &self,
         cp: &Checkpoint,
         next: Option<&BatchIntent>,
         chunks_done: &[u64],
+        relations: &[&RelationInfo],
     ) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
+        for r in relations {
+            wb.put_cf(
+                self.cf(CF_RELATIONS),
+                r.id.to_be_bytes(),
+                StoredRelation::encode(r),
+            );
+        }
         for id in chunks_done {
             wb.put_cf(self.cf(CF_SNAPSHOT), Self::done_key(*id), b"");
         }
@@ -477,6 +499,25 @@ impl Store {
         self.db
             .write_opt(wb, &Self::synced())
             .map_err(|e| self.rocks(e))
+    }
+
+    /// The relation shapes written with checkpoints: what a restarted stream's Relation
+    /// messages are compared with.
+    ///
+    /// # Errors
+    /// RocksDB errors; [`StoreError::Corrupt`] for a record that does not decode.
+    pub fn relations(&self) -> Result<Vec<RelationInfo>, StoreError> {
+        let Some(cf) = self.cf_if_present(CF_RELATIONS) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (_, v) = item.map_err(|e| self.rocks(e))?;
+            let r: StoredRelation =
+                serde_json::from_slice(&v).map_err(|_| self.corrupt("relation shape"))?;
+            out.push(r.decode().ok_or_else(|| self.corrupt("relation shape"))?);
+        }
+        Ok(out)
     }
 
     fn done_key(id: u64) -> Vec<u8> {
@@ -821,6 +862,54 @@ impl Store {
     }
 }
 
+/// A relation's shape as the `relations` column family stores it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredRelation {
+    id: u32,
+    namespace: String,
+    name: String,
+    /// `pg_class.relreplident`: d, n, f or i.
+    identity: char,
+    /// Name, type OID, type modifier, key.
+    columns: Vec<(String, u32, i32, bool)>,
+}
+
+impl StoredRelation {
+    fn encode(r: &RelationInfo) -> Vec<u8> {
+        let stored = StoredRelation {
+            id: r.id,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            identity: r.replica_identity.as_char(),
+            columns: r
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.type_oid, c.type_modifier, c.key))
+                .collect(),
+        };
+        serde_json::to_vec(&stored).unwrap_or_default()
+    }
+
+    fn decode(self) -> Option<RelationInfo> {
+        Some(RelationInfo {
+            id: self.id,
+            namespace: self.namespace,
+            name: self.name,
+            replica_identity: ReplicaIdentity::from_byte(u8::try_from(self.identity).ok()?)?,
+            columns: self
+                .columns
+                .into_iter()
+                .map(|(name, type_oid, type_modifier, key)| ColumnInfo {
+                    name,
+                    type_oid,
+                    type_modifier,
+                    key,
+                })
+                .collect(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -835,9 +924,22 @@ mod tests {
     #[test]
     fn checkpoint_and_intents_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        let shape = RelationInfo {
+            id: 16_384,
+            namespace: "public".into(),
+            name: "orders".into(),
+            replica_identity: ReplicaIdentity::Full,
+            columns: vec![ColumnInfo {
+                name: "id".into(),
+                type_oid: 20,
+                type_modifier: -1,
+                key: true,
+            }],
+        };
         {
             let s = Store::open(dir.path()).unwrap();
             assert_eq!(s.checkpoint().unwrap(), Checkpoint::default());
+            assert_eq!(s.relations().unwrap(), []);
             let intent = |id: u64| BatchIntent {
                 id,
                 first: pos(id * 10, 0),
@@ -855,10 +957,12 @@ mod tests {
                 },
                 Some(&intent(3)),
                 &[],
+                &[&shape],
             )
             .unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.relations().unwrap(), [shape]);
         let cp = s.checkpoint().unwrap();
         assert_eq!(cp.confirmed_lsn, Lsn(15));
         assert_eq!(cp.acked_through, Some(pos(10, 5)));

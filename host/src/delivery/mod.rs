@@ -13,6 +13,7 @@
 
 pub mod jsonl;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::lsn::Lsn;
 use crate::pipeline::change::{Batch, BatchId, Position};
+use crate::pipeline::schema::RelationInfo;
 use crate::snapshot::Tracker;
 use crate::stats::{Stage, Stats};
 
@@ -139,6 +141,8 @@ pub async fn run<S: Sink>(
     let mut lookahead: Option<Delivery> = None;
     // The id of a batch whose intent was stored with the previous checkpoint.
     let mut stored_intent: Option<BatchId> = None;
+    // The relation shapes written with checkpoints in this run (`changed_shapes`).
+    let mut persisted: HashMap<u32, Arc<RelationInfo>> = HashMap::new();
     loop {
         let item = match lookahead.take() {
             Some(item) => item,
@@ -196,7 +200,10 @@ pub async fn run<S: Sink>(
                     }
                     !acked
                 });
-                tokio::task::block_in_place(|| store.commit(&cp, next_intent.as_ref(), &done))?;
+                let shapes = changed_shapes(&batch, &mut persisted);
+                tokio::task::block_in_place(|| {
+                    store.commit(&cp, next_intent.as_ref(), &done, &shapes)
+                })?;
                 stats.record_stage(Stage::Checkpoint, acked.elapsed());
                 stats.checkpoint_durable();
                 if !done.is_empty() {
@@ -241,13 +248,45 @@ pub async fn run<S: Sink>(
                 stats.record_watermark(w);
                 if w > cp.confirmed_lsn {
                     cp.confirmed_lsn = w;
-                    tokio::task::block_in_place(|| store.commit(&cp, None, &[]))?;
+                    tokio::task::block_in_place(|| store.commit(&cp, None, &[], &[]))?;
                     stats.checkpoint_durable();
                     confirmed.send_replace(cp.confirmed_lsn);
                 }
             }
         }
     }
+}
+
+/// The shapes of `batch`'s relations (its schema changes' and its changes') not yet
+/// written with a checkpoint in this run, recorded in `persisted`: the store's
+/// `relations` (see `checkpoint`'s module docs). A batch's changes come in runs of one
+/// relation sharing one `Arc`, so this is a pointer comparison per change.
+fn changed_shapes<'b>(
+    batch: &'b Batch,
+    persisted: &mut HashMap<u32, Arc<RelationInfo>>,
+) -> Vec<&'b RelationInfo> {
+    let mut out: Vec<&RelationInfo> = Vec::new();
+    let shapes = batch
+        .schema_changes
+        .iter()
+        .map(|s| &s.after)
+        .chain(batch.changes.iter().map(|c| &c.relation));
+    let mut last: Option<&Arc<RelationInfo>> = None;
+    for r in shapes {
+        if last.is_some_and(|l| Arc::ptr_eq(l, r)) {
+            continue;
+        }
+        last = Some(r);
+        let known = persisted
+            .get(&r.id)
+            .is_some_and(|p| Arc::ptr_eq(p, r) || **p == **r);
+        if !known {
+            persisted.insert(r.id, r.clone());
+            out.retain(|o| o.id != r.id);
+            out.push(r);
+        }
+    }
+    out
 }
 
 /// Writes one batch, retrying retryable errors with backoff. Returns false when `stop`

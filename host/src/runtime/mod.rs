@@ -419,7 +419,7 @@ async fn setup_and_resume(
                     confirmed_lsn: to,
                     ..cp
                 };
-                store.commit(&cp, None, &[])?;
+                store.commit(&cp, None, &[], &[])?;
             }
             if let Some(tables) = decision.resnapshot {
                 store.request_snapshots(&tables)?;

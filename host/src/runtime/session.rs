@@ -395,7 +395,9 @@ impl Sessions<'_> {
             what: "cannot prepare the spill directory".into(),
             source,
         })?
-        .with_skip_origins(cfg.source.skip_origins.clone());
+        .with_skip_origins(cfg.source.skip_origins.clone())
+        // a schema change read before a restart but never acknowledged is found again
+        .with_relations(self.store.relations()?);
         let flush_interval = Duration::from_millis(cfg.pipeline.flush_interval_ms);
         let batcher = Batcher::new(
             cfg.pipeline.flush_size,

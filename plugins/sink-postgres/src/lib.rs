@@ -58,6 +58,17 @@ enum Deletes {
     Soft,
 }
 
+/// What a column dropped from a source table does to the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DropColumns {
+    /// The target keeps it; rows written from now on leave it NULL (or its default).
+    Keep,
+    /// `ALTER TABLE ... DROP COLUMN IF EXISTS`.
+    Drop,
+    /// The pipeline stops with the statement to run, until the target lacks it.
+    Stop,
+}
+
 /// What the sink knows of one target table.
 #[derive(Clone, Debug)]
 struct Target {
@@ -102,6 +113,7 @@ pub struct Postgres {
     truncate: bool,
     deletes: Deletes,
     audit: bool,
+    drop_columns: DropColumns,
     db: Option<Db>,
 }
 
@@ -1298,6 +1310,12 @@ impl Sink for Postgres {
                 "apply TRUNCATE to the target table (soft_delete: flag its rows deleted)",
             )
             .key(
+                "drop_columns",
+                Text,
+                Some("keep"),
+                "a column dropped from the source: keep (the target keeps it), drop (ALTER TABLE ... DROP COLUMN), stop (the pipeline stops with the statement to run)",
+            )
+            .key(
                 "mode",
                 Text,
                 Some("hard_delete"),
@@ -1358,6 +1376,12 @@ impl Sink for Postgres {
             "soft_delete" => Deletes::Soft,
             other => return Err(invalid("mode", other, "hard_delete, soft_delete")),
         };
+        let drop_columns = match config.get("drop_columns").unwrap_or("keep") {
+            "keep" => DropColumns::Keep,
+            "drop" => DropColumns::Drop,
+            "stop" => DropColumns::Stop,
+            other => return Err(invalid("drop_columns", other, "keep, drop, stop")),
+        };
         let audit = config.parse_or("audit_columns", deletes == Deletes::Soft)?;
         if deletes == Deletes::Soft && !audit {
             return Err(
@@ -1376,6 +1400,7 @@ impl Sink for Postgres {
                 truncate: config.parse_or("truncate", true)?,
                 deletes,
                 audit,
+                drop_columns,
                 db: None,
             },
             SinkInfo {
@@ -1465,12 +1490,59 @@ impl Sink for Postgres {
                 quote_ident(&after.name)
             )));
         }
-        for d in &change.dropped {
-            dbmazz_sdk::info!(
-                "a source column was dropped; the target keeps it (drop it yourself when no longer needed)",
-                table = change.relation.qualified_name(),
-                column = d.name
-            );
+        if change.dropped.is_empty() {
+            return Ok(());
+        }
+        let (schema, table) = self.target_name(&change.relation);
+        let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let drops: Vec<String> = change
+            .dropped
+            .iter()
+            .map(|c| format!("DROP COLUMN IF EXISTS {}", quote_ident(&c.name)))
+            .collect();
+        let stmt = format!("ALTER TABLE IF EXISTS {name} {}", drops.join(", "));
+        let policy = self.drop_columns;
+        let db = self.db()?;
+        match policy {
+            DropColumns::Keep => {
+                for d in &change.dropped {
+                    dbmazz_sdk::info!(
+                        "a source column was dropped; the target keeps it (drop_columns = \"keep\"): new rows leave it NULL",
+                        table = name,
+                        column = d.name
+                    );
+                }
+            }
+            DropColumns::Drop => {
+                db.conn
+                    .batch_execute(&stmt)
+                    .map_err(|e| sink_error("dropping columns", &e, &db.user, Some(&name)))?;
+                for d in &change.dropped {
+                    dbmazz_sdk::info!(
+                        "dropped a column from the target",
+                        table = name,
+                        column = d.name
+                    );
+                }
+            }
+            DropColumns::Stop => {
+                let still = read_table(&db.conn, &name)
+                    .map_err(|e| sink_error("reading the target table", &e, &db.user, None))?
+                    .map(|t| t.columns)
+                    .unwrap_or_default();
+                let left: Vec<&str> = change
+                    .dropped
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .filter(|n| still.iter().any(|s| s == n))
+                    .collect();
+                if !left.is_empty() {
+                    return Err(SinkError::Fatal(format!(
+                        "column(s) {left:?} were dropped from {} and the target still has them (drop_columns = \"stop\"): run {stmt}; then restart (or set drop_columns = \"keep\" or \"drop\")",
+                        change.relation.qualified_name()
+                    )));
+                }
+            }
         }
         Ok(())
     }
