@@ -320,6 +320,35 @@ async fn schema_changes_flow_in_order_with_the_data() {
             json!({"id": 4, "c": 44}),
         ]
     );
+
+    // A column added while dbmazz is down: pgoutput sends the table's shape once per
+    // session, so only the shape stored with the checkpoint shows that it changed.
+    d.signal("TERM");
+    let mut d = d;
+    assert!(d.wait(T).is_some_and(|s| s.success()), "{}", d.log());
+    db.batch_execute("ALTER TABLE s ADD COLUMN z text; INSERT INTO s VALUES (5, 55, 'zz');")
+        .await
+        .unwrap();
+    let d = p.spawn();
+    p.wait_for(&d, T, "5 changes", |c| c.len() >= 5);
+    let tail: Vec<Json> = p.lines()[summary.len()..]
+        .iter()
+        .map(|l| match l.get("schema_change") {
+            Some(sc) => json!({
+                "added": sc["added"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>(),
+            }),
+            None => l["new"].clone(),
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            json!({"added": ["z"]}),
+            json!({"id": 5, "c": 55, "z": "zz"})
+        ],
+        "{}",
+        d.log()
+    );
 }
 
 /// Inserts `txns` transactions of `per` rows into table `k` (ids from `start`).
