@@ -67,6 +67,11 @@ const RUST: Template = Template {
             include_str!("../../examples/sink-template/README.md"),
         ),
         (".gitignore", "/target\n*.wasm\n"),
+        // WebAssembly SIMD for the plugin's JSON and byte searches (wasmtime runs it)
+        (
+            ".cargo/config.toml",
+            include_str!("../../.cargo/config.toml"),
+        ),
     ],
     name: "sink-template",
 };
