@@ -474,7 +474,7 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
     let secret = "not-the-password-4711";
     let wrong = pg.url_of("replica").replace(PASSWORD, secret);
     let toml = format!(
-        "{}\n[control]\nmetrics = \"127.0.0.1:0\"\n",
+        "{}\n[control]\ngrpc = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n",
         sink_toml(&wrong, "", 100)
     );
     let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
@@ -486,6 +486,23 @@ async fn connections_are_granted_by_name_and_their_password_stays_in_the_host() 
         || d.log().contains("authentication failed"),
     );
     let metrics = support::http_get(&support::metrics_addr(&d), "/metrics").1;
+    // Status (the gRPC API) says why the sink waits, without the password
+    let mut control = dbmazz::control::proto::dbmazz_client::DbmazzClient::connect(format!(
+        "http://{}",
+        support::logged_addr(&d)
+    ))
+    .await
+    .unwrap();
+    let status = format!(
+        "{:?}",
+        control
+            .status(dbmazz::control::proto::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    );
+    assert!(status.contains("authentication failed"), "{status}");
+    assert!(!status.contains(secret), "{status}");
     let log = d.log();
     drop(d);
     // `dbmazz check` reaches the sink's connections once the slot is free again
