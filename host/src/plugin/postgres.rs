@@ -195,6 +195,17 @@ fn pg_error(e: tokio_postgres::Error) -> PgError {
             hint: db.hint().map(str::to_string),
         };
     }
+    // an int parameter that does not fit its column's type is the value's fault, as the
+    // server's own 22003 would be for the same value sent as text
+    if let Some(r) = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<OutOfRange>()) {
+        return PgError {
+            kind: ErrorKind::Data,
+            code: "22003".into(),
+            message: r.0.clone(),
+            detail: None,
+            hint: None,
+        };
+    }
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     let kind = if e.is_closed() || io {
         ErrorKind::Connection
@@ -203,6 +214,19 @@ fn pg_error(e: tokio_postgres::Error) -> PgError {
     };
     host_error(kind, e.to_string())
 }
+
+/// An int parameter outside its column type's range (SQLSTATE 22003,
+/// numeric_value_out_of_range, when the server finds it).
+#[derive(Debug)]
+struct OutOfRange(String);
+
+impl std::fmt::Display for OutOfRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OutOfRange {}
 
 /// A parameter: `text` goes in PostgreSQL's text form (the type's input function parses
 /// it, as a literal would be), the other variants in the binary form of the parameter's
@@ -227,13 +251,18 @@ impl ToSql for Param<'_> {
             }
             PgValue::Boolean(b) if *ty == Type::BOOL => b.to_sql(ty, out),
             PgValue::Boolean(_) => Err(mismatch("a boolean")),
-            PgValue::Int(i) => match *ty {
-                Type::INT2 => i16::try_from(*i)?.to_sql(ty, out),
-                Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
-                Type::INT8 => i.to_sql(ty, out),
-                Type::OID => u32::try_from(*i)?.to_sql(ty, out),
-                _ => Err(mismatch("an int")),
-            },
+            PgValue::Int(i) => {
+                let range = |_| -> Box<dyn std::error::Error + Sync + Send> {
+                    Box::new(OutOfRange(format!("{i} is out of range for type {ty}")))
+                };
+                match *ty {
+                    Type::INT2 => i16::try_from(*i).map_err(range)?.to_sql(ty, out),
+                    Type::INT4 => i32::try_from(*i).map_err(range)?.to_sql(ty, out),
+                    Type::INT8 => i.to_sql(ty, out),
+                    Type::OID => u32::try_from(*i).map_err(range)?.to_sql(ty, out),
+                    _ => Err(mismatch("an int")),
+                }
+            }
             PgValue::Float(f) => match *ty {
                 Type::FLOAT4 => (*f as f32).to_sql(ty, out),
                 Type::FLOAT8 => f.to_sql(ty, out),
@@ -536,5 +565,19 @@ mod tests {
         assert_eq!(kind_of_sqlstate("57P01"), ErrorKind::Connection);
         assert_eq!(kind_of_sqlstate("22P02"), ErrorKind::Data);
         assert_eq!(kind_of_sqlstate("42P01"), ErrorKind::Query);
+    }
+
+    #[test]
+    fn an_int_parameter_out_of_its_columns_range_is_the_values_fault() {
+        use tokio_postgres::types::ToSql;
+        let mut out = BytesMut::new();
+        let Err(e) = Param(&PgValue::Int(1 << 40)).to_sql(&Type::INT4, &mut out) else {
+            panic!("1 << 40 fits no int4");
+        };
+        let r = e.downcast_ref::<OutOfRange>().expect("an OutOfRange");
+        assert_eq!(r.0, "1099511627776 is out of range for type int4");
+        assert!(Param(&PgValue::Int(1 << 40))
+            .to_sql(&Type::INT8, &mut out)
+            .is_ok());
     }
 }
