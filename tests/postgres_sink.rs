@@ -853,4 +853,63 @@ async fn source_ddl_added_columns_follow_dropped_ones_follow_the_policy_retypes_
         "{}",
         d.log()
     );
+    // the operator runs it and restarts: the schema change comes again (it was never
+    // acknowledged), the target matches now, and the stream goes on
+    target
+        .batch_execute("ALTER TABLE e ALTER COLUMN c TYPE bigint USING c::bigint")
+        .await
+        .unwrap();
+    let d = pipe.spawn();
+    wait_equal(&source, &target, &["e"], || d.log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_keyed_on_part_of_the_source_key_keeps_each_keys_last_row() {
+    let pg = Pg::start("");
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
+    let source = pg.client().await;
+    source
+        .batch_execute("CREATE TABLE s (a int, b int, v text, PRIMARY KEY (a, b))")
+        .await
+        .unwrap();
+    let target = connect(&pg.url_of("replica")).await;
+    // one row per `a` in the target: a later source row of the same `a` replaces it
+    target
+        .batch_execute("CREATE TABLE s (a int PRIMARY KEY, b int, v text)")
+        .await
+        .unwrap();
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["s"],
+        &sink_toml(&pg.url_of("replica"), "", 500),
+    );
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    // inserts only, two of them with a = 1, in one batch: the straight COPY fails on
+    // the repeated key and the upserts keep the last
+    source
+        .batch_execute("INSERT INTO s VALUES (1, 1, 'first'), (2, 1, 'x'), (1, 2, 'last')")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let got: Vec<(i32, i32, String)> = target
+            .query("SELECT a, b, v FROM s ORDER BY a", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        if got == [(1, 2, "last".to_string()), (2, 1, "x".to_string())] {
+            break;
+        }
+        assert!(start.elapsed() < T, "{got:?}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        d.log()
+            .contains("copying new rows failed; applying the batch with upserts"),
+        "{}",
+        d.log()
+    );
 }

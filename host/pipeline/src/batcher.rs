@@ -150,7 +150,15 @@ impl Batcher {
     }
 
     fn push_change(&mut self, c: Change) -> Option<Batch> {
-        if self.skipping_txn || self.acked_through.is_some_and(|a| c.position <= a) {
+        if self.skipping_txn {
+            return None;
+        }
+        if self.acked_through.is_some_and(|a| c.position <= a) {
+            // A schema change rides in the batch of the next change kept: one pending
+            // before an acknowledged change was delivered with it, or is the replay
+            // comparing a transaction's first Relation message with the shape stored
+            // after it (a transaction whose shape changed midway): either way not news.
+            self.pending_schema.clear();
             return None;
         }
         // Rebuilding a stored batch whose last change we have passed (the stream
@@ -489,6 +497,66 @@ mod tests {
         assert_eq!(again[1].0, 3);
         assert_eq!(again[1].1, first[2].1);
         assert_eq!(again.len(), 2);
+    }
+
+    #[test]
+    fn a_replayed_transaction_that_changed_shape_midway_reports_no_schema_change() {
+        // A transaction altered its table between two changes; both batches (cut at the
+        // schema change) were acknowledged before its Commit, so the checkpoint stored
+        // the new shape while the confirmed LSN stayed before the transaction. The
+        // replay's first Relation message (the old shape) differs from the stored one.
+        const OLD: &[(bool, &str, u32, i32)] = &[(true, "id", 23, -1)];
+        const NEW: &[(bool, &str, u32, i32)] = &[(true, "id", 23, -1), (false, "c", 23, -1)];
+        let stored = match dbmazz_protocol::pgoutput::parse(
+            Bytes::from(encode::relation(None, 1, "public", "t", b'd', NEW)),
+            false,
+        )
+        .unwrap()
+        {
+            dbmazz_protocol::pgoutput::Message::Relation(r) => {
+                crate::schema::RelationInfo::from_message(&r)
+            }
+            _ => unreachable!(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::new(dir.path(), 1 << 20)
+            .unwrap()
+            .with_relations([stored]);
+        let resume = Resume {
+            confirmed_lsn: Lsn(10),
+            acked_through: Some(Position {
+                commit_lsn: Lsn(1000),
+                seq: 1,
+            }),
+            last_batch_id: 2,
+            pending: Vec::new(),
+        };
+        let mut b = Batcher::new(100, Duration::from_secs(60), resume);
+        let msgs = vec![
+            encode::begin(Lsn(1000), 0, 7),
+            encode::relation(None, 1, "public", "t", b'd', OLD),
+            encode::insert(None, 1, &[Val::Text("1")]),
+            encode::relation(None, 1, "public", "t", b'd', NEW),
+            encode::insert(None, 1, &[Val::Text("2"), Val::Text("2")]),
+            encode::insert(None, 1, &[Val::Text("3"), Val::Text("3")]),
+            encode::commit(Lsn(1000), Lsn(1010), 0),
+        ];
+        let mut out = Vec::new();
+        let mut batches = Vec::new();
+        for m in msgs {
+            a.handle(Lsn(1), Bytes::from(m), &mut out).unwrap();
+            for e in out.drain(..) {
+                batches.extend(b.push(e));
+            }
+        }
+        batches.extend(b.flush());
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].changes.len(), 1, "only the change after the ack");
+        assert!(
+            batches[0].schema_changes.is_empty(),
+            "{:?}",
+            batches[0].schema_changes
+        );
     }
 
     #[test]

@@ -476,11 +476,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut wb = WriteBatch::default();
         for r in relations {
-            wb.put_cf(
-                self.cf(CF_RELATIONS),
-                r.id.to_be_bytes(),
-                StoredRelation::encode(r),
-            );
+            let v = StoredRelation::encode(r).map_err(|_| self.corrupt("relation shape"))?;
+            wb.put_cf(self.cf(CF_RELATIONS), r.id.to_be_bytes(), v);
         }
         for id in chunks_done {
             wb.put_cf(self.cf(CF_SNAPSHOT), Self::done_key(*id), b"");
@@ -875,7 +872,7 @@ struct StoredRelation {
 }
 
 impl StoredRelation {
-    fn encode(r: &RelationInfo) -> Vec<u8> {
+    fn encode(r: &RelationInfo) -> serde_json::Result<Vec<u8>> {
         let stored = StoredRelation {
             id: r.id,
             namespace: r.namespace.clone(),
@@ -887,7 +884,7 @@ impl StoredRelation {
                 .map(|c| (c.name.clone(), c.type_oid, c.type_modifier, c.key))
                 .collect(),
         };
-        serde_json::to_vec(&stored).unwrap_or_default()
+        serde_json::to_vec(&stored)
     }
 
     fn decode(self) -> Option<RelationInfo> {

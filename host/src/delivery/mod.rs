@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::lsn::Lsn;
-use crate::pipeline::change::{Batch, BatchId, Position};
+use crate::pipeline::change::{Batch, BatchId, Op, Position};
 use crate::pipeline::schema::RelationInfo;
 use crate::snapshot::Tracker;
 use crate::stats::{Stage, Stats};
@@ -257,7 +257,7 @@ pub async fn run<S: Sink>(
     }
 }
 
-/// The shapes of `batch`'s relations (its schema changes' and its changes') not yet
+/// The shapes of `batch`'s relations (its schema changes' and its stream changes') not yet
 /// written with a checkpoint in this run, recorded in `persisted`: the store's
 /// `relations` (see `checkpoint`'s module docs). A batch's changes come in runs of one
 /// relation sharing one `Arc`, so this is a pointer comparison per change.
@@ -270,7 +270,15 @@ fn changed_shapes<'b>(
         .schema_changes
         .iter()
         .map(|s| &s.after)
-        .chain(batch.changes.iter().map(|c| &c.relation));
+        // a snapshot row's shape is the catalog's when the chunk was read, which may be
+        // ahead of the stream: only the stream's Relation messages say where it is
+        .chain(
+            batch
+                .changes
+                .iter()
+                .filter(|c| c.op != Op::Read)
+                .map(|c| &c.relation),
+        );
     let mut last: Option<&Arc<RelationInfo>> = None;
     for r in shapes {
         if last.is_some_and(|l| Arc::ptr_eq(l, r)) {
@@ -387,6 +395,32 @@ mod tests {
         }
         out.extend(b.flush());
         out
+    }
+
+    #[test]
+    fn shapes_are_written_once_and_never_from_snapshot_rows() {
+        let mut batch = batches().remove(0);
+        let stream_shape = batch.changes[0].relation.clone();
+        let mut persisted = HashMap::new();
+        let shapes: Vec<u32> = changed_shapes(&batch, &mut persisted)
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(shapes, [1]);
+        assert!(
+            changed_shapes(&batch, &mut persisted).is_empty(),
+            "written once"
+        );
+        // a snapshot row of the same relation, read with a newer catalog shape
+        let mut newer = (*stream_shape).clone();
+        newer.columns.push(newer.columns[0].clone());
+        newer.columns[1].name = "added".into();
+        for c in &mut batch.changes {
+            c.op = Op::Read;
+            c.relation = Arc::new(newer.clone());
+        }
+        assert!(changed_shapes(&batch, &mut persisted).is_empty());
+        assert_eq!(persisted[&1], stream_shape);
     }
 
     #[tokio::test(flavor = "multi_thread")]

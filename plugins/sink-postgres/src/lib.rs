@@ -577,7 +577,7 @@ impl Postgres {
             let at = match plans.iter().position(|(p, _)| p.relation == t.relation) {
                 Some(i) => i,
                 None => {
-                    plans.push((t.clone(), TablePlan::new(t.flags_at())));
+                    plans.push((t.clone(), TablePlan::new(t.flags_at(), direct)));
                     plans.len() - 1
                 }
             };
@@ -655,7 +655,7 @@ impl Postgres {
         db.conn
             .batch_execute("SAVEPOINT dbmazz_change")
             .map_err(fail)?;
-        let mut plan = TablePlan::new(t.flags_at());
+        let mut plan = TablePlan::new(t.flags_at(), false);
         let planned = if is_move(&c, &t.key) {
             Ok(move_statements(t, &c))
         } else {
@@ -1047,7 +1047,7 @@ fn set_statements(t: &Target, partials: &[String]) -> String {
 /// Hard deletes: one `UPDATE ... SET <key> = new, <changed columns> WHERE <key> = old`,
 /// so the untouched columns move with the row. Soft deletes: the old key's row stays,
 /// flagged deleted, so the new key's row is made from it — `INSERT ... SELECT r.* FROM t
-/// o, LATERAL jsonb_populate_record(o, $1) r WHERE <key> = old ON CONFLICT (key) DO
+/// o, LATERAL json_populate_record(o, $1) r WHERE <key> = old ON CONFLICT (key) DO
 /// UPDATE` (the record's columns picked by name), where `$1` holds the new key and the changed columns (PostgreSQL docs,
 /// "JSON Processing Functions": the base record's values fill the columns the object
 /// lacks, each value goes through its column type's input function) — then the old row
@@ -1114,7 +1114,7 @@ fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> 
     params.extend(old_key.iter().cloned());
     let copy = (
         format!(
-            "INSERT INTO {n} ({cols}) SELECT {picked} FROM {n} o CROSS JOIN LATERAL jsonb_populate_record(o, $1::jsonb) r WHERE {on} ON CONFLICT ({keys}) DO UPDATE SET {set}",
+            "INSERT INTO {n} ({cols}) SELECT {picked} FROM {n} o CROSS JOIN LATERAL json_populate_record(o, $1::json) r WHERE {on} ON CONFLICT ({keys}) DO UPDATE SET {set}",
             n = t.name,
             cols = cols.join(", "),
             picked = cols
@@ -1472,23 +1472,50 @@ impl Sink for Postgres {
         if let Some(db) = self.db.as_mut() {
             db.targets.remove(&change.relation.id);
         }
-        if let Some((before, after)) = change.retyped.first() {
+        if !change.retyped.is_empty() {
             let (schema, table) = self.target_name(&change.relation);
             let name = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
             let db = self.db()?;
-            let ty = format_types(&db.conn, &[after])
-                .map_err(|e| sink_error("reading the new type", &e, &db.user, None))?
-                .pop()
-                .unwrap_or_else(|| "text".into());
-            return Err(SinkError::Fatal(format!(
-                "column {:?} of {} changed type (OID {} to {}): change the target to match, then restart: ALTER TABLE {name} ALTER COLUMN {} TYPE {ty} USING {}::{ty};",
-                after.name,
-                change.relation.qualified_name(),
-                before.type_oid,
-                after.type_oid,
-                quote_ident(&after.name),
-                quote_ident(&after.name)
-            )));
+            let fail = |what: &str, e: PgError| sink_error(what, &e, &db.user, Some(&name));
+            let afters: Vec<&dbmazz_sdk::Column> = change.retyped.iter().map(|(_, a)| a).collect();
+            let wanted =
+                format_types(&db.conn, &afters).map_err(|e| fail("reading the new types", e))?;
+            // the target's types now: a schema change comes again after a restart, and
+            // the operator may have altered the target since the first time
+            let rows = db
+                .conn
+                .query(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[PgValue::Text(name.clone())],
+                )
+                .map_err(|e| fail("reading the target's types", e))?;
+            let has = |column: &str, ty: &str| {
+                rows.rows.iter().any(|r| {
+                    matches!(r.as_slice(), [PgValue::Text(n), PgValue::Text(t)] if n == column && t == ty)
+                })
+            };
+            let alters: Vec<String> = change
+                .retyped
+                .iter()
+                .zip(&wanted)
+                .filter(|((_, after), ty)| !has(&after.name, ty))
+                .map(|((before, after), ty)| {
+                    format!(
+                        "ALTER TABLE {name} ALTER COLUMN {c} TYPE {ty} USING {c}::{ty}; -- OID {} to {}",
+                        before.type_oid,
+                        after.type_oid,
+                        c = quote_ident(&after.name)
+                    )
+                })
+                .collect();
+            if !alters.is_empty() {
+                return Err(SinkError::Fatal(format!(
+                    "{} changed column types; change the target to match, then restart: {}",
+                    change.relation.qualified_name(),
+                    alters.join(" ")
+                )));
+            }
         }
         if change.dropped.is_empty() {
             return Ok(());
@@ -1632,7 +1659,7 @@ mod tests {
         assert_eq!(statements.len(), 2);
         let (copy, params) = &statements[0];
         assert!(
-            copy.contains("CROSS JOIN LATERAL jsonb_populate_record(o, $1::jsonb) r WHERE o.\"id\" = $2 ON CONFLICT (\"id\") DO UPDATE"),
+            copy.contains("CROSS JOIN LATERAL json_populate_record(o, $1::json) r WHERE o.\"id\" = $2 ON CONFLICT (\"id\") DO UPDATE"),
             "{copy}"
         );
         // the unchanged column `a` is not in the object: the old row supplies it; the

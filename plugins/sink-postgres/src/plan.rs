@@ -65,11 +65,12 @@ pub enum Action<'a> {
 
 /// The final actions of one table's changes in a segment, in first-seen order of keys.
 ///
-/// While every change is an insert (a bulk load, the common catch-up) the actions are
-/// only appended: a source table's inserts cannot repeat a key without a change between
-/// them (a delete or a key change), so there is nothing to collapse, and a target whose
-/// key differs from the source's is caught by the COPY failing. The key index is built
-/// at the first change that is not an insert.
+/// With `append_inserts`, while every change is an insert (a bulk load, the common
+/// catch-up) the actions are only appended: a source table's inserts cannot repeat a key
+/// without a change between them (a delete or a key change), so there is nothing to
+/// collapse, and a target whose key differs from the source's makes the straight COPY
+/// fail (the batch is then planned again with the index). The key index is built at the
+/// first change that is not an insert.
 #[derive(Debug, Default)]
 pub struct TablePlan<'a> {
     actions: Vec<Action<'a>>,
@@ -84,6 +85,9 @@ pub struct TablePlan<'a> {
     /// before: the upsert becomes the flagged row, as if the batch had been cut between
     /// the two.
     flags_at: Option<usize>,
+    /// Inserts may be appended without the key index (see above): only where a repeated
+    /// key fails the statement and the batch falls back to a mode that indexes.
+    append_inserts: bool,
 }
 
 /// A change that cannot be planned (a key value missing): dead-letter it.
@@ -96,10 +100,14 @@ pub struct Unplannable {
 }
 
 impl<'a> TablePlan<'a> {
-    /// An empty plan; `flags_at` is where the audit columns start when deletes are soft.
-    pub fn new(flags_at: Option<usize>) -> Self {
+    /// An empty plan; `flags_at` is where the audit columns start when deletes are soft;
+    /// `append_inserts` lets inserts skip the key index while only inserts came (for a
+    /// straight COPY into the target, where a repeated key fails the COPY and the batch
+    /// is applied again with `append_inserts = false`).
+    pub fn new(flags_at: Option<usize>, append_inserts: bool) -> Self {
         TablePlan {
             flags_at,
+            append_inserts,
             ..TablePlan::default()
         }
     }
@@ -131,7 +139,7 @@ impl<'a> TablePlan<'a> {
             index: change.index,
             reason: format!("the change has no {what} row"),
         };
-        if change.insert && self.not_inserts == 0 {
+        if change.insert && self.append_inserts && self.not_inserts == 0 {
             let new = change.new.ok_or_else(|| missing("new"))?;
             // the key is checked, not built: nothing is looked up while only inserts come
             if key
@@ -445,7 +453,7 @@ mod tests {
             insert: true,
             ..change(index, Kind::Upsert, None, Some(row))
         };
-        let mut p = TablePlan::default();
+        let mut p = TablePlan::new(None, true);
         p.add(insert(0, vec![v("1"), v("a")]), &[0]).unwrap();
         p.add(insert(1, vec![v("2"), v("b")]), &[0]).unwrap();
         // a target keyed differently from the source can see one key twice
@@ -478,7 +486,7 @@ mod tests {
     #[test]
     fn a_soft_delete_after_an_upsert_in_the_batch_keeps_the_row_flagged() {
         // columns: id, a, then the audit values (op type, deleted)
-        let mut p = TablePlan::new(Some(2));
+        let mut p = TablePlan::new(Some(2), false);
         p.add(
             change(
                 0,
