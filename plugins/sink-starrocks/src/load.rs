@@ -7,7 +7,7 @@
 //! identity key names only the key. Segments of one table are loaded in order, so a
 //! later change of a key never lands before an earlier one.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use dbmazz_sdk::{Op, Relation};
 use serde::ser::{SerializeMap, Serializer};
