@@ -1530,27 +1530,13 @@ impl Sink for Postgres {
         let stmt = format!("ALTER TABLE IF EXISTS {name} {}", drops.join(", "));
         let policy = self.drop_columns;
         let db = self.db()?;
-        match policy {
-            DropColumns::Keep => {
-                for d in &change.dropped {
-                    dbmazz_sdk::info!(
-                        "a source column was dropped; the target keeps it (drop_columns = \"keep\"): new rows leave it NULL",
-                        table = name,
-                        column = d.name
-                    );
-                }
-            }
+        let done = match policy {
+            DropColumns::Keep => "a source column was dropped; the target keeps it (drop_columns = \"keep\"): new rows leave it NULL",
             DropColumns::Drop => {
                 db.conn
                     .batch_execute(&stmt)
                     .map_err(|e| sink_error("dropping columns", &e, &db.user, Some(&name)))?;
-                for d in &change.dropped {
-                    dbmazz_sdk::info!(
-                        "dropped a column from the target",
-                        table = name,
-                        column = d.name
-                    );
-                }
+                "dropped a column from the target"
             }
             DropColumns::Stop => {
                 let still = read_table(&db.conn, &name)
@@ -1569,7 +1555,11 @@ impl Sink for Postgres {
                         change.relation.qualified_name()
                     )));
                 }
+                "a source column was dropped; the target no longer has it (drop_columns = \"stop\")"
             }
+        };
+        for d in &change.dropped {
+            dbmazz_sdk::info!(done, table = name, column = d.name);
         }
         Ok(())
     }
