@@ -206,12 +206,20 @@ struct In<'a> {
     change: ChangeIn<'a>,
 }
 
+/// `dbmazz_synced_at` for a batch: now, as timestamptz text in UTC (read once per batch).
+fn synced_at() -> String {
+    format!(
+        "{}+00",
+        dbmazz_sdk::time::sql_datetime(dbmazz_sdk::time::now_us())
+    )
+}
+
 /// Appends the audit columns' values to a change's rows: the new row is live
 /// (`dbmazz_op_type` 0 insert or snapshot read, 1 update), an old row is the deleted
 /// state of its key (2); `synced_at` is the batch's time, `lsn` the change's.
-fn add_audit<'a>(op: Op, lsn: u64, synced_at: &str, c: &mut ChangeIn<'a>) {
+fn add_audit<'a>(op: Op, lsn: u64, synced_at: &'a str, c: &mut ChangeIn<'a>) {
     let version: Cow<'a, str> = Cow::Owned(lsn.to_string());
-    let at: Cow<'a, str> = Cow::Owned(synced_at.to_string());
+    let at: Cow<'a, str> = Cow::Borrowed(synced_at);
     let live = if op == Op::Update { "1" } else { "0" };
     if let Some(new) = c.new.as_mut() {
         new.extend([
@@ -490,12 +498,12 @@ impl Postgres {
 
     /// Applies one batch's changes; `Err` leaves the transaction for the caller to
     /// roll back.
-    /// `synced_at` is the `dbmazz_synced_at` of this attempt's rows.
+    /// `synced_at` is the `dbmazz_synced_at` of the batch's rows.
     fn apply<'b>(
         &mut self,
         changes: Vec<In<'b>>,
         mode: Mode,
-        synced_at: &str,
+        synced_at: &'b str,
     ) -> Result<Vec<(u32, String)>, Applied> {
         let direct = mode == Mode::Direct;
         let mut dead = Vec::new();
@@ -706,11 +714,13 @@ impl Postgres {
     }
 
     /// Writes a batch: skip if applied before, else one transaction with the offsets
-    /// row; a row fault makes a second, change-by-change pass.
+    /// row; a row fault makes a second, change-by-change pass. `synced_at` is the
+    /// `dbmazz_synced_at` of its rows ([`synced_at`]).
     fn write_changes<'b>(
         &mut self,
         id: u64,
         last_lsn: u64,
+        synced_at: &'b str,
         changes: impl Fn() -> Result<Vec<In<'b>>, SinkError>,
     ) -> Result<(), SinkError> {
         let stream = id < STREAM_IDS_BELOW;
@@ -733,11 +743,7 @@ impl Postgres {
             {
                 return Err(self.lost(sink_error("BEGIN", &e, &user, None)));
             }
-            let synced_at = format!(
-                "{}+00",
-                dbmazz_sdk::time::sql_datetime(dbmazz_sdk::time::now_us())
-            );
-            let result = match self.apply(input, mode, &synced_at) {
+            let result = match self.apply(input, mode, synced_at) {
                 Ok(dead) => self.commit(id, last_lsn, stream).map(|()| dead),
                 Err(Applied::Sink(e)) => Err(e),
                 Err(Applied::Failed(f)) => {
@@ -1041,6 +1047,43 @@ fn set_statements(t: &Target, partials: &[String]) -> String {
     s
 }
 
+/// A cell as a text parameter (NULL for SQL NULL, unchanged TOAST or a missing cell).
+fn text_param(c: Option<&Cell<'_>>) -> PgValue {
+    match c {
+        Some(Cell::Value(v)) => PgValue::Text(v.to_string()),
+        _ => PgValue::Null,
+    }
+}
+
+/// `UPDATE <t> SET <set> = $1, ... WHERE <key> = $n AND ...`: `row`'s values for the
+/// columns at positions `set`, `key_row`'s for the key.
+fn update_by_key(
+    t: &Target,
+    set: &[usize],
+    row: &[Cell<'_>],
+    key_row: &[Cell<'_>],
+) -> (String, Vec<PgValue>) {
+    let assign = |(n, &i): (usize, &usize)| format!("{} = ${}", quote_ident(&t.names[i]), n + 1);
+    let assignments: Vec<String> = set.iter().enumerate().map(assign).collect();
+    let cond: Vec<String> = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), set.len() + n + 1))
+        .collect();
+    let mut params: Vec<PgValue> = set.iter().map(|&i| text_param(row.get(i))).collect();
+    params.extend(t.key.iter().map(|&i| text_param(key_row.get(i))));
+    (
+        format!(
+            "UPDATE {} SET {} WHERE {}",
+            t.name,
+            assignments.join(", "),
+            cond.join(" AND ")
+        ),
+        params,
+    )
+}
+
 /// A key-changing update without its unchanged TOAST values: the batch does not hold
 /// the whole row, so the target's row supplies the columns left out.
 ///
@@ -1053,10 +1096,7 @@ fn set_statements(t: &Target, partials: &[String]) -> String {
 /// lacks, each value goes through its column type's input function) — then the old row
 /// is flagged.
 fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> {
-    let param = |c: Option<&Cell<'_>>| match c {
-        Some(Cell::Value(v)) => PgValue::Text(v.to_string()),
-        _ => PgValue::Null,
-    };
+    let param = text_param;
     let old = c.old.as_deref().unwrap_or(&[]);
     let new = c.new.as_deref().unwrap_or(&[]);
     let set: Vec<usize> = (0..t.names.len())
@@ -1070,25 +1110,10 @@ fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> 
             .collect::<Vec<_>>()
             .join(" AND ")
     };
-    let old_key: Vec<PgValue> = t.key.iter().map(|&i| param(old.get(i))).collect();
     if t.deletes == Deletes::Hard {
-        let mut params: Vec<PgValue> = set.iter().map(|&i| param(new.get(i))).collect();
-        params.extend(old_key);
-        let assignments: Vec<String> = set
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), n + 1))
-            .collect();
-        return vec![(
-            format!(
-                "UPDATE {} SET {} WHERE {}",
-                t.name,
-                assignments.join(", "),
-                key_is(set.len() + 1, "")
-            ),
-            params,
-        )];
+        return vec![update_by_key(t, &set, new, old)];
     }
+    let old_key: Vec<PgValue> = t.key.iter().map(|&i| param(old.get(i))).collect();
     // the new row's values as a JSON object of text (json and jsonb values as they are)
     let mut object = String::from("{");
     for (n, &i) in set.iter().enumerate() {
@@ -1165,37 +1190,8 @@ fn single_statement(t: &Target, a: &plan::Action<'_>) -> (String, Vec<PgValue>) 
     match a {
         plan::Action::Delete(row) if t.deletes == Deletes::Soft => {
             // the row is flagged: the audit columns set to the delete's values
-            let audit_at = t.names.len() - AUDIT_COLUMNS.len();
-            let set: Vec<String> = (audit_at..t.names.len())
-                .enumerate()
-                .map(|(n, i)| format!("{} = ${}", q(i), n + 1))
-                .collect();
-            let cond: Vec<String> = t
-                .key
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| format!("{} = ${}", q(i), set.len() + n + 1))
-                .collect();
-            let mut params: Vec<PgValue> = row
-                .get(audit_at..)
-                .unwrap_or(&[])
-                .iter()
-                .map(param)
-                .collect();
-            params.extend(
-                t.key
-                    .iter()
-                    .map(|&i| row.get(i).map_or(PgValue::Null, param)),
-            );
-            (
-                format!(
-                    "UPDATE {} SET {} WHERE {}",
-                    t.name,
-                    set.join(", "),
-                    cond.join(" AND ")
-                ),
-                params,
-            )
+            let audit: Vec<usize> = (t.names.len() - AUDIT_COLUMNS.len()..t.names.len()).collect();
+            update_by_key(t, &audit, row, row)
         }
         plan::Action::Delete(row) => {
             let cond: Vec<String> = t
@@ -1213,31 +1209,10 @@ fn single_statement(t: &Target, a: &plan::Action<'_>) -> (String, Vec<PgValue>) 
             let changed: Vec<usize> = (0..t.names.len())
                 .filter(|i| !t.key.contains(i) && row.get(*i) != Some(&Cell::Unchanged))
                 .collect();
-            let mut params: Vec<PgValue> = changed.iter().map(|&i| param(&row[i])).collect();
-            let set: Vec<String> = changed
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| format!("{} = ${}", q(i), n + 1))
-                .collect();
-            let cond: Vec<String> = t
-                .key
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| format!("{} = ${}", q(i), changed.len() + n + 1))
-                .collect();
-            params.extend(t.key.iter().map(|&i| param(&row[i])));
-            if set.is_empty() {
+            if changed.is_empty() {
                 return ("SELECT 1".into(), Vec::new());
             }
-            (
-                format!(
-                    "UPDATE {} SET {} WHERE {}",
-                    t.name,
-                    set.join(", "),
-                    cond.join(" AND ")
-                ),
-                params,
-            )
+            update_by_key(t, &changed, row, row)
         }
         plan::Action::Upsert(row) => {
             let cols: Vec<String> = (0..t.names.len()).map(q).collect();
@@ -1436,7 +1411,8 @@ impl Sink for Postgres {
                 })
                 .collect()
         };
-        self.write_changes(batch.id, batch.last_lsn, changes)
+        let synced_at = synced_at();
+        self.write_changes(batch.id, batch.last_lsn, &synced_at, changes)
     }
 
     fn write_encoded(&mut self, batch: &EncodedBatch) -> Result<(), SinkError> {
@@ -1464,7 +1440,8 @@ impl Sink for Postgres {
                 })
                 .collect()
         };
-        self.write_changes(batch.id, batch.last_lsn, changes)
+        let synced_at = synced_at();
+        self.write_changes(batch.id, batch.last_lsn, &synced_at, changes)
     }
 
     fn apply_schema_change(&mut self, change: &SchemaChange) -> Result<(), SinkError> {
