@@ -41,6 +41,7 @@
 //! ranges (VARCHAR lengths, DECIMAL precision, integer widths), and a BE answering
 //! `Label Already Exists` before it has read the body (the double always reads it).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -118,7 +119,31 @@ pub struct LoadTotals {
 struct Table {
     columns: Vec<Column>,
     key: Vec<String>,
-    rows: BTreeMap<String, Map<String, Value>>,
+    /// By the JSON text of the primary key's values (`[1]`, `[1,"a"]`).
+    rows: BTreeMap<String, Row>,
+}
+
+/// A stored row: the JSON array text of its values in the table's column order when it
+/// was written (`[1,"a",null]`); columns added later, past the array's end, read as NULL.
+/// One allocation holding the values as the load sent them — StarRocks' BE reads JSON
+/// loads on demand too (simdjson) — so a table of millions of rows costs about the bytes
+/// loaded, not a tree of maps (the benchmark loads millions of rows into this double, and
+/// its CPU competes with the pipeline measured).
+struct Row(Box<str>);
+
+impl Row {
+    fn from_values(values: &[Value]) -> Row {
+        Row(Value::from(values).to_string().into_boxed_str())
+    }
+
+    /// The values, at least `columns` of them (NULL past the stored ones).
+    fn values(&self, columns: usize) -> Vec<Value> {
+        let mut v: Vec<Value> = serde_json::from_str(&self.0).unwrap_or_default();
+        if v.len() < columns {
+            v.resize(columns, Value::Null);
+        }
+        v
+    }
 }
 
 struct Job {
@@ -503,21 +528,13 @@ impl StarRocksDouble {
                 return Err("this double loads only format=json".into());
             }
             let strip = header("strip_outer_array").is_some_and(|v| v == "true");
-            let doc: Value = serde_json::from_slice(body)
-                .map_err(|e| format!("The data is not valid JSON: {e}"))?;
-            let rows = match (strip, doc) {
-                (true, Value::Array(a)) => a,
-                (true, _) => {
-                    return Err("strip_outer_array is true but the body is not an array".into())
-                }
-                (false, v) => vec![v],
-            };
             prepare(
                 t,
                 &header("columns"),
                 header("partial_update").is_some_and(|v| v == "true"),
                 header("merge_condition"),
-                rows,
+                strip,
+                body,
             )
         })();
         record.rows = match &outcome {
@@ -738,38 +755,44 @@ fn ndjson(meta: &[(String, String)], rows: Vec<Value>) -> Response<Full<Bytes>> 
         .unwrap_or_default()
 }
 
-fn full_row(t: &Table, r: &Map<String, Value>) -> Map<String, Value> {
+fn full_row(t: &Table, r: &Row) -> Map<String, Value> {
     t.columns
         .iter()
-        .map(|c| {
-            (
-                c.name.clone(),
-                r.get(&c.name).cloned().unwrap_or(Value::Null),
-            )
-        })
+        .map(|c| c.name.clone())
+        .zip(r.values(t.columns.len()))
         .collect()
 }
 
-struct Prepared {
-    /// (key, delete?, values by canonical column name)
-    rows: Vec<(String, bool, Map<String, Value>)>,
+/// A load's rows, checked and keyed, not yet applied; the values are the body's own JSON
+/// text.
+struct Prepared<'a> {
+    /// (key, delete?, the JSON text of each target column's value: `null` when the row
+    /// did not have it)
+    rows: Vec<(String, bool, Vec<&'a str>)>,
+    /// For each column of the table, its index among the targets.
+    at: Vec<Option<usize>>,
     filtered: Vec<String>,
     partial: bool,
-    merge: Option<String>,
+    /// The merge condition's (target index, column index).
+    merge: Option<(usize, usize)>,
 }
 
-fn prepare(
+/// Reads a Stream Load body (`format: json`): a JSON array of row objects with
+/// `strip_outer_array`, one object without. Lazily, as a BE does: each row object's
+/// values are kept as their JSON text and parsed only when a type check needs more than
+/// the first byte.
+fn prepare<'a>(
     t: &Table,
     columns: &Option<String>,
     partial: bool,
     merge: Option<String>,
-    rows: Vec<Value>,
-) -> Result<Prepared, String> {
+    strip: bool,
+    body: &'a [u8],
+) -> Result<Prepared<'a>, String> {
     let canon = |name: &str| {
         t.columns
             .iter()
-            .find(|c| c.name.eq_ignore_ascii_case(name))
-            .map(|c| c.name.clone())
+            .position(|c| c.name.eq_ignore_ascii_case(name))
     };
     let listed: Vec<String> = match columns {
         Some(c) => c
@@ -778,7 +801,8 @@ fn prepare(
             .collect(),
         None => t.columns.iter().map(|c| c.name.clone()).collect(),
     };
-    let mut targets = Vec::new();
+    // the table column index of each target
+    let mut targets: Vec<usize> = Vec::new();
     let mut has_op = false;
     for c in &listed {
         if c == "__op" {
@@ -787,12 +811,12 @@ fn prepare(
         }
         // A name the table does not have is a temporary column in StarRocks (usable in
         // expressions, then dropped): its values are not stored.
-        if let Some(name) = canon(c) {
-            targets.push(name);
+        if let Some(i) = canon(c) {
+            targets.push(i);
         }
     }
     for k in &t.key {
-        if !targets.contains(k) {
+        if !targets.iter().any(|&i| &t.columns[i].name == k) {
             return Err(format!(
                 "the columns header must name primary key column '{k}'"
             ));
@@ -800,107 +824,131 @@ fn prepare(
     }
     let merge = match merge {
         Some(m) => {
-            Some(canon(&m).ok_or_else(|| format!("merge_condition column '{m}' does not exist"))?)
+            let col =
+                canon(&m).ok_or_else(|| format!("merge_condition column '{m}' does not exist"))?;
+            targets.iter().position(|&i| i == col).map(|at| (at, col))
         }
         None => None,
     };
-    let types: Vec<&str> = targets
+    let kinds: Vec<Kind> = targets
         .iter()
-        .map(|c| {
-            t.columns
-                .iter()
-                .find(|col| &col.name == c)
-                .map_or("", |col| col.type_name.as_str())
-        })
-        .collect();
-    // where each named value goes: the target's index by its lower-case name (StarRocks
-    // compares column names case-insensitively)
-    let slots: HashMap<String, usize> = targets
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_ascii_lowercase(), i))
+        .map(|&i| Kind::of(&t.columns[i].type_name))
         .collect();
     let key_slots: Vec<usize> = t
         .key
         .iter()
-        .filter_map(|k| targets.iter().position(|c| c == k))
+        .filter_map(|k| targets.iter().position(|&i| &t.columns[i].name == k))
         .collect();
+    let mut at = vec![None; t.columns.len()];
+    for (n, &i) in targets.iter().enumerate() {
+        at[i] = Some(n);
+    }
     let mut out = Prepared {
-        rows: Vec::with_capacity(rows.len()),
+        rows: Vec::new(),
+        at,
         filtered: Vec::new(),
         partial,
         merge,
     };
+    let invalid = |e: sonic_rs::Error| format!("The data is not valid JSON: {e}");
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let rows: Vec<&'a str> = if strip {
+        if first != Some(b'[') {
+            return Err("strip_outer_array is true but the body is not an array".into());
+        }
+        let mut rows = Vec::new();
+        for r in sonic_rs::to_array_iter(body) {
+            rows.push(raw(&r.map_err(invalid)?)?);
+        }
+        rows
+    } else {
+        let text =
+            std::str::from_utf8(body).map_err(|e| format!("The data is not valid JSON: {e}"))?;
+        vec![text.trim()]
+    };
+    out.rows.reserve(rows.len());
     for (i, row) in rows.into_iter().enumerate() {
-        let Value::Object(obj) = row else {
+        if !row.starts_with('{') {
             out.filtered.push(format!("row {i}: not a JSON object"));
             continue;
-        };
-        let mut cells = vec![Value::Null; targets.len()];
-        let mut op = Value::Null;
-        for (name, v) in obj {
+        }
+        let mut cells: Vec<&'a str> = vec!["null"; targets.len()];
+        let mut delete = false;
+        for pair in sonic_rs::to_object_iter(row) {
+            let (name, v) = pair.map_err(invalid)?;
             if name.eq_ignore_ascii_case("__op") {
-                op = v;
-            } else if let Some(&at) = slots
-                .get(&name)
-                .or_else(|| slots.get(&name.to_ascii_lowercase()))
+                let op = raw(&v)?;
+                delete = has_op && (op == "1" || op == "\"1\"");
+            } else if let Some(n) = targets
+                .iter()
+                .position(|&c| t.columns[c].name.eq_ignore_ascii_case(&name))
             {
-                cells[at] = v;
+                cells[n] = raw(&v)?;
             }
         }
-        let delete = has_op
-            && match &op {
-                Value::Number(n) => n.as_i64() == Some(1),
-                Value::String(s) => s == "1",
-                _ => false,
-            };
         let mut bad = None;
         if !delete {
-            for ((c, ty), v) in targets.iter().zip(&types).zip(&cells) {
-                if !fits(ty, v) {
+            for ((&c, &kind), v) in targets.iter().zip(&kinds).zip(&cells) {
+                if !fits_text(kind, v) {
+                    let ty = &t.columns[c].type_name;
+                    let c = &t.columns[c].name;
                     bad = Some(format!("row {i}: value {v} does not fit column {c} {ty}"));
                 }
             }
         }
-        if key_slots.iter().any(|&k| cells[k].is_null()) {
+        if key_slots.iter().any(|&k| cells[k] == "null") {
             bad = Some(format!("row {i}: NULL in the primary key"));
         }
         if let Some(reason) = bad {
             out.filtered.push(reason);
             continue;
         }
-        let key = Value::Array(key_slots.iter().map(|&k| cells[k].clone()).collect()).to_string();
-        let values: Map<String, Value> = targets.iter().cloned().zip(cells).collect();
-        out.rows.push((key, delete, values));
+        let key: Vec<Value> = key_slots
+            .iter()
+            .map(|&k| serde_json::from_str(cells[k]).unwrap_or(Value::Null))
+            .collect();
+        out.rows.push((Value::from(key).to_string(), delete, cells));
     }
     Ok(out)
 }
 
 fn apply(t: &mut Table, p: Prepared) {
-    for (key, delete, values) in p.rows {
+    let width = t.columns.len();
+    for (key, delete, cells) in p.rows {
         if delete {
             t.rows.remove(&key);
             continue;
         }
-        match t.rows.get_mut(&key) {
-            Some(existing) => {
-                if let Some(m) = &p.merge {
-                    if let (Some(new), Some(old)) = (values.get(m), existing.get(m)) {
-                        if compare(new, old) == Some(std::cmp::Ordering::Less) {
-                            continue;
-                        }
+        if let Some(existing) = t.rows.get(&key) {
+            if p.partial || p.merge.is_some() {
+                let mut old = existing.values(width);
+                if let Some((m, col)) = p.merge {
+                    let new: Value = serde_json::from_str(cells[m]).unwrap_or(Value::Null);
+                    if compare(&new, &old[col]) == Some(std::cmp::Ordering::Less) {
+                        continue;
                     }
                 }
                 if p.partial {
-                    existing.extend(values);
-                } else {
-                    *existing = values;
+                    for (col, n) in p.at.iter().enumerate() {
+                        if let Some(n) = n {
+                            old[col] = serde_json::from_str(cells[*n]).unwrap_or(Value::Null);
+                        }
+                    }
+                    t.rows.insert(key, Row::from_values(&old));
+                    continue;
                 }
             }
-            None => {
-                t.rows.insert(key, values);
-            }
         }
+        let mut text = String::with_capacity(2 + cells.iter().map(|c| c.len() + 1).sum::<usize>());
+        text.push('[');
+        for (col, n) in p.at.iter().enumerate() {
+            if col > 0 {
+                text.push(',');
+            }
+            text.push_str(n.map_or("null", |n| cells[n]));
+        }
+        text.push(']');
+        t.rows.insert(key, Row(text.into_boxed_str()));
     }
 }
 
@@ -912,29 +960,79 @@ fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
     }
 }
 
+/// The JSON text of `v`, borrowed from the body: sonic-rs reads a `&[u8]` or `&str` input
+/// in place (`JsonSlice::Raw`), so `as_raw_cow` is borrowed for every value here.
+fn raw<'a>(v: &sonic_rs::LazyValue<'a>) -> Result<&'a str, String> {
+    match v.as_raw_cow() {
+        Cow::Borrowed(s) => Ok(s),
+        Cow::Owned(_) => Err("the double could not read the body in place".into()),
+    }
+}
+
 fn digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// True when JSON value `v` loads into a column of DDL type `ty`.
-fn fits(ty: &str, v: &Value) -> bool {
+/// What a column's DDL type accepts from JSON, by its base name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Int,
+    Bool,
+    Float,
+    Decimal,
+    Date,
+    DateTime,
+    Json,
+    Array,
+    /// CHAR, VARCHAR, STRING and the rest: a JSON string.
+    Text,
+}
+
+impl Kind {
+    fn of(ty: &str) -> Kind {
+        let base = ty.split(['(', '<']).next().unwrap_or(ty).trim();
+        match base {
+            "TINYINT" | "SMALLINT" | "INT" | "INTEGER" | "BIGINT" | "LARGEINT" => Kind::Int,
+            "BOOLEAN" => Kind::Bool,
+            "FLOAT" | "DOUBLE" => Kind::Float,
+            "DECIMAL" | "DECIMALV2" | "DECIMAL32" | "DECIMAL64" | "DECIMAL128" => Kind::Decimal,
+            "DATE" => Kind::Date,
+            "DATETIME" => Kind::DateTime,
+            "JSON" => Kind::Json,
+            "ARRAY" => Kind::Array,
+            _ => Kind::Text,
+        }
+    }
+}
+
+/// [`fits`] for a value's JSON text (valid JSON: sonic-rs checked it), parsed only when
+/// its first byte does not decide.
+fn fits_text(kind: Kind, text: &str) -> bool {
+    match (kind, text.as_bytes().first()) {
+        (_, Some(b'n')) | (Kind::Json, _) => true,
+        (Kind::Text, first) => first == Some(&b'"'),
+        _ => serde_json::from_str::<Value>(text).is_ok_and(|v| fits(kind, &v)),
+    }
+}
+
+/// True when JSON value `v` loads into a column of kind `kind`.
+fn fits(kind: Kind, v: &Value) -> bool {
     if v.is_null() {
         return true;
     }
-    let base = ty.split(['(', '<']).next().unwrap_or(ty).trim();
-    match base {
+    match kind {
         // StarRocks casts JSON strings to the column type; a string that does not parse
         // is filtered.
-        "TINYINT" | "SMALLINT" | "INT" | "INTEGER" | "BIGINT" | "LARGEINT" => match v {
+        Kind::Int => match v {
             Value::String(s) => s.parse::<i128>().is_ok(),
             _ => v.as_i64().is_some() || v.as_u64().is_some(),
         },
-        "BOOLEAN" => v.is_boolean(),
-        "FLOAT" | "DOUBLE" => match v {
+        Kind::Bool => v.is_boolean(),
+        Kind::Float => match v {
             Value::String(s) => s.parse::<f64>().is_ok(),
             _ => v.is_number(),
         },
-        "DECIMAL" | "DECIMALV2" | "DECIMAL32" | "DECIMAL64" | "DECIMAL128" => match v {
+        Kind::Decimal => match v {
             Value::Number(_) => true,
             Value::String(s) => {
                 let s = s.strip_prefix('-').unwrap_or(s);
@@ -943,52 +1041,61 @@ fn fits(ty: &str, v: &Value) -> bool {
             }
             _ => false,
         },
-        "DATE" => v.as_str().is_some_and(is_date),
-        "DATETIME" => v.as_str().is_some_and(|s| {
+        Kind::Date => v.as_str().is_some_and(is_date),
+        Kind::DateTime => v.as_str().is_some_and(|s| {
             let (d, t) = s.split_once(' ').unwrap_or((s, ""));
             let (hms, frac) = t.split_once('.').unwrap_or((t, "0"));
-            let p: Vec<&str> = hms.split(':').collect();
             is_date(d)
-                && p.len() == 3
-                && p.iter().all(|x| x.len() == 2 && digits(x))
+                && hms.len() == 8
+                && hms.split(':').all(|x| x.len() == 2 && digits(x))
                 && frac.len() <= 6
                 && digits(frac)
         }),
-        "JSON" => true,
-        "ARRAY" => v.is_array(),
-        _ => v.is_string(),
+        Kind::Json => true,
+        Kind::Array => v.is_array(),
+        Kind::Text => v.is_string(),
     }
 }
 
 fn is_date(s: &str) -> bool {
-    let p: Vec<&str> = s.split('-').collect();
-    p.len() == 3
-        && p[0].len() == 4
-        && p[1].len() == 2
-        && p[2].len() == 2
-        && p.iter().all(|x| digits(x))
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && digits(&s[..4])
+        && digits(&s[5..7])
+        && digits(&s[8..])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The check a load runs: on the value's JSON text.
+    fn ok(ty: &str, v: Value) -> bool {
+        fits_text(Kind::of(ty), &v.to_string())
+    }
+
     #[test]
     fn type_checks() {
-        assert!(fits("BIGINT", &json!(5)));
-        assert!(fits("BIGINT", &json!("5")));
-        assert!(!fits("BIGINT", &json!("five")));
-        assert!(!fits("BIGINT", &json!(1.5)));
-        assert!(fits("DECIMAL(10,2)", &json!("-12.34")));
-        assert!(!fits("DECIMAL(10,2)", &json!("NaN")));
-        assert!(fits("DATETIME", &json!("2024-01-02 03:04:05.123456")));
-        assert!(fits("DATETIME", &json!("2024-01-02 03:04:05")));
-        assert!(!fits("DATETIME", &json!("2024-01-02 03:04:05+00")));
-        assert!(fits("DATE", &json!("2024-01-02")));
-        assert!(fits("ARRAY<INT>", &json!([1, 2])));
-        assert!(fits("BOOLEAN", &json!(true)));
-        assert!(!fits("BOOLEAN", &json!("t")));
-        assert!(fits("VARCHAR(10)", &json!("x")));
-        assert!(!fits("VARCHAR(10)", &json!(1)));
+        assert!(ok("BIGINT", Value::Null));
+        assert!(ok("JSON", json!({"a": [1]})));
+        assert!(!ok("DATE", json!("2024-1-02")));
+        assert!(!ok("DATETIME", json!("2024-01-02 03:04")));
+        assert!(ok("BIGINT", json!(5)));
+        assert!(ok("BIGINT", json!("5")));
+        assert!(!ok("BIGINT", json!("five")));
+        assert!(!ok("BIGINT", json!(1.5)));
+        assert!(ok("DECIMAL(10,2)", json!("-12.34")));
+        assert!(!ok("DECIMAL(10,2)", json!("NaN")));
+        assert!(ok("DATETIME", json!("2024-01-02 03:04:05.123456")));
+        assert!(ok("DATETIME", json!("2024-01-02 03:04:05")));
+        assert!(!ok("DATETIME", json!("2024-01-02 03:04:05+00")));
+        assert!(ok("DATE", json!("2024-01-02")));
+        assert!(ok("ARRAY<INT>", json!([1, 2])));
+        assert!(ok("BOOLEAN", json!(true)));
+        assert!(!ok("BOOLEAN", json!("t")));
+        assert!(ok("VARCHAR(10)", json!("x")));
+        assert!(!ok("VARCHAR(10)", json!(1)));
     }
 }
