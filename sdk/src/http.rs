@@ -173,7 +173,9 @@ fn write_all(
             pollable.block();
             continue;
         }
-        let n = data.len().min(usize::try_from(permitted).unwrap_or(usize::MAX));
+        let n = data
+            .len()
+            .min(usize::try_from(permitted).unwrap_or(usize::MAX));
         let (chunk, rest) = data.split_at(n);
         stream.write(chunk)?;
         data = rest;

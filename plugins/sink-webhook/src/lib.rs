@@ -200,6 +200,35 @@ pub fn base64(b: &[u8]) -> String {
     out
 }
 
+/// Events sampled before the body is sized for the rest.
+const SIZING_SAMPLE: usize = 32;
+
+/// `count` events as one JSON array, each serialized straight into the body as it is made
+/// (no list of events held). The body is sized once: after the first
+/// [`SIZING_SAMPLE`] events it reserves their average size for the rest (plus an eighth),
+/// so a batch of even-sized changes is never copied by growth — a growing buffer's copy
+/// briefly holds the body twice, and the sink's memory keeps that high-water mark.
+fn json_array<'a>(
+    count: usize,
+    events: impl Iterator<Item = Result<Event<'a>, SinkError>>,
+) -> Result<Vec<u8>, SinkError> {
+    let mut out = Vec::with_capacity(4096);
+    out.push(b'[');
+    for (i, event) in events.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        if i == SIZING_SAMPLE {
+            let rest = count.saturating_sub(i);
+            out.reserve(out.len() / i * rest / 8 * 9);
+        }
+        sonic_rs::to_writer(&mut out, &event?)
+            .map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))?;
+    }
+    out.push(b']');
+    Ok(out)
+}
+
 fn unknown_relation(i: usize, relation: u32) -> SinkError {
     SinkError::Fatal(format!("change {i} refers to unknown relation {relation}"))
 }
@@ -267,24 +296,17 @@ impl Webhook {
 
     /// The request body: the CloudEvents batch (uncompressed).
     pub fn body(&self, batch: &Batch) -> Result<Vec<u8>, SinkError> {
-        let mut events = Vec::with_capacity(batch.changes.len());
-        for (i, c) in batch.changes.iter().enumerate() {
+        let events = batch.changes.iter().enumerate().map(|(i, c)| {
             let rel = batch
                 .relation_of(c)
                 .ok_or_else(|| unknown_relation(i, c.relation))?;
-            let before = c.old.as_deref().map(|values| {
+            let row = |values| {
                 AnyRow::Typed(RowJson {
                     relation: rel,
                     values,
                 })
-            });
-            let after = c.new.as_deref().map(|values| {
-                AnyRow::Typed(RowJson {
-                    relation: rel,
-                    values,
-                })
-            });
-            events.push(self.event(
+            };
+            Ok(self.event(
                 batch.id,
                 i,
                 c.op,
@@ -292,34 +314,27 @@ impl Webhook {
                 c.lsn,
                 c.xid,
                 c.commit_time_us,
-                before,
-                after,
-            ));
-        }
-        sonic_rs::to_vec(&events).map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))
+                c.old.as_deref().map(row),
+                c.new.as_deref().map(row),
+            ))
+        });
+        json_array(batch.changes.len(), events)
     }
 
     /// The request body of an encoded batch: the same events as [`Webhook::body`].
     pub fn body_encoded(&self, batch: &EncodedBatch) -> Result<Vec<u8>, SinkError> {
-        let mut events = Vec::with_capacity(batch.count as usize);
-        for (i, c) in batch.changes().enumerate() {
+        let events = batch.changes().enumerate().map(|(i, c)| {
             let c = c.map_err(|e| SinkError::Fatal(e.to_string()))?;
             let rel = batch
                 .relation(c.relation)
                 .ok_or_else(|| unknown_relation(i, c.relation))?;
-            let before = c.old.map(|values| {
+            let row = |values| {
                 AnyRow::Raw(RawRowJson {
                     relation: rel,
                     values,
                 })
-            });
-            let after = c.new.map(|values| {
-                AnyRow::Raw(RawRowJson {
-                    relation: rel,
-                    values,
-                })
-            });
-            events.push(self.event(
+            };
+            Ok(self.event(
                 batch.id,
                 i,
                 c.op,
@@ -327,11 +342,11 @@ impl Webhook {
                 c.lsn,
                 c.xid,
                 c.commit_time_us,
-                before,
-                after,
-            ));
-        }
-        sonic_rs::to_vec(&events).map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))
+                c.old.map(row),
+                c.new.map(row),
+            ))
+        });
+        json_array(batch.count as usize, events)
     }
 
     /// The full request for a batch (body compressed and signed as configured).
