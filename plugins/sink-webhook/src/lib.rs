@@ -203,10 +203,13 @@ pub fn base64(b: &[u8]) -> String {
 /// Events sampled before the body is sized for the rest.
 const SIZING_SAMPLE: usize = 32;
 
+/// The most the sample may reserve at once, bytes.
+const SIZING_CAP: usize = 16 << 20;
+
 /// `count` events as one JSON array, each serialized straight into the body as it is made
 /// (no list of events held). The body is sized once: after the first
-/// [`SIZING_SAMPLE`] events it reserves their average size for the rest (plus an eighth),
-/// so a batch of even-sized changes is never copied by growth — a growing buffer's copy
+/// [`SIZING_SAMPLE`] events it reserves their average size for the rest (plus an eighth,
+/// up to [`SIZING_CAP`]), so a batch of even-sized changes is never copied by growth — a growing buffer's copy
 /// briefly holds the body twice, and the sink's memory keeps that high-water mark.
 fn json_array<'a>(
     count: usize,
@@ -220,7 +223,11 @@ fn json_array<'a>(
         }
         if i == SIZING_SAMPLE {
             let rest = count.saturating_sub(i);
-            out.reserve(out.len() / i * rest / 8 * 9);
+            let estimate = (out.len() / i).saturating_mul(rest).saturating_mul(9) / 8;
+            // Only a hint: a sample of a few large rows must not claim memory the rest
+            // will not use (a plugin's memory never shrinks, and a grow past
+            // `limits.memory_mb` traps); past the cap the buffer grows as it needs.
+            let _ = out.try_reserve(estimate.min(SIZING_CAP));
         }
         sonic_rs::to_writer(&mut out, &event?)
             .map_err(|e| SinkError::Fatal(format!("encoding JSON: {e}")))?;
@@ -551,6 +558,27 @@ mod tests {
                 ]),
             )
             .build()
+    }
+
+    #[test]
+    fn a_body_past_the_sizing_sample_is_the_same_json_array() {
+        use sonic_rs::JsonValueTrait;
+        // 100 events: the body is sized after the first 32, and must not change shape.
+        let mut b = BatchBuilder::new(9).table(7, "public", "t", &[("id", 23, true)]);
+        for i in 0..100 {
+            b = b.change(Op::Insert, 7, None, Some(vec![Datum::Int(i)]));
+        }
+        let body = sink(&[]).body(&b.build()).unwrap();
+        let v: Vec<sonic_rs::Value> = sonic_rs::from_slice(&body).unwrap();
+        assert_eq!(v.len(), 100);
+        let ids: Vec<String> = v
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids[0], "9:0");
+        assert_eq!(ids[99], "9:99");
+        assert_eq!(v[99]["data"]["after"]["id"].as_i64(), Some(99));
+        assert_eq!(body, sonic_rs::to_vec(&v).unwrap(), "compact, no spaces");
     }
 
     #[test]

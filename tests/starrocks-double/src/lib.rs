@@ -809,6 +809,9 @@ fn prepare<'a>(
         // A name the table does not have is a temporary column in StarRocks (usable in
         // expressions, then dropped): its values are not stored.
         if let Some(i) = canon(c) {
+            if targets.contains(&i) {
+                return Err(format!("Duplicate column: {c}"));
+            }
             targets.push(i);
         }
     }
@@ -847,6 +850,10 @@ fn prepare<'a>(
         partial,
         merge,
     };
+    // The whole body is checked first, as strictly as a JSON parser does (escapes, nesting
+    // depth, nothing after the value); sonic-rs then only finds where each value is.
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map_err(|e| format!("The data is not valid JSON: {e}"))?;
     let invalid = |e: sonic_rs::Error| format!("The data is not valid JSON: {e}");
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let rows: Vec<&'a str> = if strip {
@@ -861,7 +868,7 @@ fn prepare<'a>(
     } else {
         let text =
             std::str::from_utf8(body).map_err(|e| format!("The data is not valid JSON: {e}"))?;
-        vec![text.trim()]
+        vec![text.trim_matches([' ', '\t', '\n', '\r'])]
     };
     out.rows.reserve(rows.len());
     for (i, row) in rows.into_iter().enumerate() {
@@ -1089,6 +1096,49 @@ mod tests {
     /// The check a load runs: on the value's JSON text.
     fn ok(ty: &str, v: Value) -> bool {
         fits_text(Kind::of(ty), &v.to_string())
+    }
+
+    #[test]
+    fn a_body_is_whole_valid_json_or_the_load_fails() {
+        let t = Table {
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_name: "BIGINT".into(),
+                },
+                Column {
+                    name: "name".into(),
+                    type_name: "VARCHAR(10)".into(),
+                },
+            ],
+            key: vec!["id".into()],
+            rows: BTreeMap::new(),
+        };
+        // (rows loaded, rows filtered)
+        let load = |body: &str, strip: bool| {
+            prepare(&t, &None, false, None, strip, body.as_bytes())
+                .map(|p| (p.rows.len(), p.filtered.len()))
+        };
+        assert_eq!(load(r#"[{"id":1,"name":"a"},{"id":2}]"#, true), Ok((2, 0)));
+        assert_eq!(load(" {\"id\":1}\n", false), Ok((1, 0)));
+        assert_eq!(load(r#"[1, {"id":null}, {"id":"x"}]"#, true), Ok((0, 3)));
+        for (body, strip) in [
+            (r#"[{"id":1}] junk"#, true),
+            (r#"[{"id":1}][{"id":2}]"#, true),
+            (r#"{"id":1}{"id":2}"#, false),
+            (r#"[{"id":1,"name":"\uZZZZ"}]"#, true),
+            ("", true),
+            ("garbage", false),
+        ] {
+            let e = load(body, strip).expect_err(body);
+            assert!(e.starts_with("The data is not valid JSON"), "{body}: {e}");
+        }
+        assert_eq!(
+            load(r#"{"id":1}"#, true),
+            Err("strip_outer_array is true but the body is not an array".into())
+        );
+        let twice = prepare(&t, &Some("id,name,ID".into()), false, None, true, b"[]");
+        assert_eq!(twice.err(), Some("Duplicate column: ID".into()));
     }
 
     #[test]
