@@ -913,3 +913,54 @@ async fn a_target_keyed_on_part_of_the_source_key_keeps_each_keys_last_row() {
         d.log()
     );
 }
+
+/// `dbmazz plugin test --connection`: sink-postgres runs the whole conformance suite (every
+/// op, unchanged TOAST, every value kind, a schema change, 50,000 inserts) against a real
+/// database, nothing faults, the target holds what the suite leaves, and the connection's
+/// password stays out of the output.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_test_runs_sink_postgres_against_a_real_database() {
+    let pg = Pg::start("");
+    pg.psql_super(&format!("CREATE DATABASE replica OWNER {USER}"));
+    let url = pg.url_of("replica");
+    let grant = format!("target={url}");
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        plugins().postgres.as_os_str(),
+        "--connection".as_ref(),
+        grant.as_ref(),
+        "-c".as_ref(),
+        "connection=\"target\"".as_ref(),
+        "-c".as_ref(),
+        "create_tables=true".as_ref(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(!out.contains(PASSWORD), "{out}");
+    let db = connect(&url).await;
+    // after the TRUNCATE: the snapshot's 20 and 21, the NULL row 30 and the extremes 31,
+    // row 40 of the wider shape, and the 50,000 inserts
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM public.conformance", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50_005);
+    let added: Option<String> = db
+        .query_one("SELECT added FROM public.conformance WHERE id = 40", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(added.as_deref(), Some("a new column"));
+
+    // without the grant, the plugin is refused the connection it names
+    let (ok, out) = support::dbmazz(&[
+        "plugin".as_ref(),
+        "test".as_ref(),
+        plugins().postgres.as_os_str(),
+        "-c".as_ref(),
+        "connection=\"target\"".as_ref(),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not granted"), "{out}");
+}

@@ -144,6 +144,12 @@ enum PluginCommand {
         /// test double of one). Repeatable.
         #[arg(long, value_name = "HOST:PORT")]
         allow: Vec<String>,
+        /// Grant the plugin the PostgreSQL connection NAME (`capabilities.postgres`),
+        /// opened at URL (a libpq URI or key=value string, as `[connections.NAME] url`):
+        /// a sink that writes to PostgreSQL runs the suite against a real database.
+        /// Repeatable.
+        #[arg(long, value_name = "NAME=URL")]
+        connection: Vec<String>,
     },
     /// Write a working sink project (the sink, its unit tests, a README with the build
     /// command) from the template of a language.
@@ -294,6 +300,7 @@ fn main() -> ExitCode {
                         replay,
                         flush_size,
                         allow,
+                        connection,
                     },
             } => {
                 let limits = dbmazz::plugin::state::Limits {
@@ -302,7 +309,7 @@ fn main() -> ExitCode {
                     ..Default::default()
                 };
                 let replay = replay.map(|path| (path, flush_size));
-                plugin_test(&file, &config, limits, replay.as_ref(), allow).await
+                plugin_test(&file, &config, limits, replay.as_ref(), allow, &connection).await
             }
             Command::Plugin {
                 command:
@@ -381,8 +388,29 @@ async fn plugin_test(
     limits: dbmazz::plugin::state::Limits,
     replay: Option<&(PathBuf, usize)>,
     allow: Vec<String>,
+    connections: &[String],
 ) -> ExitCode {
     use dbmazz::plugin::contract::{config_value, ConfigValue};
+    let mut postgres = std::collections::HashMap::new();
+    for c in connections {
+        let Some((name, url)) = c.split_once('=') else {
+            eprintln!(
+                "error: --connection needs NAME=URL (the password stays out of this message)"
+            );
+            return ExitCode::FAILURE;
+        };
+        let config = dbmazz::config::ConnectionConfig {
+            url: url.to_string(),
+            pool_size: 2,
+        };
+        match dbmazz::plugin::postgres::Pool::new(name.trim(), &config) {
+            Ok(pool) => postgres.insert(name.trim().to_string(), Arc::new(pool)),
+            Err(e) => {
+                eprintln!("error: --connection {}: {e}", name.trim());
+                return ExitCode::FAILURE;
+            }
+        };
+    }
     let mut values = Vec::new();
     for kv in config {
         let Some((k, v)) = kv.split_once('=') else {
@@ -427,6 +455,7 @@ async fn plugin_test(
         limits,
         cases,
         allow,
+        postgres,
     };
     let outcomes = match dbmazz::plugin::conformance::run(&host, file, opts).await {
         Ok(o) => o,

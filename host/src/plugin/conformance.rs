@@ -448,6 +448,8 @@ pub struct Options {
     /// `host:port`s the plugin may reach besides the local endpoint (`--allow`: a real
     /// service or a test double of one, e.g. a StarRocks FE and BE).
     pub allow: Vec<String>,
+    /// PostgreSQL connections granted by name (`--connection`: `capabilities.postgres`).
+    pub postgres: std::collections::HashMap<String, Arc<super::postgres::Pool>>,
 }
 
 /// Runs the cases through the plugin at `file` (a sink or a transform, any contract the
@@ -463,6 +465,7 @@ pub async fn run(host: &PluginHost, file: &Path, opts: Options) -> Result<Vec<Ou
         limits,
         cases,
         allow,
+        postgres,
     } = opts;
     let (_, info) = host.inspect(file).map_err(|e| e.to_string())?;
     let world = info
@@ -477,6 +480,7 @@ pub async fn run(host: &PluginHost, file: &Path, opts: Options) -> Result<Vec<Ou
             http: std::iter::once(addr.to_string())
                 .chain(allow.iter().cloned())
                 .collect(),
+            postgres: postgres.clone(),
             ..Grants::default()
         },
         limits: limits.clone(),
