@@ -399,14 +399,12 @@ async fn plugin_test(
             );
             return ExitCode::FAILURE;
         };
-        let config = dbmazz::config::ConnectionConfig {
-            url: url.to_string(),
-            pool_size: 2,
-        };
-        match dbmazz::plugin::postgres::Pool::new(name.trim(), &config) {
-            Ok(pool) => postgres.insert(name.trim().to_string(), Arc::new(pool)),
+        let name = name.trim();
+        let config = dbmazz::config::ConnectionConfig::new(url);
+        match dbmazz::plugin::postgres::Pool::new(name, &config) {
+            Ok(pool) => postgres.insert(name.to_string(), Arc::new(pool)),
             Err(e) => {
-                eprintln!("error: --connection {}: {e}", name.trim());
+                eprintln!("error: --connection {name}: {e}");
                 return ExitCode::FAILURE;
             }
         };

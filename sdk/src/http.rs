@@ -182,17 +182,17 @@ fn write_all(
     }
     // As wasmtime's own `blocking-write-and-flush` does: a stream that closed once every
     // byte was written (the body reached its content-length) is not an error here.
-    let closed_is_done = |r: Result<u64, StreamError>| match r {
-        Ok(_) | Err(StreamError::Closed) => Ok(()),
+    let closed_is_done = |r: Result<(), StreamError>| match r {
+        Ok(()) | Err(StreamError::Closed) => Ok(()),
         Err(e) => Err(e),
     };
-    closed_is_done(stream.flush().map(|()| 1))?;
+    closed_is_done(stream.flush())?;
     loop {
         pollable.block();
         match stream.check_write() {
             // zero while the flush is still under way
             Ok(0) => continue,
-            r => return closed_is_done(r),
+            r => return closed_is_done(r.map(drop)),
         }
     }
 }

@@ -138,6 +138,17 @@ fn default_pool_size() -> usize {
     2
 }
 
+impl ConnectionConfig {
+    /// A connection at `url` with the default `pool_size`, as a `[connections.<name>]`
+    /// section with only `url` would be (`dbmazz plugin test --connection`).
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnectionConfig {
+            url: url.into(),
+            pool_size: default_pool_size(),
+        }
+    }
+}
+
 /// `[control]`: endpoints for operators.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1055,6 +1055,22 @@ fn text_param(c: Option<&Cell<'_>>) -> PgValue {
     }
 }
 
+/// `<alias><key column> = $first AND ...`: the target's key against the parameters from
+/// `$first` on.
+fn key_condition(t: &Target, first: usize, alias: &str) -> String {
+    t.key
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{alias}{} = ${}", quote_ident(&t.names[i]), first + n))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Positions of a soft-delete target's audit columns (its last [`AUDIT_COLUMNS`]).
+fn audit_positions(t: &Target) -> Vec<usize> {
+    (t.names.len() - AUDIT_COLUMNS.len()..t.names.len()).collect()
+}
+
 /// `UPDATE <t> SET <set> = $1, ... WHERE <key> = $n AND ...`: `row`'s values for the
 /// columns at positions `set`, `key_row`'s for the key.
 fn update_by_key(
@@ -1065,12 +1081,6 @@ fn update_by_key(
 ) -> (String, Vec<PgValue>) {
     let assign = |(n, &i): (usize, &usize)| format!("{} = ${}", quote_ident(&t.names[i]), n + 1);
     let assignments: Vec<String> = set.iter().enumerate().map(assign).collect();
-    let cond: Vec<String> = t
-        .key
-        .iter()
-        .enumerate()
-        .map(|(n, &i)| format!("{} = ${}", quote_ident(&t.names[i]), set.len() + n + 1))
-        .collect();
     let mut params: Vec<PgValue> = set.iter().map(|&i| text_param(row.get(i))).collect();
     params.extend(t.key.iter().map(|&i| text_param(key_row.get(i))));
     (
@@ -1078,7 +1088,7 @@ fn update_by_key(
             "UPDATE {} SET {} WHERE {}",
             t.name,
             assignments.join(", "),
-            cond.join(" AND ")
+            key_condition(t, set.len() + 1, "")
         ),
         params,
     )
@@ -1096,24 +1106,14 @@ fn update_by_key(
 /// lacks, each value goes through its column type's input function) — then the old row
 /// is flagged.
 fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> {
-    let param = text_param;
     let old = c.old.as_deref().unwrap_or(&[]);
     let new = c.new.as_deref().unwrap_or(&[]);
     let set: Vec<usize> = (0..t.names.len())
         .filter(|&i| t.key.contains(&i) || new.get(i) != Some(&Cell::Unchanged))
         .collect();
-    let key_is = |first: usize, alias: &str| -> String {
-        t.key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("{alias}{} = ${}", quote_ident(&t.names[i]), first + n))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
     if t.deletes == Deletes::Hard {
         return vec![update_by_key(t, &set, new, old)];
     }
-    let old_key: Vec<PgValue> = t.key.iter().map(|&i| param(old.get(i))).collect();
     // the new row's values as a JSON object of text (json and jsonb values as they are)
     let mut object = String::from("{");
     for (n, &i) in set.iter().enumerate() {
@@ -1136,7 +1136,7 @@ fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> 
         .map(|i| format!("{c} = EXCLUDED.{c}", c = quote_ident(&t.names[i])))
         .collect();
     let mut params = vec![PgValue::Text(object)];
-    params.extend(old_key.iter().cloned());
+    params.extend(t.key.iter().map(|&i| text_param(old.get(i))));
     let copy = (
         format!(
             "INSERT INTO {n} ({cols}) SELECT {picked} FROM {n} o CROSS JOIN LATERAL json_populate_record(o, $1::json) r WHERE {on} ON CONFLICT ({keys}) DO UPDATE SET {set}",
@@ -1147,17 +1147,18 @@ fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> 
                 .map(|c| format!("r.{c}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            on = key_is(2, "o."),
+            on = key_condition(t, 2, "o."),
             keys = keys.join(", "),
             set = non_key.join(", ")
         ),
         params,
     );
-    let audit_at = t.names.len() - AUDIT_COLUMNS.len();
-    let mut params: Vec<PgValue> = (audit_at..t.names.len())
-        .map(|i| param(old.get(i)))
+    // then the old key flagged with the old row's audit values
+    let mut params: Vec<PgValue> = audit_positions(t)
+        .into_iter()
+        .map(|i| text_param(old.get(i)))
         .collect();
-    params.extend(old_key);
+    params.extend(t.key.iter().map(|&i| text_param(old.get(i))));
     let flag = (
         format!(
             "UPDATE {} SET {} WHERE {}",
@@ -1168,7 +1169,7 @@ fn move_statements(t: &Target, c: &ChangeIn<'_>) -> Vec<(String, Vec<PgValue>)> 
                 .map(|(n, (c, _))| format!("{c} = ${}", n + 1))
                 .collect::<Vec<_>>()
                 .join(", "),
-            key_is(AUDIT_COLUMNS.len() + 1, "")
+            key_condition(t, AUDIT_COLUMNS.len() + 1, "")
         ),
         params,
     );
@@ -1182,29 +1183,16 @@ fn json_string(text: &str) -> String {
 
 /// One action as a parameterized statement (values as text parameters).
 fn single_statement(t: &Target, a: &plan::Action<'_>) -> (String, Vec<PgValue>) {
-    let param = |c: &Cell<'_>| match c {
-        Cell::Value(v) => PgValue::Text(v.to_string()),
-        _ => PgValue::Null,
-    };
     let q = |i: usize| quote_ident(&t.names[i]);
     match a {
         plan::Action::Delete(row) if t.deletes == Deletes::Soft => {
             // the row is flagged: the audit columns set to the delete's values
-            let audit: Vec<usize> = (t.names.len() - AUDIT_COLUMNS.len()..t.names.len()).collect();
-            update_by_key(t, &audit, row, row)
+            update_by_key(t, &audit_positions(t), row, row)
         }
-        plan::Action::Delete(row) => {
-            let cond: Vec<String> = t
-                .key
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| format!("{} = ${}", q(i), n + 1))
-                .collect();
-            (
-                format!("DELETE FROM {} WHERE {}", t.name, cond.join(" AND ")),
-                t.key.iter().map(|&i| param(&row[i])).collect(),
-            )
-        }
+        plan::Action::Delete(row) => (
+            format!("DELETE FROM {} WHERE {}", t.name, key_condition(t, 1, "")),
+            t.key.iter().map(|&i| text_param(row.get(i))).collect(),
+        ),
         plan::Action::Upsert(row) if row.contains(&Cell::Unchanged) => {
             let changed: Vec<usize> = (0..t.names.len())
                 .filter(|i| !t.key.contains(i) && row.get(*i) != Some(&Cell::Unchanged))
@@ -1235,7 +1223,7 @@ fn single_statement(t: &Target, a: &plan::Action<'_>) -> (String, Vec<PgValue>) 
                     vals.join(", "),
                     keys.join(", ")
                 ),
-                row.iter().map(param).collect(),
+                row.iter().map(|c| text_param(Some(c))).collect(),
             )
         }
     }

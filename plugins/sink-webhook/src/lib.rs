@@ -207,10 +207,10 @@ const SIZING_SAMPLE: usize = 32;
 const SIZING_CAP: usize = 16 << 20;
 
 /// `count` events as one JSON array, each serialized straight into the body as it is made
-/// (no list of events held). The body is sized once: after the first
-/// [`SIZING_SAMPLE`] events it reserves their average size for the rest (plus an eighth,
-/// up to [`SIZING_CAP`]), so a batch of even-sized changes is never copied by growth — a growing buffer's copy
-/// briefly holds the body twice, and the sink's memory keeps that high-water mark.
+/// (no list of events held). The body is sized once: after the first [`SIZING_SAMPLE`]
+/// events it reserves their average size for the rest (plus an eighth, up to
+/// [`SIZING_CAP`]), so a batch of even-sized changes is never copied by growth — a growing
+/// buffer's copy briefly holds the body twice, and the sink's memory keeps that mark.
 fn json_array<'a>(
     count: usize,
     events: impl Iterator<Item = Result<Event<'a>, SinkError>>,

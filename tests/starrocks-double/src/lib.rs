@@ -852,23 +852,21 @@ fn prepare<'a>(
     };
     // The whole body is checked first, as strictly as a JSON parser does (escapes, nesting
     // depth, nothing after the value); sonic-rs then only finds where each value is.
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map_err(|e| format!("The data is not valid JSON: {e}"))?;
-    let invalid = |e: sonic_rs::Error| format!("The data is not valid JSON: {e}");
-    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let invalid = |e: &dyn std::fmt::Display| format!("The data is not valid JSON: {e}");
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| invalid(&e))?;
+    let text = std::str::from_utf8(body).map_err(|e| invalid(&e))?;
+    let text = text.trim_matches([' ', '\t', '\n', '\r']);
     let rows: Vec<&'a str> = if strip {
-        if first != Some(b'[') {
+        if !text.starts_with('[') {
             return Err("strip_outer_array is true but the body is not an array".into());
         }
         let mut rows = Vec::new();
-        for r in sonic_rs::to_array_iter(body) {
-            rows.push(raw(&r.map_err(invalid)?)?);
+        for r in sonic_rs::to_array_iter(text) {
+            rows.push(raw(&r.map_err(|e| invalid(&e))?)?);
         }
         rows
     } else {
-        let text =
-            std::str::from_utf8(body).map_err(|e| format!("The data is not valid JSON: {e}"))?;
-        vec![text.trim_matches([' ', '\t', '\n', '\r'])]
+        vec![text]
     };
     out.rows.reserve(rows.len());
     for (i, row) in rows.into_iter().enumerate() {
@@ -879,7 +877,7 @@ fn prepare<'a>(
         let mut cells: Vec<&'a str> = vec!["null"; targets.len()];
         let mut delete = false;
         for pair in sonic_rs::to_object_iter(row) {
-            let (name, v) = pair.map_err(invalid)?;
+            let (name, v) = pair.map_err(|e| invalid(&e))?;
             if name.eq_ignore_ascii_case("__op") {
                 let op = raw(&v)?;
                 delete = has_op && (op == "1" || op == "\"1\"");
