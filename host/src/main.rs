@@ -182,11 +182,13 @@ fn init_logs(format: LogFormat, default_level: &str) {
     }
 }
 
-/// Caps glibc's malloc at two arenas. glibc gives a thread that finds the others busy an
+/// Gives glibc's malloc one arena. glibc gives a thread that finds the others busy an
 /// arena of its own (up to 8 per core), and each arena keeps its high-water mark: batches
 /// allocated on one tokio worker and freed on another spread the same megabytes over
 /// several arenas. With two, dbmazz's peak RSS on W1 with the webhook sink was 95 MB
-/// instead of 120 at the same speed (docs/performance.md). Skipped when the operator set
+/// instead of 120; once the reader ran on the workers too (see `main`), two arenas gave
+/// 106–115 MB and one 85 MB, at the same speed (docs/performance.md; each thread's
+/// tcache keeps small allocations off the arena's lock). Skipped when the operator set
 /// `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` (theirs wins).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
@@ -196,7 +198,7 @@ fn limit_malloc_arenas() {
         // SAFETY: called first in `main`, before any other thread exists; mallopt only
         // sets a parameter of the allocator.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }
@@ -224,7 +226,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    // The command runs as a spawned task, not as `block_on`'s own future: that one is
+    // polled on the main thread, so every socket event the I/O driver (on a worker) saw
+    // for it cost a cross-thread wakeup (a futex and two context switches). As a task it
+    // runs on the worker that polled the event. In the benchmark's steady state at
+    // 20,000 changes/s this took dbmazz from 45–46 % to 32–34 % of a core, and its
+    // commit-to-ack p99 down with it (docs/performance.md).
+    let command = runtime.spawn(async move {
         match cli.command {
             Command::Run {
                 config,
@@ -281,7 +289,9 @@ fn main() -> ExitCode {
             }
             Command::Check { config } => {
                 let mut out = std::io::stdout();
-                if dbmazz::check::check(&config, std::env::vars(), &mut out).await {
+                if dbmazz::check::check(&config, std::env::vars().collect::<Vec<_>>(), &mut out)
+                    .await
+                {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
@@ -341,7 +351,14 @@ fn main() -> ExitCode {
                 }
             },
         }
-    })
+    });
+    match runtime.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("the command's task failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(path: PathBuf, opts: dbmazz::runtime::RunOptions) -> ExitCode {

@@ -24,6 +24,17 @@ use dbmazz_protocol::lsn::Lsn;
 use crate::assembler::Event;
 use crate::change::{Batch, BatchId, BatchIntent, BatchTiming, Change, Position, SchemaChange};
 
+/// A transaction read this long after its commit (or longer) belongs to a backlog being
+/// caught up: [`Batcher::cut_at_commit`] leaves its batch to fill.
+///
+/// It is not `flush_interval` (100 ms by default) because the walsender itself is
+/// sometimes that late: on 2 cores shared with the writers, the `server` stage (commit →
+/// the walsender sending it) reached p99 114 ms at 20,000 changes/s, and treating those
+/// transactions as a backlog held their batch for the rest of `flush_interval` (the
+/// `batch` stage's maximum was `flush_interval` exactly). A backlog worth filling batches
+/// for is seconds old.
+pub const BACKLOG_AGE: Duration = Duration::from_secs(1);
+
 /// Where a restarted pipeline resumes, from the checkpoint store.
 #[derive(Clone, Debug, Default)]
 pub struct Resume {
@@ -259,9 +270,10 @@ impl Batcher {
     /// in effect.
     ///
     /// Only for fresh changes: when the open batch's last transaction committed more than
-    /// `flush_interval` before `now_us` (µs since the Unix epoch), the stream is a backlog
-    /// being caught up, where full batches matter more than latency (on the benchmark's W2,
-    /// cutting at every catch-up cost a fifth of the throughput).
+    /// [`BACKLOG_AGE`] (or `flush_interval`, if longer) before `now_us` (µs since the Unix
+    /// epoch), the stream is a backlog being caught up, where full batches matter more
+    /// than latency (on the benchmark's W2, cutting at every catch-up cost a fifth of the
+    /// throughput).
     pub fn cut_at_commit(&mut self, now_us: i64) -> Option<Batch> {
         if !self.can_cut_at_commit(now_us) {
             return None;
@@ -271,9 +283,8 @@ impl Batcher {
 
     /// True when [`Batcher::cut_at_commit`] would cut.
     pub fn can_cut_at_commit(&self, now_us: i64) -> bool {
-        let fresh = |c: &Change| {
-            now_us.saturating_sub(c.commit_time_us) < self.flush_interval.as_micros() as i64
-        };
+        let backlog_us = self.flush_interval.max(BACKLOG_AGE).as_micros() as i64;
+        let fresh = |c: &Change| now_us.saturating_sub(c.commit_time_us) < backlog_us;
         !self.in_txn
             && !self.replaying()
             && self
@@ -704,7 +715,7 @@ mod tests {
 
     #[test]
     fn cut_at_commit_waits_for_the_commit_and_not_for_the_interval() {
-        let mut b = Batcher::new(100, Duration::from_secs(3600), Resume::default());
+        let mut b = Batcher::new(100, Duration::from_millis(100), Resume::default());
         let dir = tempfile::tempdir().unwrap();
         let mut a = Assembler::new(dir.path(), 1 << 20).unwrap();
         // `open_txn`'s transaction committed at the Unix epoch
@@ -718,6 +729,11 @@ mod tests {
             !b.can_cut_at_commit(3_600_000_000),
             "an hour-old commit is a backlog: wait for a full batch"
         );
+        assert!(
+            b.can_cut_at_commit(500_000),
+            "a commit the walsender sent 500 ms late is not a backlog"
+        );
+        assert!(!b.can_cut_at_commit(BACKLOG_AGE.as_micros() as i64));
         let batch = b.cut_at_commit(now).unwrap();
         assert_eq!(batch.changes.len(), 2);
         assert_eq!(batch.watermark, Some(Lsn(60)));

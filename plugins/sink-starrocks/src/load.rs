@@ -7,6 +7,8 @@
 //! identity key names only the key. Segments of one table are loaded in order, so a
 //! later change of a key never lands before an earlier one.
 
+use std::hash::BuildHasher;
+
 use hashbrown::HashMap;
 
 use dbmazz_sdk::{Op, Relation};
@@ -243,8 +245,20 @@ pub struct Planner<'s> {
     synced_at: String,
     max_bytes: usize,
     loads: Vec<Load>,
+    /// (table, relation id, column mask) → the latest load of that shape.
     by_shape: HashMap<(String, u32, Vec<bool>), usize>,
-    key_last: HashMap<(String, String), usize>,
+    /// The relation id and load of the row pushed last: consecutive rows of one shape
+    /// (most of a batch) skip the `by_shape` lookup.
+    last_shape: Option<(u32, usize)>,
+    /// Hash of (table, key text) → the latest load holding a row of that key. Only a
+    /// hash is kept: two keys sharing one only make a row start a later load than it
+    /// needed, never an earlier one, so order holds either way.
+    key_last: HashMap<u64, usize>,
+    hasher: hashbrown::DefaultHashBuilder,
+    /// Reused per row: the column mask, and key texts.
+    mask: Vec<bool>,
+    key: String,
+    old_key: String,
     /// Changes that moved a row to a new key while a TOASTed column was not sent: the
     /// new row lacks that value (REPLICA IDENTITY FULL avoids it).
     pub toast_under_new_key: Vec<u32>,
@@ -268,7 +282,12 @@ impl<'s> Planner<'s> {
             max_bytes,
             loads: Vec::new(),
             by_shape: HashMap::new(),
+            last_shape: None,
             key_last: HashMap::new(),
+            hasher: Default::default(),
+            mask: Vec::new(),
+            key: String::new(),
+            old_key: String::new(),
             toast_under_new_key: Vec::new(),
         }
     }
@@ -284,7 +303,9 @@ impl<'s> Planner<'s> {
         route: &Route,
     ) -> Result<(), String> {
         if let Some(old) = old_key {
-            if key_text(old, route) != key_text(row, route) {
+            key_text(old, route, &mut self.old_key);
+            key_text(row, route, &mut self.key);
+            if self.old_key != self.key {
                 self.push(old, true, route)?;
                 if row.values.iter().any(Option::is_none) {
                     self.toast_under_new_key.push(row.index);
@@ -296,26 +317,39 @@ impl<'s> Planner<'s> {
 
     fn push(&mut self, row: &RowIn<'_>, delete: bool, route: &Route) -> Result<(), String> {
         let cols = &row.relation.columns;
-        let mask: Vec<bool> = cols
-            .iter()
-            .zip(&row.values)
-            .zip(&route.included)
-            .map(|((c, v), inc)| *inc && v.is_some() && (!row.key_only || c.key))
-            .collect();
-        let key = (route.table.clone(), key_text(row, route));
+        let mut mask = std::mem::take(&mut self.mask);
+        mask.clear();
+        mask.extend(
+            cols.iter()
+                .zip(&row.values)
+                .zip(&route.included)
+                .map(|((c, v), inc)| *inc && v.is_some() && (!row.key_only || c.key)),
+        );
+        key_text(row, route, &mut self.key);
+        let key = self.hasher.hash_one((&route.table, &self.key));
         let floor = self.key_last.get(&key).copied();
-        let shape_key = (route.table.clone(), row.relation.id, mask);
-        let joinable =
-            self.by_shape.get(&shape_key).copied().filter(|&i| {
-                floor.is_none_or(|f| i >= f) && self.loads[i].json.len() < self.max_bytes
-            });
+        // The latest load of this shape: the last row's, when this row has its shape.
+        let latest = match self.last_shape {
+            Some((rel, i))
+                if rel == row.relation.id
+                    && self.loads[i].mask == mask
+                    && self.loads[i].table == route.table =>
+            {
+                Some(i)
+            }
+            _ => self
+                .by_shape
+                .get(&(route.table.clone(), row.relation.id, mask.clone()))
+                .copied(),
+        };
+        let joinable = latest
+            .filter(|&i| floor.is_none_or(|f| i >= f) && self.loads[i].json.len() < self.max_bytes);
         let i = match joinable {
             Some(i) => i,
             None => {
-                let mask = &shape_key.2;
                 let mut names: Vec<String> = cols
                     .iter()
-                    .zip(mask)
+                    .zip(&mask)
                     .filter(|(_, on)| **on)
                     .map(|(c, _)| format!("`{}`", c.name.replace('`', "``")))
                     .collect();
@@ -341,10 +375,13 @@ impl<'s> Planner<'s> {
                 });
                 let i = self.loads.len() - 1;
                 // a joined load is already the latest of its shape
-                self.by_shape.insert(shape_key, i);
+                self.by_shape
+                    .insert((route.table.clone(), row.relation.id, mask.clone()), i);
                 i
             }
         };
+        self.mask = mask;
+        self.last_shape = Some((row.relation.id, i));
         if floor != Some(i) {
             self.key_last.insert(key, i);
         }
@@ -367,6 +404,7 @@ impl<'s> Planner<'s> {
     /// The loads, labelled, in the order they must run.
     pub fn finish(&mut self) -> Vec<Load> {
         let mut loads = std::mem::take(&mut self.loads);
+        (self.last_shape, self.by_shape, self.key_last) = Default::default();
         let mut ordinal: HashMap<String, usize> = HashMap::new();
         for l in &mut loads {
             let n = ordinal.entry(l.table.clone()).or_insert(0);
@@ -386,18 +424,18 @@ impl<'s> Planner<'s> {
     }
 }
 
-/// A row's target primary key as text (for ordering; NULL and missing as empty).
-fn key_text(row: &RowIn<'_>, route: &Route) -> String {
-    let mut out = String::new();
+/// A row's target primary key as text into `out` (for ordering; NULL and missing as
+/// empty).
+fn key_text(row: &RowIn<'_>, route: &Route, out: &mut String) {
+    out.clear();
     for (v, k) in row.values.iter().zip(&route.key) {
         if *k {
             if let Some(c) = v {
-                out.push_str(&c.key_text());
+                c.push_key_text(out);
             }
             out.push('\u{1f}');
         }
     }
-    out
 }
 
 #[cfg(test)]

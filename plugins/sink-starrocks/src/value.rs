@@ -78,16 +78,18 @@ impl<'a> Cell<'a> {
         })
     }
 
-    /// The value's text as PostgreSQL prints it, for comparing keys.
-    pub fn key_text(&self) -> Cow<'a, str> {
-        match *self {
-            Cell::Null => Cow::Borrowed(""),
-            Cell::Text(t) => Cow::Borrowed(t),
-            Cell::Bytes(b) => Cow::Owned(format!("{b:?}")),
-            Cell::Bool(b) => Cow::Borrowed(if b { "t" } else { "f" }),
-            Cell::Int(i) => Cow::Owned(i.to_string()),
-            Cell::Float(f) => Cow::Owned(f.to_string()),
-        }
+    /// Appends the value's text as PostgreSQL prints it to `out`, for comparing keys.
+    pub fn push_key_text(&self, out: &mut String) {
+        use std::fmt::Write;
+        // Writing to a String cannot fail.
+        let _ = match *self {
+            Cell::Null => Ok(()),
+            Cell::Text(t) => out.write_str(t),
+            Cell::Bytes(b) => write!(out, "{b:?}"),
+            Cell::Bool(b) => out.write_str(if b { "t" } else { "f" }),
+            Cell::Int(i) => write!(out, "{i}"),
+            Cell::Float(f) => write!(out, "{f}"),
+        };
     }
 }
 
