@@ -138,28 +138,19 @@ impl ChunkReader {
         let line = simdutf8::basic::from_utf8(line)
             .map_err(|_| self.malformed("a line is not valid UTF-8"))?;
         b.begin_row();
-        let mut n = 0;
-        for field in line.split('\t') {
-            n += 1;
-            if field == "\\N" {
-                b.push_null();
-            } else if memchr::memchr(b'\\', field.as_bytes()).is_none() {
-                b.push_text(field);
-            } else {
-                self.scratch.clear();
-                if unescape(field, &mut self.scratch).is_err() {
-                    b.abandon_row();
-                    return Err(self.malformed("a value has an invalid escape"));
-                }
-                match std::str::from_utf8(&self.scratch) {
-                    Ok(v) => b.push_text(v),
-                    Err(_) => {
-                        b.abandon_row();
-                        return Err(self.malformed("an escaped value is not valid UTF-8"));
-                    }
-                }
+        // One scan finds the column separators and the fields that hold an escape (a
+        // value's own tab is always escaped as `\t`, so every raw tab separates).
+        let (mut n, mut start, mut escaped) = (0, 0, false);
+        for at in memchr::memchr2_iter(b'\t', b'\\', line.as_bytes()) {
+            if line.as_bytes()[at] == b'\\' {
+                escaped = true;
+                continue;
             }
+            self.field(&line[start..at], escaped, b)?;
+            (n, start, escaped) = (n + 1, at + 1, false);
         }
+        self.field(&line[start..], escaped, b)?;
+        n += 1;
         if n != self.ncols {
             b.abandon_row();
             return Err(
@@ -167,6 +158,34 @@ impl ChunkReader {
             );
         }
         b.end_row();
+        Ok(())
+    }
+
+    /// One field of a line; `escaped`: it holds a backslash.
+    fn field(
+        &mut self,
+        field: &str,
+        escaped: bool,
+        b: &mut TupleBuilder,
+    ) -> Result<(), SnapshotError> {
+        if !escaped {
+            b.push_text(field);
+        } else if field == "\\N" {
+            b.push_null();
+        } else {
+            self.scratch.clear();
+            if unescape(field, &mut self.scratch).is_err() {
+                b.abandon_row();
+                return Err(self.malformed("a value has an invalid escape"));
+            }
+            match std::str::from_utf8(&self.scratch) {
+                Ok(v) => b.push_text(v),
+                Err(_) => {
+                    b.abandon_row();
+                    return Err(self.malformed("an escaped value is not valid UTF-8"));
+                }
+            }
+        }
         Ok(())
     }
 }
