@@ -354,6 +354,8 @@ fn main() -> ExitCode {
     });
     match runtime.block_on(command) {
         Ok(code) => code,
+        // as before: the panic's message is printed, the exit status is 101
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => {
             error!("the command's task failed: {e}");
             ExitCode::FAILURE

@@ -331,8 +331,9 @@ pub struct PipelineConfig {
     pub flush_interval_ms: u64,
     /// When everything the server sent has been read and the sink has acknowledged every
     /// batch handed on, cut the open batch at its last commit instead of waiting for
-    /// `flush_interval_ms` — if that commit is younger than `flush_interval_ms` (older ones
-    /// are a backlog, cut by size for throughput): the lowest
+    /// `flush_interval_ms` — if that commit is younger than a second, or than
+    /// `flush_interval_ms` if that is longer (older ones are a backlog, cut by size for
+    /// throughput): the lowest
     /// commit-to-ack latency, with batches that grow by themselves under load (group
     /// commit). `false`: batches are cut only by `flush_size` and `flush_interval_ms`
     /// (fewer, larger batches, for sinks that pay per load).

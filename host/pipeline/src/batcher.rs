@@ -24,8 +24,9 @@ use dbmazz_protocol::lsn::Lsn;
 use crate::assembler::Event;
 use crate::change::{Batch, BatchId, BatchIntent, BatchTiming, Change, Position, SchemaChange};
 
-/// A transaction read this long after its commit (or longer) belongs to a backlog being
-/// caught up: [`Batcher::cut_at_commit`] leaves its batch to fill.
+/// A transaction read this long after its commit (or longer; or `flush_interval`, if that
+/// is longer) belongs to a backlog being caught up: [`Batcher::cut_at_commit`] leaves its
+/// batch to fill.
 ///
 /// It is not `flush_interval` (100 ms by default) because the walsender itself is
 /// sometimes that late: on 2 cores shared with the writers, the `server` stage (commit →

@@ -135,69 +135,160 @@ impl ChunkReader {
     }
 
     fn line(&mut self, line: &[u8], b: &mut TupleBuilder) -> Result<(), SnapshotError> {
-        let line = simdutf8::basic::from_utf8(line)
-            .map_err(|_| self.malformed("a line is not valid UTF-8"))?;
-        b.begin_row();
-        // One scan finds the column separators and the fields that hold an escape (a
-        // value's own tab is always escaped as `\t`, so every raw tab separates).
-        let (mut n, mut start, mut escaped) = (0, 0, false);
-        for at in memchr::memchr2_iter(b'\t', b'\\', line.as_bytes()) {
-            if line.as_bytes()[at] == b'\\' {
-                escaped = true;
-                continue;
-            }
-            self.field(&line[start..at], escaped, b)?;
-            (n, start, escaped) = (n + 1, at + 1, false);
-        }
-        self.field(&line[start..], escaped, b)?;
-        n += 1;
-        if n != self.ncols {
-            b.abandon_row();
-            return Err(
-                self.malformed(&format!("a line has {n} columns, the table {}", self.ncols))
-            );
-        }
-        b.end_row();
-        Ok(())
+        parse_line(line, self.ncols, &mut self.scratch, b).map_err(|what| self.malformed(&what))
     }
+}
 
-    /// One field of a line; `escaped`: it holds a backslash.
-    fn field(
-        &mut self,
-        field: &str,
-        escaped: bool,
-        b: &mut TupleBuilder,
-    ) -> Result<(), SnapshotError> {
-        if !escaped {
-            b.push_text(field);
-        } else if field == "\\N" {
-            b.push_null();
-        } else {
-            self.scratch.clear();
-            if unescape(field, &mut self.scratch).is_err() {
-                b.abandon_row();
-                return Err(self.malformed("a value has an invalid escape"));
-            }
-            match std::str::from_utf8(&self.scratch) {
-                Ok(v) => b.push_text(v),
-                Err(_) => {
-                    b.abandon_row();
-                    return Err(self.malformed("an escaped value is not valid UTF-8"));
-                }
-            }
+/// Adds one line of COPY text (without its newline) to `b` as a row of `ncols` values.
+/// `scratch` holds unescaped values.
+///
+/// # Errors
+/// What is wrong with the line (invalid UTF-8, an invalid escape, the wrong number of
+/// columns); the row is not added.
+fn parse_line(
+    line: &[u8],
+    ncols: usize,
+    scratch: &mut Vec<u8>,
+    b: &mut TupleBuilder,
+) -> Result<(), String> {
+    let line = simdutf8::basic::from_utf8(line).map_err(|_| "a line is not valid UTF-8")?;
+    b.begin_row();
+    // One scan finds the column separators and the fields that hold an escape (a value's
+    // own tab is always escaped as `\t`, so every raw tab separates).
+    let (mut n, mut start, mut escaped) = (0, 0, false);
+    let mut result = Ok(());
+    for at in memchr::memchr2_iter(b'\t', b'\\', line.as_bytes()) {
+        if line.as_bytes()[at] == b'\\' {
+            escaped = true;
+            continue;
         }
-        Ok(())
+        result = push_field(&line[start..at], escaped, scratch, b);
+        if result.is_err() {
+            break;
+        }
+        (n, start, escaped) = (n + 1, at + 1, false);
     }
+    if result.is_ok() {
+        result = push_field(&line[start..], escaped, scratch, b);
+        n += 1;
+    }
+    if result.is_ok() && n != ncols {
+        result = Err(format!("a line has {n} columns, the table {ncols}"));
+    }
+    match result {
+        Ok(()) => {
+            b.end_row();
+            Ok(())
+        }
+        Err(e) => {
+            b.abandon_row();
+            Err(e)
+        }
+    }
+}
+
+/// One field of a line; `escaped`: it holds a backslash.
+fn push_field(
+    field: &str,
+    escaped: bool,
+    scratch: &mut Vec<u8>,
+    b: &mut TupleBuilder,
+) -> Result<(), String> {
+    if !escaped {
+        b.push_text(field);
+    } else if field == "\\N" {
+        b.push_null();
+    } else {
+        scratch.clear();
+        unescape(field, scratch).map_err(|_| "a value has an invalid escape")?;
+        let v = std::str::from_utf8(scratch).map_err(|_| "an escaped value is not valid UTF-8")?;
+        b.push_text(v);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::pgoutput::RawDatum;
 
     fn un(s: &str) -> String {
         let mut v = Vec::new();
         unescape(s, &mut v).unwrap();
         String::from_utf8(v).unwrap()
+    }
+
+    fn parse(lines: &[&[u8]], ncols: usize) -> (Vec<Vec<Option<String>>>, Vec<String>) {
+        let mut b = TupleBuilder::with_capacity(1024);
+        let (mut scratch, mut errors) = (Vec::new(), Vec::new());
+        for l in lines {
+            if let Err(e) = parse_line(l, ncols, &mut scratch, &mut b) {
+                errors.push(e);
+            }
+        }
+        let rows = b
+            .finish()
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|d| match d {
+                        RawDatum::Text(s) => Some(s.to_string()),
+                        RawDatum::Null => None,
+                        other => panic!("unexpected {other:?}"),
+                    })
+                    .collect()
+            })
+            .collect();
+        (rows, errors)
+    }
+
+    #[test]
+    fn lines_split_at_raw_tabs_and_unescape_only_escaped_fields() {
+        let s = |v: &str| Some(v.to_string());
+        let (rows, errors) = parse(
+            &[
+                b"1\tplain\t\\N",
+                b"2\ta\\tb\\\\c\t\\\\N",
+                b"3\t\t",
+                b"4\t\\\\\t\\.",
+            ],
+            3,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            rows,
+            [
+                vec![s("1"), s("plain"), None],
+                vec![s("2"), s("a\tb\\c"), s("\\N")],
+                vec![s("3"), s(""), s("")],
+                vec![s("4"), s("\\"), s(".")],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_line_is_an_error_and_adds_no_row() {
+        let (rows, errors) = parse(
+            &[
+                b"1\t2",
+                b"1\t2\t3\t4",
+                b"1\tends\t\\",
+                b"1\t\xff\t3",
+                b"5\t6\t7",
+            ],
+            3,
+        );
+        assert_eq!(
+            errors,
+            [
+                "a line has 2 columns, the table 3",
+                "a line has 4 columns, the table 3",
+                "a value has an invalid escape",
+                "a line is not valid UTF-8",
+            ]
+        );
+        assert_eq!(rows.len(), 1, "only the good line");
+        assert_eq!(rows[0][2].as_deref(), Some("7"));
     }
 
     #[test]

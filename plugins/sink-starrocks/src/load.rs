@@ -230,6 +230,33 @@ pub fn label(
     clean_label(&format!("{prefix}_{batch}_{table}_{n}_{hash}"))
 }
 
+/// A load's shape: its table, source relation and columns (see [`Planner`]).
+#[derive(Hash, PartialEq, Eq)]
+struct ShapeKey {
+    table: String,
+    relation: u32,
+    mask: Vec<bool>,
+}
+
+/// [`ShapeKey`] borrowed, to look one up without copying the row's table and mask. Its
+/// fields hash like [`ShapeKey`]'s (`&str` like `String`, `&[bool]` like `Vec<bool>`).
+#[derive(Hash)]
+struct ShapeRef<'a> {
+    table: &'a str,
+    relation: u32,
+    mask: &'a [bool],
+}
+
+impl hashbrown::Equivalent<ShapeKey> for ShapeRef<'_> {
+    fn equivalent(&self, key: &ShapeKey) -> bool {
+        self.relation == key.relation && self.mask == key.mask && self.table == key.table
+    }
+}
+
+/// SipHash with fixed keys, for [`Planner`]'s key hashes.
+const KEY_HASH: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher> =
+    std::hash::BuildHasherDefault::new();
+
 /// Builds the loads of a batch from its rows (in batch order).
 ///
 /// A row joins the latest load of its table with the same relation and column set,
@@ -246,15 +273,15 @@ pub struct Planner<'s> {
     max_bytes: usize,
     loads: Vec<Load>,
     /// (table, relation id, column mask) → the latest load of that shape.
-    by_shape: HashMap<(String, u32, Vec<bool>), usize>,
+    by_shape: HashMap<ShapeKey, usize>,
     /// The relation id and load of the row pushed last: consecutive rows of one shape
     /// (most of a batch) skip the `by_shape` lookup.
     last_shape: Option<(u32, usize)>,
     /// Hash of (table, key text) → the latest load holding a row of that key. Only a
     /// hash is kept: two keys sharing one only make a row start a later load than it
-    /// needed, never an earlier one, so order holds either way.
+    /// needed, never an earlier one, so order holds either way. The hash has fixed keys,
+    /// so a batch sent again plans the same loads (and labels) even then.
     key_last: HashMap<u64, usize>,
-    hasher: hashbrown::DefaultHashBuilder,
     /// Reused per row: the column mask, and key texts.
     mask: Vec<bool>,
     key: String,
@@ -284,7 +311,6 @@ impl<'s> Planner<'s> {
             by_shape: HashMap::new(),
             last_shape: None,
             key_last: HashMap::new(),
-            hasher: Default::default(),
             mask: Vec::new(),
             key: String::new(),
             old_key: String::new(),
@@ -326,7 +352,7 @@ impl<'s> Planner<'s> {
                 .map(|((c, v), inc)| *inc && v.is_some() && (!row.key_only || c.key)),
         );
         key_text(row, route, &mut self.key);
-        let key = self.hasher.hash_one((&route.table, &self.key));
+        let key = KEY_HASH.hash_one((&route.table, &self.key));
         let floor = self.key_last.get(&key).copied();
         // The latest load of this shape: the last row's, when this row has its shape.
         let latest = match self.last_shape {
@@ -339,7 +365,11 @@ impl<'s> Planner<'s> {
             }
             _ => self
                 .by_shape
-                .get(&(route.table.clone(), row.relation.id, mask.clone()))
+                .get(&ShapeRef {
+                    table: &route.table,
+                    relation: row.relation.id,
+                    mask: &mask,
+                })
                 .copied(),
         };
         let joinable = latest
@@ -375,8 +405,14 @@ impl<'s> Planner<'s> {
                 });
                 let i = self.loads.len() - 1;
                 // a joined load is already the latest of its shape
-                self.by_shape
-                    .insert((route.table.clone(), row.relation.id, mask.clone()), i);
+                self.by_shape.insert(
+                    ShapeKey {
+                        table: route.table.clone(),
+                        relation: row.relation.id,
+                        mask: mask.clone(),
+                    },
+                    i,
+                );
                 i
             }
         };
