@@ -153,38 +153,37 @@ fn parse_line(
 ) -> Result<(), String> {
     let line = simdutf8::basic::from_utf8(line).map_err(|_| "a line is not valid UTF-8")?;
     b.begin_row();
-    // One scan finds the column separators and the fields that hold an escape (a value's
-    // own tab is always escaped as `\t`, so every raw tab separates).
-    let (mut n, mut start, mut escaped) = (0, 0, false);
-    let mut result = Ok(());
-    for at in memchr::memchr2_iter(b'\t', b'\\', line.as_bytes()) {
-        if line.as_bytes()[at] == b'\\' {
-            escaped = true;
-            continue;
-        }
-        result = push_field(&line[start..at], escaped, scratch, b);
-        if result.is_err() {
-            break;
-        }
-        (n, start, escaped) = (n + 1, at + 1, false);
-    }
-    if result.is_ok() {
-        result = push_field(&line[start..], escaped, scratch, b);
-        n += 1;
-    }
-    if result.is_ok() && n != ncols {
-        result = Err(format!("a line has {n} columns, the table {ncols}"));
-    }
-    match result {
-        Ok(()) => {
+    match push_fields(line, scratch, b) {
+        Ok(n) if n == ncols => {
             b.end_row();
             Ok(())
+        }
+        Ok(n) => {
+            b.abandon_row();
+            Err(format!("a line has {n} columns, the table {ncols}"))
         }
         Err(e) => {
             b.abandon_row();
             Err(e)
         }
     }
+}
+
+/// Pushes the fields of `line` to the row being built; returns how many there were.
+fn push_fields(line: &str, scratch: &mut Vec<u8>, b: &mut TupleBuilder) -> Result<usize, String> {
+    // One scan finds the column separators and the fields that hold an escape (a value's
+    // own tab is always escaped as `\t`, so every raw tab separates).
+    let (mut n, mut start, mut escaped) = (0, 0, false);
+    for at in memchr::memchr2_iter(b'\t', b'\\', line.as_bytes()) {
+        if line.as_bytes()[at] == b'\\' {
+            escaped = true;
+            continue;
+        }
+        push_field(&line[start..at], escaped, scratch, b)?;
+        (n, start, escaped) = (n + 1, at + 1, false);
+    }
+    push_field(&line[start..], escaped, scratch, b)?;
+    Ok(n + 1)
 }
 
 /// One field of a line; `escaped`: it holds a backslash.

@@ -274,9 +274,6 @@ pub struct Planner<'s> {
     loads: Vec<Load>,
     /// (table, relation id, column mask) → the latest load of that shape.
     by_shape: HashMap<ShapeKey, usize>,
-    /// The relation id and load of the row pushed last: consecutive rows of one shape
-    /// (most of a batch) skip the `by_shape` lookup.
-    last_shape: Option<(u32, usize)>,
     /// Hash of (table, key text) → the latest load holding a row of that key. Only a
     /// hash is kept: two keys sharing one only make a row start a later load than it
     /// needed, never an earlier one, so order holds either way. The hash has fixed keys,
@@ -309,7 +306,6 @@ impl<'s> Planner<'s> {
             max_bytes,
             loads: Vec::new(),
             by_shape: HashMap::new(),
-            last_shape: None,
             key_last: HashMap::new(),
             mask: Vec::new(),
             key: String::new(),
@@ -354,25 +350,13 @@ impl<'s> Planner<'s> {
         key_text(row, route, &mut self.key);
         let key = KEY_HASH.hash_one((&route.table, &self.key));
         let floor = self.key_last.get(&key).copied();
-        // The latest load of this shape: the last row's, when this row has its shape.
-        let latest = match self.last_shape {
-            Some((rel, i))
-                if rel == row.relation.id
-                    && self.loads[i].mask == mask
-                    && self.loads[i].table == route.table =>
-            {
-                Some(i)
-            }
-            _ => self
-                .by_shape
-                .get(&ShapeRef {
-                    table: &route.table,
-                    relation: row.relation.id,
-                    mask: &mask,
-                })
-                .copied(),
-        };
+        let latest = self.by_shape.get(&ShapeRef {
+            table: &route.table,
+            relation: row.relation.id,
+            mask: &mask,
+        });
         let joinable = latest
+            .copied()
             .filter(|&i| floor.is_none_or(|f| i >= f) && self.loads[i].json.len() < self.max_bytes);
         let i = match joinable {
             Some(i) => i,
@@ -417,7 +401,6 @@ impl<'s> Planner<'s> {
             }
         };
         self.mask = mask;
-        self.last_shape = Some((row.relation.id, i));
         if floor != Some(i) {
             self.key_last.insert(key, i);
         }
@@ -440,7 +423,7 @@ impl<'s> Planner<'s> {
     /// The loads, labelled, in the order they must run.
     pub fn finish(&mut self) -> Vec<Load> {
         let mut loads = std::mem::take(&mut self.loads);
-        (self.last_shape, self.by_shape, self.key_last) = Default::default();
+        (self.by_shape, self.key_last) = Default::default();
         let mut ordinal: HashMap<String, usize> = HashMap::new();
         for l in &mut loads {
             let n = ordinal.entry(l.table.clone()).or_insert(0);
