@@ -83,7 +83,7 @@ impl World {
 /// A plugin file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The file cannot be read.
+    /// The file cannot be read, or the memory images of its compiled code cannot be set up.
     #[error("plugin {path}: {source}")]
     Read {
         /// The file.
@@ -491,6 +491,54 @@ fn private_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Sets up the copy-on-write images of `component`'s linear memories now, at load, rather
+/// than at its first instantiation, where a failure would look like the plugin trapping.
+///
+/// A compiled module held in memory (no cache, or the cache file could not be written)
+/// gets its images from a memfd that wasmtime seals read-only (`F_ADD_SEALS` with
+/// `F_SEAL_WRITE`). Linux answers that with `EBUSY` when a page of the memfd still holds
+/// an extra reference after about 150 ms of waiting (`memfd_wait_for_pins` in
+/// `mm/memfd.c`; the pages were just written and may sit in another CPU's LRU batch or
+/// under migration on a busy machine): transient, so it is tried [`MEMORY_IMAGE_TRIES`]
+/// times, 100 ms apart. Images mapped from a cache file involve no memfd.
+///
+/// # Errors
+/// The last attempt's error (an `io::Error` such as `Device or resource busy`).
+fn memory_images(component: &Component) -> anyhow::Result<()> {
+    retry_transient(
+        MEMORY_IMAGE_TRIES,
+        std::time::Duration::from_millis(100),
+        || component.initialize_copy_on_write_image(),
+    )
+}
+
+/// Attempts made by [`memory_images`].
+const MEMORY_IMAGE_TRIES: u32 = 5;
+
+/// `attempt` until it succeeds, at most `tries` times (at least once), sleeping `pause`
+/// between attempts; logs each failure that is tried again.
+///
+/// # Errors
+/// The last attempt's error.
+fn retry_transient(
+    tries: u32,
+    pause: std::time::Duration,
+    mut attempt: impl FnMut() -> wasmtime::Result<()>,
+) -> anyhow::Result<()> {
+    let mut left = tries.max(1);
+    loop {
+        left -= 1;
+        match attempt() {
+            Ok(()) => return Ok(()),
+            Err(e) if left == 0 => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, tries_left = left, "setting up a plugin's memory images failed; trying again");
+                std::thread::sleep(pause);
+            }
+        }
+    }
+}
+
 /// A cache entry may be deserialized: a regular file (not a link) owned by this user and
 /// writable by no one else.
 fn trusted_file(path: &Path) -> Result<(), String> {
@@ -631,7 +679,14 @@ impl PluginHost {
             f.write_all(&compiled)?;
             std::fs::rename(&tmp, &cached)
         };
-        if write().is_err() {
+        if write().is_ok() {
+            // SAFETY: as above; the file holds `compiled`, written just now by this process.
+            // Mapped from the file, the plugin's memory images are the file's pages (no
+            // memfd to create and seal at the first instantiation: see `memory_images`).
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                return Ok(c);
+            }
+        } else {
             let _ = std::fs::remove_file(&tmp);
         }
         // SAFETY: `compiled` was produced just now by this engine's precompile.
@@ -664,6 +719,12 @@ impl PluginHost {
             return Err(invalid("not a WebAssembly file (bad magic number)".into()));
         };
         let component = self.compile(path, &bytes)?;
+        memory_images(&component).map_err(|e| LoadError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "its linear memory images could not be set up: {e:#}"
+            )),
+        })?;
         let ty = component.component_type();
         let imports: Vec<String> = ty
             .imports(&self.engine)
@@ -898,6 +959,40 @@ mod tests {
             Some("0.3.0")
         );
         assert_eq!(dbmazz_version("wasi:io/streams@0.2.12"), None);
+    }
+
+    #[test]
+    fn a_transient_failure_is_tried_again_and_a_lasting_one_reported() {
+        let pause = std::time::Duration::from_millis(1);
+        let busy = || wasmtime::Error::from(std::io::Error::from_raw_os_error(16));
+        // EBUSY twice, then the seal holds
+        let mut calls = 0;
+        let r = retry_transient(5, pause, || {
+            calls += 1;
+            if calls < 3 {
+                Err(busy())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls, 3);
+        // always EBUSY: `tries` attempts, and the error says what the kernel said
+        let mut calls = 0;
+        let e = retry_transient(4, pause, || {
+            calls += 1;
+            Err(busy())
+        })
+        .unwrap_err();
+        assert_eq!(calls, 4);
+        assert!(e.to_string().contains("busy"), "{e}");
+        // zero tries still tries once
+        let mut calls = 0;
+        let _ = retry_transient(0, pause, || {
+            calls += 1;
+            Ok(())
+        });
+        assert_eq!(calls, 1);
     }
 
     #[test]
