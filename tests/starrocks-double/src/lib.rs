@@ -763,9 +763,14 @@ fn full_row(t: &Table, r: &Row) -> Map<String, Value> {
 /// A load's rows, checked and keyed, not yet applied; the values are the body's own JSON
 /// text.
 struct Prepared<'a> {
-    /// (key, delete?, the JSON text of each target column's value: `null` when the row
-    /// did not have it)
-    rows: Vec<(String, bool, Vec<&'a str>)>,
+    /// (key, delete?, where the row's cells start in `cells`)
+    rows: Vec<(String, bool, usize)>,
+    /// Every row's cells, `width` apiece, one buffer for the load (no allocation per
+    /// row): the JSON text of each target column's value, `null` when the row did not
+    /// have it.
+    cells: Vec<&'a str>,
+    /// Cells per row: the number of target columns.
+    width: usize,
     /// For each column of the table, its index among the targets.
     at: Vec<Option<usize>>,
     filtered: Vec<String>,
@@ -845,6 +850,8 @@ fn prepare<'a>(
     }
     let mut out = Prepared {
         rows: Vec::new(),
+        cells: Vec::new(),
+        width: targets.len(),
         at,
         filtered: Vec::new(),
         partial,
@@ -869,12 +876,15 @@ fn prepare<'a>(
         vec![text]
     };
     out.rows.reserve(rows.len());
+    out.cells.reserve(rows.len() * targets.len());
     for (i, row) in rows.into_iter().enumerate() {
         if !row.starts_with('{') {
             out.filtered.push(format!("row {i}: not a JSON object"));
             continue;
         }
-        let mut cells: Vec<&'a str> = vec!["null"; targets.len()];
+        let start = out.cells.len();
+        out.cells.resize(start + targets.len(), "null");
+        let cells = &mut out.cells[start..];
         let mut delete = false;
         for pair in sonic_rs::to_object_iter(row) {
             let (name, v) = pair.map_err(|e| invalid(&e))?;
@@ -883,14 +893,20 @@ fn prepare<'a>(
                 delete = has_op && (op == "1" || op == "\"1\"");
             } else if let Some(n) = targets
                 .iter()
-                .position(|&c| t.columns[c].name.eq_ignore_ascii_case(&name))
+                .position(|&c| t.columns[c].name == *name)
+                .or_else(|| {
+                    targets
+                        .iter()
+                        .position(|&c| t.columns[c].name.eq_ignore_ascii_case(&name))
+                })
             {
                 cells[n] = raw(&v)?;
             }
         }
+        let cells = &out.cells[start..];
         let mut bad = None;
         if !delete {
-            for ((&c, &kind), v) in targets.iter().zip(&kinds).zip(&cells) {
+            for ((&c, &kind), v) in targets.iter().zip(&kinds).zip(cells) {
                 if !fits_text(kind, v) {
                     let ty = &t.columns[c].type_name;
                     let c = &t.columns[c].name;
@@ -903,6 +919,7 @@ fn prepare<'a>(
         }
         if let Some(reason) = bad {
             out.filtered.push(reason);
+            out.cells.truncate(start);
             continue;
         }
         let mut key = String::with_capacity(16);
@@ -914,7 +931,7 @@ fn prepare<'a>(
             key_text(cells[k], &mut key);
         }
         key.push(']');
-        out.rows.push((key, delete, cells));
+        out.rows.push((key, delete, start));
     }
     Ok(out)
 }
@@ -934,7 +951,8 @@ fn key_text(cell: &str, key: &mut String) {
 
 fn apply(t: &mut Table, p: Prepared) {
     let width = t.columns.len();
-    for (key, delete, cells) in p.rows {
+    for (key, delete, start) in p.rows {
+        let cells = &p.cells[start..start + p.width];
         if delete {
             t.rows.remove(&key);
             continue;
@@ -1031,7 +1049,45 @@ fn fits_text(kind: Kind, text: &str) -> bool {
     match (kind, text.as_bytes().first()) {
         (_, Some(b'n')) | (Kind::Json, _) => true,
         (Kind::Text, first) => first == Some(&b'"'),
-        _ => serde_json::from_str::<Value>(text).is_ok_and(|v| fits(kind, &v)),
+        _ => match plain_string(text) {
+            // a string without escapes is its own text: checked without building a `Value`
+            Some(s) => fits_string(kind, s),
+            None => serde_json::from_str::<Value>(text).is_ok_and(|v| fits(kind, &v)),
+        },
+    }
+}
+
+/// The contents of JSON string `text` when it has no escapes (`"2026-01-01"` →
+/// `2026-01-01`); `None` for anything else.
+fn plain_string(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains(['\\', '"'])).then_some(inner)
+}
+
+/// True when a JSON string holding `s` loads into a column of kind `kind`.
+fn fits_string(kind: Kind, s: &str) -> bool {
+    match kind {
+        // StarRocks casts JSON strings to the column type; a string that does not parse
+        // is filtered.
+        Kind::Int => s.parse::<i128>().is_ok(),
+        Kind::Float => s.parse::<f64>().is_ok(),
+        Kind::Decimal => {
+            let s = s.strip_prefix('-').unwrap_or(s);
+            let (i, f) = s.split_once('.').unwrap_or((s, "0"));
+            digits(i) && digits(f)
+        }
+        Kind::Date => is_date(s),
+        Kind::DateTime => {
+            let (d, t) = s.split_once(' ').unwrap_or((s, ""));
+            let (hms, frac) = t.split_once('.').unwrap_or((t, "0"));
+            is_date(d)
+                && hms.len() == 8
+                && hms.split(':').all(|x| x.len() == 2 && digits(x))
+                && frac.len() <= 6
+                && digits(frac)
+        }
+        Kind::Json | Kind::Text => true,
+        Kind::Bool | Kind::Array => false,
     }
 }
 
@@ -1040,40 +1096,14 @@ fn fits(kind: Kind, v: &Value) -> bool {
     if v.is_null() {
         return true;
     }
-    match kind {
-        // StarRocks casts JSON strings to the column type; a string that does not parse
-        // is filtered.
-        Kind::Int => match v {
-            Value::String(s) => s.parse::<i128>().is_ok(),
-            _ => v.as_i64().is_some() || v.as_u64().is_some(),
-        },
-        Kind::Bool => v.is_boolean(),
-        Kind::Float => match v {
-            Value::String(s) => s.parse::<f64>().is_ok(),
-            _ => v.is_number(),
-        },
-        Kind::Decimal => match v {
-            Value::Number(_) => true,
-            Value::String(s) => {
-                let s = s.strip_prefix('-').unwrap_or(s);
-                let (i, f) = s.split_once('.').unwrap_or((s, "0"));
-                digits(i) && digits(f)
-            }
-            _ => false,
-        },
-        Kind::Date => v.as_str().is_some_and(is_date),
-        Kind::DateTime => v.as_str().is_some_and(|s| {
-            let (d, t) = s.split_once(' ').unwrap_or((s, ""));
-            let (hms, frac) = t.split_once('.').unwrap_or((t, "0"));
-            is_date(d)
-                && hms.len() == 8
-                && hms.split(':').all(|x| x.len() == 2 && digits(x))
-                && frac.len() <= 6
-                && digits(frac)
-        }),
-        Kind::Json => true,
-        Kind::Array => v.is_array(),
-        Kind::Text => v.is_string(),
+    match (kind, v) {
+        (_, Value::String(s)) => fits_string(kind, s),
+        (Kind::Int, _) => v.as_i64().is_some() || v.as_u64().is_some(),
+        (Kind::Bool, _) => v.is_boolean(),
+        (Kind::Float | Kind::Decimal, _) => v.is_number(),
+        (Kind::Date | Kind::DateTime | Kind::Text, _) => false,
+        (Kind::Json, _) => true,
+        (Kind::Array, _) => v.is_array(),
     }
 }
 
@@ -1094,6 +1124,51 @@ mod tests {
     /// The check a load runs: on the value's JSON text.
     fn ok(ty: &str, v: Value) -> bool {
         fits_text(Kind::of(ty), &v.to_string())
+    }
+
+    #[test]
+    fn a_value_checked_on_its_text_fits_as_the_parsed_value_does() {
+        let kinds = [
+            "BIGINT",
+            "BOOLEAN",
+            "DOUBLE",
+            "DECIMAL(12,2)",
+            "DATE",
+            "DATETIME",
+            "JSON",
+            "ARRAY<INT>",
+            "VARCHAR(10)",
+        ];
+        let texts = [
+            r#"1"#,
+            r#"-7"#,
+            r#"1.5"#,
+            r#"true"#,
+            r#""12""#,
+            r#""-3.25""#,
+            r#""1.2.3""#,
+            r#""abc""#,
+            r#""2026-01-31""#,
+            r#""2026-13-01""#,
+            r#""2026-01-31 12:00:01.123456""#,
+            r#""2026-01-31 12:00""#,
+            r#""\u0031""#,
+            r#""2026-01-31\t""#,
+            r#"[1,2]"#,
+            r#"{"a":1}"#,
+            r#""""#,
+            r#""1e3""#,
+        ];
+        for ty in kinds {
+            for text in texts {
+                let parsed: Value = serde_json::from_str(text).unwrap();
+                assert_eq!(
+                    fits_text(Kind::of(ty), text),
+                    fits(Kind::of(ty), &parsed),
+                    "{ty} {text}"
+                );
+            }
+        }
     }
 
     #[test]
