@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
-use support::{ca_and_server, position, Pg, Pipeline};
+use support::{ca_and_server, eventually, position, Pg, Pipeline};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -493,8 +493,19 @@ async fn sigterm_drains_and_confirms() {
         .await
         .unwrap()
         .get(0);
-    // the open batch only reaches the sink through the drain (its flush interval is 60 s)
-    std::thread::sleep(Duration::from_millis(500));
+    // the open batch only reaches the sink through the drain (its flush interval is 60 s);
+    // the drain cuts what was received, so wait until the server saw dbmazz receive it
+    // (the reader reports its received LSN as `write`; commits reach the walsender
+    // after the WAL writer's flush, synchronous_commit being off in these clusters)
+    // (pg_stat_replication shows positions to superusers and pg_read_all_stats only)
+    let received =
+        format!("SELECT coalesce(bool_or(write_lsn >= '{lsn}'), false) FROM pg_stat_replication");
+    eventually(
+        T,
+        "dbmazz to receive the transaction",
+        || d.log(),
+        || pg.psql_super(&received).trim() == "t",
+    );
     assert!(p.changes().is_empty());
     d.signal("TERM");
     let status = d.wait(T).expect("exits after draining");
@@ -510,6 +521,36 @@ async fn sigterm_drains_and_confirms() {
         "the drained position was confirmed to PostgreSQL: {}",
         d.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_waits_for_the_slot_its_previous_consumer_still_holds() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let never = "\n[snapshot]\nmode = \"never\"";
+    let first = Pipeline::new(&pg.url(), &["t"], never, false);
+    let mut a = first.spawn();
+    a.wait_log("streaming", T);
+    // a second process on the same slot (a restart racing its predecessor's walsender)
+    // waits instead of failing ...
+    let second = Pipeline::new(&pg.url(), &["t"], never, false);
+    let mut b = second.spawn();
+    b.wait_log("waiting for its previous consumer to release it", T);
+    assert!(!b.log().contains("streaming"), "{}", b.log());
+    // ... and streams once the slot is free
+    a.kill();
+    b.wait_log("streaming", T);
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    eventually(
+        T,
+        "the change through the second process",
+        || b.log(),
+        || second.changes().len() == 1,
+    );
+    b.kill();
 }
 
 #[tokio::test(flavor = "multi_thread")]

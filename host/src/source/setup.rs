@@ -10,7 +10,8 @@
 //!    the whole old row);
 //! 5. the publication exists and includes every configured table;
 //! 6. the slot exists with the `pgoutput` plugin in this database and no other consumer
-//!    holds it, or there is room to create it (`max_replication_slots`).
+//!    holds it (a start waits up to [`SLOT_RELEASE_GRACE`] for a previous consumer's
+//!    walsender to let go), or there is room to create it (`max_replication_slots`).
 //!
 //! Each step is reported as a [`StepReport`]; with `dry_run` nothing is changed (this is
 //! what `dbmazz check` shows). Each blocking problem is a [`SetupError`] whose text says
@@ -331,6 +332,12 @@ fn step_err(step: &'static str) -> impl Fn(tokio_postgres::Error) -> SetupError 
     }
 }
 
+/// How long a start waits for an active slot to be released before it reports
+/// [`SetupError::SlotInUse`]: the walsender of a consumer that just exited or was killed
+/// holds the slot until it notices (PostgreSQL docs, "Replication Slots": a slot is used
+/// by one connection at a time).
+pub const SLOT_RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the setup steps (see the module docs) over an SQL connection.
 ///
 /// # Errors
@@ -638,14 +645,39 @@ pub async fn run(
     }
 
     // 6. slot
-    let slot_row = client
-        .query_opt(
-            "SELECT slot_type::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, active_pid, \
-             coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&plan.slot],
-        )
-        .await
-        .map_err(step_err("slot"))?;
+    let read_slot = || async {
+        client
+            .query_opt(
+                "SELECT slot_type::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, active_pid, \
+                 coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&plan.slot],
+            )
+            .await
+            .map_err(step_err("slot"))
+    };
+    // An active slot at start is usually this pipeline's previous process: its walsender
+    // releases the slot when it notices the connection is gone (at once after a clean
+    // exit or a kill on this host; up to wal_sender_timeout when the network dropped).
+    // A start waits SLOT_RELEASE_GRACE for that; a check reports at once.
+    let deadline = std::time::Instant::now() + SLOT_RELEASE_GRACE;
+    let mut waited = false;
+    let slot_row = loop {
+        let row = read_slot().await?;
+        let active = row.as_ref().is_some_and(|r| r.get::<_, bool>(3));
+        if !active || dry_run || std::time::Instant::now() >= deadline {
+            break row;
+        }
+        if !waited {
+            waited = true;
+            tracing::warn!(
+                slot = %plan.slot,
+                pid = row.as_ref().and_then(|r| r.get::<_, Option<i32>>(4)),
+                grace_ms = SLOT_RELEASE_GRACE.as_millis() as u64,
+                "replication slot is active; waiting for its previous consumer to release it"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     let slot = match slot_row {
         Some(r) => {
             let (kind, plugin, db): (String, String, String) = (r.get(0), r.get(1), r.get(2));
