@@ -89,7 +89,15 @@ async fn metrics_count_the_committed_changes_and_health_answers() {
             if total != 52.0 {
                 eprintln!("{}", get(&addr, "/metrics").1);
             }
-            total == 52.0
+            // a batch is counted when acknowledged, its checkpoint stage once the synced
+            // write after that returned: wait for both
+            let acked = value(&s, "dbmazz_batches_total", &[("result", "acked")]);
+            let checkpointed = value(
+                &s,
+                "dbmazz_stage_latency_seconds_count",
+                &[("stage", "checkpoint")],
+            );
+            total == 52.0 && checkpointed == acked
         },
     );
     let s = scrape(&addr);
@@ -373,7 +381,9 @@ async fn grpc_pause_resume_status_health_token_and_reflection() {
     assert!(receive.max_ms >= 1500.0, "the pause: {st:?}");
     for later in ["server", "batch", "queue", "sink", "checkpoint", "confirm"] {
         let l = of(later);
-        assert!(l.count >= 1 && l.max_ms < 1000.0, "{later}: {st:?}");
+        // the pause is the receive stage's, not theirs (their own worst case, an fsync
+        // or the server's asynchronous WAL flush, stays well below it)
+        assert!(l.count >= 1 && l.max_ms < receive.max_ms, "{later}: {st:?}");
     }
 
     // the Metrics call carries the Prometheus counters
@@ -515,18 +525,27 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
             })
             .collect()
     };
-    // changes flow while the file is replaced
+    // changes flow while the file is replaced: until the swap, and 20 transactions after
+    let swapped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let db = pg.client().await;
+        let swapped = swapped.clone();
         tokio::spawn(async move {
-            for i in 1..=60 {
+            let mut after = 0;
+            let mut i = 0i64;
+            while after < 20 {
+                i += 1;
                 db.batch_execute(&format!(
                     "INSERT INTO t1 VALUES ({i}, 'a'); INSERT INTO t2 VALUES ({i}, 'b');"
                 ))
                 .await
                 .unwrap();
+                if swapped.load(std::sync::atomic::Ordering::Relaxed) {
+                    after += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
+            i
         })
     };
     eventually(
@@ -538,12 +557,13 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
     // the misbehave fixture keeps every change (no markers in this data)
     replace_with(&std::fs::read(&p.misbehave).unwrap());
     d.wait_log("plugin swapped at a batch boundary", T);
-    writer.await.unwrap();
+    swapped.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = writer.await.unwrap();
     eventually(
         T,
         "every t1 change",
         || d.log(),
-        || subjects().iter().filter(|(s, _)| s == "public.t1").count() == 60,
+        || subjects().iter().filter(|(s, _)| s == "public.t1").count() == n as usize,
     );
     let got = subjects();
     // nothing lost or duplicated, in order
@@ -552,18 +572,18 @@ async fn replacing_a_plugin_file_swaps_it_at_a_batch_boundary_and_a_corrupt_one_
         .filter(|(s, _)| s == "public.t1")
         .map(|(_, i)| *i)
         .collect();
-    assert_eq!(t1, (1..=60).collect::<Vec<_>>());
+    assert_eq!(t1, (1..=n).collect::<Vec<_>>());
     // t2 was filtered before the swap and delivered after it, from one point on
     let t2: Vec<i64> = got
         .iter()
         .filter(|(s, _)| s == "public.t2")
         .map(|(_, i)| *i)
         .collect();
-    assert!(!t2.is_empty() && t2.len() < 60, "{t2:?}");
+    assert!(!t2.is_empty() && t2.len() < n as usize, "{t2:?}");
     let first = t2[0];
     assert_eq!(
         t2,
-        (first..=60).collect::<Vec<_>>(),
+        (first..=n).collect::<Vec<_>>(),
         "from the swap on, every t2 change"
     );
     assert!(first > 1);

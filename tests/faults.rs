@@ -636,6 +636,7 @@ fn stored_checkpoint(p: &Pipeline) -> String {
 /// Drops and recreates `dbmazz_slot` with `gap_sql` committed in between; returns the
 /// new slot's `confirmed_flush_lsn`.
 async fn recreate_slot(db: &tokio_postgres::Client, gap_sql: &str) -> String {
+    support::wait_slot_released(db, "dbmazz_slot").await;
     db.batch_execute("SELECT pg_drop_replication_slot('dbmazz_slot')")
         .await
         .unwrap();

@@ -300,6 +300,7 @@ async fn mixed_workload_survives_sigkill_and_drains_on_sigterm() {
     assert_eq!(order7[1]["data"]["op"], "u");
     assert_eq!(order7[1]["data"]["after"]["status"], "paid");
     // the drain confirmed everything: nothing left in the slot
+    support::wait_slot_released(&db, "dbmazz_slot").await;
     let left: i64 = db
         .query_one("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')", &[])
         .await

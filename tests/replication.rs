@@ -799,6 +799,7 @@ async fn a_lost_slot_with_a_stored_checkpoint_refuses_to_start() {
     p.wait_for(&d, T, "one change", |c| c.len() == 1);
     d.signal("TERM");
     assert!(d.wait(T).unwrap().success());
+    support::wait_slot_released(&db, "dbmazz_slot").await;
     db.batch_execute("SELECT pg_drop_replication_slot('dbmazz_slot')")
         .await
         .unwrap();
@@ -887,6 +888,7 @@ async fn generated_columns_and_failover_slots_where_the_server_has_them() {
     d.signal("TERM");
     assert!(d.wait(T).expect("exits").success(), "{}", d.log());
     // an existing slot that is not a failover slot becomes one at the next start
+    support::wait_slot_released(&db, "dbmazz_slot").await;
     db.batch_execute(
         "SELECT pg_drop_replication_slot('dbmazz_slot');
          SELECT pg_create_logical_replication_slot('dbmazz_slot', 'pgoutput');",

@@ -56,6 +56,7 @@ fn delivered(rx: &Receiver) -> BTreeSet<i64> {
 
 /// Changes left in the slot (not confirmed).
 async fn unconfirmed(db: &tokio_postgres::Client) -> i64 {
+    support::wait_slot_released(db, "dbmazz_slot").await;
     db.query_one(
         "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('dbmazz_slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'dbmazz_pub')",
         &[],
@@ -298,6 +299,7 @@ async fn a_pipeline_started_over_never_reuses_idempotency_keys_or_event_ids() {
 
     // start over: new state, new slot (the table is snapshotted again)
     std::fs::remove_dir_all(pipe.dir.path().join("state")).unwrap();
+    support::wait_slot_released(&db, "dbmazz_slot").await;
     db.batch_execute("SELECT pg_drop_replication_slot('dbmazz_slot')")
         .await
         .unwrap();
@@ -368,8 +370,9 @@ async fn sigterm_during_a_sink_outage_exits_within_the_drain_timeout_and_loses_n
     let status = d.wait(T).expect("exits");
     let took = asked.elapsed();
     assert!(status.success(), "{}", d.log());
-    // 3 s of drain, plus at most one call deadline and the process' own exit
-    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    // 3 s of drain, plus at most one call deadline and the process' own exit (about 4 s;
+    // the bound leaves room for a loaded machine, a hung sink would hold it until T)
+    assert!(took < Duration::from_secs(20), "exit took {took:?}");
     assert!(!delivered(&rx).contains(&2));
     assert!(
         unconfirmed(&db).await >= 3,

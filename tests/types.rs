@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value as Json};
 use starrocks_double::StarRocksDouble;
 use support::{plugins, Pg, Pipeline, Receiver};
 
-const T: Duration = Duration::from_secs(30);
+const T: Duration = Duration::from_secs(120);
 
 /// One column: name, PostgreSQL type (as in the DDL), the StarRocks column type its twin
 /// gets (the sink README's mapping), and its values, one per row (rows past the end are

@@ -773,6 +773,31 @@ impl Pipeline {
     }
 }
 
+/// Waits until no walsender holds replication slot `slot`: the walsender of a dbmazz
+/// that exited or was killed lets go when it notices the connection is gone, and until
+/// then dropping or peeking the slot fails ("replication slot ... is active").
+pub async fn wait_slot_released(db: &tokio_postgres::Client, slot: &str) {
+    let start = Instant::now();
+    loop {
+        let active: bool = db
+            .query_one(
+                "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("read pg_replication_slots")
+            .get(0);
+        if !active {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "replication slot {slot} still active after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `pred` holds or panics after `timeout`, printing `log()`.
 pub fn eventually(
     timeout: Duration,
