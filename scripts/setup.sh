@@ -13,6 +13,11 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+# the tests make TLS certificates with openssl, signal dbmazz with kill(1) (procps) and
+# build Python plugins in a venv
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || need+=(procps)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
