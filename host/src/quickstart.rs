@@ -400,6 +400,23 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "stopping: draining the pipeline, then removing PostgreSQL and the temporary files"
         )
     });
+    // The drain delivers what the reader has received. The last transactions may still be
+    // on their way (the walsender sends a commit once the WAL writer flushed it, up to
+    // three wal_writer_delay later with synchronous_commit off): wait a little for them.
+    if let Ok(row) = db
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+    {
+        if let Ok(end) = row.get::<_, String>(0).parse::<crate::lsn::Lsn>() {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while stats.received_lsn.load(Ordering::Relaxed) < end.0
+                && std::time::Instant::now() < until
+                && !pipeline.is_finished()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
     let _ = stop_tx.send(true);
     let result = pipeline.await;
     bar.finish_and_clear();
