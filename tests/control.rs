@@ -90,8 +90,7 @@ async fn metrics_count_the_committed_changes_and_health_answers() {
                 eprintln!("{}", get(&addr, "/metrics").1);
             }
             // a batch is counted when acknowledged, its checkpoint stage once the synced
-            // write after that returned: wait for both
-            // (neither exists before the first batch)
+            // write after that returned: wait for both (neither exists before a batch)
             let count = |name: &str, label: (&str, &str)| {
                 samples(&s, name, &[label]).first().map(|x| match x.value {
                     Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,

@@ -176,27 +176,21 @@ async fn wait_confirmed(pg: &Pg, db: &tokio_postgres::Client, d: &Dbmazz) {
         .await
         .unwrap()
         .get(0);
-    let start = Instant::now();
-    loop {
-        let caught_up: bool = db
-            .query_one(
-                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
-                &[&lsn],
+    support::until_sql_true(
+        db,
+        "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",
+        &[&lsn],
+        T,
+        &format!("the slot to confirm {lsn}"),
+        || {
+            format!(
+                "--- dbmazz log ---\n{}\n--- pg log ---\n{}",
+                tail(&d.log()),
+                tail(&pg.log())
             )
-            .await
-            .unwrap()
-            .get(0);
-        if caught_up {
-            return;
-        }
-        assert!(
-            start.elapsed() < T,
-            "the slot never confirmed {lsn}\n--- dbmazz log ---\n{}\n--- pg log ---\n{}",
-            tail(&d.log()),
-            tail(&pg.log())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        },
+    )
+    .await;
 }
 
 /// Waits until everything committed so far is in the double, then compares the tables;

@@ -773,29 +773,48 @@ impl Pipeline {
     }
 }
 
+/// Runs `sql` (one boolean column, one row) every 50 ms until it answers true; panics
+/// after `timeout` naming `what` and printing `log()`.
+pub async fn until_sql_true(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    timeout: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    loop {
+        let answer: bool = db
+            .query_one(sql, params)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0);
+        if answer {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until no walsender holds replication slot `slot`: the walsender of a dbmazz
 /// that exited or was killed lets go when it notices the connection is gone, and until
 /// then dropping or peeking the slot fails ("replication slot ... is active").
 pub async fn wait_slot_released(db: &tokio_postgres::Client, slot: &str) {
-    let start = Instant::now();
-    loop {
-        let active: bool = db
-            .query_one(
-                "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .expect("read pg_replication_slots")
-            .get(0);
-        if !active {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "replication slot {slot} still active after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_sql_true(
+        db,
+        "SELECT NOT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+        Duration::from_secs(60),
+        &format!("replication slot {slot} to be released"),
+        String::new,
+    )
+    .await;
 }
 
 /// Waits until `pred` holds or panics after `timeout`, printing `log()`.

@@ -893,12 +893,7 @@ fn prepare<'a>(
                 delete = has_op && (op == "1" || op == "\"1\"");
             } else if let Some(n) = targets
                 .iter()
-                .position(|&c| t.columns[c].name == *name)
-                .or_else(|| {
-                    targets
-                        .iter()
-                        .position(|&c| t.columns[c].name.eq_ignore_ascii_case(&name))
-                })
+                .position(|&c| t.columns[c].name.eq_ignore_ascii_case(&name))
             {
                 cells[n] = raw(&v)?;
             }
