@@ -66,6 +66,13 @@ pub fn pg_tool(tool: &str) -> Command {
     }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// A running throwaway cluster; stopped (`pg_ctl stop -m fast`) on drop.
 #[derive(Debug)]
 pub struct LocalPostgres {
@@ -112,30 +119,41 @@ impl LocalPostgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let conf = format!(
+        let append_conf = |conf: &str| -> anyhow::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("data/postgresql.conf"))?;
+            std::io::Write::write_all(&mut f, conf.as_bytes())?;
+            Ok(())
+        };
+        let mut port = free_port()?;
+        append_conf(&format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\nfsync = off\n{extra_conf}\n",
             dir.display()
-        );
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("data/postgresql.conf"))?;
-        std::io::Write::write_all(&mut f, conf.as_bytes())?;
-        let out = pg_tool("pg_ctl")
-            .args(["-w", "-D"])
-            .arg(dir.join("data"))
-            .arg("-l")
-            .arg(dir.join("postgres.log"))
-            .arg("start")
-            .output()
-            .context("pg_ctl")?;
-        if !out.status.success() {
+        ))?;
+        // The port was free when picked, but another process may take it before the
+        // server binds it: then start again on another (a later `port` line wins).
+        for attempt in 1.. {
+            let out = pg_tool("pg_ctl")
+                .args(["-w", "-D"])
+                .arg(dir.join("data"))
+                .arg("-l")
+                .arg(dir.join("postgres.log"))
+                .arg("start")
+                .output()
+                .context("pg_ctl")?;
+            if out.status.success() {
+                break;
+            }
+            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+            if attempt < 3 && log.contains("could not bind") {
+                port = free_port()?;
+                append_conf(&format!("port = {port}\n"))?;
+                continue;
+            }
             bail!(
-                "PostgreSQL did not start: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
+                "PostgreSQL did not start: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
             );
         }
         Ok(LocalPostgres {

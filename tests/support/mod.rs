@@ -116,20 +116,35 @@ impl Pg {
             format!("host all md5user 127.0.0.1/32 md5\n{hba}"),
         )
         .unwrap();
-        let out = pg_command("pg_ctl")
-            .args(["-w", "-t", "60", "-D"])
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("log"))
-            .arg("start")
-            .output()
-            .expect("pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            fs::read_to_string(dir.path().join("log")).unwrap_or_default()
-        );
+        // The port was free when picked, but another process may bind it before the
+        // server does: then the server is started again on another one (a later `port`
+        // line in postgresql.conf wins).
+        let mut port = port;
+        for attempt in 1.. {
+            let out = pg_command("pg_ctl")
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("log"))
+                .arg("start")
+                .output()
+                .expect("pg_ctl");
+            if out.status.success() {
+                break;
+            }
+            let log = fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+            if attempt < 3 && log.contains("could not bind") {
+                port = free_port();
+                let mut conf = fs::read_to_string(data.join("postgresql.conf")).unwrap();
+                conf.push_str(&format!("port = {port}\n"));
+                fs::write(data.join("postgresql.conf"), conf).unwrap();
+                continue;
+            }
+            panic!(
+                "pg_ctl start: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let pg = Pg { dir, port };
         pg.psql_super(&format!(
             "CREATE ROLE {USER} LOGIN REPLICATION PASSWORD '{PASSWORD}'; \
