@@ -157,6 +157,33 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// `s` as text, `None` when it is not UTF-8.
+///
+/// Most values are short and ASCII (numbers, dates, keys): one branch-free pass over 8
+/// bytes at a time decides that, where `core::str::from_utf8` steps through a short
+/// value a byte or a word at a time (it was the largest single cost of reading a batch in
+/// WebAssembly: docs/performance.md). Others go through `simdutf8` (64 bytes at a time
+/// with WebAssembly SIMD, which the plugins' build enables).
+#[inline]
+fn text(s: &[u8]) -> Option<&str> {
+    let mut high = 0u64;
+    let mut words = s.chunks_exact(8);
+    for w in &mut words {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        high |= u64::from_le_bytes(a);
+    }
+    for &b in words.remainder() {
+        high |= u64::from(b);
+    }
+    if high & 0x8080_8080_8080_8080 == 0 {
+        // SAFETY: every byte is below 0x80, and a sequence of ASCII bytes is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(s) })
+    } else {
+        simdutf8::basic::from_utf8(s).ok()
+    }
+}
+
 impl<'a> TupleView<'a> {
     /// Number of columns.
     #[inline]
@@ -188,14 +215,10 @@ impl<'a> TupleView<'a> {
                 b't' => {
                     let len = c.u32().map_err(err)? as usize;
                     let s = c.take(len, "value past the end").map_err(err)?;
-                    // simdutf8: 64 bytes at a time with WebAssembly SIMD (the plugins'
-                    // build enables simd128), where core's check takes 4 or 8
-                    simdutf8::basic::from_utf8(s)
-                        .map(RawValue::Text)
-                        .map_err(|_| DecodeError {
-                            offset: base + c.at,
-                            what: "text value is not UTF-8",
-                        })
+                    text(s).map(RawValue::Text).ok_or(DecodeError {
+                        offset: base + c.at,
+                        what: "text value is not UTF-8",
+                    })
                 }
                 b'b' => {
                     let len = c.u32().map_err(err)? as usize;
@@ -488,6 +511,24 @@ mod tests {
             .change(Op::Read, 1, None, Some(vec![Datum::Int(1)]))
             .build();
         assert_eq!(encode_for_tests(&read).data[0], b'R');
+    }
+
+    #[test]
+    fn the_ascii_pass_agrees_with_the_standard_check() {
+        // every length around the 8-byte words, with a non-ASCII byte (valid or not) at
+        // every position
+        let odd: [&[u8]; 4] = [b"\xc3\xa9", b"\x80", b"\xe2\x82", b"\xff"];
+        for len in 0..40 {
+            let ascii = vec![b'a'; len];
+            assert_eq!(text(&ascii), std::str::from_utf8(&ascii).ok());
+            for at in 0..len {
+                for o in odd {
+                    let mut v = ascii.clone();
+                    v.splice(at..at + 1, o.iter().copied());
+                    assert_eq!(text(&v), std::str::from_utf8(&v).ok(), "{v:?}");
+                }
+            }
+        }
     }
 
     #[test]
