@@ -66,11 +66,52 @@ pub fn pg_tool(tool: &str) -> Command {
     }
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick).
-fn free_port() -> std::io::Result<u16> {
+/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick). Another
+/// process may take it before the caller binds it.
+///
+/// # Errors
+/// The kernel has no port to give.
+pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Starts the server of the cluster in `data` (`pg_ctl -w start`, its log in `log`) on a
+/// free port of 127.0.0.1, appended to `data/postgresql.conf`; returns the port. The port
+/// is free when picked, but another process may take it before the server binds it: then
+/// the server is started again on another (a later `port` line wins), three times at most.
+///
+/// # Errors
+/// `pg_ctl` cannot run, or the server does not start (with `pg_ctl`'s output and the log).
+pub fn start_server(data: &Path, log: &Path) -> anyhow::Result<u16> {
+    let mut attempt = 1;
+    loop {
+        let port = free_port()?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(&mut f, format!("\nport = {port}\n").as_bytes())?;
+        let out = pg_tool("pg_ctl")
+            .args(["-w", "-D"])
+            .arg(data)
+            .arg("-l")
+            .arg(log)
+            .arg("start")
+            .output()
+            .context("pg_ctl")?;
+        if out.status.success() {
+            return Ok(port);
+        }
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        if attempt == 3 || !log.contains("could not bind") {
+            bail!(
+                "PostgreSQL did not start: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        attempt += 1;
+    }
 }
 
 /// A running throwaway cluster; stopped (`pg_ctl stop -m fast`) on drop.
@@ -119,43 +160,15 @@ impl LocalPostgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let append_conf = |conf: &str| -> anyhow::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(dir.join("data/postgresql.conf"))?;
-            std::io::Write::write_all(&mut f, conf.as_bytes())?;
-            Ok(())
-        };
-        let mut port = free_port()?;
-        append_conf(&format!(
-            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\nfsync = off\n{extra_conf}\n",
+        let conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = logical\nfsync = off\n{extra_conf}\n",
             dir.display()
-        ))?;
-        // The port was free when picked, but another process may take it before the
-        // server binds it: then start again on another (a later `port` line wins).
-        for attempt in 1.. {
-            let out = pg_tool("pg_ctl")
-                .args(["-w", "-D"])
-                .arg(dir.join("data"))
-                .arg("-l")
-                .arg(dir.join("postgres.log"))
-                .arg("start")
-                .output()
-                .context("pg_ctl")?;
-            if out.status.success() {
-                break;
-            }
-            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
-            if attempt < 3 && log.contains("could not bind") {
-                port = free_port()?;
-                append_conf(&format!("port = {port}\n"))?;
-                continue;
-            }
-            bail!(
-                "PostgreSQL did not start: {}\n{log}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("data/postgresql.conf"))?;
+        std::io::Write::write_all(&mut f, conf.as_bytes())?;
+        let port = start_server(&dir.join("data"), &dir.join("postgres.log"))?;
         Ok(LocalPostgres {
             dir: dir.to_path_buf(),
             port,

@@ -6,7 +6,6 @@
 pub mod proxy;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -19,10 +18,7 @@ pub const USER: &str = "cdc";
 pub const PASSWORD: &str = "cdc-pass";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    dbmazz::localpg::free_port().expect("free port")
 }
 
 /// Installs the PostgreSQL that `DBMAZZ_TEST_PG` names (16–18) when missing, once per
@@ -98,9 +94,8 @@ impl Pg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
         let conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+            "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n\
              logical_decoding_work_mem = 64kB\n{extra_conf}\n",
@@ -116,35 +111,8 @@ impl Pg {
             format!("host all md5user 127.0.0.1/32 md5\n{hba}"),
         )
         .unwrap();
-        // The port was free when picked, but another process may bind it before the
-        // server does: then the server is started again on another one (a later `port`
-        // line in postgresql.conf wins).
-        let mut port = port;
-        for attempt in 1.. {
-            let out = pg_command("pg_ctl")
-                .args(["-w", "-t", "60", "-D"])
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.path().join("log"))
-                .arg("start")
-                .output()
-                .expect("pg_ctl");
-            if out.status.success() {
-                break;
-            }
-            let log = fs::read_to_string(dir.path().join("log")).unwrap_or_default();
-            if attempt < 3 && log.contains("could not bind") {
-                port = free_port();
-                let mut conf = fs::read_to_string(data.join("postgresql.conf")).unwrap();
-                conf.push_str(&format!("port = {port}\n"));
-                fs::write(data.join("postgresql.conf"), conf).unwrap();
-                continue;
-            }
-            panic!(
-                "pg_ctl start: {}\n{log}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let port = dbmazz::localpg::start_server(&data, &dir.path().join("log"))
+            .unwrap_or_else(|e| panic!("pg_ctl start: {e:#}"));
         let pg = Pg { dir, port };
         pg.psql_super(&format!(
             "CREATE ROLE {USER} LOGIN REPLICATION PASSWORD '{PASSWORD}'; \
