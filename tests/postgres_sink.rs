@@ -37,13 +37,16 @@ fn undefined_table(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
 }
 
-/// `[pipeline]`, `[sink]` for sink-postgres on connection `target`, `[connections.target]`.
+/// A pipeline's `[pipeline]`, `[sink]` (sink-postgres with `config_extra`) and
+/// `[connections.target]`. `max_connections = 1`: sink-postgres holds one connection per
+/// instance, and a replaced instance (after a trap, a deadline, a reload) gives its
+/// connection back before the new one opens, or every test here would stall.
 fn sink_toml(target_url: &str, config_extra: &str, flush_size: usize) -> String {
     format!(
         "[pipeline]\nflush_interval_ms = 50\nflush_size = {flush_size}\n\n[sink]\nplugin = {:?}\n\
          config = {{ connection = \"target\"{config_extra} }}\n\
          capabilities = {{ postgres = [\"target\"] }}\nlimits = {{ call_timeout_ms = 60000 }}\n\n\
-         [connections.target]\nurl = {target_url:?}\n",
+         [connections.target]\nurl = {target_url:?}\nmax_connections = 1\n",
         plugins().postgres.display().to_string(),
     )
 }

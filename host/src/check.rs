@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, SinkTarget};
+use crate::plugin::cache::CacheConfig;
 use crate::plugin::stage::{Stage, StageSpec};
 use crate::plugin::state::Grants;
 use crate::plugin::{PluginHost, PluginMetrics, World};
@@ -112,11 +113,7 @@ async fn steps<W: Write>(
     };
     if let SinkTarget::Plugin(sink) = &target {
         // the cache `run` uses: what check compiles, the next start loads ready-made
-        let cache = cfg
-            .plugins
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| cfg.state.dir.join("compiled"));
+        let cache = CacheConfig::from_config(&cfg);
         let host = match PluginHost::new(Some(cache)) {
             Ok(h) => h,
             Err(e) => return list.fail("plugin engine", format!("{e:#}")),

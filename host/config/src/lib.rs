@@ -52,6 +52,8 @@
 //!
 //! [plugins]
 //! cache_dir = "/var/cache/dbmazz"   # optional; default state.dir/compiled
+//! cache_max_mb = 1024               # least recently used compiled plugins beyond this
+//!                                   # are removed (0: keep all)
 //!
 //! [control]
 //! metrics = "0.0.0.0:9187"          # optional: /metrics, /healthz, /readyz over HTTP
@@ -123,6 +125,12 @@ pub struct ConnectionConfig {
     /// plugin instance opens one again (after a restart of the instance). Default 2.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Most connections one stage may hold open at once under this name (each instance
+    /// of a plugin, however it misbehaves, stays within it, and so within the server's
+    /// `max_connections`). Opening one more fails with `denied`. Default 4. A hot reload
+    /// starts the new build (`init`) while the old one still holds its connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl std::fmt::Debug for ConnectionConfig {
@@ -130,6 +138,7 @@ impl std::fmt::Debug for ConnectionConfig {
         f.debug_struct("ConnectionConfig")
             .field("url", &"<redacted>")
             .field("pool_size", &self.pool_size)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -138,13 +147,19 @@ fn default_pool_size() -> usize {
     2
 }
 
+fn default_max_connections() -> usize {
+    4
+}
+
 impl ConnectionConfig {
-    /// A connection at `url` with the default `pool_size`, as a `[connections.<name>]`
-    /// section with only `url` would be (`dbmazz plugin test --connection`).
+    /// A connection at `url` with the default `pool_size` and `max_connections`, as a
+    /// `[connections.<name>]` section with only `url` would be (`dbmazz plugin test
+    /// --connection`).
     pub fn new(url: impl Into<String>) -> Self {
         ConnectionConfig {
             url: url.into(),
             pool_size: default_pool_size(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -673,11 +688,29 @@ fn default_chunk_size() -> u64 {
 }
 
 /// `[plugins]`: plugin host settings.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Where compiled plugins are cached; default `state.dir/compiled`.
     pub cache_dir: Option<PathBuf>,
+    /// The most MiB of compiled plugins the cache keeps: after compiling a plugin, the
+    /// least recently loaded entries are removed down to this (never one in use).
+    /// Default 1024; 0 keeps everything.
+    #[serde(default = "default_cache_max_mb")]
+    pub cache_max_mb: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            cache_dir: None,
+            cache_max_mb: default_cache_max_mb(),
+        }
+    }
+}
+
+fn default_cache_max_mb() -> u64 {
+    1024
 }
 
 /// `[state]`.
@@ -975,6 +1008,11 @@ impl Config {
             if c.pool_size == 0 {
                 return Err(format!("connections.{name}.pool_size must be at least 1"));
             }
+            if c.max_connections == 0 {
+                return Err(format!(
+                    "connections.{name}.max_connections must be at least 1"
+                ));
+            }
         }
         Ok(())
     }
@@ -1231,5 +1269,22 @@ mod tests {
         assert!(e.contains("flush_size"), "{e}");
         let e = Config::parse(&MIN.replace("jsonl\"", "kafka\""), []).unwrap_err();
         assert!(e.contains("kafka"), "{e}");
+    }
+
+    #[test]
+    fn connection_and_plugin_cache_bounds() {
+        let with = |extra: &str| Config::parse(&format!("{MIN}\n{extra}"), []);
+        let c = with("[connections.db]\nurl = \"postgres://h/d\"").unwrap();
+        assert_eq!(c.connections["db"].pool_size, 2);
+        assert_eq!(c.connections["db"].max_connections, 4);
+        assert_eq!(c.plugins.cache_max_mb, 1024);
+        let e =
+            with("[connections.db]\nurl = \"postgres://h/d\"\nmax_connections = 0").unwrap_err();
+        assert!(
+            e.contains("connections.db.max_connections must be at least 1"),
+            "{e}"
+        );
+        let c = with("[plugins]\ncache_max_mb = 0").unwrap();
+        assert_eq!(c.plugins.cache_max_mb, 0);
     }
 }

@@ -8,8 +8,8 @@
 //! - keeps **one [`wasmtime::Engine`]** per process, with epoch interruption driven by a
 //!   ticker thread (every [`EPOCH_TICK`]);
 //! - compiles each file once and caches the compiled artifact on disk, keyed by the file's
-//!   SHA-256 and the engine's compatibility hash; only files it wrote itself are
-//!   deserialized ([`PluginHost::load`]);
+//!   SHA-256 and the engine's compatibility hash, bounded in size; only files it wrote
+//!   itself are deserialized ([`cache`]);
 //! - accepts components built for `wasm32-wasip2`, and core modules built for
 //!   `wasm32-unknown-unknown` with wit-bindgen's component-type section, which it
 //!   componentizes on load (`wit-component`);
@@ -28,6 +28,7 @@
 //! Performance section.
 
 pub mod bindings;
+pub mod cache;
 pub mod chain;
 pub mod conformance;
 pub mod contract;
@@ -39,13 +40,11 @@ pub mod stage;
 pub mod state;
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
@@ -407,14 +406,14 @@ pub struct PluginHost {
     engine: Engine,
     sink_linker: Linker<PluginState>,
     transform_linker: Linker<PluginState>,
-    cache_dir: Option<PathBuf>,
+    cache: Option<cache::CompiledCache>,
     stop_ticker: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for PluginHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PluginHost")
-            .field("cache_dir", &self.cache_dir)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -459,36 +458,6 @@ pub fn stage_names<'a>(stems: impl IntoIterator<Item = &'a str>) -> Vec<String> 
         out.push(name);
     }
     out
-}
-
-/// Creates `dir` (mode 0700) when missing; then it must be a directory owned by this
-/// user that no one else can write — otherwise someone else could plant native code in
-/// the compiled-plugin cache.
-fn private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create it: {e}"))?;
-    }
-    let m = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if !m.is_dir() {
-        return Err("not a directory (or a symbolic link)".into());
-    }
-    if m.uid() != me {
-        return Err(format!("owned by uid {}, not this user ({me})", m.uid()));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(format!(
-            "writable by group or others (mode {:o}): chmod go-w it",
-            m.mode() & 0o777
-        ));
-    }
-    Ok(())
 }
 
 /// Sets up the copy-on-write images of `component`'s linear memories now, at load, rather
@@ -539,32 +508,14 @@ fn retry_transient(
     }
 }
 
-/// A cache entry may be deserialized: a regular file (not a link) owned by this user and
-/// writable by no one else.
-fn trusted_file(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if !m.is_file() {
-        return Err("not a regular file".into());
-    }
-    if m.uid() != me {
-        return Err(format!("owned by uid {}", m.uid()));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(format!("mode {:o}", m.mode() & 0o777));
-    }
-    Ok(())
-}
-
 impl PluginHost {
     /// An engine (async, component model, epoch interruption) with its ticker, and the
-    /// linkers of both worlds. Compiled plugins are cached in `cache_dir` when given.
+    /// linkers of both worlds. Compiled plugins are cached as `cache` says when given
+    /// (a directory that is not private to this user is not used: a warning says why).
     ///
     /// # Errors
     /// Engine or linker construction failed (a bug, or an unsupported CPU).
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub fn new(cache: Option<cache::CacheConfig>) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -601,22 +552,21 @@ impl PluginHost {
                     e.increment_epoch();
                 }
             })?;
-        let cache_dir = match cache_dir {
+        let cache = match cache {
             Some(_) if perfmap => None,
-            Some(dir) => match private_dir(&dir) {
-                Ok(()) => Some(dir),
-                Err(why) => {
-                    tracing::warn!(dir = %dir.display(), "not using the compiled-plugin cache: {why}; plugins are compiled at every start");
-                    None
-                }
-            },
+            Some(config) => {
+                let dir = config.dir.clone();
+                cache::CompiledCache::open(config)
+                    .inspect_err(|why| tracing::warn!(dir = %dir.display(), "not using the compiled-plugin cache: {why}; plugins are compiled at every start"))
+                    .ok()
+            }
             None => None,
         };
         Ok(PluginHost {
             engine,
             sink_linker,
             transform_linker,
-            cache_dir,
+            cache,
             stop_ticker,
         })
     }
@@ -631,30 +581,12 @@ impl PluginHost {
             path: path.to_path_buf(),
             message: format!("{e:#}"),
         };
-        let Some(dir) = &self.cache_dir else {
+        let Some(cache) = &self.cache else {
             return Component::from_binary(&self.engine, bytes).map_err(|e| invalid(e.into()));
         };
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
-        let key = format!("{:016x}-{:x}.cwasm", h.finish(), Sha256::digest(bytes));
-        let cached = dir.join(&key);
-        if let Err(why) = trusted_file(&cached) {
-            if cached.exists() {
-                tracing::warn!(file = %cached.display(), "compiled plugin cache entry not trusted ({why}); compiling again");
-            }
-        } else {
-            // SAFETY: deserializing runs the file as native code. It is trusted: a regular
-            // file owned by this user, writable by no one else, in a directory owned by
-            // this user that no one else can write (`private_dir`), named after the
-            // engine's compatibility hash and the source's SHA-256 — written by this
-            // host's `precompile_component` (or by someone who can already run code as
-            // this user).
-            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(file = %cached.display(), error = %e, "ignoring unusable compiled plugin cache entry")
-                }
-            }
+        let key = cache::CompiledCache::key(&self.engine, bytes);
+        if let Some(c) = cache.get(&self.engine, &key) {
+            return Ok(c);
         }
         let started = std::time::Instant::now();
         let compiled = self
@@ -667,27 +599,8 @@ impl PluginHost {
             bytes = bytes.len(),
             "plugin compiled (cached for the next start)"
         );
-        let tmp = dir.join(format!("{key}.tmp{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&compiled)?;
-            std::fs::rename(&tmp, &cached)
-        };
-        if write().is_ok() {
-            // SAFETY: as above; the file holds `compiled`, written just now by this process.
-            // Mapped from the file, the plugin's memory images are the file's pages (no
-            // memfd to create and seal at the first instantiation: see `memory_images`).
-            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                return Ok(c);
-            }
-        } else {
-            let _ = std::fs::remove_file(&tmp);
+        if let Some(c) = cache.put(&self.engine, &key, &compiled) {
+            return Ok(c);
         }
         // SAFETY: `compiled` was produced just now by this engine's precompile.
         unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(|e| invalid(e.into()))
@@ -879,31 +792,6 @@ fn add_dbmazz_imports_v0_1(linker: &mut Linker<PluginState>) -> anyhow::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_compiled_cache_trusts_only_private_files_in_a_private_directory() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("compiled");
-        let host = PluginHost::new(Some(dir.clone())).unwrap();
-        assert_eq!(host.cache_dir.as_deref(), Some(dir.as_path()));
-        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
-        // entries: only a regular file of ours that no one else can write
-        let entry = dir.join("x.cwasm");
-        std::fs::write(&entry, b"native code").unwrap();
-        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(trusted_file(&entry).is_ok());
-        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(trusted_file(&entry).is_err());
-        let link = dir.join("link.cwasm");
-        std::os::unix::fs::symlink(&entry, &link).unwrap();
-        assert!(trusted_file(&link).is_err());
-        // a directory others can write is not used at all
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let host = PluginHost::new(Some(dir.clone())).unwrap();
-        assert_eq!(host.cache_dir, None);
-    }
 
     #[test]
     fn log_output_is_rate_limited() {

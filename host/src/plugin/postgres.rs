@@ -25,13 +25,16 @@ use super::bindings::sink::dbmazz::plugin::postgres::{
 use super::state::PluginState;
 use crate::source::conn::ConnectionConfig;
 
-/// The connections one stage may open under one name: the parsed settings and the idle
-/// clients (at most `pool_size`).
+/// The connections one stage may open under one name: the parsed settings, the idle
+/// clients (at most `pool_size`) and the count of open ones (at most `max_connections`).
 pub struct Pool {
     name: String,
     config: ConnectionConfig,
     idle: Mutex<Vec<tokio_postgres::Client>>,
     max_idle: usize,
+    /// One permit per connection a guest may hold open; held by its [`Connection`].
+    open: Arc<tokio::sync::Semaphore>,
+    max_open: usize,
 }
 
 impl std::fmt::Debug for Pool {
@@ -54,12 +57,33 @@ impl Pool {
             config: parsed,
             idle: Mutex::new(Vec::new()),
             max_idle: config.pool_size,
+            open: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            max_open: config.max_connections,
         })
     }
 
     /// The connection's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A permit to hold one more connection open, if the stage holds fewer than
+    /// `max_connections` under this name. Never waits: the only holder that could give one
+    /// back is the guest asking.
+    ///
+    /// # Errors
+    /// `denied`, naming the limit and the key that raises it.
+    fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, PgError> {
+        self.open.clone().try_acquire_owned().map_err(|_| {
+            tracing::warn!(connection = %self.name, max_connections = self.max_open, "PostgreSQL connection refused: the stage holds the most it may open");
+            host_error(
+                ErrorKind::Denied,
+                format!(
+                    "too many open connections {:?}: this stage holds {} (connections.{}.max_connections); close one first",
+                    self.name, self.max_open, self.name
+                ),
+            )
+        })
     }
 
     /// An idle client, or a new connection.
@@ -135,6 +159,8 @@ fn connect_failure(e: &crate::source::SourceError) -> &'static str {
 pub struct Connection {
     client: Option<tokio_postgres::Client>,
     pool: Arc<Pool>,
+    /// Counts this connection against `max_connections` until it is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     in_transaction: bool,
     /// Set while a call awaits the server; still set when the call was dropped midway,
     /// which leaves the protocol state unknown: the client is then closed, not pooled.
@@ -392,11 +418,13 @@ impl wit::HostConnection for PluginState {
                 format!("the connection {name:?} is not granted to this plugin (the operator grants it with capabilities.postgres = [{name:?}] and [connections.{name}])"),
             ));
         };
+        let permit = pool.permit()?;
         let client = pool.get().await?;
         self.table
             .push(Connection {
                 client: Some(client),
                 pool,
+                _permit: permit,
                 in_transaction: false,
                 busy: false,
             })
@@ -565,6 +593,24 @@ mod tests {
         assert_eq!(kind_of_sqlstate("57P01"), ErrorKind::Connection);
         assert_eq!(kind_of_sqlstate("22P02"), ErrorKind::Data);
         assert_eq!(kind_of_sqlstate("42P01"), ErrorKind::Query);
+    }
+
+    #[test]
+    fn a_stage_holds_at_most_max_connections_open() {
+        let mut config = crate::config::ConnectionConfig::new("postgres://cdc:secret@h/d");
+        config.max_connections = 2;
+        let pool = Pool::new("replica", &config).unwrap();
+        let first = pool.permit().unwrap();
+        let _second = pool.permit().unwrap();
+        let e = pool.permit().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Denied);
+        assert_eq!(
+            e.message,
+            "too many open connections \"replica\": this stage holds 2 (connections.replica.max_connections); close one first"
+        );
+        // a closed connection (its resource dropped) makes room for another
+        drop(first);
+        assert!(pool.permit().is_ok());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::config::{Config, SinkTarget, StageConfig};
 use crate::control::{Control, PluginInfo};
 use crate::delivery::{self, jsonl::JsonlSink, Delivery, DeliveryError};
 use crate::lsn::Lsn;
+use crate::plugin::cache::CacheConfig;
 use crate::plugin::chain::PluginChain;
 use crate::plugin::contract::ConfigValue;
 use crate::plugin::stage::{Stage, StageSpec};
@@ -103,11 +104,7 @@ pub(super) fn load(cfg: &Config, control: &Control) -> Result<Loaded, RunError> 
     let target = sink_target(cfg)?;
     let host = match &target {
         SinkTarget::Plugin(_) => {
-            let cache = cfg
-                .plugins
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| cfg.state.dir.join("compiled"));
+            let cache = CacheConfig::from_config(cfg);
             Some(Arc::new(
                 PluginHost::new(Some(cache)).map_err(|e| RunError::Engine(format!("{e:#}")))?,
             ))
