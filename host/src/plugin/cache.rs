@@ -178,6 +178,7 @@ impl CompiledCache {
             return;
         };
         let now = SystemTime::now();
+        let temp_marker = format!("{ENTRY_SUFFIX}.tmp");
         let mut entries = Vec::new();
         for e in read.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -186,7 +187,7 @@ impl CompiledCache {
                 continue;
             }
             let modified = m.modified().unwrap_or(now);
-            if name.contains(&format!("{ENTRY_SUFFIX}.tmp")) {
+            if name.contains(&temp_marker) {
                 if now.duration_since(modified).unwrap_or_default() > STALE_TEMP {
                     let _ = std::fs::remove_file(e.path());
                 }
@@ -222,7 +223,7 @@ impl CompiledCache {
 /// user that no one else can write — otherwise someone else could plant native code in
 /// the compiled-plugin cache.
 fn private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    use std::os::unix::fs::DirBuilderExt as _;
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -231,17 +232,23 @@ fn private_dir(dir: &Path) -> Result<(), String> {
             .map_err(|e| format!("cannot create it: {e}"))?;
     }
     let m = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
     if !m.is_dir() {
         return Err("not a directory (or a symbolic link)".into());
     }
+    private_to_me(&m).map_err(|why| format!("{why}: chmod go-w it"))
+}
+
+/// `m` (of a file or directory) is owned by this user and writable by no one else.
+fn private_to_me(m: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
     if m.uid() != me {
         return Err(format!("owned by uid {}, not this user ({me})", m.uid()));
     }
     if m.mode() & 0o022 != 0 {
         return Err(format!(
-            "writable by group or others (mode {:o}): chmod go-w it",
+            "writable by group or others (mode {:o})",
             m.mode() & 0o777
         ));
     }
@@ -251,20 +258,11 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 /// A cache entry may be deserialized: a regular file (not a link) owned by this user and
 /// writable by no one else.
 fn trusted_file(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
     if !m.is_file() {
         return Err("not a regular file".into());
     }
-    if m.uid() != me {
-        return Err(format!("owned by uid {}", m.uid()));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(format!("mode {:o}", m.mode() & 0o777));
-    }
-    Ok(())
+    private_to_me(&m)
 }
 
 #[cfg(test)]
