@@ -973,3 +973,54 @@ async fn unchanged_toast_under_both_replica_identities() {
         "FULL: the old row has the value"
     );
 }
+
+/// A confirmed position reaches the server soon after the sink's ack — at once, or once
+/// `STATUS_SPACING` (10 ms) has passed since the previous status update — and not only at
+/// the periodic status update (here 10 minutes away). Back-to-back commits make batches
+/// acknowledged within 10 ms of each other, whose positions are held back and must still
+/// be sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_confirmed_position_reaches_the_server_without_waiting_for_the_status_interval() {
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE c (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let p = Pipeline::new(&pg.url(), &["c"], "flush_interval_ms = 5", false);
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    assert!(config.contains("status_interval_ms = 1000"));
+    std::fs::write(
+        &p.config,
+        config.replace("status_interval_ms = 1000", "status_interval_ms = 600000"),
+    )
+    .unwrap();
+    let d = p.spawn();
+    d.wait_log("streaming", T);
+    for round in 0..3 {
+        for i in 0..20 {
+            db.execute("INSERT INTO c VALUES ($1)", &[&(round * 100 + i)])
+                .await
+                .unwrap();
+        }
+        let lsn: String = db
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        p.wait_for(&d, T, "the round's changes", |c| {
+            c.len() >= (round as usize + 1) * 20
+        });
+        let confirmed = format!(
+            "SELECT (confirmed_flush_lsn >= '{lsn}'::pg_lsn)::text FROM pg_replication_slots \
+             WHERE slot_name = 'dbmazz_slot'"
+        );
+        // well under the status interval, and under the server's keepalive (half of
+        // wal_sender_timeout, 30 s) that would also get an answer
+        eventually(
+            Duration::from_secs(10),
+            "the slot's confirmed position to pass the last commit",
+            || d.log(),
+            || pg.psql_super(&confirmed).trim() == "true",
+        );
+    }
+}

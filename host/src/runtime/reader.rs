@@ -37,8 +37,10 @@ const FRAMES_PER_WAKE: usize = 128;
 /// Least time between two standby status updates sent for a new confirmed LSN. Under
 /// load the checkpoint advances with every batch (hundreds per second), and each update
 /// costs a send here and a wakeup of the walsender, on the same cores; the slot learns
-/// the position at most this much later. Nothing waits for it: commit-to-ack ends at the
-/// sink's ack, and the server only needs it to recycle WAL.
+/// the position at most this much later. Nothing in dbmazz waits for it (commit-to-ack
+/// ends at the sink's ack) and the server needs it to recycle WAL — unless dbmazz's
+/// `application_name` is listed in the server's `synchronous_standby_names`, where a
+/// synchronous commit would wait for it up to this much longer.
 const STATUS_SPACING: Duration = Duration::from_millis(10);
 
 /// One session's reader (see the module docs).
@@ -147,15 +149,28 @@ impl Reader {
                     Err(_) => return Err(RunError::Interrupted),
                 },
                 _ = self.shutdown.changed() => return Err(RunError::Interrupted),
-                r = self.confirmed_rx.changed() => r.is_ok(),
-                _ = self.status_tick.tick() => true,
+                r = self.confirmed_rx.changed() => match r {
+                    Ok(()) => Wake::Confirmed,
+                    Err(_) => return Err(RunError::Interrupted),
+                },
+                _ = self.status_tick.tick() => Wake::Status,
+                _ = tokio::time::sleep_until(self.last_status + STATUS_SPACING), if self.status_pending => Wake::Status,
             };
-            if !wake {
-                return Err(RunError::Interrupted);
-            }
             waited = true;
-            self.send_status(false).await?;
+            if matches!(wake, Wake::Status) || self.report_now() {
+                self.send_status(false).await?;
+            }
         }
+    }
+
+    /// A new confirmed LSN: true when a status update may carry it now; otherwise it
+    /// waits for `STATUS_SPACING` to pass since the last one (`status_pending`).
+    fn report_now(&mut self) -> bool {
+        if Instant::now() >= self.last_status + STATUS_SPACING {
+            return true;
+        }
+        self.status_pending = true;
+        false
     }
 
     fn heard(&mut self) {
@@ -302,12 +317,7 @@ impl Reader {
             let batch_deadline = self.batcher.deadline();
             let watermark_due = (!self.batcher.has_open() && self.batcher.has_pending_watermark())
                 .then(|| self.last_watermark + self.watermark_every);
-            let now = Instant::now();
-            let far = now + Duration::from_secs(3600);
-            // A new confirmed LSN is reported at once, or at `STATUS_SPACING` after the
-            // last update.
-            let status_spaced = self.last_status + STATUS_SPACING;
-            let spacing = now < status_spaced;
+            let far = Instant::now() + Duration::from_secs(3600);
             let paused = *self.paused.borrow_and_update();
             if paused {
                 // not reading: silence is ours, not the server's
@@ -337,12 +347,12 @@ impl Reader {
                     Err(_) => return Err(RunError::Interrupted),
                 },
                 r = self.confirmed_rx.changed() => match r {
-                    Ok(()) if spacing => Wake::StatusLater,
-                    Ok(()) => Wake::Status,
+                    Ok(()) => Wake::Confirmed,
                     Err(_) => return Err(RunError::Interrupted),
                 },
                 _ = self.status_tick.tick() => Wake::Status,
-                _ = tokio::time::sleep_until(status_spaced), if self.status_pending => Wake::Status,
+                // a new confirmed LSN held back by `STATUS_SPACING`
+                _ = tokio::time::sleep_until(self.last_status + STATUS_SPACING), if self.status_pending => Wake::Status,
                 _ = tokio::time::sleep_until(silence_due), if !paused => Wake::Silence,
                 _ = tokio::time::sleep_until(batch_deadline.map_or(far, Instant::from_std)), if batch_deadline.is_some() => Wake::BatchDue,
                 _ = tokio::time::sleep_until(watermark_due.unwrap_or(far)), if watermark_due.is_some() => Wake::WatermarkDue,
@@ -359,7 +369,11 @@ impl Reader {
                     }
                     self.send_status(false).await?
                 }
-                Wake::StatusLater => self.status_pending = true,
+                Wake::Confirmed => {
+                    if self.report_now() {
+                        self.send_status(false).await?
+                    }
+                }
                 Wake::Silence if !self.pinged => {
                     // Halfway: ask for a reply (a keepalive) before giving up.
                     self.send_status(true).await?;
@@ -409,8 +423,8 @@ impl Reader {
 
 enum Wake {
     Status,
-    /// A new confirmed LSN within `STATUS_SPACING` of the last status update.
-    StatusLater,
+    /// A new confirmed LSN (reported at once, or once `STATUS_SPACING` has passed).
+    Confirmed,
     /// Nothing heard from the server for half (then all) of the receive timeout.
     Silence,
     BatchDue,

@@ -104,7 +104,8 @@ enum Raw {
 }
 
 /// The message at the front of `rbuf` when all of it is there (`None`: more bytes are
-/// needed; room for them has been reserved).
+/// needed; when its header is there, room for the rest of a message has been reserved,
+/// up to `MAX_RESERVE`).
 fn take_message(rbuf: &mut BytesMut) -> Result<Option<Raw>, SourceError> {
     let Some(header) = Header::parse(rbuf)? else {
         return Ok(None);
