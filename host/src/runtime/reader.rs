@@ -29,20 +29,6 @@ use crate::source::replication::{Frame, ReplicationReader, ReplicationWriter};
 use crate::source::SourceError;
 use crate::stats::{Stage, Stats};
 
-/// Most frames handled per wakeup from one socket read, before status updates,
-/// deadlines, a pause and shutdown are looked at again (at a few µs per frame, well
-/// under a millisecond).
-const FRAMES_PER_WAKE: usize = 128;
-
-/// Least time between two standby status updates sent for a new confirmed LSN. Under
-/// load the checkpoint advances with every batch (hundreds per second), and each update
-/// costs a send here and a wakeup of the walsender, on the same cores; the slot learns
-/// the position at most this much later. Nothing in dbmazz waits for it (commit-to-ack
-/// ends at the sink's ack) and the server needs it to recycle WAL — unless dbmazz's
-/// `application_name` is listed in the server's `synchronous_standby_names`, where a
-/// synchronous commit would wait for it up to this much longer.
-const STATUS_SPACING: Duration = Duration::from_millis(10);
-
 /// One session's reader (see the module docs).
 pub(super) struct Reader {
     pub(super) reader: ReplicationReader,
@@ -66,10 +52,6 @@ pub(super) struct Reader {
     pub(super) frame_sent_us: i64,
     /// The confirmed LSN the last standby status update carried.
     pub(super) reported: Lsn,
-    /// When the last standby status update was sent.
-    pub(super) last_status: Instant,
-    /// A new confirmed LSN waits for `STATUS_SPACING` to pass.
-    pub(super) status_pending: bool,
     pub(super) events: Vec<Event>,
     pub(super) stats: Arc<Stats>,
     pub(super) watermark_every: Duration,
@@ -106,8 +88,6 @@ impl Reader {
         self.writer
             .send_status(self.received.max(confirmed), confirmed, reply)
             .await?;
-        self.last_status = Instant::now();
-        self.status_pending = false;
         if confirmed > self.reported {
             self.reported = confirmed;
             self.stats.confirm_reported();
@@ -149,28 +129,15 @@ impl Reader {
                     Err(_) => return Err(RunError::Interrupted),
                 },
                 _ = self.shutdown.changed() => return Err(RunError::Interrupted),
-                r = self.confirmed_rx.changed() => match r {
-                    Ok(()) => Wake::Confirmed,
-                    Err(_) => return Err(RunError::Interrupted),
-                },
-                _ = self.status_tick.tick() => Wake::Status,
-                _ = tokio::time::sleep_until(self.last_status + STATUS_SPACING), if self.status_pending => Wake::Status,
+                r = self.confirmed_rx.changed() => r.is_ok(),
+                _ = self.status_tick.tick() => true,
             };
-            waited = true;
-            if matches!(wake, Wake::Status) || self.report_now() {
-                self.send_status(false).await?;
+            if !wake {
+                return Err(RunError::Interrupted);
             }
+            waited = true;
+            self.send_status(false).await?;
         }
-    }
-
-    /// A new confirmed LSN: true when a status update may carry it now; otherwise it
-    /// waits for `STATUS_SPACING` to pass since the last one (`status_pending`).
-    fn report_now(&mut self) -> bool {
-        if Instant::now() >= self.last_status + STATUS_SPACING {
-            return true;
-        }
-        self.status_pending = true;
-        false
     }
 
     fn heard(&mut self) {
@@ -248,6 +215,7 @@ impl Reader {
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Result<(), RunError> {
+        self.heard();
         match frame {
             Frame::XLogData {
                 wal_start,
@@ -347,12 +315,10 @@ impl Reader {
                     Err(_) => return Err(RunError::Interrupted),
                 },
                 r = self.confirmed_rx.changed() => match r {
-                    Ok(()) => Wake::Confirmed,
+                    Ok(()) => Wake::Status,
                     Err(_) => return Err(RunError::Interrupted),
                 },
                 _ = self.status_tick.tick() => Wake::Status,
-                // a new confirmed LSN held back by `STATUS_SPACING`
-                _ = tokio::time::sleep_until(self.last_status + STATUS_SPACING), if self.status_pending => Wake::Status,
                 _ = tokio::time::sleep_until(silence_due), if !paused => Wake::Silence,
                 _ = tokio::time::sleep_until(batch_deadline.map_or(far, Instant::from_std)), if batch_deadline.is_some() => Wake::BatchDue,
                 _ = tokio::time::sleep_until(watermark_due.unwrap_or(far)), if watermark_due.is_some() => Wake::WatermarkDue,
@@ -368,11 +334,6 @@ impl Reader {
                         }
                     }
                     self.send_status(false).await?
-                }
-                Wake::Confirmed => {
-                    if self.report_now() {
-                        self.send_status(false).await?
-                    }
                 }
                 Wake::Silence if !self.pinged => {
                     // Halfway: ask for a reply (a keepalive) before giving up.
@@ -398,19 +359,7 @@ impl Reader {
                         self.hand(Delivery::Watermark(w)).await?;
                     }
                 }
-                Wake::Frame(frame) => {
-                    self.on_frame(frame).await?;
-                    // The frames the same socket read brought (about ten per read at
-                    // 20,000 changes/s): handled here, not each through the select
-                    // above, whose timers and watch registrations cost more than a
-                    // small frame's parsing.
-                    for _ in 1..FRAMES_PER_WAKE {
-                        match self.reader.next_buffered() {
-                            Some(frame) => self.on_frame(frame?).await?,
-                            None => break,
-                        }
-                    }
-                }
+                Wake::Frame(frame) => self.on_frame(frame).await?,
                 Wake::CaughtUp => {
                     if let Some(batch) = self.batcher.cut_at_commit(crate::metrics::now_us()) {
                         self.hand(Delivery::Batch(batch)).await?;
@@ -423,8 +372,6 @@ impl Reader {
 
 enum Wake {
     Status,
-    /// A new confirmed LSN (reported at once, or once `STATUS_SPACING` has passed).
-    Confirmed,
     /// Nothing heard from the server for half (then all) of the receive timeout.
     Silence,
     BatchDue,

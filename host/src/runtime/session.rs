@@ -426,8 +426,6 @@ impl Sessions<'_> {
             status_tick,
             received: cp.confirmed_lsn,
             reported: cp.confirmed_lsn,
-            last_status: Instant::now(),
-            status_pending: false,
             frame_sent_us: 0,
             events: Vec::with_capacity(64),
             stats: self.stats.clone(),

@@ -103,41 +103,35 @@ enum Raw {
     Other(backend::Message),
 }
 
-/// The message at the front of `rbuf` when all of it is there (`None`: more bytes are
-/// needed; when its header is there, room for the rest of a message has been reserved,
-/// up to `MAX_RESERVE`).
-fn take_message(rbuf: &mut BytesMut) -> Result<Option<Raw>, SourceError> {
-    let Some(header) = Header::parse(rbuf)? else {
-        return Ok(None);
-    };
-    let total = header.len() as usize + 1;
-    if rbuf.len() < total {
-        // Grow with what arrives, not by the announced length: a frame header claiming
-        // 1 GiB must not allocate it before a byte of it is here.
-        rbuf.reserve((total - rbuf.len()).min(MAX_RESERVE));
-        return Ok(None);
-    }
-    Ok(match header.tag() {
-        b'd' => {
-            let mut frame = rbuf.split_to(total);
-            frame.advance(5);
-            Some(Raw::CopyData(frame.freeze()))
-        }
-        b'W' => {
-            rbuf.advance(total);
-            Some(Raw::CopyBoth)
-        }
-        _ => backend::Message::parse(rbuf)?.map(Raw::Other),
-    })
-}
-
 async fn read_message(
     stream: &mut (impl tokio::io::AsyncRead + Unpin + ?Sized),
     rbuf: &mut BytesMut,
 ) -> Result<Raw, SourceError> {
     loop {
-        if let Some(m) = take_message(rbuf)? {
-            return Ok(m);
+        if let Some(header) = Header::parse(rbuf)? {
+            let total = header.len() as usize + 1;
+            if rbuf.len() >= total {
+                match header.tag() {
+                    b'd' => {
+                        let mut frame = rbuf.split_to(total);
+                        frame.advance(5);
+                        return Ok(Raw::CopyData(frame.freeze()));
+                    }
+                    b'W' => {
+                        rbuf.advance(total);
+                        return Ok(Raw::CopyBoth);
+                    }
+                    _ => {
+                        if let Some(m) = backend::Message::parse(rbuf)? {
+                            return Ok(Raw::Other(m));
+                        }
+                    }
+                }
+            } else {
+                // Grow with what arrives, not by the announced length: a frame header
+                // claiming 1 GiB must not allocate it before a byte of it is here.
+                rbuf.reserve((total - rbuf.len()).min(MAX_RESERVE));
+            }
         }
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(READ_CHUNK);
@@ -516,43 +510,17 @@ impl ReplicationReader {
     /// frame; I/O errors.
     pub async fn next(&mut self) -> Result<Frame, SourceError> {
         loop {
-            let raw = read_message(&mut self.half, &mut self.rbuf).await?;
-            if let Some(frame) = Self::frame(raw).transpose() {
-                return frame;
+            match read_message(&mut self.half, &mut self.rbuf).await? {
+                Raw::CopyData(d) => return parse_frame(d),
+                Raw::Other(backend::Message::CopyDone) => return Ok(Frame::End),
+                Raw::Other(backend::Message::ErrorResponse(body)) => {
+                    return Err(SourceError::Server(Box::new(ServerError::from_body(&body))))
+                }
+                Raw::Other(_) => {} // NoticeResponse, ParameterStatus
+                Raw::CopyBoth => {
+                    return Err(SourceError::Protocol("second CopyBothResponse".into()))
+                }
             }
-        }
-    }
-
-    /// The next frame if all of it has already been read from the socket; `None` when
-    /// the buffer holds less than a frame. No I/O: the server sends a frame per message,
-    /// and one socket read brings several, which the caller handles without waiting on
-    /// the socket again (see `runtime::reader`).
-    ///
-    /// # Errors
-    /// As [`ReplicationReader::next`].
-    pub fn next_buffered(&mut self) -> Option<Result<Frame, SourceError>> {
-        loop {
-            match take_message(&mut self.rbuf) {
-                Ok(Some(raw)) => match Self::frame(raw).transpose() {
-                    Some(frame) => return Some(frame),
-                    None => continue,
-                },
-                Ok(None) => return None,
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
-
-    /// A message of the stream as a frame; `None` for one that is skipped.
-    fn frame(raw: Raw) -> Result<Option<Frame>, SourceError> {
-        match raw {
-            Raw::CopyData(d) => parse_frame(d).map(Some),
-            Raw::Other(backend::Message::CopyDone) => Ok(Some(Frame::End)),
-            Raw::Other(backend::Message::ErrorResponse(body)) => {
-                Err(SourceError::Server(Box::new(ServerError::from_body(&body))))
-            }
-            Raw::Other(_) => Ok(None), // NoticeResponse, ParameterStatus
-            Raw::CopyBoth => Err(SourceError::Protocol("second CopyBothResponse".into())),
         }
     }
 }
@@ -631,46 +599,6 @@ mod tests {
         let r = read_message(&mut &input[..], &mut rbuf).await;
         assert!(r.is_err());
         assert!(rbuf.capacity() <= 2 * MAX_RESERVE, "{}", rbuf.capacity());
-    }
-
-    /// What `ReplicationReader::next_buffered` reads from: the messages already in the
-    /// buffer, one at a time, and nothing of a message not all there (its bytes stay for
-    /// the next socket read).
-    #[test]
-    fn buffered_messages_are_taken_whole_and_a_partial_one_is_left() {
-        let keepalive = |wal_end: u64| {
-            let mut k = vec![b'k'];
-            k.extend_from_slice(&wal_end.to_be_bytes());
-            k.extend_from_slice(&0i64.to_be_bytes());
-            k.push(0);
-            let mut m = vec![b'd'];
-            m.extend_from_slice(&(4 + k.len() as i32).to_be_bytes());
-            m.extend_from_slice(&k);
-            m
-        };
-        let mut rbuf = BytesMut::new();
-        rbuf.extend_from_slice(&keepalive(1));
-        rbuf.extend_from_slice(&keepalive(2));
-        let third = keepalive(3);
-        rbuf.extend_from_slice(&third[..10]);
-        let mut ends = Vec::new();
-        while let Some(raw) = take_message(&mut rbuf).unwrap() {
-            let Raw::CopyData(d) = raw else {
-                panic!("not CopyData")
-            };
-            match parse_frame(d).unwrap() {
-                Frame::Keepalive { wal_end, .. } => ends.push(wal_end.0),
-                f => panic!("{f:?}"),
-            }
-        }
-        assert_eq!(ends, [1, 2]);
-        assert_eq!(&rbuf[..], &third[..10]);
-        rbuf.extend_from_slice(&third[10..]);
-        assert!(matches!(
-            take_message(&mut rbuf),
-            Ok(Some(Raw::CopyData(_)))
-        ));
-        assert!(rbuf.is_empty());
     }
 
     /// A server that asks for SCRAM-SHA-256 and then says AuthenticationOk without its
