@@ -1015,7 +1015,7 @@ async fn a_confirmed_position_reaches_the_server_without_waiting_for_the_status_
         // well under the status interval, and under the server's keepalive (half of
         // wal_sender_timeout, 30 s) that would also get an answer
         eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(20),
             "the slot's confirmed position to pass the last commit",
             || d.log(),
             || pg.psql_super(&confirmed).trim() == "true",
