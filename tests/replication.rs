@@ -985,13 +985,7 @@ async fn a_confirmed_position_reaches_the_server_without_waiting_for_the_status_
         .await
         .unwrap();
     let p = Pipeline::new(&pg.url(), &["c"], "flush_interval_ms = 5", false);
-    let config = std::fs::read_to_string(&p.config).unwrap();
-    assert!(config.contains("status_interval_ms = 1000"));
-    std::fs::write(
-        &p.config,
-        config.replace("status_interval_ms = 1000", "status_interval_ms = 600000"),
-    )
-    .unwrap();
+    p.edit_config("status_interval_ms = 1000", "status_interval_ms = 600000");
     let d = p.spawn();
     d.wait_log("streaming", T);
     for round in 0..3 {
