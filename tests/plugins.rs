@@ -845,6 +845,108 @@ async fn a_recorded_stream_replays_through_any_plugin_version() {
     assert!(!ok && out.contains("not a dbmazz recording"), "{out}");
 }
 
+/// `plugin inspect` and `plugin test` compile a file once into the compiled-plugin cache
+/// (`--cache-dir`, or `DBMAZZ_PLUGIN_CACHE_DIR`), and a pipeline whose `plugins.cache_dir`
+/// names the same directory loads it from there; `--no-cache` neither reads nor writes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn inspect_test_and_run_compile_a_plugin_once_through_the_cache() {
+    let p = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("compiled");
+    let entries = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&cache)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let plugin = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+            .arg("plugin")
+            .args(args)
+            .env_remove("DBMAZZ_PLUGIN_CACHE_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let compiled = "plugin compiled (cached for the next start)";
+
+    // --no-cache: compiled, nothing written
+    let (ok, out, log) = plugin(&[
+        "inspect".as_ref(),
+        p.webhook.as_os_str(),
+        "--no-cache".as_ref(),
+    ]);
+    assert!(ok, "{out}{log}");
+    assert!(!log.contains(compiled), "{log}");
+    assert!(entries().is_empty(), "{:?}", entries());
+
+    // inspect compiles and writes one entry (a private directory, made when missing)
+    let (ok, out, log) = plugin(&[
+        "inspect".as_ref(),
+        p.webhook.as_os_str(),
+        "--cache-dir".as_ref(),
+        cache.as_os_str(),
+    ]);
+    assert!(
+        ok && out.contains("world:         dbmazz:plugin/sink"),
+        "{out}{log}"
+    );
+    assert!(log.contains(compiled), "{log}");
+    let first = entries();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].to_string_lossy().ends_with(".cwasm"), "{first:?}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+
+    // test, through the environment variable: the same entry, no compile
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
+        .args(["plugin", "test"])
+        .arg(&p.webhook)
+        .env("DBMAZZ_PLUGIN_CACHE_DIR", &cache)
+        .output()
+        .unwrap();
+    let (stdout, log) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("all 12 cases passed"),
+        "{stdout}{log}"
+    );
+    assert!(!log.contains(compiled), "{log}");
+    assert_eq!(entries(), first);
+
+    // a pipeline with the same cache_dir: loaded, not compiled
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let pipe = Pipeline::with_toml(
+        &pg.url(),
+        &["t"],
+        &webhook_sink_of(&p.webhook, &rx.url(), &rx.addr.to_string(), ""),
+    );
+    pipe.edit_config(
+        &format!(
+            "cache_dir = {:?}",
+            support::plugin_cache().display().to_string()
+        ),
+        &format!("cache_dir = {:?}", cache.display().to_string()),
+    );
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    db.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    eventually(T, "1 event", || d.log(), || !rx.events().is_empty());
+    assert!(!d.log().contains(compiled), "{}", d.log());
+    assert_eq!(entries(), first);
+}
+
 fn inspect(file: &std::path::Path) -> (bool, String) {
     support::dbmazz(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()])
 }

@@ -114,6 +114,8 @@ enum PluginCommand {
     Inspect {
         /// The `.wasm` file.
         file: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// Run a plugin (any language, any contract the host loads) in the real host against a
     /// built-in suite of batches — every op, old rows, unchanged TOAST, every value kind,
@@ -150,6 +152,8 @@ enum PluginCommand {
         /// Repeatable.
         #[arg(long, value_name = "NAME=URL")]
         connection: Vec<String>,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// Write a working sink project (the sink, its unit tests, a README with the build
     /// command) from the template of a language.
@@ -166,6 +170,42 @@ enum PluginCommand {
         #[arg(long, value_name = "PATH")]
         sdk: Option<PathBuf>,
     },
+}
+
+/// Where `plugin inspect` and `plugin test` keep the native code they compile, so that
+/// inspecting, testing and running the same file compiles it once (a Python or JavaScript
+/// component takes tens of seconds). The same store as `[plugins] cache_dir`
+/// (`dbmazz::plugin::cache`, with its ownership checks and its bound), so a `run` whose
+/// `cache_dir` names the same directory starts without compiling.
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// The compiled-plugin cache directory [default: the user's cache directory +
+    /// `dbmazz/compiled`, e.g. ~/.cache/dbmazz/compiled].
+    #[arg(long, value_name = "DIR", env = "DBMAZZ_PLUGIN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile the plugin without reading or writing the cache.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache to use, bounded like `plugins.cache_max_mb`'s default; `None` with
+    /// `--no-cache` or when there is no user cache directory (no `$HOME`).
+    fn config(&self) -> Option<dbmazz::plugin::cache::CacheConfig> {
+        if self.no_cache {
+            return None;
+        }
+        let dir = self
+            .cache_dir
+            .clone()
+            .or_else(|| dirs::cache_dir().map(|d| d.join("dbmazz").join("compiled")))?;
+        Some(dbmazz::plugin::cache::CacheConfig {
+            dir,
+            max_bytes: dbmazz::config::PluginsConfig::default()
+                .cache_max_mb
+                .saturating_mul(1024 * 1024),
+        })
+    }
 }
 
 fn init_logs(format: LogFormat, default_level: &str) {
@@ -298,8 +338,8 @@ fn main() -> ExitCode {
                 }
             }
             Command::Plugin {
-                command: PluginCommand::Inspect { file },
-            } => inspect(&file).await,
+                command: PluginCommand::Inspect { file, cache },
+            } => inspect(&file, cache.config()).await,
             Command::Plugin {
                 command:
                     PluginCommand::Test {
@@ -311,6 +351,7 @@ fn main() -> ExitCode {
                         flush_size,
                         allow,
                         connection,
+                        cache,
                     },
             } => {
                 let limits = dbmazz::plugin::state::Limits {
@@ -319,7 +360,16 @@ fn main() -> ExitCode {
                     ..Default::default()
                 };
                 let replay = replay.map(|path| (path, flush_size));
-                plugin_test(&file, &config, limits, replay.as_ref(), allow, &connection).await
+                plugin_test(
+                    &file,
+                    &config,
+                    limits,
+                    replay.as_ref(),
+                    allow,
+                    &connection,
+                    cache.config(),
+                )
+                .await
             }
             Command::Plugin {
                 command:
@@ -408,6 +458,7 @@ async fn plugin_test(
     replay: Option<&(PathBuf, usize)>,
     allow: Vec<String>,
     connections: &[String],
+    cache: Option<dbmazz::plugin::cache::CacheConfig>,
 ) -> ExitCode {
     use dbmazz::plugin::contract::{config_value, ConfigValue};
     let mut postgres = std::collections::HashMap::new();
@@ -441,7 +492,7 @@ async fn plugin_test(
         .unwrap_or_else(|| ConfigValue::Text(v.to_string()));
         values.push((k.trim().to_string(), value));
     }
-    let host = match dbmazz::plugin::PluginHost::new(None) {
+    let host = match dbmazz::plugin::PluginHost::new(cache) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("error: plugin engine: {e:#}");
@@ -585,8 +636,11 @@ async fn print_metadata(
     }
 }
 
-async fn inspect(file: &std::path::Path) -> ExitCode {
-    let host = match dbmazz::plugin::PluginHost::new(None) {
+async fn inspect(
+    file: &std::path::Path,
+    cache: Option<dbmazz::plugin::cache::CacheConfig>,
+) -> ExitCode {
+    let host = match dbmazz::plugin::PluginHost::new(cache) {
         Ok(h) => h,
         Err(e) => {
             error!("plugin engine: {e:#}");

@@ -822,6 +822,8 @@ pub fn eventually(
 pub fn dbmazz(args: &[&std::ffi::OsStr]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dbmazz"))
         .args(args)
+        // `plugin inspect` and `plugin test` compile into the cache the pipelines use
+        .env("DBMAZZ_PLUGIN_CACHE_DIR", plugin_cache())
         .output()
         .expect("run dbmazz");
     (
