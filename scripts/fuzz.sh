@@ -37,23 +37,34 @@ export RUSTFLAGS="-Cpasses=sancov-module \
 cargo build --release --manifest-path fuzz/Cargo.toml --target "$triple" \
   --target-dir target/fuzz --bins
 
-failed=0
-for t in "${targets[@]}"; do
-  corpus="target/fuzz/corpus/$t"
-  artifacts="target/fuzz/artifacts/$t/"
+# One libFuzzer process is one core: the targets run side by side, as many at a time as
+# there are cores (`nproc`), each for `seconds`.
+run_target() {
+  local t="$1" corpus="target/fuzz/corpus/$1" artifacts="target/fuzz/artifacts/$1/"
+  local log="target/fuzz/$1.log" status=0
   mkdir -p "$corpus" "$artifacts"
-  echo "fuzz: $t for ${seconds}s"
   # the first directory receives new inputs; the seeds are read only
-  log="target/fuzz/$t.log"
-  status=0
   "target/fuzz/$triple/release/$t" "$corpus" "fuzz/seeds/$t" \
     -max_total_time="$seconds" -artifact_prefix="$artifacts" -print_final_stats=1 \
     -timeout=10 -rss_limit_mb=1024 >"$log" 2>&1 || status=$?
-  grep -E "stat::number_of_executed_units|stat::new_units_added" "$log" || true
+  echo "fuzz: $t for ${seconds}s: $(grep -E "stat::number_of_executed_units|stat::new_units_added" "$log" | tr -s ' ' | tr '\n' ' ')"
   if [ "$status" -ne 0 ]; then
     grep -E "panicked|ERROR|SUMMARY|Test unit written|^Base64" "$log" >&2 || true
     echo "fuzz: $t found a crash (exit $status); the input is in $artifacts, the log in $log" >&2
-    failed=1
+    return 1
   fi
+}
+
+# each target's verdict is a file, so the throttling below can reap jobs in any order
+rm -f target/fuzz/*.failed
+jobs="$(nproc)"
+for t in "${targets[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+    wait -n || true
+  done
+  (run_target "$t" || touch "target/fuzz/$t.failed") &
 done
-exit "$failed"
+wait
+if ls target/fuzz/*.failed >/dev/null 2>&1; then
+  exit 1
+fi
