@@ -873,11 +873,13 @@ async fn inspect_test_and_run_compile_a_plugin_once_through_the_cache() {
     };
     let compiled = "plugin compiled (cached for the next start)";
 
-    // --no-cache: compiled, nothing written
+    // --no-cache: compiled, nothing written (also with a cache directory named)
     let (ok, out, log) = plugin(&[
         "inspect".as_ref(),
         p.webhook.as_os_str(),
         "--no-cache".as_ref(),
+        "--cache-dir".as_ref(),
+        cache.as_os_str(),
     ]);
     assert!(ok, "{out}{log}");
     assert!(!log.contains(compiled), "{log}");

@@ -183,8 +183,9 @@ struct CacheArgs {
     /// `dbmazz/compiled`, e.g. ~/.cache/dbmazz/compiled].
     #[arg(long, value_name = "DIR", env = "DBMAZZ_PLUGIN_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-    /// Compile the plugin without reading or writing the cache.
-    #[arg(long, conflicts_with = "cache_dir")]
+    /// Compile the plugin without reading or writing the cache (wins over --cache-dir and
+    /// DBMAZZ_PLUGIN_CACHE_DIR).
+    #[arg(long)]
     no_cache: bool,
 }
 
