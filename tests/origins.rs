@@ -130,11 +130,7 @@ async fn skip_origins_drops_streamed_and_small_transactions_and_the_slot_moves_p
 
     let upstream = upstream_session(&pg).await;
     commit_streamed_then_small(&upstream).await;
-    let after_skipped: String = upstream
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let after_skipped = support::wal_insert_lsn(&upstream).await;
 
     // The slot is confirmed past both skipped transactions with no later change to carry
     // it there; a position is confirmed only once everything before it was delivered, so

@@ -497,11 +497,7 @@ async fn sigterm_drains_and_confirms() {
     db.batch_execute("INSERT INTO g SELECT generate_series(1, 500)")
         .await
         .unwrap();
-    let lsn: String = db
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = support::wal_insert_lsn(&db).await;
     // the open batch only reaches the sink through the drain (its flush interval is 60 s);
     // the drain cuts what was received, so wait until the server saw dbmazz receive it
     // (the reader reports its received LSN as `write`; commits reach the walsender
@@ -994,11 +990,7 @@ async fn a_confirmed_position_reaches_the_server_without_waiting_for_the_status_
                 .await
                 .unwrap();
         }
-        let lsn: String = db
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let lsn = support::wal_insert_lsn(&db).await;
         p.wait_for(&d, T, "the round's changes", |c| {
             c.len() >= (round as usize + 1) * 20
         });

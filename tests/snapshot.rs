@@ -169,13 +169,7 @@ fn target_rows(sr: &StarRocksDouble, table: &str) -> BTreeSet<String> {
 /// Waits until the slot confirmed the server's current WAL position: everything committed
 /// before now was delivered.
 async fn wait_confirmed(pg: &Pg, db: &tokio_postgres::Client, d: &Dbmazz) {
-    let lsn: String = db
-        // the insert position: with synchronous_commit = off the write position can
-        // still be behind the last commits
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = support::wal_insert_lsn(db).await;
     support::until_sql_true(
         db,
         "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots WHERE slot_name = 'dbmazz_slot'",

@@ -785,6 +785,16 @@ pub async fn until_sql_true(
     }
 }
 
+/// `pg_current_wal_insert_lsn()` as text (`"0/1A2B3C4"`): past every commit made so far
+/// on this server (the write position can lag behind them with `synchronous_commit = off`,
+/// as the test clusters run).
+pub async fn wal_insert_lsn(db: &tokio_postgres::Client) -> String {
+    db.query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("pg_current_wal_insert_lsn")
+        .get(0)
+}
+
 /// Waits until no walsender holds replication slot `slot`: the walsender of a dbmazz
 /// that exited or was killed lets go when it notices the connection is gone, and until
 /// then dropping or peeking the slot fails ("replication slot ... is active").
