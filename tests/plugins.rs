@@ -858,13 +858,15 @@ async fn inspect_test_and_run_compile_a_plugin_once_through_the_cache() {
             .map(|d| d.map(|e| e.unwrap().path()).collect())
             .unwrap_or_default()
     };
-    let plugin = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-            .arg("plugin")
-            .args(args)
-            .env_remove("DBMAZZ_PLUGIN_CACHE_DIR")
-            .output()
-            .unwrap();
+    // `dbmazz plugin ARGS`, with DBMAZZ_PLUGIN_CACHE_DIR set to `env` or unset
+    let plugin = |args: &[&std::ffi::OsStr], env: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"));
+        c.arg("plugin").args(args);
+        match env {
+            Some(dir) => c.env("DBMAZZ_PLUGIN_CACHE_DIR", dir),
+            None => c.env_remove("DBMAZZ_PLUGIN_CACHE_DIR"),
+        };
+        let out = c.output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -874,24 +876,30 @@ async fn inspect_test_and_run_compile_a_plugin_once_through_the_cache() {
     let compiled = "plugin compiled (cached for the next start)";
 
     // --no-cache: compiled, nothing written (also with a cache directory named)
-    let (ok, out, log) = plugin(&[
-        "inspect".as_ref(),
-        p.webhook.as_os_str(),
-        "--no-cache".as_ref(),
-        "--cache-dir".as_ref(),
-        cache.as_os_str(),
-    ]);
+    let (ok, out, log) = plugin(
+        &[
+            "inspect".as_ref(),
+            p.webhook.as_os_str(),
+            "--no-cache".as_ref(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+        ],
+        None,
+    );
     assert!(ok, "{out}{log}");
     assert!(!log.contains(compiled), "{log}");
     assert!(entries().is_empty(), "{:?}", entries());
 
     // inspect compiles and writes one entry (a private directory, made when missing)
-    let (ok, out, log) = plugin(&[
-        "inspect".as_ref(),
-        p.webhook.as_os_str(),
-        "--cache-dir".as_ref(),
-        cache.as_os_str(),
-    ]);
+    let (ok, out, log) = plugin(
+        &[
+            "inspect".as_ref(),
+            p.webhook.as_os_str(),
+            "--cache-dir".as_ref(),
+            cache.as_os_str(),
+        ],
+        None,
+    );
     assert!(
         ok && out.contains("world:         dbmazz:plugin/sink"),
         "{out}{log}"
@@ -905,20 +913,8 @@ async fn inspect_test_and_run_compile_a_plugin_once_through_the_cache() {
     assert_eq!(mode & 0o077, 0, "mode {mode:o}");
 
     // test, through the environment variable: the same entry, no compile
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbmazz"))
-        .args(["plugin", "test"])
-        .arg(&p.webhook)
-        .env("DBMAZZ_PLUGIN_CACHE_DIR", &cache)
-        .output()
-        .unwrap();
-    let (stdout, log) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success() && stdout.contains("all 12 cases passed"),
-        "{stdout}{log}"
-    );
+    let (ok, out, log) = plugin(&["test".as_ref(), p.webhook.as_os_str()], Some(&cache));
+    assert!(ok && out.contains("all 12 cases passed"), "{out}{log}");
     assert!(!log.contains(compiled), "{log}");
     assert_eq!(entries(), first);
 

@@ -190,22 +190,12 @@ struct CacheArgs {
 }
 
 impl CacheArgs {
-    /// The cache to use, bounded like `plugins.cache_max_mb`'s default; `None` with
-    /// `--no-cache` or when there is no user cache directory (no `$HOME`).
+    /// The cache to use (`CacheConfig::for_commands`); `None` with `--no-cache`.
     fn config(&self) -> Option<dbmazz::plugin::cache::CacheConfig> {
         if self.no_cache {
             return None;
         }
-        let dir = self
-            .cache_dir
-            .clone()
-            .or_else(|| dirs::cache_dir().map(|d| d.join("dbmazz").join("compiled")))?;
-        Some(dbmazz::plugin::cache::CacheConfig {
-            dir,
-            max_bytes: dbmazz::config::PluginsConfig::default()
-                .cache_max_mb
-                .saturating_mul(1024 * 1024),
-        })
+        dbmazz::plugin::cache::CacheConfig::for_commands(self.cache_dir.clone())
     }
 }
 

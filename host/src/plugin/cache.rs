@@ -1,8 +1,9 @@
 //! The compiled-plugin cache: the native code wasmtime compiles from a plugin component,
 //! kept on disk so that the next start (and a hot reload of the same file) loads the plugin
 //! in milliseconds instead of compiling it again (a Rust plugin takes about a second, a
-//! Python or JavaScript one 5–50 s, depending on the machine: 48 s of CPU for the 19 MB
-//! Python template on the Intel Xeon VM of 2026-12-03).
+//! Python or JavaScript one 5–50 s, depending on the machine and its load: the 19 MB
+//! Python template took 12 s (22 s of CPU) on an idle 2-core Intel Xeon VM on 2026-12-03,
+//! 52 s while a build ran beside it).
 //!
 //! One directory (`plugins.cache_dir`, default `state.dir/compiled`; `plugin inspect` and
 //! `plugin test` take `--cache-dir`, default `~/.cache/dbmazz/compiled`) of files named
@@ -46,13 +47,28 @@ impl CacheConfig {
     /// The cache `cfg` asks for: `plugins.cache_dir` (default `state.dir/compiled`),
     /// bounded by `plugins.cache_max_mb` (MiB).
     pub fn from_config(cfg: &crate::config::Config) -> Self {
-        CacheConfig {
-            dir: cfg
-                .plugins
+        Self::bounded(
+            cfg.plugins
                 .cache_dir
                 .clone()
                 .unwrap_or_else(|| cfg.state.dir.join("compiled")),
-            max_bytes: cfg.plugins.cache_max_mb.saturating_mul(1024 * 1024),
+            &cfg.plugins,
+        )
+    }
+
+    /// The cache of the commands that run without a config file (`plugin inspect`,
+    /// `plugin test`): `dir`, else the user's cache directory + `dbmazz/compiled`
+    /// (`~/.cache/dbmazz/compiled`), bounded by `plugins.cache_max_mb`'s default. `None`
+    /// when no directory is given and the user has none (no `$HOME`).
+    pub fn for_commands(dir: Option<PathBuf>) -> Option<Self> {
+        let dir = dir.or_else(|| dirs::cache_dir().map(|d| d.join("dbmazz").join("compiled")))?;
+        Some(Self::bounded(dir, &crate::config::PluginsConfig::default()))
+    }
+
+    fn bounded(dir: PathBuf, plugins: &crate::config::PluginsConfig) -> Self {
+        CacheConfig {
+            dir,
+            max_bytes: plugins.cache_max_mb.saturating_mul(1024 * 1024),
         }
     }
 }
