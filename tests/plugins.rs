@@ -233,6 +233,112 @@ async fn filter_then_webhook(filter: &std::path::Path, webhook: &std::path::Path
     }
 }
 
+/// While the sink waits on its destination, delivery has already taken the next batch
+/// and the transforms run on it; that batch's own write then uses what they returned, so
+/// each batch is still transformed once and delivered once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
+    let p = plugins();
+    let pg = Pg::start("");
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    // one transaction of 5 rows per batch
+    let toml = format!(
+        "[pipeline]\nflush_size = 5\nflush_interval_ms = 60000\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
+         [[transforms]]\nplugin = {:?}\n\n{}",
+        p.misbehave.display().to_string(),
+        webhook_sink(&rx.url(), &rx.addr.to_string(), "")
+    );
+    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+    let d = pipe.spawn();
+    d.wait_log("streaming", T);
+    let addr = support::metrics_addr(&d);
+    // calls into the transform (`misbehave`) so far
+    let transform_calls = || -> f64 {
+        support::http_get(&addr, "/metrics")
+            .1
+            .lines()
+            .filter(|l| {
+                l.starts_with("dbmazz_plugin_call_duration_seconds_count{")
+                    && l.contains("plugin=\"fixture_misbehave\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = transform_calls();
+    rx.answer_only(0);
+    let mut txns = String::new();
+    for b in 0..3 {
+        txns.push_str("BEGIN;");
+        for i in 1..=5 {
+            txns.push_str(&format!("INSERT INTO t VALUES ({}, 'v');", b * 5 + i));
+        }
+        txns.push_str("COMMIT;");
+    }
+    db.batch_execute(&txns).await.unwrap();
+    // batch 1 is held at the destination while batches 2 and 3 are read
+    eventually(
+        T,
+        "batch 1 at the receiver",
+        || d.log(),
+        || rx.arrived() == 1,
+    );
+    let messages = 1 + 3 * 7; // Relation, then Begin, 5 Inserts, Commit per transaction
+    eventually(
+        T,
+        "every message read",
+        || d.log(),
+        || {
+            support::metric(&addr, "dbmazz_messages_received_total").unwrap_or(0.0)
+                >= messages as f64
+        },
+    );
+    rx.answer_only(1);
+    eventually(
+        T,
+        "batch 2 at the receiver",
+        || d.log(),
+        || rx.arrived() == 2,
+    );
+    // batch 2's write is held; the transform runs on batch 3 meanwhile
+    eventually(
+        T,
+        "the transform called on batch 3 while batch 2 is held",
+        || {
+            format!(
+                "transform calls: {}\n{}",
+                transform_calls() - before,
+                d.log()
+            )
+        },
+        || transform_calls() - before >= 3.0,
+    );
+    // (not by a retry: batch 2 went out once and is still unanswered)
+    assert_eq!(rx.arrived(), 2, "batch 2 sent once");
+    assert_eq!(rx.received().len(), 1, "batch 2 is still unanswered");
+    rx.answer_only(usize::MAX);
+    eventually(T, "15 events", || d.log(), || rx.events().len() >= 15);
+    let ids: Vec<i64> = rx
+        .events()
+        .iter()
+        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=15).collect::<Vec<_>>(),
+        "each change once, in order"
+    );
+    assert_eq!(rx.received().len(), 3, "one request per batch");
+    assert_eq!(
+        transform_calls() - before,
+        3.0,
+        "each batch transformed once: the write of batch 3 used what ran ahead"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn webhook_retries_503_then_succeeds_and_400_goes_to_dead_letters() {
     let pg = Pg::start("");

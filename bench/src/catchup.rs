@@ -507,8 +507,8 @@ pub async fn dbmazz_catch_up(
             sink,
             pipeline: match c {
                 // Buffered: batches of 10,000; 7 in the channel, 2 in delivery (the one
-                // being written and the next, taken to store its intent with the
-                // checkpoint), 1 held by the reader waiting for room: up to 100,000
+                // being written and the next, taken before the write so the filter runs on
+                // it meanwhile), 1 held by the reader waiting for room: up to 100,000
                 // changes.
                 Consumer::Buffered => "flush_size = 10000\nmax_inflight_batches = 7",
                 // what plugins/sink-starrocks/README.md recommends
@@ -622,6 +622,20 @@ pub async fn dbmazz_catch_up(
         check_applied(env, w, t).await?;
     }
     let peak = proc::usage(d.child.id()).map_or(0, |u| u.peak_rss_bytes);
+    // Where a batch's time went (the log only: what the pipeline waited on, e.g. `sink`
+    // covers the transforms and the sink's call, `queue` a cut batch waiting for them).
+    let stages = d.status().await?.stages;
+    let stages: Vec<String> = stages
+        .iter()
+        .filter_map(|s| {
+            let l = s.latency.filter(|l| l.count > 0)?;
+            Some(format!(
+                "{} p50 {:.2} / p99 {:.2} / max {:.2} ms",
+                s.stage, l.p50_ms, l.p99_ms, l.max_ms
+            ))
+        })
+        .collect();
+    eprintln!("bench: {}: stages: {}", w.name, stages.join("; "));
     d.stop()?;
     if let Some(t) = target {
         drop(t);

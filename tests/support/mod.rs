@@ -564,6 +564,11 @@ pub struct Receiver {
     pub refuse: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     /// The `Location` header of 3xx answers.
     pub location: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Only requests up to this arrival number (from 1) are answered; later ones are
+    /// read and held until it rises (a destination the test releases).
+    pub answer_through: std::sync::Arc<std::sync::Mutex<usize>>,
+    /// Requests whose body arrived, answered or not.
+    pub arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Receiver {
@@ -577,6 +582,8 @@ impl Receiver {
             delay: Default::default(),
             refuse: Default::default(),
             location: Default::default(),
+            answer_through: std::sync::Arc::new(std::sync::Mutex::new(usize::MAX)),
+            arrived: Default::default(),
         };
         let rec = r.clone();
         tokio::spawn(async move {
@@ -622,6 +629,12 @@ impl Receiver {
                                 } else {
                                     raw.clone()
                                 };
+                                let n = 1 + rec
+                                    .arrived
+                                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                while n > *rec.answer_through.lock().unwrap() {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
                                 let delay = *rec.delay.lock().unwrap();
                                 if !delay.is_zero() {
                                     tokio::time::sleep(delay).await;
@@ -675,6 +688,17 @@ impl Receiver {
     /// Answers every request after `d` from now on (zero: at once).
     pub fn set_delay(&self, d: Duration) {
         *self.delay.lock().unwrap() = d;
+    }
+
+    /// Answers only the first `n` requests to arrive; later ones wait unanswered until
+    /// a later call lets them through (`usize::MAX`: all).
+    pub fn answer_only(&self, n: usize) {
+        *self.answer_through.lock().unwrap() = n;
+    }
+
+    /// Requests whose body arrived so far, answered or held.
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Answers 400 to requests whose body contains `text` (`None`: to none).

@@ -13,7 +13,7 @@
 
 pub mod jsonl;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,25 @@ pub trait Sink: Send {
         &mut self,
         batch: &Batch,
     ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send;
+
+    /// True when [`Sink::write_ahead`] does work on the next batch: delivery then takes
+    /// it from the queue before writing the current one (one batch more held).
+    fn prepares_ahead(&self) -> bool {
+        false
+    }
+
+    /// Writes `batch` like [`Sink::write`]; `next`, when known, is the batch delivery
+    /// hands over after it, which the sink may prepare meanwhile (the plugin chain runs
+    /// its transforms on it). Preparing must not deliver anything: `next` reaches the
+    /// destination only through its own write, after its intent is durable.
+    fn write_ahead(
+        &mut self,
+        batch: &Batch,
+        next: Option<&Batch>,
+    ) -> impl std::future::Future<Output = Result<(), SinkError>> + Send {
+        let _ = next;
+        self.write(batch)
+    }
 }
 
 /// Delivery failed for good.
@@ -138,13 +157,16 @@ pub async fn run<S: Sink>(
     let mut cp = store.checkpoint()?;
     // Chunks whose last `read` change is in a batch not yet acknowledged.
     let mut chunks_pending: Vec<(u64, Position)> = Vec::new();
-    let mut lookahead: Option<Delivery> = None;
+    // Items taken from the channel ahead of their turn, in order: the next batch, so
+    // its intent rides on the checkpoint and (for sinks that prepare) its transforms run
+    // while the current one is written, and what was queued before it.
+    let mut lookahead: VecDeque<Delivery> = VecDeque::new();
     // The id of a batch whose intent was stored with the previous checkpoint.
     let mut stored_intent: Option<BatchId> = None;
     // The relation shapes written with checkpoints in this run (`changed_shapes`).
     let mut persisted: HashMap<u32, Arc<RelationInfo>> = HashMap::new();
     loop {
-        let item = match lookahead.take() {
+        let item = match lookahead.pop_front() {
             Some(item) => item,
             None => tokio::select! {
                 item = rx.recv() => match item {
@@ -170,7 +192,11 @@ pub async fn run<S: Sink>(
                     stats.record_stage(Stage::Batch, t.cut.saturating_duration_since(t.opened));
                     stats.record_stage(Stage::Queue, handed.saturating_duration_since(t.cut));
                 }
-                if !write_with_retries(&mut sink, &stats, &batch, &mut stop).await? {
+                if sink.prepares_ahead() {
+                    peek_batch(&mut rx, &mut lookahead);
+                }
+                let next = lookahead.iter().find_map(Delivery::batch);
+                if !write_with_retries(&mut sink, &stats, &batch, next, &mut stop).await? {
                     return Ok(());
                 }
                 let acked = Instant::now();
@@ -185,13 +211,17 @@ pub async fn run<S: Sink>(
                 };
                 // When the next batch already waits, its intent rides on this
                 // checkpoint's synced write: one fsync per batch under load.
-                if let Ok(next) = rx.try_recv() {
-                    lookahead = Some(next);
+                if lookahead.is_empty() {
+                    lookahead.extend(rx.try_recv().ok());
                 }
-                let next_intent = match &lookahead {
-                    Some(Delivery::Batch(b)) if !b.replayed => Some(b.intent()),
-                    _ => None,
-                };
+                let next_intent = lookahead
+                    .iter()
+                    .find_map(|d| match d {
+                        Delivery::Batch(b) => Some(b),
+                        _ => None,
+                    })
+                    .filter(|b| !b.replayed)
+                    .map(Batch::intent);
                 let mut done = Vec::new();
                 chunks_pending.retain(|&(id, last)| {
                     let acked = last <= batch.last;
@@ -214,7 +244,11 @@ pub async fn run<S: Sink>(
                 confirmed.send_replace(cp.confirmed_lsn);
             }
             Delivery::Snapshot(batch) => {
-                if !write_with_retries(&mut sink, &stats, &batch, &mut stop).await? {
+                if sink.prepares_ahead() {
+                    peek_batch(&mut rx, &mut lookahead);
+                }
+                let next = lookahead.iter().find_map(Delivery::batch);
+                if !write_with_retries(&mut sink, &stats, &batch, next, &mut stop).await? {
                     return Ok(());
                 }
                 stats.record_snapshot_batch(&batch);
@@ -236,13 +270,15 @@ pub async fn run<S: Sink>(
             },
             Delivery::Watermark(mut w) => {
                 // Coalesce a run of watermarks into one synced write.
-                while let Ok(next) = rx.try_recv() {
-                    match next {
-                        Delivery::Watermark(n) => w = w.max(n),
-                        batch => {
-                            lookahead = Some(batch);
-                            break;
-                        }
+                while let Some(Delivery::Watermark(n)) = lookahead.front() {
+                    w = w.max(*n);
+                    lookahead.pop_front();
+                }
+                while lookahead.is_empty() {
+                    match rx.try_recv() {
+                        Ok(Delivery::Watermark(n)) => w = w.max(n),
+                        Ok(other) => lookahead.push_back(other),
+                        Err(_) => break,
                     }
                 }
                 stats.record_watermark(w);
@@ -253,6 +289,29 @@ pub async fn run<S: Sink>(
                     confirmed.send_replace(cp.confirmed_lsn);
                 }
             }
+        }
+    }
+}
+
+/// Items taken from `rx` into `lookahead` until it holds a batch, the channel has
+/// nothing ready, or `LOOKAHEAD_ITEMS` are held (watermarks and chunk markers queued
+/// between two batches stay in order before the batch).
+fn peek_batch(rx: &mut mpsc::Receiver<Delivery>, lookahead: &mut VecDeque<Delivery>) {
+    const LOOKAHEAD_ITEMS: usize = 16;
+    while lookahead.len() < LOOKAHEAD_ITEMS && !lookahead.iter().any(|d| d.batch().is_some()) {
+        match rx.try_recv() {
+            Ok(d) => lookahead.push_back(d),
+            Err(_) => return,
+        }
+    }
+}
+
+impl Delivery {
+    /// The batch this item carries (stream or snapshot), if any.
+    fn batch(&self) -> Option<&Batch> {
+        match self {
+            Delivery::Batch(b) | Delivery::Snapshot(b) => Some(b),
+            _ => None,
         }
     }
 }
@@ -303,11 +362,14 @@ async fn write_with_retries<S: Sink>(
     sink: &mut S,
     stats: &Stats,
     batch: &Batch,
+    next: Option<&Batch>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, DeliveryError> {
     let mut backoff = Duration::from_millis(100);
+    let mut next = next;
     loop {
-        match sink.write(batch).await {
+        // the next batch is prepared on the first attempt only
+        match sink.write_ahead(batch, next.take()).await {
             Ok(()) => return Ok(true),
             Err(e) if e.retryable => {
                 stats.record_retry(&e.to_string());

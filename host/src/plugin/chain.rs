@@ -53,6 +53,9 @@ pub struct PluginChain {
     reloads: Option<tokio::sync::mpsc::UnboundedReceiver<super::reload::Reload>>,
     /// The batch last written: its retries must see the same plugin versions.
     current: Option<u64>,
+    /// The transforms' output for the batch of this id, computed while the sink wrote
+    /// the batch before it ([`Sink::write_ahead`]).
+    prepared: Option<(u64, Repr)>,
 }
 
 impl std::fmt::Debug for PluginChain {
@@ -229,6 +232,58 @@ fn host_change_json(batch: &Batch, i: usize) -> Option<Json> {
     }))
 }
 
+/// Runs `batch` through `transforms` in order: the changes that go on to the sink.
+async fn transform(
+    transforms: &mut [Stage],
+    batch: &Batch,
+) -> Result<Result<Repr, Failure>, CallError> {
+    let mut repr = Repr::Host(None);
+    for t in transforms {
+        let result = match &repr {
+            Repr::Host(sel) if t.prefers_encoded() => {
+                t.process_encoded(&convert::encode(batch, sel.as_deref()))
+                    .await?
+            }
+            _ => match repr.typed(batch) {
+                Ok(wb) => t.process(wb).await?,
+                // not the plugin's doing, but nothing leaves the stream unasked:
+                // the stage's on_fault decides
+                Err(e) => return Ok(Err(Failure::Retry(t.name().clone(), e))),
+            },
+        };
+        match result {
+            Ok(TransformResult::KeepAll) => {}
+            Ok(TransformResult::Keep(indices)) => {
+                if let Err(e) = repr.keep(batch, &indices) {
+                    return Ok(Err(Failure::Retry(
+                        t.name().clone(),
+                        format!("transform {}: {e}", t.name()),
+                    )));
+                }
+            }
+            Ok(TransformResult::Replace((relations, changes))) => {
+                repr = Repr::Typed(
+                    wit::Batch {
+                        id: batch.id,
+                        first_lsn: batch.first.commit_lsn.0,
+                        last_lsn: batch.last.commit_lsn.0,
+                        relations,
+                        changes,
+                    },
+                    None,
+                );
+            }
+            Err(message) => {
+                return Ok(Err(Failure::Retry(
+                    t.name().clone(),
+                    format!("transform {} failed: {message}", t.name()),
+                )))
+            }
+        }
+    }
+    Ok(Ok(repr))
+}
+
 impl PluginChain {
     /// A chain of `transforms` then `sink`.
     pub fn new(transforms: Vec<Stage>, sink: Stage, store: Arc<Store>, stats: Arc<Stats>) -> Self {
@@ -242,6 +297,7 @@ impl PluginChain {
             retry_backoff: Duration::from_millis(100),
             reloads: None,
             current: None,
+            prepared: None,
         }
     }
 
@@ -288,7 +344,20 @@ impl PluginChain {
         Ok(())
     }
 
-    async fn run_once(&mut self, batch: &Batch) -> Result<Result<(), Failure>, CallError> {
+    /// One attempt at `batch`: its schema changes at the sink, the transforms (unless
+    /// they already ran on it ahead, see [`Sink::write_ahead`]), the sink's write. When
+    /// `next` is given, the transforms run on it while the sink writes `batch`.
+    async fn run_once(
+        &mut self,
+        batch: &Batch,
+        next: Option<&Batch>,
+    ) -> Result<Result<(), Failure>, CallError> {
+        // Transforms that ran ahead on this batch; anything else held is stale.
+        let ahead = self
+            .prepared
+            .take()
+            .filter(|(id, _)| *id == batch.id)
+            .map(|(_, repr)| repr);
         // Schema changes first: they describe the stream, whatever the transforms keep,
         // and must reach the sink even if this batch ends in the dead-letter store.
         // (`apply-schema-change` may see the same change again after a retry or restart.)
@@ -313,64 +382,48 @@ impl PluginChain {
                 Err(e) => return Ok(Err(self.sink_failure(batch, &Repr::Host(None), e))),
             }
         }
-        let mut repr = Repr::Host(None);
-        for t in &mut self.transforms {
-            let result = match &repr {
-                Repr::Host(sel) if t.prefers_encoded() => {
-                    t.process_encoded(&convert::encode(batch, sel.as_deref()))
-                        .await?
-                }
-                _ => match repr.typed(batch) {
-                    Ok(wb) => t.process(wb).await?,
-                    // not the plugin's doing, but nothing leaves the stream unasked:
-                    // the stage's on_fault decides
-                    Err(e) => return Ok(Err(Failure::Retry(t.name().clone(), e))),
-                },
-            };
-            match result {
-                Ok(TransformResult::KeepAll) => {}
-                Ok(TransformResult::Keep(indices)) => {
-                    if let Err(e) = repr.keep(batch, &indices) {
-                        return Ok(Err(Failure::Retry(
-                            t.name().clone(),
-                            format!("transform {}: {e}", t.name()),
-                        )));
-                    }
-                }
-                Ok(TransformResult::Replace((relations, changes))) => {
-                    repr = Repr::Typed(
-                        wit::Batch {
-                            id: batch.id,
-                            first_lsn: batch.first.commit_lsn.0,
-                            last_lsn: batch.last.commit_lsn.0,
-                            relations,
-                            changes,
-                        },
-                        None,
-                    );
-                }
-                Err(message) => {
-                    return Ok(Err(Failure::Retry(
-                        t.name().clone(),
-                        format!("transform {} failed: {message}", t.name()),
-                    )))
-                }
-            }
-        }
-        if repr.len(batch) == 0 {
-            return Ok(Ok(()));
-        }
-        let written = match &repr {
-            Repr::Host(sel) if self.sink.prefers_encoded() => {
-                self.sink
-                    .write_encoded(&convert::encode(batch, sel.as_deref()))
-                    .await?
-            }
-            _ => match repr.typed(batch) {
-                Ok(wb) => self.sink.write(wb).await?,
-                Err(e) => return Ok(Err(Failure::Retry(self.sink.name().clone(), e))),
+        let mut repr = match ahead {
+            Some(repr) => repr,
+            None => match transform(&mut self.transforms, batch).await? {
+                Ok(repr) => repr,
+                Err(f) => return Ok(Err(f)),
             },
         };
+        // The sink's write, and the transforms on the next batch while the sink waits
+        // on its destination: both in this task, each plugin in its own store.
+        let (sink, transforms) = (&mut self.sink, &mut self.transforms);
+        // Ok(Ok(result)): the sink answered; Ok(Err(_)): the batch did not reach it.
+        let write = async {
+            if repr.len(batch) == 0 {
+                return Ok::<_, CallError>(Ok::<_, Failure>(Ok(())));
+            }
+            Ok(match &repr {
+                Repr::Host(sel) if sink.prefers_encoded() => Ok(sink
+                    .write_encoded(&convert::encode(batch, sel.as_deref()))
+                    .await?),
+                _ => match repr.typed(batch) {
+                    Ok(wb) => Ok(sink.write(wb).await?),
+                    // a value that does not decode: the stage's on_fault decides
+                    Err(e) => Err(Failure::Retry(sink.name().clone(), e)),
+                },
+            })
+        };
+        let ahead = async {
+            match next {
+                Some(n) if !transforms.is_empty() => Some((n.id, transform(transforms, n).await)),
+                _ => None,
+            }
+        };
+        let (written, ahead) = tokio::join!(write, ahead);
+        let written = match written? {
+            Ok(w) => w,
+            Err(f) => return Ok(Err(f)),
+        };
+        if let (Ok(()), Some((id, Ok(Ok(next_repr))))) = (&written, ahead) {
+            // Kept only behind a written batch; a transform that failed on the next batch
+            // runs again, with its retries, in that batch's own write.
+            self.prepared = Some((id, next_repr));
+        }
         match written {
             Ok(()) => Ok(Ok(())),
             Err(e) => Ok(Err(self.sink_failure(batch, &repr, e))),
@@ -433,6 +486,10 @@ impl PluginChain {
         let mut pending = Vec::new();
         while let Ok(r) = rx.try_recv() {
             pending.push(r);
+        }
+        if !pending.is_empty() {
+            // computed by the builds being replaced: the new ones run again
+            self.prepared = None;
         }
         for r in pending {
             let stages = self
@@ -506,6 +563,17 @@ impl PluginChain {
 
 impl Sink for PluginChain {
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.write_ahead(batch, None).await
+    }
+
+    fn prepares_ahead(&self) -> bool {
+        !self.transforms.is_empty()
+    }
+
+    /// Writes `batch`, running the transforms on `next` while the sink writes (first
+    /// attempt only): a sink that waits on its destination (a Stream Load, a COPY) no
+    /// longer also waits for the transforms of the batch after.
+    async fn write_ahead(&mut self, batch: &Batch, next: Option<&Batch>) -> Result<(), SinkError> {
         // Swap only before a new batch: a retried batch (same id) sees the versions its
         // first attempt saw, so a sink's idempotency keys stay the same.
         if self.current != Some(batch.id) {
@@ -524,7 +592,8 @@ impl Sink for PluginChain {
         let mut faulted: Option<Arc<str>>;
         let mut out_of_memory = false;
         for attempt in 1..=self.max_attempts {
-            let reason = match self.run_once(batch).await {
+            let ahead = if attempt == 1 { next } else { None };
+            let reason = match self.run_once(batch, ahead).await {
                 Ok(Ok(())) | Ok(Err(Failure::Partial)) => return Ok(()),
                 Ok(Err(Failure::Sink(e))) => return Err(e),
                 Err(CallError::Init { plugin, message }) => {

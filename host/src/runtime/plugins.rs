@@ -284,6 +284,24 @@ impl delivery::Sink for AnySink {
             AnySink::Chain(s) => s.write(batch).await,
         }
     }
+
+    fn prepares_ahead(&self) -> bool {
+        match self {
+            AnySink::Jsonl(s) => s.prepares_ahead(),
+            AnySink::Chain(s) => s.prepares_ahead(),
+        }
+    }
+
+    async fn write_ahead(
+        &mut self,
+        batch: &crate::pipeline::change::Batch,
+        next: Option<&crate::pipeline::change::Batch>,
+    ) -> Result<(), delivery::SinkError> {
+        match self {
+            AnySink::Jsonl(s) => s.write_ahead(batch, next).await,
+            AnySink::Chain(s) => s.write_ahead(batch, next).await,
+        }
+    }
 }
 
 /// An opened sink, with the plugin engine and the files to watch for hot reload.
