@@ -233,8 +233,8 @@ async fn filter_then_webhook(filter: &std::path::Path, webhook: &std::path::Path
     }
 }
 
-/// While the sink waits on its destination, delivery has already taken the next batch
-/// and the transforms run on it; that batch's own write then uses what they returned, so
+/// With `pipeline.transforms_ahead`, while the sink waits on its destination, delivery
+/// has already taken the next batch and the transforms run on it; that batch's own write then uses what they returned, so
 /// each batch is still transformed once and delivered once, in order.
 #[tokio::test(flavor = "multi_thread")]
 async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
@@ -247,7 +247,7 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
     let rx = Receiver::start(&[]).await;
     // one transaction of 5 rows per batch
     let toml = format!(
-        "[pipeline]\nflush_size = 5\nflush_interval_ms = 60000\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
+        "[pipeline]\nflush_size = 5\nflush_interval_ms = 60000\ntransforms_ahead = true\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
          [[transforms]]\nplugin = {:?}\n\n{}",
         p.misbehave.display().to_string(),
         webhook_sink(&rx.url(), &rx.addr.to_string(), "")

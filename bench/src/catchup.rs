@@ -507,8 +507,8 @@ pub async fn dbmazz_catch_up(
             sink,
             pipeline: match c {
                 // Buffered: batches of 10,000; 7 in the channel, 2 in delivery (the one
-                // being written and the next, taken before the write so the filter runs on
-                // it meanwhile), 1 held by the reader waiting for room: up to 100,000
+                // being written and the next, taken to store its intent with the
+                // checkpoint), 1 held by the reader waiting for room: up to 100,000
                 // changes.
                 Consumer::Buffered => "flush_size = 10000\nmax_inflight_batches = 7",
                 // what plugins/sink-starrocks/README.md recommends

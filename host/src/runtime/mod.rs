@@ -186,7 +186,16 @@ pub async fn run_with(
     }
 
     // Phase "delivery": the sink's side, alive across stream sessions.
-    let (tx, rx) = mpsc::channel(cfg.pipeline.max_inflight_batches);
+    // With `transforms_ahead`, delivery takes the next batch out of the channel before
+    // writing the current one (its transforms run meanwhile, `delivery::Sink::write_ahead`): one
+    // slot less keeps the batches held, and so memory, where max_inflight_batches puts it.
+    let ahead = usize::from(cfg.pipeline.transforms_ahead && !cfg.transforms.is_empty());
+    let (tx, rx) = mpsc::channel(
+        cfg.pipeline
+            .max_inflight_batches
+            .saturating_sub(ahead)
+            .max(1),
+    );
     let (confirmed_tx, confirmed_rx) = watch::channel(cp.confirmed_lsn);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (delivery, plugin_host) = plugins::start_delivery(

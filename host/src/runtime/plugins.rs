@@ -374,6 +374,7 @@ pub(crate) async fn open_sink(
             };
             let mut chain = PluginChain::new(stages, sink_stage, store.clone(), stats.clone());
             chain.max_attempts = sink_cfg.limits.max_attempts.max(1);
+            chain.transforms_ahead = cfg.pipeline.transforms_ahead;
             chain.start().await?;
             Ok(Opened {
                 sink: AnySink::Chain(Box::new(chain)),
