@@ -261,12 +261,16 @@ async fn transform(
                 encoded = Some(e);
                 r
             }
-            _ => match repr.typed(batch) {
-                Ok(wb) => t.process(wb).await?,
-                // not the plugin's doing, but nothing leaves the stream unasked:
-                // the stage's on_fault decides
-                Err(e) => return Ok(Err(Failure::Retry(t.name().clone(), e))),
-            },
+            _ => {
+                // typed records from here on: the encoding would only hold memory
+                encoded = None;
+                match repr.typed(batch) {
+                    Ok(wb) => t.process(wb).await?,
+                    // not the plugin's doing, but nothing leaves the stream unasked:
+                    // the stage's on_fault decides
+                    Err(e) => return Ok(Err(Failure::Retry(t.name().clone(), e))),
+                }
+            }
         };
         if !matches!(result, Ok(TransformResult::KeepAll)) {
             // the changes, or their form, differ from what was encoded
@@ -411,6 +415,10 @@ impl PluginChain {
                 Err(f) => return Ok(Err(f)),
             },
         };
+        // kept only for a sink that takes it: otherwise it would sit in memory through
+        // the write
+        let encoded =
+            encoded.filter(|_| matches!(repr, Repr::Host(_)) && self.sink.prefers_encoded());
         // The sink's write, and the transforms on the next batch while the sink waits
         // on its destination: both in this task, each plugin in its own store.
         let (sink, transforms) = (&mut self.sink, &mut self.transforms);
