@@ -192,10 +192,7 @@ pub async fn run<S: Sink>(
                     stats.record_stage(Stage::Batch, t.cut.saturating_duration_since(t.opened));
                     stats.record_stage(Stage::Queue, handed.saturating_duration_since(t.cut));
                 }
-                if sink.prepares_ahead() {
-                    peek_batch(&mut rx, &mut lookahead);
-                }
-                let next = lookahead.iter().find_map(Delivery::batch);
+                let next = next_batch(&sink, &mut rx, &mut lookahead);
                 if !write_with_retries(&mut sink, &stats, &batch, next, &mut stop).await? {
                     return Ok(());
                 }
@@ -244,10 +241,7 @@ pub async fn run<S: Sink>(
                 confirmed.send_replace(cp.confirmed_lsn);
             }
             Delivery::Snapshot(batch) => {
-                if sink.prepares_ahead() {
-                    peek_batch(&mut rx, &mut lookahead);
-                }
-                let next = lookahead.iter().find_map(Delivery::batch);
+                let next = next_batch(&sink, &mut rx, &mut lookahead);
                 if !write_with_retries(&mut sink, &stats, &batch, next, &mut stop).await? {
                     return Ok(());
                 }
@@ -293,17 +287,27 @@ pub async fn run<S: Sink>(
     }
 }
 
-/// Items taken from `rx` into `lookahead` until it holds a batch, the channel has
-/// nothing ready, or `LOOKAHEAD_ITEMS` are held (watermarks and chunk markers queued
-/// between two batches stay in order before the batch).
-fn peek_batch(rx: &mut mpsc::Receiver<Delivery>, lookahead: &mut VecDeque<Delivery>) {
+/// The batch after the current one, for a sink that prepares it
+/// ([`Sink::prepares_ahead`]; `None` for others): items are taken from `rx` into
+/// `lookahead` until it holds a batch, the channel has nothing ready, or
+/// `LOOKAHEAD_ITEMS` are held (watermarks and chunk markers queued between two batches
+/// stay in order before the batch).
+fn next_batch<'a, S: Sink>(
+    sink: &S,
+    rx: &mut mpsc::Receiver<Delivery>,
+    lookahead: &'a mut VecDeque<Delivery>,
+) -> Option<&'a Batch> {
     const LOOKAHEAD_ITEMS: usize = 16;
+    if !sink.prepares_ahead() {
+        return None;
+    }
     while lookahead.len() < LOOKAHEAD_ITEMS && !lookahead.iter().any(|d| d.batch().is_some()) {
         match rx.try_recv() {
             Ok(d) => lookahead.push_back(d),
-            Err(_) => return,
+            Err(_) => break,
         }
     }
+    lookahead.iter().find_map(Delivery::batch)
 }
 
 impl Delivery {

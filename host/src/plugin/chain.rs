@@ -253,10 +253,9 @@ async fn transform(
     for t in transforms {
         let result = match &repr {
             Repr::Host(sel) if t.prefers_encoded() => {
-                let e = match encoded.take() {
-                    Some(e) => e,
-                    None => convert::encode(batch, sel.as_deref()),
-                };
+                let e = encoded
+                    .take()
+                    .unwrap_or_else(|| convert::encode(batch, sel.as_deref()));
                 let r = t.process_encoded(&e).await?;
                 encoded = Some(e);
                 r
@@ -415,10 +414,6 @@ impl PluginChain {
                 Err(f) => return Ok(Err(f)),
             },
         };
-        // kept only for a sink that takes it: otherwise it would sit in memory through
-        // the write
-        let encoded =
-            encoded.filter(|_| matches!(repr, Repr::Host(_)) && self.sink.prefers_encoded());
         // The sink's write, and the transforms on the next batch while the sink waits
         // on its destination: both in this task, each plugin in its own store.
         let (sink, transforms) = (&mut self.sink, &mut self.transforms);
@@ -429,17 +424,18 @@ impl PluginChain {
             }
             Ok(match &repr {
                 Repr::Host(sel) if sink.prefers_encoded() => {
-                    let e = match encoded {
-                        Some(e) => e,
-                        None => convert::encode(batch, sel.as_deref()),
-                    };
+                    let e = encoded.unwrap_or_else(|| convert::encode(batch, sel.as_deref()));
                     Ok(sink.write_encoded(&e).await?)
                 }
-                _ => match repr.typed(batch) {
-                    Ok(wb) => Ok(sink.write(wb).await?),
-                    // a value that does not decode: the stage's on_fault decides
-                    Err(e) => Err(Failure::Retry(sink.name().clone(), e)),
-                },
+                _ => {
+                    // a typed sink: the encoding would only hold memory through its write
+                    drop(encoded);
+                    match repr.typed(batch) {
+                        Ok(wb) => Ok(sink.write(wb).await?),
+                        // a value that does not decode: the stage's on_fault decides
+                        Err(e) => Err(Failure::Retry(sink.name().clone(), e)),
+                    }
+                }
             })
         };
         let ahead = async {
