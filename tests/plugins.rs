@@ -233,22 +233,20 @@ async fn filter_then_webhook(filter: &std::path::Path, webhook: &std::path::Path
     }
 }
 
-/// With `pipeline.transforms_ahead`, while the sink waits on its destination, delivery
-/// has already taken the next batch and the transforms run on it; that batch's own write then uses what they returned, so
-/// each batch is still transformed once and delivered once, in order.
-#[tokio::test(flavor = "multi_thread")]
-async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
+/// A pipeline with `pipeline.transforms_ahead = true`: the fixture transform (with
+/// `transform_config`), then sink-webhook to `rx` (with `sink_limits`, a `limits` table's
+/// keys), one transaction of 5 rows per batch. Returns it running, with a counter of the
+/// calls into the transform since it started streaming.
+fn ahead_pipeline(
+    pg: &Pg,
+    rx: &Receiver,
+    transform_config: &str,
+    sink_limits: &str,
+) -> (Pipeline, support::Dbmazz, impl Fn() -> f64) {
     let p = plugins();
-    let pg = Pg::start("");
-    let db = pg.client().await;
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let rx = Receiver::start(&[]).await;
-    // one transaction of 5 rows per batch
     let toml = format!(
         "[pipeline]\nflush_size = 5\nflush_interval_ms = 60000\ntransforms_ahead = true\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
-         [[transforms]]\nplugin = {:?}\n\n{}",
+         [[transforms]]\nplugin = {:?}\nconfig = {{ {transform_config} }}\n\n{}limits = {{ {sink_limits} }}\n",
         p.misbehave.display().to_string(),
         webhook_sink(&rx.url(), &rx.addr.to_string(), "")
     );
@@ -256,8 +254,7 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
     let d = pipe.spawn();
     d.wait_log("streaming", T);
     let addr = support::metrics_addr(&d);
-    // calls into the transform (`misbehave`) so far
-    let transform_calls = || -> f64 {
+    let transform_calls = move || -> f64 {
         support::http_get(&addr, "/metrics")
             .1
             .lines()
@@ -268,24 +265,33 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
-    let before = transform_calls();
+    (pipe, d, transform_calls)
+}
+
+/// Commits 3 transactions of 5 rows (ids 1..=15) while `rx` holds every request, and
+/// waits until batch 1 is at the receiver and every message is read (so batches 2 and 3
+/// are cut); then lets batch 1 through and waits for batch 2 to arrive. The third
+/// transaction's values are `third`.
+async fn hold_batch_two(pg: &Pg, rx: &Receiver, d: &support::Dbmazz, third: &str) {
+    let db = pg.client().await;
     rx.answer_only(0);
     let mut txns = String::new();
     for b in 0..3 {
         txns.push_str("BEGIN;");
         for i in 1..=5 {
-            txns.push_str(&format!("INSERT INTO t VALUES ({}, 'v');", b * 5 + i));
+            let v = if b == 2 { third } else { "v" };
+            txns.push_str(&format!("INSERT INTO t VALUES ({}, '{v}');", b * 5 + i));
         }
         txns.push_str("COMMIT;");
     }
     db.batch_execute(&txns).await.unwrap();
-    // batch 1 is held at the destination while batches 2 and 3 are read
     eventually(
         T,
         "batch 1 at the receiver",
         || d.log(),
         || rx.arrived() == 1,
     );
+    let addr = support::metrics_addr(d);
     let messages = 1 + 3 * 7; // Relation, then Begin, 5 Inserts, Commit per transaction
     eventually(
         T,
@@ -303,6 +309,43 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
         || d.log(),
         || rx.arrived() == 2,
     );
+}
+
+/// Lets every request through and checks that each of the 15 changes arrived once, in
+/// order, in one request per batch.
+fn each_change_once(rx: &Receiver, d: &support::Dbmazz) {
+    rx.answer_only(usize::MAX);
+    eventually(T, "15 events", || d.log(), || rx.events().len() >= 15);
+    let ids: Vec<i64> = rx
+        .events()
+        .iter()
+        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=15).collect::<Vec<_>>(),
+        "each change once, in order\n{}",
+        d.log()
+    );
+    assert_eq!(rx.received().len(), 3, "one request per batch\n{}", d.log());
+}
+
+/// With `pipeline.transforms_ahead`, while the sink waits on its destination, delivery
+/// has already taken the next batch and the transforms run on it; that batch's own write
+/// then uses what they returned, so each batch is still transformed once and delivered
+/// once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
+    let pg = Pg::start("");
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    let (_pipe, d, transform_calls) = ahead_pipeline(&pg, &rx, "", "");
+    let before = transform_calls();
+    hold_batch_two(&pg, &rx, &d, "v").await;
     // batch 2's write is held; the transform runs on batch 3 meanwhile
     eventually(
         T,
@@ -319,23 +362,40 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
     // (not by a retry: batch 2 went out once and is still unanswered)
     assert_eq!(rx.arrived(), 2, "batch 2 sent once");
     assert_eq!(rx.received().len(), 1, "batch 2 is still unanswered");
-    rx.answer_only(usize::MAX);
-    eventually(T, "15 events", || d.log(), || rx.events().len() >= 15);
-    let ids: Vec<i64> = rx
-        .events()
-        .iter()
-        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(
-        ids,
-        (1..=15).collect::<Vec<_>>(),
-        "each change once, in order"
-    );
-    assert_eq!(rx.received().len(), 3, "one request per batch");
+    each_change_once(&rx, &d);
     assert_eq!(
         transform_calls() - before,
         3.0,
         "each batch transformed once: the write of batch 3 used what ran ahead"
+    );
+}
+
+/// A transform computing for longer than the sink's deadline on the next batch does not
+/// make the sink's call miss its own: the two plugins take turns at every epoch tick, so
+/// the sink sees its answer as soon as it comes (before, the transform held the task for
+/// its whole call and the sink's write of batch 2 trapped past its deadline and was sent
+/// again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_transform_ahead_does_not_spend_the_sinks_deadline() {
+    let pg = Pg::start("");
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let rx = Receiver::start(&[]).await;
+    // the transform computes 3.5 s on batch 3 (its deadline: the default 5 s); the sink
+    // has 2 s
+    let (_pipe, d, _) = ahead_pipeline(&pg, &rx, "spin_ms = \"3500\"", "call_timeout_ms = 2000");
+    hold_batch_two(&pg, &rx, &d, "spin").await;
+    // batch 2's write waits on the receiver while the transform computes on batch 3
+    d.wait_log("spinning", T);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    each_change_once(&rx, &d);
+    let log = d.log();
+    assert!(
+        !log.contains("exceeded its") && !log.contains("did not return within"),
+        "no call missed its deadline\n{log}"
     );
 }
 

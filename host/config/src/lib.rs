@@ -359,7 +359,9 @@ pub struct PipelineConfig {
     /// overlap is with the destination's own work: a Stream Load, a COPY, a remote
     /// receiver). Worth it when the transforms are costly and the destination is on
     /// another machine; it keeps one more encoded batch in memory (about 10 MB more peak
-    /// RSS with batches of 10,000 rows), so it is off by default.
+    /// RSS with batches of 10,000 rows), so it is off by default. A transform may then
+    /// see batch N+1 before a failed batch N is retried, so it cannot be on with a
+    /// transform granted `kv` (whose state would run ahead of the batch it sees again).
     #[serde(default)]
     pub transforms_ahead: bool,
     /// Cut a batch once its changes weigh this many bytes (row data as received,
@@ -1043,6 +1045,16 @@ impl Config {
             }
         }
         self.check_connection_grants()?;
+        if self.pipeline.transforms_ahead {
+            // A transform run ahead sees batch N+1 before a failed batch N is retried;
+            // state it keeps in kv would then be ahead of the batch it processes again.
+            if let Some(t) = self.transforms.iter().find(|t| t.capabilities.kv) {
+                return Err(format!(
+                    "pipeline.transforms_ahead = true cannot run the transform {} ahead: it is granted kv (capabilities.kv), and a transform run ahead sees the next batch before a failed batch is retried, so state it keeps would be ahead of the batch it sees again. Turn one of the two off",
+                    t.plugin.display()
+                ));
+            }
+        }
         if self.pipeline.flush_size == 0 {
             return Err("pipeline.flush_size must be at least 1".into());
         }
@@ -1266,6 +1278,25 @@ mod tests {
         }
         assert!(!super::is_loopback_bind("[::]:7070"));
         assert!(!super::is_loopback_bind("db.internal:7070"));
+    }
+
+    #[test]
+    fn transforms_with_kv_are_not_run_ahead() {
+        let with = |ahead: bool, kv: bool| {
+            Config::parse(
+                &format!(
+                    "{MIN}\n[pipeline]\ntransforms_ahead = {ahead}\n[[transforms]]\nplugin = \"dedup.wasm\"\ncapabilities = {{ kv = {kv} }}\n"
+                ),
+                [],
+            )
+        };
+        let e = with(true, true).unwrap_err();
+        assert!(
+            e.contains("transforms_ahead") && e.contains("dedup.wasm") && e.contains("kv"),
+            "{e}"
+        );
+        assert!(with(true, false).is_ok());
+        assert!(with(false, true).is_ok());
     }
 
     #[test]

@@ -57,7 +57,8 @@ use self::state::PluginState;
 /// [`contract`]).
 pub const WIT_VERSION: (u64, u64, u64) = (0, 3, 0);
 
-/// How often the epoch advances; call deadlines are counted in these ticks.
+/// How often the epoch advances: a running guest yields to the executor, and checks its
+/// call's wall-clock deadline, once per tick (`stage.rs`).
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Which world a plugin implements.

@@ -1,8 +1,9 @@
 //! One pipeline stage: a plugin, its configuration, grants and limits, and at most one
 //! live instance.
 //!
-//! Each call runs with a wall-clock deadline (epoch interruption) and under the memory
-//! cap. When a call traps — a panic in the guest, the deadline, memory exhausted — the
+//! Each call runs with a wall-clock deadline (epoch interruption: the guest yields to the
+//! executor at every tick and traps at the first tick past its deadline) and under the
+//! memory cap. When a call traps — a panic in the guest, the deadline, memory exhausted — the
 //! instance is dropped; the next call instantiates and initializes a fresh one. Errors
 //! the plugin returns as values (a sink error, a transform error) keep the instance.
 
@@ -15,7 +16,7 @@ use super::bindings::wit;
 use super::contract::{ConfigValue, Instance, SinkError, SinkInfo, TransformInfo, TransformResult};
 use super::metadata::PluginMetadata;
 use super::state::{Grants, Limits, PluginState};
-use super::{LoadedPlugin, PluginMetrics, EPOCH_TICK};
+use super::{LoadedPlugin, PluginMetrics};
 
 /// A call that did not return normally.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +119,14 @@ impl std::fmt::Debug for Stage {
     }
 }
 
+/// Starts a call's deadline on `store`, `timeout` from now: the guest yields at every
+/// epoch tick ([`super::EPOCH_TICK`]) until then, and traps ([`wasmtime::Trap::Interrupt`])
+/// at the first tick past it (the callback set in [`Stage::instantiate`]).
+fn arm_deadline(store: &mut Store<PluginState>, timeout: std::time::Duration) {
+    store.data_mut().call_deadline = Some(Instant::now() + timeout);
+    store.set_epoch_deadline(1);
+}
+
 fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallError {
     tracing::debug!(plugin = %plugin, error = ?e, "plugin call failed (full error)");
     // One line for logs and dead letters: the trap, or the innermost cause.
@@ -201,10 +210,6 @@ impl Stage {
         &self.metrics
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        self.spec.limits.call_timeout_ms / EPOCH_TICK.as_millis() as u64 + 1
-    }
-
     /// The wall-clock bound of one call (`limits.call_timeout_ms`).
     fn deadline(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.spec.limits.call_timeout_ms)
@@ -284,8 +289,15 @@ impl Stage {
         let pre = self.spec.plugin.pre.clone();
         let mut store = Store::new(pre.engine(), state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        // Guest code yields to the executor at every tick instead of holding the thread
+        // for its whole call: two plugins whose calls are joined in one task (the sink's
+        // write and the transforms run ahead, `chain.rs`) then take turns, and neither's
+        // wall-clock deadline counts the other's computing beyond a tick.
+        store.epoch_deadline_callback(|ctx| match ctx.data().call_deadline {
+            Some(at) if Instant::now() >= at => Ok(wasmtime::UpdateDeadline::Interrupt),
+            _ => Ok(wasmtime::UpdateDeadline::Yield(1)),
+        });
+        arm_deadline(&mut store, self.deadline());
         match pre.instantiate(&mut store).await {
             Ok(i) => Ok((store, i)),
             Err(e) => Err(self.trap(e)),
@@ -338,7 +350,7 @@ impl Stage {
             }
         }
         self.metadata = metadata;
-        store.set_epoch_deadline(self.deadline_ticks());
+        arm_deadline(&mut store, self.deadline());
         let refused = match inst.is_sink() {
             true => match self.init_timed(inst.init_sink(&mut store, &config)).await? {
                 Ok(Ok(info)) => {
@@ -372,9 +384,9 @@ impl Stage {
 
     fn arm(&mut self) -> Result<(), CallError> {
         self.metrics.take_stderr_tail();
-        let ticks = self.deadline_ticks();
+        let timeout = self.deadline();
         if let Some((store, _)) = &mut self.live {
-            store.set_epoch_deadline(ticks);
+            arm_deadline(store, timeout);
             store.data_mut().output_bytes = 0;
         }
         self.calls += 1;

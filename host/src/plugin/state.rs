@@ -259,6 +259,9 @@ pub struct PluginState {
     /// Bytes the guest handed to the host in the current call (logs, metrics names).
     pub(crate) output_bytes: usize,
     pub(crate) max_output_bytes: usize,
+    /// When the current call's deadline passes (`limits.call_timeout_ms` from its start);
+    /// `None` outside a stage's calls. Read at every epoch tick (`stage.rs`).
+    pub(crate) call_deadline: Option<std::time::Instant>,
 }
 
 impl PluginState {
@@ -292,6 +295,7 @@ impl PluginState {
             metrics,
             output_bytes: 0,
             max_output_bytes: limits.max_output_bytes,
+            call_deadline: None,
         }
     }
 
