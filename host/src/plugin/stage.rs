@@ -121,9 +121,14 @@ impl std::fmt::Debug for Stage {
 
 /// Starts a call's deadline on `store`, `timeout` from now: the guest yields at every
 /// epoch tick ([`super::EPOCH_TICK`]) until then, and traps ([`wasmtime::Trap::Interrupt`])
-/// at the first tick past it (the callback set in [`Stage::instantiate`]).
+/// at the first tick past it and one tick more (the callback set in [`Stage::instantiate`]).
+/// The extra tick keeps the two deadlines apart: a call still blocked in the host at
+/// `timeout` (an HTTP request to a hung receiver, whose own timeouts are `timeout` too)
+/// is abandoned by the host's timer (`CallError::Timeout`, transient) even when the
+/// host call returns at that moment and guest code resumes, instead of trapping as a
+/// plugin fault.
 fn arm_deadline(store: &mut Store<PluginState>, timeout: std::time::Duration) {
-    store.data_mut().call_deadline = Some(Instant::now() + timeout);
+    store.data_mut().call_deadline = Some(Instant::now() + timeout + super::EPOCH_TICK);
     store.set_epoch_deadline(1);
 }
 
