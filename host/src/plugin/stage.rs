@@ -119,17 +119,30 @@ impl std::fmt::Debug for Stage {
     }
 }
 
-/// Starts a call's deadline on `store`, `timeout` from now: the guest yields at every
-/// epoch tick ([`super::EPOCH_TICK`]) until then, and traps ([`wasmtime::Trap::Interrupt`])
-/// at the first tick past it and one tick more (the callback set in [`Stage::instantiate`]).
-/// The extra tick keeps the two deadlines apart: a call still blocked in the host at
-/// `timeout` (an HTTP request to a hung receiver, whose own timeouts are `timeout` too)
-/// is abandoned by the host's timer (`CallError::Timeout`, transient) even when the
-/// host call returns at that moment and guest code resumes, instead of trapping as a
-/// plugin fault.
+/// Starts a call's deadline on `store`, `timeout` from now (the host's timer around the
+/// call uses the same `timeout`): the callback set in [`Stage::instantiate`] reads it at
+/// every epoch tick ([`super::EPOCH_TICK`]) of guest code.
 fn arm_deadline(store: &mut Store<PluginState>, timeout: std::time::Duration) {
-    store.data_mut().call_deadline = Some(Instant::now() + timeout + super::EPOCH_TICK);
+    store.data_mut().call_deadline = Some(Instant::now() + timeout);
     store.set_epoch_deadline(1);
+}
+
+/// What guest code does at an epoch tick, `deadline` being its call's:
+/// - before it, yield to the executor (another plugin's call joined in the same task
+///   takes its turn, and the host's timer is looked at);
+/// - for one tick after it, go on without yielding: the host's timer fires only while
+///   the call is blocked in the host (an HTTP request to a hung receiver, whose own
+///   timeouts equal the deadline: `CallError::Timeout`, transient), never on guest code
+///   that is still computing, and a host call returning at the deadline does not trap;
+/// - past that, trap ([`wasmtime::Trap::Interrupt`]: "exceeded its deadline", a plugin
+///   fault).
+fn at_epoch_tick(deadline: Option<Instant>) -> wasmtime::UpdateDeadline {
+    let now = Instant::now();
+    match deadline {
+        Some(at) if now >= at + super::EPOCH_TICK => wasmtime::UpdateDeadline::Interrupt,
+        Some(at) if now >= at => wasmtime::UpdateDeadline::Continue(1),
+        _ => wasmtime::UpdateDeadline::Yield(1),
+    }
 }
 
 fn describe(plugin: &Arc<str>, limits: &Limits, e: &wasmtime::Error) -> CallError {
@@ -298,10 +311,7 @@ impl Stage {
         // for its whole call: two plugins whose calls are joined in one task (the sink's
         // write and the transforms run ahead, `chain.rs`) then take turns, and neither's
         // wall-clock deadline counts the other's computing beyond a tick.
-        store.epoch_deadline_callback(|ctx| match ctx.data().call_deadline {
-            Some(at) if Instant::now() >= at => Ok(wasmtime::UpdateDeadline::Interrupt),
-            _ => Ok(wasmtime::UpdateDeadline::Yield(1)),
-        });
+        store.epoch_deadline_callback(|ctx| Ok(at_epoch_tick(ctx.data().call_deadline)));
         arm_deadline(&mut store, self.deadline());
         match pre.instantiate(&mut store).await {
             Ok(i) => Ok((store, i)),
@@ -628,4 +638,22 @@ fn approx_size(rels: &[wit::Relation], changes: &[wit::Change]) -> usize {
         })
         .sum();
     r + c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::UpdateDeadline;
+
+    #[test]
+    fn guest_code_yields_before_its_deadline_runs_on_one_tick_past_it_then_traps() {
+        let now = Instant::now();
+        let tick = crate::plugin::EPOCH_TICK;
+        let at = |d: Instant| at_epoch_tick(Some(d));
+        assert!(matches!(at(now + 10 * tick), UpdateDeadline::Yield(1)));
+        assert!(matches!(at(now), UpdateDeadline::Continue(1)));
+        assert!(matches!(at(now - tick / 2), UpdateDeadline::Continue(1)));
+        assert!(matches!(at(now - 2 * tick), UpdateDeadline::Interrupt));
+        assert!(matches!(at_epoch_tick(None), UpdateDeadline::Yield(1)));
+    }
 }

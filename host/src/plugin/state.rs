@@ -259,8 +259,8 @@ pub struct PluginState {
     /// Bytes the guest handed to the host in the current call (logs, metrics names).
     pub(crate) output_bytes: usize,
     pub(crate) max_output_bytes: usize,
-    /// When guest code of the current call traps (`limits.call_timeout_ms` and one epoch
-    /// tick from its start);
+    /// The current call's deadline (`limits.call_timeout_ms` from its start; guest code
+    /// traps one epoch tick after it);
     /// `None` outside a stage's calls. Read at every epoch tick (`stage.rs`).
     pub(crate) call_deadline: Option<std::time::Instant>,
 }
