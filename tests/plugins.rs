@@ -233,29 +233,50 @@ async fn filter_then_webhook(filter: &std::path::Path, webhook: &std::path::Path
     }
 }
 
-/// A pipeline with `pipeline.transforms_ahead = true`: the fixture transform (with
-/// `transform_config`), then sink-webhook to `rx` (with `sink_limits`, a `limits` table's
-/// keys), one transaction of 5 rows per batch. Returns it running, with a counter of the
-/// calls into the transform since it started streaming.
-fn ahead_pipeline(
-    pg: &Pg,
-    rx: &Receiver,
-    transform_config: &str,
-    sink_limits: &str,
-) -> (Pipeline, support::Dbmazz, impl Fn() -> f64) {
-    let p = plugins();
-    let toml = format!(
+/// A running pipeline with `pipeline.transforms_ahead = true` on a fresh PostgreSQL with
+/// table `t (id int, v text)`: the fixture transform (with `transform_config`), then
+/// sink-webhook to a fresh receiver (with `sink_limits`, a `limits` table's keys), one
+/// transaction of 5 rows per batch.
+struct Ahead {
+    pg: Pg,
+    rx: Receiver,
+    _pipe: Pipeline,
+    d: support::Dbmazz,
+    addr: String,
+}
+
+impl Ahead {
+    async fn start(transform_config: &str, sink_limits: &str) -> Ahead {
+        let pg = Pg::start("");
+        pg.client()
+            .await
+            .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
+        let rx = Receiver::start(&[]).await;
+        let p = plugins();
+        let toml = format!(
         "[pipeline]\nflush_size = 5\nflush_interval_ms = 60000\ntransforms_ahead = true\n\n[control]\nmetrics = \"127.0.0.1:0\"\n\n\
          [[transforms]]\nplugin = {:?}\nconfig = {{ {transform_config} }}\n\n{}limits = {{ {sink_limits} }}\n",
         p.misbehave.display().to_string(),
         webhook_sink(&rx.url(), &rx.addr.to_string(), "")
     );
-    let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
-    let d = pipe.spawn();
-    d.wait_log("streaming", T);
-    let addr = support::metrics_addr(&d);
-    let transform_calls = move || -> f64 {
-        support::http_get(&addr, "/metrics")
+        let pipe = Pipeline::with_toml(&pg.url(), &["t"], &toml);
+        let d = pipe.spawn();
+        d.wait_log("streaming", T);
+        let addr = support::metrics_addr(&d);
+        Ahead {
+            pg,
+            rx,
+            _pipe: pipe,
+            d,
+            addr,
+        }
+    }
+
+    /// Calls into the transform (`misbehave`) so far.
+    fn transform_calls(&self) -> f64 {
+        support::http_get(&self.addr, "/metrics")
             .1
             .lines()
             .filter(|l| {
@@ -264,70 +285,71 @@ fn ahead_pipeline(
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
-    };
-    (pipe, d, transform_calls)
-}
-
-/// Commits 3 transactions of 5 rows (ids 1..=15) while `rx` holds every request, and
-/// waits until batch 1 is at the receiver and every message is read (so batches 2 and 3
-/// are cut); then lets batch 1 through and waits for batch 2 to arrive. The third
-/// transaction's values are `third`.
-async fn hold_batch_two(pg: &Pg, rx: &Receiver, d: &support::Dbmazz, third: &str) {
-    let db = pg.client().await;
-    rx.answer_only(0);
-    let mut txns = String::new();
-    for b in 0..3 {
-        txns.push_str("BEGIN;");
-        for i in 1..=5 {
-            let v = if b == 2 { third } else { "v" };
-            txns.push_str(&format!("INSERT INTO t VALUES ({}, '{v}');", b * 5 + i));
-        }
-        txns.push_str("COMMIT;");
     }
-    db.batch_execute(&txns).await.unwrap();
-    eventually(
-        T,
-        "batch 1 at the receiver",
-        || d.log(),
-        || rx.arrived() == 1,
-    );
-    let addr = support::metrics_addr(d);
-    let messages = 1 + 3 * 7; // Relation, then Begin, 5 Inserts, Commit per transaction
-    eventually(
-        T,
-        "every message read",
-        || d.log(),
-        || {
-            support::metric(&addr, "dbmazz_messages_received_total").unwrap_or(0.0)
-                >= messages as f64
-        },
-    );
-    rx.answer_only(1);
-    eventually(
-        T,
-        "batch 2 at the receiver",
-        || d.log(),
-        || rx.arrived() == 2,
-    );
-}
 
-/// Lets every request through and checks that each of the 15 changes arrived once, in
-/// order, in one request per batch.
-fn each_change_once(rx: &Receiver, d: &support::Dbmazz) {
-    rx.answer_only(usize::MAX);
-    eventually(T, "15 events", || d.log(), || rx.events().len() >= 15);
-    let ids: Vec<i64> = rx
-        .events()
-        .iter()
-        .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(
-        ids,
-        (1..=15).collect::<Vec<_>>(),
-        "each change once, in order\n{}",
-        d.log()
-    );
-    assert_eq!(rx.received().len(), 3, "one request per batch\n{}", d.log());
+    /// Commits 3 transactions of 5 rows (ids 1..=15) while `rx` holds every request, and
+    /// waits until batch 1 is at the receiver and every message is read (so batches 2 and 3
+    /// are cut); then lets batch 1 through and waits for batch 2 to arrive. The third
+    /// transaction's values are `third`.
+    async fn hold_batch_two(&self, third: &str) {
+        let (rx, d) = (&self.rx, &self.d);
+        let db = self.pg.client().await;
+        rx.answer_only(0);
+        let mut txns = String::new();
+        for b in 0..3 {
+            txns.push_str("BEGIN;");
+            for i in 1..=5 {
+                let v = if b == 2 { third } else { "v" };
+                txns.push_str(&format!("INSERT INTO t VALUES ({}, '{v}');", b * 5 + i));
+            }
+            txns.push_str("COMMIT;");
+        }
+        db.batch_execute(&txns).await.unwrap();
+        eventually(
+            T,
+            "batch 1 at the receiver",
+            || d.log(),
+            || rx.arrived() == 1,
+        );
+        let addr = &self.addr;
+        let messages = 1 + 3 * 7; // Relation, then Begin, 5 Inserts, Commit per transaction
+        eventually(
+            T,
+            "every message read",
+            || d.log(),
+            || {
+                support::metric(addr, "dbmazz_messages_received_total").unwrap_or(0.0)
+                    >= messages as f64
+            },
+        );
+        rx.answer_only(1);
+        eventually(
+            T,
+            "batch 2 at the receiver",
+            || d.log(),
+            || rx.arrived() == 2,
+        );
+    }
+
+    /// Lets every request through and checks that each of the 15 changes arrived once, in
+    /// order, in one request per batch.
+    fn each_change_once(&self) {
+        let (rx, d) = (&self.rx, &self.d);
+        rx.answer_only(usize::MAX);
+        eventually(T, "15 events", || d.log(), || rx.events().len() >= 15);
+        let ids: Vec<i64> = rx
+            .events()
+            .iter()
+            .map(|e| e["data"]["after"]["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            (1..=15).collect::<Vec<_>>(),
+            "each change once, in order\n{}",
+            d.log()
+        );
+        assert_eq!(rx.received().len(), 3, "one request per batch\n{}", d.log());
+    }
 }
 
 /// With `pipeline.transforms_ahead`, while the sink waits on its destination, delivery
@@ -336,16 +358,11 @@ fn each_change_once(rx: &Receiver, d: &support::Dbmazz) {
 /// once, in order.
 #[tokio::test(flavor = "multi_thread")]
 async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
-    let pg = Pg::start("");
-    pg.client()
-        .await
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let rx = Receiver::start(&[]).await;
-    let (_pipe, d, transform_calls) = ahead_pipeline(&pg, &rx, "", "");
+    let a = Ahead::start("", "").await;
+    let (rx, d) = (&a.rx, &a.d);
+    let transform_calls = || a.transform_calls();
     let before = transform_calls();
-    hold_batch_two(&pg, &rx, &d, "v").await;
+    a.hold_batch_two("v").await;
     // batch 2's write is held; the transform runs on batch 3 meanwhile
     eventually(
         T,
@@ -362,7 +379,7 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
     // (not by a retry: batch 2 went out once and is still unanswered)
     assert_eq!(rx.arrived(), 2, "batch 2 sent once");
     assert_eq!(rx.received().len(), 1, "batch 2 is still unanswered");
-    each_change_once(&rx, &d);
+    a.each_change_once();
     assert_eq!(
         transform_calls() - before,
         3.0,
@@ -377,21 +394,15 @@ async fn transforms_run_on_the_next_batch_while_the_sink_waits() {
 /// again).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_transform_ahead_does_not_spend_the_sinks_deadline() {
-    let pg = Pg::start("");
-    pg.client()
-        .await
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let rx = Receiver::start(&[]).await;
     // the transform computes 3.5 s on batch 3 (its deadline: the default 5 s); the sink
     // has 2 s
-    let (_pipe, d, _) = ahead_pipeline(&pg, &rx, "spin_ms = \"3500\"", "call_timeout_ms = 2000");
-    hold_batch_two(&pg, &rx, &d, "spin").await;
+    let a = Ahead::start("spin_ms = \"3500\"", "call_timeout_ms = 2000").await;
+    let d = &a.d;
+    a.hold_batch_two("spin").await;
     // batch 2's write waits on the receiver while the transform computes on batch 3
     d.wait_log("spinning", T);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    each_change_once(&rx, &d);
+    a.each_change_once();
     let log = d.log();
     assert!(
         !log.contains("exceeded its") && !log.contains("did not return within"),
